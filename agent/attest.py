@@ -1,0 +1,158 @@
+"""The attestation stream, the agent's side (DESIGN.md flow 2).
+
+One long-lived mTLS stream; the verifier drives with Challenges. For each, the agent builds
+the evidence body (host facts and, when its device certificate is due for renewal, a fresh
+public key), quotes with qualifying data binding nonce and body, and sends Evidence. A
+Result may carry a new device certificate, which is written to the runtime directory with
+the key that never left this host. A broken stream is reopened with capped exponential
+backoff, so a verifier restart costs one reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import __version__
+from agent.channel import attestation_channel
+from agent.config import AgentConfig
+from agent.errors import TpmError
+from agent.evidence import evidence_body, host_facts, qualifying_data
+from agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
+from agent.tpm import AsyncTpm
+from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
+
+logger = logging.getLogger(__name__)
+ResultCallback = Callable[[attestation_pb2.Result], None]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass
+class _PendingKey:
+    key: ec.EllipticCurvePrivateKey
+    spki: bytes
+
+
+class AttestationClient:
+    def __init__(self, cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles,
+                 enrollment: Enrollment, *, on_result: ResultCallback | None = None) -> None:
+        self._cfg = cfg
+        self._tpm = tpm
+        self._files = files
+        self._enrollment = enrollment
+        self._on_result = on_result
+        self._pending: _PendingKey | None = None
+        self._posture_changed: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    def notify_posture_changed(self, signals: list[str]) -> None:
+        self._posture_changed.put_nowait(signals)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Attest until ``stop`` is set, reconnecting after failures."""
+        delay = 0.5
+        while not stop.is_set():
+            session = asyncio.create_task(self.session())
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if session not in done:
+                session.cancel()
+                await asyncio.gather(session, return_exceptions=True)
+                return
+            exc = session.exception()
+            if exc is None:
+                delay = 0.5
+                logger.info("attestation stream closed by the verifier; reconnecting")
+            elif isinstance(exc, grpc.aio.AioRpcError):
+                logger.warning("attestation stream failed: %s: %s", exc.code().name,
+                               exc.details())
+            elif isinstance(exc, TpmError):
+                logger.error("TPM error: %s", exc)
+            else:
+                raise exc
+            jitter = delay * random.uniform(0.8, 1.2)  # noqa: S311 - not for security
+            try:
+                await asyncio.wait_for(stop.wait(), jitter)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, self._cfg.reconnect_max_s)
+
+    async def session(self) -> None:
+        """One stream, until the verifier closes it or it fails."""
+        e = self._enrollment
+        async with attestation_channel(self._cfg, ca_pem=e.ca_pem, key_pem=e.channel_key_pem,
+                                       cert_pem=e.channel_cert_pem) as channel:
+            stub = attestation_pb2_grpc.AttestationStub(channel)
+            call = stub.Attest(timeout=3600.0)
+            await call.write(attestation_pb2.AgentMessage(
+                hello=attestation_pb2.Hello(agent_version=__version__)))
+            watcher = asyncio.create_task(self._forward_posture(call))
+            try:
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        return
+                    if msg.HasField("result"):
+                        self._handle_result(msg.result)
+                    if msg.HasField("challenge"):
+                        evidence = await self._answer(msg.challenge)
+                        await call.write(attestation_pb2.AgentMessage(evidence=evidence))
+            finally:
+                watcher.cancel()
+
+    async def _forward_posture(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        while True:
+            signals = await self._posture_changed.get()
+            await call.write(attestation_pb2.AgentMessage(
+                posture_changed=attestation_pb2.PostureChanged(signals=signals)))
+
+    async def _answer(self, challenge: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+        now = utcnow()
+        if self._pending is None and renewal_due(self._files.device_certificate(), now=now,
+                                                 renew_at=self._cfg.renew_at):
+            key = new_key()
+            self._pending = _PendingKey(key, spki(key))
+        body = evidence_body(
+            host=host_facts(zone=self._cfg.zone, labels=self._cfg.labels),
+            certify_key_spki=self._pending.spki if self._pending else b"", now=now,
+        )
+        selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
+        backend = self._tpm.backend
+        attest, signature, values = await self._tpm.run(
+            backend.quote, qualifying_data(challenge.nonce, body), selection)
+        banks: dict[str, common_pb2.PcrBank] = {}
+        for (bank, index), value in values.items():
+            banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
+        return attestation_pb2.Evidence(
+            nonce=challenge.nonce, quote_attest=attest, quote_signature=signature,
+            pcrs=list(banks.values()), body=body,
+        )
+
+    def _handle_result(self, result: attestation_pb2.Result) -> None:
+        trust = result.trust
+        logger.info("trust result: tier=%s score=%d findings=%d",
+                    trust.tier, trust.score, len(trust.findings))
+        if result.HasField("certificate") and self._pending is not None:
+            der = result.certificate.certificate_der
+            cert = x509.load_der_x509_certificate(der)
+            if cert.public_key() != self._pending.key.public_key():
+                logger.error("verifier certified a key that is not ours; discarding it")
+            else:
+                self._files.save_device_certificate(self._pending.key, der,
+                                                    self._enrollment.ca_pem)
+                logger.info("new device certificate serial %s valid until %s",
+                            result.certificate.serial_hex, cert.not_valid_after_utc.isoformat())
+                self._pending = None
+        if self._on_result is not None:
+            self._on_result(result)

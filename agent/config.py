@@ -1,0 +1,62 @@
+"""Agent configuration (YAML -> frozen dataclasses). See packaging/config/agent.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.configfile import from_mapping, load_yaml
+
+# Persistent handle of the devtrust AK: the endorsement-hierarchy range of the TCG
+# "Provisioning Guidance" (0x81010000-0x8101FFFF), next to the RSA EK at 0x81010001.
+DEFAULT_AK_HANDLE = 0x81010002
+
+
+@dataclass(frozen=True)
+class VerifierEndpoint:
+    enrollment: str = "127.0.0.1:7443"
+    attestation: str = "127.0.0.1:7444"
+    # CA bundle that verifies the verifier's server certificate.
+    ca_bundle: Path = Path("/etc/devtrust/agent/verifier-ca.pem")
+    # TLS name to expect when it differs from the host in the address.
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
+class TpmConfig:
+    # tpm2-tss TCTI: "device:/dev/tpmrm0" on hosts, "swtpm:host=127.0.0.1,port=2321" in tests.
+    tcti: str = "device:/dev/tpmrm0"
+    # EK template (TCG EK Credential Profile 2.0, tpm2-pytss names): EK-RSA2048, EK-ECC256,
+    # EK-HIGH-RSA2048, EK-HIGH-ECC384, ...
+    ek_type: str = "EK-RSA2048"
+    ak_handle: int = DEFAULT_AK_HANDLE
+
+    def __post_init__(self) -> None:
+        if not 0x81010000 <= self.ak_handle <= 0x8101FFFF:
+            raise ValueError(f"ak_handle 0x{self.ak_handle:08x} is outside the endorsement "
+                             "persistent range 0x81010000-0x8101ffff")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    verifier: VerifierEndpoint = field(default_factory=VerifierEndpoint)
+    tpm: TpmConfig = field(default_factory=TpmConfig)
+    # Enrollment state (device id, channel key and certificate): persistent.
+    state_dir: Path = Path("/var/lib/devtrust-agent")
+    # Device key and certificate: tmpfs, never on disk (DESIGN.md "Certificates").
+    runtime_dir: Path = Path("/run/devtrust")
+    bootstrap_token: str = ""
+    zone: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    rpc_timeout_s: float = 30.0
+    reconnect_max_s: float = 30.0
+    # Ask for a new device certificate once this fraction of its lifetime has passed.
+    renew_at: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_at < 1:
+            raise ValueError("renew_at must be between 0 and 1")
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        return from_mapping(cls, load_yaml(path), where=str(path), base=path.parent)

@@ -1,0 +1,53 @@
+"""What the agent reports and how the quote binds it.
+
+The quote's qualifying data is sha256(nonce || sha256(body)) where ``body`` is the exact
+serialized EvidenceBody bytes sent on the wire (DESIGN.md flow 2). Hashing the sent bytes,
+not a re-encoding, means no canonical form is needed: one changed byte after quoting and the
+verifier's recomputation no longer matches what the TPM signed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import platform
+import socket
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agent import __version__
+from protos.devtrust.v1 import attestation_pb2, common_pb2
+
+
+def qualifying_data(nonce: bytes, body: bytes) -> bytes:
+    return hashlib.sha256(nonce + hashlib.sha256(body).digest()).digest()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def host_facts(*, root: Path = Path("/"), zone: str = "",
+               labels: dict[str, str] | None = None) -> common_pb2.HostFacts:
+    os_release = ""
+    for line in _read(root / "etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            os_release = line.split("=", 1)[1].strip().strip('"')
+    return common_pb2.HostFacts(
+        hostname=socket.gethostname(), os_release=os_release, kernel=platform.release(),
+        machine_id=_read(root / "etc/machine-id"), agent_version=__version__,
+        zone=zone, labels=labels or {},
+    )
+
+
+def evidence_body(*, host: common_pb2.HostFacts, certify_key_spki: bytes,
+                  now: datetime.datetime) -> bytes:
+    collected = Timestamp()
+    collected.FromDatetime(now)
+    body = attestation_pb2.EvidenceBody(collected_at=collected, certify_key_spki=certify_key_spki,
+                                        host=host)
+    return body.SerializeToString(deterministic=True)

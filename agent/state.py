@@ -1,0 +1,94 @@
+"""Files the agent keeps.
+
+state_dir (persistent, 0700): device-id, channel.key (0600), channel.pem, verifier-ca.pem.
+runtime_dir (tmpfs, 0700): device.key (0600), device.pem, ca-bundle.pem: what local
+workloads present to relying parties. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.files import write_atomic
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def spki(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def der_to_pem(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    device_id: str
+    channel_key_pem: bytes
+    channel_cert_pem: bytes
+    ca_pem: bytes
+
+
+@dataclass(frozen=True)
+class AgentFiles:
+    state_dir: Path
+    runtime_dir: Path
+
+    def _dirs(self) -> None:
+        for d in (self.state_dir, self.runtime_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def load_enrollment(self) -> Enrollment | None:
+        paths = [self.state_dir / n for n in ("device-id", "channel.key", "channel.pem",
+                                              "verifier-ca.pem")]
+        if not all(p.exists() for p in paths):
+            return None
+        device_id, key, cert, ca = (p.read_bytes() for p in paths)
+        return Enrollment(device_id.decode().strip(), key, cert, ca)
+
+    def save_enrollment(self, enrollment: Enrollment) -> None:
+        self._dirs()
+        write_atomic(self.state_dir / "channel.key", enrollment.channel_key_pem, mode=0o600)
+        write_atomic(self.state_dir / "channel.pem", enrollment.channel_cert_pem, mode=0o644)
+        write_atomic(self.state_dir / "verifier-ca.pem", enrollment.ca_pem, mode=0o644)
+        write_atomic(self.state_dir / "device-id", enrollment.device_id.encode() + b"\n",
+                     mode=0o644)
+
+    def save_device_certificate(self, key: ec.EllipticCurvePrivateKey, cert_der: bytes,
+                                ca_pem: bytes) -> None:
+        self._dirs()
+        write_atomic(self.runtime_dir / "device.key", key_pem(key), mode=0o600)
+        write_atomic(self.runtime_dir / "device.pem", der_to_pem(cert_der), mode=0o644)
+        write_atomic(self.runtime_dir / "ca-bundle.pem", ca_pem, mode=0o644)
+
+    def device_certificate(self) -> x509.Certificate | None:
+        path = self.runtime_dir / "device.pem"
+        if not path.exists() or not (self.runtime_dir / "device.key").exists():
+            return None
+        try:
+            return x509.load_pem_x509_certificate(path.read_bytes())
+        except ValueError:
+            return None
+
+
+def renewal_due(cert: x509.Certificate | None, *, now: datetime.datetime,
+                renew_at: float) -> bool:
+    if cert is None:
+        return True
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return now >= start + (end - start) * renew_at

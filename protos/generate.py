@@ -1,0 +1,63 @@
+"""Regenerate the Python code for protos/devtrust/v1/*.proto: `python -m protos.generate`.
+
+The generated modules (``*_pb2.py``, ``*_pb2_grpc.py``) and their ``.pyi`` stubs are checked
+in; ``tests/test_protos_fresh.py`` regenerates into a temporary directory and fails when the
+checked-in files differ. Tool versions are pinned in pyproject.toml's ``dev`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = Path("protos/devtrust/v1")
+
+
+def _plugin(name: str) -> str:
+    found = Path(sys.executable).with_name(name)
+    if found.exists():
+        return str(found)
+    which = shutil.which(name)
+    if which is None:
+        raise SystemExit(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    return which
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Generate code for every .proto into out_dir (mirroring protos/devtrust/v1)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    protos = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / PROTO_DIR).glob("*.proto"))
+    include = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{REPO_ROOT}",
+        f"-I{include}",
+        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
+        *protos,
+    ]
+    rc = protoc.main(args)
+    if rc != 0:
+        raise RuntimeError(f"protoc failed with exit code {rc}")
+    return sorted((out_dir / PROTO_DIR).glob("*_pb2*.py*"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT)
+    args = parser.parse_args()
+    for path in generate(args.out):
+        print(path.relative_to(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The Attestation service (DESIGN.md flow 2): one long-lived stream per device.
+
+The verifier drives. After the agent's Hello it sends a Challenge (a fresh 32-byte nonce, the
+PCR selection); the agent answers with Evidence; the verifier appraises it (pure, in
+``verifier.appraisal``), records the result, issues a device certificate when the tier
+allows and the agent asked for one, and answers with a Result. The next Challenge follows
+after the configured interval, or at once when the agent sends PostureChanged. Nonces live
+in this coroutine only: replicas share no nonce state, and each nonce is used once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
+from verifier import wire
+from verifier.appraisal import NONCE_SIZE, Appraisal, Evidence, Expectation, Nonce, appraise
+from verifier.ca import CertificateAuthority, DeviceClaims
+from verifier.config import VerifierConfig
+from verifier.errors import FailedPrecondition, MalformedInput, Rejected
+from verifier.identity import peer_identity
+from verifier.store import CertificateRecord, DeviceState, Store
+from verifier.tpm.quote import AkKey
+from verifier.tpm.structures import parse_public
+from verifier.trust import Tier
+
+logger = logging.getLogger(__name__)
+Clock = Callable[[], datetime.datetime]
+_EOF = object()
+
+
+@dataclass
+class _Outstanding:
+    nonce: Nonce
+    deadline: float
+
+
+class AttestationService(attestation_pb2_grpc.AttestationServicer):
+    def __init__(self, *, store: Store, ca: CertificateAuthority, config: VerifierConfig,
+                 clock: Clock) -> None:
+        self._store = store
+        self._ca = ca
+        self._config = config
+        self._clock = clock
+        self._ak_cache: dict[str, tuple[bytes, AkKey]] = {}
+        self._ca_der = ca.cert.public_bytes(serialization.Encoding.DER)
+
+    def _ak_key(self, device_id: str, ak_public: bytes) -> AkKey:
+        """The AK key object, cached per device (reloading it costs ~90 us)."""
+        cached = self._ak_cache.get(device_id)
+        if cached is not None and cached[0] == ak_public:
+            return cached[1]
+        key = parse_public(ak_public).public_key()
+        self._ak_cache[device_id] = (ak_public, key)
+        return key
+
+    async def Attest(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        cfg = self._config.attestation
+        device_id = peer_identity(context, trust_domain=self._config.trust_domain, kind="agent")
+        record = self._store.get_device(device_id)
+        if record is None:
+            raise Rejected(f"device {device_id} is not enrolled")
+        if record.state is DeviceState.REVOKED:
+            raise Rejected(f"device {device_id} is revoked")
+        if record.state is DeviceState.PENDING_APPROVAL:
+            raise FailedPrecondition(f"device {device_id} awaits operator approval")
+        ak_key = self._ak_key(device_id, record.ak_public)
+
+        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
+        pump = asyncio.create_task(_pump(request_iterator, inbox))
+        try:
+            first = await _next(inbox, cfg.hello_timeout_s, "Hello")
+            if first is _EOF:
+                return
+            if first.WhichOneof("kind") != "hello":
+                raise MalformedInput("the first message on an attestation stream must be Hello")
+            logger.info("stream open device=%s agent=%s", device_id, first.hello.agent_version)
+            outstanding: _Outstanding | None = None
+            next_challenge = time.monotonic()
+            while True:
+                if outstanding is None and time.monotonic() >= next_challenge:
+                    outstanding = await self._challenge(context, None)
+                wake = outstanding.deadline if outstanding else next_challenge
+                try:
+                    msg = await asyncio.wait_for(inbox.get(), max(0.0, wake - time.monotonic()))
+                except TimeoutError:
+                    if outstanding is not None:
+                        raise FailedPrecondition(
+                            f"device {device_id}: no evidence within {cfg.evidence_timeout_s}s "
+                            "of the challenge") from None
+                    continue
+                if msg is _EOF:
+                    return
+                kind = msg.WhichOneof("kind")
+                if kind == "evidence":
+                    if outstanding is None:
+                        raise MalformedInput("Evidence sent without an outstanding Challenge")
+                    # The nonce is spent whatever the evidence says: used at most once.
+                    nonce, outstanding = outstanding.nonce, None
+                    evidence = wire.evidence_from_wire(msg.evidence)
+                    reply = self._appraise(device_id, record.zone, ak_key, nonce, evidence)
+                    next_challenge = time.monotonic() + cfg.interval_s
+                    reply.result.next_challenge_in.FromTimedelta(
+                        datetime.timedelta(seconds=cfg.interval_s))
+                    await context.write(reply)
+                elif kind == "posture_changed":
+                    logger.info("posture changed device=%s signals=%s", device_id,
+                                ",".join(msg.posture_changed.signals))
+                    next_challenge = time.monotonic()
+                elif kind == "hello":
+                    raise MalformedInput("Hello sent twice on one stream")
+                else:
+                    raise MalformedInput("empty AgentMessage")
+        finally:
+            pump.cancel()
+
+    async def _challenge(self, context: grpc.aio.ServicerContext[Any, Any],
+                         reply: attestation_pb2.VerifierMessage | None) -> _Outstanding:
+        nonce = Nonce(secrets.token_bytes(NONCE_SIZE))
+        msg = reply or attestation_pb2.VerifierMessage()
+        msg.challenge.CopyFrom(attestation_pb2.Challenge(
+            nonce=nonce, pcr_selection=wire.selection_to_wire(self._config.attestation.selection),
+        ))
+        await context.write(msg)
+        return _Outstanding(nonce, time.monotonic() + self._config.attestation.evidence_timeout_s)
+
+    def _appraise(self, device_id: str, zone: str, ak_key: AkKey, nonce: Nonce,
+                  evidence: Evidence) -> attestation_pb2.VerifierMessage:
+        cfg = self._config
+        now = self._clock()
+        expect = Expectation(device_id=device_id, nonce=nonce,
+                             selection=cfg.attestation.selection, ak_key=ak_key,
+                             staleness=cfg.attestation.staleness)
+        appraisal = appraise(evidence, expect, now=now)
+        result = appraisal.result
+        reply = attestation_pb2.VerifierMessage()
+        reply.result.trust.CopyFrom(wire.result_to_wire(result))
+        cert_record = None
+        if self._may_certify(appraisal, evidence):
+            assert evidence.certify_key is not None
+            cert = self._ca.issue_device(
+                trust_domain=cfg.trust_domain, device_id=device_id,
+                public_key=evidence.certify_key,
+                claims=DeviceClaims(tier=result.tier.label, zone=zone), now=now,
+                lifetime=datetime.timedelta(seconds=cfg.certificates.device_lifetime_s),
+            )
+            der = cert.public_bytes(serialization.Encoding.DER)
+            cert_record = CertificateRecord(
+                serial=f"{cert.serial_number:x}", device_id=device_id, kind="device",
+                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, der=der)
+            reply.result.certificate.CopyFrom(common_pb2.DeviceCertificate(
+                certificate_der=der, serial_hex=cert_record.serial,
+                not_before=wire.timestamp(cert_record.not_before),
+                not_after=wire.timestamp(cert_record.not_after),
+            ))
+        self._store.record_appraisal(result, certificate=cert_record)
+        logger.info("appraisal device=%s tier=%s score=%d cert=%s reasons=%s", device_id,
+                    result.tier.label, result.score, cert_record.serial if cert_record else "-",
+                    "; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-")
+        return reply
+
+    def _may_certify(self, appraisal: Appraisal, evidence: Evidence) -> bool:
+        tier = appraisal.result.tier
+        return (appraisal.passed and evidence.certify_key is not None
+                and tier is not Tier.NONE and tier <= self._config.certificates.min)
+
+
+async def _pump(source: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
+    try:
+        async for msg in source:
+            await inbox.put(msg)
+    finally:
+        await inbox.put(_EOF)
+
+
+async def _next(inbox: asyncio.Queue[Any], timeout: float, what: str) -> Any:
+    try:
+        return await asyncio.wait_for(inbox.get(), timeout)
+    except TimeoutError:
+        raise FailedPrecondition(f"no {what} within {timeout}s") from None

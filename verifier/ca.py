@@ -1,0 +1,231 @@
+"""The verifier's certificate authority and the certificates it issues. Pure: keys, names
+and ``now`` in, certificates out (STYLE 11: cryptography's builders, random serials,
+validity from the injected time).
+
+One ECDSA P-256 root signs four kinds of leaf, told apart by their SPIFFE ID path:
+- ``spiffe://TD/device/ID``: the short-lived device certificate relying parties gate on; it
+  carries the trust tier and zone in the ``DEVICE_CLAIMS_OID`` extension;
+- ``spiffe://TD/agent/ID``: the attestation-channel certificate given at enrollment; it
+  opens the attestation stream and nothing else;
+- ``spiffe://TD/operator/NAME``: operators on the query API;
+- servers: DNS and IP SANs, serverAuth.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.files import write_atomic
+
+# A UUID-derived OID (ITU-T X.667, arc 2.25) for devtrust's device-claims extension; its
+# value is a DER UTF8String holding compact JSON: {"tier": "affirming", "zone": "..."}.
+DEVICE_CLAIMS_OID = x509.ObjectIdentifier("2.25.248085958843377620432384009404546624061")
+CLOCK_SKEW = datetime.timedelta(minutes=1)
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def spiffe_id(trust_domain: str, kind: str, name: str) -> str:
+    return f"spiffe://{trust_domain}/{kind}/{name}"
+
+
+def _der_utf8string(text: str) -> bytes:
+    body = text.encode()
+    n = len(body)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(octets)]) + octets
+    return b"\x0c" + length + body
+
+
+def _parse_der_utf8string(der: bytes) -> str:
+    if len(der) < 2 or der[0] != 0x0C:
+        raise ValueError("device claims extension is not a UTF8String")
+    n, pos = der[1], 2
+    if n & 0x80:
+        count = n & 0x7F
+        n, pos = int.from_bytes(der[2 : 2 + count], "big"), 2 + count
+    if pos + n != len(der):
+        raise ValueError("device claims extension has a bad length")
+    return der[pos:].decode()
+
+
+@dataclass(frozen=True)
+class DeviceClaims:
+    tier: str
+    zone: str
+
+    def to_extension(self) -> x509.UnrecognizedExtension:
+        value = json.dumps({"tier": self.tier, "zone": self.zone}, separators=(",", ":"))
+        return x509.UnrecognizedExtension(DEVICE_CLAIMS_OID, _der_utf8string(value))
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate) -> DeviceClaims | None:
+        try:
+            ext = cert.extensions.get_extension_for_oid(DEVICE_CLAIMS_OID).value
+        except x509.ExtensionNotFound:
+            return None
+        assert isinstance(ext, x509.UnrecognizedExtension)
+        data = json.loads(_parse_der_utf8string(ext.value))
+        return cls(tier=str(data["tier"]), zone=str(data.get("zone", "")))
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(
+        cls, *, common_name: str, now: datetime.datetime,
+        lifetime: datetime.timedelta = datetime.timedelta(days=3650),
+    ) -> CertificateAuthority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devtrust"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key=key, cert=cert)
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{key_path}: the CA key must be an ECDSA key")
+        if key.public_key().public_numbers() != cert.public_key().public_numbers():
+            raise ValueError(f"{key_path} is not the key of {cert_path}")
+        return cls(key=key, cert=cert)
+
+    def save(self, cert_path: Path, key_path: Path) -> None:
+        write_private_key(key_path, self.key)
+        write_atomic(cert_path, pem(self.cert), mode=0o644)
+
+    def _leaf(
+        self, *, public_key: PublicKey, common_name: str, role: str, now: datetime.datetime,
+        lifetime: datetime.timedelta, eku: list[x509.ObjectIdentifier],
+        sans: list[x509.GeneralName], extra: list[x509.ExtensionType] | None = None,
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devtrust"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
+            )
+        )
+        for ext in extra or []:
+            builder = builder.add_extension(ext, critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def issue_device(
+        self, *, trust_domain: str, device_id: str, public_key: PublicKey, claims: DeviceClaims,
+        now: datetime.datetime, lifetime: datetime.timedelta,
+    ) -> x509.Certificate:
+        return self._leaf(
+            public_key=public_key, common_name=device_id, role="device", now=now,
+            lifetime=lifetime, eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "device", device_id))],
+            extra=[claims.to_extension()],
+        )
+
+    def issue_channel(
+        self, *, trust_domain: str, device_id: str, public_key: PublicKey,
+        now: datetime.datetime, lifetime: datetime.timedelta,
+    ) -> x509.Certificate:
+        return self._leaf(
+            public_key=public_key, common_name=device_id, role="agent", now=now, lifetime=lifetime,
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "agent", device_id))],
+        )
+
+    def issue_operator(
+        self, *, trust_domain: str, name: str, public_key: PublicKey, now: datetime.datetime,
+        lifetime: datetime.timedelta,
+    ) -> x509.Certificate:
+        return self._leaf(
+            public_key=public_key, common_name=name, role="operator", now=now, lifetime=lifetime,
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "operator", name))],
+        )
+
+    def issue_server(
+        self, *, hostnames: list[str], public_key: PublicKey, now: datetime.datetime,
+        lifetime: datetime.timedelta,
+    ) -> x509.Certificate:
+        sans: list[x509.GeneralName] = []
+        for host in hostnames:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        return self._leaf(
+            public_key=public_key, common_name=hostnames[0], role="server", now=now,
+            lifetime=lifetime,
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans,
+        )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def spiffe_ids(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith("spiffe://")]
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_atomic(path, data, mode=0o600)

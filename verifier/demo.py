@@ -1,0 +1,180 @@
+"""``devtrust demo``: the whole main job on the embedded default, on one machine.
+
+Makes the verifier's CA and server certificate, starts a verifier on SQLite, provisions and
+starts a swtpm with an EK certificate from a local endorsement CA made for this run, runs an
+agent that enrolls and attests, and prints the trust result and the device certificate. Every
+process and server it started is stopped on success, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import shutil
+import tempfile
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from agent.attest import AttestationClient
+from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from agent.enroll import enroll
+from agent.main import make_tpm
+from agent.state import AgentFiles
+from protos.devtrust.v1 import attestation_pb2, common_pb2, query_pb2, query_pb2_grpc
+from swtpm import EndorsementCA, Swtpm, provision
+from verifier.ca import CertificateAuthority, DeviceClaims, pem, spiffe_ids
+from verifier.config import (
+    AttestationConfig,
+    CaConfig,
+    EndorsementConfig,
+    ListenConfig,
+    TlsConfig,
+    VerifierConfig,
+)
+from verifier.pki import init_pki, issue_operator
+from verifier.server import start_verifier
+
+TIMEOUT_S = 60.0
+
+
+def _tier(value: int) -> str:
+    return common_pb2.Tier.Name(value).removeprefix("TIER_").lower()  # type: ignore[arg-type]
+
+
+async def run_demo(out: Path, work: Path) -> dict[str, Any]:
+    now = datetime.datetime.now(datetime.UTC)
+    out.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+        pki = init_pki(work / "verifier", hostnames=["localhost", "127.0.0.1"], now=now)
+        ek_ca = EndorsementCA.create(work / "ek-ca")
+        provision(work / "tpm", ek_ca)
+        swtpm = Swtpm(work / "tpm").start()
+        stack.callback(swtpm.stop)
+
+        db = out / "verifier.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        vcfg = VerifierConfig(
+            database=db,
+            listen=ListenConfig(enrollment="127.0.0.1:0", attestation="127.0.0.1:0"),
+            tls=TlsConfig(server_cert=pki.server_cert, server_key=pki.server_key),
+            ca=CaConfig(cert=pki.ca_cert, key=pki.ca_key),
+            endorsement=EndorsementConfig(trust_swtpm_local_ca=ek_ca.cert_path),
+            attestation=AttestationConfig(interval_s=30.0),
+        )
+        verifier = await start_verifier(vcfg)
+        stack.push_async_callback(verifier.stop)
+
+        acfg = AgentConfig(
+            verifier=VerifierEndpoint(
+                enrollment=f"127.0.0.1:{verifier.enrollment_port}",
+                attestation=f"127.0.0.1:{verifier.attestation_port}",
+                ca_bundle=pki.ca_cert,
+            ),
+            tpm=TpmConfig(tcti=swtpm.tcti),
+            state_dir=work / "agent-state", runtime_dir=work / "agent-run",
+            zone="model-development", labels={"demo": "true"},
+        )
+        tpm = make_tpm(acfg)
+        stack.callback(tpm.close)
+        files = AgentFiles(acfg.state_dir, acfg.runtime_dir)
+        enrollment = await enroll(acfg, tpm, files)
+
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[attestation_pb2.Result] = loop.create_future()
+
+        def on_result(result: attestation_pb2.Result) -> None:
+            if not first.done():
+                first.set_result(result)
+
+        stop = asyncio.Event()
+        client = AttestationClient(acfg, tpm, files, enrollment, on_result=on_result)
+        agent_task = asyncio.create_task(client.run(stop))
+
+        async def stop_agent() -> None:
+            stop.set()
+            await agent_task
+
+        stack.push_async_callback(stop_agent)
+        done, _ = await asyncio.wait({first, agent_task}, timeout=TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if agent_task in done:
+            agent_task.result()  # raises what stopped the agent
+            raise RuntimeError("the agent stopped before its first result")
+        if not done:
+            raise RuntimeError(f"no attestation result within {TIMEOUT_S:.0f}s")
+        result = first.result()
+        if not result.HasField("certificate"):
+            findings = "; ".join(f.message for f in result.trust.findings)
+            raise RuntimeError(f"no device certificate: tier {_tier(result.trust.tier)}: "
+                               f"{findings}")
+
+        # An operator reads the stored result back over the query API (mTLS).
+        ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
+        op_cert, op_key = issue_operator(ca, work / "verifier", name="demo",
+                                         trust_domain=vcfg.trust_domain, now=now)
+        import grpc
+
+        creds = grpc.ssl_channel_credentials(pem(ca.cert), op_key.read_bytes(),
+                                             op_cert.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{verifier.attestation_port}",
+                                           creds) as channel:
+            stored = await query_pb2_grpc.QueryStub(channel).GetTrustScore(
+                query_pb2.GetTrustScoreRequest(device_id=enrollment.device_id), timeout=10)
+
+        cert = x509.load_pem_x509_certificate((acfg.runtime_dir / "device.pem").read_bytes())
+        shutil.copyfile(acfg.runtime_dir / "device.pem", out / "device-cert.pem")
+        (out / "ca-bundle.pem").write_bytes(pem(ca.cert))
+        claims = DeviceClaims.from_certificate(cert)
+        summary = {
+            "device_id": enrollment.device_id,
+            "tier": _tier(stored.tier),
+            "score": stored.score,
+            "claims": {c.name: {"value": c.value, "tier": _tier(c.tier)} for c in stored.claims},
+            "reasons": [{"id": f.id, "message": f.message} for f in stored.findings],
+            "certificate": {
+                "subject": cert.subject.rfc4514_string(),
+                "spiffe_id": spiffe_ids(cert)[0],
+                "serial": f"{cert.serial_number:x}",
+                "not_before": cert.not_valid_before_utc.isoformat(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "tier": claims.tier if claims else "",
+                "zone": claims.zone if claims else "",
+            },
+            "verifier_database": str(db),
+        }
+        (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    cert = summary["certificate"]
+    lines = [
+        f"device      {summary['device_id']}",
+        f"tier        {summary['tier']}   score {summary['score']}/100",
+        "claims      " + ", ".join(f"{k}={v['value']} ({v['tier']})"
+                                   for k, v in summary["claims"].items()),
+        "reasons     " + ("; ".join(f"{r['id']}: {r['message']}" for r in summary["reasons"])
+                          or "none: every check passed"),
+        f"certificate {cert['subject']}  {cert['spiffe_id']}",
+        f"            serial {cert['serial']}, valid until {cert['not_after']}, "
+        f"tier {cert['tier']}, zone {cert['zone']}",
+        f"files       {out / 'result.json'}, {out / 'device-cert.pem'}, {out / 'ca-bundle.pem'}",
+        f"check       openssl verify -CAfile {out / 'ca-bundle.pem'} {out / 'device-cert.pem'}",
+    ]
+    print("\n".join(lines))
+
+
+def demo(out: Path, *, keep_work: bool = False) -> int:
+    work = Path(tempfile.mkdtemp(prefix="devtrust-demo-"))
+    try:
+        summary = asyncio.run(run_demo(out, work))
+    finally:
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    print_summary(summary, out)
+    return 0

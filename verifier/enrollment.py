@@ -1,0 +1,118 @@
+"""Enrollment logic (DESIGN.md flow 1): check the EK and AK, make the credential challenge,
+check the proof. No TPM is needed here: TPM2_MakeCredential is computed in software
+(tpm2-pytss ``make_credential``, TPM 2.0 Part 1, 24 "Credential Protection").
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
+from tpm2_pytss.utils import make_credential
+
+from agent.enrollment_proof import proof_for
+from verifier.errors import MalformedInput, Rejected
+from verifier.tpm.constants import Alg, ObjectAttr
+from verifier.tpm.quote import ALLOWED_SIG_HASHES, ALLOWED_SIG_SCHEMES
+from verifier.tpm.structures import PublicArea, parse_public, public_key_matches
+
+# TPM 2.0 Part 2, 8.3.3: what makes a key an attestation key. restricted + sign means the
+# TPM only signs digests it computed itself over structures that start with TPM_GENERATED
+# (Part 1, 25.2.5); fixedTPM and fixedParent mean it cannot leave this TPM; with
+# sensitiveDataOrigin the TPM generated it, so nobody else ever held the private key.
+AK_REQUIRED = (
+    ObjectAttr.RESTRICTED | ObjectAttr.SIGN_ENCRYPT | ObjectAttr.FIXED_TPM
+    | ObjectAttr.FIXED_PARENT | ObjectAttr.SENSITIVE_DATA_ORIGIN
+)
+AK_FORBIDDEN = ObjectAttr.DECRYPT
+EK_REQUIRED = ObjectAttr.RESTRICTED | ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM
+CREDENTIAL_SIZE = 32
+
+
+def device_id_for(ek_cert: x509.Certificate) -> str:
+    """sha256 of the EK's DER SubjectPublicKeyInfo, hex (DESIGN.md flow 1, step 4)."""
+    spki = ek_cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def _flag_names(flags: int) -> str:
+    return ",".join(a.name.lower() for a in ObjectAttr if flags & a and a.name) or "-"
+
+
+def check_ak(ak: PublicArea) -> None:
+    """Refuse anything that is not a restricted, TPM-resident signing key."""
+    missing = AK_REQUIRED & ~ak.attributes
+    if missing:
+        raise Rejected(f"AK lacks required attributes: {_flag_names(missing)} "
+                       f"(has {_flag_names(ak.attributes)})")
+    if ak.attributes & AK_FORBIDDEN:
+        raise Rejected("AK must not be a decryption key (decrypt is set)")
+    if ak.type not in (Alg.RSA, Alg.ECC):
+        raise Rejected(f"AK type 0x{ak.type:04x} is neither RSA nor ECC")
+    if ak.scheme not in ALLOWED_SIG_SCHEMES or ak.scheme_hash not in ALLOWED_SIG_HASHES:
+        raise Rejected(f"AK signing scheme 0x{ak.scheme:04x}/hash 0x{ak.scheme_hash:04x} is not "
+                       "allowed (rsassa, rsapss or ecdsa with sha256 or sha384)")
+    ak.public_key()  # a point off the curve or an empty modulus is malformed
+
+
+def check_ek_public(ek_public: PublicArea, ek_cert: x509.Certificate) -> None:
+    missing = EK_REQUIRED & ~ek_public.attributes
+    if missing:
+        raise Rejected(f"EK public area lacks {_flag_names(missing)}")
+    key = ek_cert.public_key()
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise Rejected(f"EK certificate key type {type(key).__name__} is neither RSA nor ECC")
+    if not public_key_matches(ek_public, key):
+        raise Rejected("EK public area does not hold the key of the EK certificate")
+
+
+@dataclass(frozen=True)
+class CredentialChallenge:
+    credential_blob: bytes  # TPM2B_ID_OBJECT
+    encrypted_secret: bytes  # TPM2B_ENCRYPTED_SECRET
+    secret: bytes
+
+
+def make_challenge(ek_public_bytes: bytes, ak_name: bytes) -> CredentialChallenge:
+    """TPM2_MakeCredential(EK, secret, AK name): only the TPM holding both can recover it."""
+    secret = secrets.token_bytes(CREDENTIAL_SIZE)
+    try:
+        ek_public, _ = TPM2B_PUBLIC.unmarshal(ek_public_bytes)
+    except Exception as exc:
+        raise MalformedInput(f"EK public area: {exc}") from exc
+    blob, enc_secret = make_credential(ek_public, secret, TPM2B_NAME(ak_name))
+    return CredentialChallenge(
+        credential_blob=bytes(blob.marshal()),
+        encrypted_secret=bytes(enc_secret.marshal()),
+        secret=secret,
+    )
+
+
+def check_proof(proof: bytes, *, secret: bytes, enrollment_id: str,
+                channel_key_spki: bytes) -> None:
+    expected = proof_for(secret, enrollment_id, channel_key_spki)
+    if not hmac.compare_digest(proof, expected):
+        raise Rejected("credential activation proof is wrong: the TPM that holds this EK did "
+                       "not activate the credential for this AK")
+
+
+def new_enrollment_id() -> str:
+    return secrets.token_hex(16)
+
+
+def parse_ak(ak_public: bytes) -> PublicArea:
+    if not ak_public:
+        raise MalformedInput("AK public area is empty")
+    return parse_public(ak_public)
+
+
+ENROLLMENT_TTL = datetime.timedelta(minutes=5)

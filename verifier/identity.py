@@ -1,0 +1,33 @@
+"""Who is calling: the SPIFFE ID of the verified client certificate on an mTLS port.
+
+gRPC has already verified the chain to the devtrust CA (``require_client_auth``); here the
+role and name are read from the URI SAN ``spiffe://TRUST-DOMAIN/KIND/NAME``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from verifier.ca import spiffe_ids
+from verifier.errors import Unauthenticated
+
+
+def peer_identity(context: grpc.aio.ServicerContext[Any, Any], *, trust_domain: str,
+                  kind: str) -> str:
+    """Return NAME from the peer's ``spiffe://trust_domain/kind/NAME``, or refuse."""
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        raise Unauthenticated(f"this call needs a client certificate for spiffe://{trust_domain}/"
+                              f"{kind}/...")
+    cert = x509.load_pem_x509_certificate(pems[0])
+    prefix = f"spiffe://{trust_domain}/{kind}/"
+    for uri in spiffe_ids(cert):
+        if uri.startswith(prefix) and "/" not in uri[len(prefix):] and uri[len(prefix):]:
+            return uri[len(prefix):]
+    raise Unauthenticated(f"client certificate {cert.subject.rfc4514_string()} is not a "
+                          f"{kind} identity of {trust_domain} (SPIFFE IDs: "
+                          f"{', '.join(spiffe_ids(cert)) or 'none'})")

@@ -1,0 +1,142 @@
+"""Assemble and run the verifier: two grpc.aio servers.
+
+- the enrollment port: TLS with a server certificate only (devices have no certificate yet);
+- the attestation port: mTLS only, client certificates must chain to the devtrust CA; it
+  serves Attestation (agent identities), Query (operator identities), gRPC health and
+  server reflection.
+Two servers, not two ports on one, so that no service is reachable on the wrong port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.devtrust.v1 import (
+    attestation_pb2,
+    attestation_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+)
+from verifier.attest_service import AttestationService
+from verifier.ca import CertificateAuthority, pem
+from verifier.config import VerifierConfig
+from verifier.endorsement import EndorsementStore
+from verifier.enroll_service import EnrollmentService
+from verifier.errors import ConfigError
+from verifier.interceptor import ErrorMapping
+from verifier.query_service import QueryService
+from verifier.store import Store
+
+logger = logging.getLogger(__name__)
+Clock = Callable[[], datetime.datetime]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _read(path: object, what: str) -> bytes:
+    from pathlib import Path
+
+    assert isinstance(path, Path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from exc
+
+
+def load_endorsements(config: VerifierConfig) -> EndorsementStore:
+    paths = [p for p in config.endorsement.roots if p.exists()]
+    local_ca = config.endorsement.trust_swtpm_local_ca
+    if local_ca is not None:
+        logger.warning("trusting swtpm local CA %s as an endorsement root: software TPMs will "
+                       "enroll (test and demo setting)", local_ca)
+        paths.append(local_ca)
+    store = EndorsementStore.from_paths(paths)
+    logger.info("endorsement roots: %d from %s", len(store.roots), ", ".join(sorted(set(
+        store.sources))))
+    return store
+
+
+@dataclass
+class RunningVerifier:
+    enrollment_server: grpc.aio.Server
+    attestation_server: grpc.aio.Server
+    enrollment_port: int
+    attestation_port: int
+    store: Store
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.enrollment_server.stop(grace)
+        await self.attestation_server.stop(grace)
+        self.store.close()
+
+    async def wait(self) -> None:
+        await self.attestation_server.wait_for_termination()
+
+
+def _options(config: VerifierConfig) -> list[tuple[str, int]]:
+    limit = config.limits.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> RunningVerifier:
+    ca = CertificateAuthority.load(config.ca.cert, config.ca.key)
+    endorsements = load_endorsements(config)
+    server_cert = _read(config.tls.server_cert, "server certificate")
+    server_key = _read(config.tls.server_key, "server key")
+    store = Store(config.database)
+    interceptors = [ErrorMapping()]
+
+    enroll = grpc.aio.server(interceptors=interceptors, options=_options(config))
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+        EnrollmentService(store=store, endorsements=endorsements, ca=ca, config=config,
+                          clock=clock), enroll)
+    tls = grpc.ssl_server_credentials([(server_key, server_cert)])
+    enroll_port = enroll.add_secure_port(config.listen.enrollment, tls)
+
+    attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
+    attestation_pb2_grpc.add_AttestationServicer_to_server(
+        AttestationService(store=store, ca=ca, config=config, clock=clock), attest)
+    query_pb2_grpc.add_QueryServicer_to_server(
+        QueryService(store=store, config=config, clock=clock), attest)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, attest)
+    names = [
+        attestation_pb2.DESCRIPTOR.services_by_name["Attestation"].full_name,
+        query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(names, attest)
+    mtls = grpc.ssl_server_credentials([(server_key, server_cert)],
+                                       root_certificates=pem(ca.cert), require_client_auth=True)
+    attest_port = attest.add_secure_port(config.listen.attestation, mtls)
+    if not enroll_port or not attest_port:
+        store.close()
+        raise ConfigError(f"cannot listen on {config.listen.enrollment} / "
+                          f"{config.listen.attestation}")
+    await enroll.start()
+    await attest.start()
+    for name in names[:2]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    _ = enrollment_pb2  # imported for its descriptor's registration
+    logger.info("verifier listening: enrollment (TLS) on %s, attestation+query (mTLS) on %s, "
+                "database %s", enroll_port, attest_port, config.database)
+    return RunningVerifier(enroll, attest, enroll_port, attest_port, store)
