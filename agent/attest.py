@@ -11,6 +11,7 @@ backoff, so a verifier restart costs one reconnect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import random
@@ -82,10 +83,8 @@ class AttestationClient:
             else:
                 raise exc
             jitter = delay * random.uniform(0.8, 1.2)  # noqa: S311 - not for security
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), jitter)
-            except TimeoutError:
-                pass
             delay = min(delay * 2, self._cfg.reconnect_max_s)
 
     async def session(self) -> None:
@@ -103,6 +102,7 @@ class AttestationClient:
                     msg = await call.read()
                     if msg is grpc.aio.EOF:
                         return
+                    assert isinstance(msg, attestation_pb2.VerifierMessage)
                     if msg.HasField("result"):
                         self._handle_result(msg.result)
                     if msg.HasField("challenge"):

@@ -65,7 +65,7 @@ def _convert(tp: Any, value: Any, where: str, base: Path | None) -> Any:  # noqa
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, where, base)
     if dataclasses.is_dataclass(tp):
-        return from_mapping(tp, value, where=where, base=base)  # type: ignore[type-var]
+        return from_mapping(typing.cast(type[Any], tp), value, where=where, base=base)
     if tp is bool:
         if isinstance(value, bool):
             return value

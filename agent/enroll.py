@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-
 from agent.channel import enrollment_channel
 from agent.config import AgentConfig
 from agent.enrollment_proof import proof_for
@@ -17,7 +16,7 @@ from protos.devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
 logger = logging.getLogger(__name__)
 
 
-class EnrollmentPending(Exception):  # noqa: N818 - a state, reported to the operator
+class EnrollmentPending(Exception):
     """The verifier enrolled the device but an operator must approve it first."""
 
 

@@ -20,23 +20,25 @@ from agent.errors import TpmError
 # tpm2-tss logs every TPM error code at WARNING to stderr; we report errors ourselves.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from tpm2_pytss import ESAPI  # noqa: E402
-from tpm2_pytss.constants import (  # noqa: E402
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_RC,
     TPM2_SE,
     TPMA_OBJECT,
 )
-from tpm2_pytss.TSS2_Exception import TSS2_Exception  # noqa: E402
-from tpm2_pytss.types import (  # noqa: E402
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.types import (
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPMS_ATTEST,
     TPMT_PUBLIC,
     TPMT_SYM_DEF,
 )
-from tpm2_pytss.utils import NoSuchIndex, create_ek_template  # noqa: E402
+from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 T = TypeVar("T")
 Selection = Sequence[tuple[str, Sequence[int]]]
@@ -172,8 +174,6 @@ class TpmBackend:
     # --- commands -------------------------------------------------------------------------
 
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
-        from tpm2_pytss.types import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
-
         ak, _ = self._load_ak()
         _, ek, _ = self._load_ek()
         e = self.esapi
@@ -194,13 +194,12 @@ class TpmBackend:
         return self._call("ActivateCredential", activate)
 
     def pcr_read(self, selection: Selection) -> dict[tuple[str, int], bytes]:
-        e = self.esapi
         out: dict[tuple[str, int], bytes] = {}
         for bank, pcrs in selection:
             remaining = sorted(pcrs)
             while remaining:  # a TPM returns at most 8 PCRs per TPM2_PCR_Read
-                _, selected, digests = self._call(
-                    "PCR_Read", lambda r=remaining, b=bank: e.pcr_read(f"{b}:{','.join(map(str, r))}"))
+                text = f"{bank}:{','.join(map(str, remaining))}"
+                _, selected, digests = self._read_pcrs(text)
                 got = [i for s in selected for i in _bits(s)]
                 if not got:
                     raise TpmError(f"TPM returned no values for PCR bank {bank}")
@@ -208,6 +207,11 @@ class TpmBackend:
                     out[(bank, index)] = bytes(digest)
                 remaining = [p for p in remaining if p not in got]
         return out
+
+    def _read_pcrs(self, text: str) -> tuple[Any, Any, Any]:
+        result: tuple[Any, Any, Any] = self._call("PCR_Read",
+                                                  lambda: self.esapi.pcr_read(text))
+        return result
 
     def quote(self, qualifying_data: bytes, selection: Selection,
               ) -> tuple[bytes, bytes, dict[tuple[str, int], bytes]]:

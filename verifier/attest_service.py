@@ -29,7 +29,7 @@ from verifier.ca import CertificateAuthority, DeviceClaims
 from verifier.config import VerifierConfig
 from verifier.errors import FailedPrecondition, MalformedInput, Rejected
 from verifier.identity import peer_identity
-from verifier.store import CertificateRecord, DeviceState, Store
+from verifier.store import CertificateRecord, DeviceRecord, DeviceState, Store
 from verifier.tpm.quote import AkKey
 from verifier.tpm.structures import parse_public
 from verifier.trust import Tier
@@ -64,11 +64,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self._ak_cache[device_id] = (ak_public, key)
         return key
 
-    async def Attest(  # noqa: N802 - gRPC method name
-        self, request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        cfg = self._config.attestation
+    def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> DeviceRecord:
+        """The peer's channel certificate names an enrolled device that is not revoked."""
         device_id = peer_identity(context, trust_domain=self._config.trust_domain, kind="agent")
         record = self._store.get_device(device_id)
         if record is None:
@@ -77,6 +74,17 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             raise Rejected(f"device {device_id} is revoked")
         if record.state is DeviceState.PENDING_APPROVAL:
             raise FailedPrecondition(f"device {device_id} awaits operator approval")
+        return record
+
+    # grpc.aio accepts a coroutine that writes with context.write for a streaming response;
+    # the generated servicer's signature only knows iterators.
+    async def Attest(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        cfg = self._config.attestation
+        record = self._authorize(context)
+        device_id = record.device_id
         ak_key = self._ak_key(device_id, record.ak_public)
 
         inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
@@ -186,8 +194,8 @@ async def _pump(source: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
         await inbox.put(_EOF)
 
 
-async def _next(inbox: asyncio.Queue[Any], timeout: float, what: str) -> Any:
+async def _next(inbox: asyncio.Queue[Any], limit_s: float, what: str) -> Any:
     try:
-        return await asyncio.wait_for(inbox.get(), timeout)
+        return await asyncio.wait_for(inbox.get(), limit_s)
     except TimeoutError:
-        raise FailedPrecondition(f"no {what} within {timeout}s") from None
+        raise FailedPrecondition(f"no {what} within {limit_s}s") from None

@@ -116,8 +116,8 @@ class CertificateAuthority:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{key_path}: the CA key must be an ECDSA key")
-        if key.public_key().public_numbers() != cert.public_key().public_numbers():
+            raise TypeError(f"{key_path}: the CA key must be an ECDSA key")
+        if key.public_key() != cert.public_key():
             raise ValueError(f"{key_path} is not the key of {cert_path}")
         return cls(key=key, cert=cert)
 

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from verifier.demo import demo
 from verifier.errors import DevtrustError
 
 
@@ -22,8 +23,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
-            from verifier.demo import demo
-
             return demo(args.out, keep_work=args.keep_work)
     except KeyboardInterrupt:
         print("devtrust: interrupted; everything started was stopped", file=sys.stderr)

@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import grpc
 from cryptography import x509
 
 from agent.attest import AttestationClient
@@ -100,7 +101,8 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
             await agent_task
 
         stack.push_async_callback(stop_agent)
-        done, _ = await asyncio.wait({first, agent_task}, timeout=TIMEOUT_S,
+        waiting: set[asyncio.Future[Any]] = {first, agent_task}
+        done, _ = await asyncio.wait(waiting, timeout=TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)
         if agent_task in done:
             agent_task.result()  # raises what stopped the agent
@@ -117,8 +119,6 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
         op_cert, op_key = issue_operator(ca, work / "verifier", name="demo",
                                          trust_domain=vcfg.trust_domain, now=now)
-        import grpc
-
         creds = grpc.ssl_channel_credentials(pem(ca.cert), op_key.read_bytes(),
                                              op_cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{verifier.attestation_port}",

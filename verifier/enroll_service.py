@@ -39,7 +39,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._config = config
         self._clock = clock
 
-    async def Enroll(  # noqa: N802 - gRPC method name
+    async def Enroll(
         self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any],
     ) -> enrollment_pb2.EnrollChallenge:
         now = self._clock()
@@ -86,7 +86,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             encrypted_secret=challenge.encrypted_secret, device_id=device_id,
         )
 
-    async def Activate(  # noqa: N802 - gRPC method name
+    async def Activate(
         self, request: enrollment_pb2.ActivateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> enrollment_pb2.ActivateResponse:

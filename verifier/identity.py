@@ -19,7 +19,7 @@ def peer_identity(context: grpc.aio.ServicerContext[Any, Any], *, trust_domain: 
                   kind: str) -> str:
     """Return NAME from the peer's ``spiffe://trust_domain/kind/NAME``, or refuse."""
     auth = context.auth_context()
-    pems = auth.get("x509_pem_cert") or []
+    pems = list(auth.get("x509_pem_cert") or [])
     if not pems:
         raise Unauthenticated(f"this call needs a client certificate for spiffe://{trust_domain}/"
                               f"{kind}/...")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 
@@ -41,9 +41,12 @@ def status_for(exc: DevtrustError) -> grpc.StatusCode:
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-def _wrap(method: str, behavior: Behavior) -> Behavior:
+def _wrap(method: str, raw: Any) -> Behavior:
+    behavior = cast(Behavior, raw)
+
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await behavior(request, context)
@@ -63,17 +66,19 @@ def _wrap(method: str, behavior: Behavior) -> Behavior:
 class ErrorMapping(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
         method = handler_call_details.method
+        # The generated handlers are namedtuples (grpc._utilities.RpcMethodHandler).
+        replace: Callable[..., Handler] = handler._replace  # type: ignore[attr-defined]
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap(method, handler.unary_unary))  # type: ignore[attr-defined,no-any-return]
+            return replace(unary_unary=_wrap(method, handler.unary_unary))
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_wrap(method, handler.stream_stream))  # type: ignore[attr-defined,no-any-return]
+            return replace(stream_stream=_wrap(method, handler.stream_stream))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap(method, handler.unary_stream))  # type: ignore[attr-defined,no-any-return]
+            return replace(unary_stream=_wrap(method, handler.unary_stream))
         return handler

@@ -29,7 +29,7 @@ class QueryService(query_pb2_grpc.QueryServicer):
     def _operator(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return peer_identity(context, trust_domain=self._config.trust_domain, kind="operator")
 
-    async def GetDevice(  # noqa: N802 - gRPC method name
+    async def GetDevice(
         self, request: query_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext[Any, Any],
     ) -> common_pb2.Device:
         self._operator(context)
@@ -39,7 +39,7 @@ class QueryService(query_pb2_grpc.QueryServicer):
         result = self._store.latest_result(rec.device_id)
         return wire.device_to_wire(rec, result.at(self._clock()) if result else None)
 
-    async def GetTrustScore(  # noqa: N802 - gRPC method name
+    async def GetTrustScore(
         self, request: query_pb2.GetTrustScoreRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> common_pb2.TrustResult:
@@ -51,7 +51,7 @@ class QueryService(query_pb2_grpc.QueryServicer):
             return common_pb2.TrustResult(device_id=request.device_id, tier=common_pb2.TIER_NONE)
         return wire.result_to_wire(result.at(self._clock()))
 
-    async def ListDevices(  # noqa: N802 - gRPC method name
+    async def ListDevices(
         self, request: query_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext[Any, Any],
     ) -> query_pb2.ListDevicesResponse:
         self._operator(context)

@@ -13,6 +13,7 @@ import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +22,6 @@ from grpc_reflection.v1alpha import reflection
 from protos.devtrust.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
-    enrollment_pb2,
     enrollment_pb2_grpc,
     query_pb2,
     query_pb2_grpc,
@@ -44,10 +44,7 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _read(path: object, what: str) -> bytes:
-    from pathlib import Path
-
-    assert isinstance(path, Path)
+def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -136,7 +133,6 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     for name in names[:2]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    _ = enrollment_pb2  # imported for its descriptor's registration
     logger.info("verifier listening: enrollment (TLS) on %s, attestation+query (mTLS) on %s, "
                 "database %s", enroll_port, attest_port, config.database)
     return RunningVerifier(enroll, attest, enroll_port, attest_port, store)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
-class DeviceState(str, Enum):
+class DeviceState(StrEnum):
     PENDING_APPROVAL = "pending_approval"
     ENROLLED = "enrolled"
     REVOKED = "revoked"
@@ -335,7 +335,8 @@ class Store:
         if row is None:
             return None
         nb, na = _dt(row["not_before"]), _dt(row["not_after"])
-        assert nb is not None and na is not None
+        assert nb is not None
+        assert na is not None
         return CertificateRecord(serial=row["serial"], device_id=row["device_id"],
                                  kind=row["kind"], not_before=nb, not_after=na, der=row["der"])
 

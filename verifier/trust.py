@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 
 class Tier(IntEnum):
@@ -31,7 +31,7 @@ class Tier(IntEnum):
                              "contraindicated") from None
 
 
-class Claim(str, Enum):
+class Claim(StrEnum):
     """AR4SI trustworthiness claims (draft-ietf-rats-ar4si, 2.3)."""
 
     INSTANCE_IDENTITY = "instance-identity"

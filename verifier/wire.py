@@ -6,6 +6,7 @@ Malformed input raises ``MalformedInput`` naming the field.
 from __future__ import annotations
 
 import datetime
+import hashlib
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -17,9 +18,9 @@ from verifier.appraisal import NONCE_SIZE, Evidence
 from verifier.ca import PublicKey
 from verifier.errors import MalformedInput
 from verifier.store import DeviceRecord, DeviceState
-from verifier.tpm.constants import DIGEST_SIZES, hash_alg
+from verifier.tpm.constants import DIGEST_SIZES, hash_alg, hash_name
 from verifier.tpm.structures import PcrSelect
-from verifier.trust import Severity, Tier, TrustResult
+from verifier.trust import Severity, Tier, TrustResult, tier_of
 
 MAX_PCR_INDEX = 23
 _TIERS = {
@@ -64,8 +65,6 @@ def load_public_key(spki: bytes, *, field: str) -> PublicKey:
 
 
 def selection_to_wire(selection: tuple[PcrSelect, ...]) -> list[common_pb2.PcrSelection]:
-    from verifier.tpm.constants import hash_name
-
     return [common_pb2.PcrSelection(hash_alg=hash_name(s.hash_alg), pcrs=list(s.pcrs))
             for s in selection]
 
@@ -107,7 +106,7 @@ def result_to_wire(result: TrustResult) -> common_pb2.TrustResult:
         device_id=result.device_id,
         tier=_TIERS[result.tier],
         score=result.score,
-        claims=[common_pb2.TrustClaim(name=c.value, value=v, tier=_TIERS[_tier(v)])
+        claims=[common_pb2.TrustClaim(name=c.value, value=v, tier=_TIERS[tier_of(v)])
                 for c, v in result.claims.items()],
         findings=[
             common_pb2.Finding(id=f.id, severity=_SEVERITIES[f.severity], claim=f.claim.value,
@@ -122,15 +121,7 @@ def result_to_wire(result: TrustResult) -> common_pb2.TrustResult:
     )
 
 
-def _tier(value: int) -> Tier:
-    from verifier.trust import tier_of
-
-    return tier_of(value)
-
-
 def device_to_wire(rec: DeviceRecord, result: TrustResult | None) -> common_pb2.Device:
-    import hashlib
-
     host = rec.host
     msg = common_pb2.Device(
         device_id=rec.device_id,

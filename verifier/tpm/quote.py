@@ -37,7 +37,7 @@ PcrValues = Mapping[tuple[int, int], bytes]
 
 
 @dataclass(frozen=True)
-class QuoteRejected(Exception):  # noqa: N818 - a verdict, not a malfunction
+class QuoteRejected(Exception):
     """A hard failure: the quote proves nothing. ``finding_id`` is stable."""
 
     finding_id: str
@@ -132,7 +132,7 @@ def check_quote(
                             "quoted PCR selection differs from the challenge",
                             _fmt_selection(want), _fmt_selection(got))
     # 7. pcrDigest equals the hash (the signing scheme's) of the reported values (Part 3, 18.4).
-    missing = [(a, i) for s in got for i in s.pcrs if (s.hash_alg, i) not in pcr_values]
+    missing = [(s.hash_alg, i) for s in got for i in s.pcrs if (s.hash_alg, i) not in pcr_values]
     if missing:
         raise QuoteRejected("tpm.quote.pcr_values_missing", "evidence lacks quoted PCR values",
                             "", ", ".join(f"{hash_name(a)}:{i}" for a, i in missing))

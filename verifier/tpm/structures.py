@@ -171,7 +171,9 @@ def parse_public(data: bytes, *, sized: bool = True) -> PublicArea:
     auth_policy = r.tpm2b("authPolicy")
     rsa_bits = rsa_exp = curve = 0
     rsa_mod = ecc_x = ecc_y = b""
-    scheme = scheme_hash = Alg.NULL
+    scheme: int = Alg.NULL
+    scheme_hash: int = Alg.NULL
+    symmetric: int
     if type_ == Alg.RSA:
         symmetric = _sym_def_object(r)
         scheme = r.u16("scheme.scheme")
@@ -224,15 +226,13 @@ def public_key_matches(area: PublicArea, key: rsa.RSAPublicKey | ec.EllipticCurv
             and int.from_bytes(area.rsa_modulus, "big") == nums.n
             and (area.rsa_exponent or 65537) == nums.e
         )
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        pnums = key.public_numbers()
-        return (
-            area.type == Alg.ECC
-            and area.curve == _CURVE_IDS.get(key.curve.name)
-            and int.from_bytes(area.ecc_x, "big") == pnums.x
-            and int.from_bytes(area.ecc_y, "big") == pnums.y
-        )
-    return False
+    pnums = key.public_numbers()
+    return (
+        area.type == Alg.ECC
+        and area.curve == _CURVE_IDS.get(key.curve.name)
+        and int.from_bytes(area.ecc_x, "big") == pnums.x
+        and int.from_bytes(area.ecc_y, "big") == pnums.y
+    )
 
 
 # --- TPMS_ATTEST (Part 2, 10.12.12) -------------------------------------------------------
