@@ -1,0 +1,163 @@
+"""Test environments: a running verifier on loopback with real mTLS and a real SQLite file,
+agents over real swtpm processes, and helpers to drive the wire protocol by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.attest import AttestationClient
+from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from agent.enroll import enroll
+from agent.main import make_tpm
+from agent.state import AgentFiles, Enrollment
+from agent.tpm import AsyncTpm
+from protos.devtrust.v1 import attestation_pb2, query_pb2_grpc
+from swtpm import EndorsementCA, Swtpm
+from verifier.ca import CertificateAuthority, pem
+from verifier.config import (
+    AttestationConfig,
+    CaConfig,
+    EndorsementConfig,
+    ListenConfig,
+    TlsConfig,
+    VerifierConfig,
+)
+from verifier.pki import PkiFiles, issue_operator
+from verifier.server import RunningVerifier, start_verifier
+
+
+
+def verifier_config(workdir: Path, pki: PkiFiles, ek_ca: EndorsementCA,
+                    **attestation: Any) -> VerifierConfig:
+    return VerifierConfig(
+        database=workdir / "verifier.db",
+        listen=ListenConfig(enrollment="127.0.0.1:0", attestation="127.0.0.1:0"),
+        tls=TlsConfig(server_cert=pki.server_cert, server_key=pki.server_key),
+        ca=CaConfig(cert=pki.ca_cert, key=pki.ca_key),
+        endorsement=EndorsementConfig(roots=[], trust_swtpm_local_ca=ek_ca.cert_path),
+        attestation=AttestationConfig(**{"interval_s": 30.0, **attestation}),
+    )
+
+
+@asynccontextmanager
+async def running(config: VerifierConfig) -> AsyncIterator[RunningVerifier]:
+    verifier = await start_verifier(config)
+    try:
+        yield verifier
+    finally:
+        await verifier.stop(grace=None)
+
+
+def agent_config(workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: Swtpm,
+                 name: str = "agent") -> AgentConfig:
+    return AgentConfig(
+        verifier=VerifierEndpoint(
+            enrollment=f"127.0.0.1:{verifier.enrollment_port}",
+            attestation=f"127.0.0.1:{verifier.attestation_port}",
+            ca_bundle=pki.ca_cert,
+        ),
+        tpm=TpmConfig(tcti=tpm.tcti),
+        state_dir=workdir / name / "state", runtime_dir=workdir / name / "run",
+        zone="model-development", rpc_timeout_s=10.0, reconnect_max_s=1.0,
+    )
+
+
+@dataclass
+class Agent:
+    cfg: AgentConfig
+    tpm: AsyncTpm
+    files: AgentFiles
+    enrollment: Enrollment
+
+    def retarget(self, verifier: RunningVerifier) -> None:
+        self.cfg = replace(self.cfg, verifier=replace(
+            self.cfg.verifier, enrollment=f"127.0.0.1:{verifier.enrollment_port}",
+            attestation=f"127.0.0.1:{verifier.attestation_port}"))
+
+
+@asynccontextmanager
+async def enrolled_agent(workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: Swtpm,
+                         name: str = "agent") -> AsyncIterator[Agent]:
+    cfg = agent_config(workdir, pki, verifier, tpm, name)
+    atpm = make_tpm(cfg)
+    files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
+    try:
+        enrollment = await enroll(cfg, atpm, files)
+        yield Agent(cfg, atpm, files, enrollment)
+    finally:
+        atpm.close()
+
+
+async def first_results(agent: Agent, count: int = 1, timeout: float = 20.0,
+                        ) -> list[attestation_pb2.Result]:
+    """Run the real attestation client until ``count`` results arrived."""
+    results: list[attestation_pb2.Result] = []
+    done = asyncio.Event()
+
+    def on_result(result: attestation_pb2.Result) -> None:
+        results.append(result)
+        if len(results) >= count:
+            done.set()
+
+    stop = asyncio.Event()
+    client = AttestationClient(agent.cfg, agent.tpm, agent.files, agent.enrollment,
+                               on_result=on_result)
+    task = asyncio.create_task(client.run(stop))
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        stop.set()
+        await task
+    return results
+
+
+def channel_credentials(pki: PkiFiles, *, key_pem: bytes | None = None,
+                        cert_pem: bytes | None = None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(pki.ca_cert.read_bytes(), key_pem, cert_pem)
+
+
+def stream_channel(pki: PkiFiles, verifier: RunningVerifier, enrollment: Enrollment,
+                   ) -> grpc.aio.Channel:
+    creds = channel_credentials(pki, key_pem=enrollment.channel_key_pem,
+                                cert_pem=enrollment.channel_cert_pem)
+    return grpc.aio.secure_channel(f"127.0.0.1:{verifier.attestation_port}", creds)
+
+
+def operator_stub(pki: PkiFiles, verifier: RunningVerifier, workdir: Path,
+                  trust_domain: str = "devtrust.local",
+                  ) -> tuple[grpc.aio.Channel, query_pb2_grpc.QueryStub]:
+    ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
+    cert, key = issue_operator(ca, workdir, name="alice", trust_domain=trust_domain,
+                               now=datetime.datetime.now(datetime.UTC))
+    channel = grpc.aio.secure_channel(
+        f"127.0.0.1:{verifier.attestation_port}",
+        channel_credentials(pki, key_pem=key.read_bytes(), cert_pem=cert.read_bytes()))
+    return channel, query_pb2_grpc.QueryStub(channel)
+
+
+def foreign_client_identity(spiffe_kind: str, name: str) -> tuple[bytes, bytes]:
+    """A key and certificate with a plausible SPIFFE ID from a CA the verifier never saw."""
+    now = datetime.datetime.now(datetime.UTC)
+    rogue = CertificateAuthority.create(common_name="devtrust verifier CA", now=now)
+    key = ec.generate_private_key(ec.SECP256R1())
+    if spiffe_kind == "agent":
+        cert = rogue.issue_channel(trust_domain="devtrust.local", device_id=name,
+                                   public_key=key.public_key(), now=now,
+                                   lifetime=datetime.timedelta(hours=1))
+    else:
+        cert = rogue.issue_operator(trust_domain="devtrust.local", name=name,
+                                    public_key=key.public_key(), now=now,
+                                    lifetime=datetime.timedelta(hours=1))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, pem(cert)

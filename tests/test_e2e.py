@@ -1,0 +1,370 @@
+"""End to end over real swtpm, real gRPC with mTLS on loopback and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from agent.evidence import evidence_body, host_facts, qualifying_data
+from agent.state import new_key, spki
+from protos.devtrust.v1 import (
+    attestation_pb2,
+    attestation_pb2_grpc,
+    common_pb2,
+    query_pb2,
+)
+from swtpm import EndorsementCA
+from tests.conftest import SwtpmFactory
+from tests.env import (
+    Agent,
+    channel_credentials,
+    enrolled_agent,
+    first_results,
+    foreign_client_identity,
+    operator_stub,
+    running,
+    stream_channel,
+    verifier_config,
+)
+from verifier.ca import DeviceClaims, spiffe_ids
+from verifier.pki import PkiFiles
+from verifier.store import Store as VerifierStore
+
+pytestmark = pytest.mark.swtpm
+
+
+def test_enroll_attest_certify(workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA,
+                               swtpm_factory: SwtpmFactory) -> None:
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+
+    async def scenario() -> None:
+        async with running(config) as verifier, \
+                enrolled_agent(workdir, pki, verifier, tpm) as agent:
+            [result] = await first_results(agent)
+            assert result.trust.tier == common_pb2.TIER_AFFIRMING
+            assert result.trust.score == 100
+            assert {c.name: c.value for c in result.trust.claims} == {
+                "instance-identity": 2, "hardware": 2}
+            assert result.HasField("certificate")
+
+            # The device certificate: our key, the CA's signature, the device's SPIFFE ID,
+            # the tier and zone for offline gating, 15 minutes by default.
+            device_id = agent.enrollment.device_id
+            cert = x509.load_pem_x509_certificate(
+                (agent.cfg.runtime_dir / "device.pem").read_bytes())
+            key = serialization.load_pem_private_key(
+                (agent.cfg.runtime_dir / "device.key").read_bytes(), password=None)
+            assert cert.public_key() == key.public_key()
+            assert (agent.cfg.runtime_dir / "device.key").stat().st_mode & 0o777 == 0o600
+            assert spiffe_ids(cert) == [f"spiffe://devtrust.local/device/{device_id}"]
+            assert DeviceClaims.from_certificate(cert) == DeviceClaims("affirming",
+                                                                       "model-development")
+            lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+            assert lifetime == datetime.timedelta(minutes=16)  # 15 + 1 minute backdating
+            ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+            chain = (PolicyBuilder().store(Store([ca])).build_client_verifier()
+                     .verify(cert, []).chain)
+            assert chain[-1] == ca
+
+            # The device id is sha256 of the EK's SubjectPublicKeyInfo.
+            ek = x509.load_der_x509_certificate(await agent.tpm.run(
+                agent.tpm.backend.ek_certificate))
+            assert device_id == hashlib.sha256(ek.public_key().public_bytes(
+                serialization.Encoding.DER,
+                serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+            # An operator reads the stored result back.
+            channel, query = operator_stub(pki, verifier, workdir)
+            async with channel:
+                score = await query.GetTrustScore(
+                    query_pb2.GetTrustScoreRequest(device_id=device_id), timeout=5)
+                device = await query.GetDevice(
+                    query_pb2.GetDeviceRequest(device_id=device_id), timeout=5)
+                listed = await query.ListDevices(
+                    query_pb2.ListDevicesRequest(tier=common_pb2.TIER_AFFIRMING), timeout=5)
+            assert score.tier == common_pb2.TIER_AFFIRMING
+            assert device.state == common_pb2.DEVICE_STATE_ENROLLED
+            assert device.host.zone == "model-development"
+            assert [d.device_id for d in listed.devices] == [device_id]
+
+    asyncio.run(scenario())
+    store = VerifierStore(config.database)
+    counts = store.counts()
+    store.close()
+    assert counts["devices"] == 1
+    assert counts["trust"] == 1
+    assert counts["certificates"] == 2  # the channel certificate and the device certificate
+
+
+def test_demo_output_verifies_with_openssl(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "verifier.cli", "demo", "--out", str(out)],
+                         capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "tier        affirming" in run.stdout
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca-bundle.pem"),
+                             str(out / "device-cert.pem")], capture_output=True, text=True,
+                            check=False)
+    assert verify.returncode == 0, verify.stderr
+    assert (out / "result.json").exists()
+
+
+# --- transport security: the attestation port is mTLS only ------------------------------
+
+
+async def _try_attest(target: str, creds: grpc.ChannelCredentials) -> grpc.aio.AioRpcError:
+    async with grpc.aio.secure_channel(target, creds) as channel:
+        call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+            await call.read()
+        return err.value
+
+
+def test_attestation_without_client_certificate_is_refused(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA) -> None:
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with running(verifier_config(workdir, pki, endorsement_ca)) as verifier:
+            return await _try_attest(f"127.0.0.1:{verifier.attestation_port}",
+                                     channel_credentials(pki))
+
+    err = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake itself fails
+
+
+def test_client_certificate_from_another_ca_is_refused(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA) -> None:
+    key_pem, cert_pem = foreign_client_identity("agent", "0" * 64)
+
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with running(verifier_config(workdir, pki, endorsement_ca)) as verifier:
+            return await _try_attest(
+                f"127.0.0.1:{verifier.attestation_port}",
+                channel_credentials(pki, key_pem=key_pem, cert_pem=cert_pem))
+
+    err = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_operator_certificate_cannot_attest_and_agent_cannot_query(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA,
+        swtpm_factory: SwtpmFactory) -> None:
+    tpm = swtpm_factory()
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, grpc.aio.AioRpcError]:
+        async with running(verifier_config(workdir, pki, endorsement_ca)) as verifier, \
+                enrolled_agent(workdir, pki, verifier, tpm) as agent:
+            op_channel, _ = operator_stub(pki, verifier, workdir)
+            await op_channel.close()
+            ca = pki.ca_cert.read_bytes()
+            op_creds = grpc.ssl_channel_credentials(
+                ca, (workdir / "operator-alice.key").read_bytes(),
+                (workdir / "operator-alice.pem").read_bytes())
+            as_operator = await _try_attest(f"127.0.0.1:{verifier.attestation_port}", op_creds)
+            async with stream_channel(pki, verifier, agent.enrollment) as channel:
+                from protos.devtrust.v1 import query_pb2_grpc
+
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await query_pb2_grpc.QueryStub(channel).ListDevices(
+                        query_pb2.ListDevicesRequest(), timeout=5)
+            return as_operator, err.value
+
+    as_operator, as_agent = asyncio.run(scenario())
+    assert as_operator.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not a agent identity" in (as_operator.details() or "")
+    assert as_agent.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- evidence checks over the real stream ------------------------------------------------
+
+
+async def _manual_stream(pki: PkiFiles, verifier: object, agent: Agent, build: object,
+                         ) -> attestation_pb2.VerifierMessage:
+    """Open a stream with the agent's channel identity and answer the first challenge with
+    evidence made by ``build(challenge) -> Evidence``; return the verifier's reply."""
+    async with stream_channel(pki, verifier, agent.enrollment) as channel:  # type: ignore[arg-type]
+        call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=15)
+        await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+        first = await call.read()
+        assert isinstance(first, attestation_pb2.VerifierMessage)
+        evidence = await build(first.challenge)  # type: ignore[operator]
+        await call.write(attestation_pb2.AgentMessage(evidence=evidence))
+        reply = await call.read()
+        call.cancel()
+        assert isinstance(reply, attestation_pb2.VerifierMessage)
+        return reply
+
+
+async def quote_evidence(agent: Agent, challenge: attestation_pb2.Challenge, *,
+                         quoted_nonce: bytes | None = None, body: bytes | None = None,
+                         sent_body: bytes | None = None) -> attestation_pb2.Evidence:
+    """Evidence made by the real TPM, optionally with the quote answering ``quoted_nonce``
+    or the body swapped after quoting."""
+    body = body or evidence_body(host=host_facts(), certify_key_spki=spki(new_key()),
+                                 now=datetime.datetime.now(datetime.UTC))
+    nonce = quoted_nonce or challenge.nonce
+    selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
+    attest, sig, values = await agent.tpm.run(agent.tpm.backend.quote,
+                                              qualifying_data(nonce, body), selection)
+    banks: dict[str, common_pb2.PcrBank] = {}
+    for (bank, index), value in values.items():
+        banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
+    return attestation_pb2.Evidence(nonce=challenge.nonce, quote_attest=attest,
+                                    quote_signature=sig, pcrs=list(banks.values()),
+                                    body=sent_body or body)
+
+
+def _run_manual(workdir: Path, pki: PkiFiles, ek_ca: EndorsementCA, tpm_factory: SwtpmFactory,
+                build: object) -> tuple[attestation_pb2.VerifierMessage, dict[str, int]]:
+    config = verifier_config(workdir, pki, ek_ca)
+
+    async def scenario() -> attestation_pb2.VerifierMessage:
+        async with running(config) as verifier, \
+                enrolled_agent(workdir, pki, verifier, tpm_factory()) as agent:
+            return await _manual_stream(pki, verifier, agent,
+                                        lambda ch: build(agent, ch))  # type: ignore[operator]
+
+    reply = asyncio.run(scenario())
+    store = VerifierStore(config.database)
+    counts = store.counts()
+    store.close()
+    return reply, counts
+
+
+def _finding_ids(reply: attestation_pb2.VerifierMessage) -> list[str]:
+    return [f.id for f in reply.result.trust.findings]
+
+
+def test_honest_evidence_by_hand_is_affirmed(workdir: Path, pki: PkiFiles,
+                                              endorsement_ca: EndorsementCA,
+                                              swtpm_factory: SwtpmFactory) -> None:
+    """The control for the tampering tests below: the same hand-driven path, untampered."""
+    reply, counts = _run_manual(workdir, pki, endorsement_ca, swtpm_factory,
+                                lambda agent, ch: quote_evidence(agent, ch))
+    assert reply.result.trust.tier == common_pb2.TIER_AFFIRMING
+    assert reply.result.HasField("certificate")
+    assert counts["certificates"] == 2
+
+
+def test_quote_answering_a_different_nonce_is_rejected(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA,
+        swtpm_factory: SwtpmFactory) -> None:
+    reply, counts = _run_manual(
+        workdir, pki, endorsement_ca, swtpm_factory,
+        lambda agent, ch: quote_evidence(agent, ch, quoted_nonce=bytes(32)))
+    trust = reply.result.trust
+    assert trust.tier == common_pb2.TIER_CONTRAINDICATED
+    assert _finding_ids(reply) == ["tpm.quote.qualifying_data_mismatch"]
+    assert "does not answer this challenge" in trust.findings[0].message
+    assert not reply.result.HasField("certificate")
+    assert counts["certificates"] == 1  # the channel certificate only
+    assert counts["audit"] == 2  # enrollment and the contraindicated appraisal
+
+
+def test_evidence_body_changed_after_quoting_is_tampered(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA,
+        swtpm_factory: SwtpmFactory) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    quoted = evidence_body(host=host_facts(), certify_key_spki=spki(new_key()), now=now)
+    swapped = evidence_body(host=host_facts(), certify_key_spki=spki(new_key()), now=now)
+    reply, _ = _run_manual(
+        workdir, pki, endorsement_ca, swtpm_factory,
+        lambda agent, ch: quote_evidence(agent, ch, body=quoted, sent_body=swapped))
+    assert reply.result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    assert _finding_ids(reply) == ["tpm.quote.qualifying_data_mismatch"]
+    assert not reply.result.HasField("certificate")
+
+
+def test_evidence_for_another_nonce_field_is_rejected(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA,
+        swtpm_factory: SwtpmFactory) -> None:
+    async def build(agent: Agent, ch: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+        evidence = await quote_evidence(agent, ch, quoted_nonce=b"\x01" * 32)
+        evidence.nonce = b"\x01" * 32  # a replay of an answer to some other challenge
+        return evidence
+
+    reply, _ = _run_manual(workdir, pki, endorsement_ca, swtpm_factory, build)
+    assert _finding_ids(reply) == ["tpm.challenge.nonce_mismatch"]
+    assert reply.result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+
+
+def test_malformed_evidence_is_refused_and_nothing_is_written(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA,
+        swtpm_factory: SwtpmFactory) -> None:
+    config = verifier_config(workdir, pki, endorsement_ca)
+    tpm_a, tpm_b = swtpm_factory(), swtpm_factory()
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, dict[str, int], dict[str, int],
+                                  list[attestation_pb2.Result]]:
+        async with running(config) as verifier, \
+                enrolled_agent(workdir, pki, verifier, tpm_a, "a") as bad, \
+                enrolled_agent(workdir, pki, verifier, tpm_b, "b") as good:
+            before = verifier.store.counts()
+
+            async def garbage(ch: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+                return attestation_pb2.Evidence(nonce=ch.nonce, quote_attest=b"\xff\x54\x43",
+                                                quote_signature=b"\x00\x18", body=b"")
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _manual_stream(pki, verifier, bad, garbage)
+            after = verifier.store.counts()
+            # The verifier keeps serving: another device attests normally.
+            results = await first_results(good)
+            return err.value, before, after, results
+
+    err, before, after, results = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "TPMT_SIGNATURE: truncated at byte 2" in (err.details() or "")
+    assert before == after
+    assert results[0].trust.tier == common_pb2.TIER_AFFIRMING
+
+
+def test_agent_reconnects_after_verifier_restart(
+        workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA,
+        swtpm_factory: SwtpmFactory) -> None:
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.2)
+
+    async def scenario() -> list[attestation_pb2.Result]:
+        from dataclasses import replace
+
+        from agent.attest import AttestationClient
+        from verifier.config import ListenConfig
+
+        async with running(config) as first, enrolled_agent(workdir, pki, first, tpm) as agent:
+            results: list[attestation_pb2.Result] = []
+            stop = asyncio.Event()
+            client = AttestationClient(agent.cfg, agent.tpm, agent.files, agent.enrollment,
+                                       on_result=results.append)
+            task = asyncio.create_task(client.run(stop))
+            while not results:
+                await asyncio.sleep(0.05)
+            port = first.attestation_port
+            await first.stop(grace=None)  # mid-stream
+            seen = len(results)
+            fixed = replace(config, listen=ListenConfig(enrollment="127.0.0.1:0",
+                                                        attestation=f"127.0.0.1:{port}"))
+            async with running(fixed):
+                for _ in range(200):
+                    if len(results) > seen:
+                        break
+                    await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            return results
+
+    results = asyncio.run(scenario())
+    assert len(results) >= 2
+    assert all(r.trust.tier == common_pb2.TIER_AFFIRMING for r in results)
