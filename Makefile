@@ -38,7 +38,7 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check agent verifier swtpm tests bench
+	$(VENV)/bin/ruff format --check agent verifier swtpm tests protos/generate.py
 
 typecheck: venv
 	$(VENV)/bin/mypy

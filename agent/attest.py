@@ -46,8 +46,15 @@ class _PendingKey:
 
 
 class AttestationClient:
-    def __init__(self, cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles,
-                 enrollment: Enrollment, *, on_result: ResultCallback | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        tpm: AsyncTpm,
+        files: AgentFiles,
+        enrollment: Enrollment,
+        *,
+        on_result: ResultCallback | None = None,
+    ) -> None:
         self._cfg = cfg
         self._tpm = tpm
         self._files = files
@@ -76,8 +83,7 @@ class AttestationClient:
                 delay = 0.5
                 logger.info("attestation stream closed by the verifier; reconnecting")
             elif isinstance(exc, grpc.aio.AioRpcError):
-                logger.warning("attestation stream failed: %s: %s", exc.code().name,
-                               exc.details())
+                logger.warning("attestation stream failed: %s: %s", exc.code().name, exc.details())
             elif isinstance(exc, TpmError):
                 logger.error("TPM error: %s", exc)
             else:
@@ -90,12 +96,14 @@ class AttestationClient:
     async def session(self) -> None:
         """One stream, until the verifier closes it or it fails."""
         e = self._enrollment
-        async with attestation_channel(self._cfg, ca_pem=e.ca_pem, key_pem=e.channel_key_pem,
-                                       cert_pem=e.channel_cert_pem) as channel:
+        async with attestation_channel(
+            self._cfg, ca_pem=e.ca_pem, key_pem=e.channel_key_pem, cert_pem=e.channel_cert_pem
+        ) as channel:
             stub = attestation_pb2_grpc.AttestationStub(channel)
             call = stub.Attest(timeout=3600.0)
-            await call.write(attestation_pb2.AgentMessage(
-                hello=attestation_pb2.Hello(agent_version=__version__)))
+            await call.write(
+                attestation_pb2.AgentMessage(hello=attestation_pb2.Hello(agent_version=__version__))
+            )
             watcher = asyncio.create_task(self._forward_posture(call))
             try:
                 while True:
@@ -114,45 +122,60 @@ class AttestationClient:
     async def _forward_posture(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
         while True:
             signals = await self._posture_changed.get()
-            await call.write(attestation_pb2.AgentMessage(
-                posture_changed=attestation_pb2.PostureChanged(signals=signals)))
+            await call.write(
+                attestation_pb2.AgentMessage(
+                    posture_changed=attestation_pb2.PostureChanged(signals=signals)
+                )
+            )
 
     async def _answer(self, challenge: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
         now = utcnow()
-        if self._pending is None and renewal_due(self._files.device_certificate(), now=now,
-                                                 renew_at=self._cfg.renew_at):
+        if self._pending is None and renewal_due(
+            self._files.device_certificate(), now=now, renew_at=self._cfg.renew_at
+        ):
             key = new_key()
             self._pending = _PendingKey(key, spki(key))
         body = evidence_body(
             host=host_facts(zone=self._cfg.zone, labels=self._cfg.labels),
-            certify_key_spki=self._pending.spki if self._pending else b"", now=now,
+            certify_key_spki=self._pending.spki if self._pending else b"",
+            now=now,
         )
         selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
         backend = self._tpm.backend
         attest, signature, values = await self._tpm.run(
-            backend.quote, qualifying_data(challenge.nonce, body), selection)
+            backend.quote, qualifying_data(challenge.nonce, body), selection
+        )
         banks: dict[str, common_pb2.PcrBank] = {}
         for (bank, index), value in values.items():
             banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
         return attestation_pb2.Evidence(
-            nonce=challenge.nonce, quote_attest=attest, quote_signature=signature,
-            pcrs=list(banks.values()), body=body,
+            nonce=challenge.nonce,
+            quote_attest=attest,
+            quote_signature=signature,
+            pcrs=list(banks.values()),
+            body=body,
         )
 
     def _handle_result(self, result: attestation_pb2.Result) -> None:
         trust = result.trust
-        logger.info("trust result: tier=%s score=%d findings=%d",
-                    trust.tier, trust.score, len(trust.findings))
+        logger.info(
+            "trust result: tier=%s score=%d findings=%d",
+            trust.tier,
+            trust.score,
+            len(trust.findings),
+        )
         if result.HasField("certificate") and self._pending is not None:
             der = result.certificate.certificate_der
             cert = x509.load_der_x509_certificate(der)
             if cert.public_key() != self._pending.key.public_key():
                 logger.error("verifier certified a key that is not ours; discarding it")
             else:
-                self._files.save_device_certificate(self._pending.key, der,
-                                                    self._enrollment.ca_pem)
-                logger.info("new device certificate serial %s valid until %s",
-                            result.certificate.serial_hex, cert.not_valid_after_utc.isoformat())
+                self._files.save_device_certificate(self._pending.key, der, self._enrollment.ca_pem)
+                logger.info(
+                    "new device certificate serial %s valid until %s",
+                    result.certificate.serial_hex,
+                    cert.not_valid_after_utc.isoformat(),
+                )
                 self._pending = None
         if self._on_result is not None:
             self._on_result(result)

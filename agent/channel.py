@@ -23,8 +23,10 @@ def enrollment_channel(cfg: AgentConfig, ca_pem: bytes) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(cfg.verifier.enrollment, creds, options=_options(cfg))
 
 
-def attestation_channel(cfg: AgentConfig, *, ca_pem: bytes, key_pem: bytes,
-                        cert_pem: bytes) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem,
-                                         certificate_chain=cert_pem)
+def attestation_channel(
+    cfg: AgentConfig, *, ca_pem: bytes, key_pem: bytes, cert_pem: bytes
+) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
     return grpc.aio.secure_channel(cfg.verifier.attestation, creds, options=_options(cfg))

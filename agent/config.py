@@ -33,8 +33,10 @@ class TpmConfig:
 
     def __post_init__(self) -> None:
         if not 0x81010000 <= self.ak_handle <= 0x8101FFFF:
-            raise ValueError(f"ak_handle 0x{self.ak_handle:08x} is outside the endorsement "
-                             "persistent range 0x81010000-0x8101ffff")
+            raise ValueError(
+                f"ak_handle 0x{self.ak_handle:08x} is outside the endorsement "
+                "persistent range 0x81010000-0x8101ffff"
+            )
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,14 @@ def from_mapping(cls: type[T], data: Any, *, where: str, base: Path | None = Non
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; "
-                          f"known: {', '.join(fields)}")
-    kwargs = {name: _convert(hints[name], data[name], f"{where}.{name}", base)
-              for name in fields if name in data}
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(fields)}"
+        )
+    kwargs = {
+        name: _convert(hints[name], data[name], f"{where}.{name}", base)
+        for name in fields
+        if name in data
+    }
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -88,8 +92,12 @@ def _convert(tp: Any, value: Any, where: str, base: Path | None) -> Any:  # noqa
             return tuple(items) if origin is tuple else items
     elif origin is dict:
         if isinstance(value, dict):
-            return {_convert(args[0], k, f"{where} key", base):
-                    _convert(args[1], v, f"{where}.{k}", base) for k, v in value.items()}
+            return {
+                _convert(args[0], k, f"{where} key", base): _convert(
+                    args[1], v, f"{where}.{k}", base
+                )
+                for k, v in value.items()
+            }
     else:
         raise ConfigError(f"{where}: unsupported type {tp}")
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")

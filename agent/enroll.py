@@ -40,14 +40,18 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
         stub = enrollment_pb2_grpc.EnrollmentStub(channel)
         challenge = await stub.Enroll(
             enrollment_pb2.EnrollRequest(
-                ek_certificate=ek_cert, ek_public=ek_public, ak_public=ak_public,
+                ek_certificate=ek_cert,
+                ek_public=ek_public,
+                ak_public=ak_public,
                 host=host_facts(zone=cfg.zone, labels=cfg.labels),
-                bootstrap_token=cfg.bootstrap_token, channel_key_spki=channel_spki,
+                bootstrap_token=cfg.bootstrap_token,
+                channel_key_spki=channel_spki,
             ),
             timeout=cfg.rpc_timeout_s,
         )
-        secret = await tpm.run(backend.activate_credential, challenge.credential_blob,
-                               challenge.encrypted_secret)
+        secret = await tpm.run(
+            backend.activate_credential, challenge.credential_blob, challenge.encrypted_secret
+        )
         response = await stub.Activate(
             enrollment_pb2.ActivateRequest(
                 enrollment_id=challenge.enrollment_id,
@@ -59,7 +63,8 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
         raise EnrollmentPending(f"device {response.device_id} awaits operator approval")
     chain_pem = b"".join(der_to_pem(der) for der in response.ca_chain)
     enrollment = Enrollment(
-        device_id=response.device_id, channel_key_pem=key_pem(channel_key),
+        device_id=response.device_id,
+        channel_key_pem=key_pem(channel_key),
         channel_cert_pem=der_to_pem(response.channel_certificate),
         ca_pem=chain_pem or ca_pem,
     )

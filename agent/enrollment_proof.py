@@ -11,5 +11,6 @@ PROOF_LABEL = b"devtrust-enroll-v1"
 
 
 def proof_for(secret: bytes, enrollment_id: str, channel_key_spki: bytes) -> bytes:
-    return hmac.new(secret, PROOF_LABEL + enrollment_id.encode() + channel_key_spki,
-                    hashlib.sha256).digest()
+    return hmac.new(
+        secret, PROOF_LABEL + enrollment_id.encode() + channel_key_spki, hashlib.sha256
+    ).digest()

@@ -31,23 +31,30 @@ def _read(path: Path) -> str:
         return ""
 
 
-def host_facts(*, root: Path = Path("/"), zone: str = "",
-               labels: dict[str, str] | None = None) -> common_pb2.HostFacts:
+def host_facts(
+    *, root: Path = Path("/"), zone: str = "", labels: dict[str, str] | None = None
+) -> common_pb2.HostFacts:
     os_release = ""
     for line in _read(root / "etc/os-release").splitlines():
         if line.startswith("PRETTY_NAME="):
             os_release = line.split("=", 1)[1].strip().strip('"')
     return common_pb2.HostFacts(
-        hostname=socket.gethostname(), os_release=os_release, kernel=platform.release(),
-        machine_id=_read(root / "etc/machine-id"), agent_version=__version__,
-        zone=zone, labels=labels or {},
+        hostname=socket.gethostname(),
+        os_release=os_release,
+        kernel=platform.release(),
+        machine_id=_read(root / "etc/machine-id"),
+        agent_version=__version__,
+        zone=zone,
+        labels=labels or {},
     )
 
 
-def evidence_body(*, host: common_pb2.HostFacts, certify_key_spki: bytes,
-                  now: datetime.datetime) -> bytes:
+def evidence_body(
+    *, host: common_pb2.HostFacts, certify_key_spki: bytes, now: datetime.datetime
+) -> bytes:
     collected = Timestamp()
     collected.FromDatetime(now)
-    body = attestation_pb2.EvidenceBody(collected_at=collected, certify_key_spki=certify_key_spki,
-                                        host=host)
+    body = attestation_pb2.EvidenceBody(
+        collected_at=collected, certify_key_spki=certify_key_spki, host=host
+    )
     return body.SerializeToString(deterministic=True)

@@ -20,8 +20,7 @@ logger = logging.getLogger("devtrust.agent")
 
 
 def make_tpm(cfg: AgentConfig) -> AsyncTpm:
-    return AsyncTpm(TpmBackend(cfg.tpm.tcti, ek_type=cfg.tpm.ek_type,
-                               ak_handle=cfg.tpm.ak_handle))
+    return AsyncTpm(TpmBackend(cfg.tpm.tcti, ek_type=cfg.tpm.ek_type, ak_handle=cfg.tpm.ak_handle))
 
 
 async def run(cfg: AgentConfig, *, enroll_only: bool = False) -> None:
@@ -47,13 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="devtrust-agent", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "enroll if needed, then attest until stopped"),
-                       ("enroll", "enroll this host's TPM and print the device id")):
+    for name, text in (
+        ("run", "enroll if needed, then attest until stopped"),
+        ("enroll", "enroll this host's TPM and print the device id"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", type=Path, default=Path("/etc/devtrust/agent.yaml"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         cfg = AgentConfig.load(args.config)
         asyncio.run(run(cfg, enroll_only=args.command == "enroll"))

@@ -23,13 +23,15 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def spki(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def der_to_pem(der: bytes) -> bytes:
@@ -54,8 +56,10 @@ class AgentFiles:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def load_enrollment(self) -> Enrollment | None:
-        paths = [self.state_dir / n for n in ("device-id", "channel.key", "channel.pem",
-                                              "verifier-ca.pem")]
+        paths = [
+            self.state_dir / n
+            for n in ("device-id", "channel.key", "channel.pem", "verifier-ca.pem")
+        ]
         if not all(p.exists() for p in paths):
             return None
         device_id, key, cert, ca = (p.read_bytes() for p in paths)
@@ -66,11 +70,13 @@ class AgentFiles:
         write_atomic(self.state_dir / "channel.key", enrollment.channel_key_pem, mode=0o600)
         write_atomic(self.state_dir / "channel.pem", enrollment.channel_cert_pem, mode=0o644)
         write_atomic(self.state_dir / "verifier-ca.pem", enrollment.ca_pem, mode=0o644)
-        write_atomic(self.state_dir / "device-id", enrollment.device_id.encode() + b"\n",
-                     mode=0o644)
+        write_atomic(
+            self.state_dir / "device-id", enrollment.device_id.encode() + b"\n", mode=0o644
+        )
 
-    def save_device_certificate(self, key: ec.EllipticCurvePrivateKey, cert_der: bytes,
-                                ca_pem: bytes) -> None:
+    def save_device_certificate(
+        self, key: ec.EllipticCurvePrivateKey, cert_der: bytes, ca_pem: bytes
+    ) -> None:
         self._dirs()
         write_atomic(self.runtime_dir / "device.key", key_pem(key), mode=0o600)
         write_atomic(self.runtime_dir / "device.pem", der_to_pem(cert_der), mode=0o644)
@@ -86,8 +92,7 @@ class AgentFiles:
             return None
 
 
-def renewal_due(cert: x509.Certificate | None, *, now: datetime.datetime,
-                renew_at: float) -> bool:
+def renewal_due(cert: x509.Certificate | None, *, now: datetime.datetime, renew_at: float) -> bool:
     if cert is None:
         return True
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc

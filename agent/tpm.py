@@ -45,8 +45,12 @@ Selection = Sequence[tuple[str, Sequence[int]]]
 """PCR selection as (bank name, indices): [("sha256", [0, 1, 7])]."""
 
 AK_ATTRIBUTES = (
-    TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
 )
 QUOTE_RETRIES = 3
 
@@ -59,13 +63,15 @@ def ak_template() -> TPM2B_PUBLIC:
 
 
 def _selection_text(selection: Selection) -> str:
-    return "+".join(f"{bank}:{','.join(str(p) for p in sorted(pcrs))}"
-                    for bank, pcrs in selection if pcrs)
+    return "+".join(
+        f"{bank}:{','.join(str(p) for p in sorted(pcrs))}" for bank, pcrs in selection if pcrs
+    )
 
 
 class TpmBackend:
-    def __init__(self, tcti: str, *, ek_type: str = "EK-RSA2048",
-                 ak_handle: int = 0x81010002) -> None:
+    def __init__(
+        self, tcti: str, *, ek_type: str = "EK-RSA2048", ak_handle: int = 0x81010002
+    ) -> None:
         self.tcti = tcti
         self.ek_type = ek_type
         self.ak_handle = ak_handle
@@ -85,9 +91,14 @@ class TpmBackend:
         return self._esapi
 
     def close(self) -> None:
+        """Flush the transient EK and close. Without a resource manager (swtpm over TCP,
+        /dev/tpm0) transient objects outlive the connection and the TPM has only a few slots."""
         esapi, self._esapi = self._esapi, None
-        self._ek = self._ak = None
+        ek, self._ek, self._ak = self._ek, None, None
         if esapi is not None:
+            if ek is not None:
+                with contextlib.suppress(Exception):
+                    esapi.flush_context(ek[1])
             with contextlib.suppress(Exception):
                 esapi.close()
 
@@ -120,11 +131,14 @@ class TpmBackend:
 
     def _load_ek(self) -> tuple[bytes | None, Any, bytes]:
         if self._ek is None:
+
             def load() -> tuple[bytes | None, Any, bytes]:
                 cert, template = create_ek_template(self.ek_type, self._nv_read)
                 handle, public, _, _, _ = self.esapi.create_primary(
-                    TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT)
+                    TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+                )
                 return cert, handle, bytes(public.marshal())
+
             try:
                 self._ek = self._call("EK creation", load)
             except ValueError as exc:
@@ -155,14 +169,17 @@ class TpmBackend:
             public, _, _ = e.read_public(handle)
             if public.publicArea.objectAttributes == AK_ATTRIBUTES:
                 return handle, bytes(public.marshal())
-            raise TpmError(f"persistent handle 0x{self.ak_handle:08x} holds a key that is not a "
-                           "devtrust AK; clear it with tpm2_evictcontrol")
+            raise TpmError(
+                f"persistent handle 0x{self.ak_handle:08x} holds a key that is not a "
+                "devtrust AK; clear it with tpm2_evictcontrol"
+            )
         except TSS2_Exception:
             pass
         # A primary key in the endorsement hierarchy: derived from the endorsement seed and
         # the template, so it is the same key after a reinstall until the TPM is cleared.
         transient, public, _, _, _ = e.create_primary(
-            TPM2B_SENSITIVE_CREATE(), ak_template(), ESYS_TR.ENDORSEMENT)
+            TPM2B_SENSITIVE_CREATE(), ak_template(), ESYS_TR.ENDORSEMENT
+        )
         handle = e.evict_control(ESYS_TR.OWNER, transient, self.ak_handle)
         e.flush_context(transient)
         return handle, bytes(public.marshal())
@@ -183,8 +200,12 @@ class TpmBackend:
             secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
             # The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT) (EK Credential Profile).
             session = e.start_auth_session(
-                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
-                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
+                TPM2_SE.POLICY,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                TPM2_ALG.SHA256,
+            )
             try:
                 e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
                 return bytes(e.activate_credential(ak, ek, blob, secret, session2=session))
@@ -209,12 +230,14 @@ class TpmBackend:
         return out
 
     def _read_pcrs(self, text: str) -> tuple[Any, Any, Any]:
-        result: tuple[Any, Any, Any] = self._call("PCR_Read",
-                                                  lambda: self.esapi.pcr_read(text))
+        result: tuple[Any, Any, Any] = self._call("PCR_Read", lambda: self.esapi.pcr_read(text))
         return result
 
-    def quote(self, qualifying_data: bytes, selection: Selection,
-              ) -> tuple[bytes, bytes, dict[tuple[str, int], bytes]]:
+    def quote(
+        self,
+        qualifying_data: bytes,
+        selection: Selection,
+    ) -> tuple[bytes, bytes, dict[tuple[str, int], bytes]]:
         """TPM2_Quote plus the PCR values it covers: (TPMS_ATTEST, TPMT_SIGNATURE, values).
 
         PCRs can change between the read and the quote; the values are read again until
@@ -225,7 +248,8 @@ class TpmBackend:
         for _ in range(QUOTE_RETRIES):
             values = self.pcr_read(selection)
             attest, signature = self._call(
-                "Quote", lambda: self.esapi.quote(ak, text, qualifying_data))
+                "Quote", lambda: self.esapi.quote(ak, text, qualifying_data)
+            )
             attest_bytes = bytes(attest.attestationData)
             info, _ = TPMS_ATTEST.unmarshal(attest_bytes)
             h = hashlib.sha256()  # the AK signs with ECDSA-SHA256: pcrDigest is SHA-256

@@ -100,5 +100,6 @@ class EndorsementCA:
             f"create_certs_tool_options = {options}\n"
             f"active_pcr_banks = {pcr_banks}\n"
         )
-        return cls(directory=directory, cert_path=cert_path, key_path=key_path,
-                   setup_config=setup_config)
+        return cls(
+            directory=directory, cert_path=cert_path, key_path=key_path, setup_config=setup_config
+        )

@@ -30,9 +30,18 @@ def provision(state_dir: Path, ca: EndorsementCA, *, pcr_banks: str = "sha1,sha2
     """Manufacture a TPM 2.0 in state_dir: RSA and ECC EKs with certificates from ca."""
     state_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        "swtpm_setup", "--tpm2", "--tpm-state", str(state_dir), "--create-ek-cert",
-        "--config", str(ca.setup_config), "--pcr-banks", pcr_banks, "--overwrite",
-        "--logfile", str(state_dir / "swtpm_setup.log"),
+        "swtpm_setup",
+        "--tpm2",
+        "--tpm-state",
+        str(state_dir),
+        "--create-ek-cert",
+        "--config",
+        str(ca.setup_config),
+        "--pcr-banks",
+        pcr_banks,
+        "--overwrite",
+        "--logfile",
+        str(state_dir / "swtpm_setup.log"),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     if result.returncode != 0:
@@ -79,15 +88,25 @@ class Swtpm:
         for attempt in range(attempts):
             self.port = _free_port_pair()
             cmd = [
-                "swtpm", "socket", "--tpm2",
-                "--tpmstate", f"dir={self.state_dir}",
-                "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                "--flags", "not-need-init,startup-clear",
-                "--log", f"file={self.state_dir / 'swtpm.log'},level=1",
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state_dir}",
+                "--server",
+                f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+                "--log",
+                f"file={self.state_dir / 'swtpm.log'},level=1",
             ]
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             try:
                 self._wait_ready(timeout)
@@ -136,7 +155,9 @@ class Swtpm:
         return self if self._proc else self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()

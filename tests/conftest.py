@@ -19,8 +19,10 @@ from verifier.pki import PkiFiles, init_pki
 @pytest.fixture(scope="session", autouse=True)
 def _require_swtpm() -> None:
     if not swtpm_available():
-        pytest.fail("swtpm, swtpm_setup and swtpm_localca are required: run `make test`, which "
-                    "installs the swtpm and swtpm-tools packages")
+        pytest.fail(
+            "swtpm, swtpm_setup and swtpm_localca are required: run `make test`, which "
+            "installs the swtpm and swtpm-tools packages"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -30,16 +32,18 @@ def endorsement_ca(tmp_path_factory: pytest.TempPathFactory) -> EndorsementCA:
 
 @pytest.fixture(scope="session")
 def other_endorsement_ca(tmp_path_factory: pytest.TempPathFactory) -> EndorsementCA:
-    return EndorsementCA.create(tmp_path_factory.mktemp("other-ek-ca"),
-                                common_name="not the trusted endorsement CA")
+    return EndorsementCA.create(
+        tmp_path_factory.mktemp("other-ek-ca"), common_name="not the trusted endorsement CA"
+    )
 
 
 SwtpmFactory = Callable[..., Swtpm]
 
 
 @pytest.fixture(scope="session")
-def swtpm_factory(tmp_path_factory: pytest.TempPathFactory,
-                  endorsement_ca: EndorsementCA) -> Iterator[SwtpmFactory]:
+def swtpm_factory(
+    tmp_path_factory: pytest.TempPathFactory, endorsement_ca: EndorsementCA
+) -> Iterator[SwtpmFactory]:
     """Make a fresh provisioned and started swtpm; all are stopped at the end."""
     started: list[Swtpm] = []
 
@@ -63,8 +67,11 @@ def shared_swtpm(swtpm_factory: SwtpmFactory) -> Swtpm:
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
-    return init_pki(tmp_path_factory.mktemp("pki"), hostnames=["localhost", "127.0.0.1"],
-                    now=datetime.datetime.now(datetime.UTC))
+    return init_pki(
+        tmp_path_factory.mktemp("pki"),
+        hostnames=["localhost", "127.0.0.1"],
+        now=datetime.datetime.now(datetime.UTC),
+    )
 
 
 @pytest.fixture

@@ -36,9 +36,9 @@ from verifier.pki import PkiFiles, issue_operator
 from verifier.server import RunningVerifier, start_verifier
 
 
-
-def verifier_config(workdir: Path, pki: PkiFiles, ek_ca: EndorsementCA,
-                    **attestation: Any) -> VerifierConfig:
+def verifier_config(
+    workdir: Path, pki: PkiFiles, ek_ca: EndorsementCA, **attestation: Any
+) -> VerifierConfig:
     return VerifierConfig(
         database=workdir / "verifier.db",
         listen=ListenConfig(enrollment="127.0.0.1:0", attestation="127.0.0.1:0"),
@@ -58,8 +58,9 @@ async def running(config: VerifierConfig) -> AsyncIterator[RunningVerifier]:
         await verifier.stop(grace=None)
 
 
-def agent_config(workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: Swtpm,
-                 name: str = "agent") -> AgentConfig:
+def agent_config(
+    workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: Swtpm, name: str = "agent"
+) -> AgentConfig:
     return AgentConfig(
         verifier=VerifierEndpoint(
             enrollment=f"127.0.0.1:{verifier.enrollment_port}",
@@ -67,8 +68,11 @@ def agent_config(workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: S
             ca_bundle=pki.ca_cert,
         ),
         tpm=TpmConfig(tcti=tpm.tcti),
-        state_dir=workdir / name / "state", runtime_dir=workdir / name / "run",
-        zone="model-development", rpc_timeout_s=10.0, reconnect_max_s=1.0,
+        state_dir=workdir / name / "state",
+        runtime_dir=workdir / name / "run",
+        zone="model-development",
+        rpc_timeout_s=10.0,
+        reconnect_max_s=1.0,
     )
 
 
@@ -80,14 +84,20 @@ class Agent:
     enrollment: Enrollment
 
     def retarget(self, verifier: RunningVerifier) -> None:
-        self.cfg = replace(self.cfg, verifier=replace(
-            self.cfg.verifier, enrollment=f"127.0.0.1:{verifier.enrollment_port}",
-            attestation=f"127.0.0.1:{verifier.attestation_port}"))
+        self.cfg = replace(
+            self.cfg,
+            verifier=replace(
+                self.cfg.verifier,
+                enrollment=f"127.0.0.1:{verifier.enrollment_port}",
+                attestation=f"127.0.0.1:{verifier.attestation_port}",
+            ),
+        )
 
 
 @asynccontextmanager
-async def enrolled_agent(workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: Swtpm,
-                         name: str = "agent") -> AsyncIterator[Agent]:
+async def enrolled_agent(
+    workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: Swtpm, name: str = "agent"
+) -> AsyncIterator[Agent]:
     cfg = agent_config(workdir, pki, verifier, tpm, name)
     atpm = make_tpm(cfg)
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
@@ -98,8 +108,11 @@ async def enrolled_agent(workdir: Path, pki: PkiFiles, verifier: RunningVerifier
         atpm.close()
 
 
-async def first_results(agent: Agent, count: int = 1, timeout: float = 20.0,
-                        ) -> list[attestation_pb2.Result]:
+async def first_results(
+    agent: Agent,
+    count: int = 1,
+    limit_s: float = 20.0,
+) -> list[attestation_pb2.Result]:
     """Run the real attestation client until ``count`` results arrived."""
     results: list[attestation_pb2.Result] = []
     done = asyncio.Event()
@@ -110,38 +123,53 @@ async def first_results(agent: Agent, count: int = 1, timeout: float = 20.0,
             done.set()
 
     stop = asyncio.Event()
-    client = AttestationClient(agent.cfg, agent.tpm, agent.files, agent.enrollment,
-                               on_result=on_result)
+    client = AttestationClient(
+        agent.cfg, agent.tpm, agent.files, agent.enrollment, on_result=on_result
+    )
     task = asyncio.create_task(client.run(stop))
     try:
-        await asyncio.wait_for(done.wait(), timeout)
+        await asyncio.wait_for(done.wait(), limit_s)
     finally:
         stop.set()
         await task
     return results
 
 
-def channel_credentials(pki: PkiFiles, *, key_pem: bytes | None = None,
-                        cert_pem: bytes | None = None) -> grpc.ChannelCredentials:
+def channel_credentials(
+    pki: PkiFiles, *, key_pem: bytes | None = None, cert_pem: bytes | None = None
+) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(pki.ca_cert.read_bytes(), key_pem, cert_pem)
 
 
-def stream_channel(pki: PkiFiles, verifier: RunningVerifier, enrollment: Enrollment,
-                   ) -> grpc.aio.Channel:
-    creds = channel_credentials(pki, key_pem=enrollment.channel_key_pem,
-                                cert_pem=enrollment.channel_cert_pem)
+def stream_channel(
+    pki: PkiFiles,
+    verifier: RunningVerifier,
+    enrollment: Enrollment,
+) -> grpc.aio.Channel:
+    creds = channel_credentials(
+        pki, key_pem=enrollment.channel_key_pem, cert_pem=enrollment.channel_cert_pem
+    )
     return grpc.aio.secure_channel(f"127.0.0.1:{verifier.attestation_port}", creds)
 
 
-def operator_stub(pki: PkiFiles, verifier: RunningVerifier, workdir: Path,
-                  trust_domain: str = "devtrust.local",
-                  ) -> tuple[grpc.aio.Channel, query_pb2_grpc.QueryStub]:
+def operator_stub(
+    pki: PkiFiles,
+    verifier: RunningVerifier,
+    workdir: Path,
+    trust_domain: str = "devtrust.local",
+) -> tuple[grpc.aio.Channel, query_pb2_grpc.QueryStub]:
     ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
-    cert, key = issue_operator(ca, workdir, name="alice", trust_domain=trust_domain,
-                               now=datetime.datetime.now(datetime.UTC))
+    cert, key = issue_operator(
+        ca,
+        workdir,
+        name="alice",
+        trust_domain=trust_domain,
+        now=datetime.datetime.now(datetime.UTC),
+    )
     channel = grpc.aio.secure_channel(
         f"127.0.0.1:{verifier.attestation_port}",
-        channel_credentials(pki, key_pem=key.read_bytes(), cert_pem=cert.read_bytes()))
+        channel_credentials(pki, key_pem=key.read_bytes(), cert_pem=cert.read_bytes()),
+    )
     return channel, query_pb2_grpc.QueryStub(channel)
 
 
@@ -151,13 +179,22 @@ def foreign_client_identity(spiffe_kind: str, name: str) -> tuple[bytes, bytes]:
     rogue = CertificateAuthority.create(common_name="devtrust verifier CA", now=now)
     key = ec.generate_private_key(ec.SECP256R1())
     if spiffe_kind == "agent":
-        cert = rogue.issue_channel(trust_domain="devtrust.local", device_id=name,
-                                   public_key=key.public_key(), now=now,
-                                   lifetime=datetime.timedelta(hours=1))
+        cert = rogue.issue_channel(
+            trust_domain="devtrust.local",
+            device_id=name,
+            public_key=key.public_key(),
+            now=now,
+            lifetime=datetime.timedelta(hours=1),
+        )
     else:
-        cert = rogue.issue_operator(trust_domain="devtrust.local", name=name,
-                                    public_key=key.public_key(), now=now,
-                                    lifetime=datetime.timedelta(hours=1))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        cert = rogue.issue_operator(
+            trust_domain="devtrust.local",
+            name=name,
+            public_key=key.public_key(),
+            now=now,
+            lifetime=datetime.timedelta(hours=1),
+        )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return key_pem, pem(cert)

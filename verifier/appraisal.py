@@ -70,23 +70,35 @@ class Appraisal:
 def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime) -> Appraisal:
     def result(claims: dict[Claim, int], findings: tuple[Finding, ...]) -> TrustResult:
         return TrustResult(
-            device_id=expect.device_id, claims=claims, findings=findings, appraised_at=now,
-            expires_at=now + expect.staleness, evidence_digest=evidence.body_digest,
+            device_id=expect.device_id,
+            claims=claims,
+            findings=findings,
+            appraised_at=now,
+            expires_at=now + expect.staleness,
+            evidence_digest=evidence.body_digest,
         )
 
     def hard_failure(finding_id: str, message: str, expected: str, found: str) -> Appraisal:
         finding = Finding(
-            id=finding_id, severity=Severity.CONTRAINDICATED, claim=Claim.INSTANCE_IDENTITY,
-            message=f"device {expect.device_id}: {message}", expected=expected, found=found,
+            id=finding_id,
+            severity=Severity.CONTRAINDICATED,
+            claim=Claim.INSTANCE_IDENTITY,
+            message=f"device {expect.device_id}: {message}",
+            expected=expected,
+            found=found,
         )
-        return Appraisal(result({Claim.INSTANCE_IDENTITY: CRYPTO_VALIDATION_FAILED},
-                                (finding,)), None)
+        return Appraisal(
+            result({Claim.INSTANCE_IDENTITY: CRYPTO_VALIDATION_FAILED}, (finding,)), None
+        )
 
     # 1. The nonce is the one this stream sent and has not been used (the caller pops it).
     if not hmac.compare_digest(evidence.nonce, expect.nonce):
-        return hard_failure("tpm.challenge.nonce_mismatch",
-                            "evidence answers a nonce this stream did not send",
-                            expect.nonce.hex(), evidence.nonce.hex())
+        return hard_failure(
+            "tpm.challenge.nonce_mismatch",
+            "evidence answers a nonce this stream did not send",
+            expect.nonce.hex(),
+            evidence.nonce.hex(),
+        )
     # 2-7. Quote: AK signature, magic, type, qualifying data, selection, PCR digest.
     try:
         attest = check_quote(

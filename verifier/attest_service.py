@@ -46,8 +46,9 @@ class _Outstanding:
 
 
 class AttestationService(attestation_pb2_grpc.AttestationServicer):
-    def __init__(self, *, store: Store, ca: CertificateAuthority, config: VerifierConfig,
-                 clock: Clock) -> None:
+    def __init__(
+        self, *, store: Store, ca: CertificateAuthority, config: VerifierConfig, clock: Clock
+    ) -> None:
         self._store = store
         self._ca = ca
         self._config = config
@@ -79,7 +80,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
     # grpc.aio accepts a coroutine that writes with context.write for a streaming response;
     # the generated servicer's signature only knows iterators.
     async def Attest(  # type: ignore[override]
-        self, request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
+        self,
+        request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         cfg = self._config.attestation
@@ -108,7 +110,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     if outstanding is not None:
                         raise FailedPrecondition(
                             f"device {device_id}: no evidence within {cfg.evidence_timeout_s}s "
-                            "of the challenge") from None
+                            "of the challenge"
+                        ) from None
                     continue
                 if msg is _EOF:
                     return
@@ -122,11 +125,15 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     reply = self._appraise(device_id, record.zone, ak_key, nonce, evidence)
                     next_challenge = time.monotonic() + cfg.interval_s
                     reply.result.next_challenge_in.FromTimedelta(
-                        datetime.timedelta(seconds=cfg.interval_s))
+                        datetime.timedelta(seconds=cfg.interval_s)
+                    )
                     await context.write(reply)
                 elif kind == "posture_changed":
-                    logger.info("posture changed device=%s signals=%s", device_id,
-                                ",".join(msg.posture_changed.signals))
+                    logger.info(
+                        "posture changed device=%s signals=%s",
+                        device_id,
+                        ",".join(msg.posture_changed.signals),
+                    )
                     next_challenge = time.monotonic()
                 elif kind == "hello":
                     raise MalformedInput("Hello sent twice on one stream")
@@ -135,23 +142,34 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         finally:
             pump.cancel()
 
-    async def _challenge(self, context: grpc.aio.ServicerContext[Any, Any],
-                         reply: attestation_pb2.VerifierMessage | None) -> _Outstanding:
+    async def _challenge(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        reply: attestation_pb2.VerifierMessage | None,
+    ) -> _Outstanding:
         nonce = Nonce(secrets.token_bytes(NONCE_SIZE))
         msg = reply or attestation_pb2.VerifierMessage()
-        msg.challenge.CopyFrom(attestation_pb2.Challenge(
-            nonce=nonce, pcr_selection=wire.selection_to_wire(self._config.attestation.selection),
-        ))
+        msg.challenge.CopyFrom(
+            attestation_pb2.Challenge(
+                nonce=nonce,
+                pcr_selection=wire.selection_to_wire(self._config.attestation.selection),
+            )
+        )
         await context.write(msg)
         return _Outstanding(nonce, time.monotonic() + self._config.attestation.evidence_timeout_s)
 
-    def _appraise(self, device_id: str, zone: str, ak_key: AkKey, nonce: Nonce,
-                  evidence: Evidence) -> attestation_pb2.VerifierMessage:
+    def _appraise(
+        self, device_id: str, zone: str, ak_key: AkKey, nonce: Nonce, evidence: Evidence
+    ) -> attestation_pb2.VerifierMessage:
         cfg = self._config
         now = self._clock()
-        expect = Expectation(device_id=device_id, nonce=nonce,
-                             selection=cfg.attestation.selection, ak_key=ak_key,
-                             staleness=cfg.attestation.staleness)
+        expect = Expectation(
+            device_id=device_id,
+            nonce=nonce,
+            selection=cfg.attestation.selection,
+            ak_key=ak_key,
+            staleness=cfg.attestation.staleness,
+        )
         appraisal = appraise(evidence, expect, now=now)
         result = appraisal.result
         reply = attestation_pb2.VerifierMessage()
@@ -160,30 +178,49 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         if self._may_certify(appraisal, evidence):
             assert evidence.certify_key is not None
             cert = self._ca.issue_device(
-                trust_domain=cfg.trust_domain, device_id=device_id,
+                trust_domain=cfg.trust_domain,
+                device_id=device_id,
                 public_key=evidence.certify_key,
-                claims=DeviceClaims(tier=result.tier.label, zone=zone), now=now,
+                claims=DeviceClaims(tier=result.tier.label, zone=zone),
+                now=now,
                 lifetime=datetime.timedelta(seconds=cfg.certificates.device_lifetime_s),
             )
             der = cert.public_bytes(serialization.Encoding.DER)
             cert_record = CertificateRecord(
-                serial=f"{cert.serial_number:x}", device_id=device_id, kind="device",
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, der=der)
-            reply.result.certificate.CopyFrom(common_pb2.DeviceCertificate(
-                certificate_der=der, serial_hex=cert_record.serial,
-                not_before=wire.timestamp(cert_record.not_before),
-                not_after=wire.timestamp(cert_record.not_after),
-            ))
+                serial=f"{cert.serial_number:x}",
+                device_id=device_id,
+                kind="device",
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                der=der,
+            )
+            reply.result.certificate.CopyFrom(
+                common_pb2.DeviceCertificate(
+                    certificate_der=der,
+                    serial_hex=cert_record.serial,
+                    not_before=wire.timestamp(cert_record.not_before),
+                    not_after=wire.timestamp(cert_record.not_after),
+                )
+            )
         self._store.record_appraisal(result, certificate=cert_record)
-        logger.info("appraisal device=%s tier=%s score=%d cert=%s reasons=%s", device_id,
-                    result.tier.label, result.score, cert_record.serial if cert_record else "-",
-                    "; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-")
+        logger.info(
+            "appraisal device=%s tier=%s score=%d cert=%s reasons=%s",
+            device_id,
+            result.tier.label,
+            result.score,
+            cert_record.serial if cert_record else "-",
+            "; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-",
+        )
         return reply
 
     def _may_certify(self, appraisal: Appraisal, evidence: Evidence) -> bool:
         tier = appraisal.result.tier
-        return (appraisal.passed and evidence.certify_key is not None
-                and tier is not Tier.NONE and tier <= self._config.certificates.min)
+        return (
+            appraisal.passed
+            and evidence.certify_key is not None
+            and tier is not Tier.NONE
+            and tier <= self._config.certificates.min
+        )
 
 
 async def _pump(source: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:

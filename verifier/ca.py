@@ -88,14 +88,19 @@ class CertificateAuthority:
 
     @classmethod
     def create(
-        cls, *, common_name: str, now: datetime.datetime,
+        cls,
+        *,
+        common_name: str,
+        now: datetime.datetime,
         lifetime: datetime.timedelta = datetime.timedelta(days=3650),
     ) -> CertificateAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devtrust"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devtrust"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -126,17 +131,28 @@ class CertificateAuthority:
         write_atomic(cert_path, pem(self.cert), mode=0o644)
 
     def _leaf(
-        self, *, public_key: PublicKey, common_name: str, role: str, now: datetime.datetime,
-        lifetime: datetime.timedelta, eku: list[x509.ObjectIdentifier],
-        sans: list[x509.GeneralName], extra: list[x509.ExtensionType] | None = None,
+        self,
+        *,
+        public_key: PublicKey,
+        common_name: str,
+        role: str,
+        now: datetime.datetime,
+        lifetime: datetime.timedelta,
+        eku: list[x509.ObjectIdentifier],
+        sans: list[x509.GeneralName],
+        extra: list[x509.ExtensionType] | None = None,
     ) -> x509.Certificate:
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devtrust"),
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            ]))
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devtrust"),
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                    ]
+                )
+            )
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -155,38 +171,70 @@ class CertificateAuthority:
         return builder.sign(self.key, hashes.SHA256())
 
     def issue_device(
-        self, *, trust_domain: str, device_id: str, public_key: PublicKey, claims: DeviceClaims,
-        now: datetime.datetime, lifetime: datetime.timedelta,
+        self,
+        *,
+        trust_domain: str,
+        device_id: str,
+        public_key: PublicKey,
+        claims: DeviceClaims,
+        now: datetime.datetime,
+        lifetime: datetime.timedelta,
     ) -> x509.Certificate:
         return self._leaf(
-            public_key=public_key, common_name=device_id, role="device", now=now,
-            lifetime=lifetime, eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            public_key=public_key,
+            common_name=device_id,
+            role="device",
+            now=now,
+            lifetime=lifetime,
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
             sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "device", device_id))],
             extra=[claims.to_extension()],
         )
 
     def issue_channel(
-        self, *, trust_domain: str, device_id: str, public_key: PublicKey,
-        now: datetime.datetime, lifetime: datetime.timedelta,
+        self,
+        *,
+        trust_domain: str,
+        device_id: str,
+        public_key: PublicKey,
+        now: datetime.datetime,
+        lifetime: datetime.timedelta,
     ) -> x509.Certificate:
         return self._leaf(
-            public_key=public_key, common_name=device_id, role="agent", now=now, lifetime=lifetime,
+            public_key=public_key,
+            common_name=device_id,
+            role="agent",
+            now=now,
+            lifetime=lifetime,
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
             sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "agent", device_id))],
         )
 
     def issue_operator(
-        self, *, trust_domain: str, name: str, public_key: PublicKey, now: datetime.datetime,
+        self,
+        *,
+        trust_domain: str,
+        name: str,
+        public_key: PublicKey,
+        now: datetime.datetime,
         lifetime: datetime.timedelta,
     ) -> x509.Certificate:
         return self._leaf(
-            public_key=public_key, common_name=name, role="operator", now=now, lifetime=lifetime,
+            public_key=public_key,
+            common_name=name,
+            role="operator",
+            now=now,
+            lifetime=lifetime,
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
             sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "operator", name))],
         )
 
     def issue_server(
-        self, *, hostnames: list[str], public_key: PublicKey, now: datetime.datetime,
+        self,
+        *,
+        hostnames: list[str],
+        public_key: PublicKey,
+        now: datetime.datetime,
         lifetime: datetime.timedelta,
     ) -> x509.Certificate:
         sans: list[x509.GeneralName] = []
@@ -196,17 +244,27 @@ class CertificateAuthority:
             except ValueError:
                 sans.append(x509.DNSName(host))
         return self._leaf(
-            public_key=public_key, common_name=hostnames[0], role="server", now=now,
+            public_key=public_key,
+            common_name=hostnames[0],
+            role="server",
+            now=now,
             lifetime=lifetime,
-            eku=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans,
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+            sans=sans,
         )
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
-        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -215,8 +273,11 @@ def spiffe_ids(cert: x509.Certificate) -> list[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith("spiffe://")]
+    return [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith("spiffe://")
+    ]
 
 
 def pem(cert: x509.Certificate) -> bytes:
@@ -225,7 +286,8 @@ def pem(cert: x509.Certificate) -> bytes:
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     write_atomic(path, data, mode=0o600)

@@ -67,8 +67,9 @@ class AttestationConfig:
 
     @property
     def selection(self) -> tuple[PcrSelect, ...]:
-        return tuple(PcrSelect(hash_alg(b), tuple(sorted(set(p))))
-                     for b, p in self.pcrs.items() if p)
+        return tuple(
+            PcrSelect(hash_alg(b), tuple(sorted(set(p)))) for b, p in self.pcrs.items() if p
+        )
 
     @property
     def staleness(self) -> datetime.timedelta:

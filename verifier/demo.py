@@ -77,8 +77,10 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
                 ca_bundle=pki.ca_cert,
             ),
             tpm=TpmConfig(tcti=swtpm.tcti),
-            state_dir=work / "agent-state", runtime_dir=work / "agent-run",
-            zone="model-development", labels={"demo": "true"},
+            state_dir=work / "agent-state",
+            runtime_dir=work / "agent-run",
+            zone="model-development",
+            labels={"demo": "true"},
         )
         tpm = make_tpm(acfg)
         stack.callback(tpm.close)
@@ -102,8 +104,9 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
 
         stack.push_async_callback(stop_agent)
         waiting: set[asyncio.Future[Any]] = {first, agent_task}
-        done, _ = await asyncio.wait(waiting, timeout=TIMEOUT_S,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            waiting, timeout=TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
         if agent_task in done:
             agent_task.result()  # raises what stopped the agent
             raise RuntimeError("the agent stopped before its first result")
@@ -112,19 +115,24 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         result = first.result()
         if not result.HasField("certificate"):
             findings = "; ".join(f.message for f in result.trust.findings)
-            raise RuntimeError(f"no device certificate: tier {_tier(result.trust.tier)}: "
-                               f"{findings}")
+            raise RuntimeError(
+                f"no device certificate: tier {_tier(result.trust.tier)}: {findings}"
+            )
 
         # An operator reads the stored result back over the query API (mTLS).
         ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
-        op_cert, op_key = issue_operator(ca, work / "verifier", name="demo",
-                                         trust_domain=vcfg.trust_domain, now=now)
-        creds = grpc.ssl_channel_credentials(pem(ca.cert), op_key.read_bytes(),
-                                             op_cert.read_bytes())
-        async with grpc.aio.secure_channel(f"127.0.0.1:{verifier.attestation_port}",
-                                           creds) as channel:
+        op_cert, op_key = issue_operator(
+            ca, work / "verifier", name="demo", trust_domain=vcfg.trust_domain, now=now
+        )
+        creds = grpc.ssl_channel_credentials(
+            pem(ca.cert), op_key.read_bytes(), op_cert.read_bytes()
+        )
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{verifier.attestation_port}", creds
+        ) as channel:
             stored = await query_pb2_grpc.QueryStub(channel).GetTrustScore(
-                query_pb2.GetTrustScoreRequest(device_id=enrollment.device_id), timeout=10)
+                query_pb2.GetTrustScoreRequest(device_id=enrollment.device_id), timeout=10
+            )
 
         cert = x509.load_pem_x509_certificate((acfg.runtime_dir / "device.pem").read_bytes())
         shutil.copyfile(acfg.runtime_dir / "device.pem", out / "device-cert.pem")
@@ -156,10 +164,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     lines = [
         f"device      {summary['device_id']}",
         f"tier        {summary['tier']}   score {summary['score']}/100",
-        "claims      " + ", ".join(f"{k}={v['value']} ({v['tier']})"
-                                   for k, v in summary["claims"].items()),
-        "reasons     " + ("; ".join(f"{r['id']}: {r['message']}" for r in summary["reasons"])
-                          or "none: every check passed"),
+        "claims      "
+        + ", ".join(f"{k}={v['value']} ({v['tier']})" for k, v in summary["claims"].items()),
+        "reasons     "
+        + (
+            "; ".join(f"{r['id']}: {r['message']}" for r in summary["reasons"])
+            or "none: every check passed"
+        ),
         f"certificate {cert['subject']}  {cert['spiffe_id']}",
         f"            serial {cert['serial']}, valid until {cert['not_after']}, "
         f"tier {cert['tier']}, zone {cert['zone']}",

@@ -57,8 +57,11 @@ class EndorsementStore:
         roots: list[x509.Certificate] = []
         sources: list[str] = []
         for path in paths:
-            files = (sorted(p for p in path.iterdir() if p.suffix.lower() in CERT_SUFFIXES)
-                     if path.is_dir() else [path])
+            files = (
+                sorted(p for p in path.iterdir() if p.suffix.lower() in CERT_SUFFIXES)
+                if path.is_dir()
+                else [path]
+            )
             for file in files:
                 try:
                     certs = load_certificates(file.read_bytes(), source=str(file))
@@ -71,8 +74,11 @@ class EndorsementStore:
         return cls(roots=tuple(roots), sources=tuple(sources))
 
     def verify(
-        self, ek_cert: x509.Certificate, intermediates: Sequence[x509.Certificate],
-        *, now: datetime.datetime,
+        self,
+        ek_cert: x509.Certificate,
+        intermediates: Sequence[x509.Certificate],
+        *,
+        now: datetime.datetime,
     ) -> list[x509.Certificate]:
         """Return the verified chain, leaf first, or raise ``Rejected`` naming the issuer."""
         verifier = (

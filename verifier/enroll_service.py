@@ -31,8 +31,15 @@ Clock = Callable[[], datetime.datetime]
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
-    def __init__(self, *, store: Store, endorsements: EndorsementStore, ca: CertificateAuthority,
-                 config: VerifierConfig, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        endorsements: EndorsementStore,
+        ca: CertificateAuthority,
+        config: VerifierConfig,
+        clock: Clock,
+    ) -> None:
         self._store = store
         self._endorsements = endorsements
         self._ca = ca
@@ -40,13 +47,18 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._clock = clock
 
     async def Enroll(
-        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any],
+        self,
+        request: enrollment_pb2.EnrollRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> enrollment_pb2.EnrollChallenge:
         now = self._clock()
         # 1. EK certificate chains to a trusted endorsement root.
         ek_cert = parse_ek_certificate(request.ek_certificate)
-        intermediates = [c for i, der in enumerate(request.ek_intermediates)
-                         for c in load_certificates(der, source=f"ek_intermediates[{i}]")]
+        intermediates = [
+            c
+            for i, der in enumerate(request.ek_intermediates)
+            for c in load_certificates(der, source=f"ek_intermediates[{i}]")
+        ]
         self._endorsements.verify(ek_cert, intermediates, now=now)
         device_id = enrollment.device_id_for(ek_cert)
         # 2. The EK public area the TPM reports holds the certified key.
@@ -66,61 +78,101 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         enrollment_id = enrollment.new_enrollment_id()
         host = request.host
         record = DeviceRecord(
-            device_id=device_id, state=DeviceState.PENDING_APPROVAL,
-            ek_certificate=request.ek_certificate, ek_public=request.ek_public,
-            ak_public=request.ak_public, ak_name=ak.name.hex(),
-            host={"hostname": host.hostname, "os_release": host.os_release,
-                  "kernel": host.kernel, "machine_id": host.machine_id,
-                  "agent_version": host.agent_version},
-            zone=host.zone, labels=dict(host.labels), enrolled_at=now,
+            device_id=device_id,
+            state=DeviceState.PENDING_APPROVAL,
+            ek_certificate=request.ek_certificate,
+            ek_public=request.ek_public,
+            ak_public=request.ak_public,
+            ak_name=ak.name.hex(),
+            host={
+                "hostname": host.hostname,
+                "os_release": host.os_release,
+                "kernel": host.kernel,
+                "machine_id": host.machine_id,
+                "agent_version": host.agent_version,
+            },
+            zone=host.zone,
+            labels=dict(host.labels),
+            enrolled_at=now,
         )
-        self._store.put_enrollment(PendingEnrollment(
-            enrollment_id=enrollment_id, record=record, secret=challenge.secret,
-            channel_key_spki=request.channel_key_spki,
-            expires_at=now + enrollment.ENROLLMENT_TTL,
-        ))
-        logger.info("enroll challenge device=%s ak=%s host=%s", device_id, ak.name.hex()[:16],
-                    host.hostname)
+        self._store.put_enrollment(
+            PendingEnrollment(
+                enrollment_id=enrollment_id,
+                record=record,
+                secret=challenge.secret,
+                channel_key_spki=request.channel_key_spki,
+                expires_at=now + enrollment.ENROLLMENT_TTL,
+            )
+        )
+        logger.info(
+            "enroll challenge device=%s ak=%s host=%s", device_id, ak.name.hex()[:16], host.hostname
+        )
         return enrollment_pb2.EnrollChallenge(
-            enrollment_id=enrollment_id, credential_blob=challenge.credential_blob,
-            encrypted_secret=challenge.encrypted_secret, device_id=device_id,
+            enrollment_id=enrollment_id,
+            credential_blob=challenge.credential_blob,
+            encrypted_secret=challenge.encrypted_secret,
+            device_id=device_id,
         )
 
     async def Activate(
-        self, request: enrollment_pb2.ActivateRequest,
+        self,
+        request: enrollment_pb2.ActivateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> enrollment_pb2.ActivateResponse:
         now = self._clock()
         pending = self._store.take_enrollment(request.enrollment_id)
         if pending is None:
-            raise NotFound(f"no pending enrollment {request.enrollment_id!r} (answered already, "
-                           "or never issued)")
+            raise NotFound(
+                f"no pending enrollment {request.enrollment_id!r} (answered already, "
+                "or never issued)"
+            )
         if now > pending.expires_at:
-            raise FailedPrecondition(f"enrollment {request.enrollment_id} expired at "
-                                     f"{pending.expires_at.isoformat()}")
-        enrollment.check_proof(request.proof, secret=pending.secret,
-                               enrollment_id=pending.enrollment_id,
-                               channel_key_spki=pending.channel_key_spki)
-        state = (DeviceState.PENDING_APPROVAL if self._config.enrollment.require_approval
-                 else DeviceState.ENROLLED)
+            raise FailedPrecondition(
+                f"enrollment {request.enrollment_id} expired at {pending.expires_at.isoformat()}"
+            )
+        enrollment.check_proof(
+            request.proof,
+            secret=pending.secret,
+            enrollment_id=pending.enrollment_id,
+            channel_key_spki=pending.channel_key_spki,
+        )
+        state = (
+            DeviceState.PENDING_APPROVAL
+            if self._config.enrollment.require_approval
+            else DeviceState.ENROLLED
+        )
         record = DeviceRecord(**{**pending.record.__dict__, "state": state})
         self._store.save_device(record, now=now, event=f"enrolled:{state.value}")
         response = enrollment_pb2.ActivateResponse(
-            device_id=record.device_id, ca_chain=[self._ca_der()],
-            state=(common_pb2.DEVICE_STATE_ENROLLED if state is DeviceState.ENROLLED
-                   else common_pb2.DEVICE_STATE_PENDING_APPROVAL),
+            device_id=record.device_id,
+            ca_chain=[self._ca_der()],
+            state=(
+                common_pb2.DEVICE_STATE_ENROLLED
+                if state is DeviceState.ENROLLED
+                else common_pb2.DEVICE_STATE_PENDING_APPROVAL
+            ),
         )
         if state is DeviceState.ENROLLED:
             key = load_public_key(pending.channel_key_spki, field="channel key")
             lifetime = datetime.timedelta(seconds=self._config.certificates.channel_lifetime_s)
-            cert = self._ca.issue_channel(trust_domain=self._config.trust_domain,
-                                          device_id=record.device_id, public_key=key, now=now,
-                                          lifetime=lifetime)
+            cert = self._ca.issue_channel(
+                trust_domain=self._config.trust_domain,
+                device_id=record.device_id,
+                public_key=key,
+                now=now,
+                lifetime=lifetime,
+            )
             der = cert.public_bytes(serialization.Encoding.DER)
-            self._store.record_certificate(CertificateRecord(
-                serial=f"{cert.serial_number:x}", device_id=record.device_id, kind="channel",
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, der=der,
-            ))
+            self._store.record_certificate(
+                CertificateRecord(
+                    serial=f"{cert.serial_number:x}",
+                    device_id=record.device_id,
+                    kind="channel",
+                    not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc,
+                    der=der,
+                )
+            )
             response.channel_certificate = der
         logger.info("enrolled device=%s state=%s", record.device_id, state.value)
         return response

@@ -28,8 +28,11 @@ from verifier.tpm.structures import PublicArea, parse_public, public_key_matches
 # (Part 1, 25.2.5); fixedTPM and fixedParent mean it cannot leave this TPM; with
 # sensitiveDataOrigin the TPM generated it, so nobody else ever held the private key.
 AK_REQUIRED = (
-    ObjectAttr.RESTRICTED | ObjectAttr.SIGN_ENCRYPT | ObjectAttr.FIXED_TPM
-    | ObjectAttr.FIXED_PARENT | ObjectAttr.SENSITIVE_DATA_ORIGIN
+    ObjectAttr.RESTRICTED
+    | ObjectAttr.SIGN_ENCRYPT
+    | ObjectAttr.FIXED_TPM
+    | ObjectAttr.FIXED_PARENT
+    | ObjectAttr.SENSITIVE_DATA_ORIGIN
 )
 AK_FORBIDDEN = ObjectAttr.DECRYPT
 EK_REQUIRED = ObjectAttr.RESTRICTED | ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM
@@ -52,15 +55,19 @@ def check_ak(ak: PublicArea) -> None:
     """Refuse anything that is not a restricted, TPM-resident signing key."""
     missing = AK_REQUIRED & ~ak.attributes
     if missing:
-        raise Rejected(f"AK lacks required attributes: {_flag_names(missing)} "
-                       f"(has {_flag_names(ak.attributes)})")
+        raise Rejected(
+            f"AK lacks required attributes: {_flag_names(missing)} "
+            f"(has {_flag_names(ak.attributes)})"
+        )
     if ak.attributes & AK_FORBIDDEN:
         raise Rejected("AK must not be a decryption key (decrypt is set)")
     if ak.type not in (Alg.RSA, Alg.ECC):
         raise Rejected(f"AK type 0x{ak.type:04x} is neither RSA nor ECC")
     if ak.scheme not in ALLOWED_SIG_SCHEMES or ak.scheme_hash not in ALLOWED_SIG_HASHES:
-        raise Rejected(f"AK signing scheme 0x{ak.scheme:04x}/hash 0x{ak.scheme_hash:04x} is not "
-                       "allowed (rsassa, rsapss or ecdsa with sha256 or sha384)")
+        raise Rejected(
+            f"AK signing scheme 0x{ak.scheme:04x}/hash 0x{ak.scheme_hash:04x} is not "
+            "allowed (rsassa, rsapss or ecdsa with sha256 or sha384)"
+        )
     ak.public_key()  # a point off the curve or an empty modulus is malformed
 
 
@@ -97,12 +104,15 @@ def make_challenge(ek_public_bytes: bytes, ak_name: bytes) -> CredentialChalleng
     )
 
 
-def check_proof(proof: bytes, *, secret: bytes, enrollment_id: str,
-                channel_key_spki: bytes) -> None:
+def check_proof(
+    proof: bytes, *, secret: bytes, enrollment_id: str, channel_key_spki: bytes
+) -> None:
     expected = proof_for(secret, enrollment_id, channel_key_spki)
     if not hmac.compare_digest(proof, expected):
-        raise Rejected("credential activation proof is wrong: the TPM that holds this EK did "
-                       "not activate the credential for this AK")
+        raise Rejected(
+            "credential activation proof is wrong: the TPM that holds this EK did "
+            "not activate the credential for this AK"
+        )
 
 
 def new_enrollment_id() -> str:

@@ -10,8 +10,13 @@ from __future__ import annotations
 from agent.errors import ConfigError, DevtrustError
 
 __all__ = [
-    "ConfigError", "DevtrustError", "FailedPrecondition", "MalformedInput", "NotFound",
-    "Rejected", "Unauthenticated",
+    "ConfigError",
+    "DevtrustError",
+    "FailedPrecondition",
+    "MalformedInput",
+    "NotFound",
+    "Rejected",
+    "Unauthenticated",
 ]
 
 

@@ -15,19 +15,23 @@ from verifier.ca import spiffe_ids
 from verifier.errors import Unauthenticated
 
 
-def peer_identity(context: grpc.aio.ServicerContext[Any, Any], *, trust_domain: str,
-                  kind: str) -> str:
+def peer_identity(
+    context: grpc.aio.ServicerContext[Any, Any], *, trust_domain: str, kind: str
+) -> str:
     """Return NAME from the peer's ``spiffe://trust_domain/kind/NAME``, or refuse."""
     auth = context.auth_context()
     pems = list(auth.get("x509_pem_cert") or [])
     if not pems:
-        raise Unauthenticated(f"this call needs a client certificate for spiffe://{trust_domain}/"
-                              f"{kind}/...")
+        raise Unauthenticated(
+            f"this call needs a client certificate for spiffe://{trust_domain}/{kind}/..."
+        )
     cert = x509.load_pem_x509_certificate(pems[0])
     prefix = f"spiffe://{trust_domain}/{kind}/"
     for uri in spiffe_ids(cert):
-        if uri.startswith(prefix) and "/" not in uri[len(prefix):] and uri[len(prefix):]:
-            return uri[len(prefix):]
-    raise Unauthenticated(f"client certificate {cert.subject.rfc4514_string()} is not a "
-                          f"{kind} identity of {trust_domain} (SPIFFE IDs: "
-                          f"{', '.join(spiffe_ids(cert)) or 'none'})")
+        if uri.startswith(prefix) and "/" not in uri[len(prefix) :] and uri[len(prefix) :]:
+            return uri[len(prefix) :]
+    raise Unauthenticated(
+        f"client certificate {cert.subject.rfc4514_string()} is not a "
+        f"{kind} identity of {trust_domain} (SPIFFE IDs: "
+        f"{', '.join(spiffe_ids(cert)) or 'none'})"
+    )

@@ -38,15 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=Path("/etc/devtrust/verifier.yaml"))
     p = sub.add_parser("init", help="make the CA and server certificate in a directory")
     p.add_argument("--dir", type=Path, required=True)
-    p.add_argument("--hostname", action="append", required=True,
-                   help="server name or IP address for the server certificate (repeatable)")
+    p.add_argument(
+        "--hostname",
+        action="append",
+        required=True,
+        help="server name or IP address for the server certificate (repeatable)",
+    )
     p = sub.add_parser("operator", help="issue an operator certificate for the query API")
     p.add_argument("--dir", type=Path, required=True, help="directory made by init")
     p.add_argument("--name", required=True)
     p.add_argument("--trust-domain", default="devtrust.local")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     now = datetime.datetime.now(datetime.UTC)
     try:
         if args.command == "serve":
@@ -56,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}")
         else:
             ca = CertificateAuthority.load(args.dir / "ca.pem", args.dir / "ca.key")
-            cert, key = issue_operator(ca, args.dir, name=args.name,
-                                       trust_domain=args.trust_domain, now=now)
+            cert, key = issue_operator(
+                ca, args.dir, name=args.name, trust_domain=args.trust_domain, now=now
+            )
             print(f"operator certificate {cert}\nkey {key}")
     except DevtrustError as exc:
         print(f"devtrust-verifier: {exc}", file=sys.stderr)

@@ -30,7 +30,9 @@ class QueryService(query_pb2_grpc.QueryServicer):
         return peer_identity(context, trust_domain=self._config.trust_domain, kind="operator")
 
     async def GetDevice(
-        self, request: query_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext[Any, Any],
+        self,
+        request: query_pb2.GetDeviceRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> common_pb2.Device:
         self._operator(context)
         rec = self._store.get_device(request.device_id)
@@ -40,7 +42,8 @@ class QueryService(query_pb2_grpc.QueryServicer):
         return wire.device_to_wire(rec, result.at(self._clock()) if result else None)
 
     async def GetTrustScore(
-        self, request: query_pb2.GetTrustScoreRequest,
+        self,
+        request: query_pb2.GetTrustScoreRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> common_pb2.TrustResult:
         self._operator(context)
@@ -52,7 +55,9 @@ class QueryService(query_pb2_grpc.QueryServicer):
         return wire.result_to_wire(result.at(self._clock()))
 
     async def ListDevices(
-        self, request: query_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext[Any, Any],
+        self,
+        request: query_pb2.ListDevicesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> query_pb2.ListDevicesResponse:
         self._operator(context)
         now = self._clock()

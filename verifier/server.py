@@ -55,12 +55,16 @@ def load_endorsements(config: VerifierConfig) -> EndorsementStore:
     paths = [p for p in config.endorsement.roots if p.exists()]
     local_ca = config.endorsement.trust_swtpm_local_ca
     if local_ca is not None:
-        logger.warning("trusting swtpm local CA %s as an endorsement root: software TPMs will "
-                       "enroll (test and demo setting)", local_ca)
+        logger.warning(
+            "trusting swtpm local CA %s as an endorsement root: software TPMs will "
+            "enroll (test and demo setting)",
+            local_ca,
+        )
         paths.append(local_ca)
     store = EndorsementStore.from_paths(paths)
-    logger.info("endorsement roots: %d from %s", len(store.roots), ", ".join(sorted(set(
-        store.sources))))
+    logger.info(
+        "endorsement roots: %d from %s", len(store.roots), ", ".join(sorted(set(store.sources)))
+    )
     return store
 
 
@@ -102,16 +106,21 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
 
     enroll = grpc.aio.server(interceptors=interceptors, options=_options(config))
     enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-        EnrollmentService(store=store, endorsements=endorsements, ca=ca, config=config,
-                          clock=clock), enroll)
+        EnrollmentService(
+            store=store, endorsements=endorsements, ca=ca, config=config, clock=clock
+        ),
+        enroll,
+    )
     tls = grpc.ssl_server_credentials([(server_key, server_cert)])
     enroll_port = enroll.add_secure_port(config.listen.enrollment, tls)
 
     attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
     attestation_pb2_grpc.add_AttestationServicer_to_server(
-        AttestationService(store=store, ca=ca, config=config, clock=clock), attest)
+        AttestationService(store=store, ca=ca, config=config, clock=clock), attest
+    )
     query_pb2_grpc.add_QueryServicer_to_server(
-        QueryService(store=store, config=config, clock=clock), attest)
+        QueryService(store=store, config=config, clock=clock), attest
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, attest)
     names = [
@@ -121,18 +130,24 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(names, attest)
-    mtls = grpc.ssl_server_credentials([(server_key, server_cert)],
-                                       root_certificates=pem(ca.cert), require_client_auth=True)
+    mtls = grpc.ssl_server_credentials(
+        [(server_key, server_cert)], root_certificates=pem(ca.cert), require_client_auth=True
+    )
     attest_port = attest.add_secure_port(config.listen.attestation, mtls)
     if not enroll_port or not attest_port:
         store.close()
-        raise ConfigError(f"cannot listen on {config.listen.enrollment} / "
-                          f"{config.listen.attestation}")
+        raise ConfigError(
+            f"cannot listen on {config.listen.enrollment} / {config.listen.attestation}"
+        )
     await enroll.start()
     await attest.start()
     for name in names[:2]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    logger.info("verifier listening: enrollment (TLS) on %s, attestation+query (mTLS) on %s, "
-                "database %s", enroll_port, attest_port, config.database)
+    logger.info(
+        "verifier listening: enrollment (TLS) on %s, attestation+query (mTLS) on %s, database %s",
+        enroll_port,
+        attest_port,
+        config.database,
+    )
     return RunningVerifier(enroll, attest, enroll_port, attest_port, store)

@@ -121,20 +121,29 @@ def _dt(value: str | None) -> datetime.datetime | None:
 
 
 def result_to_json(result: TrustResult) -> str:
-    return json.dumps({
-        "device_id": result.device_id,
-        "claims": {c.value: v for c, v in result.claims.items()},
-        "findings": [
-            {"id": f.id, "severity": f.severity.name.lower(), "claim": f.claim.value,
-             "message": f.message, "expected": f.expected, "found": f.found,
-             "subject": f.subject}
-            for f in result.findings
-        ],
-        "appraised_at": _ts(result.appraised_at),
-        "expires_at": _ts(result.expires_at),
-        "evidence_digest": result.evidence_digest,
-        "policy_id": result.policy_id,
-    }, sort_keys=True)
+    return json.dumps(
+        {
+            "device_id": result.device_id,
+            "claims": {c.value: v for c, v in result.claims.items()},
+            "findings": [
+                {
+                    "id": f.id,
+                    "severity": f.severity.name.lower(),
+                    "claim": f.claim.value,
+                    "message": f.message,
+                    "expected": f.expected,
+                    "found": f.found,
+                    "subject": f.subject,
+                }
+                for f in result.findings
+            ],
+            "appraised_at": _ts(result.appraised_at),
+            "expires_at": _ts(result.expires_at),
+            "evidence_digest": result.evidence_digest,
+            "policy_id": result.policy_id,
+        },
+        sort_keys=True,
+    )
 
 
 def result_from_json(text: str) -> TrustResult:
@@ -143,9 +152,15 @@ def result_from_json(text: str) -> TrustResult:
         device_id=d["device_id"],
         claims={Claim(k): int(v) for k, v in d["claims"].items()},
         findings=tuple(
-            Finding(id=f["id"], severity=Severity[f["severity"].upper()], claim=Claim(f["claim"]),
-                    message=f["message"], expected=f["expected"], found=f["found"],
-                    subject=f["subject"])
+            Finding(
+                id=f["id"],
+                severity=Severity[f["severity"].upper()],
+                claim=Claim(f["claim"]),
+                message=f["message"],
+                expected=f["expected"],
+                found=f["found"],
+                subject=f["subject"],
+            )
             for f in d["findings"]
         ),
         appraised_at=datetime.datetime.fromisoformat(d["appraised_at"]),
@@ -156,21 +171,34 @@ def result_from_json(text: str) -> TrustResult:
 
 
 def _record_json(rec: DeviceRecord) -> str:
-    return json.dumps({
-        "device_id": rec.device_id, "state": rec.state.value,
-        "ek_certificate": rec.ek_certificate.hex(), "ek_public": rec.ek_public.hex(),
-        "ak_public": rec.ak_public.hex(), "ak_name": rec.ak_name, "host": rec.host,
-        "zone": rec.zone, "labels": rec.labels, "enrolled_at": _ts(rec.enrolled_at),
-    })
+    return json.dumps(
+        {
+            "device_id": rec.device_id,
+            "state": rec.state.value,
+            "ek_certificate": rec.ek_certificate.hex(),
+            "ek_public": rec.ek_public.hex(),
+            "ak_public": rec.ak_public.hex(),
+            "ak_name": rec.ak_name,
+            "host": rec.host,
+            "zone": rec.zone,
+            "labels": rec.labels,
+            "enrolled_at": _ts(rec.enrolled_at),
+        }
+    )
 
 
 def _record_from_json(text: str) -> DeviceRecord:
     d = json.loads(text)
     return DeviceRecord(
-        device_id=d["device_id"], state=DeviceState(d["state"]),
-        ek_certificate=bytes.fromhex(d["ek_certificate"]), ek_public=bytes.fromhex(d["ek_public"]),
-        ak_public=bytes.fromhex(d["ak_public"]), ak_name=d["ak_name"], host=d["host"],
-        zone=d["zone"], labels=d["labels"],
+        device_id=d["device_id"],
+        state=DeviceState(d["state"]),
+        ek_certificate=bytes.fromhex(d["ek_certificate"]),
+        ek_public=bytes.fromhex(d["ek_public"]),
+        ak_public=bytes.fromhex(d["ak_public"]),
+        ak_name=d["ak_name"],
+        host=d["host"],
+        zone=d["zone"],
+        labels=d["labels"],
         enrolled_at=datetime.datetime.fromisoformat(d["enrolled_at"]),
     )
 
@@ -189,8 +217,9 @@ class Store:
         # executescript commits on its own: the schema is idempotent DDL.
         self._db.executescript(_SCHEMA)
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                       (str(SCHEMA_VERSION),))
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -211,27 +240,39 @@ class Store:
 
     def put_enrollment(self, pending: PendingEnrollment) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM enrollments WHERE expires_at < ?",
-                       (_ts(datetime.datetime.now(datetime.UTC)),))
+            db.execute(
+                "DELETE FROM enrollments WHERE expires_at < ?",
+                (_ts(datetime.datetime.now(datetime.UTC)),),
+            )
             db.execute(
                 "INSERT INTO enrollments VALUES (?, ?, ?, ?, ?, ?)",
-                (pending.enrollment_id, pending.record.device_id, _record_json(pending.record),
-                 pending.secret, pending.channel_key_spki, _ts(pending.expires_at)),
+                (
+                    pending.enrollment_id,
+                    pending.record.device_id,
+                    _record_json(pending.record),
+                    pending.secret,
+                    pending.channel_key_spki,
+                    _ts(pending.expires_at),
+                ),
             )
 
     def take_enrollment(self, enrollment_id: str) -> PendingEnrollment | None:
         """Remove and return a pending enrollment: a challenge is answered at most once."""
         with self._tx() as db:
-            row = db.execute("SELECT * FROM enrollments WHERE enrollment_id = ?",
-                             (enrollment_id,)).fetchone()
+            row = db.execute(
+                "SELECT * FROM enrollments WHERE enrollment_id = ?", (enrollment_id,)
+            ).fetchone()
             if row is None:
                 return None
             db.execute("DELETE FROM enrollments WHERE enrollment_id = ?", (enrollment_id,))
         expires = _dt(row["expires_at"])
         assert expires is not None
         return PendingEnrollment(
-            enrollment_id=row["enrollment_id"], record=_record_from_json(row["record"]),
-            secret=row["secret"], channel_key_spki=row["channel_key_spki"], expires_at=expires,
+            enrollment_id=row["enrollment_id"],
+            record=_record_from_json(row["record"]),
+            secret=row["secret"],
+            channel_key_spki=row["channel_key_spki"],
+            expires_at=expires,
         )
 
     def save_device(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> None:
@@ -243,34 +284,56 @@ class Store:
                 "ek_certificate=excluded.ek_certificate, ek_public=excluded.ek_public, "
                 "ak_public=excluded.ak_public, ak_name=excluded.ak_name, host=excluded.host, "
                 "zone=excluded.zone, labels=excluded.labels, enrolled_at=excluded.enrolled_at",
-                (rec.device_id, rec.state.value, rec.ek_certificate, rec.ek_public,
-                 rec.ak_public, rec.ak_name, json.dumps(rec.host), rec.zone,
-                 json.dumps(rec.labels), _ts(rec.enrolled_at)),
+                (
+                    rec.device_id,
+                    rec.state.value,
+                    rec.ek_certificate,
+                    rec.ek_public,
+                    rec.ak_public,
+                    rec.ak_name,
+                    json.dumps(rec.host),
+                    rec.zone,
+                    json.dumps(rec.labels),
+                    _ts(rec.enrolled_at),
+                ),
             )
-            db.execute("INSERT INTO audit (at, device_id, event, detail) VALUES (?,?,?,?)",
-                       (_ts(now), rec.device_id, event, json.dumps({"ak_name": rec.ak_name})))
+            db.execute(
+                "INSERT INTO audit (at, device_id, event, detail) VALUES (?,?,?,?)",
+                (_ts(now), rec.device_id, event, json.dumps({"ak_name": rec.ak_name})),
+            )
 
     # --- devices --------------------------------------------------------------------------
 
     @staticmethod
     def _device(row: sqlite3.Row) -> DeviceRecord:
         return DeviceRecord(
-            device_id=row["device_id"], state=DeviceState(row["state"]),
-            ek_certificate=row["ek_certificate"], ek_public=row["ek_public"],
-            ak_public=row["ak_public"], ak_name=row["ak_name"], host=json.loads(row["host"]),
-            zone=row["zone"], labels=json.loads(row["labels"]),
+            device_id=row["device_id"],
+            state=DeviceState(row["state"]),
+            ek_certificate=row["ek_certificate"],
+            ek_public=row["ek_public"],
+            ak_public=row["ak_public"],
+            ak_name=row["ak_name"],
+            host=json.loads(row["host"]),
+            zone=row["zone"],
+            labels=json.loads(row["labels"]),
             enrolled_at=datetime.datetime.fromisoformat(row["enrolled_at"]),
             last_seen=_dt(row["last_seen"]),
         )
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM devices WHERE device_id = ?",
-                                   (device_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT * FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
         return self._device(row) if row else None
 
-    def list_devices(self, *, zone: str = "", after: str = "", limit: int = 100,
-                     ) -> list[DeviceRecord]:
+    def list_devices(
+        self,
+        *,
+        zone: str = "",
+        after: str = "",
+        limit: int = 100,
+    ) -> list[DeviceRecord]:
         query = "SELECT * FROM devices WHERE device_id > ?"
         args: list[Any] = [after]
         if zone:
@@ -284,8 +347,12 @@ class Store:
 
     # --- results and certificates ---------------------------------------------------------
 
-    def record_appraisal(self, result: TrustResult, *, certificate: CertificateRecord | None,
-                         ) -> None:
+    def record_appraisal(
+        self,
+        result: TrustResult,
+        *,
+        certificate: CertificateRecord | None,
+    ) -> None:
         """The latest result, its audit entry and any certificate issued, in one transaction."""
         text = result_to_json(result)
         at = _ts(result.appraised_at)
@@ -296,17 +363,25 @@ class Store:
                 "appraised_at=excluded.appraised_at",
                 (result.device_id, result.tier.label, result.score, text, at),
             )
-            db.execute("UPDATE devices SET last_seen = ? WHERE device_id = ?",
-                       (at, result.device_id))
-            db.execute("INSERT INTO audit (at, device_id, event, tier, detail) "
-                       "VALUES (?,?,?,?,?)",
-                       (at, result.device_id, "appraisal", result.tier.label, text))
+            db.execute(
+                "UPDATE devices SET last_seen = ? WHERE device_id = ?", (at, result.device_id)
+            )
+            db.execute(
+                "INSERT INTO audit (at, device_id, event, tier, detail) VALUES (?,?,?,?,?)",
+                (at, result.device_id, "appraisal", result.tier.label, text),
+            )
             if certificate is not None:
                 db.execute(
                     "INSERT INTO certificates (serial, device_id, kind, not_before, not_after, "
                     "der) VALUES (?,?,?,?,?,?)",
-                    (certificate.serial, certificate.device_id, certificate.kind,
-                     _ts(certificate.not_before), _ts(certificate.not_after), certificate.der),
+                    (
+                        certificate.serial,
+                        certificate.device_id,
+                        certificate.kind,
+                        _ts(certificate.not_before),
+                        _ts(certificate.not_after),
+                        certificate.der,
+                    ),
                 )
 
     def record_certificate(self, cert: CertificateRecord) -> None:
@@ -314,18 +389,30 @@ class Store:
             db.execute(
                 "INSERT INTO certificates (serial, device_id, kind, not_before, not_after, der) "
                 "VALUES (?,?,?,?,?,?)",
-                (cert.serial, cert.device_id, cert.kind, _ts(cert.not_before),
-                 _ts(cert.not_after), cert.der),
+                (
+                    cert.serial,
+                    cert.device_id,
+                    cert.kind,
+                    _ts(cert.not_before),
+                    _ts(cert.not_after),
+                    cert.der,
+                ),
             )
 
     def latest_result(self, device_id: str) -> TrustResult | None:
         with self._lock:
-            row = self._db.execute("SELECT result FROM trust WHERE device_id = ?",
-                                   (device_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT result FROM trust WHERE device_id = ?", (device_id,)
+            ).fetchone()
         return result_from_json(row["result"]) if row else None
 
-    def current_certificate(self, device_id: str, *, kind: str, now: datetime.datetime,
-                            ) -> CertificateRecord | None:
+    def current_certificate(
+        self,
+        device_id: str,
+        *,
+        kind: str,
+        now: datetime.datetime,
+    ) -> CertificateRecord | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT * FROM certificates WHERE device_id = ? AND kind = ? AND not_after > ? "
@@ -337,8 +424,14 @@ class Store:
         nb, na = _dt(row["not_before"]), _dt(row["not_after"])
         assert nb is not None
         assert na is not None
-        return CertificateRecord(serial=row["serial"], device_id=row["device_id"],
-                                 kind=row["kind"], not_before=nb, not_after=na, der=row["der"])
+        return CertificateRecord(
+            serial=row["serial"],
+            device_id=row["device_id"],
+            kind=row["kind"],
+            not_before=nb,
+            not_after=na,
+            der=row["der"],
+        )
 
     def audit_events(self, device_id: str) -> list[dict[str, Any]]:
         with self._lock:

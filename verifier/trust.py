@@ -27,8 +27,9 @@ class Tier(IntEnum):
         try:
             return cls[text.strip().upper()]
         except KeyError:
-            raise ValueError(f"unknown tier {text!r}: one of none, affirming, warning, "
-                             "contraindicated") from None
+            raise ValueError(
+                f"unknown tier {text!r}: one of none, affirming, warning, contraindicated"
+            ) from None
 
 
 class Claim(StrEnum):
@@ -120,9 +121,13 @@ class TrustResult:
             f"{self.expires_at.isoformat()}",
         )
         return TrustResult(
-            device_id=self.device_id, claims={}, findings=(*self.findings, stale),
-            appraised_at=self.appraised_at, expires_at=self.expires_at,
-            evidence_digest=self.evidence_digest, policy_id=self.policy_id,
+            device_id=self.device_id,
+            claims={},
+            findings=(*self.findings, stale),
+            appraised_at=self.appraised_at,
+            expires_at=self.expires_at,
+            evidence_digest=self.evidence_digest,
+            policy_id=self.policy_id,
         )
 
 

@@ -65,8 +65,10 @@ def load_public_key(spki: bytes, *, field: str) -> PublicKey:
 
 
 def selection_to_wire(selection: tuple[PcrSelect, ...]) -> list[common_pb2.PcrSelection]:
-    return [common_pb2.PcrSelection(hash_alg=hash_name(s.hash_alg), pcrs=list(s.pcrs))
-            for s in selection]
+    return [
+        common_pb2.PcrSelection(hash_alg=hash_name(s.hash_alg), pcrs=list(s.pcrs))
+        for s in selection
+    ]
 
 
 def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
@@ -93,11 +95,18 @@ def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
         body.ParseFromString(msg.body)
     except DecodeError as exc:
         raise MalformedInput(f"Evidence.body: not an EvidenceBody: {exc}") from exc
-    certify_key = (load_public_key(body.certify_key_spki, field="EvidenceBody.certify_key_spki")
-                   if body.certify_key_spki else None)
+    certify_key = (
+        load_public_key(body.certify_key_spki, field="EvidenceBody.certify_key_spki")
+        if body.certify_key_spki
+        else None
+    )
     return Evidence(
-        nonce=msg.nonce, attest=msg.quote_attest, signature=msg.quote_signature, pcrs=pcrs,
-        body=msg.body, certify_key=certify_key,
+        nonce=msg.nonce,
+        attest=msg.quote_attest,
+        signature=msg.quote_signature,
+        pcrs=pcrs,
+        body=msg.body,
+        certify_key=certify_key,
     )
 
 
@@ -106,12 +115,20 @@ def result_to_wire(result: TrustResult) -> common_pb2.TrustResult:
         device_id=result.device_id,
         tier=_TIERS[result.tier],
         score=result.score,
-        claims=[common_pb2.TrustClaim(name=c.value, value=v, tier=_TIERS[tier_of(v)])
-                for c, v in result.claims.items()],
+        claims=[
+            common_pb2.TrustClaim(name=c.value, value=v, tier=_TIERS[tier_of(v)])
+            for c, v in result.claims.items()
+        ],
         findings=[
-            common_pb2.Finding(id=f.id, severity=_SEVERITIES[f.severity], claim=f.claim.value,
-                               message=f.message, expected=f.expected, found=f.found,
-                               subject=f.subject)
+            common_pb2.Finding(
+                id=f.id,
+                severity=_SEVERITIES[f.severity],
+                claim=f.claim.value,
+                message=f.message,
+                expected=f.expected,
+                found=f.found,
+                subject=f.subject,
+            )
             for f in result.findings
         ],
         appraised_at=timestamp(result.appraised_at),
@@ -127,9 +144,13 @@ def device_to_wire(rec: DeviceRecord, result: TrustResult | None) -> common_pb2.
         device_id=rec.device_id,
         state=_STATES[rec.state],
         host=common_pb2.HostFacts(
-            hostname=str(host.get("hostname", "")), os_release=str(host.get("os_release", "")),
-            kernel=str(host.get("kernel", "")), machine_id=str(host.get("machine_id", "")),
-            agent_version=str(host.get("agent_version", "")), labels=rec.labels, zone=rec.zone,
+            hostname=str(host.get("hostname", "")),
+            os_release=str(host.get("os_release", "")),
+            kernel=str(host.get("kernel", "")),
+            machine_id=str(host.get("machine_id", "")),
+            agent_version=str(host.get("agent_version", "")),
+            labels=rec.labels,
+            zone=rec.zone,
         ),
         enrolled_at=timestamp(rec.enrolled_at),
         ek_certificate_sha256=hashlib.sha256(rec.ek_certificate).hexdigest(),

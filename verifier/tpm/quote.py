@@ -54,20 +54,33 @@ def verify_signature(key: AkKey, sig: Signature, message: bytes) -> None:
     # 1. Only schemes and hashes we allow: a quote signed with SHA-1 or with an HMAC proves
     #    nothing to a remote party.
     if sig.alg not in ALLOWED_SIG_SCHEMES:
-        raise QuoteRejected("tpm.quote.signature_scheme", f"signature scheme 0x{sig.alg:04x} is "
-                            "not allowed", "rsassa, rsapss or ecdsa", f"0x{sig.alg:04x}")
+        raise QuoteRejected(
+            "tpm.quote.signature_scheme",
+            f"signature scheme 0x{sig.alg:04x} is not allowed",
+            "rsassa, rsapss or ecdsa",
+            f"0x{sig.alg:04x}",
+        )
     if sig.hash_alg not in ALLOWED_SIG_HASHES:
-        raise QuoteRejected("tpm.quote.signature_hash", f"signature hash 0x{sig.hash_alg:04x} is "
-                            "not allowed", "sha256 or sha384", f"0x{sig.hash_alg:04x}")
+        raise QuoteRejected(
+            "tpm.quote.signature_hash",
+            f"signature hash 0x{sig.hash_alg:04x} is not allowed",
+            "sha256 or sha384",
+            f"0x{sig.hash_alg:04x}",
+        )
     digest = _HASHES[sig.hash_alg]
     # 2. The scheme must fit the key type, then the signature must verify.
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             if sig.alg != Alg.ECDSA:
-                raise QuoteRejected("tpm.quote.signature_scheme",
-                                    "an ECC AK must sign with ECDSA", "ecdsa", f"0x{sig.alg:04x}")
-            der = encode_dss_signature(int.from_bytes(sig.ecc_r, "big"),
-                                       int.from_bytes(sig.ecc_s, "big"))
+                raise QuoteRejected(
+                    "tpm.quote.signature_scheme",
+                    "an ECC AK must sign with ECDSA",
+                    "ecdsa",
+                    f"0x{sig.alg:04x}",
+                )
+            der = encode_dss_signature(
+                int.from_bytes(sig.ecc_r, "big"), int.from_bytes(sig.ecc_s, "big")
+            )
             key.verify(der, message, ec.ECDSA(digest))
         else:
             if sig.alg == Alg.RSASSA:
@@ -75,12 +88,17 @@ def verify_signature(key: AkKey, sig: Signature, message: bytes) -> None:
             elif sig.alg == Alg.RSAPSS:
                 pad = padding.PSS(mgf=padding.MGF1(digest), salt_length=padding.PSS.AUTO)
             else:
-                raise QuoteRejected("tpm.quote.signature_scheme", "an RSA AK must sign with "
-                                    "RSASSA or RSAPSS", "rsassa or rsapss", f"0x{sig.alg:04x}")
+                raise QuoteRejected(
+                    "tpm.quote.signature_scheme",
+                    "an RSA AK must sign with RSASSA or RSAPSS",
+                    "rsassa or rsapss",
+                    f"0x{sig.alg:04x}",
+                )
             key.verify(sig.rsa_sig, message, pad, digest)
     except InvalidSignature:
-        raise QuoteRejected("tpm.quote.signature_invalid",
-                            "quote signature does not verify with the enrolled AK") from None
+        raise QuoteRejected(
+            "tpm.quote.signature_invalid", "quote signature does not verify with the enrolled AK"
+        ) from None
 
 
 def pcr_digest(hash_alg: int, selection: Sequence[PcrSelect], values: PcrValues) -> bytes:
@@ -112,35 +130,56 @@ def check_quote(
     verify_signature(ak_key, sig, attest_bytes)
     # 3. magic is TPM_GENERATED_VALUE (Part 2, 10.12.12; 6.2): the TPM made this structure.
     if attest.magic != TPM_GENERATED_VALUE:
-        raise QuoteRejected("tpm.quote.bad_magic", "TPMS_ATTEST magic is not TPM_GENERATED",
-                            f"{TPM_GENERATED_VALUE:08x}", f"{attest.magic:08x}")
+        raise QuoteRejected(
+            "tpm.quote.bad_magic",
+            "TPMS_ATTEST magic is not TPM_GENERATED",
+            f"{TPM_GENERATED_VALUE:08x}",
+            f"{attest.magic:08x}",
+        )
     # 4. type is TPM_ST_ATTEST_QUOTE (Part 2, 6.9): not a certify or audit reused as a quote.
     if attest.type != ST_ATTEST_QUOTE:
-        raise QuoteRejected("tpm.quote.wrong_type", "TPMS_ATTEST is not a quote",
-                            f"{ST_ATTEST_QUOTE:04x}", f"{attest.type:04x}")
+        raise QuoteRejected(
+            "tpm.quote.wrong_type",
+            "TPMS_ATTEST is not a quote",
+            f"{ST_ATTEST_QUOTE:04x}",
+            f"{attest.type:04x}",
+        )
     # 5. extraData (qualifying data) binds this challenge's nonce and this evidence body.
     if not hmac.compare_digest(attest.extra_data, expected_qualifying_data):
-        raise QuoteRejected("tpm.quote.qualifying_data_mismatch",
-                            "quote does not answer this challenge: its qualifying data does not "
-                            "bind this stream's nonce and this evidence body",
-                            expected_qualifying_data.hex(), attest.extra_data.hex())
+        raise QuoteRejected(
+            "tpm.quote.qualifying_data_mismatch",
+            "quote does not answer this challenge: its qualifying data does not "
+            "bind this stream's nonce and this evidence body",
+            expected_qualifying_data.hex(),
+            attest.extra_data.hex(),
+        )
     # 6. The quoted selection is exactly what was asked (Part 2, 10.12.1 TPMS_QUOTE_INFO).
     want = tuple(PcrSelect(s.hash_alg, tuple(sorted(s.pcrs))) for s in requested if s.pcrs)
     got = tuple(s for s in attest.pcr_select if s.pcrs)
     if got != want:
-        raise QuoteRejected("tpm.quote.selection_mismatch",
-                            "quoted PCR selection differs from the challenge",
-                            _fmt_selection(want), _fmt_selection(got))
+        raise QuoteRejected(
+            "tpm.quote.selection_mismatch",
+            "quoted PCR selection differs from the challenge",
+            _fmt_selection(want),
+            _fmt_selection(got),
+        )
     # 7. pcrDigest equals the hash (the signing scheme's) of the reported values (Part 3, 18.4).
     missing = [(s.hash_alg, i) for s in got for i in s.pcrs if (s.hash_alg, i) not in pcr_values]
     if missing:
-        raise QuoteRejected("tpm.quote.pcr_values_missing", "evidence lacks quoted PCR values",
-                            "", ", ".join(f"{hash_name(a)}:{i}" for a, i in missing))
+        raise QuoteRejected(
+            "tpm.quote.pcr_values_missing",
+            "evidence lacks quoted PCR values",
+            "",
+            ", ".join(f"{hash_name(a)}:{i}" for a, i in missing),
+        )
     computed = pcr_digest(sig.hash_alg, got, pcr_values)
     if not hmac.compare_digest(computed, attest.pcr_digest):
-        raise QuoteRejected("tpm.quote.pcr_digest_mismatch",
-                            "reported PCR values do not hash to the quoted pcrDigest",
-                            attest.pcr_digest.hex(), computed.hex())
+        raise QuoteRejected(
+            "tpm.quote.pcr_digest_mismatch",
+            "reported PCR values do not hash to the quoted pcrDigest",
+            attest.pcr_digest.hex(),
+            computed.hex(),
+        )
     return attest
 
 

@@ -210,9 +210,19 @@ def parse_public(data: bytes, *, sized: bool = True) -> PublicArea:
         raise MalformedInput(f"{what}: unknown object type 0x{type_:04x}")
     r.end()
     return PublicArea(
-        type=type_, name_alg=name_alg, attributes=attributes, auth_policy=auth_policy,
-        symmetric=symmetric, scheme=scheme, scheme_hash=scheme_hash, rsa_bits=rsa_bits,
-        rsa_exponent=rsa_exp, rsa_modulus=rsa_mod, curve=curve, ecc_x=ecc_x, ecc_y=ecc_y,
+        type=type_,
+        name_alg=name_alg,
+        attributes=attributes,
+        auth_policy=auth_policy,
+        symmetric=symmetric,
+        scheme=scheme,
+        scheme_hash=scheme_hash,
+        rsa_bits=rsa_bits,
+        rsa_exponent=rsa_exp,
+        rsa_modulus=rsa_mod,
+        curve=curve,
+        ecc_x=ecc_x,
+        ecc_y=ecc_y,
         marshalled=data,
     )
 
@@ -299,9 +309,17 @@ def parse_attest(data: bytes) -> Attest:
         r.end()
     # Other attestation types are parsed up to the union; the caller rejects them by type.
     return Attest(
-        magic=magic, type=type_, qualified_signer=signer, extra_data=extra, clock=clock,
-        reset_count=reset, restart_count=restart, safe=safe == 1, firmware_version=fw,
-        pcr_select=selection, pcr_digest=digest,
+        magic=magic,
+        type=type_,
+        qualified_signer=signer,
+        extra_data=extra,
+        clock=clock,
+        reset_count=reset,
+        restart_count=restart,
+        safe=safe == 1,
+        firmware_version=fw,
+        pcr_select=selection,
+        pcr_digest=digest,
     )
 
 

@@ -1,0 +1,61 @@
+"""Certificates the verifier's CA issues."""
+
+from __future__ import annotations
+
+import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from verifier.ca import CLOCK_SKEW, CertificateAuthority, DeviceClaims, spiffe_ids
+
+NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
+
+
+def test_device_certificate_carries_identity_tier_and_zone() -> None:
+    ca = CertificateAuthority.create(common_name="test CA", now=NOW)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue_device(
+        trust_domain="fleet.example",
+        device_id="ab" * 32,
+        public_key=key.public_key(),
+        claims=DeviceClaims("warning", "production-inference"),
+        now=NOW,
+        lifetime=datetime.timedelta(minutes=15),
+    )
+    assert spiffe_ids(cert) == [f"spiffe://fleet.example/device/{'ab' * 32}"]
+    assert DeviceClaims.from_certificate(cert) == DeviceClaims("warning", "production-inference")
+    assert cert.not_valid_before_utc == NOW - CLOCK_SKEW
+    assert cert.not_valid_after_utc == NOW + datetime.timedelta(minutes=15)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    cert.verify_directly_issued_by(ca.cert)
+
+
+def test_long_claims_round_trip() -> None:
+    claims = DeviceClaims("affirming", "z" * 300)  # DER long-form length
+    ca = CertificateAuthority.create(common_name="test CA", now=NOW)
+    cert = ca.issue_device(
+        trust_domain="t",
+        device_id="d",
+        public_key=ca.key.public_key(),
+        claims=claims,
+        now=NOW,
+        lifetime=datetime.timedelta(minutes=1),
+    )
+    assert DeviceClaims.from_certificate(cert) == claims
+
+
+def test_channel_certificate_has_no_device_claims() -> None:
+    ca = CertificateAuthority.create(common_name="test CA", now=NOW)
+    cert = ca.issue_channel(
+        trust_domain="t",
+        device_id="d",
+        public_key=ca.key.public_key(),
+        now=NOW,
+        lifetime=datetime.timedelta(days=1),
+    )
+    assert DeviceClaims.from_certificate(cert) is None
+    assert spiffe_ids(cert) == ["spiffe://t/agent/d"]
