@@ -43,10 +43,20 @@ def provision(state_dir: Path, ca: EndorsementCA, *, pcr_banks: str = "sha1,sha2
         "--logfile",
         str(state_dir / "swtpm_setup.log"),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    if result.returncode != 0:
+    # swtpm_setup runs a swtpm of its own: a process group lets us stop both if interrupted.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        proc.communicate(timeout=60)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
         log = (state_dir / "swtpm_setup.log").read_text(errors="replace")[-2000:]
-        raise SwtpmError(f"swtpm_setup failed ({result.returncode}) in {state_dir}: {log}")
+        raise SwtpmError(f"swtpm_setup failed ({proc.returncode}) in {state_dir}: {log}")
 
 
 def _free_port_pair() -> int:
@@ -115,6 +125,9 @@ class Swtpm:
                 if attempt == attempts - 1:
                     raise
                 continue
+            except BaseException:  # interrupted: leave no process behind
+                self.stop()
+                raise
             logger.debug("swtpm pid %s ready on port %s", self.pid, self.port)
             return self
         raise AssertionError("unreachable")

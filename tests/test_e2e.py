@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -437,3 +440,37 @@ def test_agent_reconnects_after_verifier_restart(
     results = asyncio.run(scenario())
     assert len(results) >= 2
     assert all(r.trust.tier == common_pb2.TIER_AFFIRMING for r in results)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "verifier.cli", "demo", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    parent = psutil.Process(demo.pid)
+
+    def running_swtpms() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["name", "cmdline", "status"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if (
+                proc.info["name"] == "swtpm"
+                and "devtrust-demo-" in cmd
+                and (proc.info["status"] != psutil.STATUS_ZOMBIE)
+            ):
+                found.append(proc)
+        return found
+
+    deadline = time.monotonic() + 30
+    while not any(p.ppid() == parent.pid for p in running_swtpms()):
+        assert time.monotonic() < deadline, "the demo never started its swtpm"
+        assert demo.poll() is None, demo.stdout.read() if demo.stdout else ""
+        time.sleep(0.01)
+    mine = [p.pid for p in running_swtpms() if p.ppid() == parent.pid]
+    demo.send_signal(sig)
+    out, _ = demo.communicate(timeout=30)
+    assert demo.returncode == 130, out
+    assert b"interrupted; everything started was stopped" in out
+    assert not [p for p in running_swtpms() if p.pid in mine]

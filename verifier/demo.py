@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import json
 import shutil
+import signal
 import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -53,8 +54,9 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         pki = init_pki(work / "verifier", hostnames=["localhost", "127.0.0.1"], now=now)
         ek_ca = EndorsementCA.create(work / "ek-ca")
         provision(work / "tpm", ek_ca)
-        swtpm = Swtpm(work / "tpm").start()
+        swtpm = Swtpm(work / "tpm")
         stack.callback(swtpm.stop)
+        swtpm.start()
 
         db = out / "verifier.db"
         for suffix in ("", "-wal", "-shm"):
@@ -180,7 +182,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     print("\n".join(lines))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def demo(out: Path, *, keep_work: bool = False) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the swtpm process and the servers are stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="devtrust-demo-"))
     try:
         summary = asyncio.run(run_demo(out, work))

@@ -9,10 +9,11 @@ Two servers, not two ports on one, so that no service is reachable on the wrong 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -75,10 +76,13 @@ class RunningVerifier:
     enrollment_port: int
     attestation_port: int
     store: Store
+    started: list[grpc.aio.Server] = field(default_factory=list)
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        await self.enrollment_server.stop(grace)
-        await self.attestation_server.stop(grace)
+        """Stop what was started (grpc refuses to stop a server that never started)."""
+        for server in self.started:
+            await server.stop(grace)
+        self.started.clear()
         self.store.close()
 
     async def wait(self) -> None:
@@ -94,6 +98,19 @@ def _options(config: VerifierConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+async def _start(server: grpc.aio.Server, running: RunningVerifier) -> None:
+    """Start a server even when cancelled meanwhile: grpc cannot stop a half-started server,
+    so a cancellation waits for the start to finish, then is re-raised (and stops it)."""
+    start = asyncio.ensure_future(server.start())
+    try:
+        await asyncio.shield(start)
+    except asyncio.CancelledError:
+        await start
+        running.started.append(server)
+        raise
+    running.started.append(server)
 
 
 async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> RunningVerifier:
@@ -112,7 +129,6 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         enroll,
     )
     tls = grpc.ssl_server_credentials([(server_key, server_cert)])
-    enroll_port = enroll.add_secure_port(config.listen.enrollment, tls)
 
     attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
     attestation_pb2_grpc.add_AttestationServicer_to_server(
@@ -133,21 +149,28 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     mtls = grpc.ssl_server_credentials(
         [(server_key, server_cert)], root_certificates=pem(ca.cert), require_client_auth=True
     )
-    attest_port = attest.add_secure_port(config.listen.attestation, mtls)
-    if not enroll_port or not attest_port:
-        store.close()
-        raise ConfigError(
-            f"cannot listen on {config.listen.enrollment} / {config.listen.attestation}"
-        )
-    await enroll.start()
-    await attest.start()
-    for name in names[:2]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    running = RunningVerifier(enroll, attest, 0, 0, store)
+    try:
+        try:
+            running.enrollment_port = enroll.add_secure_port(config.listen.enrollment, tls)
+            running.attestation_port = attest.add_secure_port(config.listen.attestation, mtls)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"cannot listen on {config.listen.enrollment} / {config.listen.attestation}: "
+                f"{exc}"
+            ) from exc
+        for server in (enroll, attest):
+            await _start(server, running)
+        for name in names[:2]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:  # a failed or interrupted start leaves nothing listening
+        await running.stop(grace=None)
+        raise
     logger.info(
         "verifier listening: enrollment (TLS) on %s, attestation+query (mTLS) on %s, database %s",
-        enroll_port,
-        attest_port,
+        running.enrollment_port,
+        running.attestation_port,
         config.database,
     )
-    return RunningVerifier(enroll, attest, enroll_port, attest_port, store)
+    return running
