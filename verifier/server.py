@@ -156,8 +156,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
             running.attestation_port = attest.add_secure_port(config.listen.attestation, mtls)
         except RuntimeError as exc:
             raise ConfigError(
-                f"cannot listen on {config.listen.enrollment} / {config.listen.attestation}: "
-                f"{exc}"
+                f"cannot listen on {config.listen.enrollment} / {config.listen.attestation}: {exc}"
             ) from exc
         for server in (enroll, attest):
             await _start(server, running)
