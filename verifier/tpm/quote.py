@@ -149,8 +149,8 @@ def check_quote(
     if not hmac.compare_digest(attest.extra_data, expected_qualifying_data):
         raise QuoteRejected(
             "tpm.quote.qualifying_data_mismatch",
-            "quote does not answer this challenge: its qualifying data does not "
-            "bind this stream's nonce and this evidence body",
+            "quote does not answer this challenge: its qualifying data (extraData) is not "
+            "the expected binding of nonce and evidence",
             expected_qualifying_data.hex(),
             attest.extra_data.hex(),
         )
