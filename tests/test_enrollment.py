@@ -163,7 +163,7 @@ def test_garbage_ek_certificate_is_invalid_argument(
     assert err is not None, name
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (err.details() or "")
-    assert counts == {"devices": 0, "enrollments": 0, "trust": 0, "certificates": 0, "audit": 0}
+    assert set(counts.values()) == {0}
 
 
 def test_garbage_ak_public_is_invalid_argument(

@@ -1,6 +1,11 @@
 """Appraisal of one piece of attestation evidence (DESIGN.md flow 2). Pure (STYLE 1-2):
-parsed evidence, what this stream expects, and ``now`` in; a ``TrustResult`` out. No gRPC,
-database or TPM here. Hard failures end the appraisal at once (STYLE 8).
+parsed evidence, what the verifier knows about the device, and ``now`` in; a ``TrustResult``
+and the device's next TPM state out. No gRPC, database or TPM here.
+
+Order (DESIGN.md): nonce; quote (signature, magic, type, qualifying data, selection, PCR
+digest); clock, resetCount, restartCount, firmware; event log replay against the quoted PCRs;
+reference values. The first three end the appraisal at once when they fail (STYLE 8); later
+findings are collected.
 """
 
 from __future__ import annotations
@@ -8,12 +13,17 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NewType
 
 from agent.evidence import qualifying_data
+from verifier import measured_boot
 from verifier.ca import PublicKey
+from verifier.errors import MalformedInput
+from verifier.refs import RefGroup, appraise_refs
+from verifier.tpm.bootfacts import BootFacts
+from verifier.tpm.clock import ClockState, check_clock
 from verifier.tpm.quote import AkKey, QuoteRejected, check_quote
 from verifier.tpm.structures import Attest, PcrSelect
 from verifier.trust import (
@@ -28,6 +38,13 @@ from verifier.trust import (
 
 Nonce = NewType("Nonce", bytes)
 NONCE_SIZE = 32
+_SEVERITY_VALUE = {Severity.WARNING: 32, Severity.CONTRAINDICATED: 96}
+
+
+@dataclass(frozen=True)
+class EventLogPart:
+    offset: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,7 @@ class Evidence:
     pcrs: Mapping[tuple[int, int], bytes]
     body: bytes
     certify_key: PublicKey | None
+    event_log: EventLogPart | None = None
 
     @property
     def body_digest(self) -> str:
@@ -55,24 +73,42 @@ class Expectation:
     selection: tuple[PcrSelect, ...]
     ak_key: AkKey
     staleness: datetime.timedelta
+    clock: ClockState | None = None
+    log: measured_boot.LogState | None = None
+    refs: RefGroup | None = None
 
 
 @dataclass(frozen=True)
 class Appraisal:
     result: TrustResult
     attest: Attest | None
+    clock: ClockState | None = None
+    log: measured_boot.LogState | None = None
+    facts: BootFacts | None = None
+    rebooted: bool = False
 
     @property
     def passed(self) -> bool:
+        """The quote proved what it claims (a result may still carry findings)."""
         return self.attest is not None
 
 
+def with_findings(claims: dict[Claim, int], findings: Iterable[Finding]) -> dict[Claim, int]:
+    """Raise each finding's claim to at least its severity's AR4SI value."""
+    out = dict(claims)
+    for f in findings:
+        value = _SEVERITY_VALUE.get(f.severity)
+        if value is not None and abs(out.get(f.claim, 0)) < value:
+            out[f.claim] = value
+    return out
+
+
 def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime) -> Appraisal:
-    def result(claims: dict[Claim, int], findings: tuple[Finding, ...]) -> TrustResult:
+    def result(claims: dict[Claim, int], findings: Iterable[Finding]) -> TrustResult:
         return TrustResult(
             device_id=expect.device_id,
             claims=claims,
-            findings=findings,
+            findings=tuple(findings),
             appraised_at=now,
             expires_at=now + expect.staleness,
             evidence_digest=evidence.body_digest,
@@ -87,9 +123,8 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
             expected=expected,
             found=found,
         )
-        return Appraisal(
-            result({Claim.INSTANCE_IDENTITY: CRYPTO_VALIDATION_FAILED}, (finding,)), None
-        )
+        claims = {Claim.INSTANCE_IDENTITY: CRYPTO_VALIDATION_FAILED}
+        return Appraisal(result(claims, (finding,)), None, expect.clock, expect.log)
 
     # 1. The nonce is the one this stream sent and has not been used (the caller pops it).
     if not hmac.compare_digest(evidence.nonce, expect.nonce):
@@ -111,7 +146,98 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
         )
     except QuoteRejected as rej:
         return hard_failure(rej.finding_id, rej.message, rej.expected, rej.found)
-    # The AK is the one enrolled through credential activation against a verified EK
-    # certificate: the instance is recognized and its hardware is a genuine TPM.
-    claims = {Claim.INSTANCE_IDENTITY: IDENTITY_RECOGNIZED, Claim.HARDWARE: HARDWARE_GENUINE}
-    return Appraisal(result(claims, ()), attest)
+    # 8. Clock and counters never move backwards; a new resetCount is a reboot.
+    clock = check_clock(attest, expect.clock)
+    if clock.rollback is not None:
+        return hard_failure(*clock.rollback)
+    findings: list[Finding] = []
+    if clock.unsafe:
+        findings.append(
+            Finding(
+                "tpm.clock.unsafe",
+                Severity.WARNING,
+                Claim.INSTANCE_IDENTITY,
+                f"device {expect.device_id}: TPM clockInfo.safe is NO: the clock may have been "
+                "rolled back by an unorderly shutdown",
+            )
+        )
+    if clock.downgrade is not None:
+        before, after = clock.downgrade
+        findings.append(
+            Finding(
+                "tpm.firmware.downgrade",
+                Severity.WARNING,
+                Claim.HARDWARE,
+                f"device {expect.device_id}: TPM firmware went from {before:016x} to {after:016x}",
+                f">= {before:016x}",
+                f"{after:016x}",
+            )
+        )
+    # 9. The event log, when sent, replays to the quoted PCRs.
+    log, facts, log_findings = _event_log(evidence, expect, rebooted=clock.rebooted)
+    findings.extend(log_findings)
+    # 10. Reference values of the device's group.
+    claims: dict[Claim, int] = {
+        Claim.INSTANCE_IDENTITY: IDENTITY_RECOGNIZED,
+        Claim.HARDWARE: HARDWARE_GENUINE,
+    }
+    if expect.refs is not None:
+        ref_claims, ref_findings = appraise_refs(
+            expect.refs, device_id=expect.device_id, pcrs=evidence.pcrs, facts=facts
+        )
+        claims.update(ref_claims)
+        findings.extend(ref_findings)
+    return Appraisal(
+        result(with_findings(claims, findings), findings),
+        attest,
+        ClockState.of(attest),
+        log,
+        facts,
+        clock.rebooted,
+    )
+
+
+def _event_log(
+    evidence: Evidence,
+    expect: Expectation,
+    *,
+    rebooted: bool,
+) -> tuple[measured_boot.LogState | None, BootFacts | None, list[Finding]]:
+    """New log state, facts of a log that explains the quote, and findings."""
+    prior = None if rebooted else expect.log
+    part = evidence.event_log
+    if part is None:
+        return prior, None, []
+    device = expect.device_id
+    if rebooted and part.offset != 0:
+        return (
+            None,
+            None,
+            [
+                Finding(
+                    "eventlog.reboot",
+                    Severity.WARNING,
+                    Claim.EXECUTABLES,
+                    f"device {device} rebooted: its event log must be read again from the start",
+                )
+            ],
+        )
+    try:
+        state = measured_boot.extend(prior, part.offset, part.data)
+    except MalformedInput as exc:
+        return (
+            prior,
+            None,
+            [
+                Finding(
+                    "eventlog.malformed",
+                    Severity.CONTRAINDICATED,
+                    Claim.EXECUTABLES,
+                    f"device {device}: event log rejected: {exc}",
+                )
+            ],
+        )
+    mismatches = measured_boot.compare(state, evidence.pcrs, device)
+    if mismatches:
+        return state, None, list(mismatches)
+    return state, measured_boot.facts_of(state), []

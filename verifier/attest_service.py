@@ -29,7 +29,9 @@ from verifier.ca import CertificateAuthority, DeviceClaims
 from verifier.config import VerifierConfig
 from verifier.errors import FailedPrecondition, MalformedInput, Rejected
 from verifier.identity import peer_identity
-from verifier.store import CertificateRecord, DeviceRecord, DeviceState, Store
+from verifier.refs import ReferenceValues, RefGroup
+from verifier.store import CertificateRecord, DeviceRecord, DeviceState, Store, TpmState
+from verifier.tpm.constants import hash_name
 from verifier.tpm.quote import AkKey
 from verifier.tpm.structures import parse_public
 from verifier.trust import Tier
@@ -45,10 +47,35 @@ class _Outstanding:
     deadline: float
 
 
+@dataclass
+class _Session:
+    """What one stream knows about its device."""
+
+    record: DeviceRecord
+    ak_key: AkKey
+    refs: RefGroup | None
+    tpm: TpmState | None
+    # The first challenge of a stream, and the one after a reboot, ask for the whole log.
+    full_log: bool = True
+
+    @property
+    def log_offset(self) -> int:
+        if self.full_log or self.tpm is None or self.tpm.log is None:
+            return 0
+        return self.tpm.log.offset
+
+
 class AttestationService(attestation_pb2_grpc.AttestationServicer):
     def __init__(
-        self, *, store: Store, ca: CertificateAuthority, config: VerifierConfig, clock: Clock
+        self,
+        *,
+        store: Store,
+        ca: CertificateAuthority,
+        config: VerifierConfig,
+        clock: Clock,
+        refs: ReferenceValues | None = None,
     ) -> None:
+        self._refs = refs
         self._store = store
         self._ca = ca
         self._config = config
@@ -87,7 +114,12 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         cfg = self._config.attestation
         record = self._authorize(context)
         device_id = record.device_id
-        ak_key = self._ak_key(device_id, record.ak_public)
+        session = _Session(
+            record=record,
+            ak_key=self._ak_key(device_id, record.ak_public),
+            refs=self._refs.for_device(record.zone, record.labels) if self._refs else None,
+            tpm=self._store.tpm_state(device_id),
+        )
 
         inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
         pump = asyncio.create_task(_pump(request_iterator, inbox))
@@ -102,7 +134,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             next_challenge = time.monotonic()
             while True:
                 if outstanding is None and time.monotonic() >= next_challenge:
-                    outstanding = await self._challenge(context, None)
+                    outstanding = await self._challenge(context, session)
                 wake = outstanding.deadline if outstanding else next_challenge
                 try:
                     msg = await asyncio.wait_for(inbox.get(), max(0.0, wake - time.monotonic()))
@@ -122,8 +154,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     # The nonce is spent whatever the evidence says: used at most once.
                     nonce, outstanding = outstanding.nonce, None
                     evidence = wire.evidence_from_wire(msg.evidence)
-                    reply = self._appraise(device_id, record.zone, ak_key, nonce, evidence)
-                    next_challenge = time.monotonic() + cfg.interval_s
+                    reply, again = self._appraise(session, nonce, evidence)
+                    next_challenge = time.monotonic() + (0 if again else cfg.interval_s)
                     reply.result.next_challenge_in.FromTimedelta(
                         datetime.timedelta(seconds=cfg.interval_s)
                     )
@@ -143,34 +175,48 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             pump.cancel()
 
     async def _challenge(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        reply: attestation_pb2.VerifierMessage | None,
+        self, context: grpc.aio.ServicerContext[Any, Any], session: _Session
     ) -> _Outstanding:
         nonce = Nonce(secrets.token_bytes(NONCE_SIZE))
-        msg = reply or attestation_pb2.VerifierMessage()
+        msg = attestation_pb2.VerifierMessage()
         msg.challenge.CopyFrom(
             attestation_pb2.Challenge(
                 nonce=nonce,
                 pcr_selection=wire.selection_to_wire(self._config.attestation.selection),
+                event_log=attestation_pb2.EventLogRequest(
+                    wanted=True, from_offset=session.log_offset
+                ),
             )
         )
         await context.write(msg)
         return _Outstanding(nonce, time.monotonic() + self._config.attestation.evidence_timeout_s)
 
     def _appraise(
-        self, device_id: str, zone: str, ak_key: AkKey, nonce: Nonce, evidence: Evidence
-    ) -> attestation_pb2.VerifierMessage:
+        self, session: _Session, nonce: Nonce, evidence: Evidence
+    ) -> tuple[attestation_pb2.VerifierMessage, bool]:
+        """Appraise, record, maybe certify. Returns the reply and whether to challenge again
+        at once (after a reboot, for the whole event log)."""
         cfg = self._config
         now = self._clock()
+        device_id, zone = session.record.device_id, session.record.zone
+        prior = session.tpm
         expect = Expectation(
             device_id=device_id,
             nonce=nonce,
             selection=cfg.attestation.selection,
-            ak_key=ak_key,
+            ak_key=session.ak_key,
             staleness=cfg.attestation.staleness,
+            clock=prior.clock if prior else None,
+            log=prior.log if prior else None,
+            refs=session.refs,
         )
         appraisal = appraise(evidence, expect, now=now)
+        tpm = None
+        if appraisal.passed and appraisal.clock is not None:
+            tpm = TpmState(clock=appraisal.clock, log=appraisal.log, pcrs=_pcrs_hex(evidence))
+            session.tpm = tpm
+            if evidence.event_log is not None or appraisal.rebooted:
+                session.full_log = appraisal.rebooted
         result = appraisal.result
         reply = attestation_pb2.VerifierMessage()
         reply.result.trust.CopyFrom(wire.result_to_wire(result))
@@ -202,7 +248,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     not_after=wire.timestamp(cert_record.not_after),
                 )
             )
-        self._store.record_appraisal(result, certificate=cert_record)
+        self._store.record_appraisal(result, certificate=cert_record, tpm=tpm)
         logger.info(
             "appraisal device=%s tier=%s score=%d cert=%s reasons=%s",
             device_id,
@@ -211,7 +257,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             cert_record.serial if cert_record else "-",
             "; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-",
         )
-        return reply
+        return reply, appraisal.rebooted
 
     def _may_certify(self, appraisal: Appraisal, evidence: Evidence) -> bool:
         tier = appraisal.result.tier
@@ -221,6 +267,13 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             and tier is not Tier.NONE
             and tier <= self._config.certificates.min
         )
+
+
+def _pcrs_hex(evidence: Evidence) -> dict[str, dict[int, str]]:
+    out: dict[str, dict[int, str]] = {}
+    for (alg, index), value in sorted(evidence.pcrs.items()):
+        out.setdefault(hash_name(alg), {})[index] = value.hex()
+    return out
 
 
 async def _pump(source: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:

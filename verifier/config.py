@@ -108,6 +108,9 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class VerifierConfig:
     trust_domain: str = "devtrust.local"
+    # Reference values per device group (see verifier/refs.py); none means no golden values
+    # or boot rules: the executables claim is then not asserted.
+    reference_values: Path | None = None
     database: Path = Path("/var/lib/devtrust/verifier.db")
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)

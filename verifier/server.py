@@ -35,6 +35,7 @@ from verifier.enroll_service import EnrollmentService
 from verifier.errors import ConfigError
 from verifier.interceptor import ErrorMapping
 from verifier.query_service import QueryService
+from verifier.refs import ReferenceValues
 from verifier.store import Store
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     endorsements = load_endorsements(config)
     server_cert = _read(config.tls.server_cert, "server certificate")
     server_key = _read(config.tls.server_key, "server key")
+    refs = ReferenceValues.load(config.reference_values) if config.reference_values else None
+    if refs is not None:
+        logger.info(
+            "reference values: %d groups from %s", len(refs.groups), config.reference_values
+        )
     store = Store(config.database)
     interceptors = [ErrorMapping()]
 
@@ -132,7 +138,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
 
     attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
     attestation_pb2_grpc.add_AttestationServicer_to_server(
-        AttestationService(store=store, ca=ca, config=config, clock=clock), attest
+        AttestationService(store=store, ca=ca, config=config, clock=clock, refs=refs), attest
     )
     query_pb2_grpc.add_QueryServicer_to_server(
         QueryService(store=store, config=config, clock=clock), attest

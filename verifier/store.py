@@ -18,6 +18,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from verifier.measured_boot import LogState
+from verifier.tpm.clock import ClockState
+from verifier.tpm.eventlog import ReplayState
 from verifier.trust import Claim, Finding, Severity, TrustResult
 
 SCHEMA_VERSION = 1
@@ -59,6 +62,14 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_after TEXT NOT NULL,
     der BLOB NOT NULL,
     revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS tpm_state (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    clock TEXT NOT NULL,
+    log_data BLOB NOT NULL,
+    log_state TEXT NOT NULL,
+    pcrs TEXT NOT NULL,
+    updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id, not_after);
 CREATE TABLE IF NOT EXISTS audit (
@@ -110,6 +121,55 @@ class CertificateRecord:
     not_before: datetime.datetime
     not_after: datetime.datetime
     der: bytes
+
+
+@dataclass(frozen=True)
+class TpmState:
+    """What the verifier remembers of a device's TPM between appraisals."""
+
+    clock: ClockState
+    log: LogState | None
+    pcrs: dict[str, dict[int, str]]  # the last quoted values: bank -> PCR -> hex
+
+    def to_row(self) -> tuple[str, bytes, str, str]:
+        log = self.log
+        log_state = (
+            {}
+            if log is None
+            else {
+                "banks": log.banks,
+                "pcrs": {
+                    b: {str(i): v.hex() for i, v in p.items()} for b, p in log.replay.pcrs.items()
+                },
+                "measured": sorted(log.replay.measured),
+                "seen_pcr0": log.replay.seen_pcr0,
+            }
+        )
+        pcrs = {b: {str(i): v for i, v in p.items()} for b, p in self.pcrs.items()}
+        return (
+            json.dumps(self.clock.__dict__),
+            log.data if log else b"",
+            json.dumps(log_state),
+            json.dumps(pcrs),
+        )
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> TpmState:
+        clock = ClockState(**json.loads(row["clock"]))
+        state = json.loads(row["log_state"])
+        log = None
+        if state:
+            replay = ReplayState(
+                pcrs={
+                    b: {int(i): bytes.fromhex(v) for i, v in p.items()}
+                    for b, p in state["pcrs"].items()
+                },
+                seen_pcr0=state["seen_pcr0"],
+                measured=set(state["measured"]),
+            )
+            log = LogState(data=bytes(row["log_data"]), banks=state["banks"], replay=replay)
+        pcrs = {b: {int(i): v for i, v in p.items()} for b, p in json.loads(row["pcrs"]).items()}
+        return cls(clock=clock, log=log, pcrs=pcrs)
 
 
 def _ts(value: datetime.datetime) -> str:
@@ -352,8 +412,10 @@ class Store:
         result: TrustResult,
         *,
         certificate: CertificateRecord | None,
+        tpm: TpmState | None = None,
     ) -> None:
-        """The latest result, its audit entry and any certificate issued, in one transaction."""
+        """The latest result, its audit entry, the device's TPM state and any certificate
+        issued, in one transaction."""
         text = result_to_json(result)
         at = _ts(result.appraised_at)
         with self._tx() as db:
@@ -370,6 +432,14 @@ class Store:
                 "INSERT INTO audit (at, device_id, event, tier, detail) VALUES (?,?,?,?,?)",
                 (at, result.device_id, "appraisal", result.tier.label, text),
             )
+            if tpm is not None:
+                db.execute(
+                    "INSERT INTO tpm_state VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE "
+                    "SET clock=excluded.clock, log_data=excluded.log_data, "
+                    "log_state=excluded.log_state, pcrs=excluded.pcrs, "
+                    "updated_at=excluded.updated_at",
+                    (result.device_id, *tpm.to_row(), at),
+                )
             if certificate is not None:
                 db.execute(
                     "INSERT INTO certificates (serial, device_id, kind, not_before, not_after, "
@@ -398,6 +468,14 @@ class Store:
                     cert.der,
                 ),
             )
+
+    def tpm_state(self, device_id: str) -> TpmState | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT clock, log_data, log_state, pcrs FROM tpm_state WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+        return TpmState.from_row(row) if row else None
 
     def latest_result(self, device_id: str) -> TrustResult | None:
         with self._lock:
@@ -446,5 +524,5 @@ class Store:
         with self._lock:
             return {
                 t: int(self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
-                for t in ("devices", "enrollments", "trust", "certificates", "audit")
+                for t in ("devices", "enrollments", "trust", "certificates", "audit", "tpm_state")
             }

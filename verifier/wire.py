@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.devtrust.v1 import attestation_pb2, common_pb2
-from verifier.appraisal import NONCE_SIZE, Evidence
+from verifier.appraisal import NONCE_SIZE, EventLogPart, Evidence
 from verifier.ca import PublicKey
 from verifier.errors import MalformedInput
 from verifier.store import DeviceRecord, DeviceState
@@ -100,7 +100,11 @@ def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
         if body.certify_key_spki
         else None
     )
+    event_log = None
+    if msg.HasField("event_log"):
+        event_log = EventLogPart(offset=msg.event_log.offset, data=msg.event_log.data)
     return Evidence(
+        event_log=event_log,
         nonce=msg.nonce,
         attest=msg.quote_attest,
         signature=msg.quote_signature,

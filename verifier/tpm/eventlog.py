@@ -111,17 +111,21 @@ class EventLog:
 
 
 class _Cursor:
-    __slots__ = ("buf", "pos")
+    """Reads ``buf``; offsets in messages and events are ``base`` + position, so that an
+    incremental part reports offsets in the whole log."""
 
-    def __init__(self, buf: bytes, pos: int) -> None:
+    __slots__ = ("base", "buf", "pos")
+
+    def __init__(self, buf: bytes, pos: int, base: int = 0) -> None:
         self.buf = buf
         self.pos = pos
+        self.base = base
 
     def take(self, n: int, what: str, start: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
             raise MalformedInput(
-                f"event log truncated at byte {self.pos} reading {what} of the event at byte "
-                f"{start} (need {n} bytes, {len(self.buf) - self.pos} left)"
+                f"event log truncated at byte {self.base + self.pos} reading {what} of the "
+                f"event at byte {start} (need {n} bytes, {len(self.buf) - self.pos} left)"
             )
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
@@ -174,7 +178,7 @@ def _spec_id_banks(data: bytes, start: int) -> dict[str, int]:
 
 
 def _legacy_record(c: _Cursor, number: int) -> Event:
-    start = c.pos
+    start = c.base + c.pos
     pcr = c.u32("pcrIndex", start)
     type_ = c.u32("eventType", start)
     _check_pcr(pcr, type_, start)
@@ -188,7 +192,7 @@ def _agile_record(
     banks: Mapping[str, int],
     ids: Mapping[int, str],
 ) -> Event:
-    start = c.pos
+    start = c.base + c.pos
     pcr = c.u32("pcrIndex", start)
     type_ = c.u32("eventType", start)
     _check_pcr(pcr, type_, start)
@@ -218,9 +222,12 @@ def _bank_ids(banks: Mapping[str, int]) -> dict[int, str]:
     return ids
 
 
-def parse(data: bytes, *, offset: int = 0, banks: Mapping[str, int] | None = None) -> EventLog:
-    """Parse a whole log, or (with ``banks`` from an earlier parse) the records after
-    ``offset``: the incremental part an agent sends once the verifier has the beginning."""
+def parse(
+    data: bytes, *, offset: int = 0, banks: Mapping[str, int] | None = None, base: int = 0
+) -> EventLog:
+    """Parse a whole log, or (with ``banks`` from an earlier parse) the records from
+    ``offset`` on: the incremental part an agent sends once the verifier has the beginning.
+    ``base`` is where ``data`` starts in the whole log (for offsets in events and errors)."""
     if banks is None and offset == 0:
         if not data:
             raise MalformedInput("event log is empty: no record at byte 0")
@@ -242,7 +249,7 @@ def parse(data: bytes, *, offset: int = 0, banks: Mapping[str, int] | None = Non
         raise ValueError("an incremental parse needs the banks of the log's Spec ID event")
     else:
         fmt = "legacy-sha1" if dict(banks) == {"sha1": 20} else "crypto-agile"
-        c, events = _Cursor(data, offset), []
+        c, events = _Cursor(data, offset, base), []
     ids = _bank_ids(banks)
     while c.pos < len(data):
         number = len(events)
@@ -250,7 +257,7 @@ def parse(data: bytes, *, offset: int = 0, banks: Mapping[str, int] | None = Non
             events.append(_legacy_record(c, number))
         else:
             events.append(_agile_record(c, number, banks, ids))
-    return EventLog(format=fmt, banks=dict(banks), events=tuple(events), end=c.pos)
+    return EventLog(format=fmt, banks=dict(banks), events=tuple(events), end=c.base + c.pos)
 
 
 def _hash(bank: str, data: bytes) -> bytes:
