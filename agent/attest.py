@@ -148,13 +148,32 @@ class AttestationClient:
         banks: dict[str, common_pb2.PcrBank] = {}
         for (bank, index), value in values.items():
             banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
-        return attestation_pb2.Evidence(
+        evidence = attestation_pb2.Evidence(
             nonce=challenge.nonce,
             quote_attest=attest,
             quote_signature=signature,
             pcrs=list(banks.values()),
             body=body,
         )
+        if challenge.event_log.wanted:
+            chunk = await self._event_log(challenge.event_log.from_offset)
+            if chunk is not None:
+                evidence.event_log.CopyFrom(chunk)
+        return evidence
+
+    async def _event_log(self, from_offset: int) -> attestation_pb2.EventLogChunk | None:
+        """The log from ``from_offset`` (the whole log when the verifier is past its end:
+        the host rebooted and the log is a new one)."""
+        path = self._cfg.event_log
+        if path is None:
+            return None
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            logger.warning("event log %s unreadable: %s", path, exc.strerror)
+            return None
+        start = from_offset if from_offset <= len(data) else 0
+        return attestation_pb2.EventLogChunk(offset=start, data=data[start:], total_size=len(data))
 
     def _handle_result(self, result: attestation_pb2.Result) -> None:
         trust = result.trust

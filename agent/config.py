@@ -47,6 +47,8 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/devtrust-agent")
     # Device key and certificate: tmpfs, never on disk (DESIGN.md "Certificates").
     runtime_dir: Path = Path("/run/devtrust")
+    # The TCG event log of this host's TPM; none on hosts (and swtpm tests) without one.
+    event_log: Path | None = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
     bootstrap_token: str = ""
     zone: str = ""
     labels: dict[str, str] = field(default_factory=dict)

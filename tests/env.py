@@ -71,6 +71,7 @@ def agent_config(
         state_dir=workdir / name / "state",
         runtime_dir=workdir / name / "run",
         zone="model-development",
+        event_log=None,
         rpc_timeout_s=10.0,
         reconnect_max_s=1.0,
     )

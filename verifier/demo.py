@@ -81,6 +81,7 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
             tpm=TpmConfig(tcti=swtpm.tcti),
             state_dir=work / "agent-state",
             runtime_dir=work / "agent-run",
+            event_log=None,  # the host's own log belongs to its real TPM, not to this swtpm
             zone="model-development",
             labels={"demo": "true"},
         )

@@ -5,7 +5,8 @@
   rebooted, so the measured-boot log starts over and must be read whole again.
 - ``restartCount`` counts TPM Restarts/Resumes since the last Reset: it never decreases
   while resetCount stays the same.
-- ``clock`` advances monotonically (it is non-volatile and only ever set forward).
+- ``clock`` advances monotonically (it is non-volatile and only ever set forward), unless
+  ``safe`` is NO: then the TPM lost an unsaved advance and may report less than before.
 - ``safe`` NO means the clock may have been rolled back (an unorderly shutdown).
 - ``firmwareVersion`` lower than seen before is a downgrade.
 """
@@ -57,7 +58,9 @@ def check_clock(attest: Attest, previous: ClockState | None) -> ClockVerdict:
             f">= {previous.restart_count}",
             str(now.restart_count),
         )
-    elif now.clock < previous.clock:
+    elif now.clock < previous.clock and attest.safe:
+        # With safe NO the TPM itself says an earlier Clock value may have been lost (an
+        # unorderly shutdown): reported as unsafe below, not as a rollback.
         rollback = (
             "tpm.clock.backwards",
             "TPM clock moved backwards",

@@ -1,0 +1,203 @@
+"""Measured boot end to end: a swtpm whose PCRs are extended together with an event log file
+the agent reads, a verifier with reference values, and PCR changes between attestations."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from tpm2_pytss.constants import ESYS_TR
+
+from agent.attest import AttestationClient
+from protos.devtrust.v1 import attestation_pb2, common_pb2
+from swtpm import EndorsementCA
+from tests import eventlogs
+from tests.conftest import SwtpmFactory
+from tests.env import Agent, enrolled_agent, running, verifier_config
+from verifier.pki import PkiFiles
+from verifier.store import Store
+
+pytestmark = pytest.mark.swtpm
+EFI_GLOBAL = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
+APP = b"\\EFI\\BOOT\\BOOTX64.EFI image bytes"
+
+
+def secure_boot_variable(enabled: bool) -> bytes:
+    name = "SecureBoot".encode("utf-16-le")
+    return (
+        EFI_GLOBAL.bytes_le
+        + struct.pack("<QQ", len(name) // 2, 1)
+        + name
+        + (b"\x01" if enabled else b"\x00")
+    )
+
+
+class MeasuredHost:
+    """Extends the agent's swtpm and appends the same events to the log file it reads."""
+
+    def __init__(self, agent: Agent, path: Path) -> None:
+        self.agent = agent
+        self.path = path
+        path.write_bytes(eventlogs.spec_id_header(("sha1", "sha256")))
+
+    async def measure(self, pcr: int, type_: int, data: bytes) -> None:
+        await _extend(self.agent, pcr, data)
+        with self.path.open("ab") as log:
+            log.write(eventlogs.agile_event(pcr, type_, data, ("sha1", "sha256")))
+
+    async def extend_unlogged(self, pcr: int, data: bytes) -> bytes:
+        return await _extend(self.agent, pcr, data)
+
+
+@asynccontextmanager
+async def attesting(
+    agent: Agent,
+) -> AsyncIterator[Callable[[], asyncio.Future[attestation_pb2.Result]]]:
+    """Run the real attestation client; yield a function that awaits the next result."""
+    queue: asyncio.Queue[attestation_pb2.Result] = asyncio.Queue()
+    stop = asyncio.Event()
+    client = AttestationClient(
+        agent.cfg, agent.tpm, agent.files, agent.enrollment, on_result=queue.put_nowait
+    )
+    task = asyncio.create_task(client.run(stop))
+
+    def next_result() -> asyncio.Future[attestation_pb2.Result]:
+        return asyncio.ensure_future(asyncio.wait_for(queue.get(), 20))
+
+    try:
+        yield next_result
+    finally:
+        stop.set()
+        await task
+
+
+def _refs(path: Path, group: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump({"groups": [{"name": "gpu-hosts", **group}]}))
+    return path
+
+
+def test_pcr_extended_between_attestations_is_contraindicated_and_not_renewed(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    tpm = swtpm_factory()
+    refs = _refs(workdir / "refs.yaml", {"pcrs": {"sha256": {9: "00" * 32}}})
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca, interval_s=0.3), reference_values=refs
+    )
+
+    async def scenario() -> tuple[attestation_pb2.Result, attestation_pb2.Result, bytes, str]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            agent.cfg = replace(agent.cfg, renew_at=0.01)  # asks for a certificate every time
+            async with attesting(agent) as next_result:
+                good = await next_result()
+                cert_after_good = (agent.cfg.runtime_dir / "device.pem").read_bytes()
+                value = await _extend(agent, 9, b"something unapproved")
+                bad = await next_result()
+                while bad.trust.tier == common_pb2.TIER_AFFIRMING:
+                    bad = await next_result()  # a challenge already under way when we extended
+                cert_after_bad = (agent.cfg.runtime_dir / "device.pem").read_bytes()
+            assert cert_after_bad == cert_after_good
+            return good, bad, value, agent.enrollment.device_id
+
+    good, bad, value, device_id = asyncio.run(scenario())
+    assert good.trust.tier == common_pb2.TIER_AFFIRMING
+    assert {c.name: c.value for c in good.trust.claims}["executables"] == 3
+    assert good.HasField("certificate")
+    assert bad.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    assert not bad.HasField("certificate")
+    [finding] = [f for f in bad.trust.findings if f.id == "refs.pcr_mismatch"]
+    assert finding.message == (
+        f"PCR 9 (sha256) of device {device_id}: expected {'00' * 32}, got {value.hex()}"
+    )
+    assert finding.expected == "00" * 32
+    assert finding.found == value.hex()
+
+
+async def _extend(agent: Agent, pcr: int, data: bytes) -> bytes:
+    backend = agent.tpm.backend
+    handle = getattr(ESYS_TR, f"PCR{pcr}")
+    await agent.tpm.run(lambda: backend.esapi.pcr_event(handle, data))
+    values = await agent.tpm.run(backend.pcr_read, [("sha256", [pcr])])
+    return values[("sha256", pcr)]
+
+
+def test_event_log_replayed_incrementally_and_an_unlogged_extension_caught(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    tpm = swtpm_factory()
+    app_digest = hashlib.sha256(APP).hexdigest()
+    refs = _refs(workdir / "refs.yaml", {"secure_boot": True, "boot_applications": [app_digest]})
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca, interval_s=0.3), reference_values=refs
+    )
+    offsets: list[int] = []
+
+    async def scenario() -> list[attestation_pb2.Result]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            log_path = workdir / "binary_bios_measurements"
+            agent.cfg = replace(agent.cfg, event_log=log_path)
+            host = MeasuredHost(agent, log_path)
+            await host.measure(0, 0x8, b"S-CRTM version 1.0")
+            await host.measure(7, 0x80000001, secure_boot_variable(True))
+            await host.measure(4, 0x80000003, APP)
+            for pcr in range(8):
+                await host.measure(pcr, 0x4, b"\x00\x00\x00\x00")
+            original = AttestationClient._event_log
+
+            async def spy(self: AttestationClient, from_offset: int) -> object:
+                offsets.append(from_offset)
+                return await original(self, from_offset)
+
+            AttestationClient._event_log = spy  # type: ignore[method-assign,assignment]
+            try:
+                async with attesting(agent) as next_result:
+                    first = await next_result()
+                    await host.measure(8, 0xD, b"grub_cmd: linux /vmlinuz\x00")
+                    second = await next_result()
+                    while offsets[-1] == 0:  # until evidence answering a later challenge
+                        second = await next_result()
+                    await host.extend_unlogged(4, b"an unmeasured driver")
+                    third = await next_result()
+                    while third.trust.tier == common_pb2.TIER_AFFIRMING:
+                        third = await next_result()
+            finally:
+                AttestationClient._event_log = original  # type: ignore[method-assign]
+            store = Store(config.database)
+            try:
+                state = store.tpm_state(agent.enrollment.device_id)
+            finally:
+                store.close()
+            assert state is not None
+            assert state.log is not None
+            assert state.log.data == log_path.read_bytes()
+            return [first, second, third]
+
+    first, second, third = asyncio.run(scenario())
+    claims = {c.name: c.value for c in first.trust.claims}
+    assert first.trust.tier == common_pb2.TIER_AFFIRMING, first.trust.findings
+    assert claims["executables"] == 3
+    assert claims["configuration"] == 2
+    assert offsets[0] == 0
+    assert any(o > 0 for o in offsets[1:]), offsets  # later challenges ask for the new part
+    assert second.trust.tier == common_pb2.TIER_AFFIRMING, second.trust.findings
+    assert third.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    ids = [f.id for f in third.trust.findings]
+    assert "eventlog.replay_mismatch" in ids
+    [mismatch] = [f for f in third.trust.findings if f.id == "eventlog.replay_mismatch"]
+    assert mismatch.subject == "pcr:sha256:4"
+    assert "PCR 4 (sha256)" in mismatch.message
+    assert not third.HasField("certificate")
