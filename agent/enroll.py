@@ -40,7 +40,7 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
         stub = enrollment_pb2_grpc.EnrollmentStub(channel)
         challenge = await stub.Enroll(
             enrollment_pb2.EnrollRequest(
-                ek_certificate=ek_cert,
+                ek_certificate=ek_cert or b"",
                 ek_public=ek_public,
                 ak_public=ak_public,
                 host=host_facts(zone=cfg.zone, labels=cfg.labels),

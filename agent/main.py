@@ -17,6 +17,7 @@ from agent.state import AgentFiles
 from agent.tpm import AsyncTpm, TpmBackend
 
 logger = logging.getLogger("devtrust.agent")
+PENDING_RETRY_S = 60.0
 
 
 def make_tpm(cfg: AgentConfig) -> AsyncTpm:
@@ -28,8 +29,14 @@ async def run(cfg: AgentConfig, *, enroll_only: bool = False) -> None:
     tpm = make_tpm(cfg)
     try:
         enrollment = files.load_enrollment()
-        if enrollment is None:
-            enrollment = await enroll(cfg, tpm, files)
+        while enrollment is None:
+            try:
+                enrollment = await enroll(cfg, tpm, files)
+            except EnrollmentPending as exc:
+                if enroll_only:
+                    raise
+                logger.info("%s; asking again in %.0fs", exc, PENDING_RETRY_S)
+                await asyncio.sleep(PENDING_RETRY_S)
         if enroll_only:
             print(enrollment.device_id)
             return

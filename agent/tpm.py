@@ -145,11 +145,9 @@ class TpmBackend:
                 raise TpmError(f"EK {self.ek_type}: {exc}") from exc
         return self._ek
 
-    def ek_certificate(self) -> bytes:
-        cert = self._load_ek()[0]
-        if not cert:
-            raise TpmError(f"the TPM has no {self.ek_type} EK certificate in NV")
-        return cert
+    def ek_certificate(self) -> bytes | None:
+        """The EK certificate from NV, or None for a TPM without one (some cloud vTPMs)."""
+        return self._load_ek()[0] or None
 
     def ek_public(self) -> bytes:
         """TPM2B_PUBLIC of the EK."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -11,15 +14,21 @@ import pytest
 from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
+from agent.enroll import EnrollmentPending, enroll
 from agent.enrollment_proof import proof_for
 from agent.evidence import host_facts
-from agent.state import new_key, spki
+from agent.main import make_tpm
+from agent.state import AgentFiles, new_key, spki
 from agent.tpm import AK_ATTRIBUTES, TpmBackend, ak_template
 from protos.devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 from swtpm import EndorsementCA, Swtpm
 from tests.conftest import SwtpmFactory
-from tests.env import channel_credentials, running, verifier_config
+from tests.env import agent_config, channel_credentials, running, verifier_config
+from verifier.config import EndorsementConfig, EnrollmentConfig, VerifierConfig
+from verifier.enrollment import device_id_for
 from verifier.pki import PkiFiles
+from verifier.store import DeviceState, Store
+from verifier.tpm.structures import parse_public
 
 pytestmark = pytest.mark.swtpm
 
@@ -56,8 +65,9 @@ def _enroll(
     trusted: EndorsementCA,
     tpm: Swtpm,
     make_request: Callable[[TpmBackend], enrollment_pb2.EnrollRequest],
+    config: VerifierConfig | None = None,
 ) -> tuple[grpc.aio.AioRpcError | None, dict[str, int]]:
-    config = verifier_config(workdir, pki, trusted)
+    config = config or verifier_config(workdir, pki, trusted)
     backend = TpmBackend(tpm.tcti)
     request = make_request(backend)
 
@@ -141,7 +151,7 @@ def test_ak_without_required_attributes_is_refused(
     ("name", "ek_certificate", "message"),
     [
         ("garbage", b"\x30\x03garbage", "EK certificate is not DER X.509"),
-        ("empty", b"", "EK certificate is empty"),
+        ("truncated DER", b"\x30\x82\x01\x00\x30", "EK certificate is not DER X.509"),
     ],
 )
 def test_garbage_ek_certificate_is_invalid_argument(
@@ -248,3 +258,121 @@ def test_credential_for_another_ak_cannot_be_activated(swtpm_factory: SwtpmFacto
             backend.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
     finally:
         backend.close()
+
+
+# --- bootstrap tokens, operator approval, EK allowlist -----------------------------------
+
+
+def _enroll_with(
+    workdir: Path, pki: PkiFiles, config: VerifierConfig, tpms: list[Swtpm], tokens: list[str]
+) -> list[str]:
+    """Enroll one agent per TPM with the given tokens; the outcome of each, in order."""
+
+    async def scenario() -> list[str]:
+        outcomes = []
+        async with running(config) as verifier:
+            for n, (tpm, token) in enumerate(zip(tpms, tokens, strict=True)):
+                cfg = replace(
+                    agent_config(workdir, pki, verifier, tpm, f"a{n}"), bootstrap_token=token
+                )
+                atpm = make_tpm(cfg)
+                try:
+                    e = await enroll(cfg, atpm, AgentFiles(cfg.state_dir, cfg.runtime_dir))
+                    outcomes.append(f"enrolled {e.device_id[:8]}")
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(f"{exc.code().name}: {exc.details()}")
+                except EnrollmentPending as exc:
+                    outcomes.append(f"pending: {exc}")
+                finally:
+                    atpm.close()
+        return outcomes
+
+    return asyncio.run(scenario())
+
+
+def test_bootstrap_tokens_are_required_hashed_and_single_use(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca),
+        enrollment=EnrollmentConfig(require_token=True),
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    store = Store(config.database)
+    good, old = "tok-" + "a" * 40, "tok-" + "b" * 40
+    store.add_token(
+        hashlib.sha256(good.encode()).hexdigest(),
+        now=now,
+        expires_at=now + datetime.timedelta(hours=1),
+    )
+    store.add_token(
+        hashlib.sha256(old.encode()).hexdigest(),
+        now=now,
+        expires_at=now - datetime.timedelta(seconds=1),
+    )
+    store.close()
+    tpms = [swtpm_factory() for _ in range(3)]
+    outcomes = _enroll_with(
+        workdir, pki, config, [tpms[0], tpms[0], tpms[1], tpms[2]], ["", good, good, old]
+    )
+    assert outcomes[0].startswith("PERMISSION_DENIED")
+    assert "unknown bootstrap token" in outcomes[0]
+    assert outcomes[1].startswith("enrolled")
+    assert "bootstrap token already used" in outcomes[2]
+    assert "bootstrap token expired" in outcomes[3]
+    assert good.encode() not in config.database.read_bytes()
+
+
+def test_operator_approval(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca),
+        enrollment=EnrollmentConfig(require_approval=True),
+    )
+    tpm = swtpm_factory()
+    [first] = _enroll_with(workdir, pki, config, [tpm], [""])
+    assert first.startswith("pending: device ")
+    store = Store(config.database)
+    [device] = store.list_devices()
+    assert device.state is DeviceState.PENDING_APPROVAL
+    assert store.counts()["certificates"] == 0  # no channel certificate while pending
+    store.set_state(
+        device.device_id,
+        DeviceState.ENROLLED,
+        now=datetime.datetime.now(datetime.UTC),
+        event="approved",
+    )
+    store.close()
+    [second] = _enroll_with(workdir, pki, config, [tpm], [""])
+    assert second == f"enrolled {device.device_id[:8]}"
+
+
+def test_tpm_without_ek_certificate_enrolls_only_when_allowlisted(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, shared_swtpm: Swtpm
+) -> None:
+    backend = TpmBackend(shared_swtpm.tcti)
+    try:
+        ek_key = parse_public(backend.ek_public()).public_key()
+    finally:
+        backend.close()
+    device_id = device_id_for(ek_key)
+
+    def without_cert(b: TpmBackend) -> enrollment_pb2.EnrollRequest:
+        return _request(b, ek_certificate=b"")
+
+    refused, _ = _enroll(workdir, pki, endorsement_ca, shared_swtpm, without_cert)
+    assert refused is not None
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert f"EK public key (sha256 {device_id}) is not in" in (refused.details() or "")
+    allow = replace(
+        verifier_config(workdir, pki, endorsement_ca),
+        endorsement=EndorsementConfig(
+            roots=[],
+            trust_swtpm_local_ca=endorsement_ca.cert_path,
+            allowed_ek_sha256=[device_id.upper()],
+        ),
+    )
+    err, counts = _enroll(workdir, pki, endorsement_ca, shared_swtpm, without_cert, allow)
+    assert err is None
+    assert counts["enrollments"] == 1

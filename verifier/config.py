@@ -41,6 +41,9 @@ class EndorsementConfig:
     roots: list[Path] = field(default_factory=lambda: [DEFAULT_ROOTS])
     # A swtpm local CA certificate to trust as well. For tests and demos only; logged at start.
     trust_swtpm_local_ca: Path | None = None
+    # TPMs without an EK certificate (some cloud vTPMs): sha256 of the EK's
+    # SubjectPublicKeyInfo (hex), which is also the device id.
+    allowed_ek_sha256: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,10 @@ class CertificatesConfig:
 
 @dataclass(frozen=True)
 class EnrollmentConfig:
+    # Enrolled devices wait for `devtrust-verifier approve DEVICE` before they may attest.
     require_approval: bool = False
+    # Every enrollment must present a one-time token from `devtrust-verifier token create`.
+    require_token: bool = False
 
 
 @dataclass(frozen=True)

@@ -180,8 +180,11 @@ class EndorsementStore:
                     else:
                         intermediates.append(cert)
         if skipped:
-            logger.info("endorsement store: %d certificates cryptography cannot parse were "
-                        "skipped (see verifier/data/ek-roots/PROVENANCE.md)", len(skipped))
+            logger.info(
+                "endorsement store: %d certificates cryptography cannot parse were "
+                "skipped (see verifier/data/ek-roots/PROVENANCE.md)",
+                len(skipped),
+            )
         for reason in skipped:
             logger.debug("endorsement store: skipped %s", reason)
         if not roots:

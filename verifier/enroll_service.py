@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._ca = ca
         self._config = config
         self._clock = clock
+        self._allowed_eks = frozenset(h.lower() for h in config.endorsement.allowed_ek_sha256)
 
     async def Enroll(
         self,
@@ -52,20 +54,32 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> enrollment_pb2.EnrollChallenge:
         now = self._clock()
-        # 1. EK certificate chains to a trusted endorsement root.
-        ek_cert = parse_ek_certificate(request.ek_certificate)
-        intermediates = [
-            c
-            for i, der in enumerate(request.ek_intermediates)
-            for c in load_certificates(der, source=f"ek_intermediates[{i}]")
-        ]
-        self._endorsements.verify(ek_cert, intermediates, now=now)
-        device_id = enrollment.device_id_for(ek_cert)
-        # 2. The EK public area the TPM reports holds the certified key.
         if not request.ek_public:
             raise MalformedInput("EnrollRequest.ek_public is empty")
         ek_public = parse_public(request.ek_public)
-        enrollment.check_ek_public(ek_public, ek_cert)
+        if request.ek_certificate:
+            # 1. The EK certificate chains to a trusted endorsement root, and 2. the EK
+            #    public area the TPM reports holds the certified key.
+            ek_cert = parse_ek_certificate(request.ek_certificate)
+            intermediates = [
+                c
+                for i, der in enumerate(request.ek_intermediates)
+                for c in load_certificates(der, source=f"ek_intermediates[{i}]")
+            ]
+            self._endorsements.verify(ek_cert, intermediates, now=now)
+            enrollment.check_ek_public(ek_public, ek_cert)
+            ek_key = ek_public.public_key()
+            device_id = enrollment.device_id_for(ek_key)
+        else:
+            # 1-2. No EK certificate (some cloud vTPMs): the EK key itself is allowlisted.
+            enrollment.check_ek_attributes(ek_public)
+            ek_key = ek_public.public_key()
+            device_id = enrollment.device_id_for(ek_key)
+            if device_id not in self._allowed_eks:
+                raise Rejected(
+                    f"no EK certificate, and the EK public key (sha256 {device_id}) is not in "
+                    "endorsement.allowed_ek_sha256"
+                )
         # 3. The AK is a restricted signing key that never leaves the TPM.
         ak = enrollment.parse_ak(request.ak_public)
         enrollment.check_ak(ak)
@@ -73,6 +87,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         existing = self._store.get_device(device_id)
         if existing is not None and existing.state is DeviceState.REVOKED:
             raise Rejected(f"device {device_id} is revoked")
+        # One-time bootstrap token (stored hashed), spent when the proof arrives.
+        token_sha256 = ""
+        if request.bootstrap_token or self._config.enrollment.require_token:
+            token_sha256 = hashlib.sha256(request.bootstrap_token.encode()).hexdigest()
+            problem = self._store.token_problem(token_sha256, now=now)
+            if problem is not None:
+                raise Rejected(f"device {device_id}: {problem}")
         # 4. Credential challenge for TPM2_ActivateCredential, answerable once, for 5 minutes.
         challenge = enrollment.make_challenge(request.ek_public, ak.name)
         enrollment_id = enrollment.new_enrollment_id()
@@ -102,6 +123,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 secret=challenge.secret,
                 channel_key_spki=request.channel_key_spki,
                 expires_at=now + enrollment.ENROLLMENT_TTL,
+                token_sha256=token_sha256,
             )
         )
         logger.info(
@@ -136,11 +158,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             enrollment_id=pending.enrollment_id,
             channel_key_spki=pending.channel_key_spki,
         )
-        state = (
-            DeviceState.PENDING_APPROVAL
-            if self._config.enrollment.require_approval
-            else DeviceState.ENROLLED
-        )
+        if pending.token_sha256 and not self._store.use_token(
+            pending.token_sha256, device_id=pending.record.device_id, now=now
+        ):
+            raise Rejected(f"device {pending.record.device_id}: bootstrap token already used")
+        state = self._state_after_proof(pending.record)
         record = DeviceRecord(**{**pending.record.__dict__, "state": state})
         self._store.save_device(record, now=now, event=f"enrolled:{state.value}")
         response = enrollment_pb2.ActivateResponse(
@@ -176,6 +198,18 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             response.channel_certificate = der
         logger.info("enrolled device=%s state=%s", record.device_id, state.value)
         return response
+
+    def _state_after_proof(self, record: DeviceRecord) -> DeviceState:
+        """Enrolled at once, or pending until an operator approves this device with this AK."""
+        if not self._config.enrollment.require_approval:
+            return DeviceState.ENROLLED
+        existing = self._store.get_device(record.device_id)
+        approved = (
+            existing is not None
+            and existing.state is DeviceState.ENROLLED
+            and existing.ak_name == record.ak_name
+        )
+        return DeviceState.ENROLLED if approved else DeviceState.PENDING_APPROVAL
 
     def _ca_der(self) -> bytes:
         return self._ca.cert.public_bytes(serialization.Encoding.DER)

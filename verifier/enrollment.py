@@ -39,9 +39,9 @@ EK_REQUIRED = ObjectAttr.RESTRICTED | ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM
 CREDENTIAL_SIZE = 32
 
 
-def device_id_for(ek_cert: x509.Certificate) -> str:
+def device_id_for(ek_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
     """sha256 of the EK's DER SubjectPublicKeyInfo, hex (DESIGN.md flow 1, step 4)."""
-    spki = ek_cert.public_key().public_bytes(
+    spki = ek_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()
@@ -71,10 +71,15 @@ def check_ak(ak: PublicArea) -> None:
     ak.public_key()  # a point off the curve or an empty modulus is malformed
 
 
-def check_ek_public(ek_public: PublicArea, ek_cert: x509.Certificate) -> None:
+def check_ek_attributes(ek_public: PublicArea) -> None:
+    """An EK is a restricted decryption key that never leaves its TPM."""
     missing = EK_REQUIRED & ~ek_public.attributes
     if missing:
         raise Rejected(f"EK public area lacks {_flag_names(missing)}")
+
+
+def check_ek_public(ek_public: PublicArea, ek_cert: x509.Certificate) -> None:
+    check_ek_attributes(ek_public)
     key = ek_cert.public_key()
     if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         raise Rejected(f"EK certificate key type {type(key).__name__} is neither RSA nor ECC")

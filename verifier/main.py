@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import hashlib
 import logging
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from verifier.config import VerifierConfig
 from verifier.errors import DevtrustError
 from verifier.pki import init_pki, issue_operator
 from verifier.server import start_verifier
+from verifier.store import DeviceState, Store
 
 logger = logging.getLogger("devtrust.verifier")
 
@@ -28,6 +31,40 @@ async def serve(config: VerifierConfig) -> None:
     await stop.wait()
     logger.info("stopping")
     await running.stop(grace=5.0)
+
+
+def _admin(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
+    """Commands an administrator runs on the verifier host, against its database."""
+    store = Store(config.database)
+    try:
+        if args.command == "token":
+            token = secrets.token_urlsafe(32)
+            expires = now + datetime.timedelta(seconds=args.ttl_s)
+            store.add_token(
+                hashlib.sha256(token.encode()).hexdigest(),
+                now=now,
+                expires_at=expires,
+                note=args.note,
+            )
+            print(token)
+            print(f"valid once, until {expires.isoformat()}", file=sys.stderr)
+            return 0
+        record = store.get_device(args.device_id)
+        if record is None:
+            print(f"devtrust-verifier: no device {args.device_id}", file=sys.stderr)
+            return 1
+        if record.state is not DeviceState.PENDING_APPROVAL:
+            print(
+                f"devtrust-verifier: device {args.device_id} is {record.state.value}, "
+                "not pending approval",
+                file=sys.stderr,
+            )
+            return 1
+        store.set_state(args.device_id, DeviceState.ENROLLED, now=now, event="approved")
+        print(f"approved {args.device_id}: its agent's next enrollment attempt completes")
+        return 0
+    finally:
+        store.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="server name or IP address for the server certificate (repeatable)",
     )
+    p = sub.add_parser("token", help="create a one-time bootstrap token for enrollment")
+    p.add_argument("--config", type=Path, default=Path("/etc/devtrust/verifier.yaml"))
+    p.add_argument("--ttl-s", type=int, default=24 * 3600, help="lifetime in seconds")
+    p.add_argument("--note", default="", help="what the token is for (kept beside its hash)")
+    p = sub.add_parser("approve", help="approve a device that awaits operator approval")
+    p.add_argument("device_id")
+    p.add_argument("--config", type=Path, default=Path("/etc/devtrust/verifier.yaml"))
     p = sub.add_parser("operator", help="issue an operator certificate for the query API")
     p.add_argument("--dir", type=Path, required=True, help="directory made by init")
     p.add_argument("--name", required=True)
@@ -57,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(serve(VerifierConfig.load(args.config)))
+        elif args.command in ("token", "approve"):
+            return _admin(args, VerifierConfig.load(args.config), now)
         elif args.command == "init":
             files = init_pki(args.dir, hostnames=args.hostname, now=now)
             print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}")

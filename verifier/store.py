@@ -45,7 +45,16 @@ CREATE TABLE IF NOT EXISTS enrollments (
     record TEXT NOT NULL,
     secret BLOB NOT NULL,
     channel_key_spki BLOB NOT NULL,
-    expires_at TEXT NOT NULL
+    expires_at TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS bootstrap_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    used_at TEXT,
+    device_id TEXT,
+    note TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS trust (
     device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
@@ -111,6 +120,7 @@ class PendingEnrollment:
     secret: bytes
     channel_key_spki: bytes
     expires_at: datetime.datetime
+    token_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -305,7 +315,7 @@ class Store:
                 (_ts(datetime.datetime.now(datetime.UTC)),),
             )
             db.execute(
-                "INSERT INTO enrollments VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO enrollments VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     pending.enrollment_id,
                     pending.record.device_id,
@@ -313,6 +323,7 @@ class Store:
                     pending.secret,
                     pending.channel_key_spki,
                     _ts(pending.expires_at),
+                    pending.token_sha256,
                 ),
             )
 
@@ -333,6 +344,7 @@ class Store:
             secret=row["secret"],
             channel_key_spki=row["channel_key_spki"],
             expires_at=expires,
+            token_sha256=row["token_sha256"],
         )
 
     def save_device(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> None:
@@ -361,6 +373,63 @@ class Store:
                 "INSERT INTO audit (at, device_id, event, detail) VALUES (?,?,?,?)",
                 (_ts(now), rec.device_id, event, json.dumps({"ak_name": rec.ak_name})),
             )
+
+    # --- bootstrap tokens (stored as sha256, one use each) ---------------------------------
+
+    def add_token(
+        self,
+        token_sha256: str,
+        *,
+        now: datetime.datetime,
+        expires_at: datetime.datetime,
+        note: str = "",
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO bootstrap_tokens (token_sha256, created_at, expires_at, note) "
+                "VALUES (?,?,?,?)",
+                (token_sha256, _ts(now), _ts(expires_at), note),
+            )
+
+    def token_problem(self, token_sha256: str, *, now: datetime.datetime) -> str | None:
+        """Why this token cannot enroll a device now, or None when it can."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT expires_at, used_at FROM bootstrap_tokens WHERE token_sha256 = ?",
+                (token_sha256,),
+            ).fetchone()
+        if row is None:
+            return "unknown bootstrap token"
+        if row["used_at"] is not None:
+            return "bootstrap token already used"
+        if datetime.datetime.fromisoformat(row["expires_at"]) <= now:
+            return f"bootstrap token expired at {row['expires_at']}"
+        return None
+
+    def use_token(self, token_sha256: str, *, device_id: str, now: datetime.datetime) -> bool:
+        """Spend a token; False when it was spent (or expired) meanwhile."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE bootstrap_tokens SET used_at = ?, device_id = ? WHERE token_sha256 = ? "
+                "AND used_at IS NULL AND expires_at > ?",
+                (_ts(now), device_id, token_sha256, _ts(now)),
+            )
+            return cur.rowcount == 1
+
+    def set_state(
+        self, device_id: str, state: DeviceState, *, now: datetime.datetime, event: str
+    ) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE devices SET state = ? WHERE device_id = ?", (state.value, device_id)
+            )
+            if cur.rowcount != 1:
+                return False
+            db.execute(
+                "INSERT INTO audit (at, device_id, event, detail) VALUES (?,?,?,?)",
+                (_ts(now), device_id, event, json.dumps({"state": state.value})),
+            )
+            return True
 
     # --- devices --------------------------------------------------------------------------
 
