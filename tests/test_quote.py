@@ -14,7 +14,7 @@ from tests import quotes
 from verifier.errors import MalformedInput
 from verifier.tpm.constants import ST_ATTEST_CERTIFY, Alg
 from verifier.tpm.quote import QuoteRejected, check_quote
-from verifier.tpm.structures import PcrSelect, parse_attest, parse_public
+from verifier.tpm.structures import PcrSelect, ak_qualified_names, parse_attest, parse_public
 
 SHA256 = Alg.SHA256
 SELECTION = (PcrSelect(SHA256, (0, 1, 7)),)
@@ -49,7 +49,7 @@ def _check(message: bytes, signature: bytes, **overrides: Any) -> Any:
 
 
 def test_a_good_quote_passes() -> None:
-    attest = _check(*_quote())
+    attest = _check(*_quote(), qualified_signers={b"\x00\x0b" + bytes(32)})
     assert attest.extra_data == EXTRA
     assert attest.pcr_select == SELECTION
 
@@ -91,6 +91,10 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda: (*_quote(), {"pcr_values": {k: v for k, v in VALUES.items() if k != (SHA256, 1)}}),
         "tpm.quote.pcr_values_missing",
     ),
+    "another qualified signer": (
+        lambda: (*_quote(), {"qualified_signers": {b"\x00\x0b" + b"\x01" * 32}}),
+        "tpm.quote.qualified_signer",
+    ),
     "SHA-1 signature": (lambda: (*_quote(sig_hash=Alg.SHA1), {}), "tpm.quote.signature_hash"),
 }
 
@@ -128,6 +132,7 @@ def test_real_quote_verifies_and_ak_name_matches_the_tpm(shared_swtpm: Swtpm) ->
     backend = TpmBackend(shared_swtpm.tcti)
     try:
         ak_public = backend.ak_public()
+        ek = backend.ek_public()
         handle, _ = backend._load_ak()
         tpm_name = bytes(backend.esapi.tr_get_name(handle))
         selection = [("sha256", [0, 1, 2, 3, 7]), ("sha1", [0, 7])]
@@ -136,6 +141,7 @@ def test_real_quote_verifies_and_ak_name_matches_the_tpm(shared_swtpm: Swtpm) ->
         backend.close()
     ak = parse_public(ak_public)
     assert ak.name == tpm_name
+    assert parse_attest(message).qualified_signer in ak_qualified_names(ak, parse_public(ek))
     pcrs = {(Alg.SHA256 if b == "sha256" else Alg.SHA1, i): v for (b, i), v in values.items()}
     requested = (PcrSelect(Alg.SHA256, (0, 1, 2, 3, 7)), PcrSelect(Alg.SHA1, (0, 7)))
     attest = check_quote(

@@ -73,6 +73,7 @@ class Expectation:
     selection: tuple[PcrSelect, ...]
     ak_key: AkKey
     staleness: datetime.timedelta
+    qualified_signers: frozenset[bytes] | None = None
     clock: ClockState | None = None
     log: measured_boot.LogState | None = None
     refs: RefGroup | None = None
@@ -143,6 +144,7 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
             expected_qualifying_data=qualifying_data(expect.nonce, evidence.body),
             requested=expect.selection,
             pcr_values=evidence.pcrs,
+            qualified_signers=expect.qualified_signers,
         )
     except QuoteRejected as rej:
         return hard_failure(rej.finding_id, rej.message, rej.expected, rej.found)

@@ -33,7 +33,7 @@ from verifier.refs import ReferenceValues, RefGroup
 from verifier.store import CertificateRecord, DeviceRecord, DeviceState, Store, TpmState
 from verifier.tpm.constants import hash_name
 from verifier.tpm.quote import AkKey
-from verifier.tpm.structures import parse_public
+from verifier.tpm.structures import ak_qualified_names, parse_public
 from verifier.trust import Tier
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class _Session:
 
     record: DeviceRecord
     ak_key: AkKey
+    qualified_signers: frozenset[bytes]
     refs: RefGroup | None
     tpm: TpmState | None
     # The first challenge of a stream, and the one after a reboot, ask for the whole log.
@@ -117,6 +118,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         session = _Session(
             record=record,
             ak_key=self._ak_key(device_id, record.ak_public),
+            qualified_signers=ak_qualified_names(
+                parse_public(record.ak_public), parse_public(record.ek_public)
+            ),
             refs=self._refs.for_device(record.zone, record.labels) if self._refs else None,
             tpm=self._store.tpm_state(device_id),
         )
@@ -206,6 +210,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             selection=cfg.attestation.selection,
             ak_key=session.ak_key,
             staleness=cfg.attestation.staleness,
+            qualified_signers=session.qualified_signers,
             clock=prior.clock if prior else None,
             log=prior.log if prior else None,
             refs=session.refs,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -118,6 +118,7 @@ def check_quote(
     expected_qualifying_data: bytes,
     requested: Sequence[PcrSelect],
     pcr_values: PcrValues | None,
+    qualified_signers: Collection[bytes] | None = None,
 ) -> Attest:
     """Verify a quote; return the parsed TPMS_ATTEST or raise ``QuoteRejected``.
 
@@ -144,6 +145,15 @@ def check_quote(
             "TPMS_ATTEST is not a quote",
             f"{ST_ATTEST_QUOTE:04x}",
             f"{attest.type:04x}",
+        )
+    # 4b. qualifiedSigner is the AK's qualified name where the verifier knows its place
+    #     (Part 2, 10.12.12; Part 1, 16.6): the enrolled key, under the enrolled EK.
+    if qualified_signers is not None and attest.qualified_signer not in qualified_signers:
+        raise QuoteRejected(
+            "tpm.quote.qualified_signer",
+            "quote's qualifiedSigner is not the qualified name of the enrolled AK",
+            " or ".join(sorted(q.hex() for q in qualified_signers)),
+            attest.qualified_signer.hex(),
         )
     # 5. extraData (qualifying data) binds this challenge's nonce and this evidence body.
     if not hmac.compare_digest(attest.extra_data, expected_qualifying_data):

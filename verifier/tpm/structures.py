@@ -227,6 +227,28 @@ def parse_public(data: bytes, *, sized: bool = True) -> PublicArea:
     )
 
 
+TPM_RH_ENDORSEMENT = 0x4000000B
+
+
+def qualified_name(parent_qualified_name: bytes, area: PublicArea) -> bytes:
+    """QN(child) = nameAlg || H_nameAlg(QN(parent) || Name(child)) (Part 1, 16.6); the QN of
+    a hierarchy is its handle."""
+    digest = hashlib.new(hash_name(area.name_alg), parent_qualified_name + area.name).digest()
+    return _U16.pack(area.name_alg) + digest
+
+
+def ak_qualified_names(ak: PublicArea, ek: PublicArea) -> frozenset[bytes]:
+    """Where an AK may live: a primary in the endorsement hierarchy (devtrust's agent) or a
+    child of the EK (tpm2_createak, Keylime)."""
+    hierarchy = TPM_RH_ENDORSEMENT.to_bytes(4, "big")
+    return frozenset(
+        {
+            qualified_name(hierarchy, ak),
+            qualified_name(qualified_name(hierarchy, ek), ak),
+        }
+    )
+
+
 def public_key_matches(area: PublicArea, key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bool:
     """True when the TPM public area holds the same key as ``key`` (from a certificate)."""
     if isinstance(key, rsa.RSAPublicKey):
