@@ -201,3 +201,48 @@ def test_event_log_replayed_incrementally_and_an_unlogged_extension_caught(
     assert mismatch.subject == "pcr:sha256:4"
     assert "PCR 4 (sha256)" in mismatch.message
     assert not third.HasField("certificate")
+
+
+def test_refs_learned_from_a_good_device_affirm_it(
+    workdir: Path,
+    pki: PkiFiles,
+    endorsement_ca: EndorsementCA,
+    swtpm_factory: SwtpmFactory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`devtrust refs learn` proposes a group from a known-good device; applied, it affirms
+    that device."""
+    from verifier.cli import main as cli
+
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.3)
+
+    async def boot_and_attest(cfg: object) -> tuple[str, attestation_pb2.Result]:
+        async with (
+            running(cfg) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm, "learn") as agent,
+        ):  # type: ignore[arg-type]
+            log_path = workdir / "learn.log"
+            if not log_path.exists():
+                agent.cfg = replace(agent.cfg, event_log=log_path)
+                host = MeasuredHost(agent, log_path)
+                await host.measure(7, 0x80000001, secure_boot_variable(True))
+                await host.measure(4, 0x80000003, APP)
+            agent.cfg = replace(agent.cfg, event_log=log_path)
+            async with attesting(agent) as next_result:
+                result = await next_result()
+            return agent.enrollment.device_id, result
+
+    device_id, first = asyncio.run(boot_and_attest(config))
+    assert first.trust.tier == common_pb2.TIER_AFFIRMING
+    assert cli(["refs", "learn", device_id, "--database", str(config.database)]) == 0
+    learned = yaml.safe_load(capsys.readouterr().out)
+    [group] = learned["groups"]
+    assert group["secure_boot"] is True
+    assert group["boot_applications"] == [hashlib.sha256(APP).hexdigest()]
+    assert set(group["pcrs"]["sha256"]) == set(range(10)) | {14}
+    refs = workdir / "learned.yaml"
+    refs.write_text(yaml.safe_dump(learned))
+    _, again = asyncio.run(boot_and_attest(replace(config, reference_values=refs)))
+    assert again.trust.tier == common_pb2.TIER_AFFIRMING, again.trust.findings
+    assert {c.name: c.value for c in again.trust.claims}["executables"] == 3

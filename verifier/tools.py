@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from verifier import measured_boot
 from verifier.errors import MalformedInput
+from verifier.store import Store
 from verifier.tpm import bootfacts
 from verifier.tpm import eventlog as ev
 from verifier.tpm.constants import hash_alg
@@ -174,6 +177,46 @@ def _verdict(args: argparse.Namespace, *, valid: bool, reason: str, attest: Any 
     return EXIT_VALID if valid else EXIT_INVALID
 
 
+def learn_group(store: Store, device_id: str, *, name: str) -> dict[str, Any]:
+    """A reference-value group from a device's last good evidence, for an operator to
+    review: its quoted PCR values and, when it sent an event log, its Secure Boot state and
+    boot application digests."""
+    record = store.get_device(device_id)
+    state = store.tpm_state(device_id)
+    if record is None or state is None:
+        raise UsageError(f"no appraised evidence for device {device_id!r} in {store.path}")
+    group: dict[str, Any] = {"name": name}
+    if record.zone:
+        group["zone"] = record.zone
+    group["pcrs"] = {bank: dict(values) for bank, values in state.pcrs.items()}
+    if state.log is not None:
+        facts = measured_boot.facts_of(state.log)
+        if facts.secure_boot is not None:
+            group["secure_boot"] = facts.secure_boot
+        apps = sorted(
+            {a.digests["sha256"] for a in facts.boot_applications if "sha256" in a.digests}
+        )
+        if apps:
+            group["boot_applications"] = apps
+    return group
+
+
+def refs_learn(args: argparse.Namespace) -> int:
+    if not args.database.exists():
+        raise UsageError(f"no verifier database at {args.database}")
+    store = Store(args.database)
+    try:
+        group = learn_group(
+            store, args.device_id, name=args.name or f"learned-{args.device_id[:8]}"
+        )
+    finally:
+        store.close()
+    print(f"# Learned from device {args.device_id}. Review every value before applying:")
+    print("# golden PCRs pin this exact firmware and boot chain; prefer the event-based rules.")
+    print(yaml.safe_dump({"groups": [group]}, sort_keys=False), end="")
+    return EXIT_VALID
+
+
 def add_parsers(sub: Any) -> None:
     """Add the tools to the ``devtrust`` subcommand parser ``sub``."""
     log = sub.add_parser("eventlog", help="TCG event log tools").add_subparsers(
@@ -195,6 +238,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--pcrs", type=Path, help="PCR values as `eventlog replay --json` prints")
     p.add_argument("--json", action="store_true")
     p.set_defaults(tool=quote_check)
+    refs = sub.add_parser("refs", help="reference values").add_subparsers(
+        dest="action", required=True
+    )
+    p = refs.add_parser("learn", help="propose reference values from a known-good device")
+    p.add_argument("device_id")
+    p.add_argument("--database", type=Path, default=Path("/var/lib/devtrust/verifier.db"))
+    p.add_argument("--name", default="", help="group name (default learned-<device>)")
+    p.set_defaults(tool=refs_learn)
 
 
 def run_tool(args: argparse.Namespace) -> int:
