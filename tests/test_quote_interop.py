@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
-from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
+from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_SIG_SCHEME
 
 from agent.tpm import AK_ATTRIBUTES, TpmBackend
 from swtpm import Swtpm
@@ -113,8 +113,16 @@ def made(
         # PCR 16 gets a unique value, so a changed byte of it can be found in every format.
         backend.esapi.pcr_event(ESYS_TR.PCR16, os.urandom(32))
         values = backend.pcr_read([("sha256", [0, 1, 2, 7, PCR16]), ("sha1", [0, 7, PCR16])])
+        # TPM2_Certify by the same AK, qualified with the same nonce: a genuine TPM
+        # attestation, signed by this AK, that is not a quote.
+        ak = backend.esapi.tr_from_tpmpublic(int(handle, 16))
+        certify, certify_sig = backend.esapi.certify(
+            ak, ak, bytes.fromhex(NONCE), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+        )
     finally:
         backend.close()
+    (d / "certify-msg").write_bytes(bytes(certify.attestationData))
+    (d / "certify-sig").write_bytes(bytes(certify_sig.marshal()))
     made = Made(
         d,
         d / "ak.tpm2b",
@@ -264,6 +272,20 @@ def _software_certify(m: Made) -> tuple[Path, Path, Path, Path, Path | None, Pat
     return pem, pem, msg, sig, m.pcrs_tools, m.pcrs_json, NONCE
 
 
+def _certify_by_same_ak(
+    m: Made,
+) -> tuple[Path, Path, Path, Path, Path | None, Path | None, str]:
+    return (
+        m.ak_pem,
+        m.ak_tpm2b,
+        m.dir / "certify-msg",
+        m.dir / "certify-sig",
+        m.pcrs_tools,
+        m.pcrs_json,
+        NONCE,
+    )
+
+
 CASES = [
     Case("valid", True, "", _same),
     Case("valid without PCR values", True, "", lambda m: (*_same(m)[:4], None, None, NONCE)),
@@ -312,6 +334,12 @@ CASES = [
         "tpm.quote.bad_magic",
         _software_wrong_magic,
         stricter=True,
+    ),
+    Case(
+        "certify attestation by the same AK",
+        False,
+        "tpm.quote.wrong_type",
+        _certify_by_same_ak,
     ),
     # tpm2_checkquote rejects this one too, though only because it then reads the attested
     # union as TPMS_CERTIFY_INFO and the PCR digest no longer matches.
