@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import __version__
 from agent.channel import attestation_channel
+from agent.collect import collect_body
 from agent.config import AgentConfig
 from agent.errors import TpmError
-from agent.evidence import evidence_body, host_facts, qualifying_data
+from agent.evidence import qualifying_data
 from agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
 from agent.tpm import AsyncTpm
 from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
@@ -135,10 +136,11 @@ class AttestationClient:
         ):
             key = new_key()
             self._pending = _PendingKey(key, spki(key))
-        body = evidence_body(
-            host=host_facts(zone=self._cfg.zone, labels=self._cfg.labels),
-            certify_key_spki=self._pending.spki if self._pending else b"",
+        body = await asyncio.to_thread(
+            collect_body,
+            self._cfg,
             now=now,
+            certify_key_spki=self._pending.spki if self._pending else b"",
         )
         selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
         backend = self._tpm.backend

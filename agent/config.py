@@ -49,6 +49,16 @@ class AgentConfig:
     runtime_dir: Path = Path("/run/devtrust")
     # The TCG event log of this host's TPM; none on hosts (and swtpm tests) without one.
     event_log: Path | None = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
+    # Where OS posture is read from (tests point it at a prepared tree).
+    posture_root: Path = Path("/")
+    # Mounts whose disk encryption is reported.
+    encrypted_mounts: list[str] = field(default_factory=lambda: ["/"])
+    # GPU state source: auto (NVML, else /proc/driver/nvidia), nvml, nvidia-smi-xml, procfs,
+    # none. gpu_xml is the nvidia-smi -q -x file for nvidia-smi-xml.
+    gpu_source: str = "auto"
+    gpu_xml: Path | None = None
+    # How often the cheap posture signals are polled for PostureChanged.
+    watch_interval_s: float = 0.25
     bootstrap_token: str = ""
     zone: str = ""
     labels: dict[str, str] = field(default_factory=dict)
@@ -60,6 +70,10 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not 0 < self.renew_at < 1:
             raise ValueError("renew_at must be between 0 and 1")
+        if self.gpu_source not in ("auto", "nvml", "nvidia-smi-xml", "procfs", "none"):
+            raise ValueError(
+                f"gpu_source {self.gpu_source!r}: auto, nvml, nvidia-smi-xml, procfs or none"
+            )
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:

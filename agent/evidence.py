@@ -50,11 +50,17 @@ def host_facts(
 
 
 def evidence_body(
-    *, host: common_pb2.HostFacts, certify_key_spki: bytes, now: datetime.datetime
+    *,
+    host: common_pb2.HostFacts,
+    certify_key_spki: bytes,
+    now: datetime.datetime,
+    os: attestation_pb2.OsPosture | None = None,
+    gpu: attestation_pb2.GpuState | None = None,
 ) -> bytes:
+    """The serialized EvidenceBody: these bytes are what the quote binds."""
     collected = Timestamp()
     collected.FromDatetime(now)
     body = attestation_pb2.EvidenceBody(
-        collected_at=collected, certify_key_spki=certify_key_spki, host=host
+        collected_at=collected, certify_key_spki=certify_key_spki, host=host, os=os, gpu=gpu
     )
     return body.SerializeToString(deterministic=True)

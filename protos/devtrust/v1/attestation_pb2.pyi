@@ -562,6 +562,26 @@ class Gpu(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FabricHealthEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INDEX_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     UUID_FIELD_NUMBER: _builtins.int
@@ -589,6 +609,9 @@ class Gpu(_message.Message):
     MIG_DEVICES_FIELD_NUMBER: _builtins.int
     RECENT_XIDS_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    ECC_UNCORRECTED_AGGREGATE_FIELD_NUMBER: _builtins.int
+    FABRIC_HEALTH_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     name: _builtins.str
     uuid: _builtins.str
@@ -611,6 +634,8 @@ class Gpu(_message.Message):
     ecc_uncorrected_volatile: _builtins.int
     fabric_state: _builtins.str
     fabric_status: _builtins.str
+    ecc_uncorrected_aggregate: _builtins.int
+    architecture: _builtins.str
     @_builtins.property
     def cc_settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -621,6 +646,10 @@ class Gpu(_message.Message):
     def recent_xids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def unavailable(self) -> _containers.RepeatedCompositeFieldContainer[Global___Unavailable]: ...
+    @_builtins.property
+    def fabric_health(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Fabric health as reported (summary, bandwidth, route_unhealthy, ...)."""
+
     def __init__(
         self,
         *,
@@ -651,13 +680,18 @@ class Gpu(_message.Message):
         mig_devices: _abc.Iterable[Global___MigDevice] | None = ...,
         recent_xids: _abc.Iterable[_builtins.int] | None = ...,
         unavailable: _abc.Iterable[Global___Unavailable] | None = ...,
+        ecc_uncorrected_aggregate: _builtins.int | None = ...,
+        fabric_health: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        architecture: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_ecc_enabled", b"_ecc_enabled", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_mig_enabled", b"_mig_enabled", "_persistence_mode", b"_persistence_mode", "_remapped_rows_failed", b"_remapped_rows_failed", "_remapped_rows_pending", b"_remapped_rows_pending", "_retired_pages_pending", b"_retired_pages_pending", "ecc_enabled", b"ecc_enabled", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "mig_enabled", b"mig_enabled", "persistence_mode", b"persistence_mode", "remapped_rows_failed", b"remapped_rows_failed", "remapped_rows_pending", b"remapped_rows_pending", "retired_pages_pending", b"retired_pages_pending"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ecc_enabled", b"_ecc_enabled", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_mig_enabled", b"_mig_enabled", "_persistence_mode", b"_persistence_mode", "_remapped_rows_failed", b"_remapped_rows_failed", "_remapped_rows_pending", b"_remapped_rows_pending", "_retired_pages_pending", b"_retired_pages_pending", "ecc_enabled", b"ecc_enabled", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "mig_enabled", b"mig_enabled", "persistence_mode", b"persistence_mode", "remapped_rows_failed", b"remapped_rows_failed", "remapped_rows_pending", b"remapped_rows_pending", "retired_pages_pending", b"retired_pages_pending"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ecc_enabled", b"_ecc_enabled", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_mig_enabled", b"_mig_enabled", "_persistence_mode", b"_persistence_mode", "_remapped_rows_failed", b"_remapped_rows_failed", "_remapped_rows_pending", b"_remapped_rows_pending", "_retired_pages_pending", b"_retired_pages_pending", "board_id", b"board_id", "cc_settings", b"cc_settings", "cc_state", b"cc_state", "ecc_enabled", b"ecc_enabled", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fabric_state", b"fabric_state", "fabric_status", b"fabric_status", "gsp_firmware_mode", b"gsp_firmware_mode", "gsp_firmware_version", b"gsp_firmware_version", "index", b"index", "inforom_ecc", b"inforom_ecc", "inforom_image", b"inforom_image", "inforom_oem", b"inforom_oem", "mig_devices", b"mig_devices", "mig_enabled", b"mig_enabled", "name", b"name", "nvlinks", b"nvlinks", "pci_bus_id", b"pci_bus_id", "persistence_mode", b"persistence_mode", "recent_xids", b"recent_xids", "remapped_rows_failed", b"remapped_rows_failed", "remapped_rows_pending", b"remapped_rows_pending", "retired_pages_pending", b"retired_pages_pending", "serial", b"serial", "unavailable", b"unavailable", "uuid", b"uuid", "vbios_version", b"vbios_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ecc_enabled", b"_ecc_enabled", "_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate", "_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile", "_mig_enabled", b"_mig_enabled", "_persistence_mode", b"_persistence_mode", "_remapped_rows_failed", b"_remapped_rows_failed", "_remapped_rows_pending", b"_remapped_rows_pending", "_retired_pages_pending", b"_retired_pages_pending", "architecture", b"architecture", "board_id", b"board_id", "cc_settings", b"cc_settings", "cc_state", b"cc_state", "ecc_enabled", b"ecc_enabled", "ecc_uncorrected_aggregate", b"ecc_uncorrected_aggregate", "ecc_uncorrected_volatile", b"ecc_uncorrected_volatile", "fabric_health", b"fabric_health", "fabric_state", b"fabric_state", "fabric_status", b"fabric_status", "gsp_firmware_mode", b"gsp_firmware_mode", "gsp_firmware_version", b"gsp_firmware_version", "index", b"index", "inforom_ecc", b"inforom_ecc", "inforom_image", b"inforom_image", "inforom_oem", b"inforom_oem", "mig_devices", b"mig_devices", "mig_enabled", b"mig_enabled", "name", b"name", "nvlinks", b"nvlinks", "pci_bus_id", b"pci_bus_id", "persistence_mode", b"persistence_mode", "recent_xids", b"recent_xids", "remapped_rows_failed", b"remapped_rows_failed", "remapped_rows_pending", b"remapped_rows_pending", "retired_pages_pending", b"retired_pages_pending", "serial", b"serial", "unavailable", b"unavailable", "uuid", b"uuid", "vbios_version", b"vbios_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ecc_enabled: _TypeAlias = _typing.Literal["ecc_enabled"]  # noqa: Y015
     _WhichOneofArgType__ecc_enabled: _TypeAlias = _typing.Literal["_ecc_enabled", b"_ecc_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__ecc_uncorrected_aggregate: _TypeAlias = _typing.Literal["ecc_uncorrected_aggregate"]  # noqa: Y015
+    _WhichOneofArgType__ecc_uncorrected_aggregate: _TypeAlias = _typing.Literal["_ecc_uncorrected_aggregate", b"_ecc_uncorrected_aggregate"]  # noqa: Y015
     _WhichOneofReturnType__ecc_uncorrected_volatile: _TypeAlias = _typing.Literal["ecc_uncorrected_volatile"]  # noqa: Y015
     _WhichOneofArgType__ecc_uncorrected_volatile: _TypeAlias = _typing.Literal["_ecc_uncorrected_volatile", b"_ecc_uncorrected_volatile"]  # noqa: Y015
     _WhichOneofReturnType__mig_enabled: _TypeAlias = _typing.Literal["mig_enabled"]  # noqa: Y015
@@ -672,6 +706,8 @@ class Gpu(_message.Message):
     _WhichOneofArgType__retired_pages_pending: _TypeAlias = _typing.Literal["_retired_pages_pending", b"_retired_pages_pending"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_enabled) -> _WhichOneofReturnType__ecc_enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_uncorrected_aggregate) -> _WhichOneofReturnType__ecc_uncorrected_aggregate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_uncorrected_volatile) -> _WhichOneofReturnType__ecc_uncorrected_volatile | None: ...
     @_typing.overload

@@ -1,0 +1,164 @@
+"""GPU state from NVML through nvidia-ml-py (``pynvml``), NVIDIA's own Python binding.
+
+Every query is wrapped: NVML's NotSupported, NoPermission and GpuIsLost become entries in
+``unavailable`` with that reason; a missing library or driver makes the whole snapshot
+unavailable, never an exception. Xid events are read with ``xid_events`` where the driver
+supports event sets. Checked against a real driver only where a GPU is present: on machines
+without one, the recorded ``nvidia-smi -q -x`` snapshots go through the same GpuState.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from protos.devtrust.v1 import attestation_pb2
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _reason(exc: Exception) -> str:
+    name = type(exc).__name__
+    if "NotSupported" in name or "FunctionNotFound" in name:
+        return "not_supported"
+    if "NoPermission" in name:
+        return "no_permission"
+    if "GpuIsLost" in name:
+        return "gpu_lost"
+    return "error"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def collect_nvml() -> attestation_pb2.GpuState:
+    state = attestation_pb2.GpuState(source="nvml")
+    try:
+        import pynvml  # noqa: PLC0415 - optional at run time: hosts without NVIDIA have none
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - library missing, driver not loaded, ...
+        state.unavailable.append(
+            attestation_pb2.Unavailable(
+                field="nvml", reason="not_supported", detail=f"{type(exc).__name__}: {exc}"
+            )
+        )
+        return state
+    try:
+        cc = _system(pynvml, state)
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            state.gpus.append(_device(pynvml, index, cc))
+    finally:
+        pynvml.nvmlShutdown()
+    return state
+
+
+def _system(nv: Any, state: attestation_pb2.GpuState) -> Any:
+    """Driver, CUDA and NVML versions; returns the system's Confidential Computing state."""
+
+    def read(field: str, fn: Callable[[], T]) -> T | None:
+        try:
+            return fn()
+        except nv.NVMLError as exc:
+            state.unavailable.append(
+                attestation_pb2.Unavailable(field=field, reason=_reason(exc), detail=str(exc))
+            )
+            return None
+
+    state.driver_version = _text(read("driver_version", nv.nvmlSystemGetDriverVersion) or "")
+    cuda = read("cuda_driver_version", nv.nvmlSystemGetCudaDriverVersion_v2)
+    if cuda:
+        state.cuda_driver_version = f"{cuda // 1000}.{cuda % 1000 // 10}"
+    state.nvml_version = _text(read("nvml_version", nv.nvmlSystemGetNVMLVersion) or "")
+    return read("cc_state", nv.nvmlSystemGetConfComputeState)
+
+
+def _device(nv: Any, index: int, cc: Any) -> attestation_pb2.Gpu:  # noqa: PLR0912 - a read a field
+    gpu = attestation_pb2.Gpu(index=index)
+
+    def read(field: str, fn: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return fn(*args)
+        except nv.NVMLError as exc:
+            gpu.unavailable.append(
+                attestation_pb2.Unavailable(field=field, reason=_reason(exc), detail=str(exc))
+            )
+            return None
+
+    h = nv.nvmlDeviceGetHandleByIndex(index)
+    gpu.name = _text(read("name", nv.nvmlDeviceGetName, h) or "")
+    gpu.uuid = _text(read("uuid", nv.nvmlDeviceGetUUID, h) or "")
+    gpu.serial = _text(read("serial", nv.nvmlDeviceGetSerial, h) or "")
+    pci = read("pci_bus_id", nv.nvmlDeviceGetPciInfo, h)
+    gpu.pci_bus_id = _text(pci.busId) if pci is not None else ""
+    board = read("board_id", nv.nvmlDeviceGetBoardId, h)
+    gpu.board_id = f"0x{board:x}" if board is not None else ""
+    gpu.vbios_version = _text(read("vbios_version", nv.nvmlDeviceGetVbiosVersion, h) or "")
+    gpu.inforom_image = _text(read("inforom_image", nv.nvmlDeviceGetInforomImageVersion, h) or "")
+    gpu.inforom_oem = _text(
+        read("inforom_oem", nv.nvmlDeviceGetInforomVersion, h, nv.NVML_INFOROM_OEM) or ""
+    )
+    gpu.inforom_ecc = _text(
+        read("inforom_ecc", nv.nvmlDeviceGetInforomVersion, h, nv.NVML_INFOROM_ECC) or ""
+    )
+    gpu.gsp_firmware_version = _text(
+        read("gsp_firmware_version", nv.nvmlDeviceGetGspFirmwareVersion, h) or ""
+    )
+    gsp = read("gsp_firmware_mode", nv.nvmlDeviceGetGspFirmwareMode, h)
+    if gsp is not None:
+        gpu.gsp_firmware_mode = "enabled" if gsp[0] else "disabled"
+    ecc = read("ecc_mode", nv.nvmlDeviceGetEccMode, h)
+    if ecc is not None:
+        gpu.ecc_enabled = bool(ecc[0])
+    mig = read("mig_mode", nv.nvmlDeviceGetMigMode, h)
+    if mig is not None:
+        gpu.mig_enabled = bool(mig[0])
+    persistence = read("persistence_mode", nv.nvmlDeviceGetPersistenceMode, h)
+    if persistence is not None:
+        gpu.persistence_mode = bool(persistence)
+    if cc is not None:
+        gpu.cc_state = "on" if getattr(cc, "ccFeature", 0) else "off"
+        gpu.cc_settings["environment"] = str(getattr(cc, "environment", ""))
+        gpu.cc_settings["dev_tools_mode"] = str(getattr(cc, "devToolsMode", ""))
+    pending = read("retired_pages_pending", nv.nvmlDeviceGetRetiredPagesPendingStatus, h)
+    if pending is not None:
+        gpu.retired_pages_pending = int(bool(pending))
+    rows = read("remapped_rows", nv.nvmlDeviceGetRemappedRows, h)
+    if rows is not None:
+        gpu.remapped_rows_pending = int(bool(rows[2]))
+        gpu.remapped_rows_failed = int(bool(rows[3]))
+    for attr, counter in (
+        ("ecc_uncorrected_volatile", nv.NVML_VOLATILE_ECC),
+        ("ecc_uncorrected_aggregate", nv.NVML_AGGREGATE_ECC),
+    ):
+        value = read(
+            attr, nv.nvmlDeviceGetTotalEccErrors, h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, counter
+        )
+        if value is not None:
+            setattr(gpu, attr, int(value))
+    for link in range(getattr(nv, "NVML_NVLINK_MAX_LINKS", 18)):
+        try:
+            active = nv.nvmlDeviceGetNvLinkState(h, link)
+        except nv.NVMLError:
+            break  # no more links (or none at all)
+        gpu.nvlinks.append(attestation_pb2.NvLink(link=link, active=bool(active)))
+    fabric = read("fabric", nv.nvmlDeviceGetGpuFabricInfo, h)
+    if fabric is not None:
+        gpu.fabric_state = str(fabric.state)
+        gpu.fabric_status = str(fabric.status)
+    if gpu.HasField("mig_enabled") and gpu.mig_enabled:
+        for slot in range(read("mig_devices", nv.nvmlDeviceGetMaxMigDeviceCount, h) or 0):
+            try:
+                mh = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, slot)
+            except nv.NVMLError:
+                continue
+            gpu.mig_devices.append(
+                attestation_pb2.MigDevice(
+                    gpu_instance_id=nv.nvmlDeviceGetGpuInstanceId(mh),
+                    compute_instance_id=nv.nvmlDeviceGetComputeInstanceId(mh),
+                )
+            )
+    return gpu
