@@ -46,6 +46,7 @@ def verifier_config(
         ca=CaConfig(cert=pki.ca_cert, key=pki.ca_key),
         endorsement=EndorsementConfig(roots=[], trust_swtpm_local_ca=ek_ca.cert_path),
         attestation=AttestationConfig(**{"interval_s": 30.0, **attestation}),
+        policy=None,  # tests of TPM evidence; policy tests name theirs
     )
 
 
@@ -72,6 +73,7 @@ def agent_config(
         runtime_dir=workdir / name / "run",
         zone="model-development",
         event_log=None,
+        gpu_source="none",
         rpc_timeout_s=10.0,
         reconnect_max_s=1.0,
     )

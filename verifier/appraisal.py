@@ -14,13 +14,14 @@ import datetime
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import NewType
+from dataclasses import dataclass, field
+from typing import Any, NewType
 
 from agent.evidence import qualifying_data
-from verifier import measured_boot
+from verifier import document, measured_boot
 from verifier.ca import PublicKey
 from verifier.errors import MalformedInput
+from verifier.policy import Policy, PolicyOutcome
 from verifier.refs import RefGroup, appraise_refs
 from verifier.tpm.bootfacts import BootFacts
 from verifier.tpm.clock import ClockState, check_clock
@@ -58,6 +59,10 @@ class Evidence:
     body: bytes
     certify_key: PublicKey | None
     event_log: EventLogPart | None = None
+    # The evidence body as plain values (verifier.document.plain) for policy, and a digest of
+    # its host, os and gpu parts: the policy's cache key (collected_at changes every time).
+    body_doc: dict[str, Any] = field(default_factory=dict)
+    posture_digest: str = ""
 
     @property
     def body_digest(self) -> str:
@@ -77,6 +82,12 @@ class Expectation:
     clock: ClockState | None = None
     log: measured_boot.LogState | None = None
     refs: RefGroup | None = None
+    policy: Policy | None = None
+    zone: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # The last policy outcome for this device and its key: re-evaluated only when the
+    # posture, the policy or the device's zone and labels change (DESIGN.md "Costs").
+    policy_cache: tuple[str, PolicyOutcome] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class Appraisal:
     log: measured_boot.LogState | None = None
     facts: BootFacts | None = None
     rebooted: bool = False
+    policy_cache: tuple[str, PolicyOutcome] | None = None
 
     @property
     def passed(self) -> bool:
@@ -105,7 +117,11 @@ def with_findings(claims: dict[Claim, int], findings: Iterable[Finding]) -> dict
 
 
 def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime) -> Appraisal:
-    def result(claims: dict[Claim, int], findings: Iterable[Finding]) -> TrustResult:
+    def result(
+        claims: dict[Claim, int],
+        findings: Iterable[Finding],
+        policy: PolicyOutcome | None = None,
+    ) -> TrustResult:
         return TrustResult(
             device_id=expect.device_id,
             claims=claims,
@@ -113,6 +129,8 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
             appraised_at=now,
             expires_at=now + expect.staleness,
             evidence_digest=evidence.body_digest,
+            policy_id=policy.policy_id if policy else "",
+            submods=policy.submods if policy else (),
         )
 
     def hard_failure(finding_id: str, message: str, expected: str, found: str) -> Appraisal:
@@ -189,14 +207,39 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
         )
         claims.update(ref_claims)
         findings.extend(ref_findings)
+    # 11. Posture and GPU policy (CEL rules over the evidence document).
+    outcome, cache = _policy(evidence, expect)
+    if outcome is not None:
+        for claim, value in outcome.claims.items():
+            if abs(value) > abs(claims.get(claim, 0)):
+                claims[claim] = value
+        findings.extend(outcome.findings)
     return Appraisal(
-        result(with_findings(claims, findings), findings),
+        result(with_findings(claims, findings), findings, outcome),
         attest,
         ClockState.of(attest),
         log,
         facts,
         clock.rebooted,
+        cache,
     )
+
+
+def _policy(
+    evidence: Evidence, expect: Expectation
+) -> tuple[PolicyOutcome | None, tuple[str, PolicyOutcome] | None]:
+    policy = expect.policy
+    if policy is None:
+        return None, None
+    labels = dict(expect.labels)
+    key = f"{policy.policy_id}|{evidence.posture_digest}|{expect.zone}|{sorted(labels.items())}"
+    if expect.policy_cache is not None and expect.policy_cache[0] == key:
+        return expect.policy_cache[1], expect.policy_cache
+    doc = document.build(
+        evidence.body_doc, bulletins=policy.bulletins, zone=expect.zone, labels=labels
+    )
+    outcome = policy.evaluate(doc, device_id=expect.device_id, zone=expect.zone, labels=labels)
+    return outcome, (key, outcome)
 
 
 def _event_log(

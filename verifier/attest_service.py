@@ -29,6 +29,7 @@ from verifier.ca import CertificateAuthority, DeviceClaims
 from verifier.config import VerifierConfig
 from verifier.errors import FailedPrecondition, MalformedInput, Rejected
 from verifier.identity import peer_identity
+from verifier.policy import PolicyHolder, PolicyOutcome
 from verifier.refs import ReferenceValues, RefGroup
 from verifier.store import CertificateRecord, DeviceRecord, DeviceState, Store, TpmState
 from verifier.tpm.constants import hash_name
@@ -56,6 +57,7 @@ class _Session:
     qualified_signers: frozenset[bytes]
     refs: RefGroup | None
     tpm: TpmState | None
+    policy_cache: tuple[str, PolicyOutcome] | None = None
     # The first challenge of a stream, and the one after a reboot, ask for the whole log.
     full_log: bool = True
 
@@ -75,8 +77,10 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         config: VerifierConfig,
         clock: Clock,
         refs: ReferenceValues | None = None,
+        policy: PolicyHolder | None = None,
     ) -> None:
         self._refs = refs
+        self._policy = policy or PolicyHolder(None)
         self._store = store
         self._ca = ca
         self._config = config
@@ -211,11 +215,16 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             ak_key=session.ak_key,
             staleness=cfg.attestation.staleness,
             qualified_signers=session.qualified_signers,
+            policy=self._policy.current,
+            zone=session.record.zone,
+            labels=session.record.labels,
+            policy_cache=session.policy_cache,
             clock=prior.clock if prior else None,
             log=prior.log if prior else None,
             refs=session.refs,
         )
         appraisal = appraise(evidence, expect, now=now)
+        session.policy_cache = appraisal.policy_cache
         tpm = None
         if appraisal.passed and appraisal.clock is not None:
             tpm = TpmState(clock=appraisal.clock, log=appraisal.log, pcrs=_pcrs_hex(evidence))

@@ -13,6 +13,7 @@ from verifier.tpm.structures import PcrSelect
 from verifier.trust import Tier
 
 DEFAULT_ROOTS = Path(__file__).resolve().parent / "data" / "ek-roots"
+DEFAULT_POLICY = Path(__file__).resolve().parent / "data" / "policy" / "default.yaml"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class VerifierConfig:
     # Reference values per device group (see verifier/refs.py); none means no golden values
     # or boot rules: the executables claim is then not asserted.
     reference_values: Path | None = None
+    # Posture and GPU policy (CEL rules, see verifier/policy.py); the shipped default for GPU
+    # hosts unless set. `policy: null` in the file appraises TPM evidence only.
+    policy: Path | None = DEFAULT_POLICY
     database: Path = Path("/var/lib/devtrust/verifier.db")
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)

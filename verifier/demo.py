@@ -28,6 +28,7 @@ from agent.main import make_tpm
 from agent.state import AgentFiles
 from protos.devtrust.v1 import attestation_pb2, common_pb2, query_pb2, query_pb2_grpc
 from swtpm import EndorsementCA, Swtpm, provision
+from swtpm.hosttree import write_host_tree
 from verifier.ca import CertificateAuthority, DeviceClaims, pem, spiffe_ids
 from verifier.config import (
     AttestationConfig,
@@ -82,6 +83,10 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
             state_dir=work / "agent-state",
             runtime_dir=work / "agent-run",
             event_log=None,  # the host's own log belongs to its real TPM, not to this swtpm
+            # A simulated well-configured GPU host's posture (this machine's is not one),
+            # appraised by the default policy; no GPU state on a machine without a GPU.
+            posture_root=write_host_tree(work / "host"),
+            gpu_source="none",
             zone="model-development",
             labels={"demo": "true"},
         )

@@ -34,6 +34,7 @@ from verifier.endorsement import EndorsementStore
 from verifier.enroll_service import EnrollmentService
 from verifier.errors import ConfigError
 from verifier.interceptor import ErrorMapping
+from verifier.policy import PolicyError, PolicyHolder
 from verifier.query_service import QueryService
 from verifier.refs import ReferenceValues
 from verifier.store import Store
@@ -77,6 +78,7 @@ class RunningVerifier:
     enrollment_port: int
     attestation_port: int
     store: Store
+    policy: PolicyHolder
     started: list[grpc.aio.Server] = field(default_factory=list)
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -124,6 +126,19 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         logger.info(
             "reference values: %d groups from %s", len(refs.groups), config.reference_values
         )
+    try:
+        policy = PolicyHolder(config.policy)
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from exc
+    if policy.current is not None:
+        logger.info(
+            "policy %s: %d rules from %s",
+            policy.current.policy_id,
+            len(policy.current.rules),
+            config.policy,
+        )
+    else:
+        logger.warning("no posture and GPU policy: only TPM evidence is appraised")
     store = Store(config.database)
     interceptors = [ErrorMapping()]
 
@@ -138,7 +153,10 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
 
     attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
     attestation_pb2_grpc.add_AttestationServicer_to_server(
-        AttestationService(store=store, ca=ca, config=config, clock=clock, refs=refs), attest
+        AttestationService(
+            store=store, ca=ca, config=config, clock=clock, refs=refs, policy=policy
+        ),
+        attest,
     )
     query_pb2_grpc.add_QueryServicer_to_server(
         QueryService(store=store, config=config, clock=clock), attest
@@ -155,7 +173,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     mtls = grpc.ssl_server_credentials(
         [(server_key, server_cert)], root_certificates=pem(ca.cert), require_client_auth=True
     )
-    running = RunningVerifier(enroll, attest, 0, 0, store)
+    running = RunningVerifier(enroll, attest, 0, 0, store, policy)
     try:
         try:
             running.enrollment_port = enroll.add_secure_port(config.listen.enrollment, tls)

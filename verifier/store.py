@@ -21,7 +21,7 @@ from typing import Any
 from verifier.measured_boot import LogState
 from verifier.tpm.clock import ClockState
 from verifier.tpm.eventlog import ReplayState
-from verifier.trust import Claim, Finding, Severity, TrustResult
+from verifier.trust import Claim, Finding, Severity, SubResult, TrustResult
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -190,27 +190,48 @@ def _dt(value: str | None) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(value) if value else None
 
 
+def _finding_json(f: Finding) -> dict[str, str]:
+    return {
+        "id": f.id,
+        "severity": f.severity.name.lower(),
+        "claim": f.claim.value,
+        "message": f.message,
+        "expected": f.expected,
+        "found": f.found,
+        "subject": f.subject,
+    }
+
+
+def _finding_from(f: dict[str, str]) -> Finding:
+    return Finding(
+        id=f["id"],
+        severity=Severity[f["severity"].upper()],
+        claim=Claim(f["claim"]),
+        message=f["message"],
+        expected=f["expected"],
+        found=f["found"],
+        subject=f["subject"],
+    )
+
+
 def result_to_json(result: TrustResult) -> str:
     return json.dumps(
         {
             "device_id": result.device_id,
             "claims": {c.value: v for c, v in result.claims.items()},
-            "findings": [
-                {
-                    "id": f.id,
-                    "severity": f.severity.name.lower(),
-                    "claim": f.claim.value,
-                    "message": f.message,
-                    "expected": f.expected,
-                    "found": f.found,
-                    "subject": f.subject,
-                }
-                for f in result.findings
-            ],
+            "findings": [_finding_json(f) for f in result.findings],
             "appraised_at": _ts(result.appraised_at),
             "expires_at": _ts(result.expires_at),
             "evidence_digest": result.evidence_digest,
             "policy_id": result.policy_id,
+            "submods": [
+                {
+                    "name": s.name,
+                    "claims": {c.value: v for c, v in s.claims.items()},
+                    "findings": [_finding_json(f) for f in s.findings],
+                }
+                for s in result.submods
+            ],
         },
         sort_keys=True,
     )
@@ -221,22 +242,19 @@ def result_from_json(text: str) -> TrustResult:
     return TrustResult(
         device_id=d["device_id"],
         claims={Claim(k): int(v) for k, v in d["claims"].items()},
-        findings=tuple(
-            Finding(
-                id=f["id"],
-                severity=Severity[f["severity"].upper()],
-                claim=Claim(f["claim"]),
-                message=f["message"],
-                expected=f["expected"],
-                found=f["found"],
-                subject=f["subject"],
-            )
-            for f in d["findings"]
-        ),
+        findings=tuple(_finding_from(f) for f in d["findings"]),
         appraised_at=datetime.datetime.fromisoformat(d["appraised_at"]),
         expires_at=datetime.datetime.fromisoformat(d["expires_at"]),
         evidence_digest=d["evidence_digest"],
         policy_id=d["policy_id"],
+        submods=tuple(
+            SubResult(
+                name=s["name"],
+                claims={Claim(k): int(v) for k, v in s["claims"].items()},
+                findings=tuple(_finding_from(f) for f in s["findings"]),
+            )
+            for s in d.get("submods", [])
+        ),
     )
 
 

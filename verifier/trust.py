@@ -93,6 +93,19 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class SubResult:
+    """One component's own result under the host's (EAR submods): a GPU."""
+
+    name: str
+    claims: dict[Claim, int]
+    findings: tuple[Finding, ...]
+
+    @property
+    def tier(self) -> Tier:
+        return overall_tier(self.claims)
+
+
+@dataclass(frozen=True)
 class TrustResult:
     device_id: str
     claims: dict[Claim, int]
@@ -101,6 +114,7 @@ class TrustResult:
     expires_at: datetime.datetime
     evidence_digest: str = ""
     policy_id: str = ""
+    submods: tuple[SubResult, ...] = ()
     tier: Tier = field(init=False)
     score: int = field(init=False)
 
@@ -128,6 +142,7 @@ class TrustResult:
             expires_at=self.expires_at,
             evidence_digest=self.evidence_digest,
             policy_id=self.policy_id,
+            submods=tuple(SubResult(s.name, {}, s.findings) for s in self.submods),
         )
 
 

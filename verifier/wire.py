@@ -14,13 +14,14 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.devtrust.v1 import attestation_pb2, common_pb2
+from verifier import document
 from verifier.appraisal import NONCE_SIZE, EventLogPart, Evidence
 from verifier.ca import PublicKey
 from verifier.errors import MalformedInput
 from verifier.store import DeviceRecord, DeviceState
 from verifier.tpm.constants import DIGEST_SIZES, hash_alg, hash_name
 from verifier.tpm.structures import PcrSelect
-from verifier.trust import Severity, Tier, TrustResult, tier_of
+from verifier.trust import Finding, Severity, Tier, TrustResult, tier_of
 
 MAX_PCR_INDEX = 23
 _TIERS = {
@@ -103,7 +104,14 @@ def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
     event_log = None
     if msg.HasField("event_log"):
         event_log = EventLogPart(offset=msg.event_log.offset, data=msg.event_log.data)
+    posture = hashlib.sha256(
+        b"".join(
+            part.SerializeToString(deterministic=True) for part in (body.host, body.os, body.gpu)
+        )
+    ).hexdigest()
     return Evidence(
+        body_doc=document.plain(body),
+        posture_digest=posture,
         event_log=event_log,
         nonce=msg.nonce,
         attest=msg.quote_attest,
@@ -123,22 +131,35 @@ def result_to_wire(result: TrustResult) -> common_pb2.TrustResult:
             common_pb2.TrustClaim(name=c.value, value=v, tier=_TIERS[tier_of(v)])
             for c, v in result.claims.items()
         ],
-        findings=[
-            common_pb2.Finding(
-                id=f.id,
-                severity=_SEVERITIES[f.severity],
-                claim=f.claim.value,
-                message=f.message,
-                expected=f.expected,
-                found=f.found,
-                subject=f.subject,
-            )
-            for f in result.findings
-        ],
+        findings=[_finding(f) for f in result.findings],
         appraised_at=timestamp(result.appraised_at),
         expires_at=timestamp(result.expires_at),
         evidence_digest=result.evidence_digest,
         policy_id=result.policy_id,
+        submods=[
+            common_pb2.SubResult(
+                name=sub.name,
+                tier=_TIERS[sub.tier],
+                claims=[
+                    common_pb2.TrustClaim(name=c.value, value=v, tier=_TIERS[tier_of(v)])
+                    for c, v in sub.claims.items()
+                ],
+                findings=[_finding(f) for f in sub.findings],
+            )
+            for sub in result.submods
+        ],
+    )
+
+
+def _finding(f: Finding) -> common_pb2.Finding:
+    return common_pb2.Finding(
+        id=f.id,
+        severity=_SEVERITIES[f.severity],
+        claim=f.claim.value,
+        message=f.message,
+        expected=f.expected,
+        found=f.found,
+        subject=f.subject,
     )
 
 

@@ -1,0 +1,133 @@
+"""The evidence document: what policy rules see. Pure.
+
+The evidence body (a protobuf message, converted at the gRPC edge by ``plain``) becomes plain
+dicts and lists; every field is present, and a value the host could not read is ``null``
+(proto3 ``optional`` unset), never false. Derived fields are added here, from data files an
+operator can update:
+
+- ``gpu.branch`` (``R580``) and ``gpu.missing_bulletins``: the NVIDIA security bulletins
+  whose fixed version for that branch is above the running driver;
+- per GPU ``lost`` (any field read as "GPU is lost") and ``gsp_matches_driver``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+Document = dict[str, Any]
+
+
+def plain(msg: Message) -> dict[str, Any]:
+    """A message as dicts: unset optional fields and unset sub-messages are None."""
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            out[field.name] = dict(value)
+        elif field.is_repeated:
+            out[field.name] = [plain(v) if isinstance(v, Message) else v for v in value]
+        elif field.has_presence and not msg.HasField(field.name):
+            out[field.name] = None
+        elif isinstance(value, Message):
+            out[field.name] = plain(value)
+        elif isinstance(value, bytes):
+            out[field.name] = value.hex()
+        else:
+            out[field.name] = value
+    return out
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class Bulletin:
+    bulletin: str
+    title: str
+    branch: str
+    fixed: str
+    cves: tuple[str, ...]
+    max_cvss: float
+
+
+@dataclass(frozen=True)
+class Bulletins:
+    """First fixed driver version per bulletin and branch (NVIDIA's security bulletins)."""
+
+    entries: tuple[Bulletin, ...]
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> Bulletins:
+        entries = []
+        with path.open(newline="") as fh:
+            for n, row in enumerate(csv.DictReader(fh), start=2):
+                try:
+                    entries.append(
+                        Bulletin(
+                            bulletin=row["bulletin"],
+                            title=row["title"],
+                            branch=row["branch"],
+                            fixed=row["fixed_versions"],
+                            cves=tuple(row["cves"].split(";")),
+                            max_cvss=float(row["max_cvss"] or 0),
+                        )
+                    )
+                except (KeyError, ValueError) as exc:
+                    raise ValueError(f"{path}:{n}: bad bulletin row: {exc}") from exc
+        return cls(entries=tuple(entries), source=str(path))
+
+    def missing(self, driver_version: str) -> list[Bulletin]:
+        if not driver_version:
+            return []
+        branch = f"R{driver_version.split('.', 1)[0]}"
+        running = version_tuple(driver_version)
+        return [b for b in self.entries if b.branch == branch and running < version_tuple(b.fixed)]
+
+
+def build(
+    body: dict[str, Any],
+    *,
+    bulletins: Bulletins,
+    zone: str = "",
+    labels: dict[str, str] | None = None,
+) -> Document:
+    """The document for policy: the body's host, os and gpu, with derived fields, and the
+    enrolled device's zone and labels (the verifier's record, not what the host says)."""
+    gpu = dict(body.get("gpu") or {})
+    driver = gpu.get("driver_version") or ""
+    gpu["branch"] = f"R{driver.split('.', 1)[0]}" if driver else ""
+    gpu["missing_bulletins"] = [
+        {
+            "bulletin": b.bulletin,
+            "title": b.title,
+            "fixed": b.fixed,
+            "cves": list(b.cves),
+            "max_cvss": b.max_cvss,
+        }
+        for b in bulletins.missing(driver)
+    ]
+    gpus = []
+    for reported in gpu.get("gpus") or []:
+        g = dict(reported)
+        g["lost"] = any(u["reason"] == "gpu_lost" for u in g.get("unavailable") or [])
+        gsp = g.get("gsp_firmware_version") or ""
+        g["gsp_matches_driver"] = (gsp == driver) if gsp and driver else None
+        gpus.append(g)
+    gpu["gpus"] = gpus
+    return {
+        "host": body.get("host") or {},
+        "os": body.get("os") or {},
+        "gpu": gpu,
+        "device": {"zone": zone, "labels": dict(labels or {})},
+    }
