@@ -95,6 +95,16 @@ class Bulletins:
         return [b for b in self.entries if b.branch == branch and running < version_tuple(b.fixed)]
 
 
+def _nulled(part: dict[str, Any]) -> dict[str, Any]:
+    """A copy where every field the host listed as unavailable is null: a string field that
+    could not be read is unknown, not the empty string."""
+    out = dict(part)
+    for item in part.get("unavailable") or []:
+        if item["field"] in out:
+            out[item["field"]] = None
+    return out
+
+
 def build(
     body: dict[str, Any],
     *,
@@ -104,7 +114,7 @@ def build(
 ) -> Document:
     """The document for policy: the body's host, os and gpu, with derived fields, and the
     enrolled device's zone and labels (the verifier's record, not what the host says)."""
-    gpu = dict(body.get("gpu") or {})
+    gpu = _nulled(body.get("gpu") or {})
     driver = gpu.get("driver_version") or ""
     gpu["branch"] = f"R{driver.split('.', 1)[0]}" if driver else ""
     gpu["missing_bulletins"] = [
@@ -119,7 +129,7 @@ def build(
     ]
     gpus = []
     for reported in gpu.get("gpus") or []:
-        g = dict(reported)
+        g = _nulled(reported)
         g["lost"] = any(u["reason"] == "gpu_lost" for u in g.get("unavailable") or [])
         gsp = g.get("gsp_firmware_version") or ""
         g["gsp_matches_driver"] = (gsp == driver) if gsp and driver else None
@@ -127,7 +137,7 @@ def build(
     gpu["gpus"] = gpus
     return {
         "host": body.get("host") or {},
-        "os": body.get("os") or {},
+        "os": _nulled(body.get("os") or {}),
         "gpu": gpu,
         "device": {"zone": zone, "labels": dict(labels or {})},
     }
