@@ -28,6 +28,7 @@ from agent.collect import collect_body
 from agent.config import AgentConfig
 from agent.errors import TpmError
 from agent.evidence import qualifying_data
+from agent.posture import fingerprint
 from agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
 from agent.tpm import AsyncTpm
 from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
@@ -63,12 +64,36 @@ class AttestationClient:
         self._on_result = on_result
         self._pending: _PendingKey | None = None
         self._posture_changed: asyncio.Queue[list[str]] = asyncio.Queue()
+        # grpc.aio allows one write at a time on a stream: evidence and PostureChanged share it.
+        self._write_lock = asyncio.Lock()
 
     def notify_posture_changed(self, signals: list[str]) -> None:
         self._posture_changed.put_nowait(signals)
 
+    async def watch(self) -> None:
+        """Poll the cheap posture signals; a change is sent as PostureChanged at once, so the
+        verifier challenges within the poll interval plus one round trip."""
+        root = self._cfg.posture_root
+        last = await asyncio.to_thread(fingerprint, root)
+        while True:
+            await asyncio.sleep(self._cfg.watch_interval_s)
+            now = await asyncio.to_thread(fingerprint, root)
+            changed = sorted(k for k in now if now[k] != last.get(k))
+            last = now
+            if changed:
+                logger.info("posture changed: %s", ", ".join(changed))
+                self.notify_posture_changed(changed)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Attest until ``stop`` is set, reconnecting after failures."""
+        watcher = asyncio.create_task(self.watch())
+        try:
+            await self._run(stop)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         delay = 0.5
         while not stop.is_set():
             session = asyncio.create_task(self.session())
@@ -116,18 +141,20 @@ class AttestationClient:
                         self._handle_result(msg.result)
                     if msg.HasField("challenge"):
                         evidence = await self._answer(msg.challenge)
-                        await call.write(attestation_pb2.AgentMessage(evidence=evidence))
+                        async with self._write_lock:
+                            await call.write(attestation_pb2.AgentMessage(evidence=evidence))
             finally:
                 watcher.cancel()
 
     async def _forward_posture(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
         while True:
             signals = await self._posture_changed.get()
-            await call.write(
-                attestation_pb2.AgentMessage(
-                    posture_changed=attestation_pb2.PostureChanged(signals=signals)
+            async with self._write_lock:
+                await call.write(
+                    attestation_pb2.AgentMessage(
+                        posture_changed=attestation_pb2.PostureChanged(signals=signals)
+                    )
                 )
-            )
 
     async def _answer(self, challenge: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
         now = utcnow()

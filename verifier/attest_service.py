@@ -140,6 +140,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             logger.info("stream open device=%s agent=%s", device_id, first.hello.agent_version)
             outstanding: _Outstanding | None = None
             next_challenge = time.monotonic()
+            # A change reported while a challenge is out: that evidence may predate it.
+            posture_changed = False
             while True:
                 if outstanding is None and time.monotonic() >= next_challenge:
                     outstanding = await self._challenge(context, session)
@@ -163,6 +165,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     nonce, outstanding = outstanding.nonce, None
                     evidence = wire.evidence_from_wire(msg.evidence)
                     reply, again = self._appraise(session, nonce, evidence)
+                    again, posture_changed = again or posture_changed, False
                     next_challenge = time.monotonic() + (0 if again else cfg.interval_s)
                     reply.result.next_challenge_in.FromTimedelta(
                         datetime.timedelta(seconds=cfg.interval_s)
@@ -175,6 +178,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                         ",".join(msg.posture_changed.signals),
                     )
                     next_challenge = time.monotonic()
+                    posture_changed = outstanding is not None
                 elif kind == "hello":
                     raise MalformedInput("Hello sent twice on one stream")
                 else:

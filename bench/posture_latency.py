@@ -1,0 +1,124 @@
+"""Latency from a posture change on the host to the verifier's changed result.
+
+A real verifier (SQLite, mTLS on loopback) and a swtpm-backed agent whose posture root is a
+simulated host tree; the default policy; a 60 s challenge interval, so only PostureChanged
+can explain a fast result. Each repeat flips PermitRootLogin and times the file write to the
+result with the new tier. Reports the median and the maximum.
+
+    .venv/bin/python bench/posture_latency.py [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from agent.attest import AttestationClient
+from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from agent.enroll import enroll
+from agent.main import make_tpm
+from agent.state import AgentFiles
+from protos.devtrust.v1 import attestation_pb2, common_pb2
+from swtpm import EndorsementCA, Swtpm, provision
+from swtpm.hosttree import write_host_tree
+from verifier.config import (
+    AttestationConfig,
+    CaConfig,
+    EndorsementConfig,
+    ListenConfig,
+    TlsConfig,
+    VerifierConfig,
+)
+from verifier.pki import init_pki
+from verifier.server import start_verifier
+
+HARDENING = "etc/ssh/sshd_config.d/10-hardening.conf"
+
+
+async def measure(work: Path, repeats: int) -> list[float]:
+    pki = init_pki(work / "pki", hostnames=["127.0.0.1"], now=datetime.datetime.now(datetime.UTC))
+    ca = EndorsementCA.create(work / "ek-ca")
+    provision(work / "tpm", ca)
+    tpm = Swtpm(work / "tpm").start()
+    verifier = await start_verifier(
+        VerifierConfig(
+            database=work / "v.db",
+            listen=ListenConfig("127.0.0.1:0", "127.0.0.1:0"),
+            tls=TlsConfig(pki.server_cert, pki.server_key),
+            ca=CaConfig(pki.ca_cert, pki.ca_key),
+            endorsement=EndorsementConfig(roots=[], trust_swtpm_local_ca=ca.cert_path),
+            attestation=AttestationConfig(interval_s=60.0),
+        )
+    )
+    root = write_host_tree(work / "host")
+    cfg = AgentConfig(
+        verifier=VerifierEndpoint(
+            f"127.0.0.1:{verifier.enrollment_port}",
+            f"127.0.0.1:{verifier.attestation_port}",
+            pki.ca_cert,
+        ),
+        tpm=TpmConfig(tcti=tpm.tcti),
+        state_dir=work / "state",
+        runtime_dir=work / "run",
+        event_log=None,
+        gpu_source="none",
+        posture_root=root,
+    )
+    atpm = make_tpm(cfg)
+    files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
+    queue: asyncio.Queue[attestation_pb2.Result] = asyncio.Queue()
+    stop = asyncio.Event()
+    try:
+        client = AttestationClient(
+            cfg, atpm, files, await enroll(cfg, atpm, files), on_result=queue.put_nowait
+        )
+        task = asyncio.create_task(client.run(stop))
+        await queue.get()
+        await asyncio.sleep(0.5)
+        samples = []
+        for n in range(repeats):
+            login = "yes" if n % 2 == 0 else "no"
+            want = common_pb2.TIER_WARNING if login == "yes" else common_pb2.TIER_AFFIRMING
+            (root / HARDENING).write_text(f"PermitRootLogin {login}\nPasswordAuthentication no\n")
+            start = time.monotonic()
+            while (await asyncio.wait_for(queue.get(), 30)).trust.tier != want:
+                pass
+            samples.append(time.monotonic() - start)
+            await asyncio.sleep(0.5)
+        stop.set()
+        await task
+        return samples
+    finally:
+        atpm.close()
+        await verifier.stop(grace=None)
+        tpm.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = asyncio.run(measure(Path(tmp), args.repeats))
+    print(
+        json.dumps(
+            {
+                "posture_change_to_result_s": {
+                    "median": round(statistics.median(samples), 3),
+                    "max": round(max(samples), 3),
+                    "repeats": len(samples),
+                },
+                "watch_interval_s": AgentConfig().watch_interval_s,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
