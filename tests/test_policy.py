@@ -260,3 +260,77 @@ def test_bad_policy_names_file_line_and_reason(
     path.write_text(text)
     with pytest.raises(PolicyError, match=message):
         Policy.load(path)
+
+
+@needs_corpus
+def test_collect_then_policy_eval(tmp_path: Path) -> None:
+    """The operator's dry run: `devtrust-agent collect --json` into `devtrust policy eval`."""
+    import json
+    import subprocess
+    import sys
+
+    root = write_host_tree(tmp_path / "host")
+    xml = next(Path(str(CORPUS), "gpu").rglob("qx-gb200-lost.xml"))
+    collected = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.main",
+            "collect",
+            "--root",
+            str(root),
+            "--gpu-xml",
+            str(xml),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    evidence = tmp_path / "evidence.json"
+    evidence.write_text(collected.stdout)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "verifier.cli",
+            "policy",
+            "eval",
+            "--policy",
+            str(DEFAULT_POLICY),
+            "--evidence",
+            str(evidence),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["tier"] == "contraindicated"
+    assert out["claims"]["hardware"] == 96
+    assert [s["tier"] for s in out["submods"]] == ["warning", "contraindicated"]
+    ids = {f["id"] for f in out["findings"]}
+    assert {"gpu.lost", "gpu.driver.security_bulletins", "gpu.ecc_uncorrected"} <= ids
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "verifier.cli",
+            "policy",
+            "eval",
+            "--policy",
+            str(DEFAULT_POLICY),
+            "--evidence",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "not an EvidenceBody in JSON" in refused.stderr

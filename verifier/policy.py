@@ -210,8 +210,8 @@ def _check(rule: Rule, doc: Document, subject: str, subject_id: str) -> Finding 
     if rule.found is not None:
         try:
             value = rule.found.execute(doc)
-        except Exception:  # noqa: BLE001 - a found expression is only for the message
-            value = "?"
+        except Exception:  # noqa: BLE001 - null operands: the values are unknown
+            value = None
         if value is None:  # the host could not read it: unknown, not failed
             return Finding(
                 id="policy.unknown",

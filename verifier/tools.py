@@ -15,15 +15,21 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from google.protobuf import json_format
 
+from protos.devtrust.v1 import attestation_pb2
 from verifier import measured_boot
+from verifier.appraisal import with_findings
+from verifier.document import build, plain
 from verifier.errors import MalformedInput
+from verifier.policy import Policy, PolicyError
 from verifier.store import Store
 from verifier.tpm import bootfacts
 from verifier.tpm import eventlog as ev
 from verifier.tpm.constants import hash_alg
 from verifier.tpm.quote import AkKey, QuoteRejected, check_quote
 from verifier.tpm.structures import parse_attest, parse_public
+from verifier.trust import overall_tier, trust_score
 
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -217,6 +223,66 @@ def refs_learn(args: argparse.Namespace) -> int:
     return EXIT_VALID
 
 
+def policy_eval(args: argparse.Namespace) -> int:
+    """The dry run an operator makes before rolling out a policy: the vector, tier, score and
+    findings a policy gives one evidence body (as `devtrust-agent collect --json` prints)."""
+    try:
+        policy = Policy.load(args.policy)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        body = json_format.Parse(
+            _read(args.evidence, "evidence").decode(), attestation_pb2.EvidenceBody()
+        )
+    except (json_format.ParseError, UnicodeDecodeError) as exc:
+        raise UsageError(f"evidence {args.evidence}: not an EvidenceBody in JSON: {exc}") from exc
+    labels = dict(kv.split("=", 1) for kv in args.label)
+    doc = build(plain(body), bulletins=policy.bulletins, zone=args.zone, labels=labels)
+    outcome = policy.evaluate(doc, device_id=args.device, zone=args.zone, labels=labels)
+    claims = with_findings(outcome.claims, outcome.findings)
+    tier, score = overall_tier(claims), trust_score(claims)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "policy_id": policy.policy_id,
+                    "tier": tier.label,
+                    "score": score,
+                    "claims": {c.value: v for c, v in claims.items()},
+                    "findings": [
+                        {
+                            "id": f.id,
+                            "severity": f.severity.name.lower(),
+                            "claim": f.claim.value,
+                            "subject": f.subject,
+                            "message": f.message,
+                            "expected": f.expected,
+                            "found": f.found,
+                        }
+                        for f in outcome.findings
+                    ],
+                    "submods": [
+                        {
+                            "name": s.name,
+                            "tier": s.tier.label,
+                            "claims": {c.value: v for c, v in s.claims.items()},
+                        }
+                        for s in outcome.submods
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return EXIT_VALID
+    print(f"policy {policy.policy_id}: tier {tier.label}, score {score}/100")
+    print("claims " + ", ".join(f"{c.value}={v}" for c, v in claims.items()))
+    for sub in outcome.submods:
+        print(f"  {sub.name}: {sub.tier.label}")
+    for f in outcome.findings:
+        print(f"{f.severity.name.lower():<15} {f.id}: {f.message}")
+    return EXIT_VALID
+
+
 def add_parsers(sub: Any) -> None:
     """Add the tools to the ``devtrust`` subcommand parser ``sub``."""
     log = sub.add_parser("eventlog", help="TCG event log tools").add_subparsers(
@@ -241,6 +307,19 @@ def add_parsers(sub: Any) -> None:
     refs = sub.add_parser("refs", help="reference values").add_subparsers(
         dest="action", required=True
     )
+    pol = sub.add_parser("policy", help="posture and GPU policy").add_subparsers(
+        dest="action", required=True
+    )
+    p = pol.add_parser("eval", help="evaluate a policy on one evidence body (dry run)")
+    p.add_argument("--policy", type=Path, required=True)
+    p.add_argument(
+        "--evidence", type=Path, required=True, help="JSON from `devtrust-agent collect --json`"
+    )
+    p.add_argument("--zone", default="")
+    p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
+    p.add_argument("--device", default="(dry run)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(tool=policy_eval)
     p = refs.add_parser("learn", help="propose reference values from a known-good device")
     p.add_argument("device_id")
     p.add_argument("--database", type=Path, default=Path("/var/lib/devtrust/verifier.db"))
