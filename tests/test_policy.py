@@ -306,6 +306,7 @@ def test_collect_then_policy_eval(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -331,6 +332,7 @@ def test_collect_then_policy_eval(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert refused.returncode == 2
     assert "not an EvidenceBody in JSON" in refused.stderr
