@@ -12,9 +12,11 @@ from agent.gpu.procfs import collect_procfs
 from agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
 from agent.posture import collect_posture
 from protos.devtrust.v1 import attestation_pb2
+from swtpm import EndorsementCA
 from swtpm.hosttree import write_host_tree
 from verifier.config import DEFAULT_POLICY
 from verifier.document import build, plain
+from verifier.pki import PkiFiles
 from verifier.policy import Policy, PolicyError
 from verifier.trust import Claim, Tier, overall_tier
 
@@ -336,3 +338,48 @@ def test_collect_then_policy_eval(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2
     assert "not an EvidenceBody in JSON" in refused.stderr
+
+
+def test_reload_policy_refuses_a_bad_file_and_keeps_the_old_one(
+    tmp_path: Path, pki: PkiFiles, endorsement_ca: EndorsementCA
+) -> None:
+    import asyncio
+    import shutil
+    from dataclasses import replace
+
+    import grpc
+
+    from protos.devtrust.v1 import query_pb2
+    from tests.env import operator_stub, running, verifier_config
+
+    policy_file = tmp_path / "policy.yaml"
+    shutil.copy(DEFAULT_POLICY, policy_file)
+    shutil.copy(DEFAULT_POLICY.parent / "nvidia-driver-bulletins.csv", tmp_path)
+    config = replace(verifier_config(tmp_path, pki, endorsement_ca), policy=policy_file)
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, str, str]:
+        async with running(config) as verifier:
+            channel, query = operator_stub(pki, verifier, tmp_path)
+            async with channel:
+                policy_file.write_text(
+                    policy_file.read_text().replace(
+                        "expr: os.secure_boot == true", "expr: os.secure_boot ==="
+                    )
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await query.ReloadPolicy(query_pb2.ReloadPolicyRequest(), timeout=10)
+                kept = verifier.policy.current.policy_id  # type: ignore[union-attr]
+                policy_file.write_text(
+                    policy_file.read_text()
+                    .replace("expr: os.secure_boot ===", "expr: os.secure_boot == true")
+                    .replace("devtrust-default-gpu-hosts-1", "fleet-2")
+                )
+                reloaded = await query.ReloadPolicy(query_pb2.ReloadPolicyRequest(), timeout=10)
+            return refused.value, kept, reloaded.policy_id
+
+    refused, kept, reloaded = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"{policy_file}:" in (refused.details() or "")
+    assert "rule os.secure_boot: CEL does not compile" in (refused.details() or "")
+    assert kept == "devtrust-default-gpu-hosts-1"
+    assert reloaded == "fleet-2"

@@ -16,6 +16,7 @@ from verifier.ca import CertificateAuthority
 from verifier.config import VerifierConfig
 from verifier.errors import DevtrustError
 from verifier.pki import init_pki, issue_operator
+from verifier.policy import PolicyError
 from verifier.server import start_verifier
 from verifier.store import DeviceState, Store
 
@@ -28,6 +29,17 @@ async def serve(config: VerifierConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload_policy() -> None:
+        try:
+            policy = running.policy.reload()
+        except PolicyError as exc:
+            logger.error("SIGHUP: policy refused, the old one stays: %s", exc)  # noqa: TRY400
+            return
+        if policy is not None:
+            logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
+
+    loop.add_signal_handler(signal.SIGHUP, reload_policy)
     await stop.wait()
     logger.info("stopping")
     await running.stop(grace=5.0)

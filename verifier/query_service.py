@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,17 +12,27 @@ import grpc
 from protos.devtrust.v1 import common_pb2, query_pb2, query_pb2_grpc
 from verifier import wire
 from verifier.config import VerifierConfig
-from verifier.errors import MalformedInput, NotFound
+from verifier.errors import FailedPrecondition, MalformedInput, NotFound
 from verifier.identity import peer_identity
+from verifier.policy import PolicyError, PolicyHolder
 from verifier.store import Store
 from verifier.trust import Tier
 
+logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
 MAX_PAGE = 500
 
 
 class QueryService(query_pb2_grpc.QueryServicer):
-    def __init__(self, *, store: Store, config: VerifierConfig, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        config: VerifierConfig,
+        clock: Clock,
+        policy: PolicyHolder | None = None,
+    ) -> None:
+        self._policy = policy or PolicyHolder(None)
         self._store = store
         self._config = config
         self._clock = clock
@@ -87,3 +98,20 @@ class QueryService(query_pb2_grpc.QueryServicer):
                     out.next_page_token = rec.device_id
                     break
         return out
+
+    async def ReloadPolicy(
+        self,
+        request: query_pb2.ReloadPolicyRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> query_pb2.ReloadPolicyResponse:
+        operator = self._operator(context)
+        try:
+            policy = self._policy.reload()
+        except PolicyError as exc:
+            raise FailedPrecondition(f"policy refused, the old one stays: {exc}") from exc
+        if policy is None:
+            raise FailedPrecondition("this verifier has no policy file configured")
+        logger.info("policy %s reloaded by operator %s", policy.policy_id, operator)
+        return query_pb2.ReloadPolicyResponse(
+            policy_id=policy.policy_id, rules=len(policy.rules), source=policy.source
+        )

@@ -159,7 +159,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         attest,
     )
     query_pb2_grpc.add_QueryServicer_to_server(
-        QueryService(store=store, config=config, clock=clock), attest
+        QueryService(store=store, config=config, clock=clock, policy=policy), attest
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, attest)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.devtrust.v1 import common_pb2 as protos_dot_devtrust_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/devtrust/v1/query.proto\x12\x0b\x64\x65vtrust.v1\x1a\x1fprotos/devtrust/v1/common.proto\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xea\x01\n\x12ListDevicesRequest\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.devtrust.v1.ListDevicesRequest.LabelsEntry\x12\x12\n\nstale_only\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x13ListDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.devtrust.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x14GetTrustScoreRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t2\xe8\x01\n\x05Query\x12?\n\tGetDevice\x12\x1d.devtrust.v1.GetDeviceRequest\x1a\x13.devtrust.v1.Device\x12P\n\x0bListDevices\x12\x1f.devtrust.v1.ListDevicesRequest\x1a .devtrust.v1.ListDevicesResponse\x12L\n\rGetTrustScore\x12!.devtrust.v1.GetTrustScoreRequest\x1a\x18.devtrust.v1.TrustResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/devtrust/v1/query.proto\x12\x0b\x64\x65vtrust.v1\x1a\x1fprotos/devtrust/v1/common.proto\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xea\x01\n\x12ListDevicesRequest\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.devtrust.v1.ListDevicesRequest.LabelsEntry\x12\x12\n\nstale_only\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x13ListDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.devtrust.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x14GetTrustScoreRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x15\n\x13ReloadPolicyRequest\"H\n\x14ReloadPolicyResponse\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\r\n\x05rules\x18\x02 \x01(\r\x12\x0e\n\x06source\x18\x03 \x01(\t2\xbd\x02\n\x05Query\x12?\n\tGetDevice\x12\x1d.devtrust.v1.GetDeviceRequest\x1a\x13.devtrust.v1.Device\x12P\n\x0bListDevices\x12\x1f.devtrust.v1.ListDevicesRequest\x1a .devtrust.v1.ListDevicesResponse\x12L\n\rGetTrustScore\x12!.devtrust.v1.GetTrustScoreRequest\x1a\x18.devtrust.v1.TrustResult\x12S\n\x0cReloadPolicy\x12 .devtrust.v1.ReloadPolicyRequest\x1a!.devtrust.v1.ReloadPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDEVICESRESPONSE']._serialized_end=440
   _globals['_GETTRUSTSCOREREQUEST']._serialized_start=442
   _globals['_GETTRUSTSCOREREQUEST']._serialized_end=483
-  _globals['_QUERY']._serialized_start=486
-  _globals['_QUERY']._serialized_end=718
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=485
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=506
+  _globals['_RELOADPOLICYRESPONSE']._serialized_start=508
+  _globals['_RELOADPOLICYRESPONSE']._serialized_end=580
+  _globals['_QUERY']._serialized_start=583
+  _globals['_QUERY']._serialized_end=900
 # @@protoc_insertion_point(module_scope)

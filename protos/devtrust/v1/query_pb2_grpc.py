@@ -50,6 +50,11 @@ class QueryStub:
                 request_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
                 response_deserializer=protos_dot_devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
                 _registered_method=True)
+        self.ReloadPolicy = channel.unary_unary(
+                '/devtrust.v1.Query/ReloadPolicy',
+                request_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
+                response_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -73,6 +78,14 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadPolicy(self, request, context):
+        """Load the policy file again; a policy that does not validate whole is refused with its
+        file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +103,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.GetTrustScore,
                     request_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.FromString,
                     response_serializer=protos_dot_devtrust_dot_v1_dot_common__pb2.TrustResult.SerializeToString,
+            ),
+            'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPolicy,
+                    request_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.FromString,
+                    response_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +191,33 @@ class Query:
             '/devtrust.v1.Query/GetTrustScore',
             protos_dot_devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
             protos_dot_devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/ReloadPolicy',
+            protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
+            protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

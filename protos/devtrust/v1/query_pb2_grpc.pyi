@@ -37,6 +37,10 @@ class QueryStub:
     GetDevice: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetDeviceRequest, _common_pb2.Device]
     ListDevices: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListDevicesRequest, _query_pb2.ListDevicesResponse]
     GetTrustScore: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetTrustScoreRequest, _common_pb2.TrustResult]
+    ReloadPolicy: _grpc.UnaryUnaryMultiCallable[_query_pb2.ReloadPolicyRequest, _query_pb2.ReloadPolicyResponse]
+    """Load the policy file again; a policy that does not validate whole is refused with its
+    file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+    """
 
 @_typing.type_check_only
 class QueryAsyncStub(QueryStub):
@@ -44,6 +48,10 @@ class QueryAsyncStub(QueryStub):
     GetDevice: _aio.UnaryUnaryMultiCallable[_query_pb2.GetDeviceRequest, _common_pb2.Device]  # type: ignore[assignment]
     ListDevices: _aio.UnaryUnaryMultiCallable[_query_pb2.ListDevicesRequest, _query_pb2.ListDevicesResponse]  # type: ignore[assignment]
     GetTrustScore: _aio.UnaryUnaryMultiCallable[_query_pb2.GetTrustScoreRequest, _common_pb2.TrustResult]  # type: ignore[assignment]
+    ReloadPolicy: _aio.UnaryUnaryMultiCallable[_query_pb2.ReloadPolicyRequest, _query_pb2.ReloadPolicyResponse]  # type: ignore[assignment]
+    """Load the policy file again; a policy that does not validate whole is refused with its
+    file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+    """
 
 class QueryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +74,15 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
         request: _query_pb2.GetTrustScoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.TrustResult, _abc.Awaitable[_common_pb2.TrustResult]]: ...
+
+    @_abc_1.abstractmethod
+    def ReloadPolicy(
+        self,
+        request: _query_pb2.ReloadPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.ReloadPolicyResponse, _abc.Awaitable[_query_pb2.ReloadPolicyResponse]]:
+        """Load the policy file again; a policy that does not validate whole is refused with its
+        file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+        """
 
 def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
