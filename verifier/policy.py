@@ -145,25 +145,26 @@ class Policy:
         findings: list[Finding] = []
         submods: dict[int, _Sub] = {}
         gpus = doc.get("gpu", {}).get("gpus") or []
-        for rule in self.rules:
-            if not rule.applies(zone, labels):
-                continue
-            if rule.scope == "host":
-                finding = _check(rule, doc, f"device {device_id}", "")
-                _merge(host_claims, rule.claim, _value(rule, finding))
-                if finding:
-                    findings.append(finding)
-                continue
-            for gpu in gpus:
-                name = _gpu_name(gpu)
-                sub = submods.setdefault(gpu["index"], _Sub(name=name))
-                finding = _check(
-                    rule,
-                    {**doc, "this": gpu},
-                    f"GPU {gpu['index']} ({gpu.get('name') or '?'}, "
-                    f"{gpu.get('pci_bus_id') or '?'}) of device {device_id}",
-                    name,
-                )
+        applicable = [r for r in self.rules if r.applies(zone, labels)]
+        # One CEL context per evaluation: converting the document is the expensive part
+        # (~0.6 ms for 8 GPUs); each rule then runs in well under a microsecond.
+        context = cel.Context(doc)
+        for rule in (r for r in applicable if r.scope == "host"):
+            finding = _check(rule, context, f"device {device_id}", "")
+            _merge(host_claims, rule.claim, _value(rule, finding))
+            if finding:
+                findings.append(finding)
+        gpu_rules = [r for r in applicable if r.scope == "gpu"]
+        for gpu in gpus if gpu_rules else []:
+            name = _gpu_name(gpu)
+            sub = submods.setdefault(gpu["index"], _Sub(name=name))
+            context.add_variable("this", gpu)
+            subject = (
+                f"GPU {gpu['index']} ({gpu.get('name') or '?'}, "
+                f"{gpu.get('pci_bus_id') or '?'}) of device {device_id}"
+            )
+            for rule in gpu_rules:
+                finding = _check(rule, context, subject, name)
                 _merge(sub.claims, rule.claim, _value(rule, finding))
                 if finding:
                     sub.findings.append(finding)
@@ -190,7 +191,7 @@ def _value(rule: Rule, finding: Finding | None) -> int:
     return _FAIL_VALUE.get(finding.severity, _PASS_VALUE)
 
 
-def _check(rule: Rule, doc: Document, subject: str, subject_id: str) -> Finding | None:
+def _check(rule: Rule, doc: Any, subject: str, subject_id: str) -> Finding | None:
     try:
         ok = rule.program.execute(doc)
     except Exception as exc:  # noqa: BLE001 - CEL raises KeyError, RuntimeError, ...
