@@ -28,6 +28,7 @@ from agent.collect import collect_body
 from agent.config import AgentConfig
 from agent.errors import TpmError
 from agent.evidence import qualifying_data
+from agent.gpu.nvml import XidWatcher
 from agent.posture import fingerprint
 from agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
 from agent.tpm import AsyncTpm
@@ -64,6 +65,7 @@ class AttestationClient:
         self._on_result = on_result
         self._pending: _PendingKey | None = None
         self._posture_changed: asyncio.Queue[list[str]] = asyncio.Queue()
+        self._xids = XidWatcher()
         # grpc.aio allows one write at a time on a stream: evidence and PostureChanged share it.
         self._write_lock = asyncio.Lock()
 
@@ -87,11 +89,14 @@ class AttestationClient:
     async def run(self, stop: asyncio.Event) -> None:
         """Attest until ``stop`` is set, reconnecting after failures."""
         watcher = asyncio.create_task(self.watch())
+        if self._cfg.gpu_source in ("auto", "nvml") and await asyncio.to_thread(self._xids.start):
+            logger.info("watching NVML Xid events")
         try:
             await self._run(stop)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            await asyncio.to_thread(self._xids.stop)
 
     async def _run(self, stop: asyncio.Event) -> None:
         delay = 0.5
@@ -166,6 +171,7 @@ class AttestationClient:
         body = await asyncio.to_thread(
             collect_body,
             self._cfg,
+            xids=self._xids,
             now=now,
             certify_key_spki=self._pending.spki if self._pending else b"",
         )

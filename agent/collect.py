@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.evidence import evidence_body, host_facts
-from agent.gpu.nvml import collect_nvml
+from agent.gpu.nvml import XidWatcher, collect_nvml
 from agent.gpu.procfs import collect_procfs
 from agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
 from agent.posture import collect_posture
@@ -16,7 +16,9 @@ from protos.devtrust.v1 import attestation_pb2
 GPU_SOURCES = ("auto", "nvml", "nvidia-smi-xml", "procfs", "none")
 
 
-def collect_gpu(source: str, *, root: Path, xml: Path | None) -> attestation_pb2.GpuState:
+def collect_gpu(
+    source: str, *, root: Path, xml: Path | None, xids: XidWatcher | None = None
+) -> attestation_pb2.GpuState:
     """GPU state from the configured source; ``auto`` tries NVML, then /proc/driver/nvidia."""
     if source == "nvidia-smi-xml":
         if xml is None:
@@ -34,14 +36,18 @@ def collect_gpu(source: str, *, root: Path, xml: Path | None) -> attestation_pb2
         return collect_procfs(root)
     if source == "none":
         return attestation_pb2.GpuState(source="none")
-    state = collect_nvml()
+    state = collect_nvml(xids)
     if source == "auto" and not state.gpus and (root / "proc/driver/nvidia").exists():
         return collect_procfs(root)
     return state
 
 
 def collect_body(
-    cfg: AgentConfig, *, now: datetime.datetime, certify_key_spki: bytes = b""
+    cfg: AgentConfig,
+    *,
+    now: datetime.datetime,
+    certify_key_spki: bytes = b"",
+    xids: XidWatcher | None = None,
 ) -> bytes:
     """Collect posture and GPU state now (blocking: run it off the event loop) and return the
     serialized evidence body."""
@@ -50,5 +56,5 @@ def collect_body(
         certify_key_spki=certify_key_spki,
         now=now,
         os=collect_posture(cfg.posture_root, mounts=cfg.encrypted_mounts),
-        gpu=collect_gpu(cfg.gpu_source, root=cfg.posture_root, xml=cfg.gpu_xml),
+        gpu=collect_gpu(cfg.gpu_source, root=cfg.posture_root, xml=cfg.gpu_xml, xids=xids),
     )

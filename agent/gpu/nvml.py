@@ -10,6 +10,7 @@ without one, the recorded ``nvidia-smi -q -x`` snapshots go through the same Gpu
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def collect_nvml() -> attestation_pb2.GpuState:
+def collect_nvml(xids: XidWatcher | None = None) -> attestation_pb2.GpuState:
     state = attestation_pb2.GpuState(source="nvml")
     try:
         import pynvml  # noqa: PLC0415 - optional at run time: hosts without NVIDIA have none
@@ -50,7 +51,10 @@ def collect_nvml() -> attestation_pb2.GpuState:
     try:
         cc = _system(pynvml, state)
         for index in range(pynvml.nvmlDeviceGetCount()):
-            state.gpus.append(_device(pynvml, index, cc))
+            gpu = _device(pynvml, index, cc)
+            if xids is not None:
+                gpu.recent_xids.extend(xids.recent(gpu.uuid))
+            state.gpus.append(gpu)
     finally:
         pynvml.nvmlShutdown()
     return state
@@ -162,3 +166,82 @@ def _device(nv: Any, index: int, cc: Any) -> attestation_pb2.Gpu:  # noqa: PLR09
                 )
             )
     return gpu
+
+
+class XidWatcher:
+    """Critical Xid events (NVML's nvmlEventTypeXidCriticalError) of every GPU, the last few
+    per GPU UUID, gathered on a thread of its own (NVML's event wait blocks). Where NVML or
+    its events are missing, ``start`` returns False and nothing runs."""
+
+    def __init__(self, keep: int = 16, wait_ms: int = 500) -> None:
+        self._keep = keep
+        self._wait_ms = wait_ms
+        self._xids: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def recent(self, uuid: str) -> list[int]:
+        with self._lock:
+            return list(self._xids.get(uuid, []))
+
+    def record(self, uuid: str, xid: int) -> None:
+        with self._lock:
+            events = self._xids.setdefault(uuid, [])
+            events.append(xid)
+            del events[: -self._keep]
+
+    def start(self) -> bool:
+        try:
+            import pynvml  # noqa: PLC0415
+
+            pynvml.nvmlInit()
+        except Exception:  # noqa: BLE001 - no library, no driver: nothing to watch
+            return False
+        try:
+            events = pynvml.nvmlEventSetCreate()
+            registered = 0
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                try:
+                    pynvml.nvmlDeviceRegisterEvents(
+                        handle, pynvml.nvmlEventTypeXidCriticalError, events
+                    )
+                    registered += 1
+                except pynvml.NVMLError as exc:
+                    logger.info("GPU %d: Xid events unavailable: %s", index, exc)
+        except pynvml.NVMLError as exc:
+            logger.info("Xid events unavailable: %s", exc)
+            pynvml.nvmlShutdown()
+            return False
+        if not registered:
+            pynvml.nvmlEventSetFree(events)
+            pynvml.nvmlShutdown()
+            return False
+        self._thread = threading.Thread(
+            target=self._run, args=(pynvml, events), name="nvml-xid", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _run(self, nv: Any, events: Any) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = nv.nvmlEventSetWait_v2(events, self._wait_ms)
+                except nv.NVMLError_Timeout:
+                    continue
+                except nv.NVMLError as exc:
+                    logger.warning("Xid event wait failed: %s", exc)
+                    return
+                uuid = _text(nv.nvmlDeviceGetUUID(data.device))
+                logger.warning("GPU %s: Xid %d", uuid, data.eventData)
+                self.record(uuid, int(data.eventData))
+        finally:
+            nv.nvmlEventSetFree(events)
+            nv.nvmlShutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
