@@ -47,7 +47,7 @@ protos: venv
 	$(PY) -m protos.generate
 
 bench: venv
-	$(PY) bench/appraisal.py
+	$(PY) -m bench.appraisal && $(PY) -m bench.policy && $(PY) -m bench.posture_latency
 
 clean:
 	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

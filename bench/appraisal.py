@@ -9,7 +9,7 @@ machine noise hits both alike; medians are reported, and the ratio appraisal/raw
 least 1/3). Event-log parse + replay is measured in events per second, on the largest log in
 $DEVTRUST_CORPUS/eventlogs when set, else on a generated 2,000-event crypto-agile log.
 
-    .venv/bin/python bench/appraisal.py [--rounds 2000] [--repeats 7]
+    .venv/bin/python -m bench.appraisal [--rounds 2000] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import statistics
 import struct
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
 from agent.evidence import evidence_body, host_facts, qualifying_data
 from agent.state import new_key, spki
 from agent.tpm import AK_ATTRIBUTES, TpmBackend
+from bench.common import rates
 from swtpm import EndorsementCA, Swtpm, provision
 from verifier.appraisal import Evidence, Expectation, Nonce, appraise
 from verifier.config import AttestationConfig
@@ -44,17 +44,6 @@ from verifier.tpm.constants import hash_alg, hash_name
 from verifier.tpm.structures import ak_qualified_names, parse_public, parse_signature
 
 RSA_HANDLE = 0x81010003
-
-
-def rates(fns: list[Callable[[], object]], rounds: int, repeats: int) -> list[float]:
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, samples, strict=True):
-            start = time.perf_counter()
-            for _ in range(rounds):
-                fn()
-            out.append(rounds / (time.perf_counter() - start))
-    return [statistics.median(s) for s in samples]
 
 
 def make_rsa_ak(backend: TpmBackend) -> None:

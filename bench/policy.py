@@ -8,7 +8,7 @@ alternating within each repeat, medians:
   the verifier does while a device's posture is unchanged: a key comparison);
 - a raw ECDSA P-256 verification, the cost of the quote signature check.
 
-    DEVTRUST_CORPUS=../shared/corpus .venv/bin/python bench/policy.py [--rounds 200]
+    DEVTRUST_CORPUS=../shared/corpus .venv/bin/python -m bench.policy [--rounds 200]
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -27,22 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.gpu.smi_xml import parse_smi_xml
 from agent.posture import collect_posture
+from bench.common import rates
 from protos.devtrust.v1 import attestation_pb2
 from swtpm.hosttree import write_host_tree
 from verifier.config import DEFAULT_POLICY
 from verifier.document import build, plain
 from verifier.policy import Policy
-
-
-def rates(fns: list[Callable[[], object]], rounds: int, repeats: int) -> list[float]:
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, samples, strict=True):
-            start = time.perf_counter()
-            for _ in range(rounds):
-                fn()
-            out.append(rounds / (time.perf_counter() - start))
-    return [statistics.median(s) for s in samples]
 
 
 def main() -> None:

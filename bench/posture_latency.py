@@ -5,7 +5,7 @@ simulated host tree; the default policy; a 60 s challenge interval, so only Post
 can explain a fast result. Each repeat flips PermitRootLogin and times the file write to the
 result with the new tier. Reports the median and the maximum.
 
-    .venv/bin/python bench/posture_latency.py [--repeats 7]
+    .venv/bin/python -m bench.posture_latency [--repeats 7]
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ AK_REQUIRED = (
 AK_FORBIDDEN = ObjectAttr.DECRYPT
 EK_REQUIRED = ObjectAttr.RESTRICTED | ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM
 CREDENTIAL_SIZE = 32
+# A credential challenge must be answered within this time, once.
+ENROLLMENT_TTL = datetime.timedelta(minutes=5)
 
 
 def device_id_for(ek_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
@@ -128,6 +130,3 @@ def parse_ak(ak_public: bytes) -> PublicArea:
     if not ak_public:
         raise MalformedInput("AK public area is empty")
     return parse_public(ak_public)
-
-
-ENROLLMENT_TTL = datetime.timedelta(minutes=5)

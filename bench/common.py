@@ -1,0 +1,20 @@
+"""Timing shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def rates(fns: list[Callable[[], object]], rounds: int, repeats: int) -> list[float]:
+    """Median calls per second of each function; the functions alternate within each repeat,
+    so machine noise hits them alike."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, samples, strict=True):
+            start = time.perf_counter()
+            for _ in range(rounds):
+                fn()
+            out.append(rounds / (time.perf_counter() - start))
+    return [statistics.median(s) for s in samples]
