@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.files import write_atomic
 
+CHANNEL_RENEW_BEFORE = datetime.timedelta(days=1)
+
 
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
@@ -55,7 +57,9 @@ class AgentFiles:
         for d in (self.state_dir, self.runtime_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def load_enrollment(self) -> Enrollment | None:
+    def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
+        """The saved channel identity, or None when there is none or its certificate is in
+        its last day (the agent then enrolls again, with a new channel key)."""
         paths = [
             self.state_dir / n
             for n in ("device-id", "channel.key", "channel.pem", "verifier-ca.pem")
@@ -63,6 +67,13 @@ class AgentFiles:
         if not all(p.exists() for p in paths):
             return None
         device_id, key, cert, ca = (p.read_bytes() for p in paths)
+        try:
+            not_after = x509.load_pem_x509_certificate(cert).not_valid_after_utc
+        except ValueError:
+            return None
+        now = now or datetime.datetime.now(datetime.UTC)
+        if not_after - now < CHANNEL_RENEW_BEFORE:
+            return None
         return Enrollment(device_id.decode().strip(), key, cert, ca)
 
     def save_enrollment(self, enrollment: Enrollment) -> None:

@@ -59,3 +59,24 @@ def test_channel_certificate_has_no_device_claims() -> None:
     )
     assert DeviceClaims.from_certificate(cert) is None
     assert spiffe_ids(cert) == ["spiffe://t/agent/d"]
+
+
+def test_agent_enrolls_again_in_the_last_day_of_its_channel_certificate(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from agent.state import AgentFiles, Enrollment, key_pem, new_key
+    from verifier.ca import pem
+
+    ca = CertificateAuthority.create(common_name="test CA", now=NOW)
+    key = new_key()
+    cert = ca.issue_channel(
+        trust_domain="t",
+        device_id="d",
+        public_key=key.public_key(),
+        now=NOW,
+        lifetime=datetime.timedelta(days=30),
+    )
+    files = AgentFiles(Path(str(tmp_path)) / "state", Path(str(tmp_path)) / "run")
+    files.save_enrollment(Enrollment("d", key_pem(key), pem(cert), pem(ca.cert)))
+    assert files.load_enrollment(now=NOW + datetime.timedelta(days=28)) is not None
+    assert files.load_enrollment(now=NOW + datetime.timedelta(days=29, hours=1)) is None

@@ -474,3 +474,38 @@ def test_interrupted_demo_stops_everything_it_started(tmp_path: Path, sig: int) 
     assert demo.returncode == 130, out
     assert b"interrupted; everything started was stopped" in out
     assert not [p for p in running_swtpms() if p.pid in mine]
+
+
+def test_revoked_device_can_neither_attest_nor_enroll_again(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    from agent.enroll import enroll
+    from verifier.store import DeviceState
+
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, grpc.aio.AioRpcError]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            verifier.store.set_state(
+                agent.enrollment.device_id,
+                DeviceState.REVOKED,
+                now=datetime.datetime.now(datetime.UTC),
+                event="revoked",
+            )
+            async with stream_channel(pki, verifier, agent.enrollment) as channel:
+                call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=5)
+                with pytest.raises(grpc.aio.AioRpcError) as stream:  # noqa: PT012
+                    await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+                    await call.read()
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await enroll(agent.cfg, agent.tpm, agent.files)
+            return stream.value, again.value
+
+    stream, again = asyncio.run(scenario())
+    assert stream.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert again.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "is revoked" in (again.details() or "")
