@@ -80,3 +80,26 @@ def test_agent_enrolls_again_in_the_last_day_of_its_channel_certificate(tmp_path
     files.save_enrollment(Enrollment("d", key_pem(key), pem(cert), pem(ca.cert)))
     assert files.load_enrollment(now=NOW + datetime.timedelta(days=28)) is not None
     assert files.load_enrollment(now=NOW + datetime.timedelta(days=29, hours=1)) is None
+
+
+def test_keys_to_certify_are_p256_p384_or_rsa2048_and_up() -> None:
+    import pytest
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from verifier.errors import MalformedInput
+    from verifier.wire import load_public_key
+
+    def spki(key: object) -> bytes:
+        return key.public_key().public_bytes(  # type: ignore[attr-defined,no-any-return]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    load_public_key(spki(ec.generate_private_key(ec.SECP384R1())), field="k")
+    with pytest.raises(MalformedInput, match="P-256 or P-384 only"):
+        load_public_key(spki(ec.generate_private_key(ec.SECP521R1())), field="k")
+    with pytest.raises(MalformedInput, match="RSA key of 1024 bits"):
+        weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+        load_public_key(spki(weak), field="k")
+    with pytest.raises(MalformedInput, match="not a DER SubjectPublicKeyInfo"):
+        load_public_key(b"\x30\x00", field="k")

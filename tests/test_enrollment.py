@@ -376,3 +376,56 @@ def test_tpm_without_ek_certificate_enrolls_only_when_allowlisted(
     err, counts = _enroll(workdir, pki, endorsement_ca, shared_swtpm, without_cert, allow)
     assert err is None
     assert counts["enrollments"] == 1
+
+
+def test_ak_with_a_sha1_scheme_is_refused(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, shared_swtpm: Swtpm
+) -> None:
+    from tpm2_pytss.constants import TPM2_ALG
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_PUBLIC
+
+    def make(backend: TpmBackend) -> enrollment_pb2.EnrollRequest:
+        public = TPMT_PUBLIC.parse("ecc256:ecdsa-sha1", objectAttributes=AK_ATTRIBUTES)
+        public.parameters.eccDetail.symmetric.algorithm = TPM2_ALG.NULL
+        handle, out, _, _, _ = backend.esapi.create_primary(
+            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=public), ESYS_TR.ENDORSEMENT
+        )
+        backend.esapi.flush_context(handle)
+        return _request(backend, ak_public=bytes(out.marshal()))
+
+    err, _ = _enroll(workdir, pki, endorsement_ca, shared_swtpm, make)
+    assert err is not None
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "AK signing scheme 0x0018/hash 0x0004 is not allowed" in (err.details() or "")
+
+
+@pytest.mark.parametrize("case", ["another TPM's EK", "a signing key as EK"])
+def test_ek_public_area_must_be_the_certified_restricted_decryption_key(
+    case: str,
+    workdir: Path,
+    pki: PkiFiles,
+    endorsement_ca: EndorsementCA,
+    shared_swtpm: Swtpm,
+    swtpm_factory: SwtpmFactory,
+) -> None:
+    other = TpmBackend(swtpm_factory().tcti)
+    try:
+        foreign_ek = other.ek_public()
+    finally:
+        other.close()
+
+    def make(backend: TpmBackend) -> enrollment_pb2.EnrollRequest:
+        request = _request(backend)
+        request.ek_public = foreign_ek if case == "another TPM's EK" else request.ak_public
+        return request
+
+    err, counts = _enroll(workdir, pki, endorsement_ca, shared_swtpm, make)
+    assert err is not None
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    expected = (
+        "EK public area does not hold the key of the EK certificate"
+        if case == "another TPM's EK"
+        else "EK public area lacks decrypt"
+    )
+    assert expected in (err.details() or "")
+    assert counts["enrollments"] == 0

@@ -269,7 +269,8 @@ def test_posture_change_is_seen_within_two_seconds(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm, "watch") as agent,
         ):
-            agent.cfg = replace(agent.cfg, posture_root=root)
+            # It asks for a certificate every time: a warning tier must not get one.
+            agent.cfg = replace(agent.cfg, posture_root=root, renew_at=0.01)
             async with attesting(agent) as next_result:
                 before = await next_result()
                 await asyncio.sleep(0.3)  # the watcher has its first fingerprint
@@ -286,6 +287,8 @@ def test_posture_change_is_seen_within_two_seconds(
     assert before.trust.tier == common_pb2.TIER_AFFIRMING, before.trust.findings
     assert after.trust.tier == common_pb2.TIER_WARNING
     assert [f.id for f in after.trust.findings] == ["ssh.root_login"]
+    assert before.HasField("certificate")
+    assert not after.HasField("certificate")  # certificates.min_tier is affirming
     # Driven by PostureChanged, not by the 60 s schedule. The latency itself (well under the
     # two seconds asked for) is measured by `python -m bench.posture_latency`, not asserted here.
     assert seconds < 30
