@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import re
 import signal
 import subprocess
 import sys
@@ -509,3 +510,71 @@ def test_revoked_device_can_neither_attest_nor_enroll_again(
     assert stream.code() == grpc.StatusCode.PERMISSION_DENIED
     assert again.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "is revoked" in (again.details() or "")
+
+
+async def _stream_error(
+    pki: PkiFiles, verifier: object, agent: Agent, messages: list[attestation_pb2.AgentMessage]
+) -> grpc.aio.AioRpcError:
+    async with stream_channel(pki, verifier, agent.enrollment) as channel:  # type: ignore[arg-type]
+        call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # noqa: PT012
+            for message in messages:
+                await call.write(message)
+            while True:
+                await call.read()
+        return err.value
+
+
+def test_protocol_violations_and_oversized_messages_are_clear_errors(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+    hello = attestation_pb2.AgentMessage(hello=attestation_pb2.Hello())
+    big = attestation_pb2.AgentMessage(
+        evidence=attestation_pb2.Evidence(body=b"\x00" * (5 * 1024 * 1024))
+    )
+    cases = {
+        "no hello first": [
+            attestation_pb2.AgentMessage(
+                posture_changed=attestation_pb2.PostureChanged(signals=["x"])
+            )
+        ],
+        "hello twice": [hello, hello],
+        "empty message": [hello, attestation_pb2.AgentMessage()],
+        "oversized": [hello, big],
+    }
+
+    async def scenario() -> dict[str, grpc.aio.AioRpcError]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            errors = {
+                name: await _stream_error(pki, verifier, agent, msgs)
+                for name, msgs in cases.items()
+            }
+            # Still serving: the same device attests normally afterwards.
+            [result] = await first_results(agent)
+            assert result.trust.tier == common_pb2.TIER_AFFIRMING
+            return errors
+
+    errors = asyncio.run(scenario())
+    assert errors["no hello first"].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message on an attestation stream must be Hello" in (
+        errors["no hello first"].details() or ""
+    )
+    assert "Hello sent twice" in (errors["hello twice"].details() or "")
+    assert "empty AgentMessage" in (errors["empty message"].details() or "")
+    assert errors["oversized"].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_dead_tpm_is_a_clear_error() -> None:
+    from agent.errors import TpmError
+    from agent.tpm import TpmBackend
+
+    backend = TpmBackend("swtpm:host=127.0.0.1,port=9")  # nothing listens there
+    with pytest.raises(
+        TpmError, match=re.escape("cannot open TPM at 'swtpm:host=127.0.0.1,port=9'")
+    ):
+        backend.ak_public()
