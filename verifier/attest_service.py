@@ -166,9 +166,10 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     evidence = wire.evidence_from_wire(msg.evidence)
                     reply, again = self._appraise(session, nonce, evidence)
                     again, posture_changed = again or posture_changed, False
-                    next_challenge = time.monotonic() + (0 if again else cfg.interval_s)
+                    wait_s = 0.0 if again else cfg.interval_s
+                    next_challenge = time.monotonic() + wait_s
                     reply.result.next_challenge_in.FromTimedelta(
-                        datetime.timedelta(seconds=cfg.interval_s)
+                        datetime.timedelta(seconds=wait_s)
                     )
                     await context.write(reply)
                 elif kind == "posture_changed":
