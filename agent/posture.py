@@ -187,6 +187,7 @@ def collect_posture(
     apparmor = r.read("sys/module/apparmor/parameters/enabled", "apparmor_mode")
     if apparmor is not None:
         p.apparmor_mode = "enabled" if apparmor.strip().upper() == "Y" else "disabled"
+    _modules(r, p)
     _encryption(r, p, mounts or ["/"])
     tables = r.read("proc/net/ip_tables_names", "firewall_active")
     if tables is not None:
@@ -203,7 +204,6 @@ def collect_posture(
     if updates is not None:
         match = re.search(r"(\d+) (?:of these )?updates? (?:are|is) (?:a )?security", updates)
         p.pending_security_updates = int(match.group(1)) if match else 0
-    _modules(r, p)
     return p
 
 

@@ -383,3 +383,13 @@ def test_reload_policy_refuses_a_bad_file_and_keeps_the_old_one(
     assert "rule os.secure_boot: CEL does not compile" in (refused.details() or "")
     assert kept == "devtrust-default-gpu-hosts-1"
     assert reloaded == "fleet-2"
+
+
+def test_firewall_counts_nf_tables(tmp_path: Path) -> None:
+    root = write_host_tree(tmp_path / "host")
+    (root / "proc/net/ip_tables_names").write_text("")
+    assert collect_posture(root).firewall_active is False
+    (root / "proc/modules").write_text("nf_tables 1 0 - Live 0x0\n")
+    assert collect_posture(root).firewall_active is True
+    (root / "proc/net/ip_tables_names").unlink()
+    assert not collect_posture(root).HasField("firewall_active")  # unknown, not off

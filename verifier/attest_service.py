@@ -168,9 +168,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     again, posture_changed = again or posture_changed, False
                     wait_s = 0.0 if again else cfg.interval_s
                     next_challenge = time.monotonic() + wait_s
-                    reply.result.next_challenge_in.FromTimedelta(
-                        datetime.timedelta(seconds=wait_s)
-                    )
+                    reply.result.next_challenge_in.FromTimedelta(datetime.timedelta(seconds=wait_s))
                     await context.write(reply)
                 elif kind == "posture_changed":
                     logger.info(

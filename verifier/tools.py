@@ -236,6 +236,8 @@ def policy_eval(args: argparse.Namespace) -> int:
         )
     except (json_format.ParseError, UnicodeDecodeError) as exc:
         raise UsageError(f"evidence {args.evidence}: not an EvidenceBody in JSON: {exc}") from exc
+    if any("=" not in kv for kv in args.label):
+        raise UsageError(f"--label takes KEY=VALUE, got {args.label}")
     labels = dict(kv.split("=", 1) for kv in args.label)
     doc = build(plain(body), bulletins=policy.bulletins, zone=args.zone, labels=labels)
     outcome = policy.evaluate(doc, device_id=args.device, zone=args.zone, labels=labels)
