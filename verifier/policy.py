@@ -58,6 +58,9 @@ class Rule:
     zones: tuple[str, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     found: Any = None
+    # For gpu rules: the condition over every GPU at once (gpu.gpus.map(this, ...)), so that
+    # the common case costs one evaluation, not a rebinding of `this` per GPU.
+    over_gpus: Any = None
 
     def applies(self, zone: str, labels: dict[str, str]) -> bool:
         return (not self.zones or zone in self.zones) and all(
@@ -155,16 +158,32 @@ class Policy:
             if finding:
                 findings.append(finding)
         gpu_rules = [r for r in applicable if r.scope == "gpu"]
-        for gpu in gpus if gpu_rules else []:
-            name = _gpu_name(gpu)
-            sub = submods.setdefault(gpu["index"], _Sub(name=name))
+        # Fast path: each rule over all GPUs at once; only the GPUs it fails (or cannot be
+        # evaluated on) are looked at one by one, with `this` bound, for their findings.
+        pending: dict[int, list[Rule]] = {}
+        for rule in gpu_rules:
+            try:
+                verdicts = rule.over_gpus.execute(context)
+            except Exception:  # noqa: BLE001 - some GPU lacks a value: judge one by one
+                verdicts = [None] * len(gpus)
+            for gpu, verdict in zip(gpus, verdicts, strict=True):
+                sub = submods.setdefault(gpu["index"], _Sub(name=_gpu_name(gpu)))
+                if verdict is True:
+                    _merge(sub.claims, rule.claim, _PASS_VALUE)
+                else:
+                    pending.setdefault(gpu["index"], []).append(rule)
+        for gpu in gpus:
+            rules = pending.get(gpu["index"])
+            if not rules:
+                continue
+            sub = submods[gpu["index"]]
             context.add_variable("this", gpu)
             subject = (
                 f"GPU {gpu['index']} ({gpu.get('name') or '?'}, "
                 f"{gpu.get('pci_bus_id') or '?'}) of device {device_id}"
             )
-            for rule in gpu_rules:
-                finding = _check(rule, context, subject, name)
+            for rule in rules:
+                finding = _check(rule, context, subject, sub.name)
                 _merge(sub.claims, rule.claim, _value(rule, finding))
                 if finding:
                     sub.findings.append(finding)
@@ -293,6 +312,7 @@ def _rule(data: Any, where: str) -> Rule:
         zones=tuple(str(z) for z in zones),
         labels=tuple((str(k), str(v)) for k, v in labels.items()),
         found=found,
+        over_gpus=cel.compile(f"gpu.gpus.map(this, {data['expr']})") if scope == "gpu" else None,
     )
 
 
