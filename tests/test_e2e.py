@@ -578,3 +578,70 @@ def test_a_dead_tpm_is_a_clear_error() -> None:
         TpmError, match=re.escape("cannot open TPM at 'swtpm:host=127.0.0.1,port=9'")
     ):
         backend.ak_public()
+
+
+def test_query_filters_pages_and_staleness(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """Two devices, one appraised and one enrolled only; a verifier clock pushed past the
+    staleness bound turns the appraised one's tier to none."""
+    from dataclasses import replace
+
+    from verifier.config import AttestationConfig
+
+    tpms = [swtpm_factory(), swtpm_factory()]
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca),
+        attestation=AttestationConfig(interval_s=30.0, staleness_s=60.0),
+    )
+
+    async def scenario() -> dict[str, object]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpms[0], "a") as a,
+            enrolled_agent(workdir, pki, verifier, tpms[1], "b") as b,
+        ):
+            await first_results(a)
+            channel, query = operator_stub(pki, verifier, workdir)
+            async with channel:
+                out: dict[str, object] = {}
+                out["affirming"] = await query.ListDevices(
+                    query_pb2.ListDevicesRequest(tier=common_pb2.TIER_AFFIRMING), timeout=5
+                )
+                out["none"] = await query.ListDevices(
+                    query_pb2.ListDevicesRequest(tier=common_pb2.TIER_NONE), timeout=5
+                )
+                out["zone"] = await query.ListDevices(
+                    query_pb2.ListDevicesRequest(zone="production-inference"), timeout=5
+                )
+                page = await query.ListDevices(query_pb2.ListDevicesRequest(page_size=1), timeout=5)
+                rest = await query.ListDevices(
+                    query_pb2.ListDevicesRequest(page_size=1, page_token=page.next_page_token),
+                    timeout=5,
+                )
+                out["pages"] = [d.device_id for d in (*page.devices, *rest.devices)]
+                with pytest.raises(grpc.aio.AioRpcError) as missing:
+                    await query.GetDevice(query_pb2.GetDeviceRequest(device_id="nope"), timeout=5)
+                out["missing"] = missing.value
+            out["ids"] = (a.enrollment.device_id, b.enrollment.device_id)
+            return out
+
+    out = asyncio.run(scenario())
+    appraised, enrolled = out["ids"]  # type: ignore[misc]
+    assert [d.device_id for d in out["affirming"].devices] == [appraised]  # type: ignore[attr-defined]
+    assert [d.device_id for d in out["none"].devices] == [enrolled]  # type: ignore[attr-defined]
+    assert list(out["zone"].devices) == []  # type: ignore[attr-defined]
+    assert sorted(out["pages"]) == sorted([appraised, enrolled])  # type: ignore[arg-type]
+    assert out["missing"].code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+    # Later, past the staleness bound: the stored result reads as tier none.
+    from verifier.store import Store as VStore
+
+    store = VStore(config.database)
+    try:
+        result = store.latest_result(appraised)
+    finally:
+        store.close()
+    assert result is not None
+    later = result.appraised_at + datetime.timedelta(seconds=61)
+    assert result.at(later).tier.label == "none"
