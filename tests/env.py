@@ -182,15 +182,17 @@ def foreign_client_identity(spiffe_kind: str, name: str) -> tuple[bytes, bytes]:
     rogue = CertificateAuthority.create(common_name="devtrust verifier CA", now=now)
     key = ec.generate_private_key(ec.SECP256R1())
     if spiffe_kind == "agent":
-        cert = rogue.issue_channel(
+        cert = rogue.issue_client(
+            kind="agent",
             trust_domain="devtrust.local",
-            device_id=name,
+            name=name,
             public_key=key.public_key(),
             now=now,
             lifetime=datetime.timedelta(hours=1),
         )
     else:
-        cert = rogue.issue_operator(
+        cert = rogue.issue_client(
+            kind="operator",
             trust_domain="devtrust.local",
             name=name,
             public_key=key.public_key(),

@@ -50,9 +50,10 @@ def test_long_claims_round_trip() -> None:
 
 def test_channel_certificate_has_no_device_claims() -> None:
     ca = CertificateAuthority.create(common_name="test CA", now=NOW)
-    cert = ca.issue_channel(
+    cert = ca.issue_client(
+        kind="agent",
         trust_domain="t",
-        device_id="d",
+        name="d",
         public_key=ca.key.public_key(),
         now=NOW,
         lifetime=datetime.timedelta(days=1),
@@ -69,9 +70,10 @@ def test_agent_enrolls_again_in_the_last_day_of_its_channel_certificate(tmp_path
 
     ca = CertificateAuthority.create(common_name="test CA", now=NOW)
     key = new_key()
-    cert = ca.issue_channel(
+    cert = ca.issue_client(
+        kind="agent",
         trust_domain="t",
-        device_id="d",
+        name="d",
         public_key=key.public_key(),
         now=NOW,
         lifetime=datetime.timedelta(days=30),

@@ -191,42 +191,28 @@ class CertificateAuthority:
             extra=[claims.to_extension()],
         )
 
-    def issue_channel(
+    def issue_client(
         self,
         *,
         trust_domain: str,
-        device_id: str,
-        public_key: PublicKey,
-        now: datetime.datetime,
-        lifetime: datetime.timedelta,
-    ) -> x509.Certificate:
-        return self._leaf(
-            public_key=public_key,
-            common_name=device_id,
-            role="agent",
-            now=now,
-            lifetime=lifetime,
-            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
-            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "agent", device_id))],
-        )
-
-    def issue_operator(
-        self,
-        *,
-        trust_domain: str,
+        kind: str,
         name: str,
         public_key: PublicKey,
         now: datetime.datetime,
         lifetime: datetime.timedelta,
     ) -> x509.Certificate:
+        """A clientAuth identity spiffe://TD/KIND/NAME: kind "agent" (the attestation channel)
+        or "operator" (the query API). Device certificates are issued by issue_device."""
+        if kind not in ("agent", "operator"):
+            raise ValueError(f"unknown client kind {kind!r}")
         return self._leaf(
             public_key=public_key,
             common_name=name,
-            role="operator",
+            role=kind,
             now=now,
             lifetime=lifetime,
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
-            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "operator", name))],
+            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, kind, name))],
         )
 
     def issue_server(

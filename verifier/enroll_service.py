@@ -177,9 +177,10 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         if state is DeviceState.ENROLLED:
             key = load_public_key(pending.channel_key_spki, field="channel key")
             lifetime = datetime.timedelta(seconds=self._config.certificates.channel_lifetime_s)
-            cert = self._ca.issue_channel(
+            cert = self._ca.issue_client(
+                kind="agent",
                 trust_domain=self._config.trust_domain,
-                device_id=record.device_id,
+                name=record.device_id,
                 public_key=key,
                 now=now,
                 lifetime=lifetime,

@@ -60,7 +60,8 @@ def issue_operator(
     lifetime: datetime.timedelta = datetime.timedelta(days=30),
 ) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue_operator(
+    cert = ca.issue_client(
+        kind="operator",
         trust_domain=trust_domain,
         name=name,
         public_key=key.public_key(),
