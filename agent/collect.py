@@ -13,8 +13,6 @@ from agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
 from agent.posture import collect_posture
 from protos.devtrust.v1 import attestation_pb2
 
-GPU_SOURCES = ("auto", "nvml", "nvidia-smi-xml", "procfs", "none")
-
 
 def collect_gpu(
     source: str, *, root: Path, xml: Path | None, xids: XidWatcher | None = None

@@ -10,6 +10,7 @@ from agent.configfile import from_mapping, load_yaml
 # Persistent handle of the devtrust AK: the endorsement-hierarchy range of the TCG
 # "Provisioning Guidance" (0x81010000-0x8101FFFF), next to the RSA EK at 0x81010001.
 DEFAULT_AK_HANDLE = 0x81010002
+GPU_SOURCES = ("auto", "nvml", "nvidia-smi-xml", "procfs", "none")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not 0 < self.renew_at < 1:
             raise ValueError("renew_at must be between 0 and 1")
-        if self.gpu_source not in ("auto", "nvml", "nvidia-smi-xml", "procfs", "none"):
+        if self.gpu_source not in GPU_SOURCES:
             raise ValueError(
                 f"gpu_source {self.gpu_source!r}: auto, nvml, nvidia-smi-xml, procfs or none"
             )

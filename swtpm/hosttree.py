@@ -20,13 +20,6 @@ _TCP_SSH = (
 )
 
 
-def listening_line(port: int, slot: int = 1) -> str:
-    return (
-        f"   {slot}: 00000000:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 "
-        "00000000     0        0 23456 1 0000000000000000 100 0 0 10 0\n"
-    )
-
-
 def write_host_tree(root: Path) -> Path:
     files = {
         "etc/os-release": 'ID=ubuntu\nVERSION_ID="24.04"\nPRETTY_NAME="Ubuntu 24.04 LTS"\n',

@@ -86,7 +86,6 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self._config = config
         self._clock = clock
         self._ak_cache: dict[str, tuple[bytes, AkKey]] = {}
-        self._ca_der = ca.cert.public_bytes(serialization.Encoding.DER)
 
     def _ak_key(self, device_id: str, ak_public: bytes) -> AkKey:
         """The AK key object, cached per device (reloading it costs ~90 us)."""

@@ -58,8 +58,6 @@ class AttestationConfig:
     pcrs: dict[str, list[int]] = field(
         default_factory=lambda: {"sha256": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14]}
     )
-    # The longest one stream may live before the agent reconnects (its gRPC deadline).
-    stream_max_age_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.evidence_timeout_s <= 0 or self.staleness_s <= 0:

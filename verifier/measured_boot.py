@@ -37,17 +37,6 @@ class LogState:
         return len(self.data)
 
 
-@dataclass(frozen=True)
-class LogOutcome:
-    state: LogState
-    facts: bootfacts.BootFacts | None
-    findings: tuple[Finding, ...]
-
-    @property
-    def consistent(self) -> bool:
-        return not any(f.severity is Severity.CONTRAINDICATED for f in self.findings)
-
-
 def extend(prior: LogState | None, offset: int, chunk: bytes) -> LogState:
     """Append a chunk at ``offset`` (0 = a whole new log) and replay what is new.
 

@@ -571,41 +571,6 @@ class Store:
             ).fetchone()
         return result_from_json(row["result"]) if row else None
 
-    def current_certificate(
-        self,
-        device_id: str,
-        *,
-        kind: str,
-        now: datetime.datetime,
-    ) -> CertificateRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM certificates WHERE device_id = ? AND kind = ? AND not_after > ? "
-                "AND revoked_at IS NULL ORDER BY not_after DESC LIMIT 1",
-                (device_id, kind, _ts(now)),
-            ).fetchone()
-        if row is None:
-            return None
-        nb, na = _dt(row["not_before"]), _dt(row["not_after"])
-        assert nb is not None
-        assert na is not None
-        return CertificateRecord(
-            serial=row["serial"],
-            device_id=row["device_id"],
-            kind=row["kind"],
-            not_before=nb,
-            not_after=na,
-            der=row["der"],
-        )
-
-    def audit_events(self, device_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT at, event, tier, detail FROM audit WHERE device_id = ? ORDER BY id",
-                (device_id,),
-            ).fetchall()
-        return [dict(r) for r in rows]
-
     def counts(self) -> dict[str, int]:
         """Row counts per table (tests check that bad input wrote nothing)."""
         with self._lock:

@@ -101,10 +101,6 @@ class EventLog:
     events: tuple[Event, ...]  # every record, the Spec ID header included
     end: int  # byte offset after the last record
 
-    @property
-    def measurements(self) -> tuple[Event, ...]:
-        return tuple(e for e in self.events if e.type != EV_NO_ACTION)
-
     def type_counts(self) -> dict[str, int]:
         counts = Counter(e.type for e in self.events)
         return {f"0x{t:08x}": n for t, n in sorted(counts.items())}

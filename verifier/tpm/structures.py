@@ -19,7 +19,6 @@ from verifier.tpm.constants import (
     DIGEST_SIZES,
     Alg,
     EccCurve,
-    ObjectAttr,
     hash_name,
 )
 
@@ -123,9 +122,6 @@ class PublicArea:
         """TPM name: nameAlg || H_nameAlg(TPMT_PUBLIC) (Part 1, 16 "Names")."""
         digest = hashlib.new(hash_name(self.name_alg), self.marshalled).digest()
         return _U16.pack(self.name_alg) + digest
-
-    def has(self, attr: ObjectAttr) -> bool:
-        return bool(self.attributes & attr)
 
     def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
         if self.type == Alg.RSA:
