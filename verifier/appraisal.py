@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
@@ -59,9 +59,10 @@ class Evidence:
     body: bytes
     certify_key: PublicKey | None
     event_log: EventLogPart | None = None
-    # The evidence body as plain values (verifier.document.plain) for policy, and a digest of
-    # its host, os and gpu parts: the policy's cache key (collected_at changes every time).
-    body_doc: dict[str, Any] = field(default_factory=dict)
+    # The evidence body as plain values for policy (verifier.document.plain), converted only
+    # when the policy runs: ~0.3 ms for 8 GPUs, wasted while the cached result holds. And a
+    # digest of its host, os and gpu parts: the policy's cache key (collected_at changes).
+    body_doc: Callable[[], dict[str, Any]] = dict
     posture_digest: str = ""
 
     @property
@@ -236,7 +237,7 @@ def _policy(
     if expect.policy_cache is not None and expect.policy_cache[0] == key:
         return expect.policy_cache[1], expect.policy_cache
     doc = document.build(
-        evidence.body_doc, bulletins=policy.bulletins, zone=expect.zone, labels=labels
+        evidence.body_doc(), bulletins=policy.bulletins, zone=expect.zone, labels=labels
     )
     outcome = policy.evaluate(doc, device_id=expect.device_id, zone=expect.zone, labels=labels)
     return outcome, (key, outcome)

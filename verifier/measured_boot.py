@@ -31,6 +31,8 @@ class LogState:
     data: bytes = b""
     banks: dict[str, int] = field(default_factory=dict)
     replay: ev.ReplayState = field(default_factory=ev.ReplayState)
+    # Boot facts of ``data``, computed once (facts_of); not persisted.
+    facts: bootfacts.BootFacts | None = field(default=None, compare=False, repr=False)
 
     @property
     def offset(self) -> int:
@@ -48,6 +50,8 @@ def extend(prior: LogState | None, offset: int, chunk: bytes) -> LogState:
     if prior is None or offset != prior.offset:
         have = prior.offset if prior else 0
         raise MalformedInput(f"event log part starts at byte {offset}, the verifier has {have}")
+    if not chunk:
+        return prior  # nothing new: the usual case between reboots
     log = ev.parse(chunk, banks=prior.banks, base=offset)
     replay = ev.ReplayState(
         pcrs={b: dict(v) for b, v in prior.replay.pcrs.items()},
@@ -90,4 +94,7 @@ def compare(state: LogState, quoted: PcrValues, device_id: str) -> tuple[Finding
 
 
 def facts_of(state: LogState) -> bootfacts.BootFacts:
-    return bootfacts.boot_facts(ev.parse(state.data))
+    """Boot facts of the whole log so far; parsed once per log state."""
+    if state.facts is None:
+        state.facts = bootfacts.boot_facts(ev.parse(state.data))
+    return state.facts

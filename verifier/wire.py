@@ -6,6 +6,7 @@ Malformed input raises ``MalformedInput`` naming the field.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 
 from cryptography.hazmat.primitives import serialization
@@ -110,7 +111,7 @@ def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
         )
     ).hexdigest()
     return Evidence(
-        body_doc=document.plain(body),
+        body_doc=functools.partial(document.plain, body),
         posture_digest=posture,
         event_log=event_log,
         nonce=msg.nonce,
