@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,8 +51,10 @@ def verifier_config(
 
 
 @asynccontextmanager
-async def running(config: VerifierConfig) -> AsyncIterator[RunningVerifier]:
-    verifier = await start_verifier(config)
+async def running(
+    config: VerifierConfig, clock: Callable[[], datetime.datetime] | None = None
+) -> AsyncIterator[RunningVerifier]:
+    verifier = await (start_verifier(config, clock=clock) if clock else start_verifier(config))
     try:
         yield verifier
     finally:

@@ -645,3 +645,110 @@ def test_query_filters_pages_and_staleness(
     assert result is not None
     later = result.appraised_at + datetime.timedelta(seconds=61)
     assert result.at(later).tier.label == "none"
+
+
+def test_pending_device_and_foreign_trust_domain_cannot_attest(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from verifier.ca import CertificateAuthority, pem
+    from verifier.store import DeviceState
+
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+    now = datetime.datetime.now(datetime.UTC)
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, grpc.aio.AioRpcError]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            device_id = agent.enrollment.device_id
+            target = f"127.0.0.1:{verifier.attestation_port}"
+            # The right CA and the right device, but another trust domain.
+            ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
+            key = ec.generate_private_key(ec.SECP256R1())
+            other = ca.issue_client(
+                kind="agent",
+                trust_domain="elsewhere.example",
+                name=device_id,
+                public_key=key.public_key(),
+                now=now,
+                lifetime=datetime.timedelta(hours=1),
+            )
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            foreign = await _try_attest(
+                target, channel_credentials(pki, key_pem=key_pem, cert_pem=pem(other))
+            )
+            verifier.store.set_state(device_id, DeviceState.PENDING_APPROVAL, now=now, event="test")
+            async with stream_channel(pki, verifier, agent.enrollment) as channel:
+                call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=5)
+                with pytest.raises(grpc.aio.AioRpcError) as pending:  # noqa: PT012
+                    await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+                    await call.read()
+            return foreign, pending.value
+
+    foreign, pending = asyncio.run(scenario())
+    assert foreign.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not a agent identity of devtrust.local" in (foreign.details() or "")
+    assert pending.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "awaits operator approval" in (pending.details() or "")
+
+
+def test_an_expired_credential_challenge_is_refused(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    from agent.enrollment_proof import proof_for
+    from agent.evidence import host_facts
+    from agent.tpm import TpmBackend
+    from protos.devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+    skew = [datetime.timedelta(0)]
+
+    def clock() -> datetime.datetime:
+        return datetime.datetime.now(datetime.UTC) + skew[0]
+
+    backend = TpmBackend(swtpm_factory().tcti)
+    channel_key = spki(new_key())
+    request = enrollment_pb2.EnrollRequest(
+        ek_certificate=backend.ek_certificate(),
+        ek_public=backend.ek_public(),
+        ak_public=backend.ak_public(),
+        host=host_facts(),
+        channel_key_spki=channel_key,
+    )
+
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with (
+            running(verifier_config(workdir, pki, endorsement_ca), clock) as verifier,
+            grpc.aio.secure_channel(
+                f"127.0.0.1:{verifier.enrollment_port}", channel_credentials(pki)
+            ) as channel,
+        ):
+            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+            challenge = await stub.Enroll(request, timeout=10)
+            secret = backend.activate_credential(
+                challenge.credential_blob, challenge.encrypted_secret
+            )
+            skew[0] = datetime.timedelta(minutes=6)  # past the five-minute challenge
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.Activate(
+                    enrollment_pb2.ActivateRequest(
+                        enrollment_id=challenge.enrollment_id,
+                        proof=proof_for(secret, challenge.enrollment_id, channel_key),
+                    ),
+                    timeout=10,
+                )
+            return late.value
+
+    try:
+        late = asyncio.run(scenario())
+    finally:
+        backend.close()
+    assert late.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expired" in (late.details() or "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -163,3 +164,50 @@ def test_real_quote_verifies_and_ak_name_matches_the_tpm(shared_swtpm: Swtpm) ->
             pcr_values={**pcrs, (Alg.SHA1, 7): b"\x01" * 20},
         )
     assert rejected.value.finding_id == "tpm.quote.pcr_digest_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("name", "evidence", "message"),
+    [
+        ("short nonce", {"nonce": b"n" * 16}, "Evidence.nonce: expected 32 bytes, got 16"),
+        ("no quote", {"quote_signature": b""}, "quote_attest and quote_signature are required"),
+        (
+            "PCR of the wrong size",
+            {"pcrs": [{"hash_alg": "sha256", "values": {7: b"\x00" * 20}}]},
+            "sha256:7: expected a PCR index 0..23 and 32 bytes, got 20 bytes",
+        ),
+        (
+            "PCR index out of range",
+            {"pcrs": [{"hash_alg": "sha1", "values": {24: b"\x00" * 20}}]},
+            "expected a PCR index 0..23",
+        ),
+        (
+            "unknown bank",
+            {"pcrs": [{"hash_alg": "md5", "values": {}}]},
+            "unsupported hash algorithm 'md5'",
+        ),
+        (
+            "body not an EvidenceBody",
+            {"body": b"\xff\xff\xff"},
+            "Evidence.body: not an EvidenceBody",
+        ),
+    ],
+)
+def test_malformed_evidence_is_refused_at_the_edge(
+    name: str, evidence: dict[str, Any], message: str
+) -> None:
+    from protos.devtrust.v1 import attestation_pb2, common_pb2
+    from verifier.wire import evidence_from_wire
+
+    fields: dict[str, Any] = {
+        "nonce": b"n" * 32,
+        "quote_attest": b"a",
+        "quote_signature": b"s",
+        "body": b"",
+    }
+    fields.update(evidence)
+    pcrs = [common_pb2.PcrBank(**bank) for bank in fields.pop("pcrs", [])]
+    msg = attestation_pb2.Evidence(pcrs=pcrs, **fields)
+    with pytest.raises(MalformedInput, match=re.escape(message)):
+        evidence_from_wire(msg)
+    _ = name
