@@ -115,6 +115,9 @@ class AttestationClient:
                 logger.info("attestation stream closed by the verifier; reconnecting")
             elif isinstance(exc, grpc.aio.AioRpcError):
                 logger.warning("attestation stream failed: %s: %s", exc.code().name, exc.details())
+            elif isinstance(exc, asyncio.InvalidStateError):
+                # The verifier ended the call (a restart) while we were writing evidence.
+                logger.warning("attestation stream ended while sending: %s", exc)
             elif isinstance(exc, TpmError):
                 logger.error("TPM error: %s", exc)
             else:

@@ -752,3 +752,46 @@ def test_an_expired_credential_challenge_is_refused(
         backend.close()
     assert late.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "expired" in (late.details() or "")
+
+
+def test_agent_reconnects_when_the_call_ends_while_it_writes(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """A verifier restart can end the call between reading a challenge and writing the
+    evidence: grpc.aio then raises InvalidStateError, not an RPC error. The agent must
+    reconnect, not die (seen once in CI-like runs of the restart test)."""
+    from agent.attest import AttestationClient
+
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+
+    async def scenario() -> list[attestation_pb2.Result]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            client = AttestationClient(agent.cfg, agent.tpm, agent.files, agent.enrollment)
+            real, calls = client.session, []
+
+            async def flaky_session() -> None:
+                calls.append(1)
+                if len(calls) == 1:
+                    raise asyncio.InvalidStateError("RPC already finished.")
+                await real()
+
+            client.session = flaky_session  # type: ignore[method-assign]
+            results: list[attestation_pb2.Result] = []
+            client._on_result = results.append
+            stop = asyncio.Event()
+            task = asyncio.create_task(client.run(stop))
+            for _ in range(200):
+                if results or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            return results
+
+    results = asyncio.run(scenario())
+    assert results
+    assert results[0].trust.tier == common_pb2.TIER_AFFIRMING
