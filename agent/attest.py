@@ -4,8 +4,13 @@ One long-lived mTLS stream; the verifier drives with Challenges. For each, the a
 the evidence body (host facts and, when its device certificate is due for renewal, a fresh
 public key), quotes with qualifying data binding nonce and body, and sends Evidence. A
 Result may carry a new device certificate, which is written to the runtime directory with
-the key that never left this host. A broken stream is reopened with capped exponential
-backoff, so a verifier restart costs one reconnect.
+the key that never left this host; the body asking for it carries a proof of possession of
+that key (agent/key_proof.py). A broken stream is reopened with capped exponential backoff,
+so a verifier restart costs one reconnect.
+
+Posture changes are watched by polling cheap signals; the first change is sent as
+PostureChanged at once, later ones are debounced and coalesced (agent/posture.py), and
+notes waiting to be sent are merged in place, so what is pending stays bounded.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import contextlib
 import datetime
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from cryptography import x509
@@ -29,13 +36,15 @@ from agent.config import AgentConfig
 from agent.errors import TpmError
 from agent.evidence import qualifying_data
 from agent.gpu.nvml import XidWatcher
-from agent.posture import fingerprint
+from agent.key_proof import sign_possession
+from agent.posture import Debouncer, fingerprint
 from agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
 from agent.tpm import AsyncTpm
 from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 
 logger = logging.getLogger(__name__)
 ResultCallback = Callable[[attestation_pb2.Result], None]
+Probe = Callable[[Path], dict[str, bytes]]
 
 
 def utcnow() -> datetime.datetime:
@@ -64,27 +73,38 @@ class AttestationClient:
         self._enrollment = enrollment
         self._on_result = on_result
         self._pending: _PendingKey | None = None
-        self._posture_changed: asyncio.Queue[list[str]] = asyncio.Queue()
+        # Signals to send in the next PostureChanged: merged in place, so bounded by the
+        # number of watched signals however often the host churns.
+        self._outbox: set[str] = set()
+        self._outbox_ready = asyncio.Event()
         self._xids = XidWatcher()
         # grpc.aio allows one write at a time on a stream: evidence and PostureChanged share it.
         self._write_lock = asyncio.Lock()
 
     def notify_posture_changed(self, signals: list[str]) -> None:
-        self._posture_changed.put_nowait(signals)
+        self._outbox.update(signals)
+        self._outbox_ready.set()
 
-    async def watch(self) -> None:
-        """Poll the cheap posture signals; a change is sent as PostureChanged at once, so the
-        verifier challenges within the poll interval plus one round trip."""
+    async def watch(
+        self, *, probe: Probe = fingerprint, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Poll the cheap posture signals. The first change is sent as PostureChanged at once,
+        so the verifier challenges within the poll interval plus one round trip; changes in
+        the following ``posture_debounce_s`` are sent as one note when that window closes."""
         root = self._cfg.posture_root
-        last = await asyncio.to_thread(fingerprint, root)
+        debouncer = Debouncer(self._cfg.posture_debounce_s)
+        last = await asyncio.to_thread(probe, root)
         while True:
             await asyncio.sleep(self._cfg.watch_interval_s)
-            now = await asyncio.to_thread(fingerprint, root)
-            changed = sorted(k for k in now if now[k] != last.get(k))
-            last = now
-            if changed:
-                logger.info("posture changed: %s", ", ".join(changed))
-                self.notify_posture_changed(changed)
+            current = await asyncio.to_thread(probe, root)
+            changed = sorted(k for k in current if current[k] != last.get(k))
+            last = current
+            send = debouncer.changed(changed, clock())
+            if send:
+                logger.info("posture changed: %s", ", ".join(send))
+                self.notify_posture_changed(send)
+            elif changed:
+                logger.debug("posture changed (held): %s", ", ".join(changed))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Attest until ``stop`` is set, reconnecting after failures."""
@@ -135,6 +155,10 @@ class AttestationClient:
         ) as channel:
             stub = attestation_pb2_grpc.AttestationStub(channel)
             call = stub.Attest(timeout=3600.0)
+            # The verifier challenges right after Hello, and that evidence reports the whole
+            # posture: a note left from before this stream would only cost a second round.
+            self._outbox.clear()
+            self._outbox_ready.clear()
             await call.write(
                 attestation_pb2.AgentMessage(hello=attestation_pb2.Hello(agent_version=__version__))
             )
@@ -156,7 +180,12 @@ class AttestationClient:
 
     async def _forward_posture(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
         while True:
-            signals = await self._posture_changed.get()
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            signals = sorted(self._outbox)
+            self._outbox.clear()
+            if not signals:
+                continue
             async with self._write_lock:
                 await call.write(
                     attestation_pb2.AgentMessage(
@@ -171,12 +200,18 @@ class AttestationClient:
         ):
             key = new_key()
             self._pending = _PendingKey(key, spki(key))
+        proof = b""
+        if self._pending is not None:
+            # Without it the verifier certifies nothing: we show we hold the key, for this
+            # challenge and this device only.
+            proof = sign_possession(self._pending.key, challenge.nonce, self._enrollment.device_id)
         body = await asyncio.to_thread(
             collect_body,
             self._cfg,
             xids=self._xids,
             now=now,
             certify_key_spki=self._pending.spki if self._pending else b"",
+            certify_key_proof=proof,
         )
         selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
         backend = self._tpm.backend

@@ -45,13 +45,15 @@ def collect_body(
     *,
     now: datetime.datetime,
     certify_key_spki: bytes = b"",
+    certify_key_proof: bytes = b"",
     xids: XidWatcher | None = None,
 ) -> bytes:
     """Collect posture and GPU state now (blocking: run it off the event loop) and return the
     serialized evidence body."""
     return evidence_body(
-        host=host_facts(root=cfg.posture_root, zone=cfg.zone, labels=cfg.labels),
+        host=host_facts(root=cfg.posture_root),
         certify_key_spki=certify_key_spki,
+        certify_key_proof=certify_key_proof,
         now=now,
         os=collect_posture(cfg.posture_root, mounts=cfg.encrypted_mounts),
         gpu=collect_gpu(cfg.gpu_source, root=cfg.posture_root, xml=cfg.gpu_xml, xids=xids),

@@ -60,9 +60,13 @@ class AgentConfig:
     gpu_xml: Path | None = None
     # How often the cheap posture signals are polled for PostureChanged.
     watch_interval_s: float = 0.25
+    # The first posture change is sent at once; further ones within this many seconds are
+    # coalesced into one PostureChanged sent when the window closes (agent/posture.py).
+    posture_debounce_s: float = 5.0
+    # A one-time token from the verifier's operator (`devtrust-verifier token create`); it
+    # may carry the zone and labels the operator assigns to this host. A host never chooses
+    # its own zone: there is no zone setting here.
     bootstrap_token: str = ""
-    zone: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
     rpc_timeout_s: float = 30.0
     reconnect_max_s: float = 30.0
     # Ask for a new device certificate once this fraction of its lifetime has passed.
@@ -71,6 +75,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not 0 < self.renew_at < 1:
             raise ValueError("renew_at must be between 0 and 1")
+        if not self.posture_debounce_s > 0:
+            raise ValueError("posture_debounce_s must be positive")
         if self.gpu_source not in GPU_SOURCES:
             raise ValueError(
                 f"gpu_source {self.gpu_source!r}: auto, nvml, nvidia-smi-xml, procfs or none"

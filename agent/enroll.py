@@ -43,7 +43,7 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
                 ek_certificate=ek_cert or b"",
                 ek_public=ek_public,
                 ak_public=ak_public,
-                host=host_facts(zone=cfg.zone, labels=cfg.labels),
+                host=host_facts(),
                 bootstrap_token=cfg.bootstrap_token,
                 channel_key_spki=channel_spki,
             ),

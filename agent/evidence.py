@@ -31,9 +31,9 @@ def _read(path: Path) -> str:
         return ""
 
 
-def host_facts(
-    *, root: Path = Path("/"), zone: str = "", labels: dict[str, str] | None = None
-) -> common_pb2.HostFacts:
+def host_facts(*, root: Path = Path("/")) -> common_pb2.HostFacts:
+    """What the host says of itself. Zone and labels are not among it: operators assign them
+    (HostFacts.zone and .labels stay empty from this agent)."""
     os_release = ""
     for line in _read(root / "etc/os-release").splitlines():
         if line.startswith("PRETTY_NAME="):
@@ -44,8 +44,6 @@ def host_facts(
         kernel=platform.release(),
         machine_id=_read(root / "etc/machine-id"),
         agent_version=__version__,
-        zone=zone,
-        labels=labels or {},
     )
 
 
@@ -56,11 +54,18 @@ def evidence_body(
     now: datetime.datetime,
     os: attestation_pb2.OsPosture | None = None,
     gpu: attestation_pb2.GpuState | None = None,
+    certify_key_proof: bytes = b"",
 ) -> bytes:
-    """The serialized EvidenceBody: these bytes are what the quote binds."""
+    """The serialized EvidenceBody: these bytes are what the quote binds, the proof of
+    possession of the key to certify (agent/key_proof.py) included."""
     collected = Timestamp()
     collected.FromDatetime(now)
     body = attestation_pb2.EvidenceBody(
-        collected_at=collected, certify_key_spki=certify_key_spki, host=host, os=os, gpu=gpu
+        collected_at=collected,
+        certify_key_spki=certify_key_spki,
+        certify_key_proof=certify_key_proof,
+        host=host,
+        os=os,
+        gpu=gpu,
     )
     return body.SerializeToString(deterministic=True)

@@ -2,6 +2,24 @@
 
 Every source that is missing or unreadable is reported in ``unavailable`` as unknown, never
 as "off": a host without /sys/fs/selinux has an unknown SELinux mode, not a disabled one.
+
+Change detection (PostureChanged) watches a few cheap signals (``WATCHED``) and follows two
+rules, so that a busy GPU host does not turn every poll into a full attestation:
+
+- **Ephemeral listeners do not count as a change.** A TCP listener whose local port lies in
+  the host's ephemeral port range (``/proc/sys/net/ipv4/ip_local_port_range``, which the
+  kernel applies to IPv4 and IPv6 alike; "32768 60999", the kernel default, when unreadable)
+  and is not in ``/proc/sys/net/ipv4/ip_local_reserved_ports`` is left out of the
+  ``listening_sockets`` fingerprint. The kernel hands those ports out to port-0 binds: NCCL,
+  torch.distributed workers and gloo open and close such listeners all the time. A listener
+  on a service port (outside the range, or reserved) is a change, and so is a change of the
+  range itself (the ``ephemeral_ports`` signal), so widening the range to hide a service is
+  itself seen. Ephemeral listeners are still reported in every evidence body
+  (``collect_posture``), so policy sees them at the next challenge; only the watch ignores
+  them.
+- **Changes are debounced** (``Debouncer``): the first change after a quiet window is sent at
+  once, later ones within ``posture_debounce_s`` are coalesced into one note sent when the
+  window closes, carrying the union of the signals.
 """
 
 from __future__ import annotations
@@ -10,11 +28,15 @@ import hashlib
 import re
 import socket
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from protos.devtrust.v1 import attestation_pb2
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
+PORT_RANGE = "proc/sys/net/ipv4/ip_local_port_range"
+RESERVED_PORTS = "proc/sys/net/ipv4/ip_local_reserved_ports"
+DEFAULT_EPHEMERAL = (32768, 60999)  # the kernel's default ip_local_port_range
 
 
 class _Reader:
@@ -215,33 +237,143 @@ WATCHED = {
     "gpu_driver": ["proc/driver/nvidia/version"],
     "sshd_config": ["etc/ssh/sshd_config", "etc/ssh/sshd_config.d"],
     "listening_sockets": ["proc/net/tcp", "proc/net/tcp6"],
+    "ephemeral_ports": [PORT_RANGE, RESERVED_PORTS],
     "selinux_mode": ["sys/fs/selinux/enforce"],
     "lockdown": ["sys/kernel/security/lockdown"],
 }
 
 
-def _digest(path: Path, *, listening: bool) -> bytes:
+@dataclass(frozen=True)
+class EphemeralPorts:
+    """The ports the kernel hands out to port-0 binds: ``low..high`` less the reserved ones."""
+
+    low: int = DEFAULT_EPHEMERAL[0]
+    high: int = DEFAULT_EPHEMERAL[1]
+    reserved: frozenset[int] = frozenset()
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.low <= port <= self.high and port not in self.reserved
+
+
+def _parse_range(text: str) -> tuple[int, int] | None:
+    parts = text.split()
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    low, high = int(parts[0]), int(parts[1])
+    return (low, high) if 0 < low <= high <= 65535 else None
+
+
+def _parse_reserved(text: str) -> frozenset[int]:
+    """``ip_local_reserved_ports``: "8080,9000-9010" (empty when none). Malformed items are
+    skipped: a port wrongly left reserved only makes the watch more sensitive."""
+    ports: set[int] = set()
+    for item in text.strip().split(","):
+        low, dash, high = item.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            continue
+        first, last = int(low), int(high or low)
+        ports.update(range(first, min(last, 65535) + 1))
+    return frozenset(ports)
+
+
+def ephemeral_ports(root: Path) -> EphemeralPorts:
+    """The host's ephemeral port range; the kernel default when it cannot be read."""
+    try:
+        span = _parse_range((root / PORT_RANGE).read_text())
+    except OSError:
+        span = None
+    try:
+        reserved = _parse_reserved((root / RESERVED_PORTS).read_text())
+    except OSError:
+        reserved = frozenset()
+    low, high = span or DEFAULT_EPHEMERAL
+    return EphemeralPorts(low, high, reserved)
+
+
+def _service_listeners(data: bytes, ephemeral: EphemeralPorts) -> bytes:
+    """The local addresses of LISTEN rows of /proc/net/tcp{,6}, less ephemeral ports; only
+    LISTEN rows, as queues and timers change all the time."""
+    rows = []
+    for line in data.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) <= 3 or parts[3] != b"0A":  # TCP_LISTEN
+            continue
+        _, _, port = parts[1].rpartition(b":")
+        try:
+            if int(port, 16) in ephemeral:
+                continue
+        except ValueError:
+            pass  # an unparsable row counts: better a spurious change than a missed one
+        rows.append(parts[1])
+    return b"\n".join(sorted(rows))
+
+
+def _digest(path: Path, *, listening: EphemeralPorts | None = None) -> bytes:
     if path.is_dir():
-        return b"".join(_digest(p, listening=False) for p in sorted(path.iterdir()))
+        return b"".join(_digest(p) for p in sorted(path.iterdir()))
     try:
         data = path.read_bytes()
     except OSError:
         return b"-"
-    if listening:  # only LISTEN rows: queues and timers change all the time
-        data = b"\n".join(
-            sorted(
-                line.split()[1]
-                for line in data.splitlines()[1:]
-                if len(line.split()) > 3 and line.split()[3] == b"0A"
-            )
-        )
+    if listening is not None:
+        data = _service_listeners(data, listening)
     return hashlib.sha256(data).digest()
 
 
 def fingerprint(root: Path) -> dict[str, bytes]:
+    """One digest per watched signal; a signal changed when its digest did."""
+    ephemeral = ephemeral_ports(root)
     return {
         signal: b"".join(
-            _digest(root / rel, listening=signal == "listening_sockets") for rel in rels
+            _digest(root / rel, listening=ephemeral if signal == "listening_sockets" else None)
+            for rel in rels
         )
         for signal, rels in WATCHED.items()
     }
+
+
+class Debouncer:
+    """Turns posture changes seen at poll times into PostureChanged notes (pure: the caller
+    passes its monotonic clock's ``now``).
+
+    The first change after a quiet window is sent at once and opens a window of
+    ``window_s``; changes within it are held and sent, as one note with the union of their
+    signals, when it closes (``due``), which opens the next window. So at most one note per
+    window leaves the agent however often the host churns, and a lone change is never
+    delayed.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        if not window_s > 0:
+            raise ValueError("the debounce window must be positive")
+        self._window = window_s
+        self._until: float | None = None
+        self._held: set[str] = set()
+
+    @property
+    def held(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+    def changed(self, signals: list[str], now: float) -> list[str] | None:
+        """Signals that changed at ``now``: what to send now, or None when they are held."""
+        if not signals:
+            return self.due(now)
+        if self._until is not None and now < self._until:
+            self._held.update(signals)
+            return None
+        return self._send(set(signals), now)
+
+    def due(self, now: float) -> list[str] | None:
+        """The held signals once their window has closed, else None."""
+        if self._until is None or now < self._until:
+            return None
+        if not self._held:
+            self._until = None  # quiet: the next change goes at once
+            return None
+        return self._send(set(), now)
+
+    def _send(self, signals: set[str], now: float) -> list[str]:
+        out = sorted(self._held | signals)
+        self._held.clear()
+        self._until = now + self._window
+        return out

@@ -233,9 +233,16 @@ class EvidenceBody(_message.Message):
     HOST_FIELD_NUMBER: _builtins.int
     OS_FIELD_NUMBER: _builtins.int
     GPU_FIELD_NUMBER: _builtins.int
+    CERTIFY_KEY_PROOF_FIELD_NUMBER: _builtins.int
     certify_key_spki: _builtins.bytes
     """SubjectPublicKeyInfo (DER) of a fresh key the agent wants certified; empty when it
     needs no new certificate.
+    """
+    certify_key_proof: _builtins.bytes
+    """Proof that the agent holds the private key of certify_key_spki: a signature by that
+    key (ECDSA with SHA-256 for P-256, SHA-384 for P-384; RSA-PSS with SHA-256) over
+    "devtrust-certify-key-v1" || 0x00 || nonce || device id (ASCII hex). Required whenever
+    certify_key_spki is set; without it no certificate is issued.
     """
     @_builtins.property
     def collected_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -253,10 +260,11 @@ class EvidenceBody(_message.Message):
         host: _common_pb2.HostFacts | None = ...,
         os: Global___OsPosture | None = ...,
         gpu: Global___GpuState | None = ...,
+        certify_key_proof: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "gpu", b"gpu", "host", b"host", "os", b"os"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certify_key_spki", b"certify_key_spki", "collected_at", b"collected_at", "gpu", b"gpu", "host", b"host", "os", b"os"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certify_key_proof", b"certify_key_proof", "certify_key_spki", b"certify_key_spki", "collected_at", b"collected_at", "gpu", b"gpu", "host", b"host", "os", b"os"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -317,11 +317,15 @@ class HostFacts(_message.Message):
     machine_id: _builtins.str
     agent_version: _builtins.str
     zone: _builtins.str
-    """AI-infrastructure segment: data-processing, model-development,
-    production-inference, management.
-    """
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Zone (AI-infrastructure segment: data-processing, model-development,
+        production-inference, management, or one an operator defines) and labels. In messages
+        from the verifier (Device) they are the operator-assigned values. In messages from an
+        agent they are only what the host believes: the verifier never takes them as its own
+        (zones and labels come from a bootstrap token, approval or the inventory).
+        """
+
     def __init__(
         self,
         *,

@@ -1,0 +1,131 @@
+"""The agent proves possession of the key it asks the verifier to certify (issue 7, item 6).
+
+The body built for a challenge carries a signature by the key to certify over the challenge's
+nonce and the device id, inside the bytes the quote binds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from agent.attest import AttestationClient
+from agent.config import AgentConfig
+from agent.evidence import evidence_body, host_facts, qualifying_data
+from agent.key_proof import PublicKey, possession_proven
+from agent.state import AgentFiles, Enrollment, new_key, spki
+from agent.tpm import AsyncTpm
+from protos.devtrust.v1 import attestation_pb2, common_pb2
+from swtpm.hosttree import write_host_tree
+
+DEVICE = "ab" * 32
+OTHER_DEVICE = "cd" * 32
+NONCE = bytes(range(32))
+
+
+class _FakeBackend:
+    """Records the qualifying data it is asked to quote; returns no real quote."""
+
+    def __init__(self) -> None:
+        self.quoted: list[bytes] = []
+
+    def quote(
+        self, qualifying: bytes, selection: list[tuple[str, list[int]]]
+    ) -> tuple[bytes, bytes, dict[tuple[int, int], bytes]]:
+        self.quoted.append(qualifying)
+        return b"attest", b"signature", {}
+
+
+class _FakeTpm:
+    def __init__(self) -> None:
+        self.backend = _FakeBackend()
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+
+def _client(tmp_path: Path) -> tuple[AttestationClient, _FakeTpm]:
+    cfg = AgentConfig(
+        state_dir=tmp_path / "state",
+        runtime_dir=tmp_path / "run",  # no device certificate yet: renewal is due
+        event_log=None,
+        gpu_source="none",
+        posture_root=write_host_tree(tmp_path / "host"),
+    )
+    tpm = _FakeTpm()
+    client = AttestationClient(
+        cfg,
+        cast(AsyncTpm, tpm),
+        AgentFiles(cfg.state_dir, cfg.runtime_dir),
+        Enrollment(DEVICE, b"", b"", b""),
+    )
+    return client, tpm
+
+
+def _public(der: bytes) -> PublicKey:
+    key = serialization.load_der_public_key(der)
+    assert isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+    return key
+
+
+def _challenge(nonce: bytes) -> attestation_pb2.Challenge:
+    return attestation_pb2.Challenge(
+        nonce=nonce, pcr_selection=[common_pb2.PcrSelection(hash_alg="sha256", pcrs=[0])]
+    )
+
+
+def test_body_for_a_challenge_proves_possession_of_the_key_to_certify(tmp_path: Path) -> None:
+    client, tpm = _client(tmp_path)
+    evidence = asyncio.run(client._answer(_challenge(NONCE)))
+    body = attestation_pb2.EvidenceBody.FromString(evidence.body)
+    assert body.certify_key_spki
+    assert body.certify_key_proof
+    key = _public(body.certify_key_spki)
+    assert possession_proven(key, body.certify_key_proof, NONCE, DEVICE)
+    # Worth nothing for another challenge or another device.
+    other_nonce = bytes(32)
+    assert not possession_proven(key, body.certify_key_proof, other_nonce, DEVICE)
+    assert not possession_proven(key, body.certify_key_proof, NONCE, OTHER_DEVICE)
+    # The quote binds the body with the proof in it.
+    assert tpm.backend.quoted == [qualifying_data(NONCE, evidence.body)]
+
+
+def test_each_challenge_gets_its_own_proof(tmp_path: Path) -> None:
+    """The pending key is kept until certified, but its proof is made for every nonce."""
+    client, _ = _client(tmp_path)
+    second_nonce = bytes(reversed(NONCE))
+
+    async def both() -> list[attestation_pb2.Evidence]:
+        return [await client._answer(_challenge(n)) for n in (NONCE, second_nonce)]
+
+    first, second = (attestation_pb2.EvidenceBody.FromString(e.body) for e in asyncio.run(both()))
+    assert first.certify_key_spki == second.certify_key_spki
+    key = _public(second.certify_key_spki)
+    assert possession_proven(key, second.certify_key_proof, second_nonce, DEVICE)
+    assert not possession_proven(key, first.certify_key_proof, second_nonce, DEVICE)
+
+
+def test_no_key_to_certify_no_proof() -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    body = attestation_pb2.EvidenceBody.FromString(
+        evidence_body(host=host_facts(), certify_key_spki=b"", now=now)
+    )
+    assert not body.certify_key_spki
+    assert not body.certify_key_proof
+
+
+def test_evidence_body_carries_the_proof_it_is_given() -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    key = new_key()
+    body = attestation_pb2.EvidenceBody.FromString(
+        evidence_body(
+            host=host_facts(), certify_key_spki=spki(key), certify_key_proof=b"proof", now=now
+        )
+    )
+    assert body.certify_key_proof == b"proof"
