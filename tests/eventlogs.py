@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 
 SIZES = {"sha1": (0x0004, 20), "sha256": (0x000B, 32), "sha384": (0x000C, 48)}
 
@@ -17,11 +18,42 @@ def spec_id_header(banks: Sequence[str]) -> bytes:
     return struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", len(body)) + body
 
 
-def agile_event(pcr: int, type_: int, data: bytes, banks: Sequence[str]) -> bytes:
-    out = struct.pack("<III", pcr, type_, len(banks))
-    for bank in banks:
-        out += struct.pack("<H", SIZES[bank][0]) + hashlib.new(bank, data).digest()
+def agile_event(
+    pcr: int,
+    type_: int,
+    data: bytes,
+    banks: Sequence[str],
+    *,
+    measured: bytes | None = None,
+    digests: Mapping[str, bytes] | None = None,
+) -> bytes:
+    """A TCG_PCR_EVENT2 logging ``data`` with the digests of ``measured`` (what firmware hashed;
+    default ``data``), or with ``digests`` as given (a forgery keeps the original's)."""
+    given = digests or {
+        b: hashlib.new(b, data if measured is None else measured).digest() for b in banks
+    }
+    out = struct.pack("<III", pcr, type_, len(given))
+    for bank, digest in given.items():
+        out += struct.pack("<H", SIZES[bank][0]) + digest
     return out + struct.pack("<I", len(data)) + data
+
+
+EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
+EFI_IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
+EFI_CERT_SHA256 = uuid.UUID("c1c41626-504c-4092-aca9-41f936934328")
+
+
+def variable(name: str, value: bytes, guid: uuid.UUID = EFI_GLOBAL_VARIABLE) -> bytes:
+    """UEFI_VARIABLE_DATA (PFP 10.4.4)."""
+    encoded = name.encode("utf-16-le")
+    return guid.bytes_le + struct.pack("<QQ", len(name), len(value)) + encoded + value
+
+
+def sha256_list(*hashes: bytes) -> bytes:
+    """An EFI_SIGNATURE_LIST of EFI_CERT_SHA256 entries (UEFI 2.10, 32.4.1), owner zero."""
+    size = 16 + 32
+    body = b"".join(bytes(16) + h for h in hashes)
+    return EFI_CERT_SHA256.bytes_le + struct.pack("<III", 28 + len(body), 0, size) + body
 
 
 def agile_log(

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from verifier.measured_boot import LogState
-from verifier.tpm.clock import ClockState
-from verifier.tpm.eventlog import ReplayState
-from verifier.trust import Claim, Finding, Severity, SubResult, TrustResult
+from verifier.errors import ResourceExhausted
+from verifier.measured_boot import LogPart
+from verifier.records import (
+    BootstrapToken,
+    CertificateRecord,
+    DeviceRecord,
+    DeviceState,
+    PendingEnrollment,
+    TpmState,
+    iso,
+    parse_iso,
+    record_from_json,
+    record_to_json,
+    result_from_json,
+    result_to_json,
+)
+from verifier.trust import TrustResult
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -54,8 +66,12 @@ CREATE TABLE IF NOT EXISTS bootstrap_tokens (
     expires_at TEXT NOT NULL,
     used_at TEXT,
     device_id TEXT,
-    note TEXT NOT NULL DEFAULT ''
+    note TEXT NOT NULL DEFAULT '',
+    zone TEXT NOT NULL DEFAULT '',
+    labels TEXT NOT NULL DEFAULT '{}'
 );
+CREATE INDEX IF NOT EXISTS enrollments_device ON enrollments(device_id, expires_at);
+CREATE INDEX IF NOT EXISTS enrollments_expiry ON enrollments(expires_at);
 CREATE TABLE IF NOT EXISTS trust (
     device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
     tier TEXT NOT NULL,
@@ -72,6 +88,9 @@ CREATE TABLE IF NOT EXISTS certificates (
     der BLOB NOT NULL,
     revoked_at TEXT
 );
+-- log_state: the event log's size, event count and banks (JSON); the log itself is in
+-- event_log_parts. log_data is no longer written (always empty): it stays so that databases
+-- made before the log was stored append-only (issue 7) still open; their logs are read again.
 CREATE TABLE IF NOT EXISTS tpm_state (
     device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
     clock TEXT NOT NULL,
@@ -79,6 +98,14 @@ CREATE TABLE IF NOT EXISTS tpm_state (
     log_state TEXT NOT NULL,
     pcrs TEXT NOT NULL,
     updated_at TEXT NOT NULL
+);
+-- Each device's event log since its last reboot, in the parts it was accepted in: appended,
+-- never rewritten; a part at offset 0 (a new log) replaces the device's older parts.
+CREATE TABLE IF NOT EXISTS event_log_parts (
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    part_offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (device_id, part_offset)
 );
 CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id, not_after);
 CREATE TABLE IF NOT EXISTS audit (
@@ -90,205 +117,6 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL
 );
 """
-
-
-class DeviceState(StrEnum):
-    PENDING_APPROVAL = "pending_approval"
-    ENROLLED = "enrolled"
-    REVOKED = "revoked"
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    device_id: str
-    state: DeviceState
-    ek_certificate: bytes
-    ek_public: bytes
-    ak_public: bytes
-    ak_name: str
-    host: dict[str, Any]
-    enrolled_at: datetime.datetime
-    zone: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-    last_seen: datetime.datetime | None = None
-
-
-@dataclass(frozen=True)
-class PendingEnrollment:
-    enrollment_id: str
-    record: DeviceRecord
-    secret: bytes
-    channel_key_spki: bytes
-    expires_at: datetime.datetime
-    token_sha256: str = ""
-
-
-@dataclass(frozen=True)
-class CertificateRecord:
-    serial: str
-    device_id: str
-    kind: str
-    not_before: datetime.datetime
-    not_after: datetime.datetime
-    der: bytes
-
-
-@dataclass(frozen=True)
-class TpmState:
-    """What the verifier remembers of a device's TPM between appraisals."""
-
-    clock: ClockState
-    log: LogState | None
-    pcrs: dict[str, dict[int, str]]  # the last quoted values: bank -> PCR -> hex
-
-    def to_row(self) -> tuple[str, bytes, str, str]:
-        log = self.log
-        log_state = (
-            {}
-            if log is None
-            else {
-                "banks": log.banks,
-                "pcrs": {
-                    b: {str(i): v.hex() for i, v in p.items()} for b, p in log.replay.pcrs.items()
-                },
-                "measured": sorted(log.replay.measured),
-                "seen_pcr0": log.replay.seen_pcr0,
-            }
-        )
-        pcrs = {b: {str(i): v for i, v in p.items()} for b, p in self.pcrs.items()}
-        return (
-            json.dumps(self.clock.__dict__),
-            log.data if log else b"",
-            json.dumps(log_state),
-            json.dumps(pcrs),
-        )
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> TpmState:
-        clock = ClockState(**json.loads(row["clock"]))
-        state = json.loads(row["log_state"])
-        log = None
-        if state:
-            replay = ReplayState(
-                pcrs={
-                    b: {int(i): bytes.fromhex(v) for i, v in p.items()}
-                    for b, p in state["pcrs"].items()
-                },
-                seen_pcr0=state["seen_pcr0"],
-                measured=set(state["measured"]),
-            )
-            log = LogState(data=bytes(row["log_data"]), banks=state["banks"], replay=replay)
-        pcrs = {b: {int(i): v for i, v in p.items()} for b, p in json.loads(row["pcrs"]).items()}
-        return cls(clock=clock, log=log, pcrs=pcrs)
-
-
-def _ts(value: datetime.datetime) -> str:
-    return value.astimezone(datetime.UTC).isoformat()
-
-
-def _dt(value: str | None) -> datetime.datetime | None:
-    return datetime.datetime.fromisoformat(value) if value else None
-
-
-def _finding_json(f: Finding) -> dict[str, str]:
-    return {
-        "id": f.id,
-        "severity": f.severity.name.lower(),
-        "claim": f.claim.value,
-        "message": f.message,
-        "expected": f.expected,
-        "found": f.found,
-        "subject": f.subject,
-    }
-
-
-def _finding_from(f: dict[str, str]) -> Finding:
-    return Finding(
-        id=f["id"],
-        severity=Severity[f["severity"].upper()],
-        claim=Claim(f["claim"]),
-        message=f["message"],
-        expected=f["expected"],
-        found=f["found"],
-        subject=f["subject"],
-    )
-
-
-def result_to_json(result: TrustResult) -> str:
-    return json.dumps(
-        {
-            "device_id": result.device_id,
-            "claims": {c.value: v for c, v in result.claims.items()},
-            "findings": [_finding_json(f) for f in result.findings],
-            "appraised_at": _ts(result.appraised_at),
-            "expires_at": _ts(result.expires_at),
-            "evidence_digest": result.evidence_digest,
-            "policy_id": result.policy_id,
-            "submods": [
-                {
-                    "name": s.name,
-                    "claims": {c.value: v for c, v in s.claims.items()},
-                    "findings": [_finding_json(f) for f in s.findings],
-                }
-                for s in result.submods
-            ],
-        },
-        sort_keys=True,
-    )
-
-
-def result_from_json(text: str) -> TrustResult:
-    d = json.loads(text)
-    return TrustResult(
-        device_id=d["device_id"],
-        claims={Claim(k): int(v) for k, v in d["claims"].items()},
-        findings=tuple(_finding_from(f) for f in d["findings"]),
-        appraised_at=datetime.datetime.fromisoformat(d["appraised_at"]),
-        expires_at=datetime.datetime.fromisoformat(d["expires_at"]),
-        evidence_digest=d["evidence_digest"],
-        policy_id=d["policy_id"],
-        submods=tuple(
-            SubResult(
-                name=s["name"],
-                claims={Claim(k): int(v) for k, v in s["claims"].items()},
-                findings=tuple(_finding_from(f) for f in s["findings"]),
-            )
-            for s in d.get("submods", [])
-        ),
-    )
-
-
-def _record_json(rec: DeviceRecord) -> str:
-    return json.dumps(
-        {
-            "device_id": rec.device_id,
-            "state": rec.state.value,
-            "ek_certificate": rec.ek_certificate.hex(),
-            "ek_public": rec.ek_public.hex(),
-            "ak_public": rec.ak_public.hex(),
-            "ak_name": rec.ak_name,
-            "host": rec.host,
-            "zone": rec.zone,
-            "labels": rec.labels,
-            "enrolled_at": _ts(rec.enrolled_at),
-        }
-    )
-
-
-def _record_from_json(text: str) -> DeviceRecord:
-    d = json.loads(text)
-    return DeviceRecord(
-        device_id=d["device_id"],
-        state=DeviceState(d["state"]),
-        ek_certificate=bytes.fromhex(d["ek_certificate"]),
-        ek_public=bytes.fromhex(d["ek_public"]),
-        ak_public=bytes.fromhex(d["ak_public"]),
-        ak_name=d["ak_name"],
-        host=d["host"],
-        zone=d["zone"],
-        labels=d["labels"],
-        enrolled_at=datetime.datetime.fromisoformat(d["enrolled_at"]),
-    )
 
 
 class Store:
@@ -304,6 +132,13 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         # executescript commits on its own: the schema is idempotent DDL.
         self._db.executescript(_SCHEMA)
+        token_columns = {r[1] for r in self._db.execute("PRAGMA table_info(bootstrap_tokens)")}
+        for column, default in (("zone", "''"), ("labels", "'{}'")):  # databases before issue 7
+            if column not in token_columns:
+                self._db.execute(
+                    f"ALTER TABLE bootstrap_tokens ADD COLUMN {column} TEXT NOT NULL "
+                    f"DEFAULT {default}"
+                )
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -326,44 +161,71 @@ class Store:
 
     # --- enrollment -----------------------------------------------------------------------
 
-    def put_enrollment(self, pending: PendingEnrollment) -> None:
+    def put_enrollment(
+        self,
+        pending: PendingEnrollment,
+        *,
+        now: datetime.datetime,
+        max_per_device: int,
+        max_total: int,
+    ) -> None:
+        """Store a challenge: expired ones are purged, the device's oldest beyond
+        ``max_per_device`` dropped; ResourceExhausted (nothing changed) past ``max_total``."""
+        device_id = pending.record.device_id
         with self._tx() as db:
+            db.execute("DELETE FROM enrollments WHERE expires_at < ?", (iso(now),))
             db.execute(
-                "DELETE FROM enrollments WHERE expires_at < ?",
-                (_ts(datetime.datetime.now(datetime.UTC)),),
+                "DELETE FROM enrollments WHERE enrollment_id IN (SELECT enrollment_id FROM "
+                "enrollments WHERE device_id = ? ORDER BY expires_at DESC, rowid DESC "
+                "LIMIT -1 OFFSET ?)",
+                (device_id, max_per_device - 1),
             )
+            total, first = db.execute(
+                "SELECT COUNT(*), MIN(expires_at) FROM enrollments"
+            ).fetchone()
+            if total >= max_total:
+                wait = (datetime.datetime.fromisoformat(first) - now).total_seconds()
+                raise ResourceExhausted(
+                    f"{total} enrollments await their Activate (enrollment.max_pending "
+                    f"{max_total}): retry in {max(1, math.ceil(wait))} s"
+                )
             db.execute(
                 "INSERT INTO enrollments VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     pending.enrollment_id,
-                    pending.record.device_id,
-                    _record_json(pending.record),
+                    device_id,
+                    record_to_json(pending.record),
                     pending.secret,
                     pending.channel_key_spki,
-                    _ts(pending.expires_at),
+                    iso(pending.expires_at),
                     pending.token_sha256,
                 ),
             )
 
-    def take_enrollment(self, enrollment_id: str) -> PendingEnrollment | None:
-        """Remove and return a pending enrollment: a challenge is answered at most once."""
-        with self._tx() as db:
-            row = db.execute(
+    def get_enrollment(self, enrollment_id: str) -> PendingEnrollment | None:
+        with self._lock:
+            row = self._db.execute(
                 "SELECT * FROM enrollments WHERE enrollment_id = ?", (enrollment_id,)
             ).fetchone()
-            if row is None:
-                return None
-            db.execute("DELETE FROM enrollments WHERE enrollment_id = ?", (enrollment_id,))
-        expires = _dt(row["expires_at"])
+        if row is None:
+            return None
+        expires = parse_iso(row["expires_at"])
         assert expires is not None
         return PendingEnrollment(
             enrollment_id=row["enrollment_id"],
-            record=_record_from_json(row["record"]),
+            record=record_from_json(row["record"]),
             secret=row["secret"],
             channel_key_spki=row["channel_key_spki"],
             expires_at=expires,
             token_sha256=row["token_sha256"],
         )
+
+    def take_enrollment(self, enrollment_id: str) -> bool:
+        """Delete a pending enrollment once its proof checked out; False when another
+        answer took it first (a challenge is answered at most once)."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM enrollments WHERE enrollment_id = ?", (enrollment_id,))
+            return cur.rowcount == 1
 
     def save_device(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> None:
         with self._tx() as db:
@@ -384,12 +246,17 @@ class Store:
                     json.dumps(rec.host),
                     rec.zone,
                     json.dumps(rec.labels),
-                    _ts(rec.enrolled_at),
+                    iso(rec.enrolled_at),
                 ),
             )
             db.execute(
                 "INSERT INTO audit (at, device_id, event, detail) VALUES (?,?,?,?)",
-                (_ts(now), rec.device_id, event, json.dumps({"ak_name": rec.ak_name})),
+                (
+                    iso(now),
+                    rec.device_id,
+                    event,
+                    json.dumps({"ak_name": rec.ak_name, "zone": rec.zone, "labels": rec.labels}),
+                ),
             )
 
     # --- bootstrap tokens (stored as sha256, one use each) ---------------------------------
@@ -401,36 +268,44 @@ class Store:
         now: datetime.datetime,
         expires_at: datetime.datetime,
         note: str = "",
+        zone: str = "",
+        labels: dict[str, str] | None = None,
     ) -> None:
+        """A one-time token; ``zone`` and ``labels`` are what it assigns to the device that
+        first enrolls with it (verifier/inventory.py)."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO bootstrap_tokens (token_sha256, created_at, expires_at, note) "
-                "VALUES (?,?,?,?)",
-                (token_sha256, _ts(now), _ts(expires_at), note),
+                "INSERT INTO bootstrap_tokens (token_sha256, created_at, expires_at, note, zone, "
+                "labels) VALUES (?,?,?,?,?,?)",
+                (token_sha256, iso(now), iso(expires_at), note, zone, json.dumps(labels or {})),
             )
 
-    def token_problem(self, token_sha256: str, *, now: datetime.datetime) -> str | None:
-        """Why this token cannot enroll a device now, or None when it can."""
+    def get_token(self, token_sha256: str) -> BootstrapToken | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT expires_at, used_at FROM bootstrap_tokens WHERE token_sha256 = ?",
-                (token_sha256,),
+                "SELECT * FROM bootstrap_tokens WHERE token_sha256 = ?", (token_sha256,)
             ).fetchone()
         if row is None:
-            return "unknown bootstrap token"
-        if row["used_at"] is not None:
-            return "bootstrap token already used"
-        if datetime.datetime.fromisoformat(row["expires_at"]) <= now:
-            return f"bootstrap token expired at {row['expires_at']}"
-        return None
+            return None
+        expires = parse_iso(row["expires_at"])
+        assert expires is not None
+        return BootstrapToken(
+            expires_at=expires,
+            used_at=parse_iso(row["used_at"]),
+            used_by=row["device_id"] or "",
+            zone=row["zone"],
+            labels=json.loads(row["labels"]),
+        )
 
     def use_token(self, token_sha256: str, *, device_id: str, now: datetime.datetime) -> bool:
-        """Spend a token; False when it was spent (or expired) meanwhile."""
+        """Spend a token; False when it was spent by another device (or expired) meanwhile.
+        The device that spent it may present it again (a retry while pending approval)."""
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE bootstrap_tokens SET used_at = ?, device_id = ? WHERE token_sha256 = ? "
-                "AND used_at IS NULL AND expires_at > ?",
-                (_ts(now), device_id, token_sha256, _ts(now)),
+                "UPDATE bootstrap_tokens SET used_at = COALESCE(used_at, ?), device_id = ? "
+                "WHERE token_sha256 = ? AND ((used_at IS NULL AND expires_at > ?) "
+                "OR device_id = ?)",
+                (iso(now), device_id, token_sha256, iso(now), device_id),
             )
             return cur.rowcount == 1
 
@@ -445,7 +320,35 @@ class Store:
                 return False
             db.execute(
                 "INSERT INTO audit (at, device_id, event, detail) VALUES (?,?,?,?)",
-                (_ts(now), device_id, event, json.dumps({"state": state.value})),
+                (iso(now), device_id, event, json.dumps({"state": state.value})),
+            )
+            return True
+
+    def set_assignment(
+        self,
+        device_id: str,
+        *,
+        zone: str,
+        labels: dict[str, str],
+        now: datetime.datetime,
+        event: str,
+    ) -> bool:
+        """An operator's change of a device's zone and labels, audited with the old ones."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT zone, labels FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE devices SET zone = ?, labels = ? WHERE device_id = ?",
+                (zone, json.dumps(labels), device_id),
+            )
+            was = {"zone": row["zone"], "labels": json.loads(row["labels"])}
+            detail = {"zone": zone, "labels": labels, "was": was}
+            db.execute(
+                "INSERT INTO audit (at, device_id, event, detail) VALUES (?,?,?,?)",
+                (iso(now), device_id, event, json.dumps(detail)),
             )
             return True
 
@@ -464,7 +367,7 @@ class Store:
             zone=row["zone"],
             labels=json.loads(row["labels"]),
             enrolled_at=datetime.datetime.fromisoformat(row["enrolled_at"]),
-            last_seen=_dt(row["last_seen"]),
+            last_seen=parse_iso(row["last_seen"]),
         )
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -504,7 +407,7 @@ class Store:
         """The latest result, its audit entry, the device's TPM state and any certificate
         issued, in one transaction."""
         text = result_to_json(result)
-        at = _ts(result.appraised_at)
+        at = iso(result.appraised_at)
         with self._tx() as db:
             db.execute(
                 "INSERT INTO trust VALUES (?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
@@ -527,6 +430,7 @@ class Store:
                     "updated_at=excluded.updated_at",
                     (result.device_id, *tpm.to_row(), at),
                 )
+                self._append_log_part(db, result.device_id, tpm)
             if certificate is not None:
                 db.execute(
                     "INSERT INTO certificates (serial, device_id, kind, not_before, not_after, "
@@ -535,8 +439,8 @@ class Store:
                         certificate.serial,
                         certificate.device_id,
                         certificate.kind,
-                        _ts(certificate.not_before),
-                        _ts(certificate.not_after),
+                        iso(certificate.not_before),
+                        iso(certificate.not_after),
                         certificate.der,
                     ),
                 )
@@ -550,19 +454,60 @@ class Store:
                     cert.serial,
                     cert.device_id,
                     cert.kind,
-                    _ts(cert.not_before),
-                    _ts(cert.not_after),
+                    iso(cert.not_before),
+                    iso(cert.not_after),
                     cert.der,
                 ),
             )
 
+    @staticmethod
+    def _append_log_part(db: sqlite3.Connection, device_id: str, tpm: TpmState) -> None:
+        """Keep event_log_parts equal to ``tpm.log``: append the part accepted now (a part at
+        offset 0 replaces the older ones), or drop the parts of a log the verifier dropped."""
+        part = tpm.log_part
+        if tpm.log is None:
+            db.execute("DELETE FROM event_log_parts WHERE device_id = ?", (device_id,))
+            return
+        if part is None or (part.offset and not part.data):
+            return
+        if part.offset + len(part.data) != tpm.log.offset:
+            raise ValueError(
+                f"event log part {part.offset}+{len(part.data)} does not end the log "
+                f"state's {tpm.log.offset} bytes"
+            )
+        db.execute(
+            "DELETE FROM event_log_parts WHERE device_id = ? AND part_offset >= ?",
+            (device_id, part.offset),
+        )
+        db.execute(
+            "INSERT INTO event_log_parts VALUES (?,?,?)", (device_id, part.offset, part.data)
+        )
+
     def tpm_state(self, device_id: str) -> TpmState | None:
+        """What the verifier knows of the device's TPM, its event log replayed from the
+        stored parts (once, when a stream opens)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT clock, log_data, log_state, pcrs FROM tpm_state WHERE device_id = ?",
+                "SELECT clock, log_state, pcrs FROM tpm_state WHERE device_id = ?",
                 (device_id,),
             ).fetchone()
-        return TpmState.from_row(row) if row else None
+            parts = self._db.execute(
+                "SELECT part_offset, data FROM event_log_parts WHERE device_id = ? "
+                "ORDER BY part_offset",
+                (device_id,),
+            ).fetchall()
+        if row is None:
+            return None
+        return TpmState.from_row(row, [LogPart(p["part_offset"], bytes(p["data"])) for p in parts])
+
+    def event_log(self, device_id: str) -> bytes:
+        """The device's stored event log since its last reboot (its parts joined)."""
+        with self._lock:
+            parts = self._db.execute(
+                "SELECT data FROM event_log_parts WHERE device_id = ? ORDER BY part_offset",
+                (device_id,),
+            ).fetchall()
+        return b"".join(bytes(p["data"]) for p in parts)
 
     def latest_result(self, device_id: str) -> TrustResult | None:
         with self._lock:
@@ -576,5 +521,13 @@ class Store:
         with self._lock:
             return {
                 t: int(self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
-                for t in ("devices", "enrollments", "trust", "certificates", "audit", "tpm_state")
+                for t in (
+                    "devices",
+                    "enrollments",
+                    "trust",
+                    "certificates",
+                    "audit",
+                    "tpm_state",
+                    "event_log_parts",
+                )
             }

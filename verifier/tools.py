@@ -196,7 +196,13 @@ def learn_group(store: Store, device_id: str, *, name: str) -> dict[str, Any]:
         group["zone"] = record.zone
     group["pcrs"] = {bank: dict(values) for bank, values in state.pcrs.items()}
     if state.log is not None:
-        facts = measured_boot.facts_of(state.log)
+        # Facts only from what the last quote vouched for (issue 7, item 1).
+        quoted = {
+            (hash_alg(bank), index): bytes.fromhex(value)
+            for bank, values in state.pcrs.items()
+            for index, value in values.items()
+        }
+        facts = measured_boot.facts_of(state.log, measured_boot.verified_pcrs(state.log, quoted))
         if facts.secure_boot is not None:
             group["secure_boot"] = facts.secure_boot
         apps = sorted(

@@ -13,7 +13,8 @@ is EV_EFI_HCRTM_EVENT (PCR 0 starts at 00..04). EV_NO_ACTION events are never ex
 other event extends ``PCR = H(PCR || digest)`` with the digest *as logged*: a digest that does
 not match the event data still went into the TPM; recomputing it is a separate check.
 
-A truncated or malformed log raises ``MalformedInput`` naming the byte offset.
+A truncated or malformed log raises ``MalformedInput`` naming the byte offset; more records
+than a caller's ``max_events`` raise ``LimitExceeded`` before the rest is read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from verifier.errors import MalformedInput
+from verifier.errors import LimitExceeded, MalformedInput
 from verifier.tpm.constants import HASH_NAMES
 
 EV_PREBOOT_CERT = 0x0
@@ -219,11 +220,20 @@ def _bank_ids(banks: Mapping[str, int]) -> dict[int, str]:
 
 
 def parse(
-    data: bytes, *, offset: int = 0, banks: Mapping[str, int] | None = None, base: int = 0
+    data: bytes,
+    *,
+    offset: int = 0,
+    banks: Mapping[str, int] | None = None,
+    base: int = 0,
+    first: int = 0,
+    max_events: int | None = None,
 ) -> EventLog:
     """Parse a whole log, or (with ``banks`` from an earlier parse) the records from
     ``offset`` on: the incremental part an agent sends once the verifier has the beginning.
-    ``base`` is where ``data`` starts in the whole log (for offsets in events and errors)."""
+    ``base`` is where ``data`` starts in the whole log (for offsets in events and errors),
+    ``first`` the number of its first record there. More than ``max_events`` records (the
+    Spec ID header included) raise ``LimitExceeded`` as soon as the next one starts, so a
+    flood costs no more than the limit."""
     if banks is None and offset == 0:
         if not data:
             raise MalformedInput("event log is empty: no record at byte 0")
@@ -247,8 +257,13 @@ def parse(
         fmt = "legacy-sha1" if dict(banks) == {"sha1": 20} else "crypto-agile"
         c, events = _Cursor(data, offset, base), []
     ids = _bank_ids(banks)
+    limit = len(data) if max_events is None else max_events
+    if len(events) > limit:
+        raise LimitExceeded(f"more than {limit} records by byte {c.base + c.pos}")
     while c.pos < len(data):
-        number = len(events)
+        number = first + len(events)
+        if len(events) >= limit:
+            raise LimitExceeded(f"more than {limit} records by byte {c.base + c.pos}")
         if fmt == "legacy-sha1":
             events.append(_legacy_record(c, number))
         else:

@@ -1,0 +1,112 @@
+"""The data-digest check and the verified facts over every real log in the conformance corpus
+(DEVTRUST_CORPUS): the quirks accepted keep real firmware clean, and the facts an honest log
+gives are the same as before the check, except where the corpus itself shows a bad event."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from verifier import measured_boot
+from verifier.tpm import bootfacts
+from verifier.tpm import eventlog as ev
+from verifier.tpm.constants import HASH_BY_NAME
+
+CORPUS = os.environ.get("DEVTRUST_CORPUS")
+EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}
+PARSED = sorted(name for name, want in EXPECTED.items() if want["parse"] != "error")
+needs_corpus = pytest.mark.skipif(
+    not CORPUS, reason="DEVTRUST_CORPUS is unset: point it at shared/corpus (.ci/run does)"
+)
+
+# Events whose data is not what their digests are over, per corpus log; every other log: none.
+MISMATCHES = {
+    # EV_S_CRTM_VERSION "2.3.5" (Boot Guard): tpm2_eventlog and go-tpm-tools flag it too.
+    "eventlogs/go-tpm-tools/gdc-host.bin": [(3, "EV_S_CRTM_VERSION", 0, ("sha256",))],
+    # tpm2-tools test fixtures: one event carries sha1 and sha256 digests in a log of four banks.
+    "eventlogs/fixtures-synthetic/tpm2-tools-event-uefiaction.bin": [
+        (1, "EV_EFI_ACTION", 4, ("sha384", "sha512"))
+    ],
+    "eventlogs/fixtures-synthetic/tpm2-tools-event-uefivar.bin": [
+        (1, "EV_EFI_VARIABLE_DRIVER_CONFIG", 7, ("sha384", "sha512"))
+    ],
+}
+# Facts the unchecked reading of a log has and the verified one must not (those events).
+DROPPED = {
+    "eventlogs/go-tpm-tools/gdc-host.bin": {"scrtm_version"},
+    "eventlogs/fixtures-synthetic/tpm2-tools-event-uefivar.bin": {
+        "secure_boot",
+        "secureboot_variable",
+    },
+}
+
+
+def _state(name: str) -> measured_boot.LogState:
+    data = (Path(str(CORPUS)) / name).read_bytes()
+    return measured_boot.extend(None, 0, data, max_bytes=1 << 24, max_events=100_000)
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", PARSED)
+def test_corpus_data_digest_mismatches(name: str) -> None:
+    state = _state(name)
+    found = [(m.number, m.type_name, m.pcr, m.banks) for m in state.mismatches()]
+    assert found == MISMATCHES.get(name, [])
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", PARSED)
+def test_corpus_verified_facts_are_the_logs_own(name: str) -> None:
+    """Quoted as the log replays (an honest TPM, all 24 PCRs), every PCR verifies, and the
+    facts equal the unchecked reading of the log but for the events that fail their digests."""
+    state = _state(name)
+    data = (Path(str(CORPUS)) / name).read_bytes()
+    quoted = {
+        (HASH_BY_NAME[bank], i): state.replay.pcrs.get(bank, {}).get(i, bytes(size))
+        for bank, size in state.banks.items()
+        if bank in HASH_BY_NAME
+        for i in range(24)
+    }
+    verified = measured_boot.verified_pcrs(state, quoted)
+    assert verified == set(range(24))
+    checked = dataclasses.asdict(measured_boot.facts_of(state, verified))
+    claimed = dataclasses.asdict(bootfacts.boot_facts(ev.parse(data)))
+    differ = {k for k in claimed if claimed[k] != checked[k]}
+    assert differ == DROPPED.get(name, set())
+    for key in differ:
+        assert checked[key] is None
+    want = EXPECTED[name]
+    if "scrtm_version" not in differ:
+        assert checked["scrtm_version"] == want["scrtm_version"]
+    if "secureboot_variable" not in differ:
+        assert checked["secureboot_variable"] == want["secureboot_variable"]
+    assert checked["startup_locality"] == want["startup_locality"]
+    assert checked["hcrtm"] == want["hcrtm"]
+
+
+@needs_corpus
+def test_a_real_quote_verifies_its_logs_pcrs() -> None:
+    """gce-cos85: a GCE Shielded VM's quote of all 24 PCRs with the log of that boot."""
+    bundle = Path(str(CORPUS)) / "quotes" / "gce-cos85-nonce9009"
+    data = (bundle / "eventlog.bin").read_bytes()
+    quoted = {
+        (HASH_BY_NAME["sha256"], int(i)): bytes.fromhex(v)
+        for i, v in json.loads((bundle / "pcrs-sha256.json").read_text()).items()
+    }
+    state = measured_boot.extend(None, 0, data, max_bytes=1 << 24, max_events=10_000)
+    assert measured_boot.compare(state, quoted, "gce") == ()
+    verified = measured_boot.verified_pcrs(state, quoted)
+    assert verified >= bootfacts.RULE_PCRS
+    facts = measured_boot.facts_of(state, verified)
+    assert facts.secure_boot is True
+    assert facts.boot_applications
+    assert measured_boot.digest_findings(state, "gce", verified) == ()
+    # One changed PCR 7 value: no Secure Boot fact any more.
+    quoted[(HASH_BY_NAME["sha256"], 7)] = bytes(32)
+    verified = measured_boot.verified_pcrs(state, quoted)
+    assert 7 not in verified
+    assert measured_boot.facts_of(state, verified).secure_boot is None
