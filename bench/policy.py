@@ -6,7 +6,12 @@ alternating within each repeat, medians:
 - rule evaluations per second (uncached: every rule, every GPU);
 - whole policy evaluations per second, uncached (document build + every rule) and cached (what
   the verifier does while a device's posture is unchanged: a key comparison);
-- a raw ECDSA P-256 verification, the cost of the quote signature check.
+- a raw ECDSA P-256 verification, the cost of the quote signature check;
+- scaling: one whole uncached evaluation (document build + every rule) with the capture's
+  GPUs replicated to 8, 64 and 256 (ECC off on every other GPU, so half the GPUs fail a rule
+  and are reported with their finding), zone model-development; median of repeats, the cost
+  per GPU, and the ratio to 8 GPUs, which is about the GPU ratio (32 at 256) when the cost
+  is linear in the GPU count.
 
     DEVTRUST_CORPUS=../shared/corpus .venv/bin/python -m bench.policy [--rounds 200]
 """
@@ -16,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -66,6 +73,7 @@ def main() -> None:
         public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
 
     full, hit, ecdsa = rates([uncached, cached, verify], args.rounds, args.repeats)
+    scaling = _scaling(policy, os_, gpu, args.repeats)
     print(
         json.dumps(
             {
@@ -77,10 +85,70 @@ def main() -> None:
                 "policy_cached_per_s": round(hit),
                 "ecdsa_p256_verify_per_s": round(ecdsa),
                 "uncached_cost_vs_signature": round(ecdsa / full, 2),
+                "scaling": scaling,
             },
             indent=2,
         )
     )
+
+
+def _replicated(gpu: attestation_pb2.GpuState, count: int) -> attestation_pb2.GpuState:
+    """The capture's GPUs (or one made-up H100 without a corpus) repeated to ``count``, each
+    with its own index, UUID and bus id; ECC off on every other one."""
+    models = list(gpu.gpus) or [
+        attestation_pb2.Gpu(
+            name="NVIDIA H100 80GB HBM3",
+            ecc_enabled=True,
+            ecc_uncorrected_volatile=0,
+            remapped_rows_pending=0,
+            remapped_rows_failed=0,
+            cc_state="off",
+        )
+    ]
+    out = attestation_pb2.GpuState()
+    out.CopyFrom(gpu)
+    del out.gpus[:]
+    for i in range(count):
+        g = out.gpus.add()
+        g.CopyFrom(models[i % len(models)])
+        g.index = i
+        g.uuid = f"GPU-bench-{i:08d}"
+        g.pci_bus_id = f"0000:{i // 32:02X}:{i % 32:02X}.0"
+        g.ecc_enabled = i % 2 == 0
+    return out
+
+
+def _ecc_findings(policy: Policy, body: dict[str, object]) -> int:
+    zone = "model-development"
+    doc = build(body, bulletins=policy.bulletins, zone=zone)
+    out = policy.evaluate(doc, device_id="bench", zone=zone)
+    return sum(f.id == "gpu.ecc_enabled" for f in out.findings)
+
+
+def _scaling(
+    policy: Policy, os_: attestation_pb2.OsPosture, gpu: attestation_pb2.GpuState, repeats: int
+) -> list[dict[str, float]]:
+    rows: list[dict[str, float]] = []
+    for count in (8, 64, 256):
+        body = plain(attestation_pb2.EvidenceBody(os=os_, gpu=_replicated(gpu, count)))
+        assert _ecc_findings(policy, body) == count // 2  # each failing GPU found, once
+        rounds = max(3, 512 // count)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(rounds):
+                _ecc_findings(policy, body)
+            samples.append((time.perf_counter() - start) / rounds)
+        seconds = statistics.median(samples)
+        rows.append(
+            {
+                "gpus": count,
+                "policy_ms": round(seconds * 1e3, 2),
+                "per_gpu_us": round(seconds / count * 1e6, 1),
+                "vs_8_gpus": round(seconds / (rows[0]["policy_ms"] / 1e3), 1) if rows else 1.0,
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ operator can update:
 
 - ``gpu.branch`` (``R580``) and ``gpu.missing_bulletins``: the NVIDIA security bulletins
   whose fixed version for that branch is above the running driver;
-- per GPU ``lost`` (any field read as "GPU is lost") and ``gsp_matches_driver``.
+- per GPU ``lost`` (any field read as "GPU is lost") and ``gsp_matches_driver``;
+- ``sent``: whether the body carried each of host, os and gpu (a policy may require them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 from google.protobuf.message import Message
 
 Document = dict[str, Any]
+# What the host says of its own zone and labels: never part of the document (device.zone and
+# device.labels are the operator-assigned ones).
+_CLAIMED_BY_HOST = ("zone", "labels")
 
 
 def plain(msg: Message) -> dict[str, Any]:
@@ -112,8 +116,11 @@ def build(
     zone: str = "",
     labels: dict[str, str] | None = None,
 ) -> Document:
-    """The document for policy: the body's host, os and gpu, with derived fields, and the
-    enrolled device's zone and labels (the verifier's record, not what the host says)."""
+    """The document for policy: the body's host, os and gpu, with derived fields; ``sent``,
+    which of them the body carried (an unset message is None in ``plain``: a rule over it
+    must not pass vacuously); and the enrolled device's zone and labels. Zone and labels are
+    the verifier's record: the host's own claim of them is dropped from ``host``, so no rule
+    can read it."""
     gpu = _nulled(body.get("gpu") or {})
     driver = gpu.get("driver_version") or ""
     gpu["branch"] = f"R{driver.split('.', 1)[0]}" if driver else ""
@@ -135,9 +142,11 @@ def build(
         g["gsp_matches_driver"] = (gsp == driver) if gsp and driver else None
         gpus.append(g)
     gpu["gpus"] = gpus
+    host = {k: v for k, v in (body.get("host") or {}).items() if k not in _CLAIMED_BY_HOST}
     return {
-        "host": body.get("host") or {},
+        "host": host,
         "os": _nulled(body.get("os") or {}),
         "gpu": gpu,
         "device": {"zone": zone, "labels": dict(labels or {})},
+        "sent": {part: body.get(part) is not None for part in ("host", "os", "gpu")},
     }

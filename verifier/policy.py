@@ -14,11 +14,21 @@ common-expression-language runtime. Pure apart from loading.
         zones: [production-inference]   # optional selector; labels: {k: v} too
         expr: this.ecc_enabled == true
         found: this.ecc_enabled         # optional: what to report as found
+    required_evidence:                  # optional: what must have been sent, per zone
+      - evidence: os                    # OS posture (the body's os message)
+      - evidence: gpu                   # GPU state listing at least one GPU
+        zones: [model-development, production-inference]   # labels: {k: v} too
 
 A rule holds when its expression is true. False is a finding of the rule's severity; an
 expression that cannot be evaluated (a missing key), or a false one whose ``found`` value is
 null (the host could not read it), is a warning finding ``policy.unknown``: unknown is never
 taken as compliant, nor as off.
+Required evidence that is absent is a contraindicated finding ``policy.evidence_missing``,
+never a vacuous pass of the rules over it (GPU rules over an empty GPU list). Zones and labels
+are always the verifier's record of the device, never what the host says.
+Cost is linear in the number of GPUs: each GPU is converted to CEL once, in a small context of
+its own (``this`` and the parts of the document its rules read, without the GPU list); only a
+rule that may read ``gpu.gpus`` itself sees the whole document, and pays for it.
 A policy is validated whole (YAML, fields, CEL compilation) before it replaces another; a bad
 one raises ``PolicyError`` naming the file, the line and the reason.
 """
@@ -26,6 +36,7 @@ one raises ``PolicyError`` naming the file, the line and the reason.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,14 +69,41 @@ class Rule:
     zones: tuple[str, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     found: Any = None
-    # For gpu rules: the condition over every GPU at once (gpu.gpus.map(this, ...)), so that
-    # the common case costs one evaluation, not a rebinding of `this` per GPU.
-    over_gpus: Any = None
+    # The names the rule (expr and found) reads, and whether it may read the GPU list
+    # gpu.gpus: converting that list to CEL is the one cost that grows with the GPU count.
+    names: frozenset[str] = frozenset()
+    reads_gpu_list: bool = True
+    # Per name the rule reads: the fields it selects (os.lockdown -> "lockdown"), or None
+    # when it may read the name whole. Host rules see only those fields: converting a
+    # host's 8,192 listening sockets for rules that never read them is cost a device chose.
+    fields: tuple[tuple[str, frozenset[str] | None], ...] = ()
 
     def applies(self, zone: str, labels: dict[str, str]) -> bool:
-        return (not self.zones or zone in self.zones) and all(
-            labels.get(k) == v for k, v in self.labels
-        )
+        return _selects(self.zones, self.labels, zone, labels)
+
+
+EVIDENCE_CLAIMS = {"os": Claim.CONFIGURATION, "gpu": Claim.HARDWARE}
+_EVIDENCE_WHAT = {"os": "OS posture", "gpu": "GPU state listing at least one GPU"}
+_REQUIRED_KEYS = {"evidence", "zones", "labels"}
+
+
+@dataclass(frozen=True)
+class RequiredEvidence:
+    """Evidence that must have been sent, in the zones (and with the labels) it selects:
+    ``os``, the OS posture; ``gpu``, GPU state listing at least one GPU."""
+
+    evidence: str
+    zones: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def applies(self, zone: str, labels: dict[str, str]) -> bool:
+        return _selects(self.zones, self.labels, zone, labels)
+
+
+def _selects(
+    zones: tuple[str, ...], wanted: tuple[tuple[str, str], ...], zone: str, labels: dict[str, str]
+) -> bool:
+    return (not zones or zone in zones) and all(labels.get(k) == v for k, v in wanted)
 
 
 @dataclass
@@ -94,6 +132,7 @@ class Policy:
     rules: tuple[Rule, ...]
     bulletins: Bulletins
     source: str = ""
+    required: tuple[RequiredEvidence, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -116,8 +155,8 @@ class Policy:
             ) from exc
         if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
             raise PolicyError(f"{source}:1: a policy is a mapping with policy_id and rules")
-        lines = _rule_lines(node)
-        unknown = set(data) - {"policy_id", "data", "rules"}
+        lines = _item_lines(node, "rules")
+        unknown = set(data) - {"policy_id", "data", "rules", "required_evidence"}
         if unknown:
             raise PolicyError(f"{source}:1: unknown key(s) {', '.join(sorted(unknown))}")
         bulletins_file = (data.get("data") or {}).get("bulletins")
@@ -137,52 +176,49 @@ class Policy:
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise PolicyError(f"{source}: duplicate rule id(s) {', '.join(dupes)}")
+        required = _required_evidence(
+            data.get("required_evidence"), source, _item_lines(node, "required_evidence")
+        )
         policy_id = str(data.get("policy_id") or hashlib.sha256(text.encode()).hexdigest()[:12])
-        return cls(policy_id=policy_id, rules=tuple(parsed), bulletins=bulletins, source=source)
+        return cls(
+            policy_id=policy_id,
+            rules=tuple(parsed),
+            bulletins=bulletins,
+            source=source,
+            required=required,
+        )
 
     def evaluate(
         self, doc: Document, *, device_id: str, zone: str = "", labels: dict[str, str] | None = None
     ) -> PolicyOutcome:
+        """The claims, findings and per-GPU submods of this policy for one document. ``zone``
+        and ``labels`` are the verifier's record of the device (they select rules and
+        required evidence); nothing the host says selects anything."""
         labels = labels or {}
         host_claims: dict[Claim, int] = {}
-        findings: list[Finding] = []
-        submods: dict[int, _Sub] = {}
-        gpus = doc.get("gpu", {}).get("gpus") or []
+        findings = self._missing_evidence(doc, device_id, zone, labels)
+        for missing in findings:
+            _merge(host_claims, missing.claim, _FAIL_VALUE[missing.severity])
         applicable = [r for r in self.rules if r.applies(zone, labels)]
-        # One CEL context per evaluation: converting the document is the expensive part
-        # (~0.6 ms for 8 GPUs); each rule then runs in well under a microsecond.
-        context = cel.Context(doc)
-        for rule in (r for r in applicable if r.scope == "host"):
-            finding = _check(rule, context, f"device {device_id}", "")
+        gpu_rules = [r for r in applicable if r.scope == "gpu"]
+        contexts = _Contexts(doc, gpu_rules)
+        host_rules = [r for r in applicable if r.scope == "host"]
+        host_context = contexts.host(host_rules)
+        for rule in host_rules:
+            finding = _check(rule, host_context, f"device {device_id}", "")
             _merge(host_claims, rule.claim, _value(rule, finding))
             if finding:
                 findings.append(finding)
-        gpu_rules = [r for r in applicable if r.scope == "gpu"]
-        # Fast path: each rule over all GPUs at once; only the GPUs it fails (or cannot be
-        # evaluated on) are looked at one by one, with `this` bound, for their findings.
-        pending: dict[int, list[Rule]] = {}
-        for rule in gpu_rules:
-            try:
-                verdicts = rule.over_gpus.execute(context)
-            except Exception:  # noqa: BLE001 - some GPU lacks a value: judge one by one
-                verdicts = [None] * len(gpus)
-            for gpu, verdict in zip(gpus, verdicts, strict=True):
-                sub = submods.setdefault(gpu["index"], _Sub(name=_gpu_name(gpu)))
-                if verdict is True:
-                    _merge(sub.claims, rule.claim, _PASS_VALUE)
-                else:
-                    pending.setdefault(gpu["index"], []).append(rule)
-        for gpu in gpus:
-            rules = pending.get(gpu["index"])
-            if not rules:
-                continue
-            sub = submods[gpu["index"]]
-            context.add_variable("this", gpu)
+        submods: dict[int, _Sub] = {}
+        for gpu in contexts.gpus if gpu_rules else ():
+            sub = submods.setdefault(gpu["index"], _Sub(name=_gpu_name(gpu)))
             subject = (
                 f"GPU {gpu['index']} ({gpu.get('name') or '?'}, "
                 f"{gpu.get('pci_bus_id') or '?'}) of device {device_id}"
             )
-            for rule in rules:
+            own = contexts.gpu(gpu)
+            for rule in gpu_rules:
+                context = contexts.whole_with(gpu) if rule.reads_gpu_list else own
                 finding = _check(rule, context, subject, sub.name)
                 _merge(sub.claims, rule.claim, _value(rule, finding))
                 if finding:
@@ -198,6 +234,111 @@ class Policy:
             findings=tuple(findings),
             submods=tuple(SubResult(s.name, s.claims, tuple(s.findings)) for s in submods.values()),
         )
+
+    def _missing_evidence(
+        self, doc: Document, device_id: str, zone: str, labels: dict[str, str]
+    ) -> list[Finding]:
+        """A contraindicated finding per kind of required evidence the document lacks: a
+        rule over evidence that was not sent is not vacuously true."""
+        sent = doc.get("sent") or {}  # a document not made by document.build sent nothing
+        gpus = len(doc.get("gpu", {}).get("gpus") or [])
+        missing: dict[str, str] = {}
+        for req in self.required:
+            if req.evidence in missing or not req.applies(zone, labels):
+                continue
+            if sent.get(req.evidence) is not True:
+                missing[req.evidence] = (
+                    f"no {'GPU state' if req.evidence == 'gpu' else 'OS posture'}"
+                )
+            elif req.evidence == "gpu" and gpus == 0:
+                missing[req.evidence] = "GPU state listing no GPU"
+        return [
+            Finding(
+                id="policy.evidence_missing",
+                severity=Severity.CONTRAINDICATED,
+                claim=EVIDENCE_CLAIMS[evidence],
+                message=f"device {device_id} in zone {zone or '(none)'!r}: the policy requires "
+                f"{_EVIDENCE_WHAT[evidence]}; the evidence has {found}",
+                expected=_EVIDENCE_WHAT[evidence],
+                found=found,
+                subject=evidence,
+            )
+            for evidence, found in missing.items()
+        ]
+
+
+def _wanted(rules: list[Rule]) -> dict[str, frozenset[str] | None]:
+    """Per name the rules read, the union of the fields they select (None: whole)."""
+    wanted: dict[str, frozenset[str] | None] = {}
+    for rule in rules:
+        for name, fields in rule.fields:
+            have = wanted.get(name, frozenset())
+            wanted[name] = None if fields is None or have is None else have | fields
+    return wanted
+
+
+def _pruned(value: Any, fields: frozenset[str] | None) -> Any:
+    if fields is None or not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if k in fields}
+
+
+class _Contexts:
+    """The CEL contexts of one evaluation, each converted from Python at most once.
+
+    Converting to CEL is the expensive part (~0.1 ms per GPU; a rule then runs in under a
+    microsecond), and a context converts all of its content again whenever a variable is
+    added to it, so `this` is never added to a context that holds the GPU list: that made a
+    failing GPU rule cost the whole document per GPU, quadratic in the GPU count. Instead:
+    - host rules run on the document without the GPU list, unless one may read it;
+    - each GPU gets a small context of its own: `this` and the parts of the document its
+      rules read (``gpu`` without the list);
+    - a GPU rule that may read gpu.gpus runs on the whole document, converted once, with
+      `this` supplied by a resolver (asked on every execution, so no conversion of the
+      document per GPU; such a rule still costs the list per GPU, by its own choice).
+    """
+
+    def __init__(self, doc: Document, gpu_rules: list[Rule]) -> None:
+        self.doc = doc
+        self.gpus: list[dict[str, Any]] = doc.get("gpu", {}).get("gpus") or []
+        slim = {**doc, "gpu": {k: v for k, v in doc.get("gpu", {}).items() if k != "gpus"}}
+        self.slim = slim
+        own = [r for r in gpu_rules if not r.reads_gpu_list]
+        wanted = _wanted(own)
+        self.shared = {n: _pruned(slim[n], wanted[n]) for n in set(wanted) & set(slim)}
+        # Of each GPU, only the fields the rules select of `this`.
+        self._this_fields = wanted.get("this")
+        self._whole: Any = None
+        self._this: dict[str, Any] = {}
+
+    def host(self, rules: list[Rule]) -> Any:
+        """The host rules' context: the document without the GPU list (unless a rule may
+        read it), and of each name only the fields the rules select."""
+        if any(r.reads_gpu_list for r in rules):
+            return self._whole_context()
+        wanted = _wanted(rules)
+        return cel.Context(
+            {
+                name: _pruned(value, wanted[name])
+                for name, value in self.slim.items()
+                if name in wanted
+            }
+        )
+
+    def gpu(self, gpu: dict[str, Any]) -> Any:
+        return cel.Context({**self.shared, "this": _pruned(gpu, self._this_fields)})
+
+    def whole_with(self, gpu: dict[str, Any]) -> Any:
+        context = self._whole_context()
+        if not self._this:
+            context.set_variable_resolver(self._this.get)  # None: the document's own names
+        self._this["this"] = gpu
+        return context
+
+    def _whole_context(self) -> Any:
+        if self._whole is None:
+            self._whole = cel.Context(self.doc)
+        return self._whole
 
 
 def _gpu_name(gpu: dict[str, Any]) -> str:
@@ -261,11 +402,86 @@ def _render(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _rule_lines(node: yaml.MappingNode) -> list[int]:
+def _item_lines(node: yaml.MappingNode, name: str) -> list[int]:
     for key, value in node.value:
-        if key.value == "rules" and isinstance(value, yaml.SequenceNode):
+        if key.value == name and isinstance(value, yaml.SequenceNode):
             return [item.start_mark.line + 1 for item in value.value]
     return []
+
+
+def _required_evidence(data: Any, source: str, lines: list[int]) -> tuple[RequiredEvidence, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise PolicyError(f"{source}:1: required_evidence must be a list")
+    out = []
+    for i, item in enumerate(data):
+        where = f"{source}:{lines[i] if i < len(lines) else 1}"
+        if not isinstance(item, dict):
+            raise PolicyError(f"{where}: a required_evidence entry is a mapping")
+        unknown = set(item) - _REQUIRED_KEYS
+        if unknown:
+            raise PolicyError(
+                f"{where}: unknown required_evidence key(s) {', '.join(sorted(map(str, unknown)))}"
+            )
+        evidence = item.get("evidence")
+        if evidence not in EVIDENCE_CLAIMS:
+            raise PolicyError(
+                f"{where}: required_evidence: evidence is one of "
+                f"{', '.join(EVIDENCE_CLAIMS)}, got {evidence!r}"
+            )
+        zones, labels = item.get("zones", []), item.get("labels", {})
+        if (
+            not isinstance(zones, list)
+            or not all(isinstance(z, str) and z for z in zones)
+            or not isinstance(labels, dict)
+        ):
+            raise PolicyError(
+                f"{where}: required_evidence {evidence}: zones is a list of zone names, "
+                "labels a mapping"
+            )
+        out.append(
+            RequiredEvidence(
+                evidence=evidence,
+                zones=tuple(zones),
+                labels=tuple((str(k), str(v)) for k, v in labels.items()),
+            )
+        )
+    return tuple(out)
+
+
+_GPU_NAME = re.compile(r"\bgpu\b")
+_SELECTION = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _may_read_gpu_list(source: str) -> bool:
+    """Whether a CEL expression may read gpu.gpus, or the ``gpu`` map whole: any mention of the
+    name ``gpu`` that is not the selection of another field (``gpu.driver_version``; not
+    ``gpu.gpus``, ``gpu["gpus"]``, ``size(gpu)`` or a call on it, ``gpu.all(k, ...)``, whose
+    keys would differ). Conservative by construction: a mention inside a string literal or a
+    comment counts too, so no reference can hide."""
+    for mention in _GPU_NAME.finditer(source):
+        field = _SELECTION.match(source, mention.end())
+        if field is None or field.group(1) == "gpus":
+            return True
+        if source[field.end() :].lstrip().startswith("("):  # a macro or method on the map
+            return True
+    return False
+
+
+def _selected_fields(source: str, name: str) -> frozenset[str] | None:
+    """The fields of ``name`` a CEL expression selects (``os.lockdown``), or None when it
+    may read ``name`` whole (``os["x"]``, ``size(os)``, ``os.all(...)``, a mention in a
+    string). Conservative like ``_may_read_gpu_list``: any doubt reads it whole."""
+    fields = set()
+    for mention in re.finditer(rf"\b{re.escape(name)}\b", source):
+        if source[: mention.start()].rstrip().endswith("."):
+            return None  # x.os: a field of something else named like it, or a trick
+        field = _SELECTION.match(source, mention.end())
+        if field is None or source[field.end() :].lstrip().startswith("("):
+            return None
+        fields.add(field.group(1))
+    return frozenset(fields)
 
 
 def _rule(data: Any, where: str) -> Rule:
@@ -301,6 +517,7 @@ def _rule(data: Any, where: str) -> Rule:
     labels = data.get("labels") or {}
     if not isinstance(zones, list) or not isinstance(labels, dict):
         raise PolicyError(f"{where}: rule {data['id']}: zones is a list, labels a mapping")
+    names = frozenset(program.variables()) | frozenset(found.variables() if found else ())
     return Rule(
         id=data["id"],
         description=data["description"],
@@ -312,7 +529,13 @@ def _rule(data: Any, where: str) -> Rule:
         zones=tuple(str(z) for z in zones),
         labels=tuple((str(k), str(v)) for k, v in labels.items()),
         found=found,
-        over_gpus=cel.compile(f"gpu.gpus.map(this, {data['expr']})") if scope == "gpu" else None,
+        names=names,
+        fields=tuple(
+            (name, _selected_fields(data["expr"] + "\n" + (data.get("found") or ""), name))
+            for name in sorted(names)
+        ),
+        reads_gpu_list=_may_read_gpu_list(data["expr"])
+        or _may_read_gpu_list(data.get("found") or ""),
     )
 
 
