@@ -27,7 +27,8 @@ from tests.env import agent_config, channel_credentials, running, verifier_confi
 from verifier.config import EndorsementConfig, EnrollmentConfig, VerifierConfig
 from verifier.enrollment import device_id_for
 from verifier.pki import PkiFiles
-from verifier.store import DeviceState, Store
+from verifier.records import DeviceState
+from verifier.store import Store
 from verifier.tpm.structures import parse_public
 
 pytestmark = pytest.mark.swtpm
@@ -194,12 +195,17 @@ def test_garbage_ak_public_is_invalid_argument(
 def test_activation_proof_is_checked_and_used_once(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
+    """A wrong answer is refused and leaves the challenge answerable (issue 7, item 8:
+    anyone who learns an enrollment id must not be able to void it); the right answer
+    enrolls; the challenge is then spent."""
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
     backend = TpmBackend(tpm.tcti)
     request = _request(backend)
 
-    async def scenario() -> tuple[grpc.aio.AioRpcError, grpc.aio.AioRpcError, dict[str, int]]:
+    async def scenario() -> tuple[
+        grpc.aio.AioRpcError, dict[str, int], grpc.aio.AioRpcError, dict[str, int]
+    ]:
         async with (
             running(config) as verifier,
             grpc.aio.secure_channel(
@@ -219,28 +225,33 @@ def test_activation_proof_is_checked_and_used_once(
                     ),
                     timeout=10,
                 )
-            # ... and the challenge is spent: the real secret no longer helps.
+            after_wrong = verifier.store.counts()
+            # ... and the challenge survives it: the real secret still enrolls, once.
             secret = backend.activate_credential(
                 challenge.credential_blob, challenge.encrypted_secret
             )
+            right = enrollment_pb2.ActivateRequest(
+                enrollment_id=challenge.enrollment_id,
+                proof=proof_for(secret, challenge.enrollment_id, request.channel_key_spki),
+            )
+            response = await stub.Activate(right, timeout=10)
+            assert response.channel_certificate
             with pytest.raises(grpc.aio.AioRpcError) as again:
-                await stub.Activate(
-                    enrollment_pb2.ActivateRequest(
-                        enrollment_id=challenge.enrollment_id,
-                        proof=proof_for(secret, challenge.enrollment_id, request.channel_key_spki),
-                    ),
-                    timeout=10,
-                )
-            return wrong.value, again.value, verifier.store.counts()
+                await stub.Activate(right, timeout=10)
+            return wrong.value, after_wrong, again.value, verifier.store.counts()
 
     try:
-        wrong, again, counts = asyncio.run(scenario())
+        wrong, after_wrong, again, counts = asyncio.run(scenario())
     finally:
         backend.close()
     assert wrong.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "credential activation proof is wrong" in (wrong.details() or "")
+    assert after_wrong["enrollments"] == 1
+    assert after_wrong["devices"] == 0
     assert again.code() == grpc.StatusCode.NOT_FOUND
-    assert counts["devices"] == 0
+    assert counts["devices"] == 1
+    assert counts["enrollments"] == 0
+    assert counts["certificates"] == 1  # one channel certificate, not two
 
 
 def test_credential_for_another_ak_cannot_be_activated(swtpm_factory: SwtpmFactory) -> None:
@@ -429,3 +440,53 @@ def test_ek_public_area_must_be_the_certified_restricted_decryption_key(
     )
     assert expected in (err.details() or "")
     assert counts["enrollments"] == 0
+
+
+def test_a_device_revoked_while_challenged_stays_revoked(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """Revocation between Enroll and Activate is not undone by the right answer."""
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+    [first] = _enroll_with(workdir, pki, config, [tpm], [""])
+    assert first.startswith("enrolled")
+    backend = TpmBackend(tpm.tcti)
+    request = _request(backend)
+
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with (
+            running(config) as verifier,
+            grpc.aio.secure_channel(
+                f"127.0.0.1:{verifier.enrollment_port}", channel_credentials(pki)
+            ) as channel,
+        ):
+            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+            challenge = await stub.Enroll(request, timeout=10)
+            verifier.store.set_state(
+                challenge.device_id,
+                DeviceState.REVOKED,
+                now=datetime.datetime.now(datetime.UTC),
+                event="revoked",
+            )
+            secret = backend.activate_credential(
+                challenge.credential_blob, challenge.encrypted_secret
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Activate(
+                    enrollment_pb2.ActivateRequest(
+                        enrollment_id=challenge.enrollment_id,
+                        proof=proof_for(secret, challenge.enrollment_id, request.channel_key_spki),
+                    ),
+                    timeout=10,
+                )
+            record = verifier.store.get_device(challenge.device_id)
+            assert record is not None
+            assert record.state is DeviceState.REVOKED
+            return refused.value
+
+    try:
+        refused = asyncio.run(scenario())
+    finally:
+        backend.close()
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "is revoked" in (refused.details() or "")

@@ -1,4 +1,9 @@
-"""The Enrollment service (DESIGN.md flow 1) over TLS."""
+"""The Enrollment service (DESIGN.md flow 1) over TLS.
+
+Issue 7: zones and labels are assigned by operators and pinned to the device
+(verifier/inventory.py); Enroll is rate-limited per peer address and pending enrollments are
+capped; a wrong Activate answer leaves the pending enrollment intact; device-supplied text is
+escaped where it is logged."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import datetime
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -16,14 +22,23 @@ from verifier import enrollment
 from verifier.ca import CertificateAuthority
 from verifier.config import VerifierConfig
 from verifier.endorsement import EndorsementStore, load_certificates, parse_ek_certificate
-from verifier.errors import FailedPrecondition, MalformedInput, NotFound, Rejected
-from verifier.store import (
+from verifier.errors import (
+    FailedPrecondition,
+    MalformedInput,
+    NotFound,
+    Rejected,
+    ResourceExhausted,
+)
+from verifier.inventory import Assignment, Inventory, apply_inventory, resolve
+from verifier.logtext import printable
+from verifier.records import (
+    BootstrapToken,
     CertificateRecord,
     DeviceRecord,
     DeviceState,
     PendingEnrollment,
-    Store,
 )
+from verifier.store import Store
 from verifier.tpm.structures import parse_public
 from verifier.wire import load_public_key
 
@@ -40,6 +55,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         ca: CertificateAuthority,
         config: VerifierConfig,
         clock: Clock,
+        inventory: Inventory | None = None,
     ) -> None:
         self._store = store
         self._endorsements = endorsements
@@ -47,6 +63,71 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._config = config
         self._clock = clock
         self._allowed_eks = frozenset(h.lower() for h in config.endorsement.allowed_ek_sha256)
+        settings = config.enrollment
+        self._limiter = enrollment.RateLimiter(
+            rate_per_minute=settings.rate_per_minute, burst=settings.burst
+        )
+        if inventory is None and settings.inventory is not None:
+            inventory = Inventory.load(settings.inventory)
+        self._inventory = inventory or Inventory(path=None, devices={})
+        if inventory is not None:
+            changed = apply_inventory(store, inventory, now=clock())
+            logger.info(
+                "enrollment inventory %s: %d devices listed, %d known devices reassigned",
+                inventory.path,
+                len(inventory.devices),
+                changed,
+            )
+
+    def _check_rate(
+        self, context: grpc.aio.ServicerContext[Any, Any], now: datetime.datetime
+    ) -> None:
+        peer = enrollment.peer_host(context.peer() or "unknown")
+        wait = self._limiter.take(peer, now=now.timestamp())
+        if wait > 0:
+            settings = self._config.enrollment
+            raise ResourceExhausted(
+                f"too many Enroll calls from {peer} (enrollment.burst {settings.burst}, "
+                f"rate_per_minute {settings.rate_per_minute:g}): retry in "
+                f"{enrollment.retry_after_s(wait)} s"
+            )
+
+    def _token(
+        self, request: enrollment_pb2.EnrollRequest, device_id: str, now: datetime.datetime
+    ) -> tuple[str, BootstrapToken | None]:
+        """The one-time bootstrap token (stored hashed), spent when the proof arrives."""
+        if not (request.bootstrap_token or self._config.enrollment.require_token):
+            return "", None
+        token_sha256 = hashlib.sha256(request.bootstrap_token.encode()).hexdigest()
+        token = self._store.get_token(token_sha256)
+        problem = (
+            "unknown bootstrap token"
+            if token is None
+            else token.problem(device_id=device_id, now=now)
+        )
+        if problem is not None:
+            raise Rejected(f"device {device_id}: {problem}")
+        return token_sha256, token
+
+    def _assignment(
+        self, device_id: str, existing: DeviceRecord | None, token: BootstrapToken | None
+    ) -> Assignment:
+        """The operator-assigned zone and labels (precedence in verifier/inventory.py). A
+        token counts only while unspent: the one this device spent already assigns nothing."""
+        return resolve(
+            device_id=device_id,
+            listed=self._inventory.get(device_id),
+            pinned=(
+                None
+                if existing is None
+                else Assignment(zone=existing.zone, labels=existing.labels, source="device")
+            ),
+            token=(
+                Assignment(zone=token.zone, labels=token.labels, source="token")
+                if token is not None and token.used_at is None
+                else None
+            ),
+        )
 
     async def Enroll(
         self,
@@ -54,6 +135,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> enrollment_pb2.EnrollChallenge:
         now = self._clock()
+        self._check_rate(context, now)
         if not request.ek_public:
             raise MalformedInput("EnrollRequest.ek_public is empty")
         ek_public = parse_public(request.ek_public)
@@ -87,17 +169,23 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         existing = self._store.get_device(device_id)
         if existing is not None and existing.state is DeviceState.REVOKED:
             raise Rejected(f"device {device_id} is revoked")
-        # One-time bootstrap token (stored hashed), spent when the proof arrives.
-        token_sha256 = ""
-        if request.bootstrap_token or self._config.enrollment.require_token:
-            token_sha256 = hashlib.sha256(request.bootstrap_token.encode()).hexdigest()
-            problem = self._store.token_problem(token_sha256, now=now)
-            if problem is not None:
-                raise Rejected(f"device {device_id}: {problem}")
-        # 4. Credential challenge for TPM2_ActivateCredential, answerable once, for 5 minutes.
+        token_sha256, token = self._token(request, device_id, now)
+        # 4. Zone and labels: the operator's, pinned to a known device; never the host's claim.
+        assignment = self._assignment(device_id, existing, token)
+        host = request.host
+        if not assignment.same(host.zone, host.labels):
+            logger.info(
+                "device %s claims zone %s labels %s; assigned zone %s labels %s (%s)",
+                device_id,
+                printable(host.zone, 64),
+                printable(",".join(f"{k}={v}" for k, v in sorted(host.labels.items()))),
+                assignment.zone or "(unassigned)",
+                assignment.labels,
+                assignment.source,
+            )
+        # 5. Credential challenge for TPM2_ActivateCredential, answerable once, for 5 minutes.
         challenge = enrollment.make_challenge(request.ek_public, ak.name)
         enrollment_id = enrollment.new_enrollment_id()
-        host = request.host
         record = DeviceRecord(
             device_id=device_id,
             state=DeviceState.PENDING_APPROVAL,
@@ -111,11 +199,15 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 "kernel": host.kernel,
                 "machine_id": host.machine_id,
                 "agent_version": host.agent_version,
+                # What the host says of itself: shown to operators, never used.
+                "claimed_zone": host.zone,
+                "claimed_labels": dict(host.labels),
             },
-            zone=host.zone,
-            labels=dict(host.labels),
+            zone=assignment.zone,
+            labels=dict(assignment.labels),
             enrolled_at=now,
         )
+        settings = self._config.enrollment
         self._store.put_enrollment(
             PendingEnrollment(
                 enrollment_id=enrollment_id,
@@ -124,10 +216,17 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 channel_key_spki=request.channel_key_spki,
                 expires_at=now + enrollment.ENROLLMENT_TTL,
                 token_sha256=token_sha256,
-            )
+            ),
+            now=now,
+            max_per_device=settings.max_pending_per_device,
+            max_total=settings.max_pending,
         )
         logger.info(
-            "enroll challenge device=%s ak=%s host=%s", device_id, ak.name.hex()[:16], host.hostname
+            "enroll challenge device=%s ak=%s host=%s zone=%s",
+            device_id,
+            ak.name.hex()[:16],
+            printable(host.hostname, 128),
+            assignment.zone or "(unassigned)",
         )
         return enrollment_pb2.EnrollChallenge(
             enrollment_id=enrollment_id,
@@ -142,28 +241,48 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> enrollment_pb2.ActivateResponse:
         now = self._clock()
-        pending = self._store.take_enrollment(request.enrollment_id)
+        # 1. Look the challenge up; nothing is spent until its proof checks out, so a wrong
+        #    answer (from anyone who learnt the enrollment id) cannot void it.
+        pending = self._store.get_enrollment(request.enrollment_id)
         if pending is None:
+            shown = (
+                request.enrollment_id
+                if enrollment.ENROLLMENT_ID_RE.fullmatch(request.enrollment_id)
+                else "(not an enrollment id)"
+            )
             raise NotFound(
-                f"no pending enrollment {request.enrollment_id!r} (answered already, "
-                "or never issued)"
+                f"no pending enrollment {shown} (answered already, expired, or never issued)"
             )
         if now > pending.expires_at:
+            self._store.take_enrollment(pending.enrollment_id)
             raise FailedPrecondition(
-                f"enrollment {request.enrollment_id} expired at {pending.expires_at.isoformat()}"
+                f"enrollment {pending.enrollment_id} expired at {pending.expires_at.isoformat()}"
             )
+        # 2. The proof: only the TPM holding this EK and AK recovered the secret.
         enrollment.check_proof(
             request.proof,
             secret=pending.secret,
             enrollment_id=pending.enrollment_id,
             channel_key_spki=pending.channel_key_spki,
         )
+        # 3. Spend the challenge atomically: of two correct answers, one wins.
+        if not self._store.take_enrollment(pending.enrollment_id):
+            raise NotFound(f"enrollment {pending.enrollment_id} was answered already")
+        device_id = pending.record.device_id
+        existing = self._store.get_device(device_id)
+        if existing is not None and existing.state is DeviceState.REVOKED:
+            raise Rejected(f"device {device_id} is revoked")
+        # 4. The assignment again: the device may have been enrolled or moved meanwhile.
+        token = self._store.get_token(pending.token_sha256) if pending.token_sha256 else None
+        assignment = self._assignment(device_id, existing, token)
         if pending.token_sha256 and not self._store.use_token(
-            pending.token_sha256, device_id=pending.record.device_id, now=now
+            pending.token_sha256, device_id=device_id, now=now
         ):
-            raise Rejected(f"device {pending.record.device_id}: bootstrap token already used")
-        state = self._state_after_proof(pending.record)
-        record = DeviceRecord(**{**pending.record.__dict__, "state": state})
+            raise Rejected(f"device {device_id}: bootstrap token already used")
+        state = self._state_after_proof(pending.record, existing)
+        record = replace(
+            pending.record, state=state, zone=assignment.zone, labels=dict(assignment.labels)
+        )
         self._store.save_device(record, now=now, event=f"enrolled:{state.value}")
         response = enrollment_pb2.ActivateResponse(
             device_id=record.device_id,
@@ -197,14 +316,21 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 )
             )
             response.channel_certificate = der
-        logger.info("enrolled device=%s state=%s", record.device_id, state.value)
+        logger.info(
+            "enrolled device=%s state=%s zone=%s (%s)",
+            record.device_id,
+            state.value,
+            record.zone or "(unassigned)",
+            assignment.source,
+        )
         return response
 
-    def _state_after_proof(self, record: DeviceRecord) -> DeviceState:
+    def _state_after_proof(
+        self, record: DeviceRecord, existing: DeviceRecord | None
+    ) -> DeviceState:
         """Enrolled at once, or pending until an operator approves this device with this AK."""
         if not self._config.enrollment.require_approval:
             return DeviceState.ENROLLED
-        existing = self._store.get_device(record.device_id)
         approved = (
             existing is not None
             and existing.state is DeviceState.ENROLLED

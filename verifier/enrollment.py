@@ -8,7 +8,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import ipaddress
+import math
+import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -122,6 +126,9 @@ def check_proof(
         )
 
 
+ENROLLMENT_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
 def new_enrollment_id() -> str:
     return secrets.token_hex(16)
 
@@ -130,3 +137,75 @@ def parse_ak(ak_public: bytes) -> PublicArea:
     if not ak_public:
         raise MalformedInput("AK public area is empty")
     return parse_public(ak_public)
+
+
+# --- Enroll floods (issue 7, item 8) --------------------------------------------------------
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string: one bucket per IP, whatever its port.
+
+    ``ipv4:127.0.0.1:53412`` -> ``127.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``; an IPv4-mapped
+    IPv6 address counts as its IPv4 address; anything else (``unix:...``) stays whole."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0] or rest
+    elif kind == "ipv6":
+        host = rest[1:].partition("]")[0] if rest.startswith("[") else rest
+    else:
+        return peer
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class RateLimiter:
+    """One token bucket per key: ``burst`` calls at once, refilled at ``rate_per_minute``.
+
+    Pure: the caller passes ``now`` (seconds, any epoch). Memory stays bounded: a bucket that
+    has refilled completely is the same as no bucket, so idle keys are forgotten, and past
+    ``max_keys`` the least recently seen key is dropped."""
+
+    def __init__(self, *, rate_per_minute: float, burst: int, max_keys: int = 100_000) -> None:
+        if rate_per_minute <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate_per_minute must be positive, burst and max_keys at least 1")
+        self._rate = rate_per_minute / 60.0  # tokens per second
+        self._burst = float(burst)
+        self._max_keys = max_keys
+        self._idle_s = self._burst / self._rate  # time to refill an empty bucket
+        # key -> (tokens, time of last update), least recently seen first
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str, *, now: float) -> float:
+        """Spend one token of ``key``'s bucket: 0.0 when allowed, else the seconds until
+        one is available (nothing is spent then)."""
+        self._forget_idle(now)
+        tokens, last = self._buckets.pop(key, (self._burst, now))
+        tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            wait = 0.0
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1.0 - tokens) / self._rate
+        while len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def _forget_idle(self, now: float) -> None:
+        while self._buckets:
+            key, (_, last) = next(iter(self._buckets.items()))
+            if now - last < self._idle_s:
+                return
+            del self._buckets[key]
+
+
+def retry_after_s(wait: float) -> int:
+    return max(1, math.ceil(wait))
