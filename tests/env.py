@@ -18,11 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.attest import AttestationClient
 from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from agent.enroll import enroll
+from agent.evidence import evidence_body, host_facts, qualifying_data
+from agent.key_proof import sign_possession
 from agent.main import make_tpm
-from agent.state import AgentFiles, Enrollment
+from agent.state import AgentFiles, Enrollment, new_key, spki
 from agent.tpm import AsyncTpm
-from protos.devtrust.v1 import attestation_pb2, query_pb2_grpc
+from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2_grpc
 from swtpm import EndorsementCA, Swtpm
+from swtpm.bootlog import header_only_log
 from verifier.ca import CertificateAuthority, pem
 from verifier.config import (
     AttestationConfig,
@@ -45,7 +48,10 @@ def verifier_config(
         tls=TlsConfig(server_cert=pki.server_cert, server_key=pki.server_key),
         ca=CaConfig(cert=pki.ca_cert, key=pki.ca_key),
         endorsement=EndorsementConfig(roots=[], trust_swtpm_local_ca=ek_ca.cert_path),
-        attestation=AttestationConfig(**{"interval_s": 30.0, **attestation}),
+        # Tests reconnect at once; the gap between a device's streams has a test of its own.
+        attestation=AttestationConfig(
+            **{"interval_s": 30.0, "stream_challenge_gap_s": 0.0, **attestation}
+        ),
         policy=None,  # tests of TPM evidence; policy tests name theirs
     )
 
@@ -73,8 +79,9 @@ def agent_config(
         tpm=TpmConfig(tcti=tpm.tcti),
         state_dir=workdir / name / "state",
         runtime_dir=workdir / name / "run",
-        zone="model-development",
-        event_log=None,
+        # A log without measurements: it replays to a fresh swtpm's PCRs 0-7. Without any
+        # log the verifier reports eventlog.missing (issue 7, item 3).
+        event_log=header_only_log(workdir / name / "event-log.bin"),
         gpu_source="none",
         rpc_timeout_s=10.0,
         reconnect_max_s=1.0,
@@ -205,3 +212,71 @@ def foreign_client_identity(spiffe_kind: str, name: str) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return key_pem, pem(cert)
+
+
+# --- driving the attestation stream by hand ---------------------------------------------
+
+
+async def manual_stream(
+    pki: PkiFiles,
+    verifier: object,
+    agent: Agent,
+    build: object,
+) -> attestation_pb2.VerifierMessage:
+    """Open a stream with the agent's channel identity and answer the first challenge with
+    evidence made by ``build(challenge) -> Evidence``; return the verifier's reply."""
+    async with stream_channel(pki, verifier, agent.enrollment) as channel:  # type: ignore[arg-type]
+        call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=15)
+        await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+        first = await call.read()
+        assert isinstance(first, attestation_pb2.VerifierMessage)
+        evidence = await build(first.challenge)  # type: ignore[operator]
+        await call.write(attestation_pb2.AgentMessage(evidence=evidence))
+        reply = await call.read()
+        call.cancel()
+        assert isinstance(reply, attestation_pb2.VerifierMessage)
+        return reply
+
+
+async def quote_evidence(
+    agent: Agent,
+    challenge: attestation_pb2.Challenge,
+    *,
+    quoted_nonce: bytes | None = None,
+    body: bytes | None = None,
+    sent_body: bytes | None = None,
+) -> attestation_pb2.Evidence:
+    """Evidence made by the real TPM, optionally with the quote answering ``quoted_nonce``
+    or the body swapped after quoting. The body asks for a certificate of a fresh key, with
+    its proof of possession."""
+    if body is None:
+        key = new_key()
+        body = evidence_body(
+            host=host_facts(),
+            certify_key_spki=spki(key),
+            certify_key_proof=sign_possession(key, challenge.nonce, agent.enrollment.device_id),
+            now=datetime.datetime.now(datetime.UTC),
+        )
+    nonce = quoted_nonce or challenge.nonce
+    selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
+    attest, sig, values = await agent.tpm.run(
+        agent.tpm.backend.quote, qualifying_data(nonce, body), selection
+    )
+    banks: dict[str, common_pb2.PcrBank] = {}
+    for (bank, index), value in values.items():
+        banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
+    evidence = attestation_pb2.Evidence(
+        nonce=challenge.nonce,
+        quote_attest=attest,
+        quote_signature=sig,
+        pcrs=list(banks.values()),
+        body=sent_body or body,
+    )
+    # The event log, as the agent sends it when asked.
+    if challenge.event_log.wanted and agent.cfg.event_log is not None:
+        log = agent.cfg.event_log.read_bytes()
+        start = challenge.event_log.from_offset
+        evidence.event_log.CopyFrom(
+            attestation_pb2.EventLogChunk(offset=start, data=log[start:], total_size=len(log))
+        )
+    return evidence

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from agent.evidence import evidence_body, host_facts, qualifying_data
+from agent.evidence import evidence_body, host_facts
 from agent.state import new_key, spki
 from protos.devtrust.v1 import (
     attestation_pb2,
@@ -35,7 +35,9 @@ from tests.env import (
     enrolled_agent,
     first_results,
     foreign_client_identity,
+    manual_stream,
     operator_stub,
+    quote_evidence,
     running,
     stream_channel,
     verifier_config,
@@ -58,6 +60,14 @@ def test_enroll_attest_certify(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
         ):
+            # Zones are assigned by an operator, never claimed by the device (issue 7).
+            assert verifier.store.set_assignment(
+                agent.enrollment.device_id,
+                zone="model-development",
+                labels={},
+                now=datetime.datetime.now(datetime.UTC),
+                event="assigned:test",
+            )
             [result] = await first_results(agent)
             assert result.trust.tier == common_pb2.TIER_AFFIRMING
             assert result.trust.score == 100
@@ -229,57 +239,6 @@ def test_operator_certificate_cannot_attest_and_agent_cannot_query(
 # --- evidence checks over the real stream ------------------------------------------------
 
 
-async def _manual_stream(
-    pki: PkiFiles,
-    verifier: object,
-    agent: Agent,
-    build: object,
-) -> attestation_pb2.VerifierMessage:
-    """Open a stream with the agent's channel identity and answer the first challenge with
-    evidence made by ``build(challenge) -> Evidence``; return the verifier's reply."""
-    async with stream_channel(pki, verifier, agent.enrollment) as channel:  # type: ignore[arg-type]
-        call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=15)
-        await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
-        first = await call.read()
-        assert isinstance(first, attestation_pb2.VerifierMessage)
-        evidence = await build(first.challenge)  # type: ignore[operator]
-        await call.write(attestation_pb2.AgentMessage(evidence=evidence))
-        reply = await call.read()
-        call.cancel()
-        assert isinstance(reply, attestation_pb2.VerifierMessage)
-        return reply
-
-
-async def quote_evidence(
-    agent: Agent,
-    challenge: attestation_pb2.Challenge,
-    *,
-    quoted_nonce: bytes | None = None,
-    body: bytes | None = None,
-    sent_body: bytes | None = None,
-) -> attestation_pb2.Evidence:
-    """Evidence made by the real TPM, optionally with the quote answering ``quoted_nonce``
-    or the body swapped after quoting."""
-    body = body or evidence_body(
-        host=host_facts(), certify_key_spki=spki(new_key()), now=datetime.datetime.now(datetime.UTC)
-    )
-    nonce = quoted_nonce or challenge.nonce
-    selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
-    attest, sig, values = await agent.tpm.run(
-        agent.tpm.backend.quote, qualifying_data(nonce, body), selection
-    )
-    banks: dict[str, common_pb2.PcrBank] = {}
-    for (bank, index), value in values.items():
-        banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
-    return attestation_pb2.Evidence(
-        nonce=challenge.nonce,
-        quote_attest=attest,
-        quote_signature=sig,
-        pcrs=list(banks.values()),
-        body=sent_body or body,
-    )
-
-
 def _run_manual(
     workdir: Path, pki: PkiFiles, ek_ca: EndorsementCA, tpm_factory: SwtpmFactory, build: object
 ) -> tuple[attestation_pb2.VerifierMessage, dict[str, int]]:
@@ -290,7 +249,7 @@ def _run_manual(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm_factory()) as agent,
         ):
-            return await _manual_stream(pki, verifier, agent, lambda ch: build(agent, ch))  # type: ignore[operator]
+            return await manual_stream(pki, verifier, agent, lambda ch: build(agent, ch))  # type: ignore[operator]
 
     reply = asyncio.run(scenario())
     store = VerifierStore(config.database)
@@ -388,7 +347,7 @@ def test_malformed_evidence_is_refused_and_nothing_is_written(
                 )
 
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await _manual_stream(pki, verifier, bad, garbage)
+                await manual_stream(pki, verifier, bad, garbage)
             after = verifier.store.counts()
             # The verifier keeps serving: another device attests normally.
             results = await first_results(good)
@@ -481,7 +440,7 @@ def test_revoked_device_can_neither_attest_nor_enroll_again(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
     from agent.enroll import enroll
-    from verifier.store import DeviceState
+    from verifier.records import DeviceState
 
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
@@ -653,7 +612,7 @@ def test_pending_device_and_foreign_trust_domain_cannot_attest(
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from verifier.ca import CertificateAuthority, pem
-    from verifier.store import DeviceState
+    from verifier.records import DeviceState
 
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)

@@ -197,6 +197,7 @@ def test_malformed_evidence_is_refused_at_the_edge(
     name: str, evidence: dict[str, Any], message: str
 ) -> None:
     from protos.devtrust.v1 import attestation_pb2, common_pb2
+    from verifier.config import LimitsConfig
     from verifier.wire import evidence_from_wire
 
     fields: dict[str, Any] = {
@@ -209,5 +210,5 @@ def test_malformed_evidence_is_refused_at_the_edge(
     pcrs = [common_pb2.PcrBank(**bank) for bank in fields.pop("pcrs", [])]
     msg = attestation_pb2.Evidence(pcrs=pcrs, **fields)
     with pytest.raises(MalformedInput, match=re.escape(message)):
-        evidence_from_wire(msg)
+        evidence_from_wire(msg, LimitsConfig())
     _ = name

@@ -44,6 +44,7 @@ def _wait(predicate: object, what: str, limit_s: float = 30.0) -> None:
 def test_verifier_and_agent_services(
     tmp_path: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
+    from swtpm.bootlog import header_only_log
     from swtpm.hosttree import write_host_tree
 
     tpm = swtpm_factory()
@@ -76,10 +77,9 @@ def test_verifier_and_agent_services(
                 "tpm": {"tcti": tpm.tcti},
                 "state_dir": str(tmp_path / "agent-state"),
                 "runtime_dir": str(tmp_path / "agent-run"),
-                "event_log": None,
+                "event_log": str(header_only_log(tmp_path / "event-log.bin")),
                 "gpu_source": "none",
                 "posture_root": str(write_host_tree(tmp_path / "host")),
-                "zone": "model-development",
             }
         )
     )

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, NewType
 
 from agent.evidence import qualifying_data
+from agent.key_proof import possession_proven
 from verifier import document, measured_boot
 from verifier.ca import PublicKey
-from verifier.errors import MalformedInput
+from verifier.errors import LimitExceeded, MalformedInput
 from verifier.policy import Policy, PolicyOutcome
 from verifier.refs import RefGroup, appraise_refs
 from verifier.tpm.bootfacts import BootFacts
 from verifier.tpm.clock import ClockState, check_clock
+from verifier.tpm.constants import hash_name
 from verifier.tpm.quote import AkKey, QuoteRejected, check_quote
 from verifier.tpm.structures import Attest, PcrSelect
 from verifier.trust import (
@@ -59,6 +61,8 @@ class Evidence:
     body: bytes
     certify_key: PublicKey | None
     event_log: EventLogPart | None = None
+    # A signature by the certify key over the nonce and the device id (agent.key_proof).
+    certify_key_proof: bytes = b""
     # The evidence body as plain values for policy (verifier.document.plain), converted only
     # when the policy runs: ~0.3 ms for 8 GPUs, wasted while the cached result holds. And a
     # digest of its host, os and gpu parts: the policy's cache key (collected_at changes).
@@ -82,6 +86,10 @@ class Expectation:
     qualified_signers: frozenset[bytes] | None = None
     clock: ClockState | None = None
     log: measured_boot.LogState | None = None
+    # The offset the challenge asked the event log from (0: the whole log).
+    log_from: int = 0
+    max_log_bytes: int = 4 * 1024 * 1024
+    max_log_events: int = 20_000
     refs: RefGroup | None = None
     policy: Policy | None = None
     zone: str = ""
@@ -100,6 +108,10 @@ class Appraisal:
     facts: BootFacts | None = None
     rebooted: bool = False
     policy_cache: tuple[str, PolicyOutcome] | None = None
+    # The evidence names a key to certify and proved that the device holds it.
+    key_possessed: bool = False
+    # The event-log part this appraisal accepted, for the store to append.
+    log_part: measured_boot.LogPart | None = None
 
     @property
     def passed(self) -> bool:
@@ -146,6 +158,9 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
         claims = {Claim.INSTANCE_IDENTITY: CRYPTO_VALIDATION_FAILED}
         return Appraisal(result(claims, (finding,)), None, expect.clock, expect.log)
 
+    # 0. Only what the quote covers counts: PCR values outside the challenge's selection are
+    #    malformed evidence, refused before anything is appraised or stored (issue 7, item 2).
+    _check_quoted_only(evidence.pcrs, expect.selection)
     # 1. The nonce is the one this stream sent and has not been used (the caller pops it).
     if not hmac.compare_digest(evidence.nonce, expect.nonce):
         return hard_failure(
@@ -194,8 +209,35 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
                 f"{after:016x}",
             )
         )
-    # 9. The event log, when sent, replays to the quoted PCRs.
+    # 8b. A key to certify must be held by the device: its proof of possession signs this
+    #     nonce and this device id (issue 7, item 6). The body, proof included, is quoted.
+    key_possessed = False
+    if evidence.certify_key is not None:
+        key_possessed = possession_proven(
+            evidence.certify_key, evidence.certify_key_proof, expect.nonce, expect.device_id
+        )
+        if not key_possessed:
+            findings.append(
+                Finding(
+                    "certificate.key_not_possessed",
+                    Severity.CONTRAINDICATED,
+                    Claim.INSTANCE_IDENTITY,
+                    f"device {expect.device_id}: the evidence asks to certify a key without "
+                    "proof that the device holds it (certify_key_proof "
+                    + ("missing" if not evidence.certify_key_proof else "does not verify")
+                    + " for this nonce and device id); no certificate is issued",
+                    "a signature by the key over the nonce and the device id",
+                    "missing" if not evidence.certify_key_proof else "invalid",
+                )
+            )
+    # 9. The event log replays to the quoted PCRs; facts only from what the quote vouches for.
     log, facts, log_findings = _event_log(evidence, expect, rebooted=clock.rebooted)
+    part = evidence.event_log
+    accepted = (
+        measured_boot.LogPart(part.offset, part.data)
+        if part is not None and part.data and log is not None and log is not expect.log
+        else None
+    )
     findings.extend(log_findings)
     # 10. Reference values of the device's group.
     claims: dict[Claim, int] = {
@@ -223,7 +265,22 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
         facts,
         clock.rebooted,
         cache,
+        key_possessed,
+        accepted,
     )
+
+
+def _check_quoted_only(
+    pcrs: Mapping[tuple[int, int], bytes], selection: Iterable[PcrSelect]
+) -> None:
+    quoted = {(s.hash_alg, i) for s in selection for i in s.pcrs}
+    extra = sorted(set(pcrs) - quoted)
+    if extra:
+        raise MalformedInput(
+            "Evidence.pcrs: values for PCRs the challenge did not select ("
+            + ", ".join(f"{hash_name(alg)}:{index}" for alg, index in extra)
+            + "); only quoted PCR values may be sent"
+        )
 
 
 def _policy(
@@ -249,41 +306,74 @@ def _event_log(
     *,
     rebooted: bool,
 ) -> tuple[measured_boot.LogState | None, BootFacts | None, list[Finding]]:
-    """New log state, facts of a log that explains the quote, and findings."""
+    """New log state, facts that the quote vouches for, and findings.
+
+    Facts come only from events on quoted PCRs whose replay matched the quoted values, and
+    not from events whose data does not hash to their logged digests (issue 7, item 1).
+    A log past its limits raises ``LimitExceeded``: refused, nothing stored."""
+    device = expect.device_id
     prior = None if rebooted else expect.log
     part = evidence.event_log
-    if part is None:
-        return prior, None, []
-    device = expect.device_id
-    if rebooted and part.offset != 0:
-        return (
-            None,
-            None,
-            [
-                Finding(
-                    "eventlog.reboot",
-                    Severity.WARNING,
-                    Claim.EXECUTABLES,
-                    f"device {device} rebooted: its event log must be read again from the start",
-                )
-            ],
-        )
-    try:
-        state = measured_boot.extend(prior, part.offset, part.data)
-    except MalformedInput as exc:
-        return (
-            prior,
-            None,
-            [
-                Finding(
-                    "eventlog.malformed",
-                    Severity.CONTRAINDICATED,
-                    Claim.EXECUTABLES,
-                    f"device {device}: event log rejected: {exc}",
-                )
-            ],
-        )
-    mismatches = measured_boot.compare(state, evidence.pcrs, device)
-    if mismatches:
-        return state, None, list(mismatches)
-    return state, measured_boot.facts_of(state), []
+    state = prior
+    if part is not None:
+        if rebooted and part.offset != 0:
+            return None, None, [_finding_reboot(device)]
+        try:
+            state = measured_boot.extend(
+                prior,
+                part.offset,
+                part.data,
+                max_bytes=expect.max_log_bytes,
+                max_events=expect.max_log_events,
+            )
+        except LimitExceeded:
+            raise
+        except MalformedInput as exc:
+            return (
+                prior,
+                None,
+                [
+                    Finding(
+                        "eventlog.malformed",
+                        Severity.CONTRAINDICATED,
+                        Claim.EXECUTABLES,
+                        f"device {device}: event log rejected: {exc}",
+                    )
+                ],
+            )
+    if state is None:
+        return None, None, [_finding_missing(expect, asked=part is None)]
+    findings = list(measured_boot.compare(state, evidence.pcrs, device))
+    verified = measured_boot.verified_pcrs(state, evidence.pcrs)
+    findings.extend(measured_boot.digest_findings(state, device, verified))
+    return state, measured_boot.facts_of(state, verified), findings
+
+
+def _finding_reboot(device: str) -> Finding:
+    return Finding(
+        "eventlog.reboot",
+        Severity.WARNING,
+        Claim.EXECUTABLES,
+        f"device {device} rebooted: its event log must be read again from the start",
+    )
+
+
+def _finding_missing(expect: Expectation, *, asked: bool) -> Finding:
+    """No event log for this boot (issue 7, item 3). Contraindicated where the device's
+    reference group has event rules, a warning otherwise: either way ``executables`` is
+    not affirmed."""
+    needed = expect.refs is not None and expect.refs.needs_event_log
+    return Finding(
+        "eventlog.missing",
+        Severity.CONTRAINDICATED if needed else Severity.WARNING,
+        Claim.EXECUTABLES,
+        f"device {expect.device_id}: no event log "
+        + ("was sent although the challenge asked for it" if asked else "for this boot")
+        + (
+            f"; reference group {expect.refs.name} has event rules"
+            if needed and expect.refs is not None
+            else ""
+        ),
+        "an event log that replays to the quoted PCRs",
+        "none",
+    )

@@ -11,12 +11,14 @@ in this coroutine only: replicas share no nonce state, and each nonce is used on
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -27,11 +29,19 @@ from verifier import wire
 from verifier.appraisal import NONCE_SIZE, Appraisal, Evidence, Expectation, Nonce, appraise
 from verifier.ca import CertificateAuthority, DeviceClaims
 from verifier.config import VerifierConfig
-from verifier.errors import FailedPrecondition, MalformedInput, Rejected
+from verifier.errors import (
+    FailedPrecondition,
+    MalformedInput,
+    Rejected,
+    ResourceExhausted,
+    Superseded,
+)
 from verifier.identity import peer_identity
+from verifier.logtext import printable
 from verifier.policy import PolicyHolder, PolicyOutcome
+from verifier.records import CertificateRecord, DeviceRecord, DeviceState, TpmState
 from verifier.refs import ReferenceValues, RefGroup
-from verifier.store import CertificateRecord, DeviceRecord, DeviceState, Store, TpmState
+from verifier.store import Store
 from verifier.tpm.constants import hash_name
 from verifier.tpm.quote import AkKey
 from verifier.tpm.structures import ak_qualified_names, parse_public
@@ -68,6 +78,69 @@ class _Session:
         return self.tpm.log.offset
 
 
+@dataclass
+class _Live:
+    """The one live stream of a device: a newer stream replaces it (issue 7, item 8)."""
+
+    task: asyncio.Task[Any] | None
+    superseded: bool = False
+
+
+@dataclass
+class ChallengeSchedule:
+    """When a stream challenges next. Sans I/O: monotonic times in, times out.
+
+    Periodic challenges come ``interval`` after each evidence, at once after a reboot. A
+    PostureChanged note is answered with a challenge at once the first time; later notes
+    coalesce into at most one challenge per ``posture_min_interval`` (issue 7, item 8). A
+    note that arrives while a challenge is out is answered after that evidence (it may
+    predate the change). More than ``notes_per_minute`` notes in a minute end the stream.
+    """
+
+    interval: float
+    posture_min_interval: float
+    notes_per_minute: int
+    next_at: float = 0.0
+    last_posture_challenge: float = float("-inf")
+    _pending: float | None = None  # a note arrived while a challenge was out
+    _for_posture: bool = False  # the next challenge answers a note
+    _recent: collections.deque[float] = field(default_factory=collections.deque)
+
+    def challenge_sent(self, now: float) -> None:
+        if self._for_posture:
+            self.last_posture_challenge = now
+            self._for_posture = False
+
+    def evidence_received(self, now: float, *, rebooted: bool) -> float:
+        """Schedule after an evidence; returns the wait until the next challenge."""
+        if rebooted:
+            self.next_at = now
+        elif self._pending is not None:
+            self.next_at = max(now, self._pending)
+            self._for_posture = True
+        else:
+            self.next_at = now + self.interval
+        self._pending = None
+        return max(0.0, self.next_at - now)
+
+    def posture_changed(self, now: float, *, outstanding: bool) -> None:
+        recent = self._recent
+        recent.append(now)
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        if len(recent) > self.notes_per_minute:
+            raise ResourceExhausted(
+                f"{len(recent)} PostureChanged notes within a minute, more than the "
+                f"{self.notes_per_minute} allowed (attestation.posture_notes_per_minute)"
+            )
+        due = max(now, self.last_posture_challenge + self.posture_min_interval)
+        if outstanding:
+            self._pending = due if self._pending is None else min(due, self._pending)
+        elif due < self.next_at:
+            self.next_at = due
+            self._for_posture = True
+
+
 class AttestationService(attestation_pb2_grpc.AttestationServicer):
     def __init__(
         self,
@@ -86,6 +159,29 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self._config = config
         self._clock = clock
         self._ak_cache: dict[str, tuple[bytes, AkKey]] = {}
+        self._live: dict[str, _Live] = {}
+        # Monotonic time of each device's last challenge, across its streams.
+        self._last_challenge: dict[str, float] = {}
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.attestation.appraisal_workers, thread_name_prefix="appraise"
+        )
+
+    def close(self) -> None:
+        """Wait for appraisals in flight (they write to the store), then stop the workers."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _take_over(self, device_id: str) -> _Live:
+        """Register this stream as the device's only one, ending an older stream first."""
+        me = _Live(asyncio.current_task())
+        old = self._live.get(device_id)
+        self._live[device_id] = me
+        if old is not None and old.task is not None and not old.task.done():
+            old.superseded = True
+            old.task.cancel()
+            # Its appraisal in flight writes the device's TPM state: let it finish first.
+            await asyncio.wait({old.task}, timeout=self._config.attestation.evidence_timeout_s)
+            logger.info("stream replaced device=%s: a newer stream took over", device_id)
+        return me
 
     def _ak_key(self, device_id: str, ak_public: bytes) -> AkKey:
         """The AK key object, cached per device (reloading it costs ~90 us)."""
@@ -115,9 +211,32 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        cfg = self._config.attestation
         record = self._authorize(context)
         device_id = record.device_id
+        me = await self._take_over(device_id)
+        try:
+            await self._attest(request_iterator, context, record)
+        except asyncio.CancelledError:
+            if me.superseded:
+                raise Superseded(
+                    f"device {device_id}: a newer attestation stream replaced this one"
+                ) from None
+            raise
+        finally:
+            if self._live.get(device_id) is me:
+                del self._live[device_id]
+
+    async def _attest(
+        self,
+        request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+        record: DeviceRecord,
+    ) -> None:
+        cfg = self._config.attestation
+        limits = self._config.limits
+        device_id = record.device_id
+        # The record may have changed while an older stream was replaced.
+        record = self._store.get_device(device_id) or record
         session = _Session(
             record=record,
             ak_key=self._ak_key(device_id, record.ak_public),
@@ -136,15 +255,25 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 return
             if first.WhichOneof("kind") != "hello":
                 raise MalformedInput("the first message on an attestation stream must be Hello")
-            logger.info("stream open device=%s agent=%s", device_id, first.hello.agent_version)
+            logger.info(
+                "stream open device=%s agent=%s", device_id, printable(first.hello.agent_version)
+            )
             outstanding: _Outstanding | None = None
-            next_challenge = time.monotonic()
-            # A change reported while a challenge is out: that evidence may predate it.
-            posture_changed = False
+            schedule = ChallengeSchedule(
+                cfg.interval_s,
+                cfg.posture_min_interval_s,
+                cfg.posture_notes_per_minute,
+                # Reconnecting does not buy appraisals (issue 7, item 8).
+                next_at=max(
+                    time.monotonic(),
+                    self._last_challenge.get(device_id, float("-inf")) + cfg.stream_challenge_gap_s,
+                ),
+            )
             while True:
-                if outstanding is None and time.monotonic() >= next_challenge:
+                if outstanding is None and time.monotonic() >= schedule.next_at:
+                    schedule.challenge_sent(time.monotonic())
                     outstanding = await self._challenge(context, session)
-                wake = outstanding.deadline if outstanding else next_challenge
+                wake = outstanding.deadline if outstanding else schedule.next_at
                 try:
                     msg = await asyncio.wait_for(inbox.get(), max(0.0, wake - time.monotonic()))
                 except TimeoutError:
@@ -162,21 +291,23 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                         raise MalformedInput("Evidence sent without an outstanding Challenge")
                     # The nonce is spent whatever the evidence says: used at most once.
                     nonce, outstanding = outstanding.nonce, None
-                    evidence = wire.evidence_from_wire(msg.evidence)
-                    reply, again = self._appraise(session, nonce, evidence)
-                    again, posture_changed = again or posture_changed, False
-                    wait_s = 0.0 if again else cfg.interval_s
-                    next_challenge = time.monotonic() + wait_s
+                    evidence = wire.evidence_from_wire(msg.evidence, limits)
+                    # Appraisal runs on a worker thread: a costly one (a long event log,
+                    # many GPUs) cannot hold up other devices' streams on this loop.
+                    reply, rebooted = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, self._appraise, session, nonce, evidence
+                    )
+                    wait_s = schedule.evidence_received(time.monotonic(), rebooted=rebooted)
                     reply.result.next_challenge_in.FromTimedelta(datetime.timedelta(seconds=wait_s))
                     await context.write(reply)
                 elif kind == "posture_changed":
-                    logger.info(
+                    signals = wire.posture_signals_from_wire(msg.posture_changed, limits)
+                    logger.debug(
                         "posture changed device=%s signals=%s",
                         device_id,
-                        ",".join(msg.posture_changed.signals),
+                        printable(",".join(signals)),
                     )
-                    next_challenge = time.monotonic()
-                    posture_changed = outstanding is not None
+                    schedule.posture_changed(time.monotonic(), outstanding=outstanding is not None)
                 elif kind == "hello":
                     raise MalformedInput("Hello sent twice on one stream")
                 else:
@@ -199,7 +330,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             )
         )
         await context.write(msg)
-        return _Outstanding(nonce, time.monotonic() + self._config.attestation.evidence_timeout_s)
+        now = time.monotonic()
+        self._last_challenge[session.record.device_id] = now
+        return _Outstanding(nonce, now + self._config.attestation.evidence_timeout_s)
 
     def _appraise(
         self, session: _Session, nonce: Nonce, evidence: Evidence
@@ -223,13 +356,21 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             policy_cache=session.policy_cache,
             clock=prior.clock if prior else None,
             log=prior.log if prior else None,
+            log_from=session.log_offset,
             refs=session.refs,
+            max_log_bytes=cfg.limits.max_event_log_bytes,
+            max_log_events=cfg.limits.max_event_log_events,
         )
         appraisal = appraise(evidence, expect, now=now)
         session.policy_cache = appraisal.policy_cache
         tpm = None
         if appraisal.passed and appraisal.clock is not None:
-            tpm = TpmState(clock=appraisal.clock, log=appraisal.log, pcrs=_pcrs_hex(evidence))
+            tpm = TpmState(
+                clock=appraisal.clock,
+                log=appraisal.log,
+                pcrs=_pcrs_hex(evidence),
+                log_part=appraisal.log_part,
+            )
             session.tpm = tpm
             if evidence.event_log is not None or appraisal.rebooted:
                 session.full_log = appraisal.rebooted
@@ -271,7 +412,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             result.tier.label,
             result.score,
             cert_record.serial if cert_record else "-",
-            "; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-",
+            # Finding messages quote device-supplied values: escaped (issue 7, item 9).
+            printable("; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-", 2048),
         )
         return reply, appraisal.rebooted
 
@@ -279,6 +421,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         tier = appraisal.result.tier
         return (
             appraisal.passed
+            and appraisal.key_possessed
             and evidence.certify_key is not None
             and tier is not Tier.NONE
             and tier <= self._config.certificates.min

@@ -54,6 +54,18 @@ class AttestationConfig:
     hello_timeout_s: float = 10.0
     # Evidence older than this makes the device's tier none.
     staleness_s: float = 180.0
+    # PostureChanged notes: the first is answered with a challenge at once; further ones
+    # are coalesced into at most one challenge per this many seconds.
+    posture_min_interval_s: float = 10.0
+    # More PostureChanged notes than this within a minute end the stream
+    # (RESOURCE_EXHAUSTED); the agent reconnects with backoff.
+    posture_notes_per_minute: int = 120
+    # A device's new stream gets its first challenge no sooner than this after the device's
+    # last challenge on any stream: reconnecting again and again does not buy appraisals.
+    stream_challenge_gap_s: float = 5.0
+    # Threads that appraise evidence off the event loop: one device's costly evidence
+    # never holds up other devices' streams, queries or enrollments.
+    appraisal_workers: int = 4
     # PCR banks and indices quoted in every challenge.
     pcrs: dict[str, list[int]] = field(
         default_factory=lambda: {"sha256": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14]}
@@ -62,6 +74,12 @@ class AttestationConfig:
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.evidence_timeout_s <= 0 or self.staleness_s <= 0:
             raise ValueError("interval_s, evidence_timeout_s and staleness_s must be positive")
+        if self.posture_min_interval_s < 0 or self.stream_challenge_gap_s < 0:
+            raise ValueError(
+                "posture_min_interval_s and stream_challenge_gap_s must not be negative"
+            )
+        if self.posture_notes_per_minute <= 0 or self.appraisal_workers <= 0:
+            raise ValueError("posture_notes_per_minute and appraisal_workers must be positive")
         for bank, pcrs in self.pcrs.items():
             hash_alg(bank)
             if any(not 0 <= p <= 23 for p in pcrs):
@@ -103,11 +121,55 @@ class EnrollmentConfig:
     require_approval: bool = False
     # Every enrollment must present a one-time token from `devtrust-verifier token create`.
     require_token: bool = False
+    # Operator-assigned zones and labels: a YAML mapping device id -> {zone, labels}, loaded
+    # and validated whole at start; it wins over every other assignment (verifier/inventory.py).
+    inventory: Path | None = None
+    # Enroll calls per peer IP address (any port): a token bucket of `burst` calls, refilled
+    # at rate_per_minute. Past it: RESOURCE_EXHAUSTED "retry in N s".
+    rate_per_minute: float = 60.0
+    burst: int = 20
+    # Challenged enrollments awaiting their Activate: per device the oldest beyond
+    # max_pending_per_device is dropped; past max_pending in all, Enroll is RESOURCE_EXHAUSTED.
+    max_pending_per_device: int = 4
+    max_pending: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.rate_per_minute <= 0 or self.burst < 1:
+            raise ValueError("rate_per_minute must be positive and burst at least 1")
+        if self.max_pending_per_device < 1 or self.max_pending < 1:
+            raise ValueError("max_pending_per_device and max_pending must be at least 1")
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    """Bounds on what one device may send (issue 7: no device can freeze the verifier).
+
+    Defaults sit far above real hosts (8 GPUs of 18 NVLinks, a few hundred modules, event
+    logs under 100 KiB in the corpus); past a limit the evidence is refused as
+    INVALID_ARGUMENT naming the limit, and nothing is stored."""
+
     max_message_bytes: int = 4 * 1024 * 1024
+    # Repeated fields of one evidence body.
+    max_gpus: int = 64
+    max_nvlinks_per_gpu: int = 64
+    max_mig_devices_per_gpu: int = 64
+    max_xids_per_gpu: int = 1024
+    max_modules: int = 8192
+    max_listening_sockets: int = 8192
+    max_mounts: int = 4096
+    max_unavailable: int = 1024
+    # Entries of any map (labels, cc_settings, fabric_health).
+    max_map_entries: int = 256
+    # Signals named in one PostureChanged.
+    max_posture_signals: int = 64
+    # One device's event log since its last reboot, all parts together.
+    max_event_log_bytes: int = 4 * 1024 * 1024
+    max_event_log_events: int = 20_000
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
+import secrets
 import shutil
 import signal
 import tempfile
@@ -28,6 +30,7 @@ from agent.main import make_tpm
 from agent.state import AgentFiles
 from protos.devtrust.v1 import attestation_pb2, common_pb2, query_pb2, query_pb2_grpc
 from swtpm import EndorsementCA, Swtpm, provision
+from swtpm.bootlog import simulate_boot
 from swtpm.hosttree import write_host_tree
 from verifier.ca import CertificateAuthority, DeviceClaims, pem, spiffe_ids
 from verifier.config import (
@@ -42,6 +45,7 @@ from verifier.pki import init_pki, issue_operator
 from verifier.server import start_verifier
 
 TIMEOUT_S = 60.0
+DEMO_ZONE = "data-processing"
 
 
 def _tier(value: int) -> str:
@@ -72,6 +76,18 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         )
         verifier = await start_verifier(vcfg)
         stack.push_async_callback(verifier.stop)
+        # The operator assigns the zone and labels with the one-time bootstrap token (as
+        # `devtrust-verifier token create --zone Z --label K=V` does); a device never
+        # chooses its own. No GPU on this machine: a zone that requires no GPU state.
+        token = secrets.token_urlsafe(24)
+        verifier.store.add_token(
+            hashlib.sha256(token.encode()).hexdigest(),
+            now=now,
+            expires_at=now + datetime.timedelta(hours=1),
+            note="demo",
+            zone=DEMO_ZONE,
+            labels={"demo": "true"},
+        )
 
         acfg = AgentConfig(
             verifier=VerifierEndpoint(
@@ -82,16 +98,19 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
             tpm=TpmConfig(tcti=swtpm.tcti),
             state_dir=work / "agent-state",
             runtime_dir=work / "agent-run",
-            event_log=None,  # the host's own log belongs to its real TPM, not to this swtpm
-            # A simulated well-configured GPU host's posture (this machine's is not one),
+            # The swtpm's own measured boot (swtpm/bootlog.py), not this host's log, which
+            # belongs to its real TPM.
+            event_log=work / "event-log.bin",
+            # A simulated well-configured host's posture (this machine's is not one),
             # appraised by the default policy; no GPU state on a machine without a GPU.
             posture_root=write_host_tree(work / "host"),
             gpu_source="none",
-            zone="model-development",
-            labels={"demo": "true"},
+            bootstrap_token=token,
         )
         tpm = make_tpm(acfg)
         stack.callback(tpm.close)
+        assert acfg.event_log is not None
+        simulate_boot(tpm.backend.esapi, acfg.event_log)
         files = AgentFiles(acfg.state_dir, acfg.runtime_dir)
         enrollment = await enroll(acfg, tpm, files)
 

@@ -13,15 +13,23 @@ __all__ = [
     "ConfigError",
     "DevtrustError",
     "FailedPrecondition",
+    "LimitExceeded",
     "MalformedInput",
     "NotFound",
     "Rejected",
+    "ResourceExhausted",
+    "Superseded",
     "Unauthenticated",
 ]
 
 
 class MalformedInput(DevtrustError):
     """Bytes that do not parse as the structure they claim to be. Maps to INVALID_ARGUMENT."""
+
+
+class LimitExceeded(MalformedInput):
+    """Input past a configured limit (GPUs per host, event log size, ...). The message names
+    the limit and its configuration key. INVALID_ARGUMENT; nothing of it is stored."""
 
 
 class Rejected(DevtrustError):
@@ -38,3 +46,12 @@ class NotFound(DevtrustError):
 
 class FailedPrecondition(DevtrustError):
     """The request is valid but the state does not allow it now. FAILED_PRECONDITION."""
+
+
+class ResourceExhausted(DevtrustError):
+    """A caller sends more than its share (enrollment rate, pending enrollments, posture
+    notes). RESOURCE_EXHAUSTED; the message says when to try again where it can."""
+
+
+class Superseded(DevtrustError):
+    """A device opened a newer attestation stream; this one ends. ABORTED."""

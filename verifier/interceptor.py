@@ -19,8 +19,11 @@ from verifier.errors import (
     MalformedInput,
     NotFound,
     Rejected,
+    ResourceExhausted,
+    Superseded,
     Unauthenticated,
 )
+from verifier.logtext import printable
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ _CODES: list[tuple[type[DevtrustError], grpc.StatusCode]] = [
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Superseded, grpc.StatusCode.ABORTED),
 ]
 
 
@@ -52,7 +57,9 @@ def _wrap(method: str, raw: Any) -> Behavior:
             return await behavior(request, context)
         except DevtrustError as exc:
             code = status_for(exc)
-            logger.info("%s refused: %s: %s", method, code.name, exc)
+            # A flood of refusals for rate is not a flood of log lines.
+            level = logging.DEBUG if isinstance(exc, ResourceExhausted) else logging.INFO
+            logger.log(level, "%s refused: %s: %s", method, code.name, printable(str(exc)))
             await context.abort(code, str(exc))
         except grpc.aio.AbortError:
             raise

@@ -79,13 +79,16 @@ class RunningVerifier:
     attestation_port: int
     store: Store
     policy: PolicyHolder
+    attestation: AttestationService
     started: list[grpc.aio.Server] = field(default_factory=list)
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Stop what was started (grpc refuses to stop a server that never started)."""
+        """Stop what was started (grpc refuses to stop a server that never started), let
+        appraisals in flight finish writing, then close the store."""
         for server in self.started:
             await server.stop(grace)
         self.started.clear()
+        await asyncio.to_thread(self.attestation.close)
         self.store.close()
 
     async def wait(self) -> None:
@@ -152,12 +155,10 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     tls = grpc.ssl_server_credentials([(server_key, server_cert)])
 
     attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
-    attestation_pb2_grpc.add_AttestationServicer_to_server(
-        AttestationService(
-            store=store, ca=ca, config=config, clock=clock, refs=refs, policy=policy
-        ),
-        attest,
+    attestation = AttestationService(
+        store=store, ca=ca, config=config, clock=clock, refs=refs, policy=policy
     )
+    attestation_pb2_grpc.add_AttestationServicer_to_server(attestation, attest)
     query_pb2_grpc.add_QueryServicer_to_server(
         QueryService(store=store, config=config, clock=clock, policy=policy), attest
     )
@@ -173,7 +174,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     mtls = grpc.ssl_server_credentials(
         [(server_key, server_cert)], root_certificates=pem(ca.cert), require_client_auth=True
     )
-    running = RunningVerifier(enroll, attest, 0, 0, store, policy)
+    running = RunningVerifier(enroll, attest, 0, 0, store, policy, attestation)
     try:
         try:
             running.enrollment_port = enroll.add_secure_port(config.listen.enrollment, tls)

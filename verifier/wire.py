@@ -18,8 +18,9 @@ from protos.devtrust.v1 import attestation_pb2, common_pb2
 from verifier import document
 from verifier.appraisal import NONCE_SIZE, EventLogPart, Evidence
 from verifier.ca import PublicKey
-from verifier.errors import MalformedInput
-from verifier.store import DeviceRecord, DeviceState
+from verifier.config import LimitsConfig
+from verifier.errors import LimitExceeded, MalformedInput
+from verifier.records import DeviceRecord, DeviceState
 from verifier.tpm.constants import DIGEST_SIZES, hash_alg, hash_name
 from verifier.tpm.structures import PcrSelect
 from verifier.trust import Finding, Severity, Tier, TrustResult, tier_of
@@ -73,7 +74,80 @@ def selection_to_wire(selection: tuple[PcrSelect, ...]) -> list[common_pb2.PcrSe
     ]
 
 
-def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
+def _bounded(count: int, limit: int, what: str, key: str) -> None:
+    if count > limit:
+        raise LimitExceeded(
+            f"{what}: {count} entries, more than the limit of {limit} (limits.{key})"
+        )
+
+
+def check_body_limits(body: attestation_pb2.EvidenceBody, limits: LimitsConfig) -> None:
+    """Every repeated field of an evidence body within its limit (issue 7, item 7): work per
+    evidence stays bounded whatever a device sends. Raises ``LimitExceeded``."""
+    maps = limits.max_map_entries
+    _bounded(len(body.host.labels), maps, "EvidenceBody.host.labels", "max_map_entries")
+    os = body.os
+    _bounded(len(os.modules), limits.max_modules, "EvidenceBody.os.modules", "max_modules")
+    _bounded(
+        len(os.listening),
+        limits.max_listening_sockets,
+        "EvidenceBody.os.listening",
+        "max_listening_sockets",
+    )
+    _bounded(len(os.mounts), limits.max_mounts, "EvidenceBody.os.mounts", "max_mounts")
+    _bounded(
+        len(os.unavailable),
+        limits.max_unavailable,
+        "EvidenceBody.os.unavailable",
+        "max_unavailable",
+    )
+    gpu = body.gpu
+    _bounded(len(gpu.gpus), limits.max_gpus, "EvidenceBody.gpu.gpus", "max_gpus")
+    _bounded(
+        len(gpu.unavailable),
+        limits.max_unavailable,
+        "EvidenceBody.gpu.unavailable",
+        "max_unavailable",
+    )
+    seen: set[int] = set()
+    for i, g in enumerate(gpu.gpus):
+        where = f"EvidenceBody.gpu.gpus[{i}]"
+        if g.index in seen:  # GPU results (submods) are keyed by index
+            raise MalformedInput(f"{where}: GPU index {g.index} is reported twice")
+        seen.add(g.index)
+        _bounded(
+            len(g.nvlinks), limits.max_nvlinks_per_gpu, f"{where}.nvlinks", "max_nvlinks_per_gpu"
+        )
+        _bounded(
+            len(g.mig_devices),
+            limits.max_mig_devices_per_gpu,
+            f"{where}.mig_devices",
+            "max_mig_devices_per_gpu",
+        )
+        _bounded(
+            len(g.recent_xids), limits.max_xids_per_gpu, f"{where}.recent_xids", "max_xids_per_gpu"
+        )
+        _bounded(
+            len(g.unavailable), limits.max_unavailable, f"{where}.unavailable", "max_unavailable"
+        )
+        _bounded(len(g.cc_settings), maps, f"{where}.cc_settings", "max_map_entries")
+        _bounded(len(g.fabric_health), maps, f"{where}.fabric_health", "max_map_entries")
+
+
+def posture_signals_from_wire(
+    msg: attestation_pb2.PostureChanged, limits: LimitsConfig
+) -> tuple[str, ...]:
+    """The signals a PostureChanged names, bounded in number (names are only logged)."""
+    _bounded(
+        len(msg.signals),
+        limits.max_posture_signals,
+        "PostureChanged.signals",
+        "max_posture_signals",
+    )
+    return tuple(msg.signals)
+
+
+def evidence_from_wire(msg: attestation_pb2.Evidence, limits: LimitsConfig) -> Evidence:
     if len(msg.nonce) != NONCE_SIZE:
         raise MalformedInput(f"Evidence.nonce: expected {NONCE_SIZE} bytes, got {len(msg.nonce)}")
     if not msg.quote_attest or not msg.quote_signature:
@@ -97,6 +171,7 @@ def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
         body.ParseFromString(msg.body)
     except DecodeError as exc:
         raise MalformedInput(f"Evidence.body: not an EvidenceBody: {exc}") from exc
+    check_body_limits(body, limits)
     certify_key = (
         load_public_key(body.certify_key_spki, field="EvidenceBody.certify_key_spki")
         if body.certify_key_spki
@@ -105,12 +180,16 @@ def evidence_from_wire(msg: attestation_pb2.Evidence) -> Evidence:
     event_log = None
     if msg.HasField("event_log"):
         event_log = EventLogPart(offset=msg.event_log.offset, data=msg.event_log.data)
-    posture = hashlib.sha256(
-        b"".join(
-            part.SerializeToString(deterministic=True) for part in (body.host, body.os, body.gpu)
-        )
-    ).hexdigest()
+    # The policy's cache key: which parts were sent (an absent part and an empty one differ
+    # to required_evidence) and their bytes, each length-prefixed.
+    digest = hashlib.sha256()
+    for name in ("host", "os", "gpu"):
+        data = getattr(body, name).SerializeToString(deterministic=True)
+        digest.update(b"\x01" if body.HasField(name) else b"\x00")
+        digest.update(len(data).to_bytes(8, "big") + data)
+    posture = digest.hexdigest()
     return Evidence(
+        certify_key_proof=body.certify_key_proof,
         body_doc=functools.partial(document.plain, body),
         posture_digest=posture,
         event_log=event_log,

@@ -1,0 +1,568 @@
+"""Issue 7: a verdict the judged device cannot forge or freeze.
+
+Each test is an attack by a device that controls its own agent but not its TPM, over the
+real wire protocol: a real verifier on loopback with mTLS and SQLite, swtpm devices, and
+messages written by hand where the real agent would not write them. Each fails when the
+check it covers is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import struct
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.evidence import evidence_body, host_facts
+from agent.key_proof import sign_possession
+from agent.state import new_key
+from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2
+from swtpm import EndorsementCA
+from tests import eventlogs
+from tests.conftest import SwtpmFactory
+from tests.env import (
+    Agent,
+    enrolled_agent,
+    first_results,
+    manual_stream,
+    operator_stub,
+    quote_evidence,
+    running,
+    stream_channel,
+    verifier_config,
+)
+from tests.test_measured_boot_e2e import _extend, secure_boot_variable
+from verifier import attest_service
+from verifier.config import DEFAULT_POLICY, LimitsConfig
+from verifier.pki import PkiFiles
+
+pytestmark = pytest.mark.swtpm
+EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
+EV_SEPARATOR = 0x4
+BANKS = ("sha1", "sha256")
+
+
+def _refs(path: Path, **group: object) -> Path:
+    path.write_text(yaml.safe_dump({"groups": [{"name": "fleet", **group}]}))
+    return path
+
+
+def _forged_event(pcr: int, type_: int, measured: bytes, logged: bytes) -> bytes:
+    """An event whose digests are those of ``measured`` but whose data is ``logged``."""
+    out = struct.pack("<III", pcr, type_, len(BANKS))
+    for bank in BANKS:
+        out += struct.pack("<H", eventlogs.SIZES[bank][0]) + hashlib.new(bank, measured).digest()
+    return out + struct.pack("<I", len(logged)) + logged
+
+
+def _ids(result: attestation_pb2.Result) -> list[str]:
+    return [f.id for f in result.trust.findings]
+
+
+async def _boot_with_secure_boot_off(agent: Agent) -> bytes:
+    """Measure SecureBoot = 0 and a separator into PCR 7 of the agent's swtpm, as firmware
+    would; return the honest log of it."""
+    off = secure_boot_variable(False)
+    await _extend(agent, 7, off)
+    await _extend(agent, 7, b"\x00\x00\x00\x00")
+    return eventlogs.agile_log(
+        [(7, EV_EFI_VARIABLE_DRIVER_CONFIG, off), (7, EV_SEPARATOR, b"\x00\x00\x00\x00")], BANKS
+    )
+
+
+# --- 1. boot facts from unverified event data -----------------------------------------------
+
+
+@pytest.mark.parametrize("forgery", ["rewritten_data", "unquoted_pcr"])
+def test_forged_secure_boot_facts_are_not_believed(
+    workdir: Path,
+    pki: PkiFiles,
+    endorsement_ca: EndorsementCA,
+    swtpm_factory: SwtpmFactory,
+    forgery: str,
+) -> None:
+    """Secure Boot is off (measured so into PCR 7). The device rewrites the SecureBoot
+    variable's data in its log while keeping the digests (PCR 7 still replays), or appends
+    a fake SecureBoot = 1 on PCR 23, which no challenge quotes. Either way the group that
+    requires Secure Boot must not be satisfied, and no certificate is issued."""
+    tpm = swtpm_factory()
+    refs = _refs(workdir / "refs.yaml", secure_boot=True)
+    config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
+
+    async def scenario() -> attestation_pb2.Result:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            honest = await _boot_with_secure_boot_off(agent)
+            off, on = secure_boot_variable(False), secure_boot_variable(True)
+            if forgery == "rewritten_data":
+                log = eventlogs.spec_id_header(BANKS) + b"".join(
+                    [
+                        _forged_event(7, EV_EFI_VARIABLE_DRIVER_CONFIG, off, on),
+                        eventlogs.agile_event(7, EV_SEPARATOR, b"\x00\x00\x00\x00", BANKS),
+                    ]
+                )
+            else:
+                log = honest + eventlogs.agile_event(23, EV_EFI_VARIABLE_DRIVER_CONFIG, on, BANKS)
+            assert agent.cfg.event_log is not None
+            agent.cfg.event_log.write_bytes(log)
+            agent.cfg = replace(agent.cfg, renew_at=0.01)
+            [result] = await first_results(agent)
+            return result
+
+    result = asyncio.run(scenario())
+    assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    assert not result.HasField("certificate")
+    [sb] = [f for f in result.trust.findings if f.id == "refs.secure_boot"]
+    assert sb.expected == "on"
+    assert sb.found != "on"
+    if forgery == "rewritten_data":
+        [mismatch] = [f for f in result.trust.findings if f.id == "eventlog.data_digest_mismatch"]
+        assert "PCR 7" in mismatch.message
+        assert "EV_EFI_VARIABLE_DRIVER_CONFIG" in mismatch.message
+
+
+# --- 2. unquoted PCR values ------------------------------------------------------------------
+
+
+def test_pcr_values_outside_the_quote_are_refused_and_nothing_is_stored(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """A golden value for PCR 15, which the challenge does not select, sent beside the
+    quoted ones: refused as malformed, not passed on to reference values or the store."""
+    tpm = swtpm_factory()
+    refs = _refs(workdir / "refs.yaml", pcrs={"sha256": {15: "11" * 32}})
+    config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, dict[str, int], dict[str, int]]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+
+            async def build(ch: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+                evidence = await quote_evidence(agent, ch)
+                sha256 = next(b for b in evidence.pcrs if b.hash_alg == "sha256")
+                sha256.values[15] = bytes.fromhex("11" * 32)
+                return evidence
+
+            before = verifier.store.counts()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await manual_stream(pki, verifier, agent, build)
+            return err.value, before, verifier.store.counts()
+
+    err, before, after = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sha256:15" in (err.details() or "")
+    assert before == after
+
+
+# --- 3. event log omitted --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_rules", [False, True])
+def test_an_omitted_event_log_is_a_finding_and_executables_are_not_affirmed(
+    workdir: Path,
+    pki: PkiFiles,
+    endorsement_ca: EndorsementCA,
+    swtpm_factory: SwtpmFactory,
+    event_rules: bool,
+) -> None:
+    tpm = swtpm_factory()
+    group: dict[str, Any] = {"pcrs": {"sha256": {9: "00" * 32}}}
+    if event_rules:
+        group["secure_boot"] = True
+    refs = _refs(workdir / "refs.yaml", **group)
+    config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
+
+    async def scenario() -> attestation_pb2.Result:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            agent.cfg = replace(agent.cfg, event_log=None, renew_at=0.01)
+            [result] = await first_results(agent)
+            return result
+
+    result = asyncio.run(scenario())
+    [missing] = [f for f in result.trust.findings if f.id == "eventlog.missing"]
+    claims = {c.name: c.value for c in result.trust.claims}
+    assert claims["executables"] >= 32  # golden PCR 9 matched, yet nothing says what booted
+    assert not result.HasField("certificate")
+    if event_rules:
+        assert missing.severity == common_pb2.SEVERITY_CONTRAINDICATED
+        assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    else:
+        assert missing.severity == common_pb2.SEVERITY_WARNING
+        assert result.trust.tier == common_pb2.TIER_WARNING
+
+
+# --- 6. certificates for keys the device does not hold ---------------------------------------
+
+
+@pytest.mark.parametrize("proof", ["none", "another_device", "another_key"])
+def test_a_key_is_certified_only_with_proof_of_possession(
+    workdir: Path,
+    pki: PkiFiles,
+    endorsement_ca: EndorsementCA,
+    swtpm_factory: SwtpmFactory,
+    proof: str,
+) -> None:
+    """The device names the verifier's own TLS server key (or any key it does not hold)."""
+    server_key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
+    assert isinstance(server_key, ec.EllipticCurvePrivateKey)
+    target = server_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    async def build(agent: Agent, ch: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+        signature = b""
+        if proof == "another_device":  # a proof someone made for their own device id
+            signature = sign_possession(server_key, ch.nonce, "0" * 64)
+        elif proof == "another_key":  # a proof by a key the device holds, not the named one
+            signature = sign_possession(new_key(), ch.nonce, agent.enrollment.device_id)
+        body = evidence_body(
+            host=host_facts(),
+            certify_key_spki=target,
+            certify_key_proof=signature,
+            now=datetime.datetime.now(datetime.UTC),
+        )
+        return await quote_evidence(agent, ch, body=body)
+
+    config = verifier_config(workdir, pki, endorsement_ca)
+
+    async def scenario() -> tuple[attestation_pb2.VerifierMessage, dict[str, int]]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            reply = await manual_stream(pki, verifier, agent, lambda ch: build(agent, ch))
+            return reply, verifier.store.counts()
+
+    reply, counts = asyncio.run(scenario())
+    assert not reply.result.HasField("certificate")
+    assert "certificate.key_not_possessed" in _ids(reply.result)
+    assert reply.result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    assert counts["certificates"] == 1  # the channel certificate only
+
+
+# --- 7. limits, and no appraisal holds up other devices ------------------------------------
+
+
+def test_bodies_and_logs_past_their_limits_are_refused_naming_the_limit(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    limits = LimitsConfig(max_gpus=4, max_event_log_bytes=4096)
+    config = replace(verifier_config(workdir, pki, endorsement_ca), limits=limits)
+    tpm_a, tpm_b = swtpm_factory(), swtpm_factory()
+
+    async def scenario() -> tuple[list[grpc.aio.AioRpcError], dict[str, int], dict[str, int]]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm_a, "a") as a,
+            enrolled_agent(workdir, pki, verifier, tpm_b, "b") as b,
+        ):
+            gpus = attestation_pb2.GpuState(
+                source="nvml", gpus=[attestation_pb2.Gpu(index=i) for i in range(5)]
+            )
+            many_gpus = evidence_body(
+                host=host_facts(),
+                certify_key_spki=b"",
+                now=datetime.datetime.now(datetime.UTC),
+                gpu=gpus,
+            )
+
+            async def gpu_flood(ch: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+                return await quote_evidence(a, ch, body=many_gpus)
+
+            async def big_log(ch: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+                evidence = await quote_evidence(b, ch)
+                data = eventlogs.spec_id_header(BANKS) + b"".join(
+                    eventlogs.agile_event(0xFFFFFFFF, 3, b"x" * 200, BANKS) for _ in range(20)
+                )
+                evidence.event_log.CopyFrom(
+                    attestation_pb2.EventLogChunk(offset=0, data=data, total_size=len(data))
+                )
+                return evidence
+
+            errors = []
+            before = verifier.store.counts()
+            for agent, build in ((a, gpu_flood), (b, big_log)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await manual_stream(pki, verifier, agent, build)
+                errors.append(err.value)
+            return errors, before, verifier.store.counts()
+
+    errors, before, after = asyncio.run(scenario())
+    assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert "limits.max_gpus" in (errors[0].details() or "")
+    assert "limits.max_event_log_bytes" in (errors[1].details() or "")
+    assert before == after
+
+
+def test_a_slow_appraisal_does_not_hold_up_other_devices_or_queries(
+    workdir: Path,
+    pki: PkiFiles,
+    endorsement_ca: EndorsementCA,
+    swtpm_factory: SwtpmFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Device A's appraisal blocks (as a costly one would) until device B has attested and
+    an operator query has been answered: appraisal runs off the event loop."""
+    config = verifier_config(workdir, pki, endorsement_ca)
+    tpm_a, tpm_b = swtpm_factory(), swtpm_factory()
+    release = threading.Event()
+    entered = threading.Event()
+    real_appraise = attest_service.appraise
+    slow_device: list[str] = []
+
+    timed_out: list[bool] = []
+
+    def appraise(evidence: Any, expect: Any, *, now: datetime.datetime) -> Any:
+        if expect.device_id in slow_device:
+            entered.set()
+            # Released by the test once B is served: never, if this held the event loop.
+            timed_out.append(not release.wait(15))
+        return real_appraise(evidence, expect, now=now)
+
+    monkeypatch.setattr(attest_service, "appraise", appraise)
+
+    async def scenario() -> tuple[int, int]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm_a, "a") as a,
+            enrolled_agent(workdir, pki, verifier, tpm_b, "b") as b,
+        ):
+            slow_device.append(a.enrollment.device_id)
+            slow = asyncio.create_task(first_results(a, limit_s=60))
+            await asyncio.to_thread(entered.wait, 30)
+            try:
+                [result] = await first_results(b, limit_s=20)
+                channel, query = operator_stub(pki, verifier, workdir)
+                async with channel:
+                    listed = await query.ListDevices(query_pb2.ListDevicesRequest(), timeout=5)
+            finally:
+                release.set()
+            [slow_result] = await slow
+            assert slow_result.trust.tier == common_pb2.TIER_AFFIRMING
+            return result.trust.tier, len(listed.devices)
+
+    tier, devices = asyncio.run(scenario())
+    assert timed_out == [False]
+    assert tier == common_pb2.TIER_AFFIRMING
+    assert devices == 2
+
+
+# --- 8. floods ------------------------------------------------------------------------------
+
+
+async def _open(pki: PkiFiles, verifier: Any, agent: Agent) -> Any:
+    channel = stream_channel(pki, verifier, agent.enrollment)
+    call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=30)
+    await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+    first = await call.read()
+    assert first.HasField("challenge")
+    return channel, call, first.challenge
+
+
+def test_a_newer_stream_replaces_the_older_one(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    config = verifier_config(workdir, pki, endorsement_ca)
+
+    async def scenario() -> tuple[grpc.StatusCode, str, attestation_pb2.VerifierMessage]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            old_channel, old, _ = await _open(pki, verifier, agent)
+            new_channel, new, challenge = await _open(pki, verifier, agent)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await old.read()
+                await new.write(
+                    attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))
+                )
+                reply = await new.read()
+            finally:
+                await old_channel.close()
+                await new_channel.close()
+            return err.value.code(), err.value.details() or "", reply
+
+    code, details, reply = asyncio.run(scenario())
+    assert code == grpc.StatusCode.ABORTED
+    assert "a newer attestation stream replaced this one" in details
+    assert reply.result.trust.tier == common_pb2.TIER_AFFIRMING
+
+
+def test_reconnecting_does_not_buy_appraisals(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """Each new stream is challenged at once, and appraising can cost far more than a
+    reconnect: a device's new stream waits out ``stream_challenge_gap_s`` since its last
+    challenge on any stream."""
+    config = verifier_config(workdir, pki, endorsement_ca, stream_challenge_gap_s=30.0)
+
+    async def scenario() -> tuple[bool, bool]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory(), "a") as agent,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory(), "b") as bystander,
+        ):
+            first_channel, first, challenge = await _open(pki, verifier, agent)
+            await first.write(
+                attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))
+            )
+            await first.read()
+            await first_channel.close()
+            channel = stream_channel(pki, verifier, agent.enrollment)
+            call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=30)
+            await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+            reading = asyncio.ensure_future(call.read())
+            done, _ = await asyncio.wait({reading}, timeout=1.5)
+            await channel.close()
+            # Another device is not held back by it.
+            other_channel, _, other = await _open(pki, verifier, bystander)
+            await other_channel.close()
+            return bool(done), bool(other.nonce)
+
+    challenged_again, other_challenged = asyncio.run(scenario())
+    assert not challenged_again
+    assert other_challenged
+
+
+async def _flood(
+    call: Any, note: attestation_pb2.AgentMessage, count: int, reading: asyncio.Future[Any]
+) -> None:
+    for _ in range(count):
+        try:
+            await call.write(note)
+        except asyncio.InvalidStateError:
+            break  # the verifier ended the call
+    await asyncio.wait_for(reading, 10)
+
+
+def test_posture_notes_are_coalesced_and_a_flood_ends_the_stream(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    config = verifier_config(
+        workdir, pki, endorsement_ca, posture_min_interval_s=30.0, posture_notes_per_minute=50
+    )
+    note = attestation_pb2.AgentMessage(
+        posture_changed=attestation_pb2.PostureChanged(signals=["listening_sockets"])
+    )
+
+    async def scenario() -> tuple[bool, bool, grpc.StatusCode, str]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            channel, call, challenge = await _open(pki, verifier, agent)
+            try:
+                await call.write(
+                    attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))
+                )
+                await call.read()  # the result; the next challenge is 30 s away
+                # The first change is challenged at once.
+                await call.write(note)
+                first = await asyncio.wait_for(call.read(), 5)
+                await call.write(
+                    attestation_pb2.AgentMessage(
+                        evidence=await quote_evidence(agent, first.challenge)
+                    )
+                )
+                await call.read()
+                # More changes within posture_min_interval_s: no challenge now. (The read
+                # stays pending: cancelling it would cancel the call.)
+                for _ in range(3):
+                    await call.write(note)
+                reading = asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({reading}, timeout=1.5)
+                coalesced = not done
+                # A flood past posture_notes_per_minute ends the stream.
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _flood(call, note, 60, reading)
+            finally:
+                await channel.close()
+            return first.HasField("challenge"), coalesced, err.value.code(), err.value.details()
+
+    challenged, coalesced, code, details = asyncio.run(scenario())
+    assert challenged
+    assert coalesced
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "attestation.posture_notes_per_minute" in details
+
+
+# --- 9. forged log lines ---------------------------------------------------------------------
+
+
+def test_device_supplied_strings_cannot_forge_log_lines(
+    workdir: Path,
+    pki: PkiFiles,
+    endorsement_ca: EndorsementCA,
+    swtpm_factory: SwtpmFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The default policy quotes what it found (here a forged sshd setting) in its findings.
+    config = replace(verifier_config(workdir, pki, endorsement_ca), policy=DEFAULT_POLICY)
+    forged = "x\n2026-12-01 INFO verifier: device deadbeef is affirming"
+
+    async def scenario() -> None:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            channel = stream_channel(pki, verifier, agent.enrollment)
+            call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=30)
+            await call.write(
+                attestation_pb2.AgentMessage(hello=attestation_pb2.Hello(agent_version=forged))
+            )
+            first = await call.read()
+            await call.write(
+                attestation_pb2.AgentMessage(
+                    posture_changed=attestation_pb2.PostureChanged(signals=[forged])
+                )
+            )
+            body = evidence_body(
+                host=host_facts(),
+                certify_key_spki=b"",
+                now=datetime.datetime.now(datetime.UTC),
+                os=attestation_pb2.OsPosture(
+                    sshd=attestation_pb2.SshdSettings(permit_root_login=forged)
+                ),
+            )
+            await call.write(
+                attestation_pb2.AgentMessage(
+                    evidence=await quote_evidence(agent, first.challenge, body=body)
+                )
+            )
+            await call.read()
+            await channel.close()
+
+    with caplog.at_level(logging.DEBUG, logger="verifier"):
+        asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("verifier")]
+    assert any("2026-12-01 INFO verifier" in m for m in messages)  # the text is logged ...
+    assert not [m for m in messages if "\n" in m]  # ... escaped, never as a line of its own
+
+
+def test_escaping_is_reversible_enough_to_read_and_cannot_be_faked() -> None:
+    from verifier.logtext import printable
+
+    assert printable("h\nx") == "h\\nx"
+    assert printable("a\\nb") == "a\\\\nb"  # a literal backslash-n is not a newline escape
+    assert printable("\x1b[31mred") == "\\x1b[31mred"
+    assert printable("é ok") == "é ok"
+    assert printable("y" * 300).endswith("...")
