@@ -19,7 +19,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
 import statistics
 import struct
 import tempfile
@@ -36,7 +35,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
 from agent.evidence import evidence_body, host_facts, qualifying_data
 from agent.state import new_key, spki
 from agent.tpm import AK_ATTRIBUTES, TpmBackend
-from bench.common import rates
+from bench.common import corpus_root, rates
 from swtpm import EndorsementCA, Swtpm, provision
 from verifier import measured_boot
 from verifier.appraisal import Evidence, Expectation, Nonce, appraise
@@ -154,7 +153,7 @@ def synthetic_log(events: int) -> bytes:
 
 
 def bench_eventlog(repeats: int) -> dict[str, Any]:
-    corpus = os.environ.get("DEVTRUST_CORPUS")
+    corpus = corpus_root()
     if corpus:
         logs = sorted(Path(corpus, "eventlogs").rglob("*"), key=lambda p: p.stat().st_size)
         source = logs[-1]

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+IN_REPO_CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "corpus"
+
+
+def corpus_root() -> str | None:
+    """The conformance corpus: $DEVTRUST_CORPUS, else the copy in tests/data/corpus."""
+    return os.environ.get("DEVTRUST_CORPUS") or (
+        str(IN_REPO_CORPUS) if IN_REPO_CORPUS.is_dir() else None
+    )
 
 
 def rates(fns: list[Callable[[], object]], rounds: int, repeats: int) -> list[float]:

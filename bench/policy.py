@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.gpu.smi_xml import parse_smi_xml
 from agent.posture import collect_posture
-from bench.common import rates
+from bench.common import corpus_root, rates
 from protos.devtrust.v1 import attestation_pb2
 from swtpm.hosttree import write_host_tree
 from verifier.config import DEFAULT_POLICY
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     policy = Policy.load(DEFAULT_POLICY)
-    corpus = os.environ.get("DEVTRUST_CORPUS")
+    corpus = corpus_root()
     gpu = attestation_pb2.GpuState(source="none")
     if corpus:
         gpu = parse_smi_xml(next(Path(corpus, "gpu").rglob("qx-h100.xml")).read_bytes())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.corpus import corpus_root
 from verifier.config import DEFAULT_ROOTS
 from verifier.endorsement import EndorsementStore, load_certificates, parse_ek_certificate
 from verifier.errors import ConfigError, MalformedInput, Rejected
@@ -147,13 +147,15 @@ def test_shipped_store_loads() -> None:
 
 # --- the corpus's real EK and AK certificates ------------------------------------------
 
-CORPUS = os.environ.get("DEVTRUST_CORPUS")
+CORPUS = corpus_root()
 CHAINS = (
     json.loads((Path(CORPUS) / "expected.json").read_text())["certificate_chains"] if CORPUS else []
 )
 
 
-@pytest.mark.skipif(not CORPUS, reason="DEVTRUST_CORPUS is unset: point it at shared/corpus")
+@pytest.mark.skipif(
+    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
+)
 @pytest.mark.parametrize("case", CHAINS, ids=[c["leaf"] for c in CHAINS])
 def test_corpus_chain(case: dict[str, object], tmp_path: Path) -> None:
     root = Path(str(CORPUS))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import eventlogs
+from tests.corpus import corpus_root
 from verifier.cli import main as cli
 from verifier.errors import MalformedInput
 from verifier.tpm import bootfacts
@@ -97,10 +98,10 @@ def test_cli_replay_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 # --- conformance: real logs from real machines ------------------------------------------
 
-CORPUS = os.environ.get("DEVTRUST_CORPUS")
+CORPUS = corpus_root()
 EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}
 needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="DEVTRUST_CORPUS is unset: point it at shared/corpus (.ci/run does)"
+    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
 )
 
 

@@ -3,7 +3,6 @@ captures and on simulated host trees."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,16 @@ from agent.posture import collect_posture
 from protos.devtrust.v1 import attestation_pb2
 from swtpm import EndorsementCA
 from swtpm.hosttree import write_host_tree
+from tests.corpus import corpus_root
 from verifier.config import DEFAULT_POLICY
 from verifier.document import build, plain
 from verifier.pki import PkiFiles
 from verifier.policy import Policy, PolicyError
 from verifier.trust import Claim, Tier, overall_tier
 
-CORPUS = os.environ.get("DEVTRUST_CORPUS")
+CORPUS = corpus_root()
 needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="DEVTRUST_CORPUS is unset: point it at shared/corpus (.ci/run does)"
+    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
 )
 POLICY = Policy.load(DEFAULT_POLICY)
 

@@ -27,6 +27,7 @@ from agent.tpm import AK_ATTRIBUTES, TpmBackend
 from swtpm import Swtpm
 from tests import quotes
 from tests.conftest import SwtpmFactory
+from tests.corpus import corpus_root
 from verifier.tpm.structures import parse_signature
 
 pytestmark = pytest.mark.swtpm
@@ -408,7 +409,7 @@ def test_usage_errors_exit_2(made: Made, tmp_path: Path) -> None:
 
 # --- real quotes from real machines (shared/corpus/quotes) -------------------------------
 
-CORPUS = os.environ.get("DEVTRUST_CORPUS")
+CORPUS = corpus_root()
 QUOTES = json.loads((Path(CORPUS) / "expected.json").read_text())["quotes"] if CORPUS else {}
 CORPUS_CASES = [
     (bundle, name)
@@ -418,7 +419,9 @@ CORPUS_CASES = [
 ]
 
 
-@pytest.mark.skipif(not CORPUS, reason="DEVTRUST_CORPUS is unset: point it at shared/corpus")
+@pytest.mark.skipif(
+    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
+)
 @pytest.mark.parametrize(("bundle", "name"), CORPUS_CASES)
 def test_corpus_quote(bundle: str, name: str, tmp_path: Path) -> None:
     root = Path(str(CORPUS))
