@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -98,7 +99,9 @@ async def measure(work: Path, repeats: int) -> list[float]:
             while (await asyncio.wait_for(queue.get(), 30)).trust.tier != want:
                 pass
             samples.append(time.monotonic() - start)
-            await asyncio.sleep(WINDOW_S + 0.5)
+            # A random phase against the 0.25 s poll: otherwise each flip lands just before
+            # a poll and the latency reads as near zero.
+            await asyncio.sleep(WINDOW_S + 0.5 + random.uniform(0, AgentConfig().watch_interval_s))  # noqa: S311
         stop.set()
         await task
         return samples

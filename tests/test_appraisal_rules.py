@@ -128,3 +128,19 @@ def test_group_selection(tmp_path: object) -> None:
     )
     assert refs.for_device("model-development", {"sku": "h100"}).name == "h100"  # type: ignore[union-attr]
     assert refs.for_device("production-inference", {}).name == "any"  # type: ignore[union-attr]
+
+
+def test_an_allowlist_and_no_boot_application_is_a_finding() -> None:
+    # A log that shows nothing on PCR 4 booted nothing the allowlist can check, or hid it.
+    group = RefGroup(name="g", boot_applications=["bb" * 32])
+    none = BootFacts(secure_boot=True)
+    assert _ids(group, facts=none) == ["refs.no_boot_application"]
+    [finding] = appraise_refs(group, device_id="d1", pcrs=PCRS, facts=none)[1]
+    assert finding.claim is Claim.EXECUTABLES
+    assert "no boot application on PCR 4" in finding.message
+    assert finding.found == "none"
+    # An allowlisted digest on another PCR (PCR 14: the OS extends and logs it) is no boot.
+    elsewhere = BootFacts(boot_applications=[BootApplication(14, {"sha256": "bb" * 32}, "")])
+    assert _ids(group, facts=elsewhere) == ["refs.no_boot_application"]
+    # Without an allowlist, no boot application is no finding.
+    assert _ids(RefGroup(name="g", secure_boot=True), facts=none) == []

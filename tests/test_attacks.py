@@ -49,6 +49,8 @@ from verifier.pki import PkiFiles
 
 pytestmark = pytest.mark.swtpm
 EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
+EV_EFI_BOOT_SERVICES_DRIVER = 0x80000004
+EV_EFI_ACTION = 0x80000007
 EV_SEPARATOR = 0x4
 BANKS = ("sha1", "sha256")
 
@@ -84,7 +86,7 @@ async def _boot_with_secure_boot_off(agent: Agent) -> bytes:
 # --- 1. boot facts from unverified event data -----------------------------------------------
 
 
-@pytest.mark.parametrize("forgery", ["rewritten_data", "unquoted_pcr"])
+@pytest.mark.parametrize("forgery", ["rewritten_data", "unquoted_pcr", "relabelled_separator"])
 def test_forged_secure_boot_facts_are_not_believed(
     workdir: Path,
     pki: PkiFiles,
@@ -94,8 +96,10 @@ def test_forged_secure_boot_facts_are_not_believed(
 ) -> None:
     """Secure Boot is off (measured so into PCR 7). The device rewrites the SecureBoot
     variable's data in its log while keeping the digests (PCR 7 still replays), or appends
-    a fake SecureBoot = 1 on PCR 23, which no challenge quotes. Either way the group that
-    requires Secure Boot must not be satisfied, and no certificate is issued."""
+    a fake SecureBoot = 1 on PCR 23, which no challenge quotes, or (with root at runtime)
+    relabels PCR 7's separator as an EV_EFI_ACTION and extends a SecureBoot = 1 after it: the
+    event type is not measured, so it decides nothing. Either way the group that requires
+    Secure Boot must not be satisfied, and no certificate is issued."""
     tpm = swtpm_factory()
     refs = _refs(workdir / "refs.yaml", secure_boot=True)
     config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
@@ -114,8 +118,17 @@ def test_forged_secure_boot_facts_are_not_believed(
                         eventlogs.agile_event(7, EV_SEPARATOR, b"\x00\x00\x00\x00", BANKS),
                     ]
                 )
-            else:
+            elif forgery == "unquoted_pcr":
                 log = honest + eventlogs.agile_event(23, EV_EFI_VARIABLE_DRIVER_CONFIG, on, BANKS)
+            else:
+                await _extend(agent, 7, on)
+                log = eventlogs.spec_id_header(BANKS) + b"".join(
+                    [
+                        eventlogs.agile_event(7, EV_EFI_VARIABLE_DRIVER_CONFIG, off, BANKS),
+                        eventlogs.agile_event(7, EV_EFI_ACTION, b"\x00\x00\x00\x00", BANKS),
+                        eventlogs.agile_event(7, EV_EFI_VARIABLE_DRIVER_CONFIG, on, BANKS),
+                    ]
+                )
             assert agent.cfg.event_log is not None
             agent.cfg.event_log.write_bytes(log)
             agent.cfg = replace(agent.cfg, renew_at=0.01)
@@ -132,6 +145,40 @@ def test_forged_secure_boot_facts_are_not_believed(
         [mismatch] = [f for f in result.trust.findings if f.id == "eventlog.data_digest_mismatch"]
         assert "PCR 7" in mismatch.message
         assert "EV_EFI_VARIABLE_DRIVER_CONFIG" in mismatch.message
+    if forgery == "relabelled_separator":
+        assert "eventlog.late_secure_boot_variable" in _ids(result)
+
+
+def test_a_boot_application_relabelled_as_a_driver_is_still_a_boot_application(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """The event type is not measured: an application outside the allowlist, logged as
+    EV_EFI_BOOT_SERVICES_DRIVER, is still what PCR 4 measured."""
+    tpm = swtpm_factory()
+    allowed = b"an allowlisted boot loader image"
+    forbidden = b"a boot loader nobody approved"
+    refs = _refs(workdir / "refs.yaml", boot_applications=[hashlib.sha256(allowed).hexdigest()])
+    config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
+
+    async def scenario() -> attestation_pb2.Result:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            await _extend(agent, 4, forbidden)
+            assert agent.cfg.event_log is not None
+            agent.cfg.event_log.write_bytes(
+                eventlogs.agile_log([(4, EV_EFI_BOOT_SERVICES_DRIVER, forbidden)], BANKS)
+            )
+            agent.cfg = replace(agent.cfg, renew_at=0.01)
+            [result] = await first_results(agent)
+            return result
+
+    result = asyncio.run(scenario())
+    [refused] = [f for f in result.trust.findings if f.id == "refs.boot_application_not_allowed"]
+    assert refused.found == hashlib.sha256(forbidden).hexdigest()
+    assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    assert not result.HasField("certificate")
 
 
 # --- 2. unquoted PCR values ------------------------------------------------------------------
@@ -207,6 +254,32 @@ def test_an_omitted_event_log_is_a_finding_and_executables_are_not_affirmed(
     else:
         assert missing.severity == common_pb2.SEVERITY_WARNING
         assert result.trust.tier == common_pb2.TIER_WARNING
+
+
+def test_a_log_in_banks_the_quote_does_not_cover_explains_nothing(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """A log that declares only SHA-1 while the challenge quotes SHA-256 replays against
+    nothing: it must not count as the device's log (no finding would say otherwise)."""
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+
+    async def scenario() -> attestation_pb2.Result:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            assert agent.cfg.event_log is not None
+            agent.cfg.event_log.write_bytes(eventlogs.spec_id_header(("sha1",)))
+            agent.cfg = replace(agent.cfg, renew_at=0.01)
+            [result] = await first_results(agent)
+            return result
+
+    result = asyncio.run(scenario())
+    [unverified] = [f for f in result.trust.findings if f.id == "eventlog.unverified"]
+    assert "sha1" in unverified.message
+    assert result.trust.tier == common_pb2.TIER_WARNING
+    assert not result.HasField("certificate")
 
 
 # --- 6. certificates for keys the device does not hold ---------------------------------------
@@ -430,6 +503,12 @@ def test_reconnecting_does_not_buy_appraisals(
             channel = stream_channel(pki, verifier, agent.enrollment)
             call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=30)
             await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+            # A PostureChanged note does not jump the gap either.
+            await call.write(
+                attestation_pb2.AgentMessage(
+                    posture_changed=attestation_pb2.PostureChanged(signals=["sshd_config"])
+                )
+            )
             reading = asyncio.ensure_future(call.read())
             done, _ = await asyncio.wait({reading}, timeout=1.5)
             await channel.close()

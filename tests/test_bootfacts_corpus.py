@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.corpus import corpus_root
 from verifier import measured_boot
-from verifier.tpm import bootfacts
+from verifier.tpm import bootfacts, eventdata
 from verifier.tpm import eventlog as ev
 from verifier.tpm.constants import HASH_BY_NAME
 
-CORPUS = os.environ.get("DEVTRUST_CORPUS")
+CORPUS = corpus_root()
 EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}
 PARSED = sorted(name for name, want in EXPECTED.items() if want["parse"] != "error")
 needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="DEVTRUST_CORPUS is unset: point it at shared/corpus (.ci/run does)"
+    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
 )
 
 # Events whose data is not what their digests are over, per corpus log; every other log: none.
@@ -110,3 +110,62 @@ def test_a_real_quote_verifies_its_logs_pcrs() -> None:
     verified = measured_boot.verified_pcrs(state, quoted)
     assert 7 not in verified
     assert measured_boot.facts_of(state, verified).secure_boot is None
+
+
+# PCR 4 events that count as boot applications but are not EV_EFI_BOOT_SERVICES_APPLICATION
+# (every other PCR 4 event in the corpus is a separator, by digest, or an action text).
+PCR4_NOT_TYPED_AS_APPLICATIONS = {
+    # Its digests lack two of the log's four banks, so its data check fails: whatever was
+    # extended in SHA-384 and SHA-512 is unknown, and may be code.
+    "eventlogs/fixtures-synthetic/tpm2-tools-event-uefiaction.bin": [(1, "EV_EFI_ACTION")],
+}
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", PARSED)
+def test_corpus_boot_applications_are_the_logs_own(name: str) -> None:
+    """Every PCR 4 event counts as a boot application but separators and action texts: on
+    real logs, that is exactly the EV_EFI_BOOT_SERVICES_APPLICATION events, with the paths
+    their UEFI_IMAGE_LOAD_EVENT names."""
+    state = _state(name)
+    events = ev.parse((Path(str(CORPUS)) / name).read_bytes()).events
+    pcr4 = [
+        e for e in events if e.pcr == bootfacts.BOOT_APPLICATION_PCR and e.type != ev.EV_NO_ACTION
+    ]
+    assert {e.type for e in pcr4} <= {
+        ev.EV_EFI_BOOT_SERVICES_APPLICATION,
+        ev.EV_SEPARATOR,
+        ev.EV_EFI_ACTION,
+    }
+    typed = [e for e in pcr4 if e.type == ev.EV_EFI_BOOT_SERVICES_APPLICATION]
+    other = [
+        (e.number, e.type_name)
+        for e in pcr4
+        if e.type != ev.EV_EFI_BOOT_SERVICES_APPLICATION
+        and not eventdata.measured_no_code(e, state.banks)
+    ]
+    assert other == PCR4_NOT_TYPED_AS_APPLICATIONS.get(name, [])
+    facts = measured_boot.facts_of(state, frozenset(range(24)))
+    by_number = {e.number: e for e in pcr4}
+    want = sorted([e.number for e in typed] + [n for n, _ in other])
+    assert [(a.pcr, a.digests) for a in facts.boot_applications] == [
+        (4, {b: d.hex() for b, d in by_number[n].digests.items()}) for n in want
+    ]
+    described = [a.path for a in facts.boot_applications if a.path.startswith("<")]
+    assert described == [f"<{type_name} event {n}>" for n, type_name in other]
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", PARSED)
+def test_corpus_separators_by_digest_and_secure_boot_variables(name: str) -> None:
+    """On PCRs 4 and 7 the separator by digest is the EV_SEPARATOR; no real log measures a
+    Secure Boot variable twice before PCR 7's separator, or one after it (EV_EFI_VARIABLE_
+    AUTHORITY events name db there, and are no variable)."""
+    events = ev.parse((Path(str(CORPUS)) / name).read_bytes()).events
+    for pcr in (4, 7):
+        on_pcr = [e for e in events if e.pcr == pcr and e.type != ev.EV_NO_ACTION]
+        by_type = [e.number for e in on_pcr if e.type == ev.EV_SEPARATOR]
+        assert [e.number for e in on_pcr if eventdata.separator_in_any_bank(e)] == by_type
+        assert [e.number for e in on_pcr if eventdata.separator_in_every_bank(e)] == by_type
+    facts = measured_boot.facts_of(_state(name), frozenset(range(24)))
+    assert facts.anomalies == []

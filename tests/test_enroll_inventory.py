@@ -219,9 +219,10 @@ def test_token_cannot_move_a_pinned_device(name: str, token: Assignment, message
         ("ipv4:127.0.0.1:53412", "127.0.0.1"),
         ("ipv4:10.1.2.3:1", "10.1.2.3"),
         ("ipv6:[::1]:5000", "::1"),
-        ("ipv6:[2001:db8::0001]:443", "2001:db8::1"),
+        ("ipv6:[2001:db8::0001]:443", "2001:db8::/64"),
+        ("ipv6:[2001:db8::ffff:1]:443", "2001:db8::/64"),  # the same /64: one bucket
         ("ipv6:[::ffff:10.1.2.3]:443", "10.1.2.3"),
-        ("ipv6:[fe80::1%eth0]:443", "fe80::1"),
+        ("ipv6:[fe80::1%eth0]:443", "fe80::/64"),
         ("unix:/run/x.sock", "unix:/run/x.sock"),
         ("ipv4:garbage", "ipv4:garbage"),
     ],

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from tests import eventlogs
+from tests.corpus import corpus_root
 from tests.eventlogs import agile_event
 from verifier import measured_boot
 from verifier.errors import LimitExceeded, MalformedInput
@@ -19,11 +19,11 @@ from verifier.tpm import eventlog as ev
 
 BANKS = ("sha1", "sha256")
 BIG = {"max_bytes": 1 << 24, "max_events": 100_000}
-CORPUS = os.environ.get("DEVTRUST_CORPUS")
+CORPUS = corpus_root()
 EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}
 PARSED = sorted(name for name, want in EXPECTED.items() if want["parse"] != "error")
 needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="DEVTRUST_CORPUS is unset: point it at shared/corpus (.ci/run does)"
+    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
 )
 
 
@@ -214,3 +214,36 @@ def test_digest_findings_are_bounded() -> None:
     assert len(findings) == measured_boot.MAX_DIGEST_FINDINGS + 1
     assert "24 more events" in findings[-1].message
     assert measured_boot.digest_findings(state, "dev", frozenset({7})) == ()
+
+
+def test_a_relabelled_separator_in_an_earlier_part_still_ends_pcr7() -> None:
+    """The PCR 7 separator is found by its digest, whichever part it came in and whatever its
+    type; a retried part does not leak the Secure Boot variables it saw into its sibling."""
+    sb_off = eventlogs.variable("SecureBoot", b"\x00")
+    sb_on = eventlogs.variable("SecureBoot", b"\x01")
+    first = eventlogs.spec_id_header(BANKS) + agile_event(
+        7, ev.EV_EFI_VARIABLE_DRIVER_CONFIG, sb_off, BANKS
+    )
+    prior = measured_boot.extend(None, 0, first, **BIG)
+    relabelled = agile_event(7, ev.EV_EFI_ACTION, b"\x00\x00\x00\x00", BANKS)
+    separated = measured_boot.extend(prior, prior.offset, relabelled, **BIG)
+    late = agile_event(7, ev.EV_EFI_VARIABLE_DRIVER_CONFIG, sb_on, BANKS)
+    state = measured_boot.extend(separated, separated.offset, late, **BIG)
+    every = frozenset(range(24))
+    assert measured_boot.facts_of(state, every).secure_boot is False
+    [finding] = measured_boot.fact_findings(state, "dev", every)
+    assert finding.id == "eventlog.late_secure_boot_variable"
+    assert "event 3 " in finding.message
+    # The same prior, extended with a second SecureBoot before any separator: a duplicate;
+    # extended again (a retry) with a PK, nothing of the sibling's is seen.
+    twice = measured_boot.extend(prior, prior.offset, late, **BIG)
+    assert measured_boot.facts_of(twice, every).secure_boot is None
+    assert [f.id for f in measured_boot.fact_findings(twice, "dev", every)] == [
+        "eventlog.duplicate_secure_boot_variable"
+    ]
+    pk = agile_event(7, ev.EV_EFI_VARIABLE_DRIVER_CONFIG, eventlogs.variable("PK", b""), BANKS)
+    retry = measured_boot.extend(prior, prior.offset, pk, **BIG)
+    assert prior.scanner.pcr7_variables == {"SecureBoot"}
+    assert retry.scanner.pcr7_variables == {"SecureBoot", "PK"}
+    assert measured_boot.facts_of(retry, every).secure_boot is False
+    assert measured_boot.fact_findings(retry, "dev", every) == ()

@@ -213,3 +213,42 @@ def test_rebuild_replays_parts_through_extend() -> None:
         )
         is None
     )
+
+
+def test_an_older_result_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    """A replaced stream's appraisal may finish after the new stream's: the trust row keeps
+    the newest result (the audit trail has both)."""
+    store = _store(tmp_path / "v.db")
+
+    def result(at: datetime.datetime, value: int) -> TrustResult:
+        return TrustResult(
+            device_id=DEVICE,
+            claims={Claim.INSTANCE_IDENTITY: value},
+            findings=(),
+            appraised_at=at,
+            expires_at=at + datetime.timedelta(minutes=5),
+        )
+
+    newer, older = NOW + datetime.timedelta(seconds=1, microseconds=5), NOW
+    store.record_appraisal(result(newer, 99), certificate=None)
+    store.record_appraisal(result(older, 2), certificate=None)
+    latest = store.latest_result(DEVICE)
+    assert latest is not None
+    assert latest.appraised_at == newer
+    assert latest.claims[Claim.INSTANCE_IDENTITY] == 99
+    assert store.counts()["audit"] == 3  # enrollment and both appraisals
+
+
+def test_a_new_stream_reads_the_tpm_state_without_replaying_the_log(tmp_path: Path) -> None:
+    store = _store(tmp_path / "v.db")
+    data = eventlogs.agile_log(eventlogs.SAMPLE)
+    state = measured_boot.extend(None, 0, data, **BIG)
+    _record(store, state, LogPart(0, data))
+    light = store.tpm_state(DEVICE, with_log=False)
+    full = store.tpm_state(DEVICE)
+    assert light is not None
+    assert full is not None
+    assert light.log is None
+    assert light.clock == full.clock == CLOCK
+    assert full.log is not None
+    assert full.log.offset == len(data)

@@ -296,3 +296,14 @@ def test_a_rule_that_reads_a_field_still_sees_it(posture: attestation_pb2.OsPost
         ("no-telnet", ""),
         ("no-xid-79", out.submods[0].name),
     ]
+
+
+def test_a_driver_version_with_thousands_of_digits_is_only_an_old_driver() -> None:
+    """int() refuses strings of more than 4,300 digits; a device's driver version must not
+    make the appraisal fail."""
+    from verifier.document import version_tuple
+
+    assert version_tuple("580." + "9" * 5000) == (580, 999_999_999_999_999_999)
+    gpu = attestation_pb2.GpuState(source="nvml", driver_version="580." + "9" * 5000)
+    doc = build(plain(attestation_pb2.EvidenceBody(gpu=gpu)), bulletins=POLICY.bulletins)
+    assert doc["gpu"]["missing_bulletins"] == []

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protos.devtrust.v1 import attestation_pb2
 from swtpm import Swtpm
 from tests import quotes
 from verifier.errors import MalformedInput
@@ -185,6 +186,22 @@ def test_real_quote_verifies_and_ak_name_matches_the_tpm(shared_swtpm: Swtpm) ->
             "unknown bank",
             {"pcrs": [{"hash_alg": "md5", "values": {}}]},
             "unsupported hash algorithm 'md5'",
+        ),
+        (
+            "a bank twice (the second would silently replace the first)",
+            {"pcrs": [{"hash_alg": "sha256", "values": {}}, {"hash_alg": "sha256", "values": {}}]},
+            "Evidence.pcrs[1]: bank sha256 is reported twice",
+        ),
+        (
+            "one GPU index twice (GPU results are keyed by index)",
+            {
+                "body": attestation_pb2.EvidenceBody(
+                    gpu=attestation_pb2.GpuState(
+                        gpus=[attestation_pb2.Gpu(index=3), attestation_pb2.Gpu(index=3)]
+                    )
+                ).SerializeToString()
+            },
+            "EvidenceBody.gpu.gpus[1]: GPU index 3 is reported twice",
         ),
         (
             "body not an EvidenceBody",

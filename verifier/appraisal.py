@@ -343,9 +343,14 @@ def _event_log(
             )
     if state is None:
         return None, None, [_finding_missing(expect, asked=part is None)]
+    quoted_banks = {hash_name(alg) for alg, _ in evidence.pcrs}
+    if not quoted_banks & set(state.banks):
+        # A log in banks the quote does not cover explains nothing: as good as none.
+        return state, None, [_finding_unverified(expect, sorted(state.banks), quoted_banks)]
     findings = list(measured_boot.compare(state, evidence.pcrs, device))
     verified = measured_boot.verified_pcrs(state, evidence.pcrs)
     findings.extend(measured_boot.digest_findings(state, device, verified))
+    findings.extend(measured_boot.fact_findings(state, device, verified))
     return state, measured_boot.facts_of(state, verified), findings
 
 
@@ -355,6 +360,20 @@ def _finding_reboot(device: str) -> Finding:
         Severity.WARNING,
         Claim.EXECUTABLES,
         f"device {device} rebooted: its event log must be read again from the start",
+    )
+
+
+def _finding_unverified(expect: Expectation, banks: list[str], quoted: set[str]) -> Finding:
+    needed = expect.refs is not None and expect.refs.needs_event_log
+    return Finding(
+        "eventlog.unverified",
+        Severity.CONTRAINDICATED if needed else Severity.WARNING,
+        Claim.EXECUTABLES,
+        f"device {expect.device_id}: the event log has banks {', '.join(banks) or 'none'}, "
+        f"none of them quoted ({', '.join(sorted(quoted))}): it cannot be checked against "
+        "the TPM and nothing is taken from it",
+        "an event log in a quoted bank",
+        ", ".join(banks),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import datetime
 import logging
 import secrets
@@ -84,6 +85,8 @@ class _Live:
 
     task: asyncio.Task[Any] | None
     superseded: bool = False
+    # The appraisal running on a worker thread: cancelling the stream does not stop it.
+    inflight: concurrent.futures.Future[Any] | None = None
 
 
 @dataclass
@@ -101,6 +104,9 @@ class ChallengeSchedule:
     posture_min_interval: float
     notes_per_minute: int
     next_at: float = 0.0
+    # Nothing is challenged before this (a new stream waits out the reconnect gap, whatever
+    # it sends).
+    not_before: float = float("-inf")
     last_posture_challenge: float = float("-inf")
     _pending: float | None = None  # a note arrived while a challenge was out
     _for_posture: bool = False  # the next challenge answers a note
@@ -133,7 +139,7 @@ class ChallengeSchedule:
                 f"{len(recent)} PostureChanged notes within a minute, more than the "
                 f"{self.notes_per_minute} allowed (attestation.posture_notes_per_minute)"
             )
-        due = max(now, self.last_posture_challenge + self.posture_min_interval)
+        due = max(now, self.last_posture_challenge + self.posture_min_interval, self.not_before)
         if outstanding:
             self._pending = due if self._pending is None else min(due, self._pending)
         elif due < self.next_at:
@@ -178,8 +184,12 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         if old is not None and old.task is not None and not old.task.done():
             old.superseded = True
             old.task.cancel()
-            # Its appraisal in flight writes the device's TPM state: let it finish first.
-            await asyncio.wait({old.task}, timeout=self._config.attestation.evidence_timeout_s)
+            limit = self._config.attestation.evidence_timeout_s
+            await asyncio.wait({old.task}, timeout=limit)
+            # Its appraisal in flight writes the device's TPM state and trust: let it finish
+            # before this stream reads them.
+            if old.inflight is not None:
+                await asyncio.wait({asyncio.wrap_future(old.inflight)}, timeout=limit)
             logger.info("stream replaced device=%s: a newer stream took over", device_id)
         return me
 
@@ -215,7 +225,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         device_id = record.device_id
         me = await self._take_over(device_id)
         try:
-            await self._attest(request_iterator, context, record)
+            await self._attest(request_iterator, context, record, me)
         except asyncio.CancelledError:
             if me.superseded:
                 raise Superseded(
@@ -231,6 +241,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[Any, Any],
         record: DeviceRecord,
+        me: _Live,
     ) -> None:
         cfg = self._config.attestation
         limits = self._config.limits
@@ -244,7 +255,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 parse_public(record.ak_public), parse_public(record.ek_public)
             ),
             refs=self._refs.for_device(record.zone, record.labels) if self._refs else None,
-            tpm=self._store.tpm_state(device_id),
+            # Without the stored log: the first challenge asks for the whole log anyway.
+            tpm=self._store.tpm_state(device_id, with_log=False),
         )
 
         inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
@@ -259,15 +271,18 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 "stream open device=%s agent=%s", device_id, printable(first.hello.agent_version)
             )
             outstanding: _Outstanding | None = None
+            # Reconnecting does not buy appraisals (issue 7, item 8): a new stream's first
+            # challenge waits out the gap since the device's last one, PostureChanged or not.
+            first_at = max(
+                time.monotonic(),
+                self._last_challenge.get(device_id, float("-inf")) + cfg.stream_challenge_gap_s,
+            )
             schedule = ChallengeSchedule(
                 cfg.interval_s,
                 cfg.posture_min_interval_s,
                 cfg.posture_notes_per_minute,
-                # Reconnecting does not buy appraisals (issue 7, item 8).
-                next_at=max(
-                    time.monotonic(),
-                    self._last_challenge.get(device_id, float("-inf")) + cfg.stream_challenge_gap_s,
-                ),
+                next_at=first_at,
+                not_before=first_at,
             )
             while True:
                 if outstanding is None and time.monotonic() >= schedule.next_at:
@@ -294,9 +309,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     evidence = wire.evidence_from_wire(msg.evidence, limits)
                     # Appraisal runs on a worker thread: a costly one (a long event log,
                     # many GPUs) cannot hold up other devices' streams on this loop.
-                    reply, rebooted = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, self._appraise, session, nonce, evidence
-                    )
+                    me.inflight = self._pool.submit(self._appraise, session, nonce, evidence)
+                    reply, rebooted = await asyncio.wrap_future(me.inflight)
                     wait_s = schedule.evidence_received(time.monotonic(), rebooted=rebooted)
                     reply.result.next_challenge_in.FromTimedelta(datetime.timedelta(seconds=wait_s))
                     await context.write(reply)

@@ -49,7 +49,8 @@ def plain(msg: Message) -> dict[str, Any]:
 def version_tuple(version: str) -> tuple[int, ...]:
     parts = []
     for piece in version.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
+        # At most 18 digits: a device-sent "580.999...9" must not reach int()'s digit limit.
+        digits = "".join(ch for ch in piece if ch.isdigit())[:18]
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
 

@@ -179,7 +179,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 device_id,
                 printable(host.zone, 64),
                 printable(",".join(f"{k}={v}" for k, v in sorted(host.labels.items()))),
-                assignment.zone or "(unassigned)",
+                printable(assignment.zone or "(unassigned)", 64),
                 assignment.labels,
                 assignment.source,
             )
@@ -226,7 +226,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             device_id,
             ak.name.hex()[:16],
             printable(host.hostname, 128),
-            assignment.zone or "(unassigned)",
+            printable(assignment.zone or "(unassigned)", 64),
         )
         return enrollment_pb2.EnrollChallenge(
             enrollment_id=enrollment_id,
@@ -320,7 +320,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             "enrolled device=%s state=%s zone=%s (%s)",
             record.device_id,
             state.value,
-            record.zone or "(unassigned)",
+            printable(record.zone or "(unassigned)", 64),
             assignment.source,
         )
         return response

@@ -145,8 +145,10 @@ def parse_ak(ak_public: bytes) -> PublicArea:
 def peer_host(peer: str) -> str:
     """The address part of a gRPC peer string: one bucket per IP, whatever its port.
 
-    ``ipv4:127.0.0.1:53412`` -> ``127.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``; an IPv4-mapped
-    IPv6 address counts as its IPv4 address; anything else (``unix:...``) stays whole."""
+    ``ipv4:127.0.0.1:53412`` -> ``127.0.0.1``; an IPv6 address counts as its /64 (one host
+    holds a whole /64 and could rotate through it), ``ipv6:[2001:db8::1]:5000`` ->
+    ``2001:db8::/64``; an IPv4-mapped IPv6 address counts as its IPv4 address; anything else
+    (``unix:...``) stays whole."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         host = rest.rpartition(":")[0] or rest
@@ -158,8 +160,11 @@ def peer_host(peer: str) -> str:
         address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return peer
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if not address.is_loopback:
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
 
 

@@ -13,14 +13,16 @@ others (IMA extends PCR 10, for instance).
 
 Facts (issue 7): only from events on PCRs the quote covers and whose replay matched in every
 quoted bank the log has (``verified_pcrs``), and only from events whose data hashes to their
-digests where the PFP defines them so (``verifier.tpm.bootfacts.data_mismatch``). The appraisal
-calls, in order:
+digests where the PFP defines them so (``verifier.tpm.eventdata.data_mismatch``). No event
+type, which the TPM never saw, exempts an event from a fact (``verifier.tpm.bootfacts``). The
+appraisal calls, in order:
 
     state = extend(prior, offset, chunk, max_bytes=..., max_events=...)
     findings = compare(state, quoted, device_id)
     verified = verified_pcrs(state, quoted)
     facts = facts_of(state, verified)
     findings += digest_findings(state, device_id, verified)  # or every quoted PCR index
+    findings += fact_findings(state, device_id, verified)
 
 and hands ``LogPart(offset, chunk)`` to the store with the new state (``TpmState.log_part``).
 """
@@ -35,7 +37,7 @@ from itertools import islice
 from typing import TypeVar
 
 from verifier.errors import LimitExceeded, MalformedInput
-from verifier.tpm import bootfacts
+from verifier.tpm import bootfacts, eventdata
 from verifier.tpm import eventlog as ev
 from verifier.tpm.constants import HASH_BY_NAME
 from verifier.trust import Claim, Finding, Severity
@@ -83,7 +85,7 @@ class LogState:
         default_factory=_Shared, repr=False, compare=False
     )
     _n_contributions: int = 0
-    _mismatches: _Shared[bootfacts.DataMismatch] = field(
+    _mismatches: _Shared[eventdata.DataMismatch] = field(
         default_factory=_Shared, repr=False, compare=False
     )
     _n_mismatches: int = 0
@@ -95,7 +97,7 @@ class LogState:
     def contributions(self) -> Iterator[bootfacts.Contribution]:
         return islice(self._contributions, self._n_contributions)
 
-    def mismatches(self) -> Iterator[bootfacts.DataMismatch]:
+    def mismatches(self) -> Iterator[eventdata.DataMismatch]:
         return islice(self._mismatches, self._n_mismatches)
 
 
@@ -145,7 +147,7 @@ def extend(
         scanner = base.scanner.copy()
     ev.replay(log.events, banks, replay)
     contributions: list[bootfacts.Contribution] = []
-    mismatches: list[bootfacts.DataMismatch] = []
+    mismatches: list[eventdata.DataMismatch] = []
     for event in log.events:
         facts, mismatch = scanner.scan(event, banks)
         contributions.extend(facts)
@@ -271,6 +273,61 @@ def digest_findings(state: LogState, device_id: str, pcrs: frozenset[int]) -> tu
                 subject=f"pcr:{first.banks[0] if first.banks else '?'}:{first.pcr}",
                 message=f"device {device_id}: {len(relevant) - MAX_DIGEST_FINDINGS} more events "
                 f"whose data is not what their digests are over, from event {first.number} at "
+                f"byte {first.offset} on",
+            )
+        )
+    return tuple(findings)
+
+
+_ANOMALIES = {
+    # kind: (what happened, expected, found)
+    bootfacts.LATE_SECURE_BOOT_VARIABLE: (
+        "is measured in PCR 7 after its separator, where firmware has measured the Secure "
+        "Boot policy already (PFP 3.3.4.8): PCR 7 was extended after boot; no fact is taken "
+        "from it",
+        "Secure Boot variables before the PCR 7 separator only",
+        "after the separator",
+    ),
+    bootfacts.DUPLICATE_SECURE_BOOT_VARIABLE: (
+        "is measured again before the PCR 7 separator: the variable reads as not measured",
+        "each Secure Boot variable measured once",
+        "measured again",
+    ),
+}
+
+
+def fact_findings(state: LogState, device_id: str, verified: frozenset[int]) -> tuple[Finding, ...]:
+    """``eventlog.late_secure_boot_variable`` and ``eventlog.duplicate_secure_boot_variable``
+    (``bootfacts.Anomaly``) for events on ``verified`` PCRs: CONTRAINDICATED, configuration.
+    A relabelled separator does not hide a late variable: the separator is found by its
+    digest. At most MAX_DIGEST_FINDINGS, then one more that says how many."""
+    anomalies = facts_of(state, verified).anomalies
+    bank = next((b for b in state.banks if b in HASH_BY_NAME), "?")
+    findings: list[Finding] = []
+    for a in anomalies[:MAX_DIGEST_FINDINGS]:
+        what, expected, found = _ANOMALIES[a.kind]
+        findings.append(
+            Finding(
+                id=f"eventlog.{a.kind}",
+                severity=Severity.CONTRAINDICATED,
+                claim=Claim.CONFIGURATION,
+                subject=f"pcr:{bank}:{a.pcr}",
+                message=f"device {device_id}: event {a.number} at byte {a.offset} "
+                f"({a.type_name}, PCR {a.pcr}): Secure Boot variable {a.variable} {what}",
+                expected=expected,
+                found=found,
+            )
+        )
+    if len(anomalies) > MAX_DIGEST_FINDINGS:
+        first = anomalies[MAX_DIGEST_FINDINGS]
+        findings.append(
+            Finding(
+                id=f"eventlog.{first.kind}",
+                severity=Severity.CONTRAINDICATED,
+                claim=Claim.CONFIGURATION,
+                subject=f"pcr:{bank}:{first.pcr}",
+                message=f"device {device_id}: {len(anomalies) - MAX_DIGEST_FINDINGS} more "
+                f"Secure Boot variables out of place in PCR 7, from event {first.number} at "
                 f"byte {first.offset} on",
             )
         )

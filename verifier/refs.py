@@ -11,7 +11,8 @@ allowlist of digests, dbx must contain named revocations.
         labels: {sku: h100}
         pcrs: {sha256: {7: "65ca..."}}   # golden values (optional)
         secure_boot: true
-        boot_applications: ["3f2a...", ...]  # sha256 digests as measured (optional)
+        boot_applications: ["3f2a...", ...]  # sha256 digests as measured (optional; the log
+                                             # must show at least one on PCR 4)
         dbx_contains: ["80b4..."]        # sha256 entries dbx must list (optional)
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.configfile import from_mapping, load_yaml
-from verifier.tpm.bootfacts import BootFacts
+from verifier.tpm.bootfacts import BOOT_APPLICATION_PCR, BootFacts
 from verifier.tpm.constants import hash_alg
 from verifier.trust import (
     CONFIGURATION_APPROVED,
@@ -168,6 +169,22 @@ def _event_rules(group: RefGroup, device_id: str, facts: BootFacts) -> list[Find
         )
     if group.boot_applications:
         allowed = {d.lower() for d in group.boot_applications}
+        # An allowlist refuses what it sees: a log that shows no boot application on PCR 4
+        # (PFP 3.3.4.5; every event there counts but separators and action texts, see
+        # verifier.tpm.bootfacts) booted nothing we can check, or hid it. Those on other
+        # PCRs do not count: the OS may extend PCR 8 and up and log anything there.
+        if not any(app.pcr == BOOT_APPLICATION_PCR for app in facts.boot_applications):
+            findings.append(
+                _finding(
+                    "refs.no_boot_application",
+                    Claim.EXECUTABLES,
+                    f"device {device_id}: its event log shows no boot application on PCR "
+                    f"{BOOT_APPLICATION_PCR}, group {group.name} allows only listed ones",
+                    "one of the allowlisted digests",
+                    "none",
+                    f"pcr:sha256:{BOOT_APPLICATION_PCR}",
+                )
+            )
         for app in facts.boot_applications:
             digest = app.digests.get("sha256", "")
             if digest not in allowed:

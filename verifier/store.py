@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -410,9 +411,11 @@ class Store:
         at = iso(result.appraised_at)
         with self._tx() as db:
             db.execute(
+                # Never replaced by an older result (a replaced stream's late appraisal).
                 "INSERT INTO trust VALUES (?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
                 "tier=excluded.tier, score=excluded.score, result=excluded.result, "
-                "appraised_at=excluded.appraised_at",
+                "appraised_at=excluded.appraised_at "
+                "WHERE excluded.appraised_at >= trust.appraised_at",
                 (result.device_id, result.tier.label, result.score, text, at),
             )
             db.execute(
@@ -483,22 +486,28 @@ class Store:
             "INSERT INTO event_log_parts VALUES (?,?,?)", (device_id, part.offset, part.data)
         )
 
-    def tpm_state(self, device_id: str) -> TpmState | None:
-        """What the verifier knows of the device's TPM, its event log replayed from the
-        stored parts (once, when a stream opens)."""
+    def tpm_state(self, device_id: str, *, with_log: bool = True) -> TpmState | None:
+        """What the verifier knows of the device's TPM, with its event log replayed from the
+        stored parts, or (``with_log=False``) without the log: a new stream asks for the
+        whole log anyway, and replaying a long stored one would be work for nothing."""
         with self._lock:
             row = self._db.execute(
                 "SELECT clock, log_state, pcrs FROM tpm_state WHERE device_id = ?",
                 (device_id,),
             ).fetchone()
-            parts = self._db.execute(
-                "SELECT part_offset, data FROM event_log_parts WHERE device_id = ? "
-                "ORDER BY part_offset",
-                (device_id,),
-            ).fetchall()
+            parts = (
+                self._db.execute(
+                    "SELECT part_offset, data FROM event_log_parts WHERE device_id = ? "
+                    "ORDER BY part_offset",
+                    (device_id,),
+                ).fetchall()
+                if with_log
+                else []
+            )
         if row is None:
             return None
-        return TpmState.from_row(row, [LogPart(p["part_offset"], bytes(p["data"])) for p in parts])
+        state = TpmState.from_row(row, [LogPart(p["part_offset"], bytes(p["data"])) for p in parts])
+        return state if with_log else replace(state, log=None)
 
     def event_log(self, device_id: str) -> bytes:
         """The device's stored event log since its last reboot (its parts joined)."""

@@ -153,11 +153,15 @@ def evidence_from_wire(msg: attestation_pb2.Evidence, limits: LimitsConfig) -> E
     if not msg.quote_attest or not msg.quote_signature:
         raise MalformedInput("Evidence: quote_attest and quote_signature are required")
     pcrs: dict[tuple[int, int], bytes] = {}
+    banks: set[int] = set()
     for i, bank in enumerate(msg.pcrs):
         try:
             alg = hash_alg(bank.hash_alg)
         except ValueError as exc:
             raise MalformedInput(f"Evidence.pcrs[{i}]: {exc}") from exc
+        if alg in banks:
+            raise MalformedInput(f"Evidence.pcrs[{i}]: bank {bank.hash_alg} is reported twice")
+        banks.add(alg)
         size = DIGEST_SIZES[alg]
         for index, value in bank.values.items():
             if index > MAX_PCR_INDEX or len(value) != size:

@@ -12,12 +12,23 @@ Event data is the device's word; only the digests went into the TPM. So (issue 7
    ``verifier.measured_boot.facts_of``).
 2. Where the TCG PC Client Platform Firmware Profile (PFP 1.05 rev 23, 10.4.1 and 3.3.4)
    defines an event's digest over its data, the data is hashed in every bank the event
-   carries and compared (``data_mismatch``); an event that fails gives no fact. Real firmware
-   quirks are accepted narrowly below, each with the corpus log that shows it
-   (``shared/corpus/eventlogs/...``).
-3. Secure Boot policy facts come only from EV_EFI_VARIABLE_DRIVER_CONFIG events on PCR 7
-   before PCR 7's EV_SEPARATOR (PFP 3.3.4.8): the OS can extend PCR 7 after boot, so a later
-   "SecureBoot = 1" event would replay and hash correctly and still be a lie.
+   carries and compared (``verifier.tpm.eventdata.data_mismatch``); an event that fails
+   gives no fact. Real firmware quirks are accepted narrowly there, each with the corpus log
+   that shows it.
+3. Secure Boot policy facts come only from PCR 7 before its separator (PFP 3.3.4.8): the OS
+   can extend PCR 7 after boot, so a later "SecureBoot = 1" event would replay and hash
+   correctly and still be a lie. Such a late variable is an ``Anomaly``, and so is a variable
+   measured twice before the separator (then it reads as not measured).
+4. The event type is not measured (PFP 10.2.2: only the digest is extended), so a device can
+   relabel any event and replay still matches. A type never exempts an event from a fact that
+   a reference rule reads (``verifier.refs``: Secure Boot, dbx, boot applications): the PCR 7
+   separator is found by its digest (``separator_in_any_bank``), and on PCR 4 every event is
+   a boot application but a separator (by digest) and a short text its digest is the hash of
+   (``measured_no_code``). Facts nothing decides on (command lines, GRUB commands, S-CRTM
+   version, the ``separators`` map) stay type-based: a relabel can hide or, from text whose
+   digest still checks, add one; a rule that reads them must first apply the same principle.
+   StartupLocality and H-CRTM are type-based in replay too (PFP 10.4.5.3), so a relabel
+   changes PCR 0's replay and PCR 0 no longer verifies.
 
 Anything that does not parse is reported in ``problems``, never raised.
 """
@@ -25,7 +36,6 @@ Anything that does not parse is reported in ``problems``, never raised.
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 import uuid
 import warnings
@@ -35,8 +45,19 @@ from dataclasses import dataclass, field, replace
 from cryptography import x509
 
 from verifier.tpm import eventlog as ev
+from verifier.tpm.eventdata import (
+    EFI_GLOBAL_VARIABLE,
+    DataMismatch,
+    data_mismatch,
+    grub_string,
+    measured_data,
+    measured_no_code,
+    separator_in_any_bank,
+    systemd_text,
+    utf16,
+    variable_layout,
+)
 
-EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 EFI_IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
 EFI_CERT_X509 = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072")
 EFI_CERT_SHA256 = uuid.UUID("c1c41626-504c-4092-aca9-41f936934328")
@@ -49,20 +70,9 @@ SECURE_BOOT_DBS = ("PK", "KEK", "db", "dbx")
 SECURE_BOOT_PCR = 7
 BOOT_APPLICATION_PCR = 4
 RULE_PCRS = frozenset({BOOT_APPLICATION_PCR, SECURE_BOOT_PCR})
-# systemd-boot and systemd-stub measure the kernel command line into PCR 8 (older) or 12.
-SYSTEMD_CMDLINE_PCRS = frozenset({8, 12})
-# GRUB's EV_IPL strings: prefix -> (BootFacts field, "" to keep none; whether the measured
-# text includes the logged NUL).
-GRUB_STRINGS = {
-    # Upstream GRUB 2.04 on (grub-core/commands/tpm.c): "prefix X" + NUL logged, X measured.
-    b"grub_cmd: ": ("grub_commands", False),
-    b"kernel_cmdline: ": ("kernel_cmdlines", False),
-    b"module_cmdline: ": ("", False),
-    # Quirk: Red Hat's GRUB 2.02 TPM patches log "grub_cmd X" + NUL and measure X + NUL, and
-    # "grub_kernel_cmdline X" + NUL measuring X (go-tpm-tools/rhel8-uefi.bin events 28-79).
-    b"grub_cmd ": ("grub_commands", True),
-    b"grub_kernel_cmdline ": ("kernel_cmdlines", False),
-}
+# Anomaly kinds (Finding ids eventlog.<kind>, see verifier.measured_boot.fact_findings).
+LATE_SECURE_BOOT_VARIABLE = "late_secure_boot_variable"
+DUPLICATE_SECURE_BOOT_VARIABLE = "duplicate_secure_boot_variable"
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,19 @@ class BootApplication:
     path: str
 
 
+@dataclass(frozen=True)
+class Anomaly:
+    """An event against the PFP's order for the Secure Boot policy: a variable measured in
+    PCR 7 after its separator, or a second time before it."""
+
+    kind: str  # LATE_SECURE_BOOT_VARIABLE or DUPLICATE_SECURE_BOOT_VARIABLE
+    number: int
+    offset: int
+    pcr: int
+    type_name: str
+    variable: str
+
+
 @dataclass(slots=True)
 class BootFacts:
     startup_locality: int | None = None
@@ -94,36 +117,20 @@ class BootFacts:
     grub_commands: list[str] = field(default_factory=list)
     separators: dict[int, str] = field(default_factory=dict)  # PCR -> "ok" or "error"
     problems: list[str] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class Contribution:
     """One fact an event claims, tagged with the PCR whose replay vouches for it. ``name`` is
     a BootFacts field: a list field gets ``value`` appended, a dict field ``value`` at
-    ``key``, any other field is set (a later event overrides an earlier one)."""
+    ``key`` (``None`` removes ``key``), any other field is set (a later event overrides an
+    earlier one)."""
 
     pcr: int
     name: str
     value: object
     key: object = None
-
-
-@dataclass(frozen=True, slots=True)
-class DataMismatch:
-    """An event whose logged digests are not the hash of its data (where the PFP defines
-    them so), or that lacks a digest for one of the log's banks."""
-
-    number: int
-    offset: int
-    pcr: int
-    type_name: str
-    banks: tuple[str, ...]  # the banks that do not match (or are missing)
-    logged: str  # hex digest as logged in banks[0], "" when missing
-    computed: str  # hex hash of the event data in banks[0]
-
-
-def _utf16(data: bytes) -> str:
-    return data.decode("utf-16-le", errors="replace").rstrip("\x00")
 
 
 def _text(data: bytes) -> str | None:
@@ -143,20 +150,8 @@ def _text(data: bytes) -> str | None:
     return None
 
 
-def _variable_layout(data: bytes) -> tuple[uuid.UUID, str, int, int]:
-    """UEFI_VARIABLE_DATA (PFP 10.4.4): GUID, name, and where VariableData starts and ends."""
-    if len(data) < 32:
-        raise ValueError("UEFI_VARIABLE_DATA shorter than its header")
-    guid = uuid.UUID(bytes_le=data[:16])
-    name_len, data_len = struct.unpack_from("<QQ", data, 16)
-    end_name = 32 + 2 * name_len
-    if end_name + data_len > len(data):
-        raise ValueError("UEFI_VARIABLE_DATA lengths exceed the event")
-    return guid, _utf16(data[32:end_name]), end_name, end_name + data_len
-
-
 def _variable(event: ev.Event) -> tuple[uuid.UUID, str, bytes]:
-    guid, name, start, end = _variable_layout(event.data)
+    guid, name, start, end = variable_layout(event.data)
     return guid, name, event.data[start:end]
 
 
@@ -204,178 +199,47 @@ def _device_path_file(data: bytes) -> str:
         if length < 4:
             break
         if kind == 4 and sub == 4:
-            parts.append(_utf16(data[pos + 4 : pos + length]))
+            parts.append(utf16(data[pos + 4 : pos + length]))
         if kind == 0x7F:
             break
         pos += length
     return "".join(parts)
 
 
+def _image_path(data: bytes) -> str | None:
+    """The file path of a UEFI_IMAGE_LOAD_EVENT (PFP 10.4.3: location u64, length u64, link
+    u64, device path length u64, device path), "" when it names none; None when the data is
+    not one."""
+    if len(data) < 32:
+        return None
+    (dp_len,) = struct.unpack_from("<Q", data, 24)
+    if 32 + dp_len > len(data):
+        return None
+    return _device_path_file(data[32 : 32 + dp_len])
+
+
 def _boot_application(event: ev.Event) -> BootApplication:
-    # UEFI_IMAGE_LOAD_EVENT (PFP 10.4.3): location u64, length u64, link u64, dp length u64.
-    path = ""
-    if len(event.data) >= 32:
-        (dp_len,) = struct.unpack_from("<Q", event.data, 24)
-        path = _device_path_file(event.data[32 : 32 + dp_len])
+    path = _image_path(event.data)
+    if path is None:
+        path = f"<{event.type_name} event {event.number}>"
     return BootApplication(event.pcr, {b: d.hex() for b, d in event.digests.items()}, path)
 
 
-# --- data digests (PFP 1.05 rev 23, 10.4.1 table 9) ----------------------------------------
-
-# Types whose digest the PFP defines as the hash of the event data, as logged. Not here, so
-# neither checked nor a source of facts beyond their digests: EV_POST_CODE, EV_S_CRTM_CONTENTS,
-# EV_CPU_MICROCODE and the firmware blobs, drivers, applications and handoff tables (the digest
-# is of code or memory the data only locates); EV_NO_ACTION (never extended); EV_EVENT_TAG
-# (Linux and systemd-stub tag their initrd and LoadOptions measurements with it, digest over
-# the content: tpm2-tools/event-sd-boot-fedora37.bin event 25, go-tpm-tools/gdc-host.bin 155);
-# EV_PLATFORM_CONFIG_FLAGS, EV_COMPACT_HASH, EV_TABLE_OF_DEVICES, EV_NONHOST_* (vendor content:
-# tpm2-tss/binary_measurements_pc_client.bin events 4-6, keylime/binary_bios_measurements 21);
-# EV_EFI_GPT_EVENT2 and EV_EFI_SPDM_* (the digest is over a transformed structure).
-DATA_DIGEST_TYPES = frozenset(
-    {
-        ev.EV_SEPARATOR,
-        ev.EV_ACTION,
-        ev.EV_S_CRTM_VERSION,
-        ev.EV_OMIT_BOOT_DEVICE_EVENTS,
-        ev.EV_EFI_ACTION,
-        ev.EV_EFI_VARIABLE_DRIVER_CONFIG,
-        ev.EV_EFI_VARIABLE_BOOT,
-        ev.EV_EFI_VARIABLE_BOOT2,
-        ev.EV_EFI_VARIABLE_AUTHORITY,
-        ev.EV_EFI_GPT_EVENT,
-    }
-)
-_BOOT_OPTION = re.compile(r"Boot[0-9A-Fa-f]{4}|BootOrder")
-_hashable: dict[str, bool] = {}
-
-
-def _hash(bank: str, data: bytes) -> bytes | None:
-    """H(data) in ``bank``, None for a bank hashlib cannot compute here."""
-    name = "sm3" if bank == "sm3_256" else bank
-    if _hashable.get(name) is False or bank.startswith("alg_0x"):
-        return None
-    try:
-        digest = hashlib.new(name, data).digest()
-    except ValueError:
-        _hashable[name] = False
-        return None
-    _hashable[name] = True
-    return digest
-
-
-def _grub_string(data: bytes) -> tuple[str, bytes, bytes] | None:
-    """A GRUB string (GRUB_STRINGS): the BootFacts field, the text, and what was measured."""
-    for prefix, (name, with_nul) in GRUB_STRINGS.items():
-        if data.startswith(prefix):
-            logged = data[len(prefix) :]
-            text = logged[:-1] if logged.endswith(b"\x00") else logged
-            return name, text, logged if with_nul else text
-    return None
-
-
-def _systemd_text(event: ev.Event) -> tuple[str, tuple[bytes, ...]] | None:
-    """systemd-boot / systemd-stub: the kernel command line in UTF-16LE on PCR 8 or 12,
-    measured as logged (tpm2-tools/event-sd-boot-fedora37.bin event 23). The text and the
-    byte strings its digest may be over."""
-    data = event.data
-    if event.pcr not in SYSTEMD_CMDLINE_PCRS or _grub_string(data) is not None:
-        return None
-    measured: tuple[bytes, ...] = (data,)
-    raw = data
-    if len(data) % 2:
-        if not data.endswith(b"\x00"):
-            return None
-        # Quirk: older systemd-boot logs its UTF-16 string one byte short of the measured
-        # one: the data ends in a single NUL byte, the digest covers the whole two-byte
-        # terminator (go-tpm-tools/arch-linux-workstation.bin and tpm2-tools/
-        # event-arch-linux.bin, event 24; tpm2_eventlog warns about it).
-        raw, measured = data[:-1], (data, data + b"\x00")
-    if any(raw[1::2]):
-        return None  # not UTF-16 of Latin-1 text (ASCII data would decode to CJK "text")
-    text = raw.decode("utf-16-le").rstrip("\x00")
-    return (text, measured) if text and text.isprintable() else None
-
-
-def _ipl_measured(event: ev.Event) -> tuple[bytes, ...] | None:
-    grub = _grub_string(event.data)
-    if grub is not None:
-        return (grub[2],)
-    systemd = _systemd_text(event)
-    return systemd[1] if systemd else None
-
-
-def _variable_quirk(event: ev.Event) -> bytes | None:
-    """What firmware measured instead of the whole UEFI_VARIABLE_DATA, where the corpus shows
-    it; None for anything else."""
-    if event.type not in (ev.EV_EFI_VARIABLE_BOOT, ev.EV_EFI_VARIABLE_AUTHORITY):
-        return None
-    try:
-        guid, name, start, end = _variable_layout(event.data)
-    except ValueError:
-        return None
-    if (
-        event.type == ev.EV_EFI_VARIABLE_BOOT
-        and guid == EFI_GLOBAL_VARIABLE
-        and _BOOT_OPTION.fullmatch(name)
-    ):
-        # Quirk (EDK2 and most firmware before PFP 1.05 added EV_EFI_VARIABLE_BOOT2):
-        # Boot#### and BootOrder measured as their VariableData only (go-tpm-tools/
-        # debian-10.bin events 8-10, rhel8-uefi.bin 9-12, keylime/binary_bios_measurements
-        # 27-29, go-attestation/option_rom_eventlog 22-32, and most corpus logs).
-        return event.data[start:end]
-    if event.type == ev.EV_EFI_VARIABLE_AUTHORITY and len(event.data) == end + 6:
-        # Quirk (shim, sizeof(EFI_VARIABLE_DATA_TREE) padding): six bytes follow the
-        # structure and the digest covers all but the last (go-attestation/sb_cert_eventlog
-        # events 12 and 14, go-tpm-tools/cos-85-amd-sev.bin and cos-93-amd-sev.bin 24 and
-        # 42, debian-10.bin 23, tpm2-tools/event-postcode.bin 40 and 54).
-        return event.data[:-1]
-    return None
-
-
-def measured_data(event: ev.Event) -> tuple[bytes, ...] | None:
-    """The byte strings the event's digests may be the hash of (the PFP's, then any quirk
-    accepted), or None when its digest is not defined over its data."""
-    if event.type == ev.EV_IPL:
-        return _ipl_measured(event)
-    if event.type not in DATA_DIGEST_TYPES:
-        return None
-    quirk = _variable_quirk(event)
-    return (event.data,) if quirk is None else (event.data, quirk)
-
-
-def data_mismatch(event: ev.Event, banks: Iterable[str]) -> DataMismatch | None:
-    """None when the event's data is what its digests are over (or they are not over its
-    data); else what does not match. ``banks``: the log's banks, each of which an event that
-    extends a PCR must carry (PFP 10.2.2) for its data to be checked in all of them."""
-    if event.type == ev.EV_NO_ACTION:
-        return None
-    missing = tuple(b for b in banks if b not in event.digests and not b.startswith("alg_0x"))
-    candidates = measured_data(event)
-    if candidates is None and not missing:
-        return None
-    if missing:
-        return DataMismatch(event.number, event.offset, event.pcr, event.type_name, missing, "", "")
-    assert candidates is not None
-    computed: dict[str, tuple[bytes | None, ...]] = {
-        bank: tuple(_hash(bank, c) for c in candidates) for bank in event.digests
-    }
-    for i in range(len(candidates)):
-        if all(h[i] is None or h[i] == event.digests[b] for b, h in computed.items()):
-            return None
-    bad = tuple(b for b, h in computed.items() if h[0] is not None and h[0] != event.digests[b])
-    first = computed[bad[0]][0] if bad else None
-    return DataMismatch(
-        event.number,
-        event.offset,
-        event.pcr,
-        event.type_name,
-        bad,
-        event.digests[bad[0]].hex() if bad else "",
-        first.hex() if first else "",
-    )
-
-
 # --- facts ----------------------------------------------------------------------------------
+
+
+def _policy_variable(event: ev.Event) -> tuple[str, bytes] | None:
+    """The Secure Boot policy variable (PFP 3.3.4.8: SecureBoot, SetupMode, PK, KEK, db, dbx)
+    the event's data names as UEFI_VARIABLE_DATA, and its value; None for any other data."""
+    try:
+        guid, name, value = _variable(event)
+    except ValueError:
+        return None
+    if guid == EFI_GLOBAL_VARIABLE and name in ("SecureBoot", "SetupMode", "PK", "KEK"):
+        return name, value
+    if name in ("db", "dbx") and guid in (EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE):
+        return name, value
+    return None
 
 
 @dataclass(slots=True)
@@ -385,6 +249,8 @@ class Scanner:
     check_digests: bool = True
     seen_pcr0: bool = False
     pcr7_separated: bool = False
+    # Secure Boot policy variables measured in PCR 7 before its separator, so far.
+    pcr7_variables: frozenset[str] = frozenset()
 
     def copy(self) -> Scanner:
         return replace(self)
@@ -392,17 +258,29 @@ class Scanner:
     def scan(
         self, event: ev.Event, banks: Iterable[str]
     ) -> tuple[list[Contribution], DataMismatch | None]:
-        """The facts the event gives (none when its data fails its digests) and the
+        """The facts the event gives (none taken from data that fails its digests) and the
         mismatch, if any."""
         mismatch = data_mismatch(event, banks) if self.check_digests else None
+        facts: list[Contribution] = []
         try:
-            facts = [] if mismatch else self._facts(event)
+            if event.type != ev.EV_NO_ACTION:
+                # 1. Facts that a relabelled type must not hide, whatever the data check says.
+                if event.pcr == BOOT_APPLICATION_PCR:
+                    if not measured_no_code(event, banks):
+                        facts.append(
+                            Contribution(event.pcr, "boot_applications", _boot_application(event))
+                        )
+                elif event.pcr == SECURE_BOOT_PCR:
+                    facts.extend(self._policy_facts(event, mismatch))
+            # 2. Facts read from data, which must hash to the event's digests.
+            if not mismatch:
+                facts.extend(self._facts(event))
         except (ValueError, IndexError, struct.error) as exc:
-            facts = [_problem(event, str(exc))]
+            facts.append(_problem(event, str(exc)))
         if event.type != ev.EV_NO_ACTION:
             self.seen_pcr0 = self.seen_pcr0 or event.pcr == 0
-            if event.type == ev.EV_SEPARATOR and event.pcr == SECURE_BOOT_PCR:
-                self.pcr7_separated = True
+            if event.pcr == SECURE_BOOT_PCR and not self.pcr7_separated:
+                self.pcr7_separated = separator_in_any_bank(event)
         return facts, mismatch
 
     def _facts(self, event: ev.Event) -> list[Contribution]:
@@ -419,38 +297,77 @@ class Scanner:
             out.append(Contribution(0, "hcrtm", True))
         if kind == ev.EV_S_CRTM_VERSION:
             out.append(Contribution(pcr, "scrtm_version", _text(data) or data.hex()))
-        elif kind == ev.EV_EFI_VARIABLE_DRIVER_CONFIG:
-            out.extend(self._variable_facts(event))
-        elif kind == ev.EV_EFI_BOOT_SERVICES_APPLICATION:
+        elif kind == ev.EV_EFI_VARIABLE_DRIVER_CONFIG and pcr != SECURE_BOOT_PCR:
+            _variable(event)  # raises, reported as a problem, when it does not parse
+            policy = _policy_variable(event)
+            if policy is not None:
+                what = f"Secure Boot variable {policy[0]} measured in PCR {pcr}: ignored"
+                out.append(_problem(event, what))
+        elif kind == ev.EV_EFI_BOOT_SERVICES_APPLICATION and pcr != BOOT_APPLICATION_PCR:
             out.append(Contribution(pcr, "boot_applications", _boot_application(event)))
         elif kind == ev.EV_IPL:
             out.extend(_ipl_facts(event))
         elif kind == ev.EV_SEPARATOR:
+            # Display only (nothing decides on it); PCR 7's separator is found by its digest.
             ok = data in (b"\x00\x00\x00\x00", b"")
             out.append(Contribution(pcr, "separators", "ok" if ok else "error", pcr))
         return out
 
-    def _variable_facts(self, event: ev.Event) -> list[Contribution]:
-        guid, name, value = _variable(event)
-        secure_boot = guid == EFI_GLOBAL_VARIABLE and name in ("SecureBoot", "SetupMode")
-        database = name in SECURE_BOOT_DBS and guid in (
-            EFI_GLOBAL_VARIABLE,
-            EFI_IMAGE_SECURITY_DATABASE,
-        )
-        if not (secure_boot or database):
+    def _policy_facts(self, event: ev.Event, mismatch: DataMismatch | None) -> list[Contribution]:
+        """PCR 7 (PFP 3.3.4.8): a Secure Boot policy variable gives its fact when it is
+        measured once, before the separator, in an event whose digest is defined over its data
+        and matches; measured again, it reads as not measured; after the separator, it gives
+        nothing. Counted whatever the event's type, but EV_EFI_VARIABLE_AUTHORITY: its data
+        is the db entry that verified an image (PFP 3.3.4.8, named "db"; before the separator
+        for drivers and option ROMs), and it gives no fact either."""
+        if event.type == ev.EV_EFI_VARIABLE_AUTHORITY:
             return []
-        pcr = event.pcr
-        if pcr != SECURE_BOOT_PCR or self.pcr7_separated:
-            where = f"PCR {pcr}" if pcr != SECURE_BOOT_PCR else "PCR 7 after its separator"
-            return [_problem(event, f"Secure Boot variable {name} measured in {where}: ignored")]
-        if name == "SecureBoot":
+        policy = _policy_variable(event)
+        if policy is None:
+            if event.type == ev.EV_EFI_VARIABLE_DRIVER_CONFIG and not mismatch:
+                _variable(event)  # raises, reported as a problem, when it does not parse
+            return []
+        name, value = policy
+        if self.pcr7_separated:
             return [
-                Contribution(pcr, "secureboot_variable", value.hex()),
-                Contribution(pcr, "secure_boot", value[:1] == b"\x01" if value else None),
+                _anomaly(event, LATE_SECURE_BOOT_VARIABLE, name),
+                _problem(
+                    event,
+                    f"Secure Boot variable {name} measured in PCR 7 after its separator: ignored",
+                ),
             ]
-        if name == "SetupMode":
-            return [Contribution(pcr, "setup_mode", value[:1] == b"\x01" if value else None)]
-        return [Contribution(pcr, "databases", signature_lists(value), name)]
+        if name in self.pcr7_variables:
+            return [
+                _anomaly(event, DUPLICATE_SECURE_BOOT_VARIABLE, name),
+                _problem(
+                    event,
+                    f"Secure Boot variable {name} measured again before the "
+                    "separator: read as not measured",
+                ),
+                *_policy_values(name, None),
+            ]
+        self.pcr7_variables |= {name}
+        if mismatch or measured_data(event) is None:
+            return []  # its data is not what was measured: not measured
+        return _policy_values(name, value)
+
+
+def _policy_values(name: str, value: bytes | None) -> list[Contribution]:
+    """The facts of a policy variable's value; ``None``: not measured."""
+    pcr = SECURE_BOOT_PCR
+    if name == "SecureBoot":
+        return [
+            Contribution(pcr, "secureboot_variable", None if value is None else value.hex()),
+            Contribution(pcr, "secure_boot", value[:1] == b"\x01" if value else None),
+        ]
+    if name == "SetupMode":
+        return [Contribution(pcr, "setup_mode", value[:1] == b"\x01" if value else None)]
+    return [Contribution(pcr, "databases", None if value is None else signature_lists(value), name)]
+
+
+def _anomaly(event: ev.Event, kind: str, variable: str) -> Contribution:
+    anomaly = Anomaly(kind, event.number, event.offset, event.pcr, event.type_name, variable)
+    return Contribution(event.pcr, "anomalies", anomaly)
 
 
 def _problem(event: ev.Event, what: str) -> Contribution:
@@ -459,13 +376,13 @@ def _problem(event: ev.Event, what: str) -> Contribution:
 
 
 def _ipl_facts(event: ev.Event) -> list[Contribution]:
-    grub = _grub_string(event.data)
+    grub = grub_string(event.data)
     if grub is not None:
         name, text, _ = grub
         if not name:
             return []
         return [Contribution(event.pcr, name, text.decode("utf-8", errors="replace"))]
-    systemd = _systemd_text(event)
+    systemd = systemd_text(event)
     return [Contribution(event.pcr, "kernel_cmdlines", systemd[0])] if systemd else []
 
 
@@ -479,7 +396,10 @@ def fold(contributions: Iterable[Contribution], pcrs: Container[int] | None = No
         if isinstance(current, list):
             current.append(c.value)
         elif isinstance(current, dict):
-            current[c.key] = c.value
+            if c.value is None:
+                current.pop(c.key, None)
+            else:
+                current[c.key] = c.value
         else:
             setattr(facts, c.name, c.value)
     return facts
