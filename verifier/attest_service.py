@@ -392,7 +392,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         reply = attestation_pb2.VerifierMessage()
         reply.result.trust.CopyFrom(wire.result_to_wire(result))
         cert_record = None
-        if self._may_certify(appraisal, evidence):
+        withheld = self._withheld(appraisal, evidence)
+        if withheld is None:
             assert evidence.certify_key is not None
             cert = self._ca.issue_device(
                 trust_domain=cfg.trust_domain,
@@ -425,21 +426,24 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             device_id,
             result.tier.label,
             result.score,
-            cert_record.serial if cert_record else "-",
+            cert_record.serial if cert_record else f"- ({withheld})",
             # Finding messages quote device-supplied values: escaped (issue 7, item 9).
             printable("; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-", 2048),
         )
         return reply, appraisal.rebooted
 
-    def _may_certify(self, appraisal: Appraisal, evidence: Evidence) -> bool:
-        tier = appraisal.result.tier
-        return (
-            appraisal.passed
-            and appraisal.key_possessed
-            and evidence.certify_key is not None
-            and tier is not Tier.NONE
-            and tier <= self._config.certificates.min
-        )
+    def _withheld(self, appraisal: Appraisal, evidence: Evidence) -> str | None:
+        """Why no certificate is issued for this evidence, or None when one is."""
+        tier, minimum = appraisal.result.tier, self._config.certificates.min
+        if evidence.certify_key is None:
+            return "none asked for"
+        if not appraisal.passed:
+            return "withheld: the quote did not verify"
+        if not appraisal.key_possessed:
+            return "withheld: no proof of possession of the key"
+        if tier is Tier.NONE or tier > minimum:
+            return f"withheld: tier {tier.label} is below certificates.min_tier {minimum.label}"
+        return None
 
 
 def _pcrs_hex(evidence: Evidence) -> dict[str, dict[int, str]]:
