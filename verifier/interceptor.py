@@ -2,13 +2,29 @@
 messages meant for the caller; anything else becomes INTERNAL with a generic text, and the
 details go to the log, never to the client.
 
-Handlers wrapped here are coroutines (streaming handlers write with ``context.write``).
+grpc.aio runs a handler according to what it is, and the wrapper must be the same kind, or
+grpc.aio runs it the wrong way (issue 8: reflection's async generator wrapped as a coroutine
+answered INTERNAL to every ``grpcurl list``). A handler is one of:
+
+- a coroutine function: unary handlers return the response; streaming handlers write with
+  ``context.write`` (our Attestation servicer, grpc health's Watch);
+- an async generator function: streaming handlers that yield responses (grpc_reflection);
+- anything else: a plain function, run in the server's thread pool with a synchronous context;
+  a streaming one is a generator or returns an iterator.
+
+This is the test grpc.aio itself applies (``_is_async_handler`` and
+``_finish_handler_with_stream_responses`` in its server): a coroutine function for the unary
+kinds; a coroutine function, then an async generator function, for the streaming kinds. The
+request iterator of a client-streaming handler follows the same test (async for an async
+handler), so a wrapper of the same kind also receives the right one.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import aclosing
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -37,6 +53,9 @@ _CODES: list[tuple[type[DevtrustError], grpc.StatusCode]] = [
     (Superseded, grpc.StatusCode.ABORTED),
 ]
 
+INTERNAL_DETAILS = "internal error"
+_INTERNAL = (grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
 
 def status_for(exc: DevtrustError) -> grpc.StatusCode:
     for cls, code in _CODES:
@@ -45,29 +64,161 @@ def status_for(exc: DevtrustError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+def _refused(method: str, exc: DevtrustError) -> tuple[grpc.StatusCode, str]:
+    """The status a domain error answers with; logs the refusal."""
+    code = status_for(exc)
+    # A flood of refusals for rate is not a flood of log lines.
+    level = logging.DEBUG if isinstance(exc, ResourceExhausted) else logging.INFO
+    logger.log(level, "%s refused: %s: %s", method, code.name, printable(str(exc)))
+    return code, str(exc)
+
+
+AioContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Behavior = Callable[..., Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-def _wrap(method: str, raw: Any) -> Behavior:
-    behavior = cast(Behavior, raw)
+def _coroutine(method: str, behavior: Behavior) -> Behavior:
+    """A unary handler returning its response, or a streaming one writing with
+    ``context.write``."""
 
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def wrapped(request: Any, context: AioContext) -> Any:
         try:
             return await behavior(request, context)
         except DevtrustError as exc:
-            code = status_for(exc)
-            # A flood of refusals for rate is not a flood of log lines.
-            level = logging.DEBUG if isinstance(exc, ResourceExhausted) else logging.INFO
-            logger.log(level, "%s refused: %s: %s", method, code.name, printable(str(exc)))
-            await context.abort(code, str(exc))
+            await context.abort(*_refused(method, exc))
         except grpc.aio.AbortError:
             raise
         except Exception:
             logger.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            await context.abort(*_INTERNAL)
 
     return wrapped
+
+
+def _async_generator(method: str, behavior: Behavior) -> Behavior:
+    """A streaming handler that yields its responses."""
+
+    async def wrapped(request: Any, context: AioContext) -> AsyncIterator[Any]:
+        try:
+            # Closed with the wrapper when the call ends early (cancelled, deadline).
+            async with aclosing(cast(AsyncGenerator[Any], behavior(request, context))) as stream:
+                async for response in stream:
+                    yield response
+        except DevtrustError as exc:
+            await context.abort(*_refused(method, exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            logger.exception("%s failed", method)
+            await context.abort(*_INTERNAL)
+
+    return wrapped
+
+
+def _function(method: str, behavior: Behavior) -> Behavior:
+    """A synchronous unary handler; grpc.aio runs it in a thread with a synchronous context,
+    whose ``abort`` raises."""
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except DevtrustError as exc:
+            context.abort(*_refused(method, exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            logger.exception("%s failed", method)
+            context.abort(*_INTERNAL)
+
+    return wrapped
+
+
+class _Ended(Exception):
+    """Raised by ``abort`` in a synchronous streaming handler: the status is set, the
+    handler ends."""
+
+
+class _StreamContext:
+    """The synchronous context of a streaming handler, whose ``abort`` sets the status and
+    ends the handler rather than sending the status from the handler's thread (see
+    ``_generator``). Everything else is the context grpc.aio gave."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> Any:
+        if trailing_metadata:
+            self._context.set_trailing_metadata(trailing_metadata)
+        self._context.set_code(code)
+        if details:
+            self._context.set_details(details)
+        raise _Ended
+
+    def abort_with_status(self, status: grpc.Status) -> Any:
+        self.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _generator(method: str, behavior: Behavior) -> Behavior:
+    """A synchronous streaming handler: a generator, or a function returning an iterator.
+
+    grpc.aio draws it in a thread and hands each response to the event loop, which may still
+    be writing the last one when an error comes: sending the status from the thread then
+    (``context.abort``) is a second operation on the call, refused by gRPC core
+    (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and the caller waits for its deadline. So the
+    status is set and the stream ends; grpc.aio sends it after the responses drawn so far.
+    The handler's own ``abort`` does the same."""
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from cast(Iterable[Any], behavior(request, _StreamContext(context)))
+        except _Ended:
+            return
+        except DevtrustError as exc:
+            code, details = _refused(method, exc)
+        except Exception:
+            logger.exception("%s failed", method)
+            code, details = _INTERNAL
+        else:
+            return
+        context.set_code(code)
+        context.set_details(details)
+
+    return wrapped
+
+
+def wrap_unary(method: str, behavior: Behavior) -> Behavior:
+    """Wrap a unary_unary or stream_unary behavior as the same kind of callable."""
+    if inspect.iscoroutinefunction(behavior):
+        return _coroutine(method, behavior)
+    return _function(method, behavior)
+
+
+def wrap_streaming(method: str, behavior: Behavior) -> Behavior:
+    """Wrap a unary_stream or stream_stream behavior as the same kind of callable."""
+    if inspect.iscoroutinefunction(behavior):
+        return _coroutine(method, behavior)
+    if inspect.isasyncgenfunction(behavior):
+        return _async_generator(method, behavior)
+    return _generator(method, behavior)
+
+
+def with_error_mapping(method: str, handler: Handler) -> Handler:
+    """The handler with its behavior, whichever of the four kinds it is, wrapped."""
+    # The handlers are namedtuples (grpc._utilities.RpcMethodHandler) with one behavior set.
+    replace: Callable[..., Handler] = handler._replace  # type: ignore[attr-defined]
+    if handler.unary_unary is not None:
+        return replace(unary_unary=wrap_unary(method, handler.unary_unary))
+    if handler.stream_unary is not None:
+        return replace(stream_unary=wrap_unary(method, handler.stream_unary))
+    if handler.unary_stream is not None:
+        return replace(unary_stream=wrap_streaming(method, handler.unary_stream))
+    if handler.stream_stream is not None:
+        return replace(stream_stream=wrap_streaming(method, handler.stream_stream))
+    return handler
 
 
 class ErrorMapping(grpc.aio.ServerInterceptor):
@@ -79,13 +230,4 @@ class ErrorMapping(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        # The generated handlers are namedtuples (grpc._utilities.RpcMethodHandler).
-        replace: Callable[..., Handler] = handler._replace  # type: ignore[attr-defined]
-        if handler.unary_unary is not None:
-            return replace(unary_unary=_wrap(method, handler.unary_unary))
-        if handler.stream_stream is not None:
-            return replace(stream_stream=_wrap(method, handler.stream_stream))
-        if handler.unary_stream is not None:
-            return replace(unary_stream=_wrap(method, handler.unary_stream))
-        return handler
+        return with_error_mapping(handler_call_details.method, handler)
