@@ -138,15 +138,15 @@ def test_zone_is_the_verifiers_record_not_the_hosts_claim(
     assert "labels" not in doc["host"]
     assert doc["host"]["hostname"] == "h"
     assert doc["device"] == {"zone": "production-inference", "labels": {}}
-    reader = Policy.parse(
-        "required_evidence: []\nrules:\n  - id: zone.claimed\n    description: d\n"
-        "    claim: configuration\n    severity: contraindicated\n"
-        "    expr: host.zone == 'management'\n",
-        source="p.yaml",
-        base=Path(),
-    )
-    [finding] = reader.evaluate(doc, device_id="d1", zone="production-inference").findings
-    assert finding.id == "policy.unknown"  # host.zone does not exist
+    # A rule on the host's claim is refused when the policy loads.
+    with pytest.raises(PolicyError, match=r"p\.yaml:3: rule zone\.claimed: host\.zone is not in"):
+        Policy.parse(
+            "required_evidence: []\nrules:\n  - id: zone.claimed\n    description: d\n"
+            "    claim: configuration\n    severity: contraindicated\n"
+            "    expr: host.zone == 'management'\n",
+            source="p.yaml",
+            base=Path(),
+        )
 
 
 def test_required_evidence_selects_by_labels(posture: attestation_pb2.OsPosture) -> None:

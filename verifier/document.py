@@ -9,38 +9,67 @@ operator can update:
   whose fixed version for that branch is above the running driver;
 - per GPU ``lost`` (any field read as "GPU is lost") and ``gsp_matches_driver``;
 - ``sent``: whether the body carried each of host, os and gpu (a policy may require them).
+
+Every integer is a CEL ``int``: a uint64 the host sends above 2**63 - 1 reads as 2**63 - 1
+(a count that large is "very many" to a policy), since the CEL runtime would make it a
+``uint``, and int and uint do not mix in arithmetic (``x + 1`` would fail on one host only).
+The declared schema of the document is verifier/schema.py; ``unknown_values`` says which
+values a rule read that were null or absent.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 Document = dict[str, Any]
 # What the host says of its own zone and labels: never part of the document (device.zone and
 # device.labels are the operator-assigned ones).
 _CLAIMED_BY_HOST = ("zone", "labels")
+WITHHELD = {
+    f"host.{name}": f"the verifier never takes a host's claim of its {name}; "
+    f"rules read device.{name}, the verifier's record"
+    for name in _CLAIMED_BY_HOST
+}
+_INT64_MAX = 2**63 - 1
+_UNSIGNED_64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
+
+
+def _int64(value: int) -> int:
+    return min(value, _INT64_MAX)
 
 
 def plain(msg: Message) -> dict[str, Any]:
-    """A message as dicts: unset optional fields and unset sub-messages are None."""
+    """A message as dicts: unset optional fields and unset sub-messages are None; uint64
+    values above int64 are saturated (a CEL int, like every other integer)."""
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = dict(value)
         elif field.is_repeated:
-            out[field.name] = [plain(v) if isinstance(v, Message) else v for v in value]
+            out[field.name] = [
+                plain(v)
+                if isinstance(v, Message)
+                else _int64(v)
+                if field.type in _UNSIGNED_64
+                else v
+                for v in value
+            ]
         elif field.has_presence and not msg.HasField(field.name):
             out[field.name] = None
         elif isinstance(value, Message):
             out[field.name] = plain(value)
         elif isinstance(value, bytes):
             out[field.name] = value.hex()
+        elif field.type in _UNSIGNED_64:
+            out[field.name] = _int64(value)
         else:
             out[field.name] = value
     return out
@@ -151,3 +180,67 @@ def build(
         "device": {"zone": zone, "labels": dict(labels or {})},
         "sent": {part: body.get(part) is not None for part in ("host", "os", "gpu")},
     }
+
+
+def unknown_values(values: dict[str, Any], paths: frozenset[tuple[str, ...]]) -> list[str]:
+    """Which of the values at ``paths`` (as verifier/celcheck.py gives them: field names,
+    ``[]`` for every element of a list, ``["key"]`` for a map key) are null or absent in the
+    document ``values``, each named with the reason. The first null along a path is the one
+    named (``os.sshd is unknown``, when the rule reads os.sshd.permit_root_login)."""
+    out: list[str] = []
+    for path in sorted(paths):
+        if path[0] in values:  # else a name the rule binds itself: a comprehension variable
+            _walk(values[path[0]], path, 1, path[0], out)
+    return list(dict.fromkeys(out))
+
+
+def _walk(
+    value: Any,
+    path: tuple[str, ...],
+    at: int,
+    shown: str,
+    out: list[str],
+    *,
+    parent: dict[str, Any] | None = None,
+    key: str = "",
+) -> None:
+    if value is None:
+        out.append(f"{shown} is unknown{_reason(parent, key)}")
+        return
+    if at == len(path):
+        return
+    step = path[at]
+    if step == "[]":
+        for i, item in enumerate(value if isinstance(value, list) else ()):
+            _walk(item, path, at + 1, f"{shown}[{i}]", out)
+        return
+    if not isinstance(value, dict):
+        return
+    is_key = step.startswith("[")
+    name = json.loads(step[1:-1]) if is_key else step
+    shown = f"{shown}{step}" if is_key else f"{shown}.{step}"
+    if name not in value:
+        why = WITHHELD.get(shown)
+        out.append(f"{shown} is not in the document: {why}" if why else f"{shown} is absent")
+        return
+    _walk(value[name], path, at + 1, shown, out, parent=value, key=name)
+
+
+# The reasons agent collectors give (attestation.proto, Unavailable), in words; "unknown"
+# says nothing the message does not.
+_REASONS = {
+    "unknown": "",
+    "not_supported": "not supported",
+    "no_permission": "no permission",
+    "gpu_lost": "GPU is lost",
+}
+
+
+def _reason(parent: dict[str, Any] | None, key: str) -> str:
+    """Why the host could not read a value, as its ``unavailable`` list says."""
+    for item in (parent or {}).get("unavailable") or []:
+        if item.get("field") == key:
+            reason = _REASONS.get(item.get("reason") or "", item.get("reason"))
+            why = ": ".join(v for v in (reason, item.get("detail")) if v)
+            return f" (the host could not read it: {why})"
+    return " (the host could not read it)"

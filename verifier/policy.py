@@ -20,8 +20,9 @@ common-expression-language runtime. Pure apart from loading.
         zones: [model-development, production-inference]   # labels: {k: v} too
 
 A rule holds when its expression is true. False is a finding of the rule's severity; an
-expression that cannot be evaluated (a missing key), or a false one whose ``found`` value is
-null (the host could not read it), is a warning finding ``policy.unknown``: unknown is never
+expression that cannot be evaluated (a value the host could not read), or a false one whose
+``found`` value is null, is a warning finding ``policy.unknown`` naming the values that were
+null or absent (``os.sshd is unknown (the host could not read it: ...)``): unknown is never
 taken as compliant, nor as off.
 Required evidence that is absent is a contraindicated finding ``policy.evidence_missing``,
 never a vacuous pass of the rules over it (GPU rules over an empty GPU list). Zones and labels
@@ -29,14 +30,16 @@ are always the verifier's record of the device, never what the host says.
 Cost is linear in the number of GPUs: each GPU is converted to CEL once, in a small context of
 its own (``this`` and the parts of the document its rules read, without the GPU list); only a
 rule that may read ``gpu.gpus`` itself sees the whole document, and pays for it.
-A policy is validated whole (YAML, fields, CEL compilation) before it replaces another; a bad
-one raises ``PolicyError`` naming the file, the line and the reason.
+A policy is validated whole (YAML, fields, CEL compilation, and each expression's fields and
+type against the declared schema of the document, verifier/celcheck.py) before it replaces
+another; a bad one raises ``PolicyError`` naming the file, the line and the reason, wherever
+it is loaded: ``devtrust policy eval``, verifier start, SIGHUP and ReloadPolicy.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,11 @@ from typing import Any
 import cel
 import yaml
 
-from verifier.document import Bulletins, Document
+from verifier.celcheck import CheckError, check
+from verifier.document import Bulletins, Document, unknown_values
 from verifier.errors import DevtrustError
+from verifier.policy_context import Contexts, may_read_gpu_list, selected_fields
+from verifier.schema import DOCUMENT, THIS
 from verifier.trust import Claim, Finding, Severity, SubResult
 
 _PASS_VALUE = 2
@@ -77,6 +83,9 @@ class Rule:
     # when it may read the name whole. Host rules see only those fields: converting a
     # host's 8,192 listening sockets for rules that never read them is cost a device chose.
     fields: tuple[tuple[str, frozenset[str] | None], ...] = ()
+    # The document paths expr and found read (verifier/celcheck.py): an unknown finding
+    # names those that were null or absent.
+    paths: frozenset[tuple[str, ...]] = frozenset()
 
     def applies(self, zone: str, labels: dict[str, str]) -> bool:
         return _selects(self.zones, self.labels, zone, labels)
@@ -201,11 +210,13 @@ class Policy:
             _merge(host_claims, missing.claim, _FAIL_VALUE[missing.severity])
         applicable = [r for r in self.rules if r.applies(zone, labels)]
         gpu_rules = [r for r in applicable if r.scope == "gpu"]
-        contexts = _Contexts(doc, gpu_rules)
+        contexts = Contexts(doc, gpu_rules)
         host_rules = [r for r in applicable if r.scope == "host"]
         host_context = contexts.host(host_rules)
         for rule in host_rules:
-            finding = _check(rule, host_context, f"device {device_id}", "")
+            finding = _check(
+                rule, host_context, doc=doc, gpu=None, subject=f"device {device_id}", subject_id=""
+            )
             _merge(host_claims, rule.claim, _value(rule, finding))
             if finding:
                 findings.append(finding)
@@ -219,7 +230,9 @@ class Policy:
             own = contexts.gpu(gpu)
             for rule in gpu_rules:
                 context = contexts.whole_with(gpu) if rule.reads_gpu_list else own
-                finding = _check(rule, context, subject, sub.name)
+                finding = _check(
+                    rule, context, doc=doc, gpu=gpu, subject=subject, subject_id=sub.name
+                )
                 _merge(sub.claims, rule.claim, _value(rule, finding))
                 if finding:
                     sub.findings.append(finding)
@@ -267,80 +280,6 @@ class Policy:
         ]
 
 
-def _wanted(rules: list[Rule]) -> dict[str, frozenset[str] | None]:
-    """Per name the rules read, the union of the fields they select (None: whole)."""
-    wanted: dict[str, frozenset[str] | None] = {}
-    for rule in rules:
-        for name, fields in rule.fields:
-            have = wanted.get(name, frozenset())
-            wanted[name] = None if fields is None or have is None else have | fields
-    return wanted
-
-
-def _pruned(value: Any, fields: frozenset[str] | None) -> Any:
-    if fields is None or not isinstance(value, dict):
-        return value
-    return {k: v for k, v in value.items() if k in fields}
-
-
-class _Contexts:
-    """The CEL contexts of one evaluation, each converted from Python at most once.
-
-    Converting to CEL is the expensive part (~0.1 ms per GPU; a rule then runs in under a
-    microsecond), and a context converts all of its content again whenever a variable is
-    added to it, so `this` is never added to a context that holds the GPU list: that made a
-    failing GPU rule cost the whole document per GPU, quadratic in the GPU count. Instead:
-    - host rules run on the document without the GPU list, unless one may read it;
-    - each GPU gets a small context of its own: `this` and the parts of the document its
-      rules read (``gpu`` without the list);
-    - a GPU rule that may read gpu.gpus runs on the whole document, converted once, with
-      `this` supplied by a resolver (asked on every execution, so no conversion of the
-      document per GPU; such a rule still costs the list per GPU, by its own choice).
-    """
-
-    def __init__(self, doc: Document, gpu_rules: list[Rule]) -> None:
-        self.doc = doc
-        self.gpus: list[dict[str, Any]] = doc.get("gpu", {}).get("gpus") or []
-        slim = {**doc, "gpu": {k: v for k, v in doc.get("gpu", {}).items() if k != "gpus"}}
-        self.slim = slim
-        own = [r for r in gpu_rules if not r.reads_gpu_list]
-        wanted = _wanted(own)
-        self.shared = {n: _pruned(slim[n], wanted[n]) for n in set(wanted) & set(slim)}
-        # Of each GPU, only the fields the rules select of `this`.
-        self._this_fields = wanted.get("this")
-        self._whole: Any = None
-        self._this: dict[str, Any] = {}
-
-    def host(self, rules: list[Rule]) -> Any:
-        """The host rules' context: the document without the GPU list (unless a rule may
-        read it), and of each name only the fields the rules select."""
-        if any(r.reads_gpu_list for r in rules):
-            return self._whole_context()
-        wanted = _wanted(rules)
-        return cel.Context(
-            {
-                name: _pruned(value, wanted[name])
-                for name, value in self.slim.items()
-                if name in wanted
-            }
-        )
-
-    def gpu(self, gpu: dict[str, Any]) -> Any:
-        return cel.Context({**self.shared, "this": _pruned(gpu, self._this_fields)})
-
-    def whole_with(self, gpu: dict[str, Any]) -> Any:
-        context = self._whole_context()
-        if not self._this:
-            context.set_variable_resolver(self._this.get)  # None: the document's own names
-        self._this["this"] = gpu
-        return context
-
-    def _whole_context(self) -> Any:
-        if self._whole is None:
-            self._whole = cel.Context(self.doc)
-        return self._whole
-
-
 def _gpu_name(gpu: dict[str, Any]) -> str:
     return f"gpu{gpu['index']}:{gpu.get('uuid') or gpu.get('pci_bus_id') or '?'}"
 
@@ -351,39 +290,54 @@ def _value(rule: Rule, finding: Finding | None) -> int:
     return _FAIL_VALUE.get(finding.severity, _PASS_VALUE)
 
 
-def _check(rule: Rule, doc: Any, subject: str, subject_id: str) -> Finding | None:
+def _unknown(
+    rule: Rule,
+    *,
+    doc: Document,
+    gpu: dict[str, Any] | None,
+    subject: str,
+    subject_id: str,
+    why: str,
+) -> Finding:
+    """``policy.unknown``, naming the values the rule read that were null or absent."""
+    values = doc if gpu is None else {**doc, "this": gpu}
+    absent = unknown_values(values, rule.paths)
+    return Finding(
+        id="policy.unknown",
+        severity=Severity.WARNING,
+        claim=rule.claim,
+        message=f"{subject}: rule {rule.id} ({rule.description}) could not be evaluated: "
+        + ("; ".join(absent) if absent else why),
+        expected=rule.expr,
+        found="unknown",
+        subject=subject_id or rule.id,
+    )
+
+
+def _check(
+    rule: Rule,
+    context: Any,
+    *,
+    doc: Document,
+    gpu: dict[str, Any] | None,
+    subject: str,
+    subject_id: str,
+) -> Finding | None:
+    where: dict[str, Any] = {"doc": doc, "gpu": gpu, "subject": subject, "subject_id": subject_id}
     try:
-        ok = rule.program.execute(doc)
+        ok = rule.program.execute(context)
     except Exception as exc:  # noqa: BLE001 - CEL raises KeyError, RuntimeError, ...
-        return Finding(
-            id="policy.unknown",
-            severity=Severity.WARNING,
-            claim=rule.claim,
-            message=f"{subject}: rule {rule.id} ({rule.description}) could not be evaluated: "
-            f"{type(exc).__name__}: {exc}",
-            expected=rule.expr,
-            found="unknown",
-            subject=subject_id or rule.id,
-        )
+        return _unknown(rule, **where, why=f"{type(exc).__name__}: {exc}")
     if ok is True:
         return None
     found = ""
     if rule.found is not None:
         try:
-            value = rule.found.execute(doc)
+            value = rule.found.execute(context)
         except Exception:  # noqa: BLE001 - null operands: the values are unknown
             value = None
         if value is None:  # the host could not read it: unknown, not failed
-            return Finding(
-                id="policy.unknown",
-                severity=Severity.WARNING,
-                claim=rule.claim,
-                message=f"{subject}: rule {rule.id} ({rule.description}) could not be "
-                "evaluated: the value is unknown (null)",
-                expected=rule.expr,
-                found="unknown",
-                subject=subject_id or rule.id,
-            )
+            return _unknown(rule, **where, why="the value is unknown (null)")
         found = _render(value)
     return Finding(
         id=rule.id,
@@ -431,15 +385,7 @@ def _required_evidence(data: Any, source: str, lines: list[int]) -> tuple[Requir
                 f"{', '.join(EVIDENCE_CLAIMS)}, got {evidence!r}"
             )
         zones, labels = item.get("zones", []), item.get("labels", {})
-        if (
-            not isinstance(zones, list)
-            or not all(isinstance(z, str) and z for z in zones)
-            or not isinstance(labels, dict)
-        ):
-            raise PolicyError(
-                f"{where}: required_evidence {evidence}: zones is a list of zone names, "
-                "labels a mapping"
-            )
+        _check_selector(zones, labels, f"{where}: required_evidence {evidence}")
         out.append(
             RequiredEvidence(
                 evidence=evidence,
@@ -448,40 +394,6 @@ def _required_evidence(data: Any, source: str, lines: list[int]) -> tuple[Requir
             )
         )
     return tuple(out)
-
-
-_GPU_NAME = re.compile(r"\bgpu\b")
-_SELECTION = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def _may_read_gpu_list(source: str) -> bool:
-    """Whether a CEL expression may read gpu.gpus, or the ``gpu`` map whole: any mention of the
-    name ``gpu`` that is not the selection of another field (``gpu.driver_version``; not
-    ``gpu.gpus``, ``gpu["gpus"]``, ``size(gpu)`` or a call on it, ``gpu.all(k, ...)``, whose
-    keys would differ). Conservative by construction: a mention inside a string literal or a
-    comment counts too, so no reference can hide."""
-    for mention in _GPU_NAME.finditer(source):
-        field = _SELECTION.match(source, mention.end())
-        if field is None or field.group(1) == "gpus":
-            return True
-        if source[field.end() :].lstrip().startswith("("):  # a macro or method on the map
-            return True
-    return False
-
-
-def _selected_fields(source: str, name: str) -> frozenset[str] | None:
-    """The fields of ``name`` a CEL expression selects (``os.lockdown``), or None when it
-    may read ``name`` whole (``os["x"]``, ``size(os)``, ``os.all(...)``, a mention in a
-    string). Conservative like ``_may_read_gpu_list``: any doubt reads it whole."""
-    fields = set()
-    for mention in re.finditer(rf"\b{re.escape(name)}\b", source):
-        if source[: mention.start()].rstrip().endswith("."):
-            return None  # x.os: a field of something else named like it, or a trick
-        field = _SELECTION.match(source, mention.end())
-        if field is None or source[field.end() :].lstrip().startswith("("):
-            return None
-        fields.add(field.group(1))
-    return frozenset(fields)
 
 
 def _rule(data: Any, where: str) -> Rule:
@@ -508,15 +420,26 @@ def _rule(data: Any, where: str) -> Rule:
     scope = data.get("scope", "host")
     if scope not in ("host", "gpu"):
         raise PolicyError(f"{where}: rule {data['id']}: scope is host or gpu")
+    if not isinstance(data.get("found") or "", str):
+        raise PolicyError(
+            f"{where}: rule {data['id']}: found is a CEL expression (a string), "
+            f"not {data['found']!r}"
+        )
     try:
         program = cel.compile(data["expr"])
         found = cel.compile(data["found"]) if data.get("found") else None
     except ValueError as exc:
         raise PolicyError(f"{where}: rule {data['id']}: CEL does not compile: {exc}") from exc
+    in_scope = {**DOCUMENT, "this": THIS} if scope == "gpu" else DOCUMENT
+    try:
+        paths = check(data["expr"], in_scope, boolean=True).paths
+        if data.get("found"):
+            paths |= _checked_found(data["found"], in_scope)
+    except CheckError as exc:
+        raise PolicyError(f"{where}: rule {data['id']}: {exc}") from None
     zones = data.get("zones") or []
     labels = data.get("labels") or {}
-    if not isinstance(zones, list) or not isinstance(labels, dict):
-        raise PolicyError(f"{where}: rule {data['id']}: zones is a list, labels a mapping")
+    _check_selector(zones, labels, f"{where}: rule {data['id']}")
     names = frozenset(program.variables()) | frozenset(found.variables() if found else ())
     return Rule(
         id=data["id"],
@@ -531,12 +454,35 @@ def _rule(data: Any, where: str) -> Rule:
         found=found,
         names=names,
         fields=tuple(
-            (name, _selected_fields(data["expr"] + "\n" + (data.get("found") or ""), name))
+            (name, selected_fields(data["expr"] + "\n" + (data.get("found") or ""), name))
             for name in sorted(names)
         ),
-        reads_gpu_list=_may_read_gpu_list(data["expr"])
-        or _may_read_gpu_list(data.get("found") or ""),
+        reads_gpu_list=may_read_gpu_list(data["expr"])
+        or may_read_gpu_list(data.get("found") or ""),
+        paths=paths,
     )
+
+
+def _checked_found(source: str, in_scope: Mapping[str, Any]) -> frozenset[tuple[str, ...]]:
+    try:
+        return check(source, in_scope, boolean=False).paths
+    except CheckError as exc:
+        raise CheckError(f"found: {exc}") from None
+
+
+def _check_selector(zones: Any, labels: Any, where: str) -> None:
+    """Zones are names, labels map names to string values: YAML reads ``{gpu: yes}`` as the
+    boolean true, which would never equal the device's label "yes"."""
+    if not isinstance(zones, list) or not all(isinstance(z, str) and z for z in zones):
+        raise PolicyError(f"{where}: zones is a list of zone names, labels a mapping")
+    if not isinstance(labels, dict):
+        raise PolicyError(f"{where}: zones is a list of zone names, labels a mapping")
+    for key, value in labels.items():
+        if not isinstance(value, str):
+            raise PolicyError(
+                f"{where}: labels: the value of {key} is {value!r}, a YAML "
+                f"{type(value).__name__}, never equal to a device's label; quote it in the policy"
+            )
 
 
 class PolicyHolder:
