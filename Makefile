@@ -7,7 +7,7 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl pyth
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo-out
 
-.PHONY: all deps venv demo test lint typecheck protos bench clean
+.PHONY: all deps venv sshd-ref demo test lint typecheck protos bench clean
 
 all: test
 
@@ -22,18 +22,40 @@ deps: .deps-stamp
 	fi
 	@touch $@
 
-venv: $(VENV)/.installed
+# Two stamps: `make demo` installs devtrust and what it needs at run time; `make test` adds
+# the development tools (pytest, mypy, ruff, grpcio-tools).
+venv: $(VENV)/.installed-dev
 $(VENV)/.installed: pyproject.toml .deps-stamp
-	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@[ -x $(PY) ] || { echo "making $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing devtrust and its run-time dependencies into $(VENV)"
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -e .
+	@touch $@
+$(VENV)/.installed-dev: $(VENV)/.installed
+	@echo "installing the development tools into $(VENV)"
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	@touch $@
 
-demo: venv
+demo: $(VENV)/.installed
 	$(VENV)/bin/devtrust demo --out $(DEMO_OUT)
 	openssl verify -CAfile $(DEMO_OUT)/ca-bundle.pem $(DEMO_OUT)/device-cert.pem
 
-test: venv
+# sshd itself for the sshd_config conformance test (tests/test_sshd_config.py compares our
+# parser with `sshd -T`): unpacked from the apt archive, never installed, so no SSH service
+# starts and no port opens. Skipped where the machine has /usr/sbin/sshd.
+SSHD_DIR := .cache/openssh-server
+sshd-ref: $(SSHD_DIR)/.unpacked
+$(SSHD_DIR)/.unpacked: .deps-stamp
+	@mkdir -p $(SSHD_DIR)
+	@if [ ! -x /usr/sbin/sshd ]; then \
+	  echo "unpacking openssh-server into $(SSHD_DIR) for the sshd_config test"; \
+	  cd $(SSHD_DIR) && { apt-get download -q openssh-server libwrap0 >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -q >/dev/null && apt-get download -q openssh-server libwrap0; }; } && \
+	  for deb in *.deb; do dpkg-deb -x "$$deb" .; done && rm -f *.deb; \
+	fi
+	@touch $@
+
+test: venv sshd-ref
 	$(VENV)/bin/pytest -q
 
 lint: venv
@@ -50,4 +72,4 @@ bench: venv
 	$(PY) -m bench.appraisal && $(PY) -m bench.policy && $(PY) -m bench.posture_latency
 
 clean:
-	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import __version__
-from agent.channel import attestation_channel
+from agent.channel import Backoff, attestation_channel, explain, final_error
 from agent.collect import collect_body
 from agent.config import AgentConfig
 from agent.errors import TpmError
@@ -119,7 +118,8 @@ class AttestationClient:
             await asyncio.to_thread(self._xids.stop)
 
     async def _run(self, stop: asyncio.Event) -> None:
-        delay = 0.5
+        address, state = self._cfg.verifier.attestation, self._cfg.state_dir
+        backoff = Backoff(self._cfg.reconnect_max_s)
         while not stop.is_set():
             session = asyncio.create_task(self.session())
             stopper = asyncio.create_task(stop.wait())
@@ -131,21 +131,35 @@ class AttestationClient:
                 return
             exc = session.exception()
             if exc is None:
-                delay = 0.5
-                logger.info("attestation stream closed by the verifier; reconnecting")
+                backoff.reset()
+                logger.info(
+                    "attestation stream to %s closed by the verifier; reconnecting", address
+                )
             elif isinstance(exc, grpc.aio.AioRpcError):
-                logger.warning("attestation stream failed: %s: %s", exc.code().name, exc.details())
+                failure = explain(
+                    exc,
+                    key="verifier.attestation",
+                    address=address,
+                    cfg=self._cfg,
+                    trusted_ca=(
+                        f"the CA this agent enrolled with ({state / 'verifier-ca.pem'}); if "
+                        f"the verifier's CA was replaced, empty {state} and enroll again"
+                    ),
+                )
+                if failure.tls:
+                    # The certificate does not name the address, or another CA signed it:
+                    # no retry changes that.
+                    raise await final_error(failure, address, self._cfg.rpc_timeout_s)
+                logger.warning("attestation stream to %s failed: %s", address, failure)
             elif isinstance(exc, asyncio.InvalidStateError):
                 # The verifier ended the call (a restart) while we were writing evidence.
-                logger.warning("attestation stream ended while sending: %s", exc)
+                logger.warning("attestation stream to %s ended while sending: %s", address, exc)
             elif isinstance(exc, TpmError):
                 logger.error("TPM error: %s", exc)
             else:
                 raise exc
-            jitter = delay * random.uniform(0.8, 1.2)  # noqa: S311 - not for security
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), jitter)
-            delay = min(delay * 2, self._cfg.reconnect_max_s)
+                await asyncio.wait_for(stop.wait(), backoff.delay())
 
     async def session(self) -> None:
         """One stream, until the verifier closes it or it fails."""
@@ -251,11 +265,13 @@ class AttestationClient:
     def _handle_result(self, result: attestation_pb2.Result) -> None:
         trust = result.trust
         logger.info(
-            "trust result: tier=%s score=%d findings=%d",
-            trust.tier,
+            "trust result: tier=%s score=%d findings=%s",
+            tier_word(trust.tier),
             trust.score,
-            len(trust.findings),
+            ",".join(f.id for f in trust.findings) or "-",
         )
+        if self._pending is not None and not result.HasField("certificate"):
+            logger.warning("no certificate: %s", withheld_reason(trust))
         if result.HasField("certificate") and self._pending is not None:
             der = result.certificate.certificate_der
             cert = x509.load_der_x509_certificate(der)
@@ -271,3 +287,17 @@ class AttestationClient:
                 self._pending = None
         if self._on_result is not None:
             self._on_result(result)
+
+
+def tier_word(tier: int) -> str:
+    """The tier as the verifier logs it: affirming, warning, contraindicated or none."""
+    if tier == common_pb2.TIER_UNSPECIFIED or tier not in common_pb2.Tier.values():
+        return "none"
+    return common_pb2.Tier.Name(tier).removeprefix("TIER_").lower()  # type: ignore[arg-type]
+
+
+def withheld_reason(trust: common_pb2.TrustResult) -> str:
+    """Why a Result asked for a certificate carries none, as far as the agent can tell: the
+    tier and the findings' ids (the verifier certifies only at its certificates.min_tier)."""
+    ids = ", ".join(dict.fromkeys(f.id for f in trust.findings)) or "no findings"
+    return f"tier {tier_word(trust.tier)} ({ids})"

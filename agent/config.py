@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,15 @@ class VerifierEndpoint:
     ca_bundle: Path = Path("/etc/devtrust/agent/verifier-ca.pem")
     # TLS name to expect when it differs from the host in the address.
     server_name: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("enrollment", "attestation"):
+            address = getattr(self, name)
+            if not address.strip():
+                raise ValueError(f"{name} is empty: give the verifier's HOST:PORT")
+            port = re.fullmatch(r".*:(\d+)", address)
+            if port and not 1 <= int(port.group(1)) <= 65535:
+                raise ValueError(f"{name} {address}: port {port.group(1)} is not in 1-65535")
 
 
 @dataclass(frozen=True)
@@ -67,12 +77,18 @@ class AgentConfig:
     # may carry the zone and labels the operator assigns to this host. A host never chooses
     # its own zone: there is no zone setting here.
     bootstrap_token: str = ""
+    # Deadline of each call to the verifier.
     rpc_timeout_s: float = 30.0
+    # Enrollment and the attestation stream retry an unreachable verifier after 0.5 s,
+    # doubling up to this (each wait +-20 %), one log line per failed attempt.
     reconnect_max_s: float = 30.0
     # Ask for a new device certificate once this fraction of its lifetime has passed.
     renew_at: float = 0.5
 
     def __post_init__(self) -> None:
+        for name in ("rpc_timeout_s", "reconnect_max_s", "watch_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.renew_at < 1:
             raise ValueError("renew_at must be between 0 and 1")
         if not self.posture_debounce_s > 0:

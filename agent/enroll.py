@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Callable
 
-from agent.channel import enrollment_channel
+import grpc
+from cryptography import x509
+
+from agent.channel import (
+    Backoff,
+    VerifierError,
+    VerifierUnreachable,
+    enrollment_channel,
+    explain,
+    final_error,
+)
 from agent.config import AgentConfig
 from agent.enrollment_proof import proof_for
-from agent.errors import ConfigError
 from agent.evidence import host_facts
 from agent.state import AgentFiles, Enrollment, der_to_pem, key_pem, new_key, spki
 from agent.tpm import AsyncTpm
@@ -19,23 +32,40 @@ logger = logging.getLogger(__name__)
 class EnrollmentPending(Exception):
     """The verifier enrolled the device but an operator must approve it first."""
 
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id} awaits operator approval")
+        self.device_id = device_id
 
-def _verifier_ca(cfg: AgentConfig) -> bytes:
+
+def verifier_ca(cfg: AgentConfig) -> bytes:
+    """The CA bundle that verifies the verifier's certificate: readable, and PEM certificates."""
+    path = cfg.verifier.ca_bundle
+    remedy = "copy there the ca.pem that `devtrust-verifier init --dir` made"
     try:
-        return cfg.verifier.ca_bundle.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"verifier.ca_bundle {cfg.verifier.ca_bundle}: {exc.strerror}") from exc
+        raise VerifierError(
+            f"verifier.ca_bundle {path}: cannot read: {exc.strerror}; {remedy}"
+        ) from exc
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise VerifierError(
+            f"verifier.ca_bundle {path}: not a PEM certificate bundle; {remedy}"
+        ) from exc
+    return data
 
 
 async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollment:
-    """Enroll this host's TPM; return and save the attestation-channel identity."""
+    """Enroll this host's TPM; return and save the attestation-channel identity. One
+    attempt: a failed call raises ``grpc.aio.AioRpcError`` (``enroll_retrying`` retries)."""
+    ca_pem = verifier_ca(cfg)
     backend = tpm.backend
     ek_cert = await tpm.run(backend.ek_certificate)
     ek_public = await tpm.run(backend.ek_public)
     ak_public = await tpm.run(backend.ak_public)
     channel_key = new_key()
     channel_spki = spki(channel_key)
-    ca_pem = _verifier_ca(cfg)
     async with enrollment_channel(cfg, ca_pem) as channel:
         stub = enrollment_pb2_grpc.EnrollmentStub(channel)
         challenge = await stub.Enroll(
@@ -60,7 +90,7 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
             timeout=cfg.rpc_timeout_s,
         )
     if response.state == common_pb2.DEVICE_STATE_PENDING_APPROVAL:
-        raise EnrollmentPending(f"device {response.device_id} awaits operator approval")
+        raise EnrollmentPending(response.device_id)
     chain_pem = b"".join(der_to_pem(der) for der in response.ca_chain)
     enrollment = Enrollment(
         device_id=response.device_id,
@@ -71,3 +101,75 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
     files.save_enrollment(enrollment)
     logger.info("enrolled as device %s", enrollment.device_id)
     return enrollment
+
+
+async def enroll_retrying(
+    cfg: AgentConfig,
+    tpm: AsyncTpm,
+    files: AgentFiles,
+    *,
+    stop: asyncio.Event,
+    give_up_s: float | None = None,
+    pending_retry_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Enrollment | None:
+    """Enroll, retrying while the verifier is out of reach with the stream's backoff
+    (``Backoff``), one log line per failed attempt. Returns None once ``stop`` is set.
+
+    Raises ``VerifierError`` at once for what retrying cannot fix (a certificate that does not
+    name the address, an untrusted one, a refusal such as an untrusted EK or a spent token),
+    ``VerifierUnreachable`` when ``give_up_s`` passed without an answer (None: never), and
+    ``EnrollmentPending`` when an operator must approve and ``pending_retry_s`` is None
+    (otherwise it asks again after that many seconds).
+    """
+    address = cfg.verifier.enrollment
+    backoff = Backoff(cfg.reconnect_max_s)
+    started, attempts = clock(), 0
+    while not stop.is_set():
+        attempts += 1
+        try:
+            return await enroll(cfg, tpm, files)
+        except EnrollmentPending as exc:
+            if pending_retry_s is None:
+                raise
+            logger.info("%s; asking again in %.0f s", exc, pending_retry_s)
+            backoff.reset()
+            wait = pending_retry_s
+        except grpc.aio.AioRpcError as exc:
+            failure = explain(exc, key="verifier.enrollment", address=address, cfg=cfg)
+            if failure.final is not None:
+                error = await final_error(failure, address, cfg.rpc_timeout_s)
+                raise _with_token_remedy(error, cfg, exc) from None
+            wait = backoff.delay()
+            spent = clock() - started
+            if give_up_s is not None and spent + wait > give_up_s:
+                raise VerifierUnreachable(
+                    f"verifier.enrollment {address}: no answer in {attempts} attempt(s) over "
+                    f"{spent:.0f} s (last: {failure}); check that `devtrust-verifier serve` "
+                    "runs there and that this is its enrollment port (its listen.enrollment)"
+                ) from None
+            logger.warning(
+                "enrollment at %s failed: %s; attempt %d, next in %.1f s",
+                address,
+                failure,
+                attempts,
+                wait,
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+    return None
+
+
+def _with_token_remedy(
+    error: VerifierError, cfg: AgentConfig, exc: grpc.aio.AioRpcError
+) -> VerifierError:
+    """A refusal about the bootstrap token says how to get one that works."""
+    if exc.code() is not grpc.StatusCode.PERMISSION_DENIED:
+        return error
+    if "token" not in (exc.details() or "").lower():
+        return error
+    if not cfg.bootstrap_token:
+        remedy = "bootstrap_token is empty: set it to a token from"
+    else:
+        remedy = "bootstrap_token cannot be used: set it to a new token from"
+    return VerifierError(f"{error}; {remedy} `devtrust-verifier token create` on the verifier")

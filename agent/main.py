@@ -6,51 +6,88 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import importlib.metadata
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
+# gRPC core prints INFO lines of its own on stderr (a failed TLS handshake, in its words)
+# unless told otherwise, and reads this once, when grpc is first imported: before the
+# imports below. The agent's one line says what failed and what to do.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from google.protobuf import json_format
 
+from agent import __version__
 from agent.attest import AttestationClient
+from agent.channel import VerifierError, VerifierUnreachable
 from agent.collect import collect_body
 from agent.config import AgentConfig
-from agent.enroll import EnrollmentPending, enroll
-from agent.errors import DevtrustError
+from agent.enroll import EnrollmentPending, enroll_retrying
+from agent.errors import DevtrustError, TpmError
+from agent.logsetup import configure_logging
 from agent.state import AgentFiles
 from agent.tpm import AsyncTpm, TpmBackend
 from protos.devtrust.v1 import attestation_pb2
 
 logger = logging.getLogger("devtrust.agent")
+DEFAULT_CONFIG = Path("/etc/devtrust/agent.yaml")
 PENDING_RETRY_S = 60.0
+# `enroll` (one-shot) keeps retrying an unreachable verifier this long by default.
+ENROLL_GIVE_UP_S = 120.0
+# Exit statuses (also in --help).
+EXIT_ERROR, EXIT_PENDING, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 2, 3, 75, 130
+EPILOG = (
+    "exit status: 0 done; 2 an error, its one line says what to fix; 3 enrolled, awaiting "
+    "operator approval (`devtrust-verifier approve`); 75 the verifier did not answer "
+    "within --give-up-s (`enroll` only: `run` keeps trying); 130 interrupted"
+)
+
+
+def version_line() -> str:
+    """``devtrust-agent X.Y.Z``: the installed package's version."""
+    try:
+        return f"devtrust-agent {importlib.metadata.version('devtrust')}"
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return f"devtrust-agent {__version__}"
 
 
 def make_tpm(cfg: AgentConfig) -> AsyncTpm:
     return AsyncTpm(TpmBackend(cfg.tpm.tcti, ek_type=cfg.tpm.ek_type, ak_handle=cfg.tpm.ak_handle))
 
 
-async def run(cfg: AgentConfig, *, enroll_only: bool = False) -> None:
+async def run(
+    cfg: AgentConfig, *, enroll_only: bool = False, give_up_s: float | None = None
+) -> bool:
+    """Enroll when not enrolled yet (retrying an unreachable verifier; ``enroll_only`` gives
+    up after ``give_up_s``), then, for ``run``, attest until SIGTERM or SIGINT. False when
+    stopped before enrollment completed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
     tpm = make_tpm(cfg)
     try:
         enrollment = files.load_enrollment()
-        while enrollment is None:
-            try:
-                enrollment = await enroll(cfg, tpm, files)
-            except EnrollmentPending as exc:
-                if enroll_only:
-                    raise
-                logger.info("%s; asking again in %.0fs", exc, PENDING_RETRY_S)
-                await asyncio.sleep(PENDING_RETRY_S)
+        if enrollment is None:
+            enrollment = await enroll_retrying(
+                cfg,
+                tpm,
+                files,
+                stop=stop,
+                give_up_s=give_up_s if enroll_only else None,
+                pending_retry_s=None if enroll_only else PENDING_RETRY_S,
+            )
+        if enrollment is None:  # stopped while enrolling
+            return False
         if enroll_only:
             print(enrollment.device_id)
-            return
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            return True
         await AttestationClient(cfg, tpm, files, enrollment).run(stop)
+        return True
     finally:
         tpm.close()
 
@@ -92,40 +129,109 @@ def _opt(msg: attestation_pb2.OsPosture, name: str) -> str:
     return str(getattr(msg, name)) if msg.HasField(name) else "?"  # type: ignore[arg-type]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="devtrust-agent", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (
-        ("run", "enroll if needed, then attest until stopped"),
-        ("enroll", "enroll this host's TPM and print the device id"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--config", type=Path, default=Path("/etc/devtrust/agent.yaml"))
-    p = sub.add_parser(
-        "collect", help="print the evidence body this host would send (without a quote)"
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default (where there is one to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devtrust-agent", description=__doc__, epilog=EPILOG, formatter_class=_Formatter
     )
-    p.add_argument("--config", type=Path, help="agent configuration (optional)")
-    p.add_argument("--root", type=Path, help="read posture from this root instead of /")
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=text, description=text, epilog=EPILOG, formatter_class=_Formatter
+        )
+
+    config_help = "the agent's configuration file (packaging/config/agent.yaml)"
+    p = command(
+        "run",
+        "enroll if needed (retrying until the verifier answers), then attest until stopped",
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p.set_defaults(give_up_s=None)
+    p = command("enroll", "enroll this host's TPM and print the device id")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p.add_argument(
+        "--give-up-s",
+        type=_seconds,
+        default=ENROLL_GIVE_UP_S,
+        metavar="SECONDS",
+        help="stop retrying an unreachable verifier after this long (exit 75); 0: one attempt",
+    )
+    p = command("collect", "print the evidence body this host would send (without a quote)")
+    p.add_argument("--config", type=Path, help="agent configuration (optional: defaults apply)")
+    p.add_argument(
+        "--root", type=Path, help="read posture from this root instead of posture_root (/)"
+    )
     p.add_argument("--gpu-xml", type=Path, help="take GPU state from nvidia-smi -q -x output")
-    p.add_argument("--json", action="store_true", help="JSON (default: a summary)")
-    args = parser.parse_args(argv)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "collect":
         return collect(args)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return _daemon(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    """`run` and `enroll`: every error one line on stderr, naming the file where it can."""
+    if not args.config.exists():
+        print(
+            f"devtrust-agent: configuration {args.config} does not exist: copy "
+            "packaging/config/agent.yaml there and adapt it, or give --config FILE",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
         cfg = AgentConfig.load(args.config)
-        asyncio.run(run(cfg, enroll_only=args.command == "enroll"))
+        enroll_only = args.command == "enroll"
+        done = asyncio.run(run(cfg, enroll_only=enroll_only, give_up_s=args.give_up_s))
     except EnrollmentPending as exc:
-        print(f"devtrust-agent: {exc}", file=sys.stderr)
-        return 3
+        print(
+            f"devtrust-agent: {exc}: approve it on the verifier (`devtrust-verifier approve "
+            f"{exc.device_id}`), then enroll again",
+            file=sys.stderr,
+        )
+        return EXIT_PENDING
+    except VerifierError as exc:
+        print(f"devtrust-agent: {args.config}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if isinstance(exc, VerifierUnreachable) else EXIT_ERROR
+    except TpmError as exc:
+        print(
+            f"devtrust-agent: {exc}; check tpm.tcti in {args.config}: the TPM must exist "
+            "and this user may open it (group tss)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     except DevtrustError as exc:
         print(f"devtrust-agent: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_ERROR
+    return 0 if done or not enroll_only else EXIT_INTERRUPTED
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, 0 or more")
+    return value
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ rules, so that a busy GPU host does not turn every poll into a full attestation:
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import os
 import re
 import socket
 import struct
@@ -76,33 +78,196 @@ def _efivar(r: _Reader, name: str, field: str) -> bool | None:
 
 
 def _sshd(r: _Reader, p: attestation_pb2.OsPosture) -> None:
-    """Effective PermitRootLogin and PasswordAuthentication: sshd takes the first value it
-    reads, Include files in place; without a line the compiled-in defaults apply."""
+    """Effective PermitRootLogin and PasswordAuthentication, as ``sshd -T`` reports them; a
+    configuration sshd would refuse to start with reads as unknown, with its file and line."""
     text = r.read("etc/ssh/sshd_config", "sshd")
     if text is None:
         return
-    values: dict[str, str] = {}
+    try:
+        settings = sshd_settings(text, name="/etc/ssh/sshd_config", root=r.root)
+    except SshdConfigError as exc:
+        r.unknown("sshd", str(exc))
+        return
+    p.sshd.permit_root_login = settings["permitrootlogin"]
+    p.sshd.password_authentication = settings["passwordauthentication"] == "yes"
 
-    def scan(content: str) -> None:
-        for raw in content.splitlines():
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            key, _, value = line.partition(" ")
-            key = key.lower()
-            if key == "match":
-                return  # conditional blocks apply per connection, not globally
-            if key == "include":
-                for pattern in value.split():
-                    rel = pattern.lstrip("/") if pattern.startswith("/") else f"etc/ssh/{pattern}"
-                    for inc in sorted(r.root.glob(rel)):
-                        scan(inc.read_text(errors="replace"))
-                continue
-            values.setdefault(key, value.strip().lower())
 
-    scan(text)
-    p.sshd.permit_root_login = values.get("permitrootlogin", "prohibit-password")
-    p.sshd.password_authentication = values.get("passwordauthentication", "yes") == "yes"
+# sshd_config, read as OpenSSH's sshd reads it (servconf.c process_server_config_line_depth,
+# misc.c strdelim and argv_split; checked against `sshd -T` in tests/test_sshd_config.py).
+# The settings read, their compiled-in defaults and the values sshd accepts (any case).
+SSHD_DEFAULTS = {"permitrootlogin": "prohibit-password", "passwordauthentication": "yes"}
+_SSHD_VALUES = {
+    "permitrootlogin": {
+        "yes",
+        "no",
+        "prohibit-password",
+        "without-password",  # the old name of prohibit-password
+        "forced-commands-only",
+    },
+    "passwordauthentication": {"yes", "no"},
+}
+_SSHD_WS = " \t\r\n"
+_SSHD_DELIM = re.compile(r'[ \t\r\n"=]')
+SSHD_DIR = "etc/ssh"  # relative Include paths are relative to /etc/ssh
+SSHD_MAX_DEPTH = 16  # servconf.c SERVCONF_MAX_DEPTH
+
+
+class SshdConfigError(ValueError):
+    """A configuration sshd would refuse to start with; the message names file and line."""
+
+
+def _strdelim(s: str) -> tuple[str, str | None] | None:
+    """misc.c strdelim(): the next token (split at whitespace, a quote or one "=") and the
+    rest (None at the end of the line); None for an unmatched quote."""
+    m = _SSHD_DELIM.search(s)
+    if m is None:
+        return s, None
+    i = m.start()
+    if s[i] == '"':
+        end = s.find('"', i + 1)
+        if end < 0:
+            return None
+        return s[:i] + s[i + 1 : end], s[end + 1 :].lstrip(_SSHD_WS)
+    rest = s[i + 1 :].lstrip(_SSHD_WS)
+    if s[i] != "=" and rest.startswith("="):
+        rest = rest[1:].lstrip(_SSHD_WS)
+    return s[:i], rest
+
+
+def _argv_split(s: str) -> list[str] | None:
+    """misc.c argv_split() with comments: words split at blanks, quotes ("" or '') and
+    backslash escapes removed, a word starting with # ends the line; None for open quotes."""
+    words: list[str] = []
+    i, n = 0, len(s)
+    while i < n:
+        if s[i] in " \t":
+            i += 1
+            continue
+        if s[i] == "#":
+            break
+        word: list[str] = []
+        quote = ""
+        while i < n:
+            c = s[i]
+            if c == "\\" and i + 1 < n and (s[i + 1] in "'\"\\" or (not quote and s[i + 1] == " ")):
+                i += 1
+                word.append(s[i])
+            elif not quote and c in " \t":
+                break
+            elif not quote and c in "\"'":
+                quote = c
+            elif quote and c == quote:
+                quote = ""
+            else:
+                word.append(c)
+            i += 1
+        if quote:
+            return None
+        words.append("".join(word))
+    return words
+
+
+def sshd_words(line: str, where: str) -> list[str] | None:
+    """One line of sshd_config as keyword and arguments; None for a blank or comment line."""
+    line = line.lstrip(" \t\r").rstrip(_SSHD_WS + "\f")
+    first = _strdelim(line)
+    if first is not None and first[0] == "" and first[1] is not None:
+        first = _strdelim(first[1])  # leading whitespace
+    if first is None or not first[0] or first[0].startswith("#"):
+        return None
+    keyword, rest = first
+    if not rest:
+        raise SshdConfigError(f"{where}: no argument after keyword {keyword!r}")
+    args = _argv_split(rest)
+    if args is None:
+        raise SshdConfigError(f"{where}: invalid quotes")
+    return [keyword, *args]
+
+
+def _match_all(args: list[str], where: str) -> bool:
+    """Whether a Match line's criteria hold for every connection ("Match all"); the others
+    apply to some connections only, never to the global settings."""
+    if not args:
+        raise SshdConfigError(f"{where}: Match needs one or more criteria")
+    i = 0
+    while i < len(args):
+        criterion = args[i].lower()
+        if criterion == "all":
+            if len(args) > 1:
+                raise SshdConfigError(f"{where}: 'Match all' cannot be combined")
+            return True
+        needs_value = criterion != "invalid-user" and "=" not in criterion
+        if needs_value and (i + 1 >= len(args) or args[i + 1].startswith("#")):
+            raise SshdConfigError(f"{where}: Match {args[i]} needs a value")
+        i += 2 if needs_value else 1
+    return False
+
+
+@dataclass
+class _SshdScan:
+    """First value wins in each context: "global" (outside Match) and "all" (Match all,
+    which sshd applies to every connection after the global ones, so it overrides them)."""
+
+    root: Path
+    found: dict[tuple[str, str], str]
+
+    def file(self, text: str, name: str, context: str, depth: int, nevermatch: bool) -> None:
+        """Scan one file; ``nevermatch``: it is included from a conditional Match block,
+        so no Match inside it applies (servconf.c SSHCFG_NEVERMATCH)."""
+        if depth > SSHD_MAX_DEPTH:
+            raise SshdConfigError(f"{name}: Include nested deeper than {SSHD_MAX_DEPTH}")
+        for number, raw in enumerate(text.split("\n"), 1):
+            where = f"{name} line {number}"
+            words = sshd_words(raw, where)
+            if words is None:
+                continue
+            keyword, args = words[0].lower(), words[1:]
+            if keyword == "match":
+                context = "all" if _match_all(args, where) and not nevermatch else "conditional"
+            elif keyword == "include":
+                self._include(args, where, context, depth)
+            elif keyword in SSHD_DEFAULTS:
+                if len(args) != 1 or args[0].lower() not in _SSHD_VALUES[keyword]:
+                    raise SshdConfigError(
+                        f"{where}: {words[0]} {' '.join(args) or '(nothing)'}: expected one of "
+                        f"{', '.join(sorted(_SSHD_VALUES[keyword]))}"
+                    )
+                value = args[0].lower().replace("without-password", "prohibit-password")
+                if context != "conditional":
+                    self.found.setdefault((context, keyword), value)
+
+    def _include(self, patterns: list[str], where: str, context: str, depth: int) -> None:
+        if not patterns or "" in patterns:
+            raise SshdConfigError(f"{where}: Include needs file names")
+        for pattern in patterns:
+            if pattern.startswith("~"):
+                continue  # sshd does not expand ~ here: no such file
+            rel = pattern.lstrip("/") if pattern.startswith("/") else f"{SSHD_DIR}/{pattern}"
+            for path in sorted(glob.glob(os.path.join(glob.escape(str(self.root)), rel))):
+                try:
+                    text = Path(path).read_text(errors="replace")
+                except OSError as exc:
+                    raise SshdConfigError(
+                        f"{where}: Include {pattern}: {exc.strerror or exc}"
+                    ) from exc
+                shown = "/" + os.path.relpath(path, self.root)
+                self.file(text, shown, context, depth + 1, context == "conditional")
+
+
+def sshd_settings(text: str, *, name: str, root: Path) -> dict[str, str]:
+    """The global values of ``SSHD_DEFAULTS``'s settings in sshd_config ``text`` (found at
+    ``name``), Include files read under ``root``. As sshd: keyword and argument separated by
+    blanks or one "=", keywords in any case, quotes and escapes as sshd takes them, the first
+    value wins, Include globs expanded in place (sorted; relative to /etc/ssh), and a Match
+    block counts only when it is "Match all", whose values then win. Raises
+    ``SshdConfigError`` for what sshd would refuse: a bad value or quote, a lone keyword, a
+    malformed Match or Include. Other keywords are not checked."""
+    scan = _SshdScan(root, {})
+    scan.file(text, name, "global", 0, nevermatch=False)
+    return {
+        key: scan.found.get(("all", key), scan.found.get(("global", key), default))
+        for key, default in SSHD_DEFAULTS.items()
+    }
 
 
 def _listening(r: _Reader, p: attestation_pb2.OsPosture) -> None:

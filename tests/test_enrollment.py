@@ -327,7 +327,9 @@ def test_bootstrap_tokens_are_required_hashed_and_single_use(
         workdir, pki, config, [tpms[0], tpms[0], tpms[1], tpms[2]], ["", good, good, old]
     )
     assert outcomes[0].startswith("PERMISSION_DENIED")
-    assert "unknown bootstrap token" in outcomes[0]
+    assert (
+        "requires a bootstrap token (enrollment.require_token) and none was given" in (outcomes[0])
+    )
     assert outcomes[1].startswith("enrolled")
     assert "bootstrap token already used" in outcomes[2]
     assert "bootstrap token expired" in outcomes[3]

@@ -98,6 +98,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         """The one-time bootstrap token (stored hashed), spent when the proof arrives."""
         if not (request.bootstrap_token or self._config.enrollment.require_token):
             return "", None
+        if not request.bootstrap_token:
+            raise Rejected(
+                f"device {device_id}: this verifier requires a bootstrap token "
+                "(enrollment.require_token) and none was given; create one with "
+                "`devtrust-verifier token create` and set bootstrap_token in the agent's "
+                "configuration"
+            )
         token_sha256 = hashlib.sha256(request.bootstrap_token.encode()).hexdigest()
         token = self._store.get_token(token_sha256)
         problem = (
