@@ -4,34 +4,56 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
+# grpc prints its own INFO lines (TLS handshake failures) unless told before it loads:
+# one line per error is ours to write.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from agent.logsetup import configure_logging
 from verifier import tools
 from verifier.demo import demo
 from verifier.errors import DevtrustError
+from verifier.main import version_line
+from verifier.tools import one_line
 
 
 class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 2 (as the tools' unreadable input does); help shows defaults. Sub-
+    commands' parsers are of this class too (argparse makes them of the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", tools.HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(tools.EXIT_USAGE)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="devtrust", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
     p = sub.add_parser("demo", help="verifier + swtpm agent: enroll, attest, certify")
-    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument(
+        "--out", type=Path, default=Path("demo-out"), help="where the results are written"
+    )
     p.add_argument("--keep-work", action="store_true", help="keep the temporary directory")
     tools.add_parsers(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         if args.command == "demo":
             return demo(args.out, keep_work=args.keep_work)
@@ -42,9 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("devtrust: interrupted; everything started was stopped", file=sys.stderr)
         return 130
-    except (DevtrustError, RuntimeError, TimeoutError) as exc:
-        print(f"devtrust: {exc}", file=sys.stderr)
+    except (DevtrustError, RuntimeError, TimeoutError, OSError) as exc:
+        print(f"devtrust: {one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # the last resort: one line, the traceback only with -v
+        logging.getLogger("devtrust").info("unexpected error", exc_info=True)
+        print(
+            f"devtrust: unexpected error: {type(exc).__name__}: {exc} "
+            "(run with -v for where it happened, and report it)",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

@@ -16,12 +16,35 @@ DEFAULT_ROOTS = Path(__file__).resolve().parent / "data" / "ek-roots"
 DEFAULT_POLICY = Path(__file__).resolve().parent / "data" / "policy" / "default.yaml"
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port), with 0 <= port <= 65535 (0: any free
+    port). ValueError otherwise: gRPC would take a port of 99999 as 34463, and no port as 443."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    digits = port.isascii() and port.isdigit()
+    if not sep or not host or not digits or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with 0 <= PORT <= 65535, got {address!r}")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     # TLS (server-authenticated only): enrollment, for devices without a certificate yet.
     enrollment: str = "127.0.0.1:7443"
     # mTLS only: attestation streams (agent certificates) and queries (operator certificates).
     attestation: str = "127.0.0.1:7444"
+
+    def __post_init__(self) -> None:
+        for name in ("enrollment", "attestation"):
+            try:
+                parse_address(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        if self.enrollment == self.attestation and parse_address(self.enrollment)[1] != 0:
+            raise ValueError(
+                f"enrollment and attestation are both {self.enrollment}: give each its own port"
+            )
 
 
 @dataclass(frozen=True)

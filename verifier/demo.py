@@ -32,7 +32,7 @@ from protos.devtrust.v1 import attestation_pb2, common_pb2, query_pb2, query_pb2
 from swtpm import EndorsementCA, Swtpm, provision
 from swtpm.bootlog import simulate_boot
 from swtpm.hosttree import write_host_tree
-from verifier.ca import CertificateAuthority, DeviceClaims, pem, spiffe_ids
+from verifier.ca import DeviceClaims, pem, spiffe_ids
 from verifier.config import (
     AttestationConfig,
     CaConfig,
@@ -41,7 +41,7 @@ from verifier.config import (
     TlsConfig,
     VerifierConfig,
 )
-from verifier.pki import init_pki, issue_operator
+from verifier.pki import init_pki, issue_operator, load_ca, writable_dir
 from verifier.server import start_verifier
 
 TIMEOUT_S = 60.0
@@ -147,7 +147,7 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
             )
 
         # An operator reads the stored result back over the query API (mTLS).
-        ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
+        ca = load_ca(pki.ca_cert, pki.ca_key)
         op_cert, op_key = issue_operator(
             ca, work / "verifier", name="demo", trust_domain=vcfg.trust_domain, now=now
         )
@@ -212,6 +212,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def demo(out: Path, *, keep_work: bool = False) -> int:
+    writable_dir(out, "--out")  # before anything starts: one line, nothing to undo
     # SIGTERM unwinds like Ctrl-C, so the swtpm process and the servers are stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="devtrust-demo-"))

@@ -160,6 +160,7 @@ class EndorsementStore:
         sources: list[str] = []
         intermediates: list[x509.Certificate] = []
         skipped: list[str] = []
+        paths = list(paths)
         for path in paths:
             files = (
                 sorted(p for p in path.rglob("*") if p.suffix.lower() in CERT_SUFFIXES)
@@ -188,7 +189,11 @@ class EndorsementStore:
         for reason in skipped:
             logger.debug("endorsement store: skipped %s", reason)
         if not roots:
-            raise ConfigError("no endorsement roots configured: no EK certificate could verify")
+            where = ", ".join(str(p) for p in paths) or "nowhere (endorsement.roots is empty)"
+            raise ConfigError(
+                f"no endorsement roots (self-signed CA certificates, PEM or DER) in {where}: "
+                "no EK certificate could verify; fix `endorsement.roots:` in the configuration"
+            )
         return cls(roots=tuple(roots), sources=tuple(sources), intermediates=tuple(intermediates))
 
     def verify(

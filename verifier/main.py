@@ -6,23 +6,42 @@ import argparse
 import asyncio
 import datetime
 import hashlib
+import importlib.metadata
 import logging
+import os
 import secrets
 import signal
 import sys
 from pathlib import Path
 
-from verifier.ca import CertificateAuthority
+# grpc prints its own INFO lines (TLS handshake failures) unless told before it loads:
+# one line per error is ours to write.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from agent import __version__
+from agent.logsetup import configure_logging
 from verifier.config import VerifierConfig
-from verifier.errors import DevtrustError
+from verifier.errors import ConfigError, DevtrustError
 from verifier.inventory import Inventory, parse_labels, zone_problem
-from verifier.pki import init_pki, issue_operator
+from verifier.pki import check_operator_name, init_pki, issue_operator, load_ca
 from verifier.policy import PolicyError
 from verifier.records import DeviceState
 from verifier.server import start_verifier
 from verifier.store import Store
+from verifier.tools import HelpFormatter, one_line
 
 logger = logging.getLogger("devtrust.verifier")
+DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")
+# A bootstrap token's lifetime: long enough to image a host, short enough to matter.
+TOKEN_TTL_S = (60, 30 * 24 * 3600)
+
+
+def version_line() -> str:
+    """``devtrust X.Y.Z``: the installed package's version (`--version` on every command)."""
+    try:
+        return f"devtrust {importlib.metadata.version('devtrust')}"
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return f"devtrust {__version__}"
 
 
 async def serve(config: VerifierConfig) -> None:
@@ -49,6 +68,12 @@ async def serve(config: VerifierConfig) -> None:
 
 def _token(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
     """`token create`: a one-time bootstrap token, stored hashed, with what it assigns."""
+    low, high = TOKEN_TTL_S
+    if not low <= args.ttl_s <= high:
+        raise ValueError(
+            f"--ttl-s {args.ttl_s}: a token lives {low} to {high} seconds (30 days); give a "
+            "lifetime in that range"
+        )
     labels = parse_labels(args.label)
     problem = zone_problem(args.zone)
     if problem is not None:
@@ -93,7 +118,10 @@ def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.dat
     try:
         record = store.get_device(args.device_id)
         if record is None:
-            raise ValueError(f"no device {args.device_id}")
+            raise ValueError(
+                f"no device {args.device_id} in {config.database}: give the whole device id "
+                "(the verifier logs it: `enrolled device=ID state=pending_approval`)"
+            )
         pending = record.state is DeviceState.PENDING_APPROVAL
         if record.state is DeviceState.REVOKED or not (pending or assigns):
             raise ValueError(
@@ -116,7 +144,7 @@ def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.dat
 
 def _inventory_check(args: argparse.Namespace) -> int:
     """`inventory check`: validate an inventory before the verifier loads it at start."""
-    path = args.file or VerifierConfig.load(args.config).enrollment.inventory
+    path = args.file or _config(args.config).enrollment.inventory
     if path is None:
         raise ValueError(f"no inventory given, and none in {args.config} (enrollment.inventory)")
     inventory = Inventory.load(path)
@@ -125,82 +153,141 @@ def _inventory_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(path: Path) -> VerifierConfig:
+    if not path.exists():
+        raise ConfigError(
+            f"configuration {path} does not exist: copy packaging/config/verifier.yaml there "
+            "and adapt it, or give --config FILE"
+        )
+    return VerifierConfig.load(path)
+
+
 def _admin(args: argparse.Namespace, now: datetime.datetime) -> int:
     """Commands an administrator runs on the verifier host; usage errors exit 1."""
     try:
         if args.command == "inventory":
             return _inventory_check(args)
-        config = VerifierConfig.load(args.config)
+        config = _config(args.config)
         if args.command == "token":
             return _token(args, config, now)
         return _approve(args, config, now)
     except ValueError as exc:
-        print(f"devtrust-verifier: {exc}", file=sys.stderr)
+        print(f"devtrust-verifier: {one_line(exc)}", file=sys.stderr)
         return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="devtrust-verifier", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the verifier")
-    p.add_argument("--config", type=Path, default=Path("/etc/devtrust/verifier.yaml"))
-    p = sub.add_parser("init", help="make the CA and server certificate in a directory")
-    p.add_argument("--dir", type=Path, required=True)
+def _init(args: argparse.Namespace, now: datetime.datetime) -> int:
+    files = init_pki(args.dir, hostnames=args.hostname, now=now, force=args.force)
+    if files.backups:
+        kept = ", ".join(str(b) for b in files.backups)
+        print(f"replaced the CA; the old files are kept as {kept}", file=sys.stderr)
+    print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}")
+    return 0
+
+
+def _operator(args: argparse.Namespace, now: datetime.datetime) -> int:
+    check_operator_name(args.name)
+    ca = load_ca(args.dir / "ca.pem", args.dir / "ca.key", configured=False)
+    cert, key = issue_operator(
+        ca, args.dir, name=args.name, trust_domain=args.trust_domain, now=now
+    )
+    print(f"operator certificate {cert}\nkey {key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devtrust-verifier", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    config_help = "the verifier's configuration file"
+    p = command("serve", "run the verifier")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p = command("init", "make the CA and server certificate in a directory")
+    p.add_argument("--dir", type=Path, required=True, help="directory for the CA and server files")
     p.add_argument(
         "--hostname",
         action="append",
         required=True,
         help="server name or IP address for the server certificate (repeatable)",
     )
-    p = sub.add_parser("token", help="create a one-time bootstrap token for enrollment")
-    p.add_argument("action", nargs="?", choices=["create"], default="create")
-    p.add_argument("--config", type=Path, default=Path("/etc/devtrust/verifier.yaml"))
-    p.add_argument("--ttl-s", type=int, default=24 * 3600, help="lifetime in seconds")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a CA already there (every certificate it issued stops verifying); "
+        "the replaced files are kept as NAME.<time>.bak",
+    )
+    p = command("token", "create a one-time bootstrap token for enrollment")
+    p.add_argument("action", nargs="?", choices=["create"], default="create", help="what to do")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p.add_argument(
+        "--ttl-s",
+        type=int,
+        default=24 * 3600,
+        help=f"lifetime in seconds, {TOKEN_TTL_S[0]} to {TOKEN_TTL_S[1]} (30 days)",
+    )
     p.add_argument("--note", default="", help="what the token is for (kept beside its hash)")
     p.add_argument("--zone", default="", help="zone of the device that first enrolls with it")
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
-    p = sub.add_parser(
-        "approve", help="approve a pending device and/or set a device's zone and labels"
-    )
-    p.add_argument("device_id")
-    p.add_argument("--config", type=Path, default=Path("/etc/devtrust/verifier.yaml"))
-    p.add_argument("--zone", default=None, help="the device's zone from now on")
+    p = command("approve", "approve a pending device and/or set a device's zone and labels")
+    p.add_argument("device_id", help="the device id (sha256 of its EK public key, hex)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p.add_argument("--zone", default=None, help="the device's zone from now on; none: unchanged")
     p.add_argument(
         "--label", action="append", default=[], help="KEY=VALUE (repeatable; replaces all)"
     )
-    p = sub.add_parser("inventory", help="enrollment inventory (device id -> zone, labels)")
-    p.add_argument("action", choices=["check"])
-    p.add_argument("file", type=Path, nargs="?", help="default: enrollment.inventory")
-    p.add_argument("--config", type=Path, default=Path("/etc/devtrust/verifier.yaml"))
-    p = sub.add_parser("operator", help="issue an operator certificate for the query API")
-    p.add_argument("--dir", type=Path, required=True, help="directory made by init")
-    p.add_argument("--name", required=True)
-    p.add_argument("--trust-domain", default="devtrust.local")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    p = command("inventory", "enrollment inventory (device id -> zone, labels)")
+    p.add_argument("action", choices=["check"], help="what to do")
+    p.add_argument(
+        "file", type=Path, nargs="?", help="the inventory; default: enrollment.inventory"
     )
-    now = datetime.datetime.now(datetime.UTC)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p = command("operator", "issue an operator certificate for the query API")
+    p.add_argument("--dir", type=Path, required=True, help="directory made by init")
+    p.add_argument("--name", required=True, help="operator name, in spiffe://TD/operator/NAME")
+    p.add_argument(
+        "--trust-domain", default="devtrust.local", help="TD, as trust_domain in the config"
+    )
+    return parser
+
+
+def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
+    if args.command == "serve":
+        asyncio.run(serve(_config(args.config)))
+        return 0
+    if args.command in ("token", "approve", "inventory"):
+        return _admin(args, now)
+    return _init(args, now) if args.command == "init" else _operator(args, now)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        if args.command == "serve":
-            asyncio.run(serve(VerifierConfig.load(args.config)))
-        elif args.command in ("token", "approve", "inventory"):
-            return _admin(args, now)
-        elif args.command == "init":
-            files = init_pki(args.dir, hostnames=args.hostname, now=now)
-            print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}")
-        else:
-            ca = CertificateAuthority.load(args.dir / "ca.pem", args.dir / "ca.key")
-            cert, key = issue_operator(
-                ca, args.dir, name=args.name, trust_domain=args.trust_domain, now=now
-            )
-            print(f"operator certificate {cert}\nkey {key}")
+        return _run(args, datetime.datetime.now(datetime.UTC))
     except DevtrustError as exc:
-        print(f"devtrust-verifier: {exc}", file=sys.stderr)
+        print(f"devtrust-verifier: {one_line(exc)}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C before serve's own handlers are in place
+        print("devtrust-verifier: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a file named on the command line or in the configuration
+        print(f"devtrust-verifier: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the last resort: one line, the traceback only with -v
+        logger.debug("unexpected error", exc_info=True)
+        print(
+            f"devtrust-verifier: unexpected error: {type(exc).__name__}: {exc} "
+            "(run with -v for where it happened, and report it)",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

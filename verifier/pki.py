@@ -1,17 +1,36 @@
 """Make the files a verifier deployment needs: its CA, its server certificate and operator
-certificates. Used by ``devtrust-verifier init`` and by the demo.
+certificates; load them back at start. Used by ``devtrust-verifier init``, ``operator`` and
+``serve``, and by the demo.
+
+Every problem is one ``DevtrustError`` line naming the file and the remedy (issue 8). Nothing
+is lost: ``init`` refuses a directory that already holds a CA unless forced, and a forced
+``init`` (or an operator certificate issued again) keeps each file it replaces beside it as
+``NAME.<UTC time>.bak``; new files are written in full and renamed into place.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import errno
+import ipaddress
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from agent.errors import ConfigError, DevtrustError
 from agent.files import write_atomic
-from verifier.ca import CertificateAuthority, pem, write_private_key
+from verifier.ca import CertificateAuthority, pem
+
+# RFC 1123 host names: labels of letters, digits and hyphens, not starting or ending with one.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -20,6 +39,8 @@ class PkiFiles:
     ca_key: Path
     server_cert: Path
     server_key: Path
+    # What a forced init replaced, kept beside it.
+    backups: tuple[Path, ...] = ()
 
     @classmethod
     def in_dir(cls, directory: Path) -> PkiFiles:
@@ -30,6 +51,85 @@ class PkiFiles:
             directory / "server.key",
         )
 
+    def all(self) -> tuple[Path, ...]:
+        return (self.ca_cert, self.ca_key, self.server_cert, self.server_key)
+
+
+def hostname_problem(name: str) -> str | None:
+    """Why ``name`` cannot go into a server certificate, or None: an IP address or an RFC 1123
+    host name (a wildcard is not: agents check the name they dial)."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return None
+    labels = name.removesuffix(".").split(".")
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return (
+            f"--hostname {name!r} is neither an IP address nor a host name (letters, digits, "
+            "hyphens and dots): give the name agents use to reach the verifier"
+        )
+    return None
+
+
+def _backup_name(path: Path, now: datetime.datetime) -> Path:
+    stamp = now.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup = path.with_name(f"{path.name}.{stamp}.bak")
+    n = 1
+    while backup.exists():
+        backup = path.with_name(f"{path.name}.{stamp}.{n}.bak")
+        n += 1
+    return backup
+
+
+def _keep(path: Path, now: datetime.datetime) -> Path | None:
+    """Keep the file at ``path`` (if any) as a backup beside it: a hard link, so that the path
+    itself holds the old content until the new file is renamed over it."""
+    if not path.exists():
+        return None
+    backup = _backup_name(path, now)
+    try:
+        os.link(path, backup)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, backup)
+    return backup
+
+
+def _write(path: Path, data: bytes, *, mode: int) -> None:
+    try:
+        write_atomic(path, data, mode=mode)
+    except OSError as exc:
+        raise DevtrustError(
+            f"cannot write {path}: {exc.strerror}: choose a directory you can write"
+        ) from exc
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def writable_dir(directory: Path, flag: str) -> None:
+    """Make ``directory`` if needed and check that it can be written, before anything else
+    is done: one line naming it and ``flag`` (the option that names it) otherwise."""
+    if directory.exists() and not directory.is_dir():
+        raise DevtrustError(f"{directory} is not a directory: choose a directory ({flag})")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DevtrustError(
+            f"cannot create {directory}: {exc.strerror}: choose a directory you can write ({flag})"
+        ) from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise DevtrustError(
+            f"cannot write in {directory}: {os.strerror(errno.EACCES)}: choose a directory "
+            f"you can write ({flag})"
+        )
+
 
 def init_pki(
     directory: Path,
@@ -37,17 +137,58 @@ def init_pki(
     hostnames: list[str],
     now: datetime.datetime,
     server_lifetime: datetime.timedelta = datetime.timedelta(days=365),
+    force: bool = False,
 ) -> PkiFiles:
+    """Make a CA and a server certificate in ``directory``; the result lists the backups of
+    the files a forced run replaced. Refuses a directory with any of them unless ``force``:
+    a new CA key makes every certificate the old one issued stop verifying."""
+    if not hostnames:
+        raise DevtrustError("no --hostname: give the name agents use to reach the verifier")
+    for name in hostnames:
+        problem = hostname_problem(name)
+        if problem is not None:
+            raise DevtrustError(problem)
     files = PkiFiles.in_dir(directory)
+    present = [p for p in files.all() if p.exists()]
+    if present and not force:
+        raise DevtrustError(
+            f"{directory} already holds a CA ({', '.join(p.name for p in present)}); replacing "
+            "it would make every certificate it issued stop verifying: keep it, or run init "
+            "again with --force (the old files are kept as *.bak)"
+        )
+    writable_dir(directory, "--dir")
     ca = CertificateAuthority.create(common_name="devtrust verifier CA", now=now)
-    ca.save(files.ca_cert, files.ca_key)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue_server(
         hostnames=hostnames, public_key=key.public_key(), now=now, lifetime=server_lifetime
     )
-    write_private_key(files.server_key, key)
-    write_atomic(files.server_cert, pem(cert), mode=0o644)
-    return files
+    new = {
+        files.ca_key: (_key_pem(ca.key), 0o600),
+        files.ca_cert: (pem(ca.cert), 0o644),
+        files.server_key: (_key_pem(key), 0o600),
+        files.server_cert: (pem(cert), 0o644),
+    }
+    backups = []
+    for path, (data, mode) in new.items():
+        try:
+            backup = _keep(path, now)
+        except OSError as exc:
+            raise DevtrustError(
+                f"cannot keep a backup of {path}: {exc.strerror}; nothing was replaced"
+            ) from exc
+        if backup is not None:
+            backups.append(backup)
+        _write(path, data, mode=mode)
+    return replace(files, backups=tuple(backups))
+
+
+def check_operator_name(name: str) -> None:
+    """An operator name goes into a SPIFFE ID and two file names."""
+    if not _OPERATOR_NAME.fullmatch(name):
+        raise DevtrustError(
+            f"--name {name!r}: an operator name is 1-64 letters, digits, dots, hyphens or "
+            "underscores, starting with a letter or digit"
+        )
 
 
 def issue_operator(
@@ -59,6 +200,10 @@ def issue_operator(
     now: datetime.datetime,
     lifetime: datetime.timedelta = datetime.timedelta(days=30),
 ) -> tuple[Path, Path]:
+    """Issue ``operator-NAME.pem``/``.key`` in ``directory``; files of an earlier certificate
+    for the same name are kept as *.bak."""
+    check_operator_name(name)
+    writable_dir(directory, "--dir")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue_client(
         kind="operator",
@@ -69,6 +214,92 @@ def issue_operator(
         lifetime=lifetime,
     )
     key_path, cert_path = directory / f"operator-{name}.key", directory / f"operator-{name}.pem"
-    write_private_key(key_path, key)
-    write_atomic(cert_path, pem(cert), mode=0o644)
+    for path, data, mode in ((key_path, _key_pem(key), 0o600), (cert_path, pem(cert), 0o644)):
+        try:
+            _keep(path, now)
+        except OSError as exc:
+            raise DevtrustError(f"cannot keep a backup of {path}: {exc.strerror}") from exc
+        _write(path, data, mode=mode)
     return cert_path, key_path
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def read_file(path: Path, what: str, *, missing: str, key: str | None = None) -> bytes:
+    """The bytes of ``path``, or one line naming it, the reason and the remedy: ``missing``
+    when it does not exist; for a configured file, ``key`` names its configuration key."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        fix = f", or fix `{key}:` in the configuration" if key else ""
+        raise ConfigError(f"{what} {path} does not exist: {missing}{fix}") from exc
+    except PermissionError as exc:
+        raise ConfigError(
+            f"{what} {path}: permission denied: make it readable by the user the verifier "
+            f"runs as (uid {os.geteuid()})"
+        ) from exc
+    except OSError as exc:
+        where = f"`{key}:`" if key else "it"
+        raise ConfigError(f"{what} {path}: {exc.strerror}: {where} must name a file") from exc
+
+
+def _load_key(data: bytes, path: Path, what: str) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"{what} {path} is not an unencrypted PEM private key: give the file init made"
+        ) from exc
+
+
+def _load_cert(data: bytes, path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{what} {path} is not a PEM certificate: give the file init made"
+        ) from exc
+
+
+def load_ca(cert_path: Path, key_path: Path, *, configured: bool = True) -> CertificateAuthority:
+    """The CA from its two files; ``configured``: named by the verifier's configuration
+    (``ca.cert``, ``ca.key``), not by a --dir."""
+    directory = cert_path.parent
+    missing = f"run `devtrust-verifier init --dir {directory} --hostname NAME` to make a CA"
+    if not configured:
+        missing += ", or give --dir the directory that init made"
+    cert = _load_cert(
+        read_file(
+            cert_path, "CA certificate", missing=missing, key="ca.cert" if configured else None
+        ),
+        cert_path,
+        "CA certificate",
+    )
+    key = _load_key(
+        read_file(key_path, "CA key", missing=missing, key="ca.key" if configured else None),
+        key_path,
+        "CA key",
+    )
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise ConfigError(
+            f"CA key {key_path} is not the key of CA certificate {cert_path}: give the pair "
+            "that init made together"
+        )
+    return CertificateAuthority(key=key, cert=cert)
+
+
+def read_server_credentials(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
+    """The server certificate and key (PEM), checked to be a pair: gRPC would otherwise fail
+    at the first handshake, not at start."""
+    missing = f"run `devtrust-verifier init --dir {cert_path.parent} --hostname NAME`"
+    cert_pem = read_file(cert_path, "server certificate", missing=missing, key="tls.server_cert")
+    key_pem = read_file(key_path, "server key", missing=missing, key="tls.server_key")
+    cert = _load_cert(cert_pem, cert_path, "server certificate")
+    key = _load_key(key_pem, key_path, "server key")
+    if key.public_key() != cert.public_key():
+        raise ConfigError(
+            f"server key {key_path} is not the key of server certificate {cert_path}: give "
+            "the pair that init made together"
+        )
+    return cert_pem, key_pem

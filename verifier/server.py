@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,12 +29,13 @@ from protos.devtrust.v1 import (
     query_pb2_grpc,
 )
 from verifier.attest_service import AttestationService
-from verifier.ca import CertificateAuthority, pem
-from verifier.config import VerifierConfig
+from verifier.ca import pem
+from verifier.config import DEFAULT_ROOTS, VerifierConfig, parse_address
 from verifier.endorsement import EndorsementStore
 from verifier.enroll_service import EnrollmentService
 from verifier.errors import ConfigError
 from verifier.interceptor import ErrorMapping
+from verifier.pki import load_ca, read_server_credentials
 from verifier.policy import PolicyError, PolicyHolder
 from verifier.query_service import QueryService
 from verifier.refs import ReferenceValues
@@ -47,17 +49,24 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: {exc.strerror}") from exc
-
-
 def load_endorsements(config: VerifierConfig) -> EndorsementStore:
-    paths = [p for p in config.endorsement.roots if p.exists()]
+    """The endorsement store from ``endorsement.roots`` (and the swtpm local CA where set).
+    A configured path that does not exist is an error naming it, never dropped."""
+    paths = list(config.endorsement.roots)
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(
+                f"endorsement root {path} does not exist: fix `endorsement.roots:` in the "
+                f"configuration, or leave it out to use the roots shipped with devtrust "
+                f"({DEFAULT_ROOTS})"
+            )
     local_ca = config.endorsement.trust_swtpm_local_ca
     if local_ca is not None:
+        if not local_ca.is_file():
+            raise ConfigError(
+                f"swtpm local CA {local_ca} does not exist: fix or remove "
+                "`endorsement.trust_swtpm_local_ca:` in the configuration"
+            )
         logger.warning(
             "trusting swtpm local CA %s as an endorsement root: software TPMs will "
             "enroll (test and demo setting)",
@@ -65,9 +74,7 @@ def load_endorsements(config: VerifierConfig) -> EndorsementStore:
         )
         paths.append(local_ca)
     store = EndorsementStore.from_paths(paths)
-    logger.info(
-        "endorsement roots: %d from %s", len(store.roots), ", ".join(sorted(set(store.sources)))
-    )
+    logger.info("endorsement roots: %d from %s", len(store.roots), ", ".join(str(p) for p in paths))
     return store
 
 
@@ -103,7 +110,52 @@ def _options(config: VerifierConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC sets SO_REUSEPORT by default: a second verifier would bind the same port and
+        # the kernel would split connections between the two (issue 8).
+        ("grpc.so_reuseport", 0),
     ]
+
+
+def _bind_problem(address: str, key: str) -> str | None:
+    """Why ``address`` cannot be listened on and what to do, or None. Tried with a plain
+    socket before gRPC, whose own failure says neither why nor what to do (it stays as the
+    backstop)."""
+    host, port = parse_address(address)
+    change = f"change `{key}:` in the configuration"
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}: {change}"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (
+                        "address already in use (is another devtrust-verifier running?): "
+                        f"stop what holds it, or {change}"
+                    )
+                if exc.errno == errno.EACCES and port < 1024:
+                    return (
+                        f"port {port} is privileged: {change} to a port above 1023, or give "
+                        "the verifier CAP_NET_BIND_SERVICE"
+                    )
+                return f"{exc.strerror or exc}: {change} to an address of this host"
+    return None
+
+
+def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, key: str) -> int:
+    problem = _bind_problem(address, key)
+    if problem is None:
+        try:
+            return server.add_secure_port(address, creds)
+        except RuntimeError:
+            problem = f"gRPC could not bind it: change `{key}:` in the configuration"
+    raise ConfigError(f"cannot listen on {address} ({key}): {problem}")
 
 
 async def _start(server: grpc.aio.Server, running: RunningVerifier) -> None:
@@ -120,10 +172,9 @@ async def _start(server: grpc.aio.Server, running: RunningVerifier) -> None:
 
 
 async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> RunningVerifier:
-    ca = CertificateAuthority.load(config.ca.cert, config.ca.key)
+    ca = load_ca(config.ca.cert, config.ca.key)
     endorsements = load_endorsements(config)
-    server_cert = _read(config.tls.server_cert, "server certificate")
-    server_key = _read(config.tls.server_key, "server key")
+    server_cert, server_key = read_server_credentials(config.tls.server_cert, config.tls.server_key)
     refs = ReferenceValues.load(config.reference_values) if config.reference_values else None
     if refs is not None:
         logger.info(
@@ -176,13 +227,12 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     )
     running = RunningVerifier(enroll, attest, 0, 0, store, policy, attestation)
     try:
-        try:
-            running.enrollment_port = enroll.add_secure_port(config.listen.enrollment, tls)
-            running.attestation_port = attest.add_secure_port(config.listen.attestation, mtls)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"cannot listen on {config.listen.enrollment} / {config.listen.attestation}: {exc}"
-            ) from exc
+        running.enrollment_port = _listen(
+            enroll, config.listen.enrollment, tls, "listen.enrollment"
+        )
+        running.attestation_port = _listen(
+            attest, config.listen.attestation, mtls, "listen.attestation"
+        )
         for server in (enroll, attest):
             await _start(server, running)
         for name in names[:2]:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from verifier.errors import ResourceExhausted
+from verifier.errors import ConfigError, ResourceExhausted
 from verifier.measured_boot import LogPart
 from verifier.records import (
     BootstrapToken,
@@ -122,10 +122,40 @@ CREATE TABLE IF NOT EXISTS audit (
 
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Refuse what would hide or lose data (issue 8): a missing directory is not made (a
+        # typo would show an empty fleet); a file that is not SQLite, or is damaged, is left
+        # as it is; each refusal is one line naming the file and the remedy.
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"database {path}: directory {path.parent} does not exist: create it, or fix "
+                "`database:` in the configuration (it is not created: a typo would show an "
+                "empty fleet)"
+            )
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db = None
+        try:
+            self._db = db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems))
+            self._open()
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            name = getattr(exc, "sqlite_errorname", None)
+            if name == "SQLITE_NOTADB":
+                problem = "is not an SQLite database: point `database:` at the verifier's"
+                problem += " database, or move this file away (it is left as it is)"
+            elif name in ("SQLITE_CORRUPT", None):
+                problem = f"is damaged ({exc}): restore it from a backup, or move it away to"
+                problem += " start an empty one (it is left as it is)"
+            else:
+                problem = f"cannot be opened for writing ({exc}): it must be a file, and it"
+                problem += f" and {path.parent} writable by the verifier's user"
+            raise ConfigError(f"database {path} {problem}") from exc
+
+    def _open(self) -> None:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

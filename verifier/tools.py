@@ -38,6 +38,33 @@ class UsageError(Exception):
     """Unreadable input or bad arguments: exit 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every option's default ("none" for an empty one), except where the
+    option is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default is argparse.SUPPRESS or "%(default)" in text:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: {default_text(action.default)})"
+
+
+def default_text(value: object) -> str:
+    """How help shows a default (escaped for argparse's %-formatting)."""
+    if value is None or value in ("", []):
+        return "none"
+    return str(value).replace("%", "%%")
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: an OSError as its file and reason, without the errno."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split())
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -297,8 +324,8 @@ def add_parsers(sub: Any) -> None:
         dest="action", required=True
     )
     p = log.add_parser("replay", help="parse and replay a TCG PC Client event log")
-    p.add_argument("file", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("file", type=Path, help="the event log (binary_bios_measurements)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--events", action="store_true", help="list every event")
     p.set_defaults(tool=eventlog_replay)
     quote = sub.add_parser("quote", help="TPM quote tools").add_subparsers(
@@ -310,7 +337,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--message", type=Path, required=True, help="TPMS_ATTEST (tpm2_quote -m)")
     p.add_argument("--signature", type=Path, required=True, help="TPMT_SIGNATURE (tpm2_quote -s)")
     p.add_argument("--pcrs", type=Path, help="PCR values as `eventlog replay --json` prints")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(tool=quote_check)
     refs = sub.add_parser("refs", help="reference values").add_subparsers(
         dest="action", required=True
@@ -319,19 +346,24 @@ def add_parsers(sub: Any) -> None:
         dest="action", required=True
     )
     p = pol.add_parser("eval", help="evaluate a policy on one evidence body (dry run)")
-    p.add_argument("--policy", type=Path, required=True)
+    p.add_argument("--policy", type=Path, required=True, help="the policy file (YAML)")
     p.add_argument(
         "--evidence", type=Path, required=True, help="JSON from `devtrust-agent collect --json`"
     )
-    p.add_argument("--zone", default="")
+    p.add_argument("--zone", default="", help="the device's zone, as the operator assigned")
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
-    p.add_argument("--device", default="(dry run)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="(dry run)", help="device id shown in findings")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(tool=policy_eval)
     p = refs.add_parser("learn", help="propose reference values from a known-good device")
-    p.add_argument("device_id")
-    p.add_argument("--database", type=Path, default=Path("/var/lib/devtrust/verifier.db"))
-    p.add_argument("--name", default="", help="group name (default learned-<device>)")
+    p.add_argument("device_id", help="the device to learn from")
+    p.add_argument(
+        "--database",
+        type=Path,
+        default=Path("/var/lib/devtrust/verifier.db"),
+        help="the verifier's database",
+    )
+    p.add_argument("--name", default="", help="group name; empty: learned-<device>")
     p.set_defaults(tool=refs_learn)
 
 
@@ -339,5 +371,5 @@ def run_tool(args: argparse.Namespace) -> int:
     try:
         return int(args.tool(args))
     except UsageError as exc:
-        print(f"devtrust: {exc}", file=sys.stderr)
+        print(f"devtrust: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
