@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.evidence import evidence_body, host_facts
 from agent.key_proof import sign_possession
-from agent.state import new_key
+from agent.state import new_key, spki
 from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2
 from swtpm import EndorsementCA
 from tests import eventlogs
@@ -288,6 +288,75 @@ def test_a_log_in_banks_the_quote_does_not_cover_explains_nothing(
     assert "sha1" in unverified.message
     assert result.trust.tier == common_pb2.TIER_WARNING
     assert not result.HasField("certificate")
+
+
+def test_a_log_with_an_impossible_bank_is_malformed_not_an_internal_error(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """A Spec ID header declaring a bank of digestSize 0 crashed the replay (INTERNAL): it is
+    a malformed log, appraised as such, and the verifier answers."""
+    tpm = swtpm_factory()
+    config = verifier_config(workdir, pki, endorsement_ca)
+    body = b"Spec ID Event03\x00" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 3)
+    body += struct.pack("<HHHHHH", 0x0004, 20, 0x000B, 32, 0x0099, 0) + b"\x00"
+    header = struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", len(body)) + body
+
+    async def scenario() -> attestation_pb2.Result:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+        ):
+            assert agent.cfg.event_log is not None
+            agent.cfg.event_log.write_bytes(header)
+            [result] = await first_results(agent)
+            return result
+
+    result = asyncio.run(scenario())
+    [malformed] = [f for f in result.trust.findings if f.id == "eventlog.malformed"]
+    assert "digestSize 0" in malformed.message
+    assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+
+
+def test_host_facts_past_their_limits_are_refused_at_enrollment(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """A 3 MB hostname would be stored and sent in every Device message, until a page of
+    ListDevices no longer fits in a gRPC message."""
+    from agent.tpm import TpmBackend
+    from protos.devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
+    from tests.env import channel_credentials
+
+    config = verifier_config(workdir, pki, endorsement_ca)
+    backend = TpmBackend(swtpm_factory().tcti)
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, dict[str, int], dict[str, int]]:
+        async with (
+            running(config) as verifier,
+            grpc.aio.secure_channel(
+                f"127.0.0.1:{verifier.enrollment_port}", channel_credentials(pki)
+            ) as channel,
+        ):
+            host = host_facts()
+            host.hostname = "h" * 3_000_000
+            request = enrollment_pb2.EnrollRequest(
+                ek_certificate=backend.ek_certificate(),
+                ek_public=backend.ek_public(),
+                ak_public=backend.ak_public(),
+                host=host,
+                channel_key_spki=spki(new_key()),
+            )
+            before = verifier.store.counts()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(request, timeout=10)
+            return err.value, before, verifier.store.counts()
+
+    try:
+        err, before, after = asyncio.run(scenario())
+    finally:
+        backend.close()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "EnrollRequest.host.hostname: 3000000 characters, more than 253" in (err.details() or "")
+    assert before == after
 
 
 # --- 6. certificates for keys the device does not hold ---------------------------------------

@@ -252,3 +252,31 @@ def test_a_new_stream_reads_the_tpm_state_without_replaying_the_log(tmp_path: Pa
     assert light.clock == full.clock == CLOCK
     assert full.log is not None
     assert full.log.offset == len(data)
+
+
+def test_a_late_appraisal_changes_neither_the_tpm_state_nor_the_log(tmp_path: Path) -> None:
+    store = _store(tmp_path / "v.db")
+    data = eventlogs.agile_log(eventlogs.SAMPLE)
+    newer_state = measured_boot.extend(None, 0, data, **BIG)
+    later_clock = dataclasses.replace(CLOCK, clock=CLOCK.clock + 5000)
+
+    def record(
+        at: datetime.datetime, clock: ClockState, log: measured_boot.LogState | None
+    ) -> None:
+        result = TrustResult(
+            device_id=DEVICE,
+            claims={Claim.INSTANCE_IDENTITY: 2},
+            findings=(),
+            appraised_at=at,
+            expires_at=at + datetime.timedelta(minutes=5),
+        )
+        part = LogPart(0, data) if log is not None else None
+        tpm = TpmState(clock=clock, log=log, pcrs={"sha256": {7: "00" * 32}}, log_part=part)
+        store.record_appraisal(result, certificate=None, tpm=tpm)
+
+    record(NOW + datetime.timedelta(seconds=10), later_clock, newer_state)
+    record(NOW, CLOCK, None)  # a replaced stream's appraisal, finishing late, without a log
+    state = store.tpm_state(DEVICE)
+    assert state is not None
+    assert state.clock == later_clock
+    assert store.event_log(DEVICE) == data

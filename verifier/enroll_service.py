@@ -40,7 +40,7 @@ from verifier.records import (
 )
 from verifier.store import Store
 from verifier.tpm.structures import parse_public
-from verifier.wire import load_public_key
+from verifier.wire import check_host_facts, load_public_key
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -145,6 +145,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._check_rate(context, now)
         if not request.ek_public:
             raise MalformedInput("EnrollRequest.ek_public is empty")
+        check_host_facts(request.host, self._config.limits, where="EnrollRequest.host")
         ek_public = parse_public(request.ek_public)
         if request.ek_certificate:
             # 1. The EK certificate chains to a trusted endorsement root, and 2. the EK

@@ -145,7 +145,10 @@ def extend(
             measured=set(base.replay.measured),
         )
         scanner = base.scanner.copy()
-    ev.replay(log.events, banks, replay)
+    try:
+        ev.replay(log.events, banks, replay)
+    except (ValueError, IndexError) as exc:  # backstop: parse should have refused it
+        raise MalformedInput(f"event log does not replay: {exc}") from exc
     contributions: list[bootfacts.Contribution] = []
     mismatches: list[eventdata.DataMismatch] = []
     for event in log.events:

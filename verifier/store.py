@@ -200,17 +200,25 @@ class Store:
         max_per_device: int,
         max_total: int,
     ) -> None:
-        """Store a challenge: expired ones are purged, the device's oldest beyond
-        ``max_per_device`` dropped; ResourceExhausted (nothing changed) past ``max_total``."""
+        """Store a challenge; expired ones are purged first. ResourceExhausted (nothing
+        changed) when the device already has ``max_per_device`` challenges waiting, or all
+        devices ``max_total``. A waiting challenge is never dropped for a newer one: Enroll
+        asks for nothing secret (EK and AK are public), so dropping would let anyone void a
+        device's enrollment between its Enroll and its Activate."""
         device_id = pending.record.device_id
         with self._tx() as db:
             db.execute("DELETE FROM enrollments WHERE expires_at < ?", (iso(now),))
-            db.execute(
-                "DELETE FROM enrollments WHERE enrollment_id IN (SELECT enrollment_id FROM "
-                "enrollments WHERE device_id = ? ORDER BY expires_at DESC, rowid DESC "
-                "LIMIT -1 OFFSET ?)",
-                (device_id, max_per_device - 1),
-            )
+            waiting, soonest = db.execute(
+                "SELECT COUNT(*), MIN(expires_at) FROM enrollments WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+            if waiting >= max_per_device:
+                wait = (datetime.datetime.fromisoformat(soonest) - now).total_seconds()
+                raise ResourceExhausted(
+                    f"device {device_id} has {waiting} enrollments awaiting their Activate "
+                    f"(enrollment.max_pending_per_device {max_per_device}): answer one, or "
+                    f"retry in {max(1, math.ceil(wait))} s"
+                )
             total, first = db.execute(
                 "SELECT COUNT(*), MIN(expires_at) FROM enrollments"
             ).fetchone()
@@ -456,14 +464,18 @@ class Store:
                 (at, result.device_id, "appraisal", result.tier.label, text),
             )
             if tpm is not None:
-                db.execute(
+                # Like the trust row, the TPM state and its log only move forward in time: a
+                # replaced stream's late appraisal changes neither.
+                cur = db.execute(
                     "INSERT INTO tpm_state VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE "
                     "SET clock=excluded.clock, log_data=excluded.log_data, "
                     "log_state=excluded.log_state, pcrs=excluded.pcrs, "
-                    "updated_at=excluded.updated_at",
+                    "updated_at=excluded.updated_at "
+                    "WHERE excluded.updated_at >= tpm_state.updated_at",
                     (result.device_id, *tpm.to_row(), at),
                 )
-                self._append_log_part(db, result.device_id, tpm)
+                if cur.rowcount == 1:
+                    self._append_log_part(db, result.device_id, tpm)
             if certificate is not None:
                 db.execute(
                     "INSERT INTO certificates (serial, device_id, kind, not_before, not_after, "

@@ -81,11 +81,39 @@ def _bounded(count: int, limit: int, what: str, key: str) -> None:
         )
 
 
+# What a host says of itself is stored with its device and shown to operators in every
+# Device message: bounded, so that one host cannot make a ListDevices page too large to send.
+MAX_HOSTNAME = 253  # a DNS name
+MAX_HOST_TEXT = 1024
+MAX_LABEL_TEXT = 256
+
+
+def check_host_facts(host: common_pb2.HostFacts, limits: LimitsConfig, *, where: str) -> None:
+    """HostFacts strings and labels within their limits; raises ``LimitExceeded``."""
+    texts = {
+        "hostname": (host.hostname, MAX_HOSTNAME),
+        "os_release": (host.os_release, MAX_HOST_TEXT),
+        "kernel": (host.kernel, MAX_HOST_TEXT),
+        "machine_id": (host.machine_id, MAX_HOST_TEXT),
+        "agent_version": (host.agent_version, MAX_HOST_TEXT),
+        "zone": (host.zone, MAX_LABEL_TEXT),
+    }
+    for name, (text, limit) in texts.items():
+        if len(text) > limit:
+            raise LimitExceeded(f"{where}.{name}: {len(text)} characters, more than {limit}")
+    _bounded(len(host.labels), limits.max_map_entries, f"{where}.labels", "max_map_entries")
+    for key, value in host.labels.items():
+        if len(key) > MAX_LABEL_TEXT or len(value) > MAX_LABEL_TEXT:
+            raise LimitExceeded(
+                f"{where}.labels: a key or value of more than {MAX_LABEL_TEXT} characters"
+            )
+
+
 def check_body_limits(body: attestation_pb2.EvidenceBody, limits: LimitsConfig) -> None:
     """Every repeated field of an evidence body within its limit (issue 7, item 7): work per
     evidence stays bounded whatever a device sends. Raises ``LimitExceeded``."""
     maps = limits.max_map_entries
-    _bounded(len(body.host.labels), maps, "EvidenceBody.host.labels", "max_map_entries")
+    check_host_facts(body.host, limits, where="EvidenceBody.host")
     os = body.os
     _bounded(len(os.modules), limits.max_modules, "EvidenceBody.os.modules", "max_modules")
     _bounded(

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from verifier.errors import LimitExceeded, MalformedInput
-from verifier.tpm.constants import HASH_NAMES
+from verifier.tpm.constants import DIGEST_SIZES, HASH_NAMES
 
 EV_PREBOOT_CERT = 0x0
 EV_POST_CODE = 0x1
@@ -170,6 +170,16 @@ def _spec_id_banks(data: bytes, start: int) -> dict[str, int]:
         alg = c.u16("algorithmId", start)
         size = c.u16("digestSize", start)
         name = _bank(alg) or f"alg_0x{alg:04x}"
+        # A bank the log declares decides how digests are read and how PCRs start: its
+        # size must be what the algorithm makes (a size of 0 crashed the replay).
+        known = DIGEST_SIZES.get(alg) or (_EXTRA_BANKS[alg][1] if alg in _EXTRA_BANKS else None)
+        if (known is not None and size != known) or not 0 < size <= 64:
+            raise MalformedInput(
+                f"Spec ID event at byte {start}: algorithm 0x{alg:04x} ({name}) has digestSize "
+                f"{size}" + (f", not {known}" if known is not None else "")
+            )
+        if name in banks:
+            raise MalformedInput(f"Spec ID event at byte {start}: bank {name} is listed twice")
         banks[name] = size
     return banks
 
