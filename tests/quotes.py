@@ -39,13 +39,15 @@ def attest(
     clock: int = 1000,
     reset: int = 0,
     restart: int = 0,
+    safe: bool = True,
+    firmware: int = 0x2019_1023,
 ) -> bytes:
     return (
         struct.pack(">IH", magic, type_)
         + tpm2b(b"\x00\x0b" + bytes(32))
         + tpm2b(extra)
-        + struct.pack(">QIIB", clock, reset, restart, 1)
-        + struct.pack(">Q", 0x2019_1023)
+        + struct.pack(">QIIB", clock, reset, restart, int(safe))
+        + struct.pack(">Q", firmware)
         + pcr_selection(selection)
         + tpm2b(digest)
     )
