@@ -6,12 +6,39 @@ import datetime
 from pathlib import Path
 
 from agent.config import AgentConfig
+from agent.errors import ConfigError
 from agent.evidence import evidence_body, host_facts
 from agent.gpu.nvml import XidWatcher, collect_nvml
 from agent.gpu.procfs import collect_procfs
 from agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
 from agent.posture import collect_posture
 from protos.devtrust.v1 import attestation_pb2
+
+
+def check_sources(
+    cfg: AgentConfig, *, root_key: str = "posture_root", xml_key: str = "gpu_xml"
+) -> None:
+    """Refuse, before anything is collected, a posture root that is not a directory and a
+    GPU capture that cannot be read or is not nvidia-smi XML: else every value they hold would
+    read unknown, or 0 GPUs, as if the host had none. ``root_key`` and ``xml_key`` name where
+    the user gave them (a configuration key or an option)."""
+    root = cfg.posture_root
+    if not root.is_dir():
+        found = "is not a directory" if root.exists() else "does not exist"
+        raise ConfigError(
+            f"{root_key} {root} {found}: give the directory posture is read from (/ on a host)"
+        )
+    if cfg.gpu_source != "nvidia-smi-xml" or cfg.gpu_xml is None:
+        return
+    remedy = "give the file `nvidia-smi -q -x` wrote"
+    try:
+        parse_smi_xml(cfg.gpu_xml.read_bytes())
+    except OSError as exc:
+        raise ConfigError(
+            f"{xml_key} {cfg.gpu_xml}: cannot read: {exc.strerror}; {remedy}"
+        ) from exc
+    except SmiXmlError as exc:
+        raise ConfigError(f"{xml_key} {cfg.gpu_xml}: {exc}; {remedy}") from exc
 
 
 def collect_gpu(

@@ -12,6 +12,22 @@ from agent.configfile import from_mapping, load_yaml
 # "Provisioning Guidance" (0x81010000-0x8101FFFF), next to the RSA EK at 0x81010001.
 DEFAULT_AK_HANDLE = 0x81010002
 GPU_SOURCES = ("auto", "nvml", "nvidia-smi-xml", "procfs", "none")
+# EK templates (TCG EK Credential Profile 2.0) as tpm2-pytss's create_ek_template names them,
+# with its short aliases; agent/tpm.py hands the name to it. Not EK-HIGH-ECCSM2P256 (H-5):
+# the verifier reads no SM2 key.
+EK_TYPES = {
+    "EK-RSA2048": "L-1",
+    "EK-ECC256": "L-2",
+    "EK-HIGH-RSA2048": "H-1",
+    "EK-HIGH-ECC256": "H-2",
+    "EK-HIGH-ECC384": "H-3",
+    "EK-HIGH-ECC521": "H-4",
+    "EK-HIGH-RSA3072": "H-6",
+    "EK-HIGH-RSA4096": "H-7",
+}
+_EK_NAMES = {key.lower(): name for name, alias in EK_TYPES.items() for key in (name, alias)}
+# secrets.token_urlsafe, as `devtrust-verifier token create` makes bootstrap tokens.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -37,12 +53,20 @@ class VerifierEndpoint:
 class TpmConfig:
     # tpm2-tss TCTI: "device:/dev/tpmrm0" on hosts, "swtpm:host=127.0.0.1,port=2321" in tests.
     tcti: str = "device:/dev/tpmrm0"
-    # EK template (TCG EK Credential Profile 2.0, tpm2-pytss names): EK-RSA2048, EK-ECC256,
-    # EK-HIGH-RSA2048, EK-HIGH-ECC384, ...
+    # EK template (TCG EK Credential Profile 2.0, tpm2-pytss names): one of EK_TYPES, or its
+    # alias (L-1, H-3, ...); any case. Stored as the canonical name.
     ek_type: str = "EK-RSA2048"
     ak_handle: int = DEFAULT_AK_HANDLE
 
     def __post_init__(self) -> None:
+        canonical = _EK_NAMES.get(self.ek_type.strip().lower())
+        if canonical is None:
+            raise ValueError(
+                f"ek_type {self.ek_type!r} is not an EK template this agent knows: "
+                f"give one of {', '.join(EK_TYPES)} (the one your TPM's EK certificate is for; "
+                "EK-RSA2048 on most TPMs)"
+            )
+        object.__setattr__(self, "ek_type", canonical)
         if not 0x81010000 <= self.ak_handle <= 0x8101FFFF:
             raise ValueError(
                 f"ak_handle 0x{self.ak_handle:08x} is outside the endorsement "
@@ -96,6 +120,29 @@ class AgentConfig:
         if self.gpu_source not in GPU_SOURCES:
             raise ValueError(
                 f"gpu_source {self.gpu_source!r}: auto, nvml, nvidia-smi-xml, procfs or none"
+            )
+        if self.gpu_source == "nvidia-smi-xml" and self.gpu_xml is None:
+            raise ValueError(
+                "gpu_source nvidia-smi-xml needs gpu_xml: set gpu_xml to the file "
+                "`nvidia-smi -q -x` wrote, or set gpu_source to auto"
+            )
+        if self.gpu_xml is not None and self.gpu_source != "nvidia-smi-xml":
+            raise ValueError(
+                f"gpu_xml {self.gpu_xml} is set but gpu_source is {self.gpu_source!r}, which "
+                "does not read it: set gpu_source to nvidia-smi-xml, or remove gpu_xml"
+            )
+        self._check_token()
+
+    def _check_token(self) -> None:
+        """A token pasted with the line's end or a space around it is the same token."""
+        token = self.bootstrap_token.strip()
+        object.__setattr__(self, "bootstrap_token", token)
+        bad = _TOKEN.sub("", token)
+        if bad:  # never echo the token: it is a secret
+            raise ValueError(
+                f"bootstrap_token holds {bad[0]!r} at position {token.index(bad[0]) + 1}, which "
+                "no token has (A-Z a-z 0-9 - _): paste exactly the line "
+                "`devtrust-verifier token create` printed"
             )
 
     @classmethod

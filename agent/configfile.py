@@ -20,9 +20,11 @@ T = TypeVar("T")
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -49,6 +51,16 @@ def from_mapping(cls: type[T], data: Any, *, where: str, base: Path | None = Non
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(fields)}"
         )
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ConfigError(f"{where}: {', '.join(missing)} {verb} required")
     kwargs = {
         name: _convert(hints[name], data[name], f"{where}.{name}", base)
         for name in fields

@@ -163,10 +163,12 @@ async def enroll_retrying(
 def _with_token_remedy(
     error: VerifierError, cfg: AgentConfig, exc: grpc.aio.AioRpcError
 ) -> VerifierError:
-    """A refusal about the bootstrap token says how to get one that works."""
+    """A refusal about the bootstrap token says how to get one that works, once: not where
+    the verifier's own message already names the remedy."""
     if exc.code() is not grpc.StatusCode.PERMISSION_DENIED:
         return error
-    if "token" not in (exc.details() or "").lower():
+    details = exc.details() or ""
+    if "token" not in details.lower() or "token create" in details:
         return error
     if not cfg.bootstrap_token:
         remedy = "bootstrap_token is empty: set it to a token from"

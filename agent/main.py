@@ -23,10 +23,10 @@ from google.protobuf import json_format
 from agent import __version__
 from agent.attest import AttestationClient
 from agent.channel import VerifierError, VerifierUnreachable
-from agent.collect import collect_body
+from agent.collect import check_sources, collect_body
 from agent.config import AgentConfig
 from agent.enroll import EnrollmentPending, enroll_retrying
-from agent.errors import DevtrustError, TpmError
+from agent.errors import ConfigError, DevtrustError, TpmError
 from agent.logsetup import configure_logging
 from agent.state import AgentFiles
 from agent.tpm import AsyncTpm, TpmBackend
@@ -92,17 +92,31 @@ async def run(
         tpm.close()
 
 
+def load_config(path: Path) -> AgentConfig:
+    """The configuration at ``path``; every failure to load it a ``ConfigError`` naming it."""
+    try:
+        return AgentConfig.load(path)
+    except OSError as exc:  # load_yaml says so itself; anything it reads later
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
 def collect(args: argparse.Namespace) -> int:
     """`devtrust-agent collect`: the evidence body as JSON, to feed `devtrust policy eval`."""
+    where = f"{args.config}: " if args.config else ""
     try:
-        cfg = AgentConfig.load(args.config) if args.config else AgentConfig()
-    except DevtrustError as exc:
+        cfg = load_config(args.config) if args.config else AgentConfig()
+        if args.root:
+            cfg = dataclasses.replace(cfg, posture_root=args.root)
+        if args.gpu_xml:
+            cfg = dataclasses.replace(cfg, gpu_source="nvidia-smi-xml", gpu_xml=args.gpu_xml)
+        check_sources(
+            cfg,
+            root_key="--root" if args.root else f"{where}posture_root",
+            xml_key="--gpu-xml" if args.gpu_xml else f"{where}gpu_xml",
+        )
+    except ConfigError as exc:
         print(f"devtrust-agent: {exc}", file=sys.stderr)
-        return 2
-    if args.root:
-        cfg = dataclasses.replace(cfg, posture_root=args.root)
-    if args.gpu_xml:
-        cfg = dataclasses.replace(cfg, gpu_source="nvidia-smi-xml", gpu_xml=args.gpu_xml)
+        return EXIT_ERROR
     body = attestation_pb2.EvidenceBody.FromString(
         collect_body(cfg, now=datetime.datetime.now(datetime.UTC))
     )
@@ -190,15 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _daemon(args: argparse.Namespace) -> int:
     """`run` and `enroll`: every error one line on stderr, naming the file where it can."""
-    if not args.config.exists():
-        print(
-            f"devtrust-agent: configuration {args.config} does not exist: copy "
-            "packaging/config/agent.yaml there and adapt it, or give --config FILE",
-            file=sys.stderr,
-        )
+    try:
+        cfg = _daemon_config(args.config)
+    except ConfigError as exc:
+        print(f"devtrust-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        cfg = AgentConfig.load(args.config)
         enroll_only = args.command == "enroll"
         done = asyncio.run(run(cfg, enroll_only=enroll_only, give_up_s=args.give_up_s))
     except EnrollmentPending as exc:
@@ -222,6 +233,20 @@ def _daemon(args: argparse.Namespace) -> int:
         print(f"devtrust-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return 0 if done or not enroll_only else EXIT_INTERRUPTED
+
+
+def _daemon_config(path: Path) -> AgentConfig:
+    """The configuration of `run` and `enroll`, refused before the TPM or the network is
+    touched when it cannot work: absent, unreadable, invalid, or naming a posture root or GPU
+    capture that is not there."""
+    if not path.exists():
+        raise ConfigError(
+            f"configuration {path} does not exist: copy "
+            "packaging/config/agent.yaml there and adapt it, or give --config FILE"
+        )
+    cfg = load_config(path)
+    check_sources(cfg, root_key=f"{path}: posture_root", xml_key=f"{path}: gpu_xml")
+    return cfg
 
 
 def _seconds(text: str) -> float:

@@ -172,7 +172,12 @@ CASES = [
     ),
     Case(
         "no bootstrap token where one is required",
-        ("PERMISSION_DENIED", "bootstrap token", "bootstrap_token is empty", "token create"),
+        (
+            "PERMISSION_DENIED",
+            "bootstrap token",
+            "create one with `devtrust-verifier token create` and set bootstrap_token in the "
+            "agent's configuration",
+        ),
         absent="unknown",
         require_token=True,
     ),
