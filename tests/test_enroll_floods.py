@@ -183,8 +183,9 @@ def test_pending_enrollments_are_capped_per_device_and_in_all(
         backend.close()
     assert device["outcomes"][:2] == ["OK", "OK"]
     assert device["outcomes"][2].startswith("RESOURCE_EXHAUSTED: device ")
-    assert "(enrollment.max_pending_per_device 2): answer one, or retry in 300 s" in (
-        device["outcomes"][2]
+    assert (
+        "(enrollment.max_pending_per_device 2): answer one, or retry in 300 s"
+        in (device["outcomes"][2])
     )
     assert device["stored"] == 2
     assert device["oldest"] == "OK"

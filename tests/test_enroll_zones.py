@@ -62,6 +62,7 @@ def _config_file(workdir: Path, config: VerifierConfig) -> Path:
     if config.enrollment.inventory is not None:
         data["enrollment"] = {"inventory": str(config.enrollment.inventory)}
     path.write_text(yaml.safe_dump(data))
+    Store(config.database).close()  # what `serve` makes: admin commands never make it
     return path
 
 

@@ -526,10 +526,10 @@ CLI_CASES = [
         "refs learn from a database that is not one",
         "verifier.cli",
         lambda t: ["refs", "learn", "abc", "--database", str(t / "a-file")],
-        1,
+        2,
         lambda t: (
             f"devtrust: database {t / 'a-file'} is not an SQLite database: point "
-            "`database:` at the verifier's database, or move this file away (it is left as it is)"
+            "--database at the verifier's database, or move this file away (it is left as it is)"
         ),
     ),
 ]

@@ -43,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
     p = sub.add_parser("demo", help="verifier + swtpm agent: enroll, attest, certify")
-    p.add_argument(
-        "--out", type=Path, default=Path("demo-out"), help="where the results are written"
-    )
+    p.add_argument("--out", default="demo-out", help="where the results are written")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary directory")
     tools.add_parsers(sub)
     return parser
+
+
+def _out_dir(value: str) -> Path:
+    if not value.strip():  # Path("") would be the current directory
+        raise DevtrustError("--out is empty: give the directory for the results")
+    return Path(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         if args.command == "demo":
-            return demo(args.out, keep_work=args.keep_work)
+            return demo(_out_dir(args.out), keep_work=args.keep_work)
         return tools.run_tool(args)
     except BrokenPipeError:  # `devtrust ... | head`
         sys.stderr.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,27 @@ from verifier.trust import Tier
 
 DEFAULT_ROOTS = Path(__file__).resolve().parent / "data" / "ek-roots"
 DEFAULT_POLICY = Path(__file__).resolve().parent / "data" / "policy" / "default.yaml"
+# SPIFFE trust domain names: lowercase letters, digits, dots, hyphens, underscores.
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# gRPC takes message sizes as a C int; below 64 KiB no real evidence fits.
+MESSAGE_BYTES = (64 * 1024, 2**31 - 1)
+
+
+def clip(value: object, limit: int = 64) -> str:
+    """A user's value as it is echoed in a message: repr, at most ``limit`` characters."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def trust_domain_problem(name: str) -> str | None:
+    """Why ``name`` is not a SPIFFE trust domain name, or None."""
+    if _TRUST_DOMAIN.fullmatch(name):
+        return None
+    return (
+        f"{clip(name)} is not a SPIFFE trust domain: lowercase letters, digits, dots, hyphens "
+        "and underscores, no scheme (e.g. devtrust.local)"
+    )
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -22,6 +44,8 @@ def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{address!r} is an IPv6 address without brackets: write [{host}]:{port}")
     digits = port.isascii() and port.isdigit()
     if not sep or not host or not digits or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT with 0 <= PORT <= 65535, got {address!r}")
@@ -68,6 +92,14 @@ class EndorsementConfig:
     # TPMs without an EK certificate (some cloud vTPMs): sha256 of the EK's
     # SubjectPublicKeyInfo (hex), which is also the device id.
     allowed_ek_sha256: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for n, value in enumerate(self.allowed_ek_sha256):
+            if not _SHA256_HEX.fullmatch(value):
+                raise ValueError(
+                    f"allowed_ek_sha256[{n}]: {clip(value)} is not a sha256 (64 hex digits): "
+                    "give the device id the verifier logs for that TPM"
+                )
 
 
 @dataclass(frozen=True)
@@ -193,6 +225,12 @@ class LimitsConfig:
         for name, value in self.__dict__.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive")
+        low, high = MESSAGE_BYTES
+        if not low <= self.max_message_bytes <= high:
+            raise ValueError(
+                f"max_message_bytes {self.max_message_bytes} is out of range: give {low} "
+                f"(64 KiB) to {high} bytes"
+            )
 
 
 @dataclass(frozen=True)
@@ -213,6 +251,11 @@ class VerifierConfig:
     certificates: CertificatesConfig = field(default_factory=CertificatesConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        problem = trust_domain_problem(self.trust_domain)
+        if problem is not None:
+            raise ValueError(f"trust_domain: {problem}")
 
     @classmethod
     def load(cls, path: Path) -> VerifierConfig:

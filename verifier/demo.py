@@ -41,11 +41,42 @@ from verifier.config import (
     TlsConfig,
     VerifierConfig,
 )
+from verifier.errors import DevtrustError
 from verifier.pki import init_pki, issue_operator, load_ca, writable_dir
 from verifier.server import start_verifier
 
 TIMEOUT_S = 60.0
 DEMO_ZONE = "data-processing"
+# Marks an --out directory as the demo's: a later demo may replace what is in it.
+MARKER = ".devtrust-demo"
+# What a demo writes in --out (demos before the marker left these and nothing else).
+OUTPUTS = frozenset(
+    {
+        "verifier.db",
+        "verifier.db-wal",
+        "verifier.db-shm",
+        "result.json",
+        "device-cert.pem",
+        "ca-bundle.pem",
+    }
+)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out directory that holds files no demo wrote: the demo replaces its
+    verifier.db and result.json, and a user's own must not be lost. A directory made by an
+    earlier demo (its marker, or only the demo's files, result.json among them) may be
+    replaced; so may an empty or new one."""
+    if not out.is_dir() or (out / MARKER).is_file():
+        return  # new (made below), or not a directory (writable_dir says so)
+    names = {p.name for p in out.iterdir()}
+    if not names or ("result.json" in names and names <= OUTPUTS):
+        return
+    raise DevtrustError(
+        f"--out {out} is not empty and no demo made it ({len(names)} entries, e.g. "
+        f"{sorted(names)[0]!r}); the demo would replace verifier.db and result.json there: "
+        "give a new or empty directory (--out DIR)"
+    )
 
 
 def _tier(value: int) -> str:
@@ -212,7 +243,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def demo(out: Path, *, keep_work: bool = False) -> int:
+    check_out_dir(out)
     writable_dir(out, "--out")  # before anything starts: one line, nothing to undo
+    (out / MARKER).write_text(
+        "written by `devtrust demo`: a later demo may replace this directory\n"
+    )
     # SIGTERM unwinds like Ctrl-C, so the swtpm process and the servers are stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="devtrust-demo-"))

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from verifier.config import clip
 from verifier.errors import ConfigError, Rejected
 from verifier.store import Store
 
@@ -45,13 +46,32 @@ LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 LABEL_VALUE_RE = re.compile(r"[!-~]{0,128}")  # printable ASCII, no spaces
 MAX_LABELS = 64
 DEVICE_ID_RE = re.compile(r"[0-9a-f]{64}")
+_ALNUM = re.compile(r"[A-Za-z0-9]")
+_ZONE_CHAR = re.compile(r"[A-Za-z0-9._-]")
+_LABEL_KEY_CHAR = re.compile(r"[A-Za-z0-9._/-]")
+_LABEL_VALUE_CHAR = re.compile(r"[!-~]")
 _ENTRY_KEYS = ("zone", "labels")
+
+
+def _wrong(value: str, allowed: re.Pattern[str], limit: int) -> str:
+    """What is wrong with ``value`` that ``allowed`` (one character) refuses: its length, or
+    its first character not allowed."""
+    if len(value) > limit:
+        return f"it is {len(value)} characters long"
+    for n, ch in enumerate(value):
+        if not allowed.fullmatch(ch):
+            return f"it has {ch!r} at position {n + 1}"
+    return "it is empty"
 
 
 def zone_problem(zone: str) -> str | None:
     if zone == "" or ZONE_RE.fullmatch(zone):
         return None
-    return f"zone {zone!r} is not 1-63 of letters, digits, '.', '_', '-' (starting alphanumeric)"
+    wrong = _wrong(zone, _ZONE_CHAR if zone[:1].isalnum() and zone.isascii() else _ALNUM, 63)
+    return (
+        f"zone {clip(zone)} is not 1-63 of letters, digits, '.', '_', '-' (starting "
+        f"alphanumeric): {wrong}"
+    )
 
 
 def labels_problem(labels: Mapping[str, str]) -> str | None:
@@ -59,12 +79,18 @@ def labels_problem(labels: Mapping[str, str]) -> str | None:
         return f"{len(labels)} labels, more than {MAX_LABELS}"
     for key, value in labels.items():
         if not LABEL_KEY_RE.fullmatch(key):
+            first = key[:1].isascii() and key[:1].isalnum()
+            wrong = _wrong(key, _LABEL_KEY_CHAR if first else _ALNUM, 63)
             return (
-                f"label key {key!r} is not 1-63 of letters, digits, '.', '_', '/', '-' "
-                "(starting alphanumeric)"
+                f"label key {clip(key)} is not 1-63 of letters, digits, '.', '_', '/', '-' "
+                f"(starting alphanumeric): {wrong}"
             )
         if not LABEL_VALUE_RE.fullmatch(value):
-            return f"label {key}: value {value!r} is not up to 128 printable ASCII characters"
+            wrong = _wrong(value, _LABEL_VALUE_CHAR, 128)
+            return (
+                f"label {key}: value {clip(value)} is not up to 128 printable ASCII "
+                f"characters other than space: {wrong}"
+            )
     return None
 
 
@@ -74,7 +100,7 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--label takes KEY=VALUE, got {item!r}")
+            raise ValueError(f"--label takes KEY=VALUE, got {clip(item)}")
         labels[key] = value
     problem = labels_problem(labels)
     if problem is not None:

@@ -20,9 +20,10 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from agent import __version__
 from agent.logsetup import configure_logging
-from verifier.config import VerifierConfig
+from verifier.config import VerifierConfig, trust_domain_problem
 from verifier.errors import ConfigError, DevtrustError
 from verifier.inventory import Inventory, parse_labels, zone_problem
+from verifier.logtext import printable
 from verifier.pki import check_operator_name, init_pki, issue_operator, load_ca
 from verifier.policy import PolicyError
 from verifier.records import DeviceState
@@ -80,7 +81,7 @@ def _token(args: argparse.Namespace, config: VerifierConfig, now: datetime.datet
         raise ValueError(problem)
     token = secrets.token_urlsafe(32)
     expires = now + datetime.timedelta(seconds=args.ttl_s)
-    store = Store(config.database)
+    store = Store(config.database, create=False)  # only serve makes the database
     try:
         store.add_token(
             hashlib.sha256(token.encode()).hexdigest(),
@@ -101,6 +102,7 @@ def _token(args: argparse.Namespace, config: VerifierConfig, now: datetime.datet
 def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
     """`approve DEVICE [--zone Z] [--label K=V]...`: let a pending device attest, and/or set
     its zone and labels (given labels replace all of them). Audited."""
+    args.device_id = args.device_id.lower()  # ids are lower-case hex (the verifier logs them)
     labels = parse_labels(args.label) if args.label else None
     problem = zone_problem(args.zone) if args.zone is not None else None
     if problem is not None:
@@ -114,13 +116,13 @@ def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.dat
                 f"{config.enrollment.inventory} (zone {listed.zone}), which wins over "
                 "approval: change it there and restart the verifier"
             )
-    store = Store(config.database)
+    store = Store(config.database, create=False)  # only serve makes the database
     try:
         record = store.get_device(args.device_id)
         if record is None:
             raise ValueError(
-                f"no device {args.device_id} in {config.database}: give the whole device id "
-                "(the verifier logs it: `enrolled device=ID state=pending_approval`)"
+                f"no device {printable(args.device_id, 64)} in {config.database}: give the whole "
+                "device id (the verifier logs it: `enrolled device=ID state=pending_approval`)"
             )
         pending = record.state is DeviceState.PENDING_APPROVAL
         if record.state is DeviceState.REVOKED or not (pending or assigns):
@@ -176,8 +178,18 @@ def _admin(args: argparse.Namespace, now: datetime.datetime) -> int:
         return 1
 
 
+def _directory(value: str, flag: str) -> Path:
+    """A directory named on the command line; an empty one is not the current directory."""
+    if not value.strip():
+        raise DevtrustError(
+            f"{flag} is empty: give the directory (e.g. {flag} /etc/devtrust/verifier)"
+        )
+    return Path(value)
+
+
 def _init(args: argparse.Namespace, now: datetime.datetime) -> int:
-    files = init_pki(args.dir, hostnames=args.hostname, now=now, force=args.force)
+    directory = _directory(args.dir, "--dir")
+    files = init_pki(directory, hostnames=args.hostname, now=now, force=args.force)
     if files.backups:
         kept = ", ".join(str(b) for b in files.backups)
         print(f"replaced the CA; the old files are kept as {kept}", file=sys.stderr)
@@ -186,10 +198,25 @@ def _init(args: argparse.Namespace, now: datetime.datetime) -> int:
 
 
 def _operator(args: argparse.Namespace, now: datetime.datetime) -> int:
+    directory = _directory(args.dir, "--dir")
     check_operator_name(args.name)
-    ca = load_ca(args.dir / "ca.pem", args.dir / "ca.key", configured=False)
+    problem = trust_domain_problem(args.trust_domain)
+    if problem is not None:
+        raise DevtrustError(f"--trust-domain {problem}")
+    ca = load_ca(directory / "ca.pem", directory / "ca.key", configured=False)
+    present = [
+        p.name
+        for p in (directory / f"operator-{args.name}.pem", directory / f"operator-{args.name}.key")
+        if p.exists()
+    ]
+    if present and not args.force:
+        raise DevtrustError(
+            f"{directory} already holds operator {args.name}'s certificate "
+            f"({', '.join(present)}): keep it, or run operator again with --force (the old "
+            "files are kept as *.bak)"
+        )
     cert, key = issue_operator(
-        ca, args.dir, name=args.name, trust_domain=args.trust_domain, now=now
+        ca, directory, name=args.name, trust_domain=args.trust_domain, now=now
     )
     print(f"operator certificate {cert}\nkey {key}")
     return 0
@@ -210,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "run the verifier")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
     p = command("init", "make the CA and server certificate in a directory")
-    p.add_argument("--dir", type=Path, required=True, help="directory for the CA and server files")
+    p.add_argument("--dir", required=True, help="directory for the CA and server files")
     p.add_argument(
         "--hostname",
         action="append",
@@ -249,10 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
     p = command("operator", "issue an operator certificate for the query API")
-    p.add_argument("--dir", type=Path, required=True, help="directory made by init")
+    p.add_argument("--dir", required=True, help="directory made by init")
     p.add_argument("--name", required=True, help="operator name, in spiffe://TD/operator/NAME")
     p.add_argument(
         "--trust-domain", default="devtrust.local", help="TD, as trust_domain in the config"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace this operator's certificate and key if there are some; the replaced "
+        "files are kept as NAME.<time>.bak",
     )
     return parser
 

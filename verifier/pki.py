@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -303,3 +304,20 @@ def read_server_credentials(cert_path: Path, key_path: Path) -> tuple[bytes, byt
             "the pair that init made together"
         )
     return cert_pem, key_pem
+
+
+def check_server_issued_by(
+    cert_pem: bytes, cert_path: Path, ca: CertificateAuthority, ca_path: Path
+) -> None:
+    """The server certificate must be signed by the configured CA: agents check it against
+    that CA (their ``ca_bundle``), so a pair from two ``init`` runs would fail every handshake
+    with a TLS error instead of one line at start."""
+    cert = _load_cert(cert_pem, cert_path, "server certificate")
+    try:
+        cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ConfigError(
+            f"server certificate {cert_path} is not issued by CA {ca_path}: agents would refuse "
+            "the verifier; configure the server certificate and the CA that one `init` made "
+            "together (`tls.server_cert`, `ca.cert`)"
+        ) from exc

@@ -146,9 +146,13 @@ class Policy:
     @classmethod
     def load(cls, path: Path) -> Policy:
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise PolicyError(f"{path}: cannot read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise PolicyError(
+                f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8"
+            ) from exc
         return cls.parse(text, source=str(path), base=path.parent)
 
     @classmethod

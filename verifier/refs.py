@@ -19,13 +19,16 @@ allowlist of digests, dbx must contain named revocations.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.configfile import from_mapping, load_yaml
+from agent.errors import ConfigError
+from verifier.config import clip
 from verifier.tpm.bootfacts import BOOT_APPLICATION_PCR, BootFacts
-from verifier.tpm.constants import hash_alg
+from verifier.tpm.constants import DIGEST_SIZES, hash_alg
 from verifier.trust import (
     CONFIGURATION_APPROVED,
     CONFIGURATION_UNSAFE,
@@ -37,6 +40,8 @@ from verifier.trust import (
 )
 
 PcrValues = Mapping[tuple[int, int], bytes]
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,34 @@ class RefGroup:
     dbx_contains: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        """Each value checked at load, naming the group, bank and PCR: a typo must stop the
+        verifier, not turn into a mismatch (or a traceback) at every appraisal."""
+        at = f"group {clip(self.name)}"
         for bank, values in self.pcrs.items():
-            hash_alg(bank)
+            try:
+                size = DIGEST_SIZES[hash_alg(bank)]
+            except ValueError as exc:
+                raise ValueError(f"{at}: pcrs: {exc}") from None
             for index, value in values.items():
-                bytes.fromhex(value)
+                where = f"{at}: pcrs.{bank} PCR {index}"
                 if not 0 <= index <= 23:
-                    raise ValueError(f"pcrs.{bank}: PCR {index} is not 0..23")
+                    raise ValueError(f"{where}: PCR indices are 0..23")
+                if not _HEX.fullmatch(value):
+                    raise ValueError(f"{where}: {clip(value)} is not hex digits")
+                if len(value) != 2 * size:
+                    raise ValueError(
+                        f"{where}: {clip(value)} is {len(value)} hex digits; a {bank} value "
+                        f"is {2 * size}"
+                    )
+        for key in ("boot_applications", "dbx_contains"):
+            for n, digest in enumerate(getattr(self, key)):
+                if not _SHA256_HEX.fullmatch(digest):
+                    hexed = _HEX.fullmatch(digest)
+                    wrong = f"is {len(digest)} hex digits" if hexed else "is not hex"
+                    raise ValueError(
+                        f"{at}: {key}[{n}]: {clip(digest)} {wrong}; a sha256 digest is 64 hex "
+                        "digits"
+                    )
 
     def matches(self, zone: str, labels: Mapping[str, str]) -> bool:
         return (not self.zone or self.zone == zone) and all(
@@ -73,7 +100,14 @@ class ReferenceValues:
 
     @classmethod
     def load(cls, path: Path) -> ReferenceValues:
-        return from_mapping(cls, load_yaml(path), where=str(path), base=path.parent)
+        refs = from_mapping(cls, load_yaml(path), where=str(path), base=path.parent)
+        if not refs.groups:
+            raise ConfigError(
+                f"{path}: no reference value groups (expected `groups:` with at least one "
+                "group, see verifier/refs.py): fill it in, or remove `reference_values:` "
+                "from the configuration"
+            )
+        return refs
 
     def for_device(self, zone: str, labels: Mapping[str, str]) -> RefGroup | None:
         """The first group whose selector matches."""

@@ -16,6 +16,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,11 +32,11 @@ from protos.devtrust.v1 import (
 from verifier.attest_service import AttestationService
 from verifier.ca import pem
 from verifier.config import DEFAULT_ROOTS, VerifierConfig, parse_address
-from verifier.endorsement import EndorsementStore
+from verifier.endorsement import EndorsementStore, load_certificates
 from verifier.enroll_service import EnrollmentService
-from verifier.errors import ConfigError
+from verifier.errors import ConfigError, MalformedInput
 from verifier.interceptor import ErrorMapping
-from verifier.pki import load_ca, read_server_credentials
+from verifier.pki import check_server_issued_by, load_ca, read_server_credentials
 from verifier.policy import PolicyError, PolicyHolder
 from verifier.query_service import QueryService
 from verifier.refs import ReferenceValues
@@ -67,6 +68,7 @@ def load_endorsements(config: VerifierConfig) -> EndorsementStore:
                 f"swtpm local CA {local_ca} does not exist: fix or remove "
                 "`endorsement.trust_swtpm_local_ca:` in the configuration"
             )
+        _check_local_ca(local_ca)
         logger.warning(
             "trusting swtpm local CA %s as an endorsement root: software TPMs will "
             "enroll (test and demo setting)",
@@ -76,6 +78,27 @@ def load_endorsements(config: VerifierConfig) -> EndorsementStore:
     store = EndorsementStore.from_paths(paths)
     logger.info("endorsement roots: %d from %s", len(store.roots), ", ".join(str(p) for p in paths))
     return store
+
+
+def _check_local_ca(path: Path) -> None:
+    """The swtpm local CA must hold a certificate: one that holds none would be logged as
+    trusted and trust nothing."""
+    try:
+        data = path.read_bytes()
+        certs = load_certificates(data, source=str(path)) if data.strip() else []
+    except OSError as exc:
+        raise ConfigError(
+            f"swtpm local CA {path}: {exc.strerror}: `endorsement.trust_swtpm_local_ca:` "
+            "must name a readable file"
+        ) from exc
+    except MalformedInput:
+        certs = []
+    if not certs:
+        raise ConfigError(
+            f"swtpm local CA {path} holds no certificate (PEM or DER): give the swtpm "
+            "local CA's certificate (issuercert.pem), or remove "
+            "`endorsement.trust_swtpm_local_ca:` from the configuration"
+        )
 
 
 @dataclass
@@ -175,6 +198,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     ca = load_ca(config.ca.cert, config.ca.key)
     endorsements = load_endorsements(config)
     server_cert, server_key = read_server_credentials(config.tls.server_cert, config.tls.server_key)
+    check_server_issued_by(server_cert, config.tls.server_cert, ca, config.ca.cert)
     refs = ReferenceValues.load(config.reference_values) if config.reference_values else None
     if refs is not None:
         logger.info(

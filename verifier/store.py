@@ -12,6 +12,7 @@ import json
 import math
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -121,38 +122,52 @@ CREATE TABLE IF NOT EXISTS audit (
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        # Refuse what would hide or lose data (issue 8): a missing directory is not made (a
-        # typo would show an empty fleet); a file that is not SQLite, or is damaged, is left
-        # as it is; each refusal is one line naming the file and the remedy.
+    def __init__(self, path: Path, *, create: bool = True, read_only: bool = False) -> None:
+        # Refuse what would hide or lose data (issue 8), one line each: a missing directory, or
+        # database (create=False: all but serve), is not made; read_only never writes it.
+        named = "--database" if read_only else "`database:`"
+        fix = f"fix {named}" + ("" if read_only else " in the configuration")
         if not path.parent.is_dir():
             raise ConfigError(
-                f"database {path}: directory {path.parent} does not exist: create it, or fix "
-                "`database:` in the configuration (it is not created: a typo would show an "
-                "empty fleet)"
+                f"database {path}: directory {path.parent} does not exist: create it, or {fix} "
+                "(it is not created: a typo would show an empty fleet)"
+            )
+        if (read_only or not create) and not path.is_file():
+            raise ConfigError(
+                f"no verifier database at {path}: run `devtrust-verifier serve` once, or {fix}"
             )
         self.path = path
         self._lock = threading.Lock()
         db = None
         try:
-            self._db = db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            if read_only:  # immutable (makes no -wal/-shm) unless a verifier has it open
+                ro = "mode=ro" + ("" if Path(f"{path}-wal").exists() else "&immutable=1")
+                uri = f"file:{urllib.parse.quote(str(path.resolve()))}?{ro}"
+                self._db = db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            else:
+                self._db = db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems))
-            self._open()
+            db.row_factory = sqlite3.Row
+            if not read_only:
+                self._open()
+            elif not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                db.close()
+                raise ConfigError(f"database {path} holds no verifier data: {fix}; left as it is")
         except sqlite3.Error as exc:
             if db is not None:
                 db.close()
             name = getattr(exc, "sqlite_errorname", None)
             if name == "SQLITE_NOTADB":
-                problem = "is not an SQLite database: point `database:` at the verifier's"
+                problem = f"is not an SQLite database: point {named} at the verifier's"
                 problem += " database, or move this file away (it is left as it is)"
             elif name in ("SQLITE_CORRUPT", None):
                 problem = f"is damaged ({exc}): restore it from a backup, or move it away to"
                 problem += " start an empty one (it is left as it is)"
             else:
-                problem = f"cannot be opened for writing ({exc}): it must be a file, and it"
-                problem += f" and {path.parent} writable by the verifier's user"
+                problem = f"cannot be opened{'' if read_only else ' for writing'} ({exc}): it must"
+                problem += f" be a file, and it and {path.parent} writable by the verifier's user"
             raise ConfigError(f"database {path} {problem}") from exc
 
     def _open(self) -> None:

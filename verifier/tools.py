@@ -20,8 +20,9 @@ from google.protobuf import json_format
 from protos.devtrust.v1 import attestation_pb2
 from verifier import measured_boot
 from verifier.appraisal import with_findings
+from verifier.config import clip
 from verifier.document import build, plain
-from verifier.errors import MalformedInput
+from verifier.errors import DevtrustError, MalformedInput
 from verifier.policy import Policy, PolicyError
 from verifier.store import Store
 from verifier.tpm import bootfacts
@@ -217,7 +218,7 @@ def learn_group(store: Store, device_id: str, *, name: str) -> dict[str, Any]:
     record = store.get_device(device_id)
     state = store.tpm_state(device_id)
     if record is None or state is None:
-        raise UsageError(f"no appraised evidence for device {device_id!r} in {store.path}")
+        raise UsageError(f"no appraised evidence for device {clip(device_id)} in {store.path}")
     group: dict[str, Any] = {"name": name}
     if record.zone:
         group["zone"] = record.zone
@@ -241,16 +242,16 @@ def learn_group(store: Store, device_id: str, *, name: str) -> dict[str, Any]:
 
 
 def refs_learn(args: argparse.Namespace) -> int:
-    if not args.database.exists():
-        raise UsageError(f"no verifier database at {args.database}")
-    store = Store(args.database)
+    device_id = args.device_id.lower()
+    try:  # read only: a wrong --database is never made, migrated or written
+        store = Store(args.database, read_only=True)
+    except DevtrustError as exc:
+        raise UsageError(str(exc)) from exc
     try:
-        group = learn_group(
-            store, args.device_id, name=args.name or f"learned-{args.device_id[:8]}"
-        )
+        group = learn_group(store, device_id, name=args.name or f"learned-{device_id[:8]}")
     finally:
         store.close()
-    print(f"# Learned from device {args.device_id}. Review every value before applying:")
+    print(f"# Learned from device {device_id}. Review every value before applying:")
     print("# golden PCRs pin this exact firmware and boot chain; prefer the event-based rules.")
     print(yaml.safe_dump({"groups": [group]}, sort_keys=False), end="")
     return EXIT_VALID
