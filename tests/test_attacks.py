@@ -663,6 +663,69 @@ def test_posture_notes_are_coalesced_and_a_flood_ends_the_stream(
     assert "attestation.posture_notes_per_minute" in details
 
 
+def test_an_operators_change_reaches_a_live_stream(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """A device decides when its stream ends: a zone an operator assigns, or a revocation,
+    must not wait for it. The next appraisal on the same stream uses the new zone (in the
+    certificate too), and after a revocation the stream ends before anything is issued."""
+    from cryptography import x509
+
+    from verifier.ca import DeviceClaims
+    from verifier.records import DeviceState
+
+    config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.2)
+
+    async def scenario() -> tuple[list[str], grpc.StatusCode, str, int]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            device_id = agent.enrollment.device_id
+            channel, call, challenge = await _open(pki, verifier, agent)
+            zones = []
+            try:
+                for step in range(2):
+                    if step == 1:
+                        now = datetime.datetime.now(datetime.UTC)
+                        assert verifier.store.set_assignment(
+                            device_id, zone="quarantine", labels={}, now=now, event="test"
+                        )
+                    await call.write(
+                        attestation_pb2.AgentMessage(
+                            evidence=await quote_evidence(agent, challenge)
+                        )
+                    )
+                    reply = await call.read()
+                    cert = x509.load_der_x509_certificate(reply.result.certificate.certificate_der)
+                    claims = DeviceClaims.from_certificate(cert)
+                    assert claims is not None
+                    zones.append(claims.zone)
+                    challenge = (await call.read()).challenge
+                verifier.store.set_state(
+                    device_id,
+                    DeviceState.REVOKED,
+                    now=datetime.datetime.now(datetime.UTC),
+                    event="revoked:test",
+                )
+                before = verifier.store.counts()["certificates"]
+                await call.write(
+                    attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call.read()
+                issued = verifier.store.counts()["certificates"] - before
+            finally:
+                await channel.close()
+            return zones, err.value.code(), err.value.details() or "", issued
+
+    zones, code, details, issued = asyncio.run(scenario())
+    assert zones == ["", "quarantine"]
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "is revoked" in details
+    assert issued == 0
+
+
 # --- 9. forged log lines ---------------------------------------------------------------------
 
 

@@ -355,6 +355,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         at once (after a reboot, for the whole event log)."""
         cfg = self._config
         now = self._clock()
+        self._refresh(session)
         device_id, zone = session.record.device_id, session.record.zone
         prior = session.tpm
         expect = Expectation(
@@ -431,6 +432,35 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             printable("; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-", 2048),
         )
         return reply, appraisal.rebooted
+
+    def _refresh(self, session: _Session) -> None:
+        """The device as the verifier knows it now, not as when its stream opened: a device
+        revoked, sent back to approval or given another AK meanwhile is refused (its stream
+        ends before anything is appraised or issued), and an operator's new zone or labels
+        apply from this appraisal on, whatever the device does with its stream."""
+        device_id = session.record.device_id
+        record = self._store.get_device(device_id)
+        if record is None or record.state is DeviceState.REVOKED:
+            raise Rejected(f"device {device_id} is revoked")
+        if record.state is not DeviceState.ENROLLED:
+            raise FailedPrecondition(f"device {device_id} awaits operator approval")
+        if record.ak_public != session.record.ak_public:
+            raise Rejected(
+                f"device {device_id} enrolled again with another AK: this stream's AK is no "
+                "longer the device's; reconnect"
+            )
+        if (record.zone, record.labels) != (session.record.zone, session.record.labels):
+            session.refs = (
+                self._refs.for_device(record.zone, record.labels) if self._refs else None
+            )
+            session.policy_cache = None
+            logger.info(
+                "device %s now in zone %s labels %s",
+                device_id,
+                printable(record.zone or "(unassigned)", 64),
+                printable(record.labels),
+            )
+        session.record = record
 
     def _withheld(self, appraisal: Appraisal, evidence: Evidence) -> str | None:
         """Why no certificate is issued for this evidence, or None when one is."""
