@@ -515,6 +515,56 @@ def test_a_slow_appraisal_does_not_hold_up_other_devices_or_queries(
     assert devices == 2
 
 
+def test_a_policy_a_device_makes_slow_is_abandoned_and_holds_up_nobody(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """8,192 tainted modules (within the limits) make the default policy's `found` for
+    os.kernel_taint quadratic in the CEL runtime, which holds the interpreter lock: 25 s on a
+    thread of the verifier, every other stream stopped. Policies run in worker processes
+    within attestation.policy_budget_s: the device gets policy.budget_exceeded, and an
+    operator's query is answered while its evaluation runs."""
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca, policy_budget_s=1.0),
+        policy=DEFAULT_POLICY,
+    )
+    modules = [attestation_pb2.KernelModule(name=f"m{i}", taint="Q") for i in range(8192)]
+    body = evidence_body(
+        host=host_facts(),
+        certify_key_spki=b"",
+        now=datetime.datetime.now(datetime.UTC),
+        os=attestation_pb2.OsPosture(modules=modules),
+    )
+
+    async def scenario() -> tuple[list[str], attestation_pb2.VerifierMessage]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            order: list[str] = []
+            channel, query = operator_stub(pki, verifier, workdir)
+
+            async def listing() -> None:
+                await asyncio.sleep(0.3)  # the evaluation is under way
+                await query.ListDevices(query_pb2.ListDevicesRequest(), timeout=30)
+                order.append("query answered")
+
+            async def hostile() -> attestation_pb2.VerifierMessage:
+                reply = await manual_stream(
+                    pki, verifier, agent, lambda ch: quote_evidence(agent, ch, body=body)
+                )
+                order.append("hostile appraised")
+                return reply
+
+            async with channel:
+                reply, _ = await asyncio.gather(hostile(), listing())
+            return order, reply
+
+    order, reply = asyncio.run(scenario())
+    assert order == ["query answered", "hostile appraised"]
+    assert "policy.budget_exceeded" in [f.id for f in reply.result.trust.findings]
+    assert reply.result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+
+
 # --- 8. floods ------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from agent.key_proof import possession_proven
 from verifier import document, measured_boot
 from verifier.ca import PublicKey
 from verifier.errors import LimitExceeded, MalformedInput
-from verifier.policy import Policy, PolicyOutcome
+from verifier.policy import PolicyEvaluator, PolicyOutcome
 from verifier.refs import RefGroup, appraise_refs
 from verifier.tpm.bootfacts import BootFacts
 from verifier.tpm.clock import ClockState, check_clock
@@ -91,7 +91,7 @@ class Expectation:
     max_log_bytes: int = 4 * 1024 * 1024
     max_log_events: int = 20_000
     refs: RefGroup | None = None
-    policy: Policy | None = None
+    policy: PolicyEvaluator | None = None
     zone: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     # The last policy outcome for this device and its key: re-evaluated only when the

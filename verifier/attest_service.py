@@ -40,6 +40,7 @@ from verifier.errors import (
 from verifier.identity import peer_identity
 from verifier.logtext import printable
 from verifier.policy import PolicyHolder, PolicyOutcome
+from verifier.policy_pool import PolicyRunner, PooledPolicy
 from verifier.records import CertificateRecord, DeviceRecord, DeviceState, TpmState
 from verifier.refs import ReferenceValues, RefGroup
 from verifier.store import Store
@@ -171,10 +172,15 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self._pool = ThreadPoolExecutor(
             max_workers=config.attestation.appraisal_workers, thread_name_prefix="appraise"
         )
+        self._policy_runner = PolicyRunner(
+            workers=config.attestation.policy_workers,
+            budget_s=config.attestation.policy_budget_s,
+        )
 
     def close(self) -> None:
         """Wait for appraisals in flight (they write to the store), then stop the workers."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._policy_runner.close()
 
     async def _take_over(self, device_id: str) -> _Live:
         """Register this stream as the device's only one, ending an older stream first."""
@@ -365,7 +371,11 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             ak_key=session.ak_key,
             staleness=cfg.attestation.staleness,
             qualified_signers=session.qualified_signers,
-            policy=self._policy.current,
+            policy=(
+                PooledPolicy(self._policy.current, self._policy_runner)
+                if self._policy.current is not None
+                else None
+            ),
             zone=session.record.zone,
             labels=session.record.labels,
             policy_cache=session.policy_cache,
@@ -450,9 +460,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 "longer the device's; reconnect"
             )
         if (record.zone, record.labels) != (session.record.zone, session.record.labels):
-            session.refs = (
-                self._refs.for_device(record.zone, record.labels) if self._refs else None
-            )
+            session.refs = self._refs.for_device(record.zone, record.labels) if self._refs else None
             session.policy_cache = None
             logger.info(
                 "device %s now in zone %s labels %s",

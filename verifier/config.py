@@ -118,6 +118,12 @@ class AttestationConfig:
     # A device's new stream gets its first challenge no sooner than this after the device's
     # last challenge on any stream: reconnecting again and again does not buy appraisals.
     stream_challenge_gap_s: float = 5.0
+    # Policies are evaluated in this many worker processes, each evaluation within
+    # policy_budget_s: past it the device gets policy.budget_exceeded (contraindicated) and the
+    # workers are replaced (the CEL runtime holds the interpreter lock, and some of its macros
+    # are quadratic in the lists a device sends).
+    policy_workers: int = 2
+    policy_budget_s: float = 2.0
     # Threads that appraise evidence off the event loop: one device's costly evidence
     # never holds up other devices' streams, queries or enrollments.
     appraisal_workers: int = 4
@@ -133,6 +139,8 @@ class AttestationConfig:
             raise ValueError(
                 "posture_min_interval_s and stream_challenge_gap_s must not be negative"
             )
+        if self.policy_workers <= 0 or self.policy_budget_s <= 0:
+            raise ValueError("policy_workers and policy_budget_s must be positive")
         if self.posture_notes_per_minute <= 0 or self.appraisal_workers <= 0:
             raise ValueError("posture_notes_per_minute and appraisal_workers must be positive")
         for bank, pcrs in self.pcrs.items():

@@ -42,7 +42,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cel
 import yaml
@@ -135,6 +135,26 @@ def _merge(claims: dict[Claim, int], claim: Claim, value: int) -> None:
         claims[claim] = value
 
 
+class PolicyEvaluator(Protocol):
+    """What appraisal needs of a policy: ``Policy`` itself, or a ``PooledPolicy`` that runs it
+    in worker processes (verifier/policy_pool.py)."""
+
+    @property
+    def policy_id(self) -> str: ...
+
+    @property
+    def bulletins(self) -> Bulletins: ...
+
+    def evaluate(
+        self,
+        doc: Document,
+        *,
+        device_id: str,
+        zone: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> PolicyOutcome: ...
+
+
 @dataclass(frozen=True)
 class Policy:
     policy_id: str
@@ -142,6 +162,10 @@ class Policy:
     bulletins: Bulletins
     source: str = ""
     required: tuple[RequiredEvidence, ...] = ()
+    # The text it was parsed from and the directory its data files are relative to: a
+    # worker process parses the same policy again from them (verifier/policy_pool.py).
+    text: str = field(default="", repr=False, compare=False)
+    base: Path = field(default=Path(), repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -179,6 +203,12 @@ class Policy:
             )
         except (OSError, ValueError) as exc:
             raise PolicyError(f"{source}: data.bulletins: {exc}") from exc
+        if bulletins_file and not bulletins.entries:
+            # An empty file would silently turn the bulletin rule into a pass.
+            raise PolicyError(
+                f"{source}: data.bulletins: {base / bulletins_file} lists no bulletins: restore "
+                "it (verifier/data/policy/nvidia-driver-bulletins.csv), or remove data.bulletins"
+            )
         rules = data.get("rules")
         if not isinstance(rules, list) or not rules:
             raise PolicyError(f"{source}:1: rules must be a non-empty list")
@@ -199,6 +229,8 @@ class Policy:
             bulletins=bulletins,
             source=source,
             required=required,
+            text=text,
+            base=base,
         )
 
     def evaluate(
