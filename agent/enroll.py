@@ -168,7 +168,10 @@ def _with_token_remedy(
     if exc.code() is not grpc.StatusCode.PERMISSION_DENIED:
         return error
     details = exc.details() or ""
-    if "token" not in details.lower() or "token create" in details:
+    # Only for the token's own problems (unknown, used, expired), not for a refusal that
+    # merely mentions a token (a zone conflict): a new token would not help there.
+    problems = ("unknown bootstrap token", "bootstrap token already used", "token expired")
+    if not any(p in details for p in problems) or "token create" in details:
         return error
     if not cfg.bootstrap_token:
         remedy = "bootstrap_token is empty: set it to a token from"

@@ -436,3 +436,24 @@ def test_policy_eval_of_a_bad_policy_is_one_line(tmp_path: Path) -> None:
         f"{policy}:8: rule bad: field this.ecc_enabeld does not exist; "
         "did you mean this.ecc_enabled?"
     ) in lines[0]
+
+
+def test_a_bulletins_file_without_bulletins_is_refused(tmp_path: Path) -> None:
+    """An empty bulletins file would turn the bulletin rule into a silent pass."""
+    (tmp_path / "b.csv").write_text("")
+    with pytest.raises(PolicyError, match=r"data\.bulletins: .*b\.csv lists no bulletins"):
+        Policy.parse(
+            "data: {bulletins: b.csv}\nrules:\n  - {id: a, description: d, claim: hardware, "
+            "severity: warning, expr: 'true'}\n",
+            source="p.yaml",
+            base=tmp_path,
+        )
+
+
+def test_a_driver_version_the_host_did_not_report_is_unknown() -> None:
+    """proto3 cannot tell "" from unset: an unreported driver version is null, so a rule on it
+    reads policy.unknown instead of comparing with ""."""
+    policy = _only('gpu.driver_version >= "550"')
+    body = attestation_pb2.EvidenceBody(gpu=attestation_pb2.GpuState(source="nvml"))
+    [message] = _unknown_messages(body, policy)
+    assert "gpu.driver_version is unknown" in message

@@ -429,6 +429,13 @@ class _RpcError(grpc.aio.AioRpcError):
             "create` on the verifier",
         ),
         ("not about a token", grpc.StatusCode.PERMISSION_DENIED, "untrusted EK", "", ""),
+        (
+            "a zone conflict mentions the token, but a new token would not help",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "device d is pinned to zone 'a' with labels {}; its bootstrap token assigns zone 'b'",
+            "t",
+            "",
+        ),
         ("not a refusal", grpc.StatusCode.INVALID_ARGUMENT, "bad token field", "", ""),
     ],
 )

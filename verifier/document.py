@@ -152,6 +152,11 @@ def build(
     the verifier's record: the host's own claim of them is dropped from ``host``, so no rule
     can read it."""
     gpu = _nulled(body.get("gpu") or {})
+    # proto3 cannot tell "" from unset: a version the host did not report is unknown (null),
+    # so that a rule on it reads policy.unknown, not a comparison with "".
+    for name in ("driver_version", "cuda_driver_version", "nvml_version"):
+        if gpu.get(name) == "":
+            gpu[name] = None
     driver = gpu.get("driver_version") or ""
     gpu["branch"] = f"R{driver.split('.', 1)[0]}" if driver else ""
     gpu["missing_bulletins"] = [

@@ -181,7 +181,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         # 4. Zone and labels: the operator's, pinned to a known device; never the host's claim.
         assignment = self._assignment(device_id, existing, token)
         host = request.host
-        if not assignment.same(host.zone, host.labels):
+        if (host.zone or host.labels) and not assignment.same(host.zone, host.labels):
             logger.info(
                 "device %s claims zone %s labels %s; assigned zone %s labels %s (%s)",
                 device_id,
