@@ -96,7 +96,6 @@ def _expect(case: Case, **overrides: Any) -> Expectation:
             staleness=datetime.timedelta(minutes=3),
             clock=PRIOR,
             log=log,
-            log_from=0 if log is None else log.offset,
         ),
         **overrides,
     )

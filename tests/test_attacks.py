@@ -776,6 +776,70 @@ def test_an_operators_change_reaches_a_live_stream(
     assert issued == 0
 
 
+def test_a_new_ak_ends_the_stream_of_the_old_one(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """The device enrolled again with another AK (its record now names that AK): evidence on
+    a stream opened with the old AK is not appraised."""
+    config = verifier_config(workdir, pki, endorsement_ca)
+
+    async def scenario() -> tuple[grpc.StatusCode, str]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            device_id = agent.enrollment.device_id
+            channel, call, challenge = await _open(pki, verifier, agent)
+            try:
+                record = verifier.store.get_device(device_id)
+                assert record is not None
+                other = replace(record, ak_public=record.ak_public + b"\x00")
+                verifier.store.save_device(
+                    other, now=datetime.datetime.now(datetime.UTC), event="test"
+                )
+                await call.write(
+                    attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call.read()
+            finally:
+                await channel.close()
+            return err.value.code(), err.value.details() or ""
+
+    code, details = asyncio.run(scenario())
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "enrolled again with another AK" in details
+
+
+def test_a_posture_note_naming_too_many_signals_is_refused(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca), limits=LimitsConfig(max_posture_signals=3)
+    )
+    note = attestation_pb2.AgentMessage(
+        posture_changed=attestation_pb2.PostureChanged(signals=["a", "b", "c", "d"])
+    )
+
+    async def scenario() -> tuple[grpc.StatusCode, str]:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
+        ):
+            channel, call, _ = await _open(pki, verifier, agent)
+            try:
+                await call.write(note)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call.read()
+            finally:
+                await channel.close()
+            return err.value.code(), err.value.details() or ""
+
+    code, details = asyncio.run(scenario())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limits.max_posture_signals" in details
+
+
 # --- 9. forged log lines ---------------------------------------------------------------------
 
 

@@ -86,8 +86,6 @@ class Expectation:
     qualified_signers: frozenset[bytes] | None = None
     clock: ClockState | None = None
     log: measured_boot.LogState | None = None
-    # The offset the challenge asked the event log from (0: the whole log).
-    log_from: int = 0
     max_log_bytes: int = 4 * 1024 * 1024
     max_log_events: int = 20_000
     refs: RefGroup | None = None
@@ -342,7 +340,7 @@ def _event_log(
                 ],
             )
     if state is None:
-        return None, None, [_finding_missing(expect, asked=part is None)]
+        return None, None, [_finding_missing(expect)]
     quoted_banks = {hash_name(alg) for alg, _ in evidence.pcrs}
     if not quoted_banks & set(state.banks):
         # A log in banks the quote does not cover explains nothing: as good as none.
@@ -377,7 +375,7 @@ def _finding_unverified(expect: Expectation, banks: list[str], quoted: set[str])
     )
 
 
-def _finding_missing(expect: Expectation, *, asked: bool) -> Finding:
+def _finding_missing(expect: Expectation) -> Finding:
     """No event log for this boot (issue 7, item 3). Contraindicated where the device's
     reference group has event rules, a warning otherwise: either way ``executables`` is
     not affirmed."""
@@ -386,8 +384,7 @@ def _finding_missing(expect: Expectation, *, asked: bool) -> Finding:
         "eventlog.missing",
         Severity.CONTRAINDICATED if needed else Severity.WARNING,
         Claim.EXECUTABLES,
-        f"device {expect.device_id}: no event log "
-        + ("was sent although the challenge asked for it" if asked else "for this boot")
+        f"device {expect.device_id}: no event log was sent although the challenge asked for it"
         + (
             f"; reference group {expect.refs.name} has event rules"
             if needed and expect.refs is not None

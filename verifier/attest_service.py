@@ -211,6 +211,11 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
     def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> DeviceRecord:
         """The peer's channel certificate names an enrolled device that is not revoked."""
         device_id = peer_identity(context, trust_domain=self._config.trust_domain, kind="agent")
+        return self._attesting(device_id)
+
+    def _attesting(self, device_id: str) -> DeviceRecord:
+        """The device's record, as long as it may attest: enrolled, not revoked, not awaiting
+        approval. Checked when a stream opens and again before each appraisal."""
         record = self._store.get_device(device_id)
         if record is None:
             raise Rejected(f"device {device_id} is not enrolled")
@@ -252,8 +257,6 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         cfg = self._config.attestation
         limits = self._config.limits
         device_id = record.device_id
-        # The record may have changed while an older stream was replaced.
-        record = self._store.get_device(device_id) or record
         session = _Session(
             record=record,
             ak_key=self._ak_key(device_id, record.ak_public),
@@ -381,7 +384,6 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             policy_cache=session.policy_cache,
             clock=prior.clock if prior else None,
             log=prior.log if prior else None,
-            log_from=session.log_offset,
             refs=session.refs,
             max_log_bytes=cfg.limits.max_event_log_bytes,
             max_log_events=cfg.limits.max_event_log_events,
@@ -449,11 +451,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         ends before anything is appraised or issued), and an operator's new zone or labels
         apply from this appraisal on, whatever the device does with its stream."""
         device_id = session.record.device_id
-        record = self._store.get_device(device_id)
-        if record is None or record.state is DeviceState.REVOKED:
-            raise Rejected(f"device {device_id} is revoked")
-        if record.state is not DeviceState.ENROLLED:
-            raise FailedPrecondition(f"device {device_id} awaits operator approval")
+        record = self._attesting(device_id)
         if record.ak_public != session.record.ak_public:
             raise Rejected(
                 f"device {device_id} enrolled again with another AK: this stream's AK is no "
