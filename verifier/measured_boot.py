@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hmac
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TypeVar
@@ -237,15 +237,26 @@ def facts_of(state: LogState, verified: frozenset[int]) -> bootfacts.BootFacts:
     return facts
 
 
+def _capped(
+    items: Sequence[_T],
+    one: Callable[[_T], Finding],
+    more: Callable[[_T, int], Finding],
+) -> tuple[Finding, ...]:
+    """A finding for each of the first MAX_DIGEST_FINDINGS items, then one for the rest."""
+    findings = [one(item) for item in items[:MAX_DIGEST_FINDINGS]]
+    if len(items) > MAX_DIGEST_FINDINGS:
+        findings.append(more(items[MAX_DIGEST_FINDINGS], len(items) - MAX_DIGEST_FINDINGS))
+    return tuple(findings)
+
+
 def digest_findings(state: LogState, device_id: str, pcrs: frozenset[int]) -> tuple[Finding, ...]:
     """``eventlog.data_digest_mismatch`` for events on ``pcrs`` (the appraisal passes the
-    quoted PCR indices) whose data is not what their digests are over. Events on PCRs the quote
-    does not cover are left out: their data and digests are unchecked by the TPM alike, and no
-    fact comes from them anyway. WARNING: the facts such an event carried read as not measured,
-    which reference rules that need them contraindicate."""
-    findings: list[Finding] = []
-    relevant = [m for m in state.mismatches() if m.pcr in pcrs]
-    for m in relevant[:MAX_DIGEST_FINDINGS]:
+    verified PCRs) whose data is not what their digests are over. Events on other PCRs are left
+    out: the TPM vouches for neither their data nor their digests, and no fact comes from them
+    anyway. WARNING: the facts such an event carried read as not measured, which reference
+    rules that need them contraindicate."""
+
+    def one(m: eventdata.DataMismatch) -> Finding:
         bank = m.banks[0] if m.banks else "?"
         if m.logged:
             what = (
@@ -254,32 +265,28 @@ def digest_findings(state: LogState, device_id: str, pcrs: frozenset[int]) -> tu
             )
         else:
             what = f"it carries no digest in {', '.join(m.banks)}"
-        findings.append(
-            Finding(
-                id="eventlog.data_digest_mismatch",
-                severity=Severity.WARNING,
-                claim=Claim.EXECUTABLES,
-                subject=f"pcr:{bank}:{m.pcr}",
-                message=f"device {device_id}: event {m.number} at byte {m.offset} "
-                f"({m.type_name}, PCR {m.pcr}, {bank}): {what}; no fact is taken from it",
-                expected=m.logged,
-                found=m.computed,
-            )
+        return Finding(
+            id="eventlog.data_digest_mismatch",
+            severity=Severity.WARNING,
+            claim=Claim.EXECUTABLES,
+            subject=f"pcr:{bank}:{m.pcr}",
+            message=f"device {device_id}: event {m.number} at byte {m.offset} "
+            f"({m.type_name}, PCR {m.pcr}, {bank}): {what}; no fact is taken from it",
+            expected=m.logged,
+            found=m.computed,
         )
-    if len(relevant) > MAX_DIGEST_FINDINGS:
-        first = relevant[MAX_DIGEST_FINDINGS]
-        findings.append(
-            Finding(
-                id="eventlog.data_digest_mismatch",
-                severity=Severity.WARNING,
-                claim=Claim.EXECUTABLES,
-                subject=f"pcr:{first.banks[0] if first.banks else '?'}:{first.pcr}",
-                message=f"device {device_id}: {len(relevant) - MAX_DIGEST_FINDINGS} more events "
-                f"whose data is not what their digests are over, from event {first.number} at "
-                f"byte {first.offset} on",
-            )
+
+    def more(first: eventdata.DataMismatch, count: int) -> Finding:
+        return Finding(
+            id="eventlog.data_digest_mismatch",
+            severity=Severity.WARNING,
+            claim=Claim.EXECUTABLES,
+            subject=f"pcr:{first.banks[0] if first.banks else '?'}:{first.pcr}",
+            message=f"device {device_id}: {count} more events whose data is not what their "
+            f"digests are over, from event {first.number} at byte {first.offset} on",
         )
-    return tuple(findings)
+
+    return _capped([m for m in state.mismatches() if m.pcr in pcrs], one, more)
 
 
 _ANOMALIES = {
@@ -304,37 +311,32 @@ def fact_findings(state: LogState, device_id: str, verified: frozenset[int]) -> 
     (``bootfacts.Anomaly``) for events on ``verified`` PCRs: CONTRAINDICATED, configuration.
     A relabelled separator does not hide a late variable: the separator is found by its
     digest. At most MAX_DIGEST_FINDINGS, then one more that says how many."""
-    anomalies = facts_of(state, verified).anomalies
     bank = next((b for b in state.banks if b in HASH_BY_NAME), "?")
-    findings: list[Finding] = []
-    for a in anomalies[:MAX_DIGEST_FINDINGS]:
+
+    def one(a: bootfacts.Anomaly) -> Finding:
         what, expected, found = _ANOMALIES[a.kind]
-        findings.append(
-            Finding(
-                id=f"eventlog.{a.kind}",
-                severity=Severity.CONTRAINDICATED,
-                claim=Claim.CONFIGURATION,
-                subject=f"pcr:{bank}:{a.pcr}",
-                message=f"device {device_id}: event {a.number} at byte {a.offset} "
-                f"({a.type_name}, PCR {a.pcr}): Secure Boot variable {a.variable} {what}",
-                expected=expected,
-                found=found,
-            )
+        return Finding(
+            id=f"eventlog.{a.kind}",
+            severity=Severity.CONTRAINDICATED,
+            claim=Claim.CONFIGURATION,
+            subject=f"pcr:{bank}:{a.pcr}",
+            message=f"device {device_id}: event {a.number} at byte {a.offset} "
+            f"({a.type_name}, PCR {a.pcr}): Secure Boot variable {a.variable} {what}",
+            expected=expected,
+            found=found,
         )
-    if len(anomalies) > MAX_DIGEST_FINDINGS:
-        first = anomalies[MAX_DIGEST_FINDINGS]
-        findings.append(
-            Finding(
-                id=f"eventlog.{first.kind}",
-                severity=Severity.CONTRAINDICATED,
-                claim=Claim.CONFIGURATION,
-                subject=f"pcr:{bank}:{first.pcr}",
-                message=f"device {device_id}: {len(anomalies) - MAX_DIGEST_FINDINGS} more "
-                f"Secure Boot variables out of place in PCR 7, from event {first.number} at "
-                f"byte {first.offset} on",
-            )
+
+    def more(first: bootfacts.Anomaly, count: int) -> Finding:
+        return Finding(
+            id=f"eventlog.{first.kind}",
+            severity=Severity.CONTRAINDICATED,
+            claim=Claim.CONFIGURATION,
+            subject=f"pcr:{bank}:{first.pcr}",
+            message=f"device {device_id}: {count} more Secure Boot variables out of place in "
+            f"PCR 7, from event {first.number} at byte {first.offset} on",
         )
-    return tuple(findings)
+
+    return _capped(facts_of(state, verified).anomalies, one, more)
 
 
 def rebuild(parts: Iterable[LogPart], *, offset: int, event_count: int) -> LogState | None:
