@@ -224,11 +224,7 @@ class _Checker:
                 return self._read(t.fields[name], path)
             shown = f"{text(operand)}.{name}" if field else f'{text(operand)}["{name}"]'
             if name in t.withheld:
-                raise CheckError(
-                    f"{shown} is not in the document: the verifier never takes a host's claim "
-                    "of its zone or labels; rules read device.zone and device.labels, the "
-                    "operator's assignment"
-                )
+                raise CheckError(f"{shown} is not in the document: {t.withheld[name]}")
             fix = _suggest(name, list(t.fields), f"{text(operand)}.")
             listing = "" if fix else f"; {text(operand)} ({t}) has {', '.join(t.fields)}"
             raise CheckError(f"field {shown} does not exist{fix}{listing}")

@@ -30,13 +30,8 @@ from google.protobuf.message import Message
 
 Document = dict[str, Any]
 # What the host says of its own zone and labels: never part of the document (device.zone and
-# device.labels are the operator-assigned ones).
+# device.labels are the operator-assigned ones; a rule naming host.zone is refused at load).
 _CLAIMED_BY_HOST = ("zone", "labels")
-WITHHELD = {
-    f"host.{name}": f"the verifier never takes a host's claim of its {name}; "
-    f"rules read device.{name}, the verifier's record"
-    for name in _CLAIMED_BY_HOST
-}
 _INT64_MAX = 2**63 - 1
 _UNSIGNED_64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
 
@@ -225,8 +220,7 @@ def _walk(
     name = json.loads(step[1:-1]) if is_key else step
     shown = f"{shown}{step}" if is_key else f"{shown}.{step}"
     if name not in value:
-        why = WITHHELD.get(shown)
-        out.append(f"{shown} is not in the document: {why}" if why else f"{shown} is absent")
+        out.append(f"{shown} is absent")
         return
     _walk(value[name], path, at + 1, shown, out, parent=value, key=name)
 

@@ -7,7 +7,7 @@ enums and every integer width are CEL ``int`` (``plain`` keeps uint64 values in 
 field is a CEL map. To that are added the fields ``document.build`` derives (``gpu.branch``,
 ``gpu.missing_bulletins``, per GPU ``lost`` and ``gsp_matches_driver``, ``device``, ``sent``),
 and it drops what build drops: the host's own claim of its zone and labels, kept apart as
-*withheld* fields (a rule may name them, and they always read unknown, with the reason).
+*withheld* fields: a rule that names one is refused at load, with the reason.
 
 Nullability is not part of the schema: an optional field the host could not read is null in
 the document whatever its type, and a rule over it reads as unknown at appraisal (with the
@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from protos.devtrust.v1 import attestation_pb2
-from verifier.document import WITHHELD
+
+# Why the host's own zone and labels are not in the document (verifier/celcheck.py says so
+# when a rule names them).
+WITHHELD = (
+    "the verifier never takes a host's claim of its zone or labels; rules read device.zone "
+    "and device.labels, the operator's assignment"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,9 +125,7 @@ GPU = _message(
     {"lost": BOOL, "gsp_matches_driver": BOOL},
 )
 DOCUMENT: Mapping[str, Type] = {
-    "host": _message(
-        _of(_BODY, "host"), drop={f: WITHHELD[f"host.{f}"] for f in ("zone", "labels")}
-    ),
+    "host": _message(_of(_BODY, "host"), drop=dict.fromkeys(("zone", "labels"), WITHHELD)),
     "os": _message(_of(_BODY, "os")),
     "gpu": _message(
         _GPU_STATE,
