@@ -42,6 +42,7 @@ _COMPILED: dict[str, Policy] = {}
 class _Call:
     """One evaluation, as it crosses to a worker process (pickled)."""
 
+    policy_id: str
     digest: str
     text: str
     source: str
@@ -62,10 +63,6 @@ def _evaluate(call: _Call) -> PolicyOutcome:
     return policy.evaluate(call.doc, device_id=call.device_id, zone=call.zone, labels=call.labels)
 
 
-def _warm() -> None:
-    """Runs in a worker process at start: import what evaluations need."""
-
-
 class PolicyRunner:
     """Evaluates policies in ``workers`` processes, each call within ``budget_s``."""
 
@@ -81,7 +78,6 @@ class PolicyRunner:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=self._workers,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_warm,
                 )
             return self._pool
 
@@ -106,6 +102,7 @@ class PolicyRunner:
         labels: dict[str, str],
     ) -> PolicyOutcome:
         call = _Call(
+            policy_id=policy.policy_id,
             digest=hashlib.sha256(policy.text.encode()).hexdigest(),
             text=policy.text,
             source=policy.source,
@@ -115,25 +112,28 @@ class PolicyRunner:
             zone=zone,
             labels=labels,
         )
-        for attempt in (1, 2):
-            pool = self._executor()
-            try:
-                future = pool.submit(_evaluate, call)
-                return future.result(timeout=self.budget_s)
-            except concurrent.futures.TimeoutError:
-                logger.warning(
-                    "policy evaluation for device %s ran past %.1fs: workers restarted",
-                    device_id,
-                    self.budget_s,
-                )
-                self._replace(pool)
-                return budget_exceeded(policy.policy_id, device_id, self.budget_s)
-            except BrokenProcessPool:
-                # Another device's evaluation ran out of time and its workers were killed.
-                self._replace(pool)
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self._run(call)
+        except BrokenProcessPool:
+            # Another device's evaluation ran out of time and the workers were replaced
+            # under this one: once more, on the new workers.
+            return self._run(call)
+
+    def _run(self, call: _Call) -> PolicyOutcome:
+        pool = self._executor()
+        try:
+            return pool.submit(_evaluate, call).result(timeout=self.budget_s)
+        except concurrent.futures.TimeoutError:
+            logger.warning(
+                "policy evaluation for device %s ran past %.1fs: workers restarted",
+                call.device_id,
+                self.budget_s,
+            )
+            self._replace(pool)
+            return budget_exceeded(call.policy_id, call.device_id, self.budget_s)
+        except BrokenProcessPool:
+            self._replace(pool)
+            raise
 
     def close(self) -> None:
         with self._lock:
