@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from agent.attest import AttestationClient
+from agent.attest import AttestationClient, tier_word
 from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from agent.enroll import enroll
 from agent.main import make_tpm
 from agent.state import AgentFiles
-from protos.devtrust.v1 import attestation_pb2, common_pb2, query_pb2, query_pb2_grpc
+from protos.devtrust.v1 import attestation_pb2, query_pb2, query_pb2_grpc
 from swtpm import EndorsementCA, Swtpm, provision
 from swtpm.bootlog import simulate_boot
 from swtpm.hosttree import write_host_tree
@@ -77,10 +77,6 @@ def check_out_dir(out: Path) -> None:
         f"{sorted(names)[0]!r}); the demo would replace verifier.db and result.json there: "
         "give a new or empty directory (--out DIR)"
     )
-
-
-def _tier(value: int) -> str:
-    return common_pb2.Tier.Name(value).removeprefix("TIER_").lower()  # type: ignore[arg-type]
 
 
 async def run_demo(out: Path, work: Path) -> dict[str, Any]:
@@ -174,7 +170,7 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         if not result.HasField("certificate"):
             findings = "; ".join(f.message for f in result.trust.findings)
             raise RuntimeError(
-                f"no device certificate: tier {_tier(result.trust.tier)}: {findings}"
+                f"no device certificate: tier {tier_word(result.trust.tier)}: {findings}"
             )
 
         # An operator reads the stored result back over the query API (mTLS).
@@ -198,9 +194,11 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         claims = DeviceClaims.from_certificate(cert)
         summary = {
             "device_id": enrollment.device_id,
-            "tier": _tier(stored.tier),
+            "tier": tier_word(stored.tier),
             "score": stored.score,
-            "claims": {c.name: {"value": c.value, "tier": _tier(c.tier)} for c in stored.claims},
+            "claims": {
+                c.name: {"value": c.value, "tier": tier_word(c.tier)} for c in stored.claims
+            },
             "reasons": [{"id": f.id, "message": f.message} for f in stored.findings],
             "certificate": {
                 "subject": cert.subject.rfc4514_string(),

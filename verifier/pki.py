@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent.errors import ConfigError, DevtrustError
 from agent.files import write_atomic
-from verifier.ca import CertificateAuthority, pem
+from verifier.ca import CertificateAuthority, pem, private_key_pem
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or ending with one.
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -106,14 +106,6 @@ def _write(path: Path, data: bytes, *, mode: int) -> None:
         ) from exc
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 def writable_dir(directory: Path, flag: str) -> None:
     """Make ``directory`` if needed and check that it can be written, before anything else
     is done: one line naming it and ``flag`` (the option that names it) otherwise."""
@@ -164,9 +156,9 @@ def init_pki(
         hostnames=hostnames, public_key=key.public_key(), now=now, lifetime=server_lifetime
     )
     new = {
-        files.ca_key: (_key_pem(ca.key), 0o600),
+        files.ca_key: (private_key_pem(ca.key), 0o600),
         files.ca_cert: (pem(ca.cert), 0o644),
-        files.server_key: (_key_pem(key), 0o600),
+        files.server_key: (private_key_pem(key), 0o600),
         files.server_cert: (pem(cert), 0o644),
     }
     backups = []
@@ -215,7 +207,10 @@ def issue_operator(
         lifetime=lifetime,
     )
     key_path, cert_path = directory / f"operator-{name}.key", directory / f"operator-{name}.pem"
-    for path, data, mode in ((key_path, _key_pem(key), 0o600), (cert_path, pem(cert), 0o644)):
+    for path, data, mode in (
+        (key_path, private_key_pem(key), 0o600),
+        (cert_path, pem(cert), 0o644),
+    ):
         try:
             _keep(path, now)
         except OSError as exc:
