@@ -28,18 +28,18 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import __version__
-from agent.channel import Backoff, attestation_channel, explain, final_error
-from agent.collect import collect_body
-from agent.config import AgentConfig
-from agent.errors import TpmError
-from agent.evidence import qualifying_data
-from agent.gpu.nvml import XidWatcher
-from agent.key_proof import sign_possession
-from agent.posture import Debouncer, fingerprint
-from agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
-from agent.tpm import AsyncTpm
-from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
+from devtrust import __version__
+from devtrust.agent.channel import Backoff, attestation_channel, explain, final_error
+from devtrust.agent.collect import collect_body
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.errors import TpmError
+from devtrust.agent.evidence import qualifying_data
+from devtrust.agent.gpu.nvml import XidWatcher
+from devtrust.agent.key_proof import sign_possession
+from devtrust.agent.posture import Debouncer, fingerprint
+from devtrust.agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
+from devtrust.agent.tpm import AsyncTpm
+from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 
 logger = logging.getLogger(__name__)
 ResultCallback = Callable[[attestation_pb2.Result], None]

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import grpc
 from cryptography import x509
 
-from agent.config import AgentConfig
-from agent.errors import DevtrustError
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.errors import DevtrustError
 
 # First delay between attempts; it doubles up to ``reconnect_max_s``, each delay +-20 %.
 FIRST_DELAY_S = 0.5

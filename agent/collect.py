@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from agent.config import AgentConfig
-from agent.errors import ConfigError
-from agent.evidence import evidence_body, host_facts
-from agent.gpu.nvml import XidWatcher, collect_nvml
-from agent.gpu.procfs import collect_procfs
-from agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
-from agent.posture import collect_posture
-from protos.devtrust.v1 import attestation_pb2
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.errors import ConfigError
+from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.gpu.nvml import XidWatcher, collect_nvml
+from devtrust.agent.gpu.procfs import collect_procfs
+from devtrust.agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
+from devtrust.agent.posture import collect_posture
+from devtrust.v1 import attestation_pb2
 
 
 def check_sources(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import grpc
 from cryptography import x509
 
-from agent.channel import (
+from devtrust.agent.channel import (
     Backoff,
     VerifierError,
     VerifierUnreachable,
@@ -19,12 +19,12 @@ from agent.channel import (
     explain,
     final_error,
 )
-from agent.config import AgentConfig
-from agent.enrollment_proof import proof_for
-from agent.evidence import host_facts
-from agent.state import AgentFiles, Enrollment, der_to_pem, key_pem, new_key, spki
-from agent.tpm import AsyncTpm
-from protos.devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.enrollment_proof import proof_for
+from devtrust.agent.evidence import host_facts
+from devtrust.agent.state import AgentFiles, Enrollment, der_to_pem, key_pem, new_key, spki
+from devtrust.agent.tpm import AsyncTpm
+from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

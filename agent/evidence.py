@@ -16,8 +16,8 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import __version__
-from protos.devtrust.v1 import attestation_pb2, common_pb2
+from devtrust import __version__
+from devtrust.v1 import attestation_pb2, common_pb2
 
 
 def qualifying_data(nonce: bytes, body: bytes) -> bytes:

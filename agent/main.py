@@ -20,17 +20,17 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from google.protobuf import json_format
 
-from agent import __version__
-from agent.attest import AttestationClient
-from agent.channel import VerifierError, VerifierUnreachable
-from agent.collect import check_sources, collect_body
-from agent.config import AgentConfig
-from agent.enroll import EnrollmentPending, enroll_retrying
-from agent.errors import ConfigError, DevtrustError, TpmError
-from agent.logsetup import configure_logging
-from agent.state import AgentFiles
-from agent.tpm import AsyncTpm, TpmBackend
-from protos.devtrust.v1 import attestation_pb2
+from devtrust import __version__
+from devtrust.agent.attest import AttestationClient
+from devtrust.agent.channel import VerifierError, VerifierUnreachable
+from devtrust.agent.collect import check_sources, collect_body
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.enroll import EnrollmentPending, enroll_retrying
+from devtrust.agent.errors import ConfigError, DevtrustError, TpmError
+from devtrust.agent.logsetup import configure_logging
+from devtrust.agent.state import AgentFiles
+from devtrust.agent.tpm import AsyncTpm, TpmBackend
+from devtrust.v1 import attestation_pb2
 
 logger = logging.getLogger("devtrust.agent")
 DEFAULT_CONFIG = Path("/etc/devtrust/agent.yaml")

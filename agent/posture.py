@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from protos.devtrust.v1 import attestation_pb2
+from devtrust.v1 import attestation_pb2
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 PORT_RANGE = "proc/sys/net/ipv4/ip_local_port_range"

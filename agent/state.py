@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.files import write_atomic
+from devtrust.agent.files import write_atomic
 
 CHANNEL_RENEW_BEFORE = datetime.timedelta(days=1)
 

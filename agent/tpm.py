@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from agent.errors import TpmError
+from devtrust.agent.errors import TpmError
 
 # tpm2-tss logs every TPM error code at WARNING to stderr; we report errors ourselves.
 os.environ.setdefault("TSS2_LOG", "all+NONE")

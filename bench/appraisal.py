@@ -32,17 +32,17 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
 
-from agent.evidence import evidence_body, host_facts, qualifying_data
-from agent.state import new_key, spki
-from agent.tpm import AK_ATTRIBUTES, TpmBackend
 from bench.common import corpus_root, rates
-from swtpm import EndorsementCA, Swtpm, provision
-from verifier import measured_boot
-from verifier.appraisal import Evidence, Expectation, Nonce, appraise
-from verifier.config import AttestationConfig
-from verifier.tpm import eventlog
-from verifier.tpm.constants import hash_alg, hash_name
-from verifier.tpm.structures import ak_qualified_names, parse_public, parse_signature
+from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
+from devtrust.agent.state import new_key, spki
+from devtrust.agent.tpm import AK_ATTRIBUTES, TpmBackend
+from devtrust.swtpm import EndorsementCA, Swtpm, provision
+from devtrust.verifier import measured_boot
+from devtrust.verifier.appraisal import Evidence, Expectation, Nonce, appraise
+from devtrust.verifier.config import AttestationConfig
+from devtrust.verifier.tpm import eventlog
+from devtrust.verifier.tpm.constants import hash_alg, hash_name
+from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public, parse_signature
 
 RSA_HANDLE = 0x81010003
 

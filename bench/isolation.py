@@ -38,18 +38,18 @@ from typing import Any
 
 import grpc
 
-from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
-from agent.enroll import enroll
-from agent.evidence import evidence_body, host_facts, qualifying_data
-from agent.main import make_tpm
-from agent.posture import collect_posture
-from agent.state import AgentFiles, Enrollment
-from agent.tpm import AsyncTpm
-from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
-from swtpm import EndorsementCA, Swtpm, provision
-from swtpm.bootlog import header_only_log, spec_id_event
-from swtpm.hosttree import write_host_tree
-from verifier.config import (
+from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from devtrust.agent.enroll import enroll
+from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
+from devtrust.agent.main import make_tpm
+from devtrust.agent.posture import collect_posture
+from devtrust.agent.state import AgentFiles, Enrollment
+from devtrust.agent.tpm import AsyncTpm
+from devtrust.swtpm import EndorsementCA, Swtpm, provision
+from devtrust.swtpm.bootlog import header_only_log, spec_id_event
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
+from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
     EndorsementConfig,
@@ -58,8 +58,8 @@ from verifier.config import (
     TlsConfig,
     VerifierConfig,
 )
-from verifier.pki import PkiFiles, init_pki
-from verifier.server import RunningVerifier, start_verifier
+from devtrust.verifier.pki import PkiFiles, init_pki
+from devtrust.verifier.server import RunningVerifier, start_verifier
 
 LIMITS = LimitsConfig()
 PART = 1024 * 1024

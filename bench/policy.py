@@ -29,14 +29,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.gpu.smi_xml import parse_smi_xml
-from agent.posture import collect_posture
 from bench.common import corpus_root, rates
-from protos.devtrust.v1 import attestation_pb2
-from swtpm.hosttree import write_host_tree
-from verifier.config import DEFAULT_POLICY
-from verifier.document import build, plain
-from verifier.policy import Policy
+from devtrust.agent.gpu.smi_xml import parse_smi_xml
+from devtrust.agent.posture import collect_posture
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2
+from devtrust.verifier.config import DEFAULT_POLICY
+from devtrust.verifier.document import build, plain
+from devtrust.verifier.policy import Policy
 
 
 def main() -> None:

@@ -25,16 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.attest import AttestationClient
-from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
-from agent.enroll import enroll
-from agent.main import make_tpm
-from agent.state import AgentFiles
-from protos.devtrust.v1 import attestation_pb2, common_pb2
-from swtpm import EndorsementCA, Swtpm, provision
-from swtpm.bootlog import header_only_log
-from swtpm.hosttree import write_host_tree
-from verifier.config import (
+from devtrust.agent.attest import AttestationClient
+from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from devtrust.agent.enroll import enroll
+from devtrust.agent.main import make_tpm
+from devtrust.agent.state import AgentFiles
+from devtrust.swtpm import EndorsementCA, Swtpm, provision
+from devtrust.swtpm.bootlog import header_only_log
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2, common_pb2
+from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
     EndorsementConfig,
@@ -42,8 +42,8 @@ from verifier.config import (
     TlsConfig,
     VerifierConfig,
 )
-from verifier.pki import init_pki
-from verifier.server import start_verifier
+from devtrust.verifier.pki import init_pki
+from devtrust.verifier.server import start_verifier
 
 HARDENING = "etc/ssh/sshd_config.d/10-hardening.conf"
 WINDOW_S = 2.0

@@ -1,5 +1,9 @@
 """Regenerate the Python code for protos/devtrust/v1/*.proto: `python -m protos.generate`.
 
+``protos/`` is the proto root: the files are ``devtrust/v1/*.proto`` with package ``devtrust.v1``,
+so every language generates from them with ordinary import paths, and the Python code imports
+as ``devtrust.v1``.
+
 The generated modules (``*_pb2.py``, ``*_pb2_grpc.py``) and their ``.pyi`` stubs are checked
 in; ``tests/test_protos_fresh.py`` regenerates into a temporary directory and fails when the
 checked-in files differ. Tool versions are pinned in pyproject.toml's ``dev`` extra.
@@ -15,7 +19,8 @@ from pathlib import Path
 from grpc_tools import protoc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = Path("protos/devtrust/v1")
+PROTO_ROOT = REPO_ROOT / "protos"
+PROTO_DIR = Path("devtrust/v1")
 
 
 def _plugin(name: str) -> str:
@@ -29,13 +34,15 @@ def _plugin(name: str) -> str:
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Generate code for every .proto into out_dir (mirroring protos/devtrust/v1)."""
+    """Generate code for every .proto into out_dir (mirroring devtrust/v1 under the proto root)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    protos = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / PROTO_DIR).glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PROTO_DIR).glob("*.proto")
+    )
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
-        f"-I{REPO_ROOT}",
+        f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
@@ -53,7 +60,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT)
+    parser.add_argument("--out", type=Path, default=PROTO_ROOT)
     args = parser.parse_args()
     for path in generate(args.out):
         print(path.relative_to(args.out))

@@ -6,7 +6,7 @@ pair of loopback ports it binds itself (no race for a free port), probes readine
 by pid. The TCTI string for tpm2-pytss is ``Swtpm.tcti``.
 """
 
-from swtpm.localca import EndorsementCA
-from swtpm.process import Swtpm, SwtpmError, provision, swtpm_available
+from devtrust.swtpm.localca import EndorsementCA
+from devtrust.swtpm.process import Swtpm, SwtpmError, provision, swtpm_available
 
 __all__ = ["EndorsementCA", "Swtpm", "SwtpmError", "provision", "swtpm_available"]

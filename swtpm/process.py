@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from swtpm.localca import EndorsementCA
+from devtrust.swtpm.localca import EndorsementCA
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from swtpm import EndorsementCA, Swtpm, provision, swtpm_available
-from verifier.pki import PkiFiles, init_pki
+from devtrust.swtpm import EndorsementCA, Swtpm, provision, swtpm_available
+from devtrust.verifier.pki import PkiFiles, init_pki
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,19 +15,19 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.attest import AttestationClient
-from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
-from agent.enroll import enroll
-from agent.evidence import evidence_body, host_facts, qualifying_data
-from agent.key_proof import sign_possession
-from agent.main import make_tpm
-from agent.state import AgentFiles, Enrollment, new_key, spki
-from agent.tpm import AsyncTpm
-from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2_grpc
-from swtpm import EndorsementCA, Swtpm
-from swtpm.bootlog import header_only_log
-from verifier.ca import CertificateAuthority, pem
-from verifier.config import (
+from devtrust.agent.attest import AttestationClient
+from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from devtrust.agent.enroll import enroll
+from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
+from devtrust.agent.key_proof import sign_possession
+from devtrust.agent.main import make_tpm
+from devtrust.agent.state import AgentFiles, Enrollment, new_key, spki
+from devtrust.agent.tpm import AsyncTpm
+from devtrust.swtpm import EndorsementCA, Swtpm
+from devtrust.swtpm.bootlog import header_only_log
+from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2_grpc
+from devtrust.verifier.ca import CertificateAuthority, pem
+from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
     EndorsementConfig,
@@ -35,8 +35,8 @@ from verifier.config import (
     TlsConfig,
     VerifierConfig,
 )
-from verifier.pki import PkiFiles, issue_operator
-from verifier.server import RunningVerifier, start_verifier
+from devtrust.verifier.pki import PkiFiles, issue_operator
+from devtrust.verifier.server import RunningVerifier, start_verifier
 
 
 def verifier_config(

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from verifier.tpm.constants import ST_ATTEST_QUOTE, TPM_GENERATED_VALUE, Alg
-from verifier.tpm.structures import PcrSelect
+from devtrust.verifier.tpm.constants import ST_ATTEST_QUOTE, TPM_GENERATED_VALUE, Alg
+from devtrust.verifier.tpm.structures import PcrSelect
 
 
 def tpm2b(data: bytes) -> bytes:

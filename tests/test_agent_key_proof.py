@@ -15,14 +15,14 @@ from typing import Any, cast
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.attest import AttestationClient
-from agent.config import AgentConfig
-from agent.evidence import evidence_body, host_facts, qualifying_data
-from agent.key_proof import PublicKey, possession_proven
-from agent.state import AgentFiles, Enrollment, new_key, spki
-from agent.tpm import AsyncTpm
-from protos.devtrust.v1 import attestation_pb2, common_pb2
-from swtpm.hosttree import write_host_tree
+from devtrust.agent.attest import AttestationClient
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
+from devtrust.agent.key_proof import PublicKey, possession_proven
+from devtrust.agent.state import AgentFiles, Enrollment, new_key, spki
+from devtrust.agent.tpm import AsyncTpm
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2, common_pb2
 
 DEVICE = "ab" * 32
 OTHER_DEVICE = "cd" * 32

@@ -13,20 +13,20 @@ from typing import Any, cast
 
 import pytest
 
-from agent.attest import AttestationClient
-from agent.config import AgentConfig
-from agent.errors import ConfigError
-from agent.posture import (
+from devtrust.agent.attest import AttestationClient
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.errors import ConfigError
+from devtrust.agent.posture import (
     Debouncer,
     EphemeralPorts,
     collect_posture,
     ephemeral_ports,
     fingerprint,
 )
-from agent.state import AgentFiles, Enrollment
-from agent.tpm import AsyncTpm
-from protos.devtrust.v1 import attestation_pb2
-from swtpm.hosttree import write_host_tree
+from devtrust.agent.state import AgentFiles, Enrollment
+from devtrust.agent.tpm import AsyncTpm
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2
 
 # /proc/net/tcp rows (local_address is little-endian hex address : big-endian hex port).
 _HEADER = (
@@ -341,7 +341,7 @@ def test_fifty_rapid_changes_send_two_posture_changed_notes(
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
 
-    with caplog.at_level(logging.INFO, logger="agent.attest"):
+    with caplog.at_level(logging.INFO, logger="devtrust.agent.attest"):
         asyncio.run(scenario())
     assert host.polls > 50
     assert [signals for signals, _ in call.sent] == [

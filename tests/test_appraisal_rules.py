@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from verifier.refs import ReferenceValues, RefGroup, appraise_refs
-from verifier.tpm.bootfacts import BootApplication, BootFacts, SignatureEntry
-from verifier.tpm.clock import ClockState, check_clock
-from verifier.tpm.constants import Alg
-from verifier.tpm.structures import Attest
-from verifier.trust import Claim
+from devtrust.verifier.refs import ReferenceValues, RefGroup, appraise_refs
+from devtrust.verifier.tpm.bootfacts import BootApplication, BootFacts, SignatureEntry
+from devtrust.verifier.tpm.clock import ClockState, check_clock
+from devtrust.verifier.tpm.constants import Alg
+from devtrust.verifier.tpm.structures import Attest
+from devtrust.verifier.trust import Claim
 
 
 def _attest(clock: int, reset: int, restart: int, fw: int = 10, *, safe: bool = True) -> Attest:

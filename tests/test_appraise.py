@@ -11,19 +11,19 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.evidence import evidence_body, host_facts, qualifying_data
-from agent.key_proof import sign_possession
-from agent.state import new_key, spki
+from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
+from devtrust.agent.key_proof import sign_possession
+from devtrust.agent.state import new_key, spki
+from devtrust.verifier import measured_boot
+from devtrust.verifier.appraisal import EventLogPart, Evidence, Expectation, Nonce, appraise
+from devtrust.verifier.errors import MalformedInput
+from devtrust.verifier.policy import PolicyOutcome
+from devtrust.verifier.tpm.clock import ClockState
+from devtrust.verifier.tpm.constants import Alg
+from devtrust.verifier.tpm.structures import PcrSelect
+from devtrust.verifier.trust import Tier
+from devtrust.verifier.wire import load_public_key
 from tests import eventlogs, quotes
-from verifier import measured_boot
-from verifier.appraisal import EventLogPart, Evidence, Expectation, Nonce, appraise
-from verifier.errors import MalformedInput
-from verifier.policy import PolicyOutcome
-from verifier.tpm.clock import ClockState
-from verifier.tpm.constants import Alg
-from verifier.tpm.structures import PcrSelect
-from verifier.trust import Tier
-from verifier.wire import load_public_key
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
 DEVICE = "d" * 64
@@ -181,7 +181,7 @@ class CountingPolicy:
 
 
 def test_the_policy_runs_again_only_when_the_posture_changes() -> None:
-    from verifier.document import Bulletins
+    from devtrust.verifier.document import Bulletins
 
     policy = CountingPolicy()
     policy.bulletins = Bulletins(entries=())

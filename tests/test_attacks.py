@@ -24,11 +24,14 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.evidence import evidence_body, host_facts
-from agent.key_proof import sign_possession
-from agent.state import new_key, spki
-from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2
-from swtpm import EndorsementCA
+from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.key_proof import sign_possession
+from devtrust.agent.state import new_key, spki
+from devtrust.swtpm import EndorsementCA
+from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2
+from devtrust.verifier import attest_service
+from devtrust.verifier.config import DEFAULT_POLICY, LimitsConfig
+from devtrust.verifier.pki import PkiFiles
 from tests import eventlogs
 from tests.conftest import SwtpmFactory
 from tests.env import (
@@ -43,9 +46,6 @@ from tests.env import (
     verifier_config,
 )
 from tests.test_measured_boot_e2e import _extend, secure_boot_variable
-from verifier import attest_service
-from verifier.config import DEFAULT_POLICY, LimitsConfig
-from verifier.pki import PkiFiles
 
 pytestmark = pytest.mark.swtpm
 EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
@@ -244,7 +244,7 @@ def test_an_omitted_event_log_is_a_finding_and_executables_are_not_affirmed(
             [result] = await first_results(agent)
             return result
 
-    with caplog.at_level(logging.INFO, logger="verifier"):
+    with caplog.at_level(logging.INFO, logger="devtrust.verifier"):
         result = asyncio.run(scenario())
     [missing] = [f for f in result.trust.findings if f.id == "eventlog.missing"]
     # The verifier's log says why no certificate was issued.
@@ -322,8 +322,8 @@ def test_host_facts_past_their_limits_are_refused_at_enrollment(
 ) -> None:
     """A 3 MB hostname would be stored and sent in every Device message, until a page of
     ListDevices no longer fits in a gRPC message."""
-    from agent.tpm import TpmBackend
-    from protos.devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
+    from devtrust.agent.tpm import TpmBackend
+    from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
     from tests.env import channel_credentials
 
     config = verifier_config(workdir, pki, endorsement_ca)
@@ -721,8 +721,8 @@ def test_an_operators_change_reaches_a_live_stream(
     certificate too), and after a revocation the stream ends before anything is issued."""
     from cryptography import x509
 
-    from verifier.ca import DeviceClaims
-    from verifier.records import DeviceState
+    from devtrust.verifier.ca import DeviceClaims
+    from devtrust.verifier.records import DeviceState
 
     config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.2)
 
@@ -886,15 +886,15 @@ def test_device_supplied_strings_cannot_forge_log_lines(
             await call.read()
             await channel.close()
 
-    with caplog.at_level(logging.DEBUG, logger="verifier"):
+    with caplog.at_level(logging.DEBUG, logger="devtrust.verifier"):
         asyncio.run(scenario())
-    messages = [r.getMessage() for r in caplog.records if r.name.startswith("verifier")]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("devtrust.verifier")]
     assert any("2026-12-01 INFO verifier" in m for m in messages)  # the text is logged ...
     assert not [m for m in messages if "\n" in m]  # ... escaped, never as a line of its own
 
 
 def test_escaping_is_reversible_enough_to_read_and_cannot_be_faked() -> None:
-    from verifier.logtext import printable
+    from devtrust.verifier.logtext import printable
 
     assert printable("h\nx") == "h\\nx"
     assert printable("a\\nb") == "a\\\\nb"  # a literal backslash-n is not a newline escape

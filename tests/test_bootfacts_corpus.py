@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from devtrust.verifier import measured_boot
+from devtrust.verifier.tpm import bootfacts, eventdata
+from devtrust.verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm.constants import HASH_BY_NAME
 from tests.corpus import corpus_root
-from verifier import measured_boot
-from verifier.tpm import bootfacts, eventdata
-from verifier.tpm import eventlog as ev
-from verifier.tpm.constants import HASH_BY_NAME
 
 CORPUS = corpus_root()
 EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}

@@ -8,15 +8,15 @@ import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 
+from devtrust.verifier import measured_boot
+from devtrust.verifier.config import AttestationConfig
+from devtrust.verifier.refs import RefGroup, appraise_refs
+from devtrust.verifier.tpm import bootfacts, eventdata
+from devtrust.verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm.constants import HASH_BY_NAME
+from devtrust.verifier.trust import Claim, Severity
 from tests import eventlogs
 from tests.eventlogs import agile_event, sha256_list, variable
-from verifier import measured_boot
-from verifier.config import AttestationConfig
-from verifier.refs import RefGroup, appraise_refs
-from verifier.tpm import bootfacts, eventdata
-from verifier.tpm import eventlog as ev
-from verifier.tpm.constants import HASH_BY_NAME
-from verifier.trust import Claim, Severity
 
 BANKS = ("sha1", "sha256")
 DEFAULT_PCRS = tuple(AttestationConfig().pcrs["sha256"])

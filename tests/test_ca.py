@@ -8,7 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from verifier.ca import CLOCK_SKEW, CertificateAuthority, DeviceClaims, spiffe_ids
+from devtrust.verifier.ca import CLOCK_SKEW, CertificateAuthority, DeviceClaims, spiffe_ids
 
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 
@@ -65,8 +65,8 @@ def test_channel_certificate_has_no_device_claims() -> None:
 def test_agent_enrolls_again_in_the_last_day_of_its_channel_certificate(tmp_path: object) -> None:
     from pathlib import Path
 
-    from agent.state import AgentFiles, Enrollment, key_pem, new_key
-    from verifier.ca import pem
+    from devtrust.agent.state import AgentFiles, Enrollment, key_pem, new_key
+    from devtrust.verifier.ca import pem
 
     ca = CertificateAuthority.create(common_name="test CA", now=NOW)
     key = new_key()
@@ -89,8 +89,8 @@ def test_keys_to_certify_are_p256_p384_or_rsa2048_and_up() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from verifier.errors import MalformedInput
-    from verifier.wire import load_public_key
+    from devtrust.verifier.errors import MalformedInput
+    from devtrust.verifier.wire import load_public_key
 
     def spki(key: object) -> bytes:
         return key.public_key().public_bytes(  # type: ignore[attr-defined,no-any-return]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.errors import ConfigError
-from verifier.config import VerifierConfig
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.errors import ConfigError
+from devtrust.verifier.config import VerifierConfig
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging" / "config"
 

@@ -19,15 +19,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from agent.evidence import evidence_body, host_facts
-from agent.state import new_key, spki
-from protos.devtrust.v1 import (
+from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.state import new_key, spki
+from devtrust.swtpm import EndorsementCA
+from devtrust.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
     common_pb2,
     query_pb2,
 )
-from swtpm import EndorsementCA
+from devtrust.verifier.ca import DeviceClaims, spiffe_ids
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.store import Store as VerifierStore
 from tests.conftest import SwtpmFactory
 from tests.env import (
     Agent,
@@ -42,9 +45,6 @@ from tests.env import (
     stream_channel,
     verifier_config,
 )
-from verifier.ca import DeviceClaims, spiffe_ids
-from verifier.pki import PkiFiles
-from verifier.store import Store as VerifierStore
 
 pytestmark = pytest.mark.swtpm
 
@@ -142,7 +142,7 @@ def test_enroll_attest_certify(
 def test_demo_output_verifies_with_openssl(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "verifier.cli", "demo", "--out", str(out)],
+        [sys.executable, "-m", "devtrust.verifier.cli", "demo", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -222,7 +222,7 @@ def test_operator_certificate_cannot_attest_and_agent_cannot_query(
             )
             as_operator = await _try_attest(f"127.0.0.1:{verifier.attestation_port}", op_creds)
             async with stream_channel(pki, verifier, agent.enrollment) as channel:
-                from protos.devtrust.v1 import query_pb2_grpc
+                from devtrust.v1 import query_pb2_grpc
 
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await query_pb2_grpc.QueryStub(channel).ListDevices(
@@ -369,8 +369,8 @@ def test_agent_reconnects_after_verifier_restart(
     async def scenario() -> list[attestation_pb2.Result]:
         from dataclasses import replace
 
-        from agent.attest import AttestationClient
-        from verifier.config import ListenConfig
+        from devtrust.agent.attest import AttestationClient
+        from devtrust.verifier.config import ListenConfig
 
         async with running(config) as first, enrolled_agent(workdir, pki, first, tpm) as agent:
             results: list[attestation_pb2.Result] = []
@@ -405,7 +405,7 @@ def test_agent_reconnects_after_verifier_restart(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_demo_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
     demo = subprocess.Popen(
-        [sys.executable, "-m", "verifier.cli", "demo", "--out", str(tmp_path)],
+        [sys.executable, "-m", "devtrust.verifier.cli", "demo", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -439,8 +439,8 @@ def test_interrupted_demo_stops_everything_it_started(tmp_path: Path, sig: int) 
 def test_revoked_device_can_neither_attest_nor_enroll_again(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
-    from agent.enroll import enroll
-    from verifier.records import DeviceState
+    from devtrust.agent.enroll import enroll
+    from devtrust.verifier.records import DeviceState
 
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
@@ -529,8 +529,8 @@ def test_protocol_violations_and_oversized_messages_are_clear_errors(
 
 
 def test_a_dead_tpm_is_a_clear_error() -> None:
-    from agent.errors import TpmError
-    from agent.tpm import TpmBackend
+    from devtrust.agent.errors import TpmError
+    from devtrust.agent.tpm import TpmBackend
 
     backend = TpmBackend("swtpm:host=127.0.0.1,port=9")  # nothing listens there
     with pytest.raises(
@@ -546,7 +546,7 @@ def test_query_filters_pages_and_staleness(
     staleness bound turns the appraised one's tier to none."""
     from dataclasses import replace
 
-    from verifier.config import AttestationConfig
+    from devtrust.verifier.config import AttestationConfig
 
     tpms = [swtpm_factory(), swtpm_factory()]
     config = replace(
@@ -594,7 +594,7 @@ def test_query_filters_pages_and_staleness(
     assert out["missing"].code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
 
     # Later, past the staleness bound: the stored result reads as tier none.
-    from verifier.store import Store as VStore
+    from devtrust.verifier.store import Store as VStore
 
     store = VStore(config.database)
     try:
@@ -611,8 +611,8 @@ def test_pending_device_and_foreign_trust_domain_cannot_attest(
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from verifier.ca import CertificateAuthority, pem
-    from verifier.records import DeviceState
+    from devtrust.verifier.ca import CertificateAuthority, pem
+    from devtrust.verifier.records import DeviceState
 
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
@@ -662,10 +662,10 @@ def test_pending_device_and_foreign_trust_domain_cannot_attest(
 def test_an_expired_credential_challenge_is_refused(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
-    from agent.enrollment_proof import proof_for
-    from agent.evidence import host_facts
-    from agent.tpm import TpmBackend
-    from protos.devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
+    from devtrust.agent.enrollment_proof import proof_for
+    from devtrust.agent.evidence import host_facts
+    from devtrust.agent.tpm import TpmBackend
+    from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 
     skew = [datetime.timedelta(0)]
 
@@ -719,7 +719,7 @@ def test_agent_reconnects_when_the_call_ends_while_it_writes(
     """A verifier restart can end the call between reading a challenge and writing the
     evidence: grpc.aio then raises InvalidStateError, not an RPC error. The agent must
     reconnect, not die (seen once in CI-like runs of the restart test)."""
-    from agent.attest import AttestationClient
+    from devtrust.agent.attest import AttestationClient
 
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from devtrust.verifier.config import DEFAULT_ROOTS
+from devtrust.verifier.endorsement import EndorsementStore, load_certificates, parse_ek_certificate
+from devtrust.verifier.errors import ConfigError, MalformedInput, Rejected
 from tests.corpus import corpus_root
-from verifier.config import DEFAULT_ROOTS
-from verifier.endorsement import EndorsementStore, load_certificates, parse_ek_certificate
-from verifier.errors import ConfigError, MalformedInput, Rejected
 
 NOW = datetime.datetime(2026, 11, 25, 23, 0, tzinfo=datetime.UTC)
 TCG_EK_EKU = x509.ObjectIdentifier("2.23.133.8.1")

@@ -15,22 +15,22 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.enrollment_proof import proof_for
-from agent.evidence import host_facts
-from agent.state import new_key, spki
-from agent.tpm import TpmBackend
-from protos.devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
-from swtpm import EndorsementCA, Swtpm
+from devtrust.agent.enrollment_proof import proof_for
+from devtrust.agent.evidence import host_facts
+from devtrust.agent.state import new_key, spki
+from devtrust.agent.tpm import TpmBackend
+from devtrust.swtpm import EndorsementCA, Swtpm
+from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
+from devtrust.verifier.ca import CertificateAuthority
+from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
+from devtrust.verifier.enroll_service import EnrollmentService
+from devtrust.verifier.errors import NotFound
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.records import PendingEnrollment
+from devtrust.verifier.server import load_endorsements
+from devtrust.verifier.store import Store
 from tests.conftest import SwtpmFactory
 from tests.env import channel_credentials, running, verifier_config
-from verifier.ca import CertificateAuthority
-from verifier.config import EnrollmentConfig, VerifierConfig
-from verifier.enroll_service import EnrollmentService
-from verifier.errors import NotFound
-from verifier.pki import PkiFiles
-from verifier.records import PendingEnrollment
-from verifier.server import load_endorsements
-from verifier.store import Store
 
 pytestmark = pytest.mark.swtpm
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swtpm import EndorsementCA
-from verifier.config import EnrollmentConfig, VerifierConfig
-from verifier.enrollment import RateLimiter, peer_host
-from verifier.errors import ConfigError, Rejected
-from verifier.inventory import (
+from devtrust.swtpm import EndorsementCA
+from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
+from devtrust.verifier.enrollment import RateLimiter, peer_host
+from devtrust.verifier.errors import ConfigError, Rejected
+from devtrust.verifier.inventory import (
     UNASSIGNED,
     Assignment,
     Inventory,
@@ -22,7 +22,7 @@ from verifier.inventory import (
     parse_labels,
     resolve,
 )
-from verifier.pki import PkiFiles
+from devtrust.verifier.pki import PkiFiles
 
 DEV_A = "a" * 64
 DEV_B = "0123456789abcdef" * 4
@@ -124,7 +124,7 @@ def test_bad_inventory_stops_the_verifier_with_one_line(
     )
     assert VerifierConfig.load(config).enrollment.inventory == inventory
     run = subprocess.run(
-        [sys.executable, "-m", "verifier.main", "serve", "--config", str(config)],
+        [sys.executable, "-m", "devtrust.verifier.main", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -137,7 +137,7 @@ def test_bad_inventory_stops_the_verifier_with_one_line(
         "known: zone, labels"
     ]
     check = subprocess.run(
-        [sys.executable, "-m", "verifier.main", "inventory", "check", str(inventory)],
+        [sys.executable, "-m", "devtrust.verifier.main", "inventory", "check", str(inventory)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,14 +15,23 @@ import pytest
 import yaml
 from cryptography import x509
 
-from agent.enroll import EnrollmentPending, enroll
-from agent.enrollment_proof import proof_for
-from agent.evidence import host_facts
-from agent.main import make_tpm
-from agent.state import AgentFiles, new_key, spki
-from agent.tpm import TpmBackend
-from protos.devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
-from swtpm import EndorsementCA, Swtpm
+from devtrust.agent.enroll import EnrollmentPending, enroll
+from devtrust.agent.enrollment_proof import proof_for
+from devtrust.agent.evidence import host_facts
+from devtrust.agent.main import make_tpm
+from devtrust.agent.state import AgentFiles, new_key, spki
+from devtrust.agent.tpm import TpmBackend
+from devtrust.swtpm import EndorsementCA, Swtpm
+from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
+from devtrust.verifier.ca import DeviceClaims
+from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
+from devtrust.verifier.enrollment import device_id_for
+from devtrust.verifier.main import main
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.records import DeviceRecord
+from devtrust.verifier.server import RunningVerifier
+from devtrust.verifier.store import Store
+from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
 from tests.env import (
     Agent,
@@ -32,15 +41,6 @@ from tests.env import (
     running,
     verifier_config,
 )
-from verifier.ca import DeviceClaims
-from verifier.config import EnrollmentConfig, VerifierConfig
-from verifier.enrollment import device_id_for
-from verifier.main import main
-from verifier.pki import PkiFiles
-from verifier.records import DeviceRecord
-from verifier.server import RunningVerifier
-from verifier.store import Store
-from verifier.tpm.structures import parse_public
 
 pytestmark = pytest.mark.swtpm
 
@@ -90,11 +90,11 @@ def _claiming_host() -> common_pb2.HostFacts:
 @pytest.fixture(autouse=True)
 def claims(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every agent in this module claims zone CLAIMED, at enrollment and in its evidence."""
-    import agent.collect
-    import agent.enroll
+    import devtrust.agent.collect
+    import devtrust.agent.enroll
 
-    monkeypatch.setattr(agent.enroll, "host_facts", lambda **_: _claiming_host())
-    monkeypatch.setattr(agent.collect, "host_facts", lambda **_: _claiming_host())
+    monkeypatch.setattr(devtrust.agent.enroll, "host_facts", lambda **_: _claiming_host())
+    monkeypatch.setattr(devtrust.agent.collect, "host_facts", lambda **_: _claiming_host())
 
 
 async def _enroll(

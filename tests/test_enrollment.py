@@ -14,22 +14,22 @@ import pytest
 from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
-from agent.enroll import EnrollmentPending, enroll
-from agent.enrollment_proof import proof_for
-from agent.evidence import host_facts
-from agent.main import make_tpm
-from agent.state import AgentFiles, new_key, spki
-from agent.tpm import AK_ATTRIBUTES, TpmBackend, ak_template
-from protos.devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
-from swtpm import EndorsementCA, Swtpm
+from devtrust.agent.enroll import EnrollmentPending, enroll
+from devtrust.agent.enrollment_proof import proof_for
+from devtrust.agent.evidence import host_facts
+from devtrust.agent.main import make_tpm
+from devtrust.agent.state import AgentFiles, new_key, spki
+from devtrust.agent.tpm import AK_ATTRIBUTES, TpmBackend, ak_template
+from devtrust.swtpm import EndorsementCA, Swtpm
+from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
+from devtrust.verifier.config import EndorsementConfig, EnrollmentConfig, VerifierConfig
+from devtrust.verifier.enrollment import device_id_for
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.records import DeviceState
+from devtrust.verifier.store import Store
+from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
 from tests.env import agent_config, channel_credentials, running, verifier_config
-from verifier.config import EndorsementConfig, EnrollmentConfig, VerifierConfig
-from verifier.enrollment import device_id_for
-from verifier.pki import PkiFiles
-from verifier.records import DeviceState
-from verifier.store import Store
-from verifier.tpm.structures import parse_public
 
 pytestmark = pytest.mark.swtpm
 
@@ -257,8 +257,8 @@ def test_activation_proof_is_checked_and_used_once(
 def test_credential_for_another_ak_cannot_be_activated(swtpm_factory: SwtpmFactory) -> None:
     """MakeCredential binds the AK name: a challenge made for this EK but another AK name is
     refused by the TPM itself (an attacker cannot enroll a software AK with a real EK)."""
-    from agent.errors import TpmError
-    from verifier.enrollment import make_challenge
+    from devtrust.agent.errors import TpmError
+    from devtrust.verifier.enrollment import make_challenge
 
     backend = TpmBackend(swtpm_factory().tcti)
     try:

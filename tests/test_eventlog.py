@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from devtrust.verifier.cli import main as cli
+from devtrust.verifier.errors import MalformedInput
+from devtrust.verifier.tpm import bootfacts
+from devtrust.verifier.tpm import eventlog as ev
 from tests import eventlogs
 from tests.corpus import corpus_root
-from verifier.cli import main as cli
-from verifier.errors import MalformedInput
-from verifier.tpm import bootfacts
-from verifier.tpm import eventlog as ev
 
 
 def test_replay_of_a_built_log() -> None:

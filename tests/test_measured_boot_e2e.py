@@ -17,14 +17,14 @@ import pytest
 import yaml
 from tpm2_pytss.constants import ESYS_TR
 
-from agent.attest import AttestationClient
-from protos.devtrust.v1 import attestation_pb2, common_pb2
-from swtpm import EndorsementCA
+from devtrust.agent.attest import AttestationClient
+from devtrust.swtpm import EndorsementCA
+from devtrust.v1 import attestation_pb2, common_pb2
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.store import Store
 from tests import eventlogs
 from tests.conftest import SwtpmFactory
 from tests.env import Agent, enrolled_agent, running, verifier_config
-from verifier.pki import PkiFiles
-from verifier.store import Store
 
 pytestmark = pytest.mark.swtpm
 EFI_GLOBAL = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
@@ -222,7 +222,7 @@ def test_refs_learned_from_a_good_device_affirm_it(
 ) -> None:
     """`devtrust refs learn` proposes a group from a known-good device; applied, it affirms
     that device."""
-    from verifier.cli import main as cli
+    from devtrust.verifier.cli import main as cli
 
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.3)
@@ -264,8 +264,8 @@ def test_posture_change_is_seen_within_two_seconds(
     """The agent watches its root tree; an sshd change becomes PostureChanged, the verifier
     challenges at once, and the default policy turns the tier to warning, long before the
     next scheduled challenge (a minute)."""
-    from swtpm.hosttree import write_host_tree
-    from verifier.config import DEFAULT_POLICY
+    from devtrust.swtpm.hosttree import write_host_tree
+    from devtrust.verifier.config import DEFAULT_POLICY
 
     tpm = swtpm_factory()
     config = replace(

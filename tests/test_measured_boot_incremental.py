@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from devtrust.verifier import measured_boot
+from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.tpm import eventlog as ev
 from tests import eventlogs
 from tests.corpus import corpus_root
 from tests.eventlogs import agile_event
-from verifier import measured_boot
-from verifier.errors import LimitExceeded, MalformedInput
-from verifier.tpm import eventlog as ev
 
 BANKS = ("sha1", "sha256")
 BIG = {"max_bytes": 1 << 24, "max_events": 100_000}

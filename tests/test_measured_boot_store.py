@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from devtrust.verifier import measured_boot
+from devtrust.verifier.measured_boot import LogPart
+from devtrust.verifier.records import DeviceRecord, DeviceState, TpmState
+from devtrust.verifier.store import Store
+from devtrust.verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm.clock import ClockState
+from devtrust.verifier.trust import Claim, TrustResult
 from tests import eventlogs
 from tests.eventlogs import agile_event
-from verifier import measured_boot
-from verifier.measured_boot import LogPart
-from verifier.records import DeviceRecord, DeviceState, TpmState
-from verifier.store import Store
-from verifier.tpm import eventlog as ev
-from verifier.tpm.clock import ClockState
-from verifier.trust import Claim, TrustResult
 
 NOW = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.UTC)
 DEVICE = "d" * 64

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.gpu.nvml import XidWatcher, collect_nvml
+from devtrust.agent.gpu.nvml import XidWatcher, collect_nvml
 
 
 class NVMLError(Exception):

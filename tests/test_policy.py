@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from agent.gpu.procfs import collect_procfs
-from agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
-from agent.posture import collect_posture
-from protos.devtrust.v1 import attestation_pb2
-from swtpm import EndorsementCA
-from swtpm.hosttree import write_host_tree
+from devtrust.agent.gpu.procfs import collect_procfs
+from devtrust.agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
+from devtrust.agent.posture import collect_posture
+from devtrust.swtpm import EndorsementCA
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2
+from devtrust.verifier.config import DEFAULT_POLICY
+from devtrust.verifier.document import build, plain
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.policy import Policy, PolicyError
+from devtrust.verifier.trust import Claim, Tier, overall_tier
 from tests.corpus import corpus_root
-from verifier.config import DEFAULT_POLICY
-from verifier.document import build, plain
-from verifier.pki import PkiFiles
-from verifier.policy import Policy, PolicyError
-from verifier.trust import Claim, Tier, overall_tier
 
 CORPUS = corpus_root()
 needs_corpus = pytest.mark.skipif(
@@ -277,7 +277,7 @@ def test_collect_then_policy_eval(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "agent.main",
+            "devtrust.agent.main",
             "collect",
             "--root",
             str(root),
@@ -296,7 +296,7 @@ def test_collect_then_policy_eval(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "verifier.cli",
+            "devtrust.verifier.cli",
             "policy",
             "eval",
             "--policy",
@@ -323,7 +323,7 @@ def test_collect_then_policy_eval(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "verifier.cli",
+            "devtrust.verifier.cli",
             "policy",
             "eval",
             "--policy",
@@ -349,7 +349,7 @@ def test_reload_policy_refuses_a_bad_file_and_keeps_the_old_one(
 
     import grpc
 
-    from protos.devtrust.v1 import query_pb2
+    from devtrust.v1 import query_pb2
     from tests.env import operator_stub, running, verifier_config
 
     policy_file = tmp_path / "policy.yaml"

@@ -9,13 +9,13 @@ from pathlib import Path
 import cel
 import pytest
 
-from agent.posture import collect_posture
-from protos.devtrust.v1 import attestation_pb2, common_pb2
-from swtpm.hosttree import write_host_tree
-from verifier.config import DEFAULT_POLICY
-from verifier.document import Document, build, plain
-from verifier.policy import Policy, PolicyError, PolicyOutcome
-from verifier.trust import Claim, Severity, Tier, overall_tier
+from devtrust.agent.posture import collect_posture
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2, common_pb2
+from devtrust.verifier.config import DEFAULT_POLICY
+from devtrust.verifier.document import Document, build, plain
+from devtrust.verifier.policy import Policy, PolicyError, PolicyOutcome
+from devtrust.verifier.trust import Claim, Severity, Tier, overall_tier
 
 POLICY = Policy.load(DEFAULT_POLICY)
 
@@ -301,7 +301,7 @@ def test_a_rule_that_reads_a_field_still_sees_it(posture: attestation_pb2.OsPost
 def test_a_driver_version_with_thousands_of_digits_is_only_an_old_driver() -> None:
     """int() refuses strings of more than 4,300 digits; a device's driver version must not
     make the appraisal fail."""
-    from verifier.document import version_tuple
+    from devtrust.verifier.document import version_tuple
 
     assert version_tuple("580." + "9" * 5000) == (580, 999_999_999_999_999_999)
     gpu = attestation_pb2.GpuState(source="nvml", driver_version="580." + "9" * 5000)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from protos.devtrust.v1 import attestation_pb2
-from verifier.document import build, plain
-from verifier.policy import Policy
+from devtrust.v1 import attestation_pb2
+from devtrust.verifier.document import build, plain
+from devtrust.verifier.policy import Policy
 
 POLICY = """
 rules:

@@ -14,14 +14,14 @@ from typing import Any
 import cel
 import pytest
 
-from agent.posture import collect_posture
-from protos.devtrust.v1 import attestation_pb2, common_pb2
-from swtpm.hosttree import write_host_tree
-from verifier.celcheck import check
-from verifier.config import DEFAULT_POLICY
-from verifier.document import build, plain
-from verifier.policy import Policy, PolicyError, PolicyHolder
-from verifier.schema import DOCUMENT, THIS, Type
+from devtrust.agent.posture import collect_posture
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2, common_pb2
+from devtrust.verifier.celcheck import check
+from devtrust.verifier.config import DEFAULT_POLICY
+from devtrust.verifier.document import build, plain
+from devtrust.verifier.policy import Policy, PolicyError, PolicyHolder
+from devtrust.verifier.schema import DOCUMENT, THIS, Type
 
 POLICY = Policy.load(DEFAULT_POLICY)
 _GOOD = (
@@ -424,7 +424,7 @@ def test_policy_eval_of_a_bad_policy_is_one_line(tmp_path: Path) -> None:
     evidence = tmp_path / "evidence.json"
     evidence.write_text("{}")
     result = subprocess.run(
-        [sys.executable, "-m", "verifier.cli", "policy", "eval", "--policy", str(policy),
+        [sys.executable, "-m", "devtrust.verifier.cli", "policy", "eval", "--policy", str(policy),
          "--evidence", str(evidence)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

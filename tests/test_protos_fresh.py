@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protos.generate import PROTO_DIR, REPO_ROOT, generate
+from protos.generate import PROTO_DIR, PROTO_ROOT, generate
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -13,9 +13,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     stale = [
         str(PROTO_DIR / path.name)
         for path in fresh
-        if not (REPO_ROOT / PROTO_DIR / path.name).exists()
-        or (REPO_ROOT / PROTO_DIR / path.name).read_bytes() != path.read_bytes()
+        if not (PROTO_ROOT / PROTO_DIR / path.name).exists()
+        or (PROTO_ROOT / PROTO_DIR / path.name).read_bytes() != path.read_bytes()
     ]
     assert not stale, f"generated code is stale, run `make protos`: {stale}"
-    checked_in = {p.name for p in (REPO_ROOT / PROTO_DIR).glob("*_pb2*.py*")}
+    checked_in = {p.name for p in (PROTO_ROOT / PROTO_DIR).glob("*_pb2*.py*")}
     assert checked_in == {p.name for p in fresh}, "generated files without a .proto"

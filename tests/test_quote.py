@@ -10,13 +10,18 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protos.devtrust.v1 import attestation_pb2
-from swtpm import Swtpm
+from devtrust.swtpm import Swtpm
+from devtrust.v1 import attestation_pb2
+from devtrust.verifier.errors import MalformedInput
+from devtrust.verifier.tpm.constants import ST_ATTEST_CERTIFY, Alg
+from devtrust.verifier.tpm.quote import QuoteRejected, check_quote
+from devtrust.verifier.tpm.structures import (
+    PcrSelect,
+    ak_qualified_names,
+    parse_attest,
+    parse_public,
+)
 from tests import quotes
-from verifier.errors import MalformedInput
-from verifier.tpm.constants import ST_ATTEST_CERTIFY, Alg
-from verifier.tpm.quote import QuoteRejected, check_quote
-from verifier.tpm.structures import PcrSelect, ak_qualified_names, parse_attest, parse_public
 
 SHA256 = Alg.SHA256
 SELECTION = (PcrSelect(SHA256, (0, 1, 7)),)
@@ -129,7 +134,7 @@ def test_trailing_bytes_are_malformed() -> None:
 
 @pytest.mark.swtpm
 def test_real_quote_verifies_and_ak_name_matches_the_tpm(shared_swtpm: Swtpm) -> None:
-    from agent.tpm import TpmBackend
+    from devtrust.agent.tpm import TpmBackend
 
     backend = TpmBackend(shared_swtpm.tcti)
     try:
@@ -213,9 +218,9 @@ def test_real_quote_verifies_and_ak_name_matches_the_tpm(shared_swtpm: Swtpm) ->
 def test_malformed_evidence_is_refused_at_the_edge(
     name: str, evidence: dict[str, Any], message: str
 ) -> None:
-    from protos.devtrust.v1 import attestation_pb2, common_pb2
-    from verifier.config import LimitsConfig
-    from verifier.wire import evidence_from_wire
+    from devtrust.v1 import attestation_pb2, common_pb2
+    from devtrust.verifier.config import LimitsConfig
+    from devtrust.verifier.wire import evidence_from_wire
 
     fields: dict[str, Any] = {
         "nonce": b"n" * 32,

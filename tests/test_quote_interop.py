@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_SIG_SCHEME
 
-from agent.tpm import AK_ATTRIBUTES, TpmBackend
-from swtpm import Swtpm
+from devtrust.agent.tpm import AK_ATTRIBUTES, TpmBackend
+from devtrust.swtpm import Swtpm
+from devtrust.verifier.tpm.structures import parse_signature
 from tests import quotes
 from tests.conftest import SwtpmFactory
 from tests.corpus import corpus_root
-from verifier.tpm.structures import parse_signature
 
 pytestmark = pytest.mark.swtpm
 NONCE = "c0ffee0123456789aabbccddeeff"
@@ -38,7 +38,7 @@ PCR16 = 16
 
 def _devtrust(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "verifier.cli", "quote", "check", *args],
+        [sys.executable, "-m", "devtrust.verifier.cli", "quote", "check", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -30,14 +30,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from protos.devtrust.v1 import attestation_pb2, query_pb2
-from swtpm import EndorsementCA
+from devtrust.swtpm import EndorsementCA
+from devtrust.v1 import attestation_pb2, query_pb2
+from devtrust.verifier.ca import CertificateAuthority
+from devtrust.verifier.errors import NotFound
+from devtrust.verifier.interceptor import ErrorMapping, with_error_mapping
+from devtrust.verifier.pki import PkiFiles, issue_operator
+from devtrust.verifier.server import RunningVerifier
 from tests.env import channel_credentials, running, verifier_config
-from verifier.ca import CertificateAuthority
-from verifier.errors import NotFound
-from verifier.interceptor import ErrorMapping, with_error_mapping
-from verifier.pki import PkiFiles, issue_operator
-from verifier.server import RunningVerifier
 
 SERVICE = "test.Kinds"
 SECRET = "secret detail of /var/lib/devtrust"
@@ -300,7 +300,7 @@ def test_interceptor_maps_errors_in_every_kind(
 ) -> None:
     # Client-streaming calls send a good request first: the failure comes mid-call.
     values = [case.value] if method.kind.startswith("unary_") else ["first", case.value]
-    with caplog.at_level(logging.INFO, logger="verifier.interceptor"):
+    with caplog.at_level(logging.INFO, logger="devtrust.verifier.interceptor"):
         outcome = asyncio.run(serve_and_invoke(method, values))
 
     ok = case.code == grpc.StatusCode.OK
@@ -308,7 +308,7 @@ def test_interceptor_maps_errors_in_every_kind(
     assert (outcome.code, outcome.details) == (case.code, case.details)
 
     path = f"/{SERVICE}/{method.name}"
-    logged = [r for r in caplog.records if r.name == "verifier.interceptor"]
+    logged = [r for r in caplog.records if r.name == "devtrust.verifier.interceptor"]
     if case.value == "boom":
         # The details go to the log with the traceback, never to the client.
         (record,) = logged

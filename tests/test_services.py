@@ -14,10 +14,10 @@ import pytest
 import yaml
 from cryptography import x509
 
-from swtpm import EndorsementCA
+from devtrust.swtpm import EndorsementCA
+from devtrust.verifier.ca import spiffe_ids
+from devtrust.verifier.pki import PkiFiles
 from tests.conftest import SwtpmFactory
-from verifier.ca import spiffe_ids
-from verifier.pki import PkiFiles
 
 pytestmark = pytest.mark.swtpm
 
@@ -44,8 +44,8 @@ def _wait(predicate: object, what: str, limit_s: float = 30.0) -> None:
 def test_verifier_and_agent_services(
     tmp_path: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
-    from swtpm.bootlog import header_only_log
-    from swtpm.hosttree import write_host_tree
+    from devtrust.swtpm.bootlog import header_only_log
+    from devtrust.swtpm.hosttree import write_host_tree
 
     tpm = swtpm_factory()
     enroll_port, attest_port = _free_port(), _free_port()
@@ -85,7 +85,7 @@ def test_verifier_and_agent_services(
     )
     log = (tmp_path / "verifier.log").open("w")
     verifier = subprocess.Popen(
-        [sys.executable, "-m", "verifier.main", "serve", "--config", str(verifier_yaml)],
+        [sys.executable, "-m", "devtrust.verifier.main", "serve", "--config", str(verifier_yaml)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -93,7 +93,7 @@ def test_verifier_and_agent_services(
     try:
         _wait(lambda: _listening(attest_port), "the verifier's port")
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.main", "run", "--config", str(agent_yaml)],
+            [sys.executable, "-m", "devtrust.agent.main", "run", "--config", str(agent_yaml)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

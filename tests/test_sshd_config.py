@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent.posture import SshdConfigError, collect_posture, sshd_settings
+from devtrust.agent.posture import SshdConfigError, collect_posture, sshd_settings
 
 # sshd installed, or unpacked by `make test` (openssh-server and libwrap0 from the apt
 # archive, not installed: no service, no open port) into .cache/openssh-server.

@@ -6,7 +6,7 @@ import datetime
 
 import pytest
 
-from verifier.trust import Claim, Tier, TrustResult, overall_tier, tier_of, trust_score
+from devtrust.verifier.trust import Claim, Tier, TrustResult, overall_tier, tier_of, trust_score
 
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 

@@ -27,20 +27,20 @@ import grpc
 import pytest
 import yaml
 
-from agent.attest import tier_word, withheld_reason
-from agent.channel import Backoff, explain, host_of, short_detail
-from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
-from agent.enroll import enroll
-from agent.main import build_parser, make_tpm
-from agent.state import AgentFiles
-from protos.devtrust.v1 import common_pb2
-from swtpm import EndorsementCA
-from swtpm.bootlog import header_only_log
+from devtrust.agent.attest import tier_word, withheld_reason
+from devtrust.agent.channel import Backoff, explain, host_of, short_detail
+from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from devtrust.agent.enroll import enroll
+from devtrust.agent.main import build_parser, make_tpm
+from devtrust.agent.state import AgentFiles
+from devtrust.swtpm import EndorsementCA
+from devtrust.swtpm.bootlog import header_only_log
+from devtrust.v1 import common_pb2
+from devtrust.verifier.config import EnrollmentConfig
+from devtrust.verifier.pki import PkiFiles, init_pki
+from devtrust.verifier.store import Store
 from tests.conftest import SwtpmFactory
 from tests.env import enrolled_agent, first_results, running, verifier_config
-from verifier.config import EnrollmentConfig
-from verifier.pki import PkiFiles, init_pki
-from verifier.store import Store
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING) ")
 # Not far above the 2 s the tests allow for retries, well below a hang.
@@ -104,7 +104,7 @@ async def agent_cli(*args: str, timeout_s: float = LIMIT_S) -> Outcome:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agent.main",
+        "devtrust.agent.main",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -283,7 +283,7 @@ def test_run_keeps_retrying_an_unreachable_verifier_until_stopped(
     cfg = base_config(workdir, shared_swtpm.tcti, f"127.0.0.1:{port}", pki.ca_cert)
     path = write_config(workdir / "agent.yaml", cfg)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.main", "run", "--config", str(path)],
+        [sys.executable, "-m", "devtrust.agent.main", "run", "--config", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -568,9 +568,9 @@ def test_the_agent_says_why_no_certificate_came(
             agent.cfg = replace(agent.cfg, event_log=None)
             return await first_results(agent)
 
-    with caplog.at_level(logging.INFO, logger="agent.attest"):
+    with caplog.at_level(logging.INFO, logger="devtrust.agent.attest"):
         results = asyncio.run(scenario())
     assert not results[0].HasField("certificate")
-    messages = [r.getMessage() for r in caplog.records if r.name == "agent.attest"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "devtrust.agent.attest"]
     assert any(m.startswith("trust result: tier=warning ") for m in messages), messages
     assert "no certificate: tier warning (eventlog.missing)" in messages, messages

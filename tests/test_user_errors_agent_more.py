@@ -22,16 +22,16 @@ import pytest
 import yaml
 from tpm2_pytss.utils import ek_template
 
-from agent.channel import VerifierError
-from agent.config import EK_TYPES, AgentConfig, TpmConfig
-from agent.enroll import _with_token_remedy
-from agent.errors import ConfigError
-from swtpm import EndorsementCA
+from devtrust.agent.channel import VerifierError
+from devtrust.agent.config import EK_TYPES, AgentConfig, TpmConfig
+from devtrust.agent.enroll import _with_token_remedy
+from devtrust.agent.errors import ConfigError
+from devtrust.swtpm import EndorsementCA
+from devtrust.verifier.config import EnrollmentConfig
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.store import Store
 from tests.conftest import SwtpmFactory
 from tests.env import running, verifier_config
-from verifier.config import EnrollmentConfig
-from verifier.pki import PkiFiles
-from verifier.store import Store
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING) ")
 LIMIT_S = 60

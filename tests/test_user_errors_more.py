@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from swtpm import EndorsementCA
+from devtrust.swtpm import EndorsementCA
+from devtrust.verifier.config import parse_address
+from devtrust.verifier.demo import MARKER, check_out_dir
+from devtrust.verifier.errors import DevtrustError
+from devtrust.verifier.pki import PkiFiles, init_pki
+from devtrust.verifier.records import DeviceRecord, DeviceState
+from devtrust.verifier.store import Store
 from tests.test_user_errors_verifier import _config, _copy_pki, _lines, _run, _write
-from verifier.config import parse_address
-from verifier.demo import MARKER, check_out_dir
-from verifier.errors import DevtrustError
-from verifier.pki import PkiFiles, init_pki
-from verifier.records import DeviceRecord, DeviceState
-from verifier.store import Store
 
 NOT_UTF8 = b"# caf\xe9\npolicy_id: x\n"
 DEVICE = "ab" * 32
@@ -208,7 +208,7 @@ def test_serve_refuses_with_one_line(
     else:
         cfg.write_bytes(raw)
     before = _snapshot(tmp_path)
-    run = _run("verifier.main", "serve", "--config", str(cfg))
+    run = _run("devtrust.verifier.main", "serve", "--config", str(cfg))
     assert run.returncode == 2, run.stderr
     assert _lines(run, "devtrust-verifier") == [f"devtrust-verifier: {expected}"]
     assert _snapshot(tmp_path) == before  # nothing changed, no database made
@@ -240,7 +240,7 @@ def _cfg(t: Path) -> str:
 CLI_CASES = [
     CliCase(
         "demo into a directory of other files",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["demo", "--out", str(t / "mine")],
         1,
         lambda t: (
@@ -251,14 +251,14 @@ CLI_CASES = [
     ),
     CliCase(
         "demo with an empty --out",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["demo", "--out", ""],
         1,
         lambda t: "devtrust: --out is empty: give the directory for the results",
     ),
     CliCase(
         "token create without a database",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["token", "create", "--config", _cfg(t)],
         2,
         lambda t: (
@@ -268,7 +268,7 @@ CLI_CASES = [
     ),
     CliCase(
         "approve without a database",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["approve", DEVICE, "--config", _cfg(t)],
         2,
         lambda t: (
@@ -278,7 +278,7 @@ CLI_CASES = [
     ),
     CliCase(
         "refs learn without a database",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["refs", "learn", DEVICE, "--database", str(t / "db" / "v.db")],
         2,
         lambda t: (
@@ -288,7 +288,7 @@ CLI_CASES = [
     ),
     CliCase(
         "refs learn from an empty file",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["refs", "learn", DEVICE, "--database", str(t / "empty.db")],
         2,
         lambda t: (
@@ -298,7 +298,7 @@ CLI_CASES = [
     ),
     CliCase(
         "refs learn from a file that is not SQLite",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["refs", "learn", DEVICE, "--database", str(t / "mine" / "notes.txt")],
         2,
         lambda t: (
@@ -308,7 +308,7 @@ CLI_CASES = [
     ),
     CliCase(
         "operator issued again",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["operator", "--dir", str(t / "pki"), "--name", "alice"],
         2,
         lambda t: (
@@ -319,7 +319,7 @@ CLI_CASES = [
     ),
     CliCase(
         "operator with a trust domain that has a scheme",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: [
             "operator",
             "--dir",
@@ -338,7 +338,7 @@ CLI_CASES = [
     ),
     CliCase(
         "init with an empty --dir",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["init", "--dir", "", "--hostname", "localhost"],
         2,
         lambda t: (
@@ -348,7 +348,7 @@ CLI_CASES = [
     ),
     CliCase(
         "operator with an empty --dir",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["operator", "--dir", " ", "--name", "alice"],
         2,
         lambda t: (
@@ -358,7 +358,7 @@ CLI_CASES = [
     ),
     CliCase(
         "label value with a space",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["token", "create", "--config", _cfg(t), "--label", "k= v"],
         1,
         lambda t: (
@@ -368,7 +368,7 @@ CLI_CASES = [
     ),
     CliCase(
         "label value too long",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["token", "create", "--config", _cfg(t), "--label", "k=" + "x" * 300],
         1,
         lambda t: (
@@ -378,7 +378,7 @@ CLI_CASES = [
     ),
     CliCase(
         "zone with a space",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["token", "create", "--config", _cfg(t), "--zone", "model development"],
         1,
         lambda t: (
@@ -398,11 +398,13 @@ def test_command_refuses_with_one_line(case: CliCase, tmp_path: Path, pki: PkiFi
     (tmp_path / "mine" / "notes.txt").write_text("my own notes\n" * 100)
     (tmp_path / "mine" / "verifier.db").write_text("my own database\n")
     own = _copy_pki(pki, tmp_path / "pki")
-    made = _run("verifier.main", "operator", "--dir", str(own.ca_cert.parent), "--name", "alice")
+    made = _run(
+        "devtrust.verifier.main", "operator", "--dir", str(own.ca_cert.parent), "--name", "alice"
+    )
     assert made.returncode == 0, made.stderr
     before = _snapshot(tmp_path)
     run = _run(case.module, *case.argv(tmp_path))
-    prog = "devtrust-verifier" if case.module == "verifier.main" else "devtrust"
+    prog = "devtrust-verifier" if case.module == "devtrust.verifier.main" else "devtrust"
     assert run.returncode == case.code, run.stderr
     assert _lines(run, prog) == [case.line(tmp_path)]
     assert _snapshot(tmp_path) == before  # nothing made, replaced or migrated
@@ -416,10 +418,10 @@ def test_command_refuses_with_one_line(case: CliCase, tmp_path: Path, pki: PkiFi
 def test_operator_force_replaces_and_keeps_the_old_files(tmp_path: Path, pki: PkiFiles) -> None:
     own = _copy_pki(pki, tmp_path / "pki")
     argv = ["operator", "--dir", str(own.ca_cert.parent), "--name", "alice"]
-    assert _run("verifier.main", *argv).returncode == 0
+    assert _run("devtrust.verifier.main", *argv).returncode == 0
     key, cert = own.ca_cert.parent / "operator-alice.key", own.ca_cert.parent / "operator-alice.pem"
     old = {key: key.read_bytes(), cert: cert.read_bytes()}
-    forced = _run("verifier.main", *argv, "--force")
+    forced = _run("devtrust.verifier.main", *argv, "--force")
     assert forced.returncode == 0, forced.stderr
     for path, content in old.items():
         [backup] = path.parent.glob(f"{path.name}.*.bak")
@@ -451,7 +453,9 @@ def test_approve_takes_an_upper_case_device_id(tmp_path: Path) -> None:
     database = tmp_path / "v.db"
     _pending_device(database)
     (tmp_path / "v.yaml").write_text(f"database: {database}\n")
-    run = _run("verifier.main", "approve", DEVICE.upper(), "--config", str(tmp_path / "v.yaml"))
+    run = _run(
+        "devtrust.verifier.main", "approve", DEVICE.upper(), "--config", str(tmp_path / "v.yaml")
+    )
     assert run.returncode == 0, run.stderr
     assert f"approved {DEVICE}" in run.stdout
     store = Store(database)
@@ -468,7 +472,9 @@ def test_refs_learn_reads_without_writing(tmp_path: Path) -> None:
     database = tmp_path / "v.db"
     _pending_device(database)
     before = _snapshot(tmp_path)
-    run = _run("verifier.cli", "refs", "learn", DEVICE.upper(), "--database", str(database))
+    run = _run(
+        "devtrust.verifier.cli", "refs", "learn", DEVICE.upper(), "--database", str(database)
+    )
     assert run.returncode == 2, run.stderr
     assert _lines(run, "devtrust") == [
         f"devtrust: no appraised evidence for device {DEVICE!r} in {database}"

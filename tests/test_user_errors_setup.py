@@ -22,22 +22,22 @@ import grpc
 import pytest
 import yaml
 
-from agent.enroll import EnrollmentPending, enroll
-from agent.main import make_tpm
-from agent.state import AgentFiles
-from agent.tpm import TpmBackend
-from swtpm import EndorsementCA, Swtpm
+from devtrust.agent.enroll import EnrollmentPending, enroll
+from devtrust.agent.main import make_tpm
+from devtrust.agent.state import AgentFiles
+from devtrust.agent.tpm import TpmBackend
+from devtrust.swtpm import EndorsementCA, Swtpm
+from devtrust.verifier import cli
+from devtrust.verifier import main as verifier_main
+from devtrust.verifier.config import DEFAULT_ROOTS, EnrollmentConfig
+from devtrust.verifier.enrollment import device_id_for
+from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.store import Store
+from devtrust.verifier.tools import default_text
+from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
 from tests.env import agent_config, running, verifier_config
 from tests.test_user_errors_verifier import ISO, ROOT, _lines, _run, _wait_for
-from verifier import cli
-from verifier import main as verifier_main
-from verifier.config import DEFAULT_ROOTS, EnrollmentConfig
-from verifier.enrollment import device_id_for
-from verifier.pki import PkiFiles
-from verifier.store import Store
-from verifier.tools import default_text
-from verifier.tpm.structures import parse_public
 
 SHIPPED_YAML = ROOT / "packaging" / "config" / "verifier.yaml"
 
@@ -47,12 +47,16 @@ SHIPPED_YAML = ROOT / "packaging" / "config" / "verifier.yaml"
 
 def test_init_refuses_an_existing_ca_and_force_keeps_the_old_files(tmp_path: Path) -> None:
     directory = tmp_path / "pki"
-    first = _run("verifier.main", "init", "--dir", str(directory), "--hostname", "localhost")
+    first = _run(
+        "devtrust.verifier.main", "init", "--dir", str(directory), "--hostname", "localhost"
+    )
     assert first.returncode == 0, first.stderr
     files = PkiFiles.in_dir(directory)
     old = {p: p.read_bytes() for p in files.all()}
 
-    again = _run("verifier.main", "init", "--dir", str(directory), "--hostname", "localhost")
+    again = _run(
+        "devtrust.verifier.main", "init", "--dir", str(directory), "--hostname", "localhost"
+    )
     assert again.returncode == 2
     assert _lines(again, "devtrust-verifier") == [
         f"devtrust-verifier: {directory} already holds a CA (ca.pem, ca.key, server.pem, "
@@ -62,7 +66,13 @@ def test_init_refuses_an_existing_ca_and_force_keeps_the_old_files(tmp_path: Pat
     assert {p: p.read_bytes() for p in files.all()} == old
 
     forced = _run(
-        "verifier.main", "init", "--dir", str(directory), "--hostname", "localhost", "--force"
+        "devtrust.verifier.main",
+        "init",
+        "--dir",
+        str(directory),
+        "--hostname",
+        "localhost",
+        "--force",
     )
     assert forced.returncode == 0, forced.stderr
     assert "Traceback" not in forced.stderr
@@ -76,12 +86,17 @@ def test_init_refuses_an_existing_ca_and_force_keeps_the_old_files(tmp_path: Pat
 
 def test_operator_certificate_issued_again_keeps_the_old_one(tmp_path: Path) -> None:
     directory = tmp_path / "pki"
-    assert _run("verifier.main", "init", "--dir", str(directory), "--hostname", "h").returncode == 0
+    assert (
+        _run(
+            "devtrust.verifier.main", "init", "--dir", str(directory), "--hostname", "h"
+        ).returncode
+        == 0
+    )
     argv = ["operator", "--dir", str(directory), "--name", "alice"]
-    assert _run("verifier.main", *argv).returncode == 0
+    assert _run("devtrust.verifier.main", *argv).returncode == 0
     key = directory / "operator-alice.key"
     old = key.read_bytes()
-    assert _run("verifier.main", *argv, "--force").returncode == 0
+    assert _run("devtrust.verifier.main", *argv, "--force").returncode == 0
     [backup] = directory.glob("operator-alice.key.*.bak")
     assert backup.read_bytes() == old != key.read_bytes()
 
@@ -107,9 +122,9 @@ def test_shipped_configuration_starts_after_init(tmp_path: Path) -> None:
     in its paths (and loopback ports, so that tests may run side by side)."""
     etc, state = tmp_path / "etc" / "verifier", tmp_path / "var"
     state.mkdir()  # the unit's StateDirectory=devtrust makes /var/lib/devtrust
-    init = _run("verifier.main", "init", "--dir", str(etc), "--hostname", "localhost")
+    init = _run("devtrust.verifier.main", "init", "--dir", str(etc), "--hostname", "localhost")
     assert init.returncode == 0, init.stderr
-    operator = _run("verifier.main", "operator", "--dir", str(etc), "--name", "alice")
+    operator = _run("devtrust.verifier.main", "operator", "--dir", str(etc), "--name", "alice")
     assert operator.returncode == 0, operator.stderr
     text = SHIPPED_YAML.read_text()
     text = text.replace("/etc/devtrust/verifier", str(etc)).replace("/var/lib/devtrust", str(state))
@@ -118,7 +133,7 @@ def test_shipped_configuration_starts_after_init(tmp_path: Path) -> None:
     config.write_text(text)
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "verifier.main", "serve", "--config", str(config)],
+        [sys.executable, "-m", "devtrust.verifier.main", "serve", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -154,7 +169,9 @@ def test_approved_device_completes_with_the_token_it_spent(
     config_file = tmp_path / "cli.yaml"
     config_file.write_text(yaml.safe_dump({"database": str(config.database)}))
     Store(config.database).close()  # what `serve` makes: `token create` never makes it
-    made = _run("verifier.main", "token", "create", "--config", str(config_file), "--ttl-s", "600")
+    made = _run(
+        "devtrust.verifier.main", "token", "create", "--config", str(config_file), "--ttl-s", "600"
+    )
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     tpm = swtpm_factory()
@@ -177,7 +194,7 @@ def test_approved_device_completes_with_the_token_it_spent(
             outcomes = [await attempt(verifier), await attempt(verifier)]
             device_id = device_id_for(parse_public(_ek_public(tpm)).public_key())
             approved = await asyncio.to_thread(
-                _run, "verifier.main", "approve", device_id, "--config", str(config_file)
+                _run, "devtrust.verifier.main", "approve", device_id, "--config", str(config_file)
             )
             assert approved.returncode == 0, approved.stderr
             outcomes.append(await attempt(verifier))
@@ -186,7 +203,7 @@ def test_approved_device_completes_with_the_token_it_spent(
     outcomes = asyncio.run(scenario())
     device_id = device_id_for(parse_public(_ek_public(tpm)).public_key())
     assert outcomes == ["pending", "pending", f"enrolled {device_id}"]
-    unknown = _run("verifier.main", "approve", device_id[:8], "--config", str(config_file))
+    unknown = _run("devtrust.verifier.main", "approve", device_id[:8], "--config", str(config_file))
     assert unknown.returncode == 1
     assert _lines(unknown, "devtrust-verifier") == [
         f"devtrust-verifier: no device {device_id[:8]} in {config.database}: give the whole "
@@ -209,7 +226,7 @@ def _version() -> str:
     return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
 
 
-@pytest.mark.parametrize("module", ["verifier.main", "verifier.cli"])
+@pytest.mark.parametrize("module", ["devtrust.verifier.main", "devtrust.verifier.cli"])
 def test_version(module: str) -> None:
     run = _run(module, "--version")
     assert run.returncode == 0

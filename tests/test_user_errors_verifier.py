@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 import yaml
 
-from swtpm import EndorsementCA
+from devtrust.swtpm import EndorsementCA
+from devtrust.verifier.config import DEFAULT_ROOTS
+from devtrust.verifier.pki import PkiFiles
 from tests.env import running, verifier_config
-from verifier.config import DEFAULT_ROOTS
-from verifier.pki import PkiFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 # A place nobody can write, root included (tests run as root in CI containers).
@@ -311,7 +311,7 @@ def test_serve_refuses_with_one_line(
     data = _config(tmp_path, own, endorsement_ca)
     expected = case.breaks(tmp_path, own, data)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    run = _run("verifier.main", "serve", "--config", str(_write(tmp_path, data)))
+    run = _run("devtrust.verifier.main", "serve", "--config", str(_write(tmp_path, data)))
     assert run.returncode == 2, run.stderr
     [line] = _lines(run, "devtrust-verifier")
     assert line.startswith(f"devtrust-verifier: {expected}"), line
@@ -321,7 +321,7 @@ def test_serve_refuses_with_one_line(
 
 
 def test_serve_without_a_configuration(tmp_path: Path) -> None:
-    run = _run("verifier.main", "serve", "--config", str(tmp_path / "verifier.yaml"))
+    run = _run("devtrust.verifier.main", "serve", "--config", str(tmp_path / "verifier.yaml"))
     assert run.returncode == 2
     assert _lines(run, "devtrust-verifier") == [
         f"devtrust-verifier: configuration {tmp_path / 'verifier.yaml'} does not exist: copy "
@@ -345,7 +345,7 @@ def test_a_second_verifier_on_the_same_ports_refuses(
     first_yaml = _write(first_dir, _config(first_dir, pki, endorsement_ca, listen=listen))
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(
-        [sys.executable, "-m", "verifier.main", "serve", "--config", str(first_yaml)],
+        [sys.executable, "-m", "devtrust.verifier.main", "serve", "--config", str(first_yaml)],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -354,7 +354,7 @@ def test_a_second_verifier_on_the_same_ports_refuses(
         _wait_for(tmp_path / "first.log", "verifier listening", first)
         for ports in (listen, {**listen, "enrollment": "127.0.0.1:0"}):
             second = _run(
-                "verifier.main",
+                "devtrust.verifier.main",
                 "serve",
                 "--config",
                 str(_write(second_dir, _config(second_dir, pki, endorsement_ca, listen=ports))),
@@ -422,7 +422,7 @@ class CliCase:
 def _ttl_case(ttl: str) -> CliCase:
     return CliCase(
         f"token with --ttl-s {ttl}",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["token", "create", "--config", str(t / "v.yaml"), "--ttl-s", ttl],
         1,
         lambda t: (
@@ -435,7 +435,7 @@ def _ttl_case(ttl: str) -> CliCase:
 CLI_CASES = [
     CliCase(
         "init with an empty hostname",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["init", "--dir", str(t / "pki"), "--hostname", ""],
         2,
         lambda t: (
@@ -445,7 +445,7 @@ CLI_CASES = [
     ),
     CliCase(
         "init with a hostname that is not one",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["init", "--dir", str(t / "pki"), "--hostname", "verifier example"],
         2,
         lambda t: (
@@ -456,7 +456,7 @@ CLI_CASES = [
     ),
     CliCase(
         "init into an unwritable place",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["init", "--dir", str(UNWRITABLE), "--hostname", "localhost"],
         2,
         lambda t: (
@@ -466,7 +466,7 @@ CLI_CASES = [
     ),
     CliCase(
         "init into a file",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["init", "--dir", str(t / "a-file"), "--hostname", "localhost"],
         2,
         lambda t: (
@@ -475,7 +475,7 @@ CLI_CASES = [
     ),
     CliCase(
         "operator where there is no CA",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["operator", "--dir", str(t / "nothing"), "--name", "alice"],
         2,
         lambda t: (
@@ -486,7 +486,7 @@ CLI_CASES = [
     ),
     CliCase(
         "operator with a name that is a path",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["operator", "--dir", str(t), "--name", "../alice"],
         2,
         lambda t: (
@@ -497,7 +497,7 @@ CLI_CASES = [
     *(_ttl_case(ttl) for ttl in ("-5", "0", "59", "2592001", "100000000000000000000")),
     CliCase(
         "token with no configuration",
-        "verifier.main",
+        "devtrust.verifier.main",
         lambda t: ["token", "create", "--config", str(t / "nope.yaml")],
         2,
         lambda t: (
@@ -507,7 +507,7 @@ CLI_CASES = [
     ),
     CliCase(
         "demo into an unwritable place",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["demo", "--out", str(UNWRITABLE)],
         1,
         lambda t: (
@@ -517,14 +517,14 @@ CLI_CASES = [
     ),
     CliCase(
         "demo into a file",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["demo", "--out", str(t / "a-file")],
         1,
         lambda t: f"devtrust: {t / 'a-file'} is not a directory: choose a directory (--out)",
     ),
     CliCase(
         "refs learn from a database that is not one",
-        "verifier.cli",
+        "devtrust.verifier.cli",
         lambda t: ["refs", "learn", "abc", "--database", str(t / "a-file")],
         2,
         lambda t: (
@@ -541,7 +541,7 @@ def test_command_refuses_with_one_line(case: CliCase, tmp_path: Path) -> None:
     (tmp_path / "db").mkdir()
     (tmp_path / "v.yaml").write_text(f"database: {tmp_path / 'db' / 'v.db'}\n")
     run = _run(case.module, *case.argv(tmp_path))
-    prog = "devtrust-verifier" if case.module == "verifier.main" else "devtrust"
+    prog = "devtrust-verifier" if case.module == "devtrust.verifier.main" else "devtrust"
     assert run.returncode == case.code, run.stderr
     assert _lines(run, prog) == [case.line(tmp_path)]
     assert not (tmp_path / "db" / "v.db").exists()  # nothing made for a refused command

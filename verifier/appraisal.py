@@ -17,19 +17,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
-from agent.evidence import qualifying_data
-from agent.key_proof import possession_proven
-from verifier import document, measured_boot
-from verifier.ca import PublicKey
-from verifier.errors import LimitExceeded, MalformedInput
-from verifier.policy import PolicyEvaluator, PolicyOutcome
-from verifier.refs import RefGroup, appraise_refs
-from verifier.tpm.bootfacts import BootFacts
-from verifier.tpm.clock import ClockState, check_clock
-from verifier.tpm.constants import hash_name
-from verifier.tpm.quote import AkKey, QuoteRejected, check_quote
-from verifier.tpm.structures import Attest, PcrSelect
-from verifier.trust import (
+from devtrust.agent.evidence import qualifying_data
+from devtrust.agent.key_proof import possession_proven
+from devtrust.verifier import document, measured_boot
+from devtrust.verifier.ca import PublicKey
+from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.policy import PolicyEvaluator, PolicyOutcome
+from devtrust.verifier.refs import RefGroup, appraise_refs
+from devtrust.verifier.tpm.bootfacts import BootFacts
+from devtrust.verifier.tpm.clock import ClockState, check_clock
+from devtrust.verifier.tpm.constants import hash_name
+from devtrust.verifier.tpm.quote import AkKey, QuoteRejected, check_quote
+from devtrust.verifier.tpm.structures import Attest, PcrSelect
+from devtrust.verifier.trust import (
     CRYPTO_VALIDATION_FAILED,
     HARDWARE_GENUINE,
     IDENTITY_RECOGNIZED,

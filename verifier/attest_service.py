@@ -25,29 +25,36 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives import serialization
 
-from protos.devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
-from verifier import wire
-from verifier.appraisal import NONCE_SIZE, Appraisal, Evidence, Expectation, Nonce, appraise
-from verifier.ca import CertificateAuthority, DeviceClaims
-from verifier.config import VerifierConfig
-from verifier.errors import (
+from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
+from devtrust.verifier import wire
+from devtrust.verifier.appraisal import (
+    NONCE_SIZE,
+    Appraisal,
+    Evidence,
+    Expectation,
+    Nonce,
+    appraise,
+)
+from devtrust.verifier.ca import CertificateAuthority, DeviceClaims
+from devtrust.verifier.config import VerifierConfig
+from devtrust.verifier.errors import (
     FailedPrecondition,
     MalformedInput,
     Rejected,
     ResourceExhausted,
     Superseded,
 )
-from verifier.identity import peer_identity
-from verifier.logtext import printable
-from verifier.policy import PolicyHolder, PolicyOutcome
-from verifier.policy_pool import PolicyRunner, PooledPolicy
-from verifier.records import CertificateRecord, DeviceRecord, DeviceState, TpmState
-from verifier.refs import ReferenceValues, RefGroup
-from verifier.store import Store
-from verifier.tpm.constants import hash_name
-from verifier.tpm.quote import AkKey
-from verifier.tpm.structures import ak_qualified_names, parse_public
-from verifier.trust import Tier
+from devtrust.verifier.identity import peer_identity
+from devtrust.verifier.logtext import printable
+from devtrust.verifier.policy import PolicyHolder, PolicyOutcome
+from devtrust.verifier.policy_pool import PolicyRunner, PooledPolicy
+from devtrust.verifier.records import CertificateRecord, DeviceRecord, DeviceState, TpmState
+from devtrust.verifier.refs import ReferenceValues, RefGroup
+from devtrust.verifier.store import Store
+from devtrust.verifier.tpm.constants import hash_name
+from devtrust.verifier.tpm.quote import AkKey
+from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public
+from devtrust.verifier.trust import Tier
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.files import write_atomic
+from devtrust.agent.files import write_atomic
 
 # A UUID-derived OID (ITU-T X.667, arc 2.25) for devtrust's device-claims extension; its
 # value is a DER UTF8String holding compact JSON: {"tier": "affirming", "zone": "..."}.

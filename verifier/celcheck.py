@@ -41,7 +41,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from verifier.celparse import (
+from devtrust.verifier.celparse import (
     Binary,
     Call,
     Cond,
@@ -57,7 +57,7 @@ from verifier.celparse import (
     parse,
     text,
 )
-from verifier.schema import (
+from devtrust.verifier.schema import (
     BOOL,
     BYTES,
     DOUBLE,

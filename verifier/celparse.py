@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from verifier.schema import BOOL, BYTES, DOUBLE, INT, NULL, STRING, UINT, Type
+from devtrust.verifier.schema import BOOL, BYTES, DOUBLE, INT, NULL, STRING, UINT, Type
 
 
 class ParseError(ValueError):

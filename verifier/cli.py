@@ -13,12 +13,12 @@ from typing import Any
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from agent.logsetup import configure_logging
-from verifier import tools
-from verifier.demo import demo
-from verifier.errors import DevtrustError
-from verifier.main import version_line
-from verifier.tools import one_line
+from devtrust.agent.logsetup import configure_logging
+from devtrust.verifier import tools
+from devtrust.verifier.demo import demo
+from devtrust.verifier.errors import DevtrustError
+from devtrust.verifier.main import version_line
+from devtrust.verifier.tools import one_line
 
 
 class _Parser(argparse.ArgumentParser):

@@ -23,17 +23,17 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from agent.attest import AttestationClient, tier_word
-from agent.config import AgentConfig, TpmConfig, VerifierEndpoint
-from agent.enroll import enroll
-from agent.main import make_tpm
-from agent.state import AgentFiles
-from protos.devtrust.v1 import attestation_pb2, query_pb2, query_pb2_grpc
-from swtpm import EndorsementCA, Swtpm, provision
-from swtpm.bootlog import simulate_boot
-from swtpm.hosttree import write_host_tree
-from verifier.ca import DeviceClaims, pem, spiffe_ids
-from verifier.config import (
+from devtrust.agent.attest import AttestationClient, tier_word
+from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
+from devtrust.agent.enroll import enroll
+from devtrust.agent.main import make_tpm
+from devtrust.agent.state import AgentFiles
+from devtrust.swtpm import EndorsementCA, Swtpm, provision
+from devtrust.swtpm.bootlog import simulate_boot
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.v1 import attestation_pb2, query_pb2, query_pb2_grpc
+from devtrust.verifier.ca import DeviceClaims, pem, spiffe_ids
+from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
     EndorsementConfig,
@@ -41,9 +41,9 @@ from verifier.config import (
     TlsConfig,
     VerifierConfig,
 )
-from verifier.errors import DevtrustError
-from verifier.pki import init_pki, issue_operator, load_ca, writable_dir
-from verifier.server import start_verifier
+from devtrust.verifier.errors import DevtrustError
+from devtrust.verifier.pki import init_pki, issue_operator, load_ca, writable_dir
+from devtrust.verifier.server import start_verifier
 
 TIMEOUT_S = 60.0
 DEMO_ZONE = "data-processing"

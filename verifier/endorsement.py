@@ -29,7 +29,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from verifier.errors import ConfigError, MalformedInput, Rejected
+from devtrust.verifier.errors import ConfigError, MalformedInput, Rejected
 
 logger = logging.getLogger(__name__)
 CERT_SUFFIXES = frozenset({".pem", ".crt", ".cer", ".der"})

@@ -17,30 +17,30 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives import serialization
 
-from protos.devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
-from verifier import enrollment
-from verifier.ca import CertificateAuthority
-from verifier.config import VerifierConfig
-from verifier.endorsement import EndorsementStore, load_certificates, parse_ek_certificate
-from verifier.errors import (
+from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
+from devtrust.verifier import enrollment
+from devtrust.verifier.ca import CertificateAuthority
+from devtrust.verifier.config import VerifierConfig
+from devtrust.verifier.endorsement import EndorsementStore, load_certificates, parse_ek_certificate
+from devtrust.verifier.errors import (
     FailedPrecondition,
     MalformedInput,
     NotFound,
     Rejected,
     ResourceExhausted,
 )
-from verifier.inventory import Assignment, Inventory, apply_inventory, resolve
-from verifier.logtext import printable
-from verifier.records import (
+from devtrust.verifier.inventory import Assignment, Inventory, apply_inventory, resolve
+from devtrust.verifier.logtext import printable
+from devtrust.verifier.records import (
     BootstrapToken,
     CertificateRecord,
     DeviceRecord,
     DeviceState,
     PendingEnrollment,
 )
-from verifier.store import Store
-from verifier.tpm.structures import parse_public
-from verifier.wire import check_host_facts, load_public_key
+from devtrust.verifier.store import Store
+from devtrust.verifier.tpm.structures import parse_public
+from devtrust.verifier.wire import check_host_facts, load_public_key
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]

@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
 from tpm2_pytss.utils import make_credential
 
-from agent.enrollment_proof import proof_for
-from verifier.errors import MalformedInput, Rejected
-from verifier.tpm.constants import Alg, ObjectAttr
-from verifier.tpm.quote import ALLOWED_SIG_HASHES, ALLOWED_SIG_SCHEMES
-from verifier.tpm.structures import PublicArea, parse_public, public_key_matches
+from devtrust.agent.enrollment_proof import proof_for
+from devtrust.verifier.errors import MalformedInput, Rejected
+from devtrust.verifier.tpm.constants import Alg, ObjectAttr
+from devtrust.verifier.tpm.quote import ALLOWED_SIG_HASHES, ALLOWED_SIG_SCHEMES
+from devtrust.verifier.tpm.structures import PublicArea, parse_public, public_key_matches
 
 # TPM 2.0 Part 2, 8.3.3: what makes a key an attestation key. restricted + sign means the
 # TPM only signs digests it computed itself over structures that start with TPM_GENERATED

@@ -7,7 +7,7 @@ structures), requests that are refused, and missing things.
 
 from __future__ import annotations
 
-from agent.errors import ConfigError, DevtrustError
+from devtrust.agent.errors import ConfigError, DevtrustError
 
 __all__ = [
     "ConfigError",

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from verifier.ca import spiffe_ids
-from verifier.errors import Unauthenticated
+from devtrust.verifier.ca import spiffe_ids
+from devtrust.verifier.errors import Unauthenticated
 
 
 def peer_identity(

@@ -29,7 +29,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
-from verifier.errors import (
+from devtrust.verifier.errors import (
     DevtrustError,
     FailedPrecondition,
     MalformedInput,
@@ -39,7 +39,7 @@ from verifier.errors import (
     Superseded,
     Unauthenticated,
 )
-from verifier.logtext import printable
+from devtrust.verifier.logtext import printable
 
 logger = logging.getLogger(__name__)
 

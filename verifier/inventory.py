@@ -37,9 +37,9 @@ from pathlib import Path
 
 import yaml
 
-from verifier.config import clip
-from verifier.errors import ConfigError, Rejected
-from verifier.store import Store
+from devtrust.verifier.config import clip
+from devtrust.verifier.errors import ConfigError, Rejected
+from devtrust.verifier.store import Store
 
 ZONE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")

@@ -18,18 +18,18 @@ from pathlib import Path
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from agent import __version__
-from agent.logsetup import configure_logging
-from verifier.config import VerifierConfig, trust_domain_problem
-from verifier.errors import ConfigError, DevtrustError
-from verifier.inventory import Inventory, parse_labels, zone_problem
-from verifier.logtext import printable
-from verifier.pki import check_operator_name, init_pki, issue_operator, load_ca
-from verifier.policy import PolicyError
-from verifier.records import DeviceState
-from verifier.server import start_verifier
-from verifier.store import Store
-from verifier.tools import HelpFormatter, one_line
+from devtrust import __version__
+from devtrust.agent.logsetup import configure_logging
+from devtrust.verifier.config import VerifierConfig, trust_domain_problem
+from devtrust.verifier.errors import ConfigError, DevtrustError
+from devtrust.verifier.inventory import Inventory, parse_labels, zone_problem
+from devtrust.verifier.logtext import printable
+from devtrust.verifier.pki import check_operator_name, init_pki, issue_operator, load_ca
+from devtrust.verifier.policy import PolicyError
+from devtrust.verifier.records import DeviceState
+from devtrust.verifier.server import start_verifier
+from devtrust.verifier.store import Store
+from devtrust.verifier.tools import HelpFormatter, one_line
 
 logger = logging.getLogger("devtrust.verifier")
 DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")

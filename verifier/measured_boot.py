@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import TypeVar
 
-from verifier.errors import LimitExceeded, MalformedInput
-from verifier.tpm import bootfacts, eventdata
-from verifier.tpm import eventlog as ev
-from verifier.tpm.constants import HASH_BY_NAME
-from verifier.trust import Claim, Finding, Severity
+from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.tpm import bootfacts, eventdata
+from devtrust.verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm.constants import HASH_BY_NAME
+from devtrust.verifier.trust import Claim, Finding, Severity
 
 FIRMWARE_PCRS = frozenset(range(8))
 PcrValues = Mapping[tuple[int, int], bytes]

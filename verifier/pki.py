@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from agent.errors import ConfigError, DevtrustError
-from agent.files import write_atomic
-from verifier.ca import CertificateAuthority, pem, private_key_pem
+from devtrust.agent.errors import ConfigError, DevtrustError
+from devtrust.agent.files import write_atomic
+from devtrust.verifier.ca import CertificateAuthority, pem, private_key_pem
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or ending with one.
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")

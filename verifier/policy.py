@@ -47,12 +47,12 @@ from typing import Any, Protocol
 import cel
 import yaml
 
-from verifier.celcheck import CheckError, check
-from verifier.document import Bulletins, Document, unknown_values
-from verifier.errors import DevtrustError
-from verifier.policy_context import Contexts, may_read_gpu_list, selected_fields
-from verifier.schema import DOCUMENT, THIS
-from verifier.trust import Claim, Finding, Severity, SubResult
+from devtrust.verifier.celcheck import CheckError, check
+from devtrust.verifier.document import Bulletins, Document, unknown_values
+from devtrust.verifier.errors import DevtrustError
+from devtrust.verifier.policy_context import Contexts, may_read_gpu_list, selected_fields
+from devtrust.verifier.schema import DOCUMENT, THIS
+from devtrust.verifier.trust import Claim, Finding, Severity, SubResult
 
 _PASS_VALUE = 2
 _FAIL_VALUE = {Severity.WARNING: 32, Severity.CONTRAINDICATED: 96}

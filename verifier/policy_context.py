@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import cel
 
-from verifier.document import Document
+from devtrust.verifier.document import Document
 
 if TYPE_CHECKING:
-    from verifier.policy import Rule
+    from devtrust.verifier.policy import Rule
 
 
 def _wanted(rules: list[Rule]) -> dict[str, frozenset[str] | None]:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verifier.document import Bulletins, Document
-from verifier.policy import Policy, PolicyOutcome
-from verifier.trust import Claim, Finding, Severity
+from devtrust.verifier.document import Bulletins, Document
+from devtrust.verifier.policy import Policy, PolicyOutcome
+from devtrust.verifier.trust import Claim, Finding, Severity
 
 logger = logging.getLogger(__name__)
 

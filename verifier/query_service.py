@@ -9,14 +9,14 @@ from typing import Any
 
 import grpc
 
-from protos.devtrust.v1 import common_pb2, query_pb2, query_pb2_grpc
-from verifier import wire
-from verifier.config import VerifierConfig
-from verifier.errors import FailedPrecondition, MalformedInput, NotFound
-from verifier.identity import peer_identity
-from verifier.policy import PolicyError, PolicyHolder
-from verifier.store import Store
-from verifier.trust import Tier
+from devtrust.v1 import common_pb2, query_pb2, query_pb2_grpc
+from devtrust.verifier import wire
+from devtrust.verifier.config import VerifierConfig
+from devtrust.verifier.errors import FailedPrecondition, MalformedInput, NotFound
+from devtrust.verifier.identity import peer_identity
+from devtrust.verifier.policy import PolicyError, PolicyHolder
+from devtrust.verifier.store import Store
+from devtrust.verifier.trust import Tier
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]

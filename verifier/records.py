@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from verifier.measured_boot import LogPart, LogState, rebuild
-from verifier.tpm.clock import ClockState
-from verifier.trust import Claim, Finding, Severity, SubResult, TrustResult
+from devtrust.verifier.measured_boot import LogPart, LogState, rebuild
+from devtrust.verifier.tpm.clock import ClockState
+from devtrust.verifier.trust import Claim, Finding, Severity, SubResult, TrustResult
 
 
 class DeviceState(StrEnum):

@@ -24,12 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.configfile import from_mapping, load_yaml
-from agent.errors import ConfigError
-from verifier.config import clip
-from verifier.tpm.bootfacts import BOOT_APPLICATION_PCR, BootFacts
-from verifier.tpm.constants import DIGEST_SIZES, hash_alg
-from verifier.trust import (
+from devtrust.agent.configfile import from_mapping, load_yaml
+from devtrust.agent.errors import ConfigError
+from devtrust.verifier.config import clip
+from devtrust.verifier.tpm.bootfacts import BOOT_APPLICATION_PCR, BootFacts
+from devtrust.verifier.tpm.constants import DIGEST_SIZES, hash_alg
+from devtrust.verifier.trust import (
     CONFIGURATION_APPROVED,
     CONFIGURATION_UNSAFE,
     EXECUTABLES_APPROVED_BOOT,

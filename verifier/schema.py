@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from protos.devtrust.v1 import attestation_pb2
+from devtrust.v1 import attestation_pb2
 
 # Why the host's own zone and labels are not in the document (verifier/celcheck.py says so
 # when a rule names them).

@@ -22,25 +22,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.devtrust.v1 import (
+from devtrust.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
     enrollment_pb2_grpc,
     query_pb2,
     query_pb2_grpc,
 )
-from verifier.attest_service import AttestationService
-from verifier.ca import pem
-from verifier.config import DEFAULT_ROOTS, VerifierConfig, parse_address
-from verifier.endorsement import EndorsementStore, load_certificates
-from verifier.enroll_service import EnrollmentService
-from verifier.errors import ConfigError, MalformedInput
-from verifier.interceptor import ErrorMapping
-from verifier.pki import check_server_issued_by, load_ca, read_server_credentials
-from verifier.policy import PolicyError, PolicyHolder
-from verifier.query_service import QueryService
-from verifier.refs import ReferenceValues
-from verifier.store import Store
+from devtrust.verifier.attest_service import AttestationService
+from devtrust.verifier.ca import pem
+from devtrust.verifier.config import DEFAULT_ROOTS, VerifierConfig, parse_address
+from devtrust.verifier.endorsement import EndorsementStore, load_certificates
+from devtrust.verifier.enroll_service import EnrollmentService
+from devtrust.verifier.errors import ConfigError, MalformedInput
+from devtrust.verifier.interceptor import ErrorMapping
+from devtrust.verifier.pki import check_server_issued_by, load_ca, read_server_credentials
+from devtrust.verifier.policy import PolicyError, PolicyHolder
+from devtrust.verifier.query_service import QueryService
+from devtrust.verifier.refs import ReferenceValues
+from devtrust.verifier.store import Store
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]

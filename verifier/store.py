@@ -19,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from verifier.errors import ConfigError, ResourceExhausted
-from verifier.measured_boot import LogPart
-from verifier.records import (
+from devtrust.verifier.errors import ConfigError, ResourceExhausted
+from devtrust.verifier.measured_boot import LogPart
+from devtrust.verifier.records import (
     BootstrapToken,
     CertificateRecord,
     DeviceRecord,
@@ -35,7 +35,7 @@ from verifier.records import (
     result_from_json,
     result_to_json,
 )
-from verifier.trust import TrustResult
+from devtrust.verifier.trust import TrustResult
 
 SCHEMA_VERSION = 1
 _SCHEMA = """

@@ -17,20 +17,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import json_format
 
-from protos.devtrust.v1 import attestation_pb2
-from verifier import measured_boot
-from verifier.appraisal import with_findings
-from verifier.config import clip
-from verifier.document import build, plain
-from verifier.errors import DevtrustError, MalformedInput
-from verifier.policy import Policy, PolicyError
-from verifier.store import Store
-from verifier.tpm import bootfacts
-from verifier.tpm import eventlog as ev
-from verifier.tpm.constants import hash_alg
-from verifier.tpm.quote import AkKey, QuoteRejected, check_quote
-from verifier.tpm.structures import parse_attest, parse_public
-from verifier.trust import overall_tier, trust_score
+from devtrust.v1 import attestation_pb2
+from devtrust.verifier import measured_boot
+from devtrust.verifier.appraisal import with_findings
+from devtrust.verifier.config import clip
+from devtrust.verifier.document import build, plain
+from devtrust.verifier.errors import DevtrustError, MalformedInput
+from devtrust.verifier.policy import Policy, PolicyError
+from devtrust.verifier.store import Store
+from devtrust.verifier.tpm import bootfacts
+from devtrust.verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm.constants import hash_alg
+from devtrust.verifier.tpm.quote import AkKey, QuoteRejected, check_quote
+from devtrust.verifier.tpm.structures import parse_attest, parse_public
+from devtrust.verifier.trust import overall_tier, trust_score
 
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 

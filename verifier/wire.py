@@ -14,16 +14,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from protos.devtrust.v1 import attestation_pb2, common_pb2
-from verifier import document
-from verifier.appraisal import NONCE_SIZE, EventLogPart, Evidence
-from verifier.ca import PublicKey
-from verifier.config import LimitsConfig
-from verifier.errors import LimitExceeded, MalformedInput
-from verifier.records import DeviceRecord, DeviceState
-from verifier.tpm.constants import DIGEST_SIZES, hash_alg, hash_name
-from verifier.tpm.structures import PcrSelect
-from verifier.trust import Finding, Severity, Tier, TrustResult, tier_of
+from devtrust.v1 import attestation_pb2, common_pb2
+from devtrust.verifier import document
+from devtrust.verifier.appraisal import NONCE_SIZE, EventLogPart, Evidence
+from devtrust.verifier.ca import PublicKey
+from devtrust.verifier.config import LimitsConfig
+from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.records import DeviceRecord, DeviceState
+from devtrust.verifier.tpm.constants import DIGEST_SIZES, hash_alg, hash_name
+from devtrust.verifier.tpm.structures import PcrSelect
+from devtrust.verifier.trust import Finding, Severity, Tier, TrustResult, tier_of
 
 MAX_PCR_INDEX = 23
 _TIERS = {

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from protos.devtrust.v1 import attestation_pb2
+from devtrust.v1 import attestation_pb2
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from protos.devtrust.v1 import attestation_pb2
+from devtrust.v1 import attestation_pb2
 
 _VERSION = re.compile(r"Kernel Module\s+(?:for\s+\S+\s+)?(\d+\.\d+(?:\.\d+)?)")
 

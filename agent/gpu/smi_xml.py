@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 
-from protos.devtrust.v1 import attestation_pb2
+from devtrust.v1 import attestation_pb2
 
 # nvidia-smi's words for "no value", and the reason recorded for each.
 _REASONS = {

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field, replace
 
 from cryptography import x509
 
-from verifier.tpm import eventlog as ev
-from verifier.tpm.eventdata import (
+from devtrust.verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm.eventdata import (
     EFI_GLOBAL_VARIABLE,
     DataMismatch,
     data_mismatch,

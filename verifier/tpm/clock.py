@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from verifier.tpm.structures import Attest
+from devtrust.verifier.tpm.structures import Attest
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm import eventlog as ev
 
 EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 # systemd-boot and systemd-stub measure the kernel command line into PCR 8 (older) or 12.

@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from verifier.errors import LimitExceeded, MalformedInput
-from verifier.tpm.constants import DIGEST_SIZES, HASH_NAMES
+from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.tpm.constants import DIGEST_SIZES, HASH_NAMES
 
 EV_PREBOOT_CERT = 0x0
 EV_POST_CODE = 0x1

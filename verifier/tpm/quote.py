@@ -16,13 +16,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from verifier.tpm.constants import (
+from devtrust.verifier.tpm.constants import (
     ST_ATTEST_QUOTE,
     TPM_GENERATED_VALUE,
     Alg,
     hash_name,
 )
-from verifier.tpm.structures import Attest, PcrSelect, Signature, parse_attest, parse_signature
+from devtrust.verifier.tpm.structures import (
+    Attest,
+    PcrSelect,
+    Signature,
+    parse_attest,
+    parse_signature,
+)
 
 ALLOWED_SIG_SCHEMES = frozenset({Alg.RSASSA, Alg.RSAPSS, Alg.ECDSA})
 ALLOWED_SIG_HASHES = frozenset({Alg.SHA256, Alg.SHA384})

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from verifier.errors import MalformedInput
-from verifier.tpm.constants import (
+from devtrust.verifier.errors import MalformedInput
+from devtrust.verifier.tpm.constants import (
     DIGEST_SIZES,
     Alg,
     EccCurve,

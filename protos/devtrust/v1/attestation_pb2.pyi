@@ -7,12 +7,12 @@ and may send PostureChanged at any time.
 """
 
 from collections import abc as _abc
+from devtrust.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from protos.devtrust.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.devtrust.v1 import attestation_pb2 as protos_dot_devtrust_dot_v1_dot_attestation__pb2
+from devtrust.v1 import attestation_pb2 as devtrust_dot_v1_dot_attestation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/devtrust/v1/attestation_pb2_grpc.py depends on'
+        + ' but the generated code in devtrust/v1/attestation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class AttestationStub:
         """
         self.Attest = channel.stream_stream(
                 '/devtrust.v1.Attestation/Attest',
-                request_serializer=protos_dot_devtrust_dot_v1_dot_attestation__pb2.AgentMessage.SerializeToString,
-                response_deserializer=protos_dot_devtrust_dot_v1_dot_attestation__pb2.VerifierMessage.FromString,
+                request_serializer=devtrust_dot_v1_dot_attestation__pb2.AgentMessage.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_attestation__pb2.VerifierMessage.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_AttestationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Attest': grpc.stream_stream_rpc_method_handler(
                     servicer.Attest,
-                    request_deserializer=protos_dot_devtrust_dot_v1_dot_attestation__pb2.AgentMessage.FromString,
-                    response_serializer=protos_dot_devtrust_dot_v1_dot_attestation__pb2.VerifierMessage.SerializeToString,
+                    request_deserializer=devtrust_dot_v1_dot_attestation__pb2.AgentMessage.FromString,
+                    response_serializer=devtrust_dot_v1_dot_attestation__pb2.VerifierMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class Attestation:
             request_iterator,
             target,
             '/devtrust.v1.Attestation/Attest',
-            protos_dot_devtrust_dot_v1_dot_attestation__pb2.AgentMessage.SerializeToString,
-            protos_dot_devtrust_dot_v1_dot_attestation__pb2.VerifierMessage.FromString,
+            devtrust_dot_v1_dot_attestation__pb2.AgentMessage.SerializeToString,
+            devtrust_dot_v1_dot_attestation__pb2.VerifierMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,8 +7,8 @@ and may send PostureChanged at any time.
 """
 
 from collections import abc as _abc
+from devtrust.v1 import attestation_pb2 as _attestation_pb2
 from grpc import aio as _aio
-from protos.devtrust.v1 import attestation_pb2 as _attestation_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -7,10 +7,10 @@ Activate -> proof that the TPM holding that EK and that AK recovered the secret.
 """
 
 from collections import abc as _abc
+from devtrust.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from protos.devtrust.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

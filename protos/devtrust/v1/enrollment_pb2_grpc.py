@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.devtrust.v1 import enrollment_pb2 as protos_dot_devtrust_dot_v1_dot_enrollment__pb2
+from devtrust.v1 import enrollment_pb2 as devtrust_dot_v1_dot_enrollment__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/devtrust/v1/enrollment_pb2_grpc.py depends on'
+        + ' but the generated code in devtrust/v1/enrollment_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class EnrollmentStub:
         """
         self.Enroll = channel.unary_unary(
                 '/devtrust.v1.Enrollment/Enroll',
-                request_serializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
-                response_deserializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.EnrollChallenge.FromString,
+                request_serializer=devtrust_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_enrollment__pb2.EnrollChallenge.FromString,
                 _registered_method=True)
         self.Activate = channel.unary_unary(
                 '/devtrust.v1.Enrollment/Activate',
-                request_serializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.ActivateRequest.SerializeToString,
-                response_deserializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.ActivateResponse.FromString,
+                request_serializer=devtrust_dot_v1_dot_enrollment__pb2.ActivateRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_enrollment__pb2.ActivateResponse.FromString,
                 _registered_method=True)
 
 
@@ -66,13 +66,13 @@ def add_EnrollmentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
-                    request_deserializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.EnrollRequest.FromString,
-                    response_serializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.EnrollChallenge.SerializeToString,
+                    request_deserializer=devtrust_dot_v1_dot_enrollment__pb2.EnrollRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_enrollment__pb2.EnrollChallenge.SerializeToString,
             ),
             'Activate': grpc.unary_unary_rpc_method_handler(
                     servicer.Activate,
-                    request_deserializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.ActivateRequest.FromString,
-                    response_serializer=protos_dot_devtrust_dot_v1_dot_enrollment__pb2.ActivateResponse.SerializeToString,
+                    request_deserializer=devtrust_dot_v1_dot_enrollment__pb2.ActivateRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_enrollment__pb2.ActivateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,8 +100,8 @@ class Enrollment:
             request,
             target,
             '/devtrust.v1.Enrollment/Enroll',
-            protos_dot_devtrust_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
-            protos_dot_devtrust_dot_v1_dot_enrollment__pb2.EnrollChallenge.FromString,
+            devtrust_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
+            devtrust_dot_v1_dot_enrollment__pb2.EnrollChallenge.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,8 +127,8 @@ class Enrollment:
             request,
             target,
             '/devtrust.v1.Enrollment/Activate',
-            protos_dot_devtrust_dot_v1_dot_enrollment__pb2.ActivateRequest.SerializeToString,
-            protos_dot_devtrust_dot_v1_dot_enrollment__pb2.ActivateResponse.FromString,
+            devtrust_dot_v1_dot_enrollment__pb2.ActivateRequest.SerializeToString,
+            devtrust_dot_v1_dot_enrollment__pb2.ActivateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,8 +7,8 @@ Activate -> proof that the TPM holding that EK and that AK recovered the secret.
 """
 
 from collections import abc as _abc
+from devtrust.v1 import enrollment_pb2 as _enrollment_pb2
 from grpc import aio as _aio
-from protos.devtrust.v1 import enrollment_pb2 as _enrollment_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos.devtrust.v1 import common_pb2 as protos_dot_devtrust_dot_v1_dot_common__pb2
-from protos.devtrust.v1 import query_pb2 as protos_dot_devtrust_dot_v1_dot_query__pb2
+from devtrust.v1 import common_pb2 as devtrust_dot_v1_dot_common__pb2
+from devtrust.v1 import query_pb2 as devtrust_dot_v1_dot_query__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/devtrust/v1/query_pb2_grpc.py depends on'
+        + ' but the generated code in devtrust/v1/query_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class QueryStub:
         """
         self.GetDevice = channel.unary_unary(
                 '/devtrust.v1.Query/GetDevice',
-                request_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.GetDeviceRequest.SerializeToString,
-                response_deserializer=protos_dot_devtrust_dot_v1_dot_common__pb2.Device.FromString,
+                request_serializer=devtrust_dot_v1_dot_query__pb2.GetDeviceRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_common__pb2.Device.FromString,
                 _registered_method=True)
         self.ListDevices = channel.unary_unary(
                 '/devtrust.v1.Query/ListDevices',
-                request_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ListDevicesRequest.SerializeToString,
-                response_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ListDevicesResponse.FromString,
+                request_serializer=devtrust_dot_v1_dot_query__pb2.ListDevicesRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
         self.GetTrustScore = channel.unary_unary(
                 '/devtrust.v1.Query/GetTrustScore',
-                request_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
-                response_deserializer=protos_dot_devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
+                request_serializer=devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
                 _registered_method=True)
         self.ReloadPolicy = channel.unary_unary(
                 '/devtrust.v1.Query/ReloadPolicy',
-                request_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
-                response_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
+                request_serializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
                 _registered_method=True)
 
 
@@ -91,23 +91,23 @@ def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDevice,
-                    request_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.GetDeviceRequest.FromString,
-                    response_serializer=protos_dot_devtrust_dot_v1_dot_common__pb2.Device.SerializeToString,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.GetDeviceRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_common__pb2.Device.SerializeToString,
             ),
             'ListDevices': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDevices,
-                    request_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ListDevicesRequest.FromString,
-                    response_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ListDevicesResponse.SerializeToString,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.ListDevicesRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.ListDevicesResponse.SerializeToString,
             ),
             'GetTrustScore': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrustScore,
-                    request_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.FromString,
-                    response_serializer=protos_dot_devtrust_dot_v1_dot_common__pb2.TrustResult.SerializeToString,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_common__pb2.TrustResult.SerializeToString,
             ),
             'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadPolicy,
-                    request_deserializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.FromString,
-                    response_serializer=protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.SerializeToString,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,8 +135,8 @@ class Query:
             request,
             target,
             '/devtrust.v1.Query/GetDevice',
-            protos_dot_devtrust_dot_v1_dot_query__pb2.GetDeviceRequest.SerializeToString,
-            protos_dot_devtrust_dot_v1_dot_common__pb2.Device.FromString,
+            devtrust_dot_v1_dot_query__pb2.GetDeviceRequest.SerializeToString,
+            devtrust_dot_v1_dot_common__pb2.Device.FromString,
             options,
             channel_credentials,
             insecure,
@@ -162,8 +162,8 @@ class Query:
             request,
             target,
             '/devtrust.v1.Query/ListDevices',
-            protos_dot_devtrust_dot_v1_dot_query__pb2.ListDevicesRequest.SerializeToString,
-            protos_dot_devtrust_dot_v1_dot_query__pb2.ListDevicesResponse.FromString,
+            devtrust_dot_v1_dot_query__pb2.ListDevicesRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.ListDevicesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -189,8 +189,8 @@ class Query:
             request,
             target,
             '/devtrust.v1.Query/GetTrustScore',
-            protos_dot_devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
-            protos_dot_devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
+            devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
+            devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -216,8 +216,8 @@ class Query:
             request,
             target,
             '/devtrust.v1.Query/ReloadPolicy',
-            protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
-            protos_dot_devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
+            devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

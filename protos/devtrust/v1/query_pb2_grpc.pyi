@@ -6,9 +6,9 @@ Operator queries (DESIGN.md flow 3), mTLS with operator certificates
 """
 
 from collections import abc as _abc
+from devtrust.v1 import common_pb2 as _common_pb2
+from devtrust.v1 import query_pb2 as _query_pb2
 from grpc import aio as _aio
-from protos.devtrust.v1 import common_pb2 as _common_pb2
-from protos.devtrust.v1 import query_pb2 as _query_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from agent.errors import ConfigError
+from devtrust.agent.errors import ConfigError
 
 T = TypeVar("T")
 

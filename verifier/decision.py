@@ -1,0 +1,60 @@
+"""What one appraisal decided, as a value, and the sinks that act on it.
+
+The attestor returns a ``Decision``; the attestation servicer publishes it to every sink in
+order (the store first: a Result reaches the agent only after its Decision is stored). The
+issues that follow add sinks, not branches in the servicer: metrics, the trust watch,
+revocation on a tier drop, the audit trail.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from devtrust.verifier.records import CertificateRecord, TpmState
+from devtrust.verifier.trust import Tier, TrustResult
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One appraisal of one device's evidence, and what the verifier did about it."""
+
+    device_id: str
+    zone: str
+    result: TrustResult
+    # The device's tier before this appraisal (None: its first on this verifier).
+    previous_tier: Tier | None
+    # The device certificate issued for this evidence, or None with ``withheld`` saying why.
+    certificate: CertificateRecord | None
+    withheld: str
+    # What the verifier now knows of the device's TPM (None: the quote did not verify, so
+    # nothing it said is remembered).
+    tpm: TpmState | None
+    # The TPM rebooted since the last evidence: the next challenge is at once, for the
+    # whole event log.
+    rebooted: bool
+
+    @property
+    def at(self) -> datetime.datetime:
+        return self.result.appraised_at
+
+
+class DecisionSink(Protocol):
+    """Acts on decisions. ``publish`` is awaited before the Result is sent to the agent; a
+    sink that raises ends the device's stream (the agent reconnects), so a sink that must
+    not hold up attestation queues its work and returns."""
+
+    async def publish(self, decision: Decision) -> None: ...
+
+
+class Sinks:
+    """Every sink, in the order given."""
+
+    def __init__(self, sinks: Sequence[DecisionSink]) -> None:
+        self._sinks = tuple(sinks)
+
+    async def publish(self, decision: Decision) -> None:
+        for sink in self._sinks:
+            await sink.publish(decision)
