@@ -37,7 +37,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	@touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/devtrust demo --out $(DEMO_OUT)
+	$(VENV)/bin/devtrust-demo --out $(DEMO_OUT)
 	openssl verify -CAfile $(DEMO_OUT)/ca-bundle.pem $(DEMO_OUT)/device-cert.pem
 
 # sshd itself for the sshd_config conformance test (tests/test_sshd_config.py compares our
@@ -73,6 +73,7 @@ typecheck: venv
 
 protos: venv
 	$(PY) -m protos.generate
+	$(PY) -m devtrust.verifier.wire_schema --write
 
 bench: venv
 	$(PY) -m bench.appraisal && $(PY) -m bench.policy && $(PY) -m bench.posture_latency

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devtrust.agent.configfile import from_mapping, load_yaml
+from devtrust.core.config import from_mapping, load_yaml
 
 # Persistent handle of the devtrust AK: the endorsement-hierarchy range of the TCG
 # "Provisioning Guidance" (0x81010000-0x8101FFFF), next to the RSA EK at 0x81010001.

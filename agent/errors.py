@@ -1,14 +1,8 @@
-"""The error base shared by the agent and the verifier (STYLE 7)."""
+"""The agent's own errors; the base and ``ConfigError`` are in ``devtrust.core.errors``."""
 
 from __future__ import annotations
 
-
-class DevtrustError(Exception):
-    """Base of every devtrust error."""
-
-
-class ConfigError(DevtrustError):
-    """A configuration file is unreadable or invalid; the message names file, field, reason."""
+from devtrust.core.errors import DevtrustError
 
 
 class TpmError(DevtrustError):

@@ -1,15 +1,10 @@
-"""What the agent reports and how the quote binds it.
-
-The quote's qualifying data is sha256(nonce || sha256(body)) where ``body`` is the exact
-serialized EvidenceBody bytes sent on the wire (DESIGN.md flow 2). Hashing the sent bytes,
-not a re-encoding, means no canonical form is needed: one changed byte after quoting and the
-verifier's recomputation no longer matches what the TPM signed.
+"""What the agent reports: the host's facts and the serialized EvidenceBody the quote binds
+(how it binds: ``devtrust.core.binding.qualifying_data``).
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import platform
 import socket
 from pathlib import Path
@@ -18,10 +13,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from devtrust import __version__
 from devtrust.v1 import attestation_pb2, common_pb2
-
-
-def qualifying_data(nonce: bytes, body: bytes) -> bytes:
-    return hashlib.sha256(nonce + hashlib.sha256(body).digest()).digest()
 
 
 def _read(path: Path) -> str:
@@ -57,7 +48,7 @@ def evidence_body(
     certify_key_proof: bytes = b"",
 ) -> bytes:
     """The serialized EvidenceBody: these bytes are what the quote binds, the proof of
-    possession of the key to certify (agent/key_proof.py) included."""
+    possession of the key to certify (``devtrust.core.binding``) included."""
     collected = Timestamp()
     collected.FromDatetime(now)
     body = attestation_pb2.EvidenceBody(

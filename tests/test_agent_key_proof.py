@@ -8,49 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtrust.agent.attest import AttestationClient
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
-from devtrust.agent.key_proof import PublicKey, possession_proven
+from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.main import make_host
 from devtrust.agent.state import AgentFiles, Enrollment, new_key, spki
-from devtrust.agent.tpm import AsyncTpm
+from devtrust.core.binding import PublicKey, possession_proven, qualifying_data
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2, common_pb2
+from tests.agent_parts import FakeTpm
 
 DEVICE = "ab" * 32
 OTHER_DEVICE = "cd" * 32
 NONCE = bytes(range(32))
 
 
-class _FakeBackend:
-    """Records the qualifying data it is asked to quote; returns no real quote."""
-
-    def __init__(self) -> None:
-        self.quoted: list[bytes] = []
-
-    def quote(
-        self, qualifying: bytes, selection: list[tuple[str, list[int]]]
-    ) -> tuple[bytes, bytes, dict[tuple[int, int], bytes]]:
-        self.quoted.append(qualifying)
-        return b"attest", b"signature", {}
-
-
-class _FakeTpm:
-    def __init__(self) -> None:
-        self.backend = _FakeBackend()
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
-
-
-def _client(tmp_path: Path) -> tuple[AttestationClient, _FakeTpm]:
+def _client(tmp_path: Path) -> tuple[AttestationClient, FakeTpm]:
     cfg = AgentConfig(
         state_dir=tmp_path / "state",
         runtime_dir=tmp_path / "run",  # no device certificate yet: renewal is due
@@ -58,12 +36,13 @@ def _client(tmp_path: Path) -> tuple[AttestationClient, _FakeTpm]:
         gpu_source="none",
         posture_root=write_host_tree(tmp_path / "host"),
     )
-    tpm = _FakeTpm()
+    tpm = FakeTpm()
     client = AttestationClient(
         cfg,
-        cast(AsyncTpm, tpm),
-        AgentFiles(cfg.state_dir, cfg.runtime_dir),
-        Enrollment(DEVICE, b"", b"", b""),
+        tpm=tpm,
+        host=make_host(cfg),
+        files=AgentFiles(cfg.state_dir, cfg.runtime_dir),
+        enrollment=Enrollment(DEVICE, b"", b"", b""),
     )
     return client, tpm
 
@@ -93,7 +72,7 @@ def test_body_for_a_challenge_proves_possession_of_the_key_to_certify(tmp_path: 
     assert not possession_proven(key, body.certify_key_proof, other_nonce, DEVICE)
     assert not possession_proven(key, body.certify_key_proof, NONCE, OTHER_DEVICE)
     # The quote binds the body with the proof in it.
-    assert tpm.backend.quoted == [qualifying_data(NONCE, evidence.body)]
+    assert tpm.quoted == [qualifying_data(NONCE, evidence.body)]
 
 
 def test_each_challenge_gets_its_own_proof(tmp_path: Path) -> None:

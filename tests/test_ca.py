@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from devtrust.verifier.ca import CLOCK_SKEW, CertificateAuthority, DeviceClaims, spiffe_ids
+from devtrust.core.claims import DeviceClaims
+from devtrust.core.ids import device_id_of, parse_device_id, serial_of
+from devtrust.core.spiffe import (
+    AGENT,
+    DEVICE,
+    OPERATOR,
+    certificate_name,
+    spiffe_id,
+    spiffe_ids,
+    spiffe_name,
+)
+from devtrust.verifier.ca import CLOCK_SKEW, CertificateAuthority
 
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 
@@ -85,7 +98,6 @@ def test_agent_enrolls_again_in_the_last_day_of_its_channel_certificate(tmp_path
 
 
 def test_keys_to_certify_are_p256_p384_or_rsa2048_and_up() -> None:
-    import pytest
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -105,3 +117,45 @@ def test_keys_to_certify_are_p256_p384_or_rsa2048_and_up() -> None:
         load_public_key(spki(weak), field="k")
     with pytest.raises(MalformedInput, match="not a DER SubjectPublicKeyInfo"):
         load_public_key(b"\x30\x00", field="k")
+
+
+def test_spiffe_names_are_one_segment_of_the_right_domain_and_kind() -> None:
+    device = "ab" * 32
+    uri = spiffe_id("fleet.example", DEVICE, device)
+    assert uri == f"spiffe://fleet.example/device/{device}"
+    assert spiffe_name(uri, trust_domain="fleet.example", kind=DEVICE) == device
+    for other in (
+        f"spiffe://other.example/device/{device}",  # another trust domain
+        f"spiffe://fleet.example.evil/device/{device}",  # a domain that only starts alike
+        f"spiffe://fleet.example/agent/{device}",  # another kind
+        f"spiffe://fleet.example/device/{device}/extra",  # a deeper path
+        "spiffe://fleet.example/device/",  # no name
+    ):
+        assert spiffe_name(other, trust_domain="fleet.example", kind=DEVICE) is None, other
+
+
+def test_certificate_name_reads_the_kind_asked_for() -> None:
+    ca = CertificateAuthority.create(common_name="test CA", now=NOW)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue_client(
+        trust_domain="fleet.example",
+        kind=OPERATOR,
+        name="alice",
+        public_key=key.public_key(),
+        now=NOW,
+        lifetime=datetime.timedelta(hours=1),
+    )
+    assert certificate_name(cert, trust_domain="fleet.example", kind=OPERATOR) == "alice"
+    assert certificate_name(cert, trust_domain="fleet.example", kind=AGENT) is None
+    assert certificate_name(cert, trust_domain="other.example", kind=OPERATOR) is None
+    assert certificate_name(ca.cert, trust_domain="fleet.example", kind=OPERATOR) is None
+
+
+def test_device_ids_are_the_sha256_of_the_ek_spki() -> None:
+    spki = b"\x30\x59 not really DER"
+    assert device_id_of(spki) == hashlib.sha256(spki).hexdigest()
+    assert parse_device_id("ab" * 32) == "ab" * 32
+    for bad in ("AB" * 32, "ab" * 31, "ab" * 33, "zz" * 32, "", "ab" * 32 + "\n"):
+        with pytest.raises(ValueError, match="is not 64 lowercase hex digits"):
+            parse_device_id(bad)
+    assert serial_of(0xABC) == "abc"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.errors import ConfigError
+from devtrust.core.errors import ConfigError
 from devtrust.verifier.config import VerifierConfig
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging" / "config"

@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from devtrust.core.errors import ConfigError
 from devtrust.verifier.config import DEFAULT_ROOTS
 from devtrust.verifier.endorsement import EndorsementStore, load_certificates, parse_ek_certificate
-from devtrust.verifier.errors import ConfigError, MalformedInput, Rejected
+from devtrust.verifier.errors import MalformedInput, Rejected
 from tests.corpus import corpus_root
 
 NOW = datetime.datetime(2026, 11, 25, 23, 0, tzinfo=datetime.UTC)

@@ -6,7 +6,8 @@ import datetime
 
 import pytest
 
-from devtrust.verifier.trust import Claim, Tier, TrustResult, overall_tier, tier_of, trust_score
+from devtrust.core.tier import Tier
+from devtrust.verifier.trust import Claim, TrustResult, overall_tier, tier_of, trust_score
 
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 
@@ -75,3 +76,31 @@ def test_stale_result_has_tier_none() -> None:
     assert stale.score == 0
     assert stale.findings[-1].id == "freshness.stale"
     assert "past its staleness bound" in stale.findings[-1].message
+
+
+# Every pair of tiers: a tier meets a minimum when it is that good or better, and NONE
+# (nothing appraised) meets none, although the integer order puts it first.
+MEETS = {
+    (Tier.AFFIRMING, Tier.AFFIRMING): True,
+    (Tier.AFFIRMING, Tier.WARNING): True,
+    (Tier.AFFIRMING, Tier.CONTRAINDICATED): True,
+    (Tier.WARNING, Tier.AFFIRMING): False,
+    (Tier.WARNING, Tier.WARNING): True,
+    (Tier.WARNING, Tier.CONTRAINDICATED): True,
+    (Tier.CONTRAINDICATED, Tier.AFFIRMING): False,
+    (Tier.CONTRAINDICATED, Tier.WARNING): False,
+    (Tier.CONTRAINDICATED, Tier.CONTRAINDICATED): True,
+    **{(Tier.NONE, minimum): False for minimum in Tier},
+    **{(tier, Tier.NONE): False for tier in Tier},
+}
+
+
+@pytest.mark.parametrize(
+    ("tier", "minimum"), sorted(MEETS), ids=[f"{t.label}-vs-{m.label}" for t, m in sorted(MEETS)]
+)
+def test_tier_meets_minimum(tier: Tier, minimum: Tier) -> None:
+    assert tier.meets(minimum) is MEETS[tier, minimum]
+
+
+def test_every_pair_of_tiers_is_in_the_table() -> None:
+    assert len(MEETS) == len(Tier) ** 2

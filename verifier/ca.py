@@ -4,7 +4,8 @@ validity from the injected time).
 
 One ECDSA P-256 root signs four kinds of leaf, told apart by their SPIFFE ID path:
 - ``spiffe://TD/device/ID``: the short-lived device certificate relying parties gate on; it
-  carries the trust tier and zone in the ``DEVICE_CLAIMS_OID`` extension;
+  carries the trust tier and zone in the claims extension (``devtrust.core.claims``, which a
+  relying party reads without this module);
 - ``spiffe://TD/agent/ID``: the attestation-channel certificate given at enrollment; it
   opens the attestation stream and nothing else;
 - ``spiffe://TD/operator/NAME``: operators on the query API;
@@ -15,70 +16,20 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from devtrust.agent.files import write_atomic
+from devtrust.core.binding import PublicKey
+from devtrust.core.claims import DeviceClaims
+from devtrust.core.files import write_atomic
+from devtrust.core.spiffe import AGENT, DEVICE, OPERATOR, spiffe_id
 
-# A UUID-derived OID (ITU-T X.667, arc 2.25) for devtrust's device-claims extension; its
-# value is a DER UTF8String holding compact JSON: {"tier": "affirming", "zone": "..."}.
-DEVICE_CLAIMS_OID = x509.ObjectIdentifier("2.25.248085958843377620432384009404546624061")
 CLOCK_SKEW = datetime.timedelta(minutes=1)
-
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-
-
-def spiffe_id(trust_domain: str, kind: str, name: str) -> str:
-    return f"spiffe://{trust_domain}/{kind}/{name}"
-
-
-def _der_utf8string(text: str) -> bytes:
-    body = text.encode()
-    n = len(body)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(octets)]) + octets
-    return b"\x0c" + length + body
-
-
-def _parse_der_utf8string(der: bytes) -> str:
-    if len(der) < 2 or der[0] != 0x0C:
-        raise ValueError("device claims extension is not a UTF8String")
-    n, pos = der[1], 2
-    if n & 0x80:
-        count = n & 0x7F
-        n, pos = int.from_bytes(der[2 : 2 + count], "big"), 2 + count
-    if pos + n != len(der):
-        raise ValueError("device claims extension has a bad length")
-    return der[pos:].decode()
-
-
-@dataclass(frozen=True)
-class DeviceClaims:
-    tier: str
-    zone: str
-
-    def to_extension(self) -> x509.UnrecognizedExtension:
-        value = json.dumps({"tier": self.tier, "zone": self.zone}, separators=(",", ":"))
-        return x509.UnrecognizedExtension(DEVICE_CLAIMS_OID, _der_utf8string(value))
-
-    @classmethod
-    def from_certificate(cls, cert: x509.Certificate) -> DeviceClaims | None:
-        try:
-            ext = cert.extensions.get_extension_for_oid(DEVICE_CLAIMS_OID).value
-        except x509.ExtensionNotFound:
-            return None
-        assert isinstance(ext, x509.UnrecognizedExtension)
-        data = json.loads(_parse_der_utf8string(ext.value))
-        return cls(tier=str(data["tier"]), zone=str(data.get("zone", "")))
 
 
 @dataclass(frozen=True)
@@ -187,7 +138,7 @@ class CertificateAuthority:
             now=now,
             lifetime=lifetime,
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
-            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, "device", device_id))],
+            sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, DEVICE, device_id))],
             extra=[claims.to_extension()],
         )
 
@@ -203,7 +154,7 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """A clientAuth identity spiffe://TD/KIND/NAME: kind "agent" (the attestation channel)
         or "operator" (the query API). Device certificates are issued by issue_device."""
-        if kind not in ("agent", "operator"):
+        if kind not in (AGENT, OPERATOR):
             raise ValueError(f"unknown client kind {kind!r}")
         return self._leaf(
             public_key=public_key,
@@ -252,18 +203,6 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
-
-
-def spiffe_ids(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [
-        u
-        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-        if u.startswith("spiffe://")
-    ]
 
 
 def pem(cert: x509.Certificate) -> bytes:

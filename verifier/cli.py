@@ -1,24 +1,24 @@
 """``devtrust``: the operator and tooling command."""
 
+# It loads no TPM or GPU library, nor the agent (tests/test_layers.py): operators run it
+# where they are, not only on hosts with a TPM. The demo is `devtrust-demo` (swtpm/demo.py).
+
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 # grpc prints its own INFO lines (TLS handshake failures) unless told before it loads:
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from devtrust.agent.logsetup import configure_logging
+from devtrust.core.errors import DevtrustError
+from devtrust.core.logsetup import configure_logging
 from devtrust.verifier import tools
-from devtrust.verifier.demo import demo
-from devtrust.verifier.errors import DevtrustError
-from devtrust.verifier.main import version_line
-from devtrust.verifier.tools import one_line
+from devtrust.verifier.tools import one_line, version_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,25 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
-    p = sub.add_parser("demo", help="verifier + swtpm agent: enroll, attest, certify")
-    p.add_argument("--out", default="demo-out", help="where the results are written")
-    p.add_argument("--keep-work", action="store_true", help="keep the temporary directory")
     tools.add_parsers(sub)
     return parser
-
-
-def _out_dir(value: str) -> Path:
-    if not value.strip():  # Path("") would be the current directory
-        raise DevtrustError("--out is empty: give the directory for the results")
-    return Path(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
-        if args.command == "demo":
-            return demo(_out_dir(args.out), keep_work=args.keep_work)
         return tools.run_tool(args)
     except BrokenPipeError:  # `devtrust ... | head`
         sys.stderr.close()

@@ -7,11 +7,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devtrust.agent.configfile import from_mapping, load_yaml
-from devtrust.agent.errors import ConfigError
+from devtrust.core.config import from_mapping, load_yaml
+from devtrust.core.errors import ConfigError
+from devtrust.core.tier import Tier
 from devtrust.verifier.tpm.constants import hash_alg
 from devtrust.verifier.tpm.structures import PcrSelect
-from devtrust.verifier.trust import Tier
 
 DEFAULT_ROOTS = Path(__file__).resolve().parent / "data" / "ek-roots"
 DEFAULT_POLICY = Path(__file__).resolve().parent / "data" / "policy" / "default.yaml"

@@ -6,23 +6,24 @@ check the proof. No TPM is needed here: TPM2_MakeCredential is computed in softw
 from __future__ import annotations
 
 import datetime
-import hashlib
 import hmac
 import ipaddress
 import math
 import re
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
-from tpm2_pytss.utils import make_credential
 
-from devtrust.agent.enrollment_proof import proof_for
+from devtrust.core.binding import proof_for
+from devtrust.core.ids import DeviceId, device_id_of
 from devtrust.verifier.errors import MalformedInput, Rejected
+from devtrust.verifier.records import DeviceState
 from devtrust.verifier.tpm.constants import Alg, ObjectAttr
 from devtrust.verifier.tpm.quote import ALLOWED_SIG_HASHES, ALLOWED_SIG_SCHEMES
 from devtrust.verifier.tpm.structures import PublicArea, parse_public, public_key_matches
@@ -45,12 +46,12 @@ CREDENTIAL_SIZE = 32
 ENROLLMENT_TTL = datetime.timedelta(minutes=5)
 
 
-def device_id_for(ek_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
+def device_id_for(ek_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> DeviceId:
     """sha256 of the EK's DER SubjectPublicKeyInfo, hex (DESIGN.md flow 1, step 4)."""
     spki = ek_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return hashlib.sha256(spki).hexdigest()
+    return device_id_of(spki)
 
 
 def _flag_names(flags: int) -> str:
@@ -100,8 +101,83 @@ class CredentialChallenge:
     secret: bytes
 
 
+@dataclass(frozen=True)
+class HostClaims:
+    """What a host says of itself when it enrolls: stored with the device and shown to
+    operators, never used to decide anything; its zone and labels least of all (operators
+    assign those, verifier/inventory.py)."""
+
+    hostname: str = ""
+    os_release: str = ""
+    kernel: str = ""
+    machine_id: str = ""
+    agent_version: str = ""
+    zone: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def as_record(self) -> dict[str, Any]:
+        """As ``DeviceRecord.host`` keeps it: the host's zone and labels under names that
+        say they are its claim."""
+        return {
+            "hostname": self.hostname,
+            "os_release": self.os_release,
+            "kernel": self.kernel,
+            "machine_id": self.machine_id,
+            "agent_version": self.agent_version,
+            "claimed_zone": self.zone,
+            "claimed_labels": dict(self.labels),
+        }
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    """An Enroll call, converted at the edge (verifier/wire_enroll.py): ``ek_public`` is not
+    empty and the host's claims are within their limits; the rest is checked here and in
+    the Enrollment service, in the order of DESIGN.md flow 1."""
+
+    ek_public: bytes  # TPM2B_PUBLIC
+    ak_public: bytes  # TPM2B_PUBLIC
+    channel_key_spki: bytes  # the agent's channel key, certified once enrolled
+    host: HostClaims
+    ek_certificate: bytes = b""  # DER; empty for an allowlisted EK (some cloud vTPMs)
+    ek_intermediates: tuple[bytes, ...] = ()  # DER or PEM, each one or more certificates
+    bootstrap_token: str = ""
+
+
+@dataclass(frozen=True)
+class IssuedChallenge:
+    """What the agent gets back from Enroll: the credential to activate, never its secret."""
+
+    enrollment_id: str
+    device_id: str
+    credential_blob: bytes
+    encrypted_secret: bytes
+
+
+@dataclass(frozen=True)
+class ActivateRequest:
+    enrollment_id: str
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class Activated:
+    """The outcome of a correct Activate: the device enrolled, with its channel certificate
+    (DER), or pending an operator's approval, without one."""
+
+    device_id: str
+    state: DeviceState
+    ca_chain: tuple[bytes, ...]
+    channel_certificate: bytes = b""
+
+
 def make_challenge(ek_public_bytes: bytes, ak_name: bytes) -> CredentialChallenge:
     """TPM2_MakeCredential(EK, secret, AK name): only the TPM holding both can recover it."""
+    # tpm2-pytss loads the TSS2 libraries: only the enrollment server needs them, not every
+    # command that imports the verifier (tests/test_layers.py).
+    from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC  # noqa: PLC0415
+    from tpm2_pytss.utils import make_credential  # noqa: PLC0415
+
     secret = secrets.token_bytes(CREDENTIAL_SIZE)
     try:
         ek_public, _ = TPM2B_PUBLIC.unmarshal(ek_public_bytes)

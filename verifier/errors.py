@@ -1,17 +1,16 @@
-"""The package's error types (STYLE 7).
+"""The verifier's error types (STYLE 7).
 
-``DevtrustError`` is the base. "The evidence is untrustworthy" is not an error: it is a
-result with findings. Errors are for input that cannot be appraised at all (malformed
-structures), requests that are refused, and missing things.
+The base, ``DevtrustError``, and ``ConfigError`` are in ``devtrust.core.errors``. "The
+evidence is untrustworthy" is not an error: it is a result with findings. Errors are for
+input that cannot be appraised at all (malformed structures), requests that are refused, and
+missing things.
 """
 
 from __future__ import annotations
 
-from devtrust.agent.errors import ConfigError, DevtrustError
+from devtrust.core.errors import DevtrustError
 
 __all__ = [
-    "ConfigError",
-    "DevtrustError",
     "FailedPrecondition",
     "LimitExceeded",
     "MalformedInput",

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from devtrust.verifier.ca import spiffe_ids
+from devtrust.core.spiffe import certificate_name, spiffe_ids
 from devtrust.verifier.errors import Unauthenticated
 
 
@@ -26,10 +26,9 @@ def peer_identity(
             f"this call needs a client certificate for spiffe://{trust_domain}/{kind}/..."
         )
     cert = x509.load_pem_x509_certificate(pems[0])
-    prefix = f"spiffe://{trust_domain}/{kind}/"
-    for uri in spiffe_ids(cert):
-        if uri.startswith(prefix) and "/" not in uri[len(prefix) :] and uri[len(prefix) :]:
-            return uri[len(prefix) :]
+    name = certificate_name(cert, trust_domain=trust_domain, kind=kind)
+    if name is not None:
+        return name
     raise Unauthenticated(
         f"client certificate {cert.subject.rfc4514_string()} is not a "
         f"{kind} identity of {trust_domain} (SPIFFE IDs: "

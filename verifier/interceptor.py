@@ -29,8 +29,8 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from devtrust.core.errors import DevtrustError
 from devtrust.verifier.errors import (
-    DevtrustError,
     FailedPrecondition,
     MalformedInput,
     NotFound,

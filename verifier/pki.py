@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from devtrust.agent.errors import ConfigError, DevtrustError
-from devtrust.agent.files import write_atomic
+from devtrust.core.errors import ConfigError, DevtrustError
+from devtrust.core.files import write_atomic
 from devtrust.verifier.ca import CertificateAuthority, pem, private_key_pem
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or ending with one.

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devtrust.agent.configfile import from_mapping, load_yaml
-from devtrust.agent.errors import ConfigError
+from devtrust.core.config import from_mapping, load_yaml
+from devtrust.core.errors import ConfigError
 from devtrust.verifier.config import clip
 from devtrust.verifier.tpm.bootfacts import BOOT_APPLICATION_PCR, BootFacts
 from devtrust.verifier.tpm.constants import DIGEST_SIZES, hash_alg

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -15,24 +17,33 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from google.protobuf import json_format
 
-from devtrust.v1 import attestation_pb2
+from devtrust import __version__
+from devtrust.core.errors import DevtrustError
 from devtrust.verifier import measured_boot
 from devtrust.verifier.appraisal import with_findings
 from devtrust.verifier.config import clip
-from devtrust.verifier.document import build, plain
-from devtrust.verifier.errors import DevtrustError, MalformedInput
+from devtrust.verifier.document import build
+from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.policy import Policy, PolicyError
-from devtrust.verifier.store import Store
+from devtrust.verifier.storage import Repositories, open_sqlite
 from devtrust.verifier.tpm import bootfacts
 from devtrust.verifier.tpm import eventlog as ev
 from devtrust.verifier.tpm.constants import hash_alg
 from devtrust.verifier.tpm.quote import AkKey, QuoteRejected, check_quote
 from devtrust.verifier.tpm.structures import parse_attest, parse_public
 from devtrust.verifier.trust import overall_tier, trust_score
+from devtrust.verifier.wire_body import body_from_json
 
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def version_line() -> str:
+    """``devtrust X.Y.Z``: the installed package's version (`--version` on every command)."""
+    try:
+        return f"devtrust {importlib.metadata.version('devtrust')}"
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return f"devtrust {__version__}"
 
 
 class UsageError(Exception):
@@ -211,14 +222,14 @@ def _verdict(args: argparse.Namespace, *, valid: bool, reason: str, attest: Any 
     return EXIT_VALID if valid else EXIT_INVALID
 
 
-def learn_group(store: Store, device_id: str, *, name: str) -> dict[str, Any]:
+async def learn_group(repos: Repositories, device_id: str, *, name: str) -> dict[str, Any]:
     """A reference-value group from a device's last good evidence, for an operator to
     review: its quoted PCR values and, when it sent an event log, its Secure Boot state and
     boot application digests."""
-    record = store.get_device(device_id)
-    state = store.tpm_state(device_id)
+    record = await repos.devices.get(device_id)
+    state = await repos.trust.tpm_state(device_id)
     if record is None or state is None:
-        raise UsageError(f"no appraised evidence for device {clip(device_id)} in {store.path}")
+        raise UsageError(f"no appraised evidence for device {clip(device_id)} in {repos.location}")
     group: dict[str, Any] = {"name": name}
     if record.zone:
         group["zone"] = record.zone
@@ -241,16 +252,21 @@ def learn_group(store: Store, device_id: str, *, name: str) -> dict[str, Any]:
     return group
 
 
-def refs_learn(args: argparse.Namespace) -> int:
-    device_id = args.device_id.lower()
+async def _learn(database: Path, device_id: str, *, name: str) -> dict[str, Any]:
     try:  # read only: a wrong --database is never made, migrated or written
-        store = Store(args.database, read_only=True)
+        repos = await open_sqlite(database, create=False, read_only=True)
     except DevtrustError as exc:
         raise UsageError(str(exc)) from exc
     try:
-        group = learn_group(store, device_id, name=args.name or f"learned-{device_id[:8]}")
+        return await learn_group(repos, device_id, name=name)
     finally:
-        store.close()
+        await repos.close()
+
+
+def refs_learn(args: argparse.Namespace) -> int:
+    device_id = args.device_id.lower()
+    name = args.name or f"learned-{device_id[:8]}"
+    group = asyncio.run(_learn(args.database, device_id, name=name))
     print(f"# Learned from device {device_id}. Review every value before applying:")
     print("# golden PCRs pin this exact firmware and boot chain; prefer the event-based rules.")
     print(yaml.safe_dump({"groups": [group]}, sort_keys=False), end="")
@@ -265,15 +281,13 @@ def policy_eval(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         raise UsageError(str(exc)) from exc
     try:
-        body = json_format.Parse(
-            _read(args.evidence, "evidence").decode(), attestation_pb2.EvidenceBody()
-        )
-    except (json_format.ParseError, UnicodeDecodeError) as exc:
-        raise UsageError(f"evidence {args.evidence}: not an EvidenceBody in JSON: {exc}") from exc
+        body = body_from_json(_read(args.evidence, "evidence"))
+    except MalformedInput as exc:
+        raise UsageError(f"evidence {args.evidence}: {exc}") from exc
     if any("=" not in kv for kv in args.label):
         raise UsageError(f"--label takes KEY=VALUE, got {args.label}")
     labels = dict(kv.split("=", 1) for kv in args.label)
-    doc = build(plain(body), bulletins=policy.bulletins, zone=args.zone, labels=labels)
+    doc = build(body.plain(), bulletins=policy.bulletins, zone=args.zone, labels=labels)
     outcome = policy.evaluate(doc, device_id=args.device, zone=args.zone, labels=labels)
     claims = with_findings(outcome.claims, outcome.findings)
     tier, score = overall_tier(claims), trust_score(claims)

@@ -9,27 +9,7 @@ import datetime
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
-
-class Tier(IntEnum):
-    """Ordered so that ``max`` is the worst."""
-
-    NONE = 0
-    AFFIRMING = 1
-    WARNING = 2
-    CONTRAINDICATED = 3
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, text: str) -> Tier:
-        try:
-            return cls[text.strip().upper()]
-        except KeyError:
-            raise ValueError(
-                f"unknown tier {text!r}: one of none, affirming, warning, contraindicated"
-            ) from None
+from devtrust.core.tier import Tier
 
 
 class Claim(StrEnum):

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from devtrust.agent.errors import ConfigError
+from devtrust.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -1,24 +1,36 @@
-"""``devtrust demo``: the whole main job on the embedded default, on one machine.
+"""``devtrust-demo`` (``python -m devtrust.swtpm.demo``): the whole main job on the embedded
+default, on one machine.
 
 Makes the verifier's CA and server certificate, starts a verifier on SQLite, provisions and
 starts a swtpm with an EK certificate from a local endorsement CA made for this run, runs an
 agent that enrolls and attests, and prints the trust result and the device certificate. Every
 process and server it started is stopped on success, error or Ctrl-C.
+
+It lives with the software TPMs, outside the runtime packages: it drives both the agent and
+the verifier, which never import each other (tests/test_layers.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
 import hashlib
 import json
+import logging
+import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
+
+# grpc prints its own INFO lines (TLS handshake failures) unless told before it loads:
+# one line per error is ours to write.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 from cryptography import x509
@@ -26,13 +38,17 @@ from cryptography import x509
 from devtrust.agent.attest import AttestationClient, tier_word
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
-from devtrust.agent.main import make_tpm
+from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles
+from devtrust.core.claims import DeviceClaims
+from devtrust.core.errors import DevtrustError
+from devtrust.core.logsetup import configure_logging
+from devtrust.core.spiffe import spiffe_ids
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.swtpm.bootlog import simulate_boot
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2, query_pb2, query_pb2_grpc
-from devtrust.verifier.ca import DeviceClaims, pem, spiffe_ids
+from devtrust.verifier.ca import pem
 from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
@@ -41,9 +57,9 @@ from devtrust.verifier.config import (
     TlsConfig,
     VerifierConfig,
 )
-from devtrust.verifier.errors import DevtrustError
 from devtrust.verifier.pki import init_pki, issue_operator, load_ca, writable_dir
 from devtrust.verifier.server import start_verifier
+from devtrust.verifier.tools import HelpFormatter, one_line, version_line
 
 TIMEOUT_S = 60.0
 DEMO_ZONE = "data-processing"
@@ -107,7 +123,7 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         # `devtrust-verifier token create --zone Z --label K=V` does); a device never
         # chooses its own. No GPU on this machine: a zone that requires no GPU state.
         token = secrets.token_urlsafe(24)
-        verifier.store.add_token(
+        await verifier.repos.tokens.add(
             hashlib.sha256(token.encode()).hexdigest(),
             now=now,
             expires_at=now + datetime.timedelta(hours=1),
@@ -139,7 +155,8 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         assert acfg.event_log is not None
         simulate_boot(tpm.backend.esapi, acfg.event_log)
         files = AgentFiles(acfg.state_dir, acfg.runtime_dir)
-        enrollment = await enroll(acfg, tpm, files)
+        host = make_host(acfg)
+        enrollment = await enroll(acfg, tpm, files, host=host)
 
         loop = asyncio.get_running_loop()
         first: asyncio.Future[attestation_pb2.Result] = loop.create_future()
@@ -149,7 +166,9 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
                 first.set_result(result)
 
         stop = asyncio.Event()
-        client = AttestationClient(acfg, tpm, files, enrollment, on_result=on_result)
+        client = AttestationClient(
+            acfg, tpm=tpm, host=host, files=files, enrollment=enrollment, on_result=on_result
+        )
         agent_task = asyncio.create_task(client.run(stop))
 
         async def stop_agent() -> None:
@@ -240,11 +259,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _out_dir(value: str) -> Path:
+    if not value.strip():  # Path("") would be the current directory
+        raise DevtrustError("--out is empty: give the directory for the results")
+    return Path(value)
+
+
 def demo(out: Path, *, keep_work: bool = False) -> int:
     check_out_dir(out)
     writable_dir(out, "--out")  # before anything starts: one line, nothing to undo
     (out / MARKER).write_text(
-        "written by `devtrust demo`: a later demo may replace this directory\n"
+        "written by `devtrust-demo`: a later demo may replace this directory\n"
     )
     # SIGTERM unwinds like Ctrl-C, so the swtpm process and the servers are stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -256,3 +281,45 @@ def demo(out: Path, *, keep_work: bool = False) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print_summary(summary, out)
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devtrust-demo",
+        description="verifier + swtpm agent on this machine: enroll, attest, certify",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--out", default="demo-out", help="where the results are written")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 done, 1 an error (one line says what), 2 a usage error, 130 interrupted."""
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return demo(_out_dir(args.out), keep_work=args.keep_work)
+    except BrokenPipeError:  # `devtrust-demo | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("devtrust-demo: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    except (DevtrustError, RuntimeError, TimeoutError, OSError) as exc:
+        print(f"devtrust-demo: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the last resort: one line, the traceback only with -v
+        logging.getLogger("devtrust").info("unexpected error", exc_info=True)
+        print(
+            f"devtrust-demo: unexpected error: {type(exc).__name__}: {exc} "
+            "(run with -v for where it happened, and report it)",
+            file=sys.stderr,
+        )
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())
