@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 import pytest
 
-from devtrust.agent.enrollment_proof import proof_for
 from devtrust.agent.evidence import host_facts
 from devtrust.agent.state import new_key, spki
 from devtrust.agent.tpm import TpmBackend
+from devtrust.core.binding import proof_for
 from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 from devtrust.verifier.ca import CertificateAuthority
@@ -28,7 +28,8 @@ from devtrust.verifier.errors import NotFound
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.records import PendingEnrollment
 from devtrust.verifier.server import load_endorsements
-from devtrust.verifier.store import Store
+from devtrust.verifier.settings import Settings
+from devtrust.verifier.storage import Enrollments, SqliteRepositories, open_sqlite
 from tests.conftest import SwtpmFactory
 from tests.env import channel_credentials, running, verifier_config
 
@@ -106,7 +107,7 @@ def test_enroll_is_rate_limited_per_peer(
                 await _code(stub.Enroll(enrollment_pb2.EnrollRequest(), timeout=10)),
                 await _code(stub.Enroll(request, timeout=10)),
             ]
-            stored = verifier.store.counts()["enrollments"]
+            stored = (await verifier.repos.counts())["enrollments"]
             # Another connection from the same address (another port) shares the bucket.
             async with grpc.aio.secure_channel(
                 f"127.0.0.1:{verifier.enrollment_port}", channel_credentials(pki)
@@ -162,7 +163,7 @@ def test_pending_enrollments_are_capped_per_device_and_in_all(
                 except grpc.aio.AioRpcError as exc:
                     outcomes.append(f"{exc.code().name}: {exc.details()}")
             out["outcomes"] = outcomes
-            out["stored"] = verifier.store.counts()["enrollments"]
+            out["stored"] = (await verifier.repos.counts())["enrollments"]
             if config is per_device:
                 # Waiting challenges are never dropped for newer ones (anyone can call
                 # Enroll with a device's public EK and AK): the first still enrolls.
@@ -173,7 +174,7 @@ def test_pending_enrollments_are_capped_per_device_and_in_all(
                 # Expired ones are purged by the verifier's clock, not the wall clock.
                 clock.advance(minutes=5, seconds=1)
                 out["after expiry"] = await _code(stub.Enroll(_request(backend), timeout=10))
-                out["stored after expiry"] = verifier.store.counts()["enrollments"]
+                out["stored after expiry"] = (await verifier.repos.counts())["enrollments"]
         return out
 
     try:
@@ -218,7 +219,7 @@ def test_two_right_answers_issue_one_channel_certificate(
             outcomes = await asyncio.gather(
                 *(_code(stub.Activate(answer, timeout=10)) for _ in range(2))
             )
-            return sorted(outcomes), verifier.store.counts()
+            return sorted(outcomes), (await verifier.repos.counts())
 
     try:
         outcomes, counts = asyncio.run(scenario())
@@ -229,15 +230,34 @@ def test_two_right_answers_issue_one_channel_certificate(
     assert counts["certificates"] == 1
 
 
-class RacingStore(Store):
-    """A store shared with another replica whose right answer lands between this replica's
-    lookup of the challenge and its spending of it."""
+class RacingEnrollments:
+    """Enrollments shared with another replica whose right answer lands between this
+    replica's lookup of the challenge and its spending of it."""
 
-    def get_enrollment(self, enrollment_id: str) -> PendingEnrollment | None:
-        pending = super().get_enrollment(enrollment_id)
+    def __init__(self, inner: Enrollments) -> None:
+        self._inner = inner
+        self.put = inner.put
+        self.take = inner.take
+
+    async def get(self, enrollment_id: str) -> PendingEnrollment | None:
+        pending = await self._inner.get(enrollment_id)
         if pending is not None:
-            assert super().take_enrollment(enrollment_id)  # the other replica wins
+            assert await self._inner.take(enrollment_id)  # the other replica wins
         return pending
+
+
+class RacingRepositories:
+    def __init__(self, inner: SqliteRepositories) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.devices = inner.devices
+        self.enrollments = RacingEnrollments(inner.enrollments)
+        self.tokens = inner.tokens
+        self.trust = inner.trust
+        self.certificates = inner.certificates
+        self.audit = inner.audit
+        self.counts = inner.counts
+        self.close = inner.close
 
 
 class PeerContext:
@@ -249,29 +269,34 @@ def test_a_challenge_spent_meanwhile_is_not_answered_twice(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, shared_swtpm: Swtpm
 ) -> None:
     config = verifier_config(workdir, pki, endorsement_ca)
-    store = RacingStore(config.database)
-    service = EnrollmentService(
-        store=store,
-        endorsements=load_endorsements(config),
-        ca=CertificateAuthority.load(pki.ca_cert, pki.ca_key),
-        config=config,
-        clock=lambda: datetime.datetime.now(datetime.UTC),
-    )
+    settings = Settings.from_config(config)
     backend = TpmBackend(shared_swtpm.tcti)
     context: Any = PeerContext()
 
-    async def scenario() -> None:
-        request = _request(backend)
-        challenge = await service.Enroll(request, context)
-        with pytest.raises(NotFound, match="was answered already"):
-            await service.Activate(_answer(backend, request, challenge), context)
+    async def scenario() -> dict[str, int]:
+        repos = RacingRepositories(await open_sqlite(config.database))
+        try:
+            service = EnrollmentService(
+                repos=repos,
+                endorsements=load_endorsements(config),
+                ca=CertificateAuthority.load(pki.ca_cert, pki.ca_key),
+                settings=settings.enrollment,
+                certificates=settings.certificates,
+                limits=settings.limits,
+                clock=lambda: datetime.datetime.now(datetime.UTC),
+            )
+            request = _request(backend)
+            challenge = await service.Enroll(request, context)
+            with pytest.raises(NotFound, match="was answered already"):
+                await service.Activate(_answer(backend, request, challenge), context)
+            return await repos.counts()
+        finally:
+            await repos.close()
 
     try:
-        asyncio.run(scenario())
-        counts = store.counts()
+        counts = asyncio.run(scenario())
     finally:
         backend.close()
-        store.close()
     assert counts["devices"] == 0
     assert counts["certificates"] == 0
 

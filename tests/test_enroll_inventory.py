@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devtrust.core.errors import ConfigError
 from devtrust.swtpm import EndorsementCA
 from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
 from devtrust.verifier.enrollment import RateLimiter, peer_host
-from devtrust.verifier.errors import ConfigError, Rejected
+from devtrust.verifier.errors import Rejected
 from devtrust.verifier.inventory import (
     UNASSIGNED,
     Assignment,

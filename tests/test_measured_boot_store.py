@@ -4,17 +4,21 @@ stream opens. Real SQLite files."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from devtrust.verifier import measured_boot
+from devtrust.verifier.decision import Decision
 from devtrust.verifier.measured_boot import LogPart
 from devtrust.verifier.records import DeviceRecord, DeviceState, TpmState
-from devtrust.verifier.store import Store
+from devtrust.verifier.storage import SqliteRepositories, open_sqlite
 from devtrust.verifier.tpm import eventlog as ev
 from devtrust.verifier.tpm.clock import ClockState
 from devtrust.verifier.trust import Claim, TrustResult
@@ -25,12 +29,20 @@ NOW = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.UTC)
 DEVICE = "d" * 64
 BIG = {"max_bytes": 1 << 24, "max_events": 100_000}
 CLOCK = ClockState(clock=1000, reset_count=1, restart_count=0, firmware_version=7)
+T = TypeVar("T")
 
 
-def _store(path: Path) -> Store:
-    store = Store(path)
-    if store.get_device(DEVICE) is None:
-        store.save_device(
+def run(scenario: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await scenario()
+
+    return asyncio.run(main())
+
+
+async def _store(path: Path) -> SqliteRepositories:
+    store = await open_sqlite(path)
+    if await store.devices.get(DEVICE) is None:
+        await store.devices.save(
             DeviceRecord(
                 device_id=DEVICE,
                 state=DeviceState.ENROLLED,
@@ -47,7 +59,22 @@ def _store(path: Path) -> Store:
     return store
 
 
-def _record(store: Store, log: measured_boot.LogState | None, part: LogPart | None) -> None:
+def _decision(result: TrustResult, tpm: TpmState | None = None) -> Decision:
+    return Decision(
+        device_id=result.device_id,
+        zone="",
+        result=result,
+        previous_tier=None,
+        certificate=None,
+        withheld="test",
+        tpm=tpm,
+        rebooted=False,
+    )
+
+
+async def _record(
+    store: SqliteRepositories, log: measured_boot.LogState | None, part: LogPart | None
+) -> None:
     result = TrustResult(
         device_id=DEVICE,
         claims={Claim.INSTANCE_IDENTITY: 2},
@@ -56,7 +83,7 @@ def _record(store: Store, log: measured_boot.LogState | None, part: LogPart | No
         expires_at=NOW + datetime.timedelta(minutes=5),
     )
     tpm = TpmState(clock=CLOCK, log=log, pcrs={"sha256": {7: "00" * 32}}, log_part=part)
-    store.record_appraisal(result, certificate=None, tpm=tpm)
+    await store.trust.record(_decision(result, tpm))
 
 
 def _parts(path: Path) -> list[tuple[int, int]]:
@@ -94,15 +121,20 @@ def _log_in_parts() -> tuple[bytes, list[int]]:
 def test_parts_appended_and_rebuilt_after_reopening(tmp_path: Path) -> None:
     path = tmp_path / "v.db"
     data, cuts = _log_in_parts()
-    store = _store(path)
-    state = None
-    for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
-        state = measured_boot.extend(state, start, data[start:end], **BIG)
-        _record(store, state, LogPart(start, data[start:end]))
-    # An appraisal with no new part appends nothing.
-    _record(store, state, LogPart(len(data), b""))
-    _record(store, state, None)
-    store.close()
+
+    async def write() -> measured_boot.LogState | None:
+        store = await _store(path)
+        state = None
+        for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            state = measured_boot.extend(state, start, data[start:end], **BIG)
+            await _record(store, state, LogPart(start, data[start:end]))
+        # An appraisal with no new part appends nothing.
+        await _record(store, state, LogPart(len(data), b""))
+        await _record(store, state, None)
+        await store.close()
+        return state
+
+    state = run(write)
     assert _parts(path) == [
         (0, cuts[0]),
         (cuts[0], cuts[1] - cuts[0]),
@@ -112,61 +144,77 @@ def test_parts_appended_and_rebuilt_after_reopening(tmp_path: Path) -> None:
         [(blob, meta)] = db.execute("SELECT log_data, log_state FROM tpm_state").fetchall()
     assert blob == b""
     assert len(meta) < 200
-    store = _store(path)
-    try:
-        tpm = store.tpm_state(DEVICE)
-        assert tpm is not None
-        assert tpm.clock == CLOCK
-        assert state is not None
-        _same(tpm.log, state)
-        _same(tpm.log, measured_boot.extend(None, 0, data, **BIG))
-        assert store.event_log(DEVICE) == data
-    finally:
-        store.close()
+
+    async def reopen() -> None:
+        store = await _store(path)
+        try:
+            tpm = await store.trust.tpm_state(DEVICE)
+            assert tpm is not None
+            assert tpm.clock == CLOCK
+            assert state is not None
+            _same(tpm.log, state)
+            _same(tpm.log, measured_boot.extend(None, 0, data, **BIG))
+            assert await store.trust.event_log(DEVICE) == data
+        finally:
+            await store.close()
+
+    run(reopen)
 
 
 def test_a_new_log_replaces_the_older_parts(tmp_path: Path) -> None:
     path = tmp_path / "v.db"
     data, cuts = _log_in_parts()
-    store = _store(path)
-    first = measured_boot.extend(None, 0, data[: cuts[0]], **BIG)
-    _record(store, first, LogPart(0, data[: cuts[0]]))
-    second = measured_boot.extend(first, cuts[0], data[cuts[0] :], **BIG)
-    _record(store, second, LogPart(cuts[0], data[cuts[0] :]))
-    rebooted = eventlogs.agile_log([(0, ev.EV_SEPARATOR, b"\x00\x00\x00\x00")])
-    fresh = measured_boot.extend(second, 0, rebooted, **BIG)
-    _record(store, fresh, LogPart(0, rebooted))
-    assert _parts(path) == [(0, len(rebooted))]
-    tpm = store.tpm_state(DEVICE)
-    assert tpm is not None
-    _same(tpm.log, fresh)
-    assert store.event_log(DEVICE) == rebooted
-    # A dropped log (a reboot whose log has not come yet) drops its parts.
-    _record(store, None, None)
-    assert _parts(path) == []
-    tpm = store.tpm_state(DEVICE)
-    assert tpm is not None
-    assert tpm.log is None
-    store.close()
+
+    async def scenario() -> None:
+        store = await _store(path)
+        first = measured_boot.extend(None, 0, data[: cuts[0]], **BIG)
+        await _record(store, first, LogPart(0, data[: cuts[0]]))
+        second = measured_boot.extend(first, cuts[0], data[cuts[0] :], **BIG)
+        await _record(store, second, LogPart(cuts[0], data[cuts[0] :]))
+        rebooted = eventlogs.agile_log([(0, ev.EV_SEPARATOR, b"\x00\x00\x00\x00")])
+        fresh = measured_boot.extend(second, 0, rebooted, **BIG)
+        await _record(store, fresh, LogPart(0, rebooted))
+        assert _parts(path) == [(0, len(rebooted))]
+        tpm = await store.trust.tpm_state(DEVICE)
+        assert tpm is not None
+        _same(tpm.log, fresh)
+        assert await store.trust.event_log(DEVICE) == rebooted
+        # A dropped log (a reboot whose log has not come yet) drops its parts.
+        await _record(store, None, None)
+        assert _parts(path) == []
+        tpm = await store.trust.tpm_state(DEVICE)
+        assert tpm is not None
+        assert tpm.log is None
+        await store.close()
+
+    run(scenario)
 
 
 def test_parts_that_do_not_make_up_the_recorded_log_give_no_log(tmp_path: Path) -> None:
     path = tmp_path / "v.db"
     data, cuts = _log_in_parts()
-    store = _store(path)
-    first = measured_boot.extend(None, 0, data[: cuts[0]], **BIG)
-    _record(store, first, LogPart(0, data[: cuts[0]]))
-    whole = measured_boot.extend(first, cuts[0], data[cuts[0] :], **BIG)
-    _record(store, whole, None)  # a part accepted but not stored: the row says more
-    tpm = store.tpm_state(DEVICE)
-    assert tpm is not None
-    assert tpm.log is None  # the verifier asks for the whole log again
-    store.close()
+
+    async def scenario() -> None:
+        store = await _store(path)
+        first = measured_boot.extend(None, 0, data[: cuts[0]], **BIG)
+        await _record(store, first, LogPart(0, data[: cuts[0]]))
+        whole = measured_boot.extend(first, cuts[0], data[cuts[0] :], **BIG)
+        await _record(store, whole, None)  # a part accepted but not stored: the row says more
+        tpm = await store.trust.tpm_state(DEVICE)
+        assert tpm is not None
+        assert tpm.log is None  # the verifier asks for the whole log again
+        await store.close()
+
+    run(scenario)
 
 
 def test_a_row_from_before_the_parts_table_gives_no_log(tmp_path: Path) -> None:
     path = tmp_path / "v.db"
-    _store(path).close()
+
+    async def make() -> None:
+        await (await _store(path)).close()
+
+    run(make)
     with sqlite3.connect(path) as db:
         db.execute(
             "INSERT INTO tpm_state VALUES (?,?,?,?,?,?)",
@@ -179,21 +227,28 @@ def test_a_row_from_before_the_parts_table_gives_no_log(tmp_path: Path) -> None:
                 NOW.isoformat(),
             ),
         )
-    store = _store(path)
-    tpm = store.tpm_state(DEVICE)
-    assert tpm is not None
-    assert tpm.log is None
-    store.close()
+
+    async def scenario() -> None:
+        store = await _store(path)
+        tpm = await store.trust.tpm_state(DEVICE)
+        assert tpm is not None
+        assert tpm.log is None
+        await store.close()
+
+    run(scenario)
 
 
 def test_a_part_that_does_not_end_the_log_is_refused(tmp_path: Path) -> None:
-    store = _store(tmp_path / "v.db")
-    data, cuts = _log_in_parts()
-    state = measured_boot.extend(None, 0, data, **BIG)
-    with pytest.raises(ValueError, match="does not end"):
-        _record(store, state, LogPart(0, data[: cuts[0]]))
-    assert store.event_log(DEVICE) == b""
-    store.close()
+    async def scenario() -> None:
+        store = await _store(tmp_path / "v.db")
+        data, cuts = _log_in_parts()
+        state = measured_boot.extend(None, 0, data, **BIG)
+        with pytest.raises(ValueError, match="does not end"):
+            await _record(store, state, LogPart(0, data[: cuts[0]]))
+        assert await store.trust.event_log(DEVICE) == b""
+        await store.close()
+
+    run(scenario)
 
 
 def test_rebuild_replays_parts_through_extend() -> None:
@@ -218,7 +273,6 @@ def test_rebuild_replays_parts_through_extend() -> None:
 def test_an_older_result_never_replaces_a_newer_one(tmp_path: Path) -> None:
     """A replaced stream's appraisal may finish after the new stream's: the trust row keeps
     the newest result (the audit trail has both)."""
-    store = _store(tmp_path / "v.db")
 
     def result(at: datetime.datetime, value: int) -> TrustResult:
         return TrustResult(
@@ -230,38 +284,50 @@ def test_an_older_result_never_replaces_a_newer_one(tmp_path: Path) -> None:
         )
 
     newer, older = NOW + datetime.timedelta(seconds=1, microseconds=5), NOW
-    store.record_appraisal(result(newer, 99), certificate=None)
-    store.record_appraisal(result(older, 2), certificate=None)
-    latest = store.latest_result(DEVICE)
-    assert latest is not None
-    assert latest.appraised_at == newer
-    assert latest.claims[Claim.INSTANCE_IDENTITY] == 99
-    assert store.counts()["audit"] == 3  # enrollment and both appraisals
+
+    async def scenario() -> None:
+        store = await _store(tmp_path / "v.db")
+        await store.trust.record(_decision(result(newer, 99)))
+        await store.trust.record(_decision(result(older, 2)))
+        latest = await store.trust.latest(DEVICE)
+        assert latest is not None
+        assert latest.appraised_at == newer
+        assert latest.claims[Claim.INSTANCE_IDENTITY] == 99
+        assert (await store.counts())["audit"] == 3  # enrollment and both appraisals
+        await store.close()
+
+    run(scenario)
 
 
 def test_a_new_stream_reads_the_tpm_state_without_replaying_the_log(tmp_path: Path) -> None:
-    store = _store(tmp_path / "v.db")
-    data = eventlogs.agile_log(eventlogs.SAMPLE)
-    state = measured_boot.extend(None, 0, data, **BIG)
-    _record(store, state, LogPart(0, data))
-    light = store.tpm_state(DEVICE, with_log=False)
-    full = store.tpm_state(DEVICE)
-    assert light is not None
-    assert full is not None
-    assert light.log is None
-    assert light.clock == full.clock == CLOCK
-    assert full.log is not None
-    assert full.log.offset == len(data)
+    async def scenario() -> None:
+        store = await _store(tmp_path / "v.db")
+        data = eventlogs.agile_log(eventlogs.SAMPLE)
+        state = measured_boot.extend(None, 0, data, **BIG)
+        await _record(store, state, LogPart(0, data))
+        light = await store.trust.tpm_state(DEVICE, with_log=False)
+        full = await store.trust.tpm_state(DEVICE)
+        assert light is not None
+        assert full is not None
+        assert light.log is None
+        assert light.clock == full.clock == CLOCK
+        assert full.log is not None
+        assert full.log.offset == len(data)
+        await store.close()
+
+    run(scenario)
 
 
 def test_a_late_appraisal_changes_neither_the_tpm_state_nor_the_log(tmp_path: Path) -> None:
-    store = _store(tmp_path / "v.db")
     data = eventlogs.agile_log(eventlogs.SAMPLE)
     newer_state = measured_boot.extend(None, 0, data, **BIG)
     later_clock = dataclasses.replace(CLOCK, clock=CLOCK.clock + 5000)
 
-    def record(
-        at: datetime.datetime, clock: ClockState, log: measured_boot.LogState | None
+    async def record(
+        store: SqliteRepositories,
+        at: datetime.datetime,
+        clock: ClockState,
+        log: measured_boot.LogState | None,
     ) -> None:
         result = TrustResult(
             device_id=DEVICE,
@@ -272,11 +338,17 @@ def test_a_late_appraisal_changes_neither_the_tpm_state_nor_the_log(tmp_path: Pa
         )
         part = LogPart(0, data) if log is not None else None
         tpm = TpmState(clock=clock, log=log, pcrs={"sha256": {7: "00" * 32}}, log_part=part)
-        store.record_appraisal(result, certificate=None, tpm=tpm)
+        await store.trust.record(_decision(result, tpm))
 
-    record(NOW + datetime.timedelta(seconds=10), later_clock, newer_state)
-    record(NOW, CLOCK, None)  # a replaced stream's appraisal, finishing late, without a log
-    state = store.tpm_state(DEVICE)
-    assert state is not None
-    assert state.clock == later_clock
-    assert store.event_log(DEVICE) == data
+    async def scenario() -> None:
+        store = await _store(tmp_path / "v.db")
+        await record(store, NOW + datetime.timedelta(seconds=10), later_clock, newer_state)
+        # A replaced stream's appraisal, finishing late, without a log.
+        await record(store, NOW, CLOCK, None)
+        state = await store.trust.tpm_state(DEVICE)
+        assert state is not None
+        assert state.clock == later_clock
+        assert await store.trust.event_log(DEVICE) == data
+        await store.close()
+
+    run(scenario)

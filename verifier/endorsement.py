@@ -29,7 +29,8 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from devtrust.verifier.errors import ConfigError, MalformedInput, Rejected
+from devtrust.core.errors import ConfigError
+from devtrust.verifier.errors import MalformedInput, Rejected
 
 logger = logging.getLogger(__name__)
 CERT_SUFFIXES = frozenset({".pem", ".crt", ".cer", ".der"})

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import yaml
 
+from devtrust.core.errors import ConfigError
 from devtrust.verifier.config import clip
-from devtrust.verifier.errors import ConfigError, Rejected
-from devtrust.verifier.store import Store
+from devtrust.verifier.errors import Rejected
+from devtrust.verifier.storage.interfaces import Devices
 
 ZONE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
@@ -277,15 +278,15 @@ def parse_inventory(text: str, *, where: str) -> dict[str, Assignment]:
     return devices
 
 
-def apply_inventory(store: Store, inventory: Inventory, *, now: datetime.datetime) -> int:
+async def apply_inventory(devices: Devices, inventory: Inventory, *, now: datetime.datetime) -> int:
     """Give every known device the inventory lists its inventory zone and labels (audited);
     the number of devices changed. Run when the verifier starts."""
     changed = 0
     for device_id, assignment in inventory.devices.items():
-        record = store.get_device(device_id)
+        record = await devices.get(device_id)
         if record is None or assignment.same(record.zone, record.labels):
             continue
-        if store.set_assignment(
+        if await devices.set_assignment(
             device_id,
             zone=assignment.zone,
             labels=assignment.labels,

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import datetime
 import hashlib
-import importlib.metadata
 import logging
 import os
 import secrets
@@ -18,31 +17,22 @@ from pathlib import Path
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from devtrust import __version__
-from devtrust.agent.logsetup import configure_logging
+from devtrust.core.errors import ConfigError, DevtrustError
+from devtrust.core.logsetup import configure_logging
 from devtrust.verifier.config import VerifierConfig, trust_domain_problem
-from devtrust.verifier.errors import ConfigError, DevtrustError
 from devtrust.verifier.inventory import Inventory, parse_labels, zone_problem
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.pki import check_operator_name, init_pki, issue_operator, load_ca
 from devtrust.verifier.policy import PolicyError
 from devtrust.verifier.records import DeviceState
 from devtrust.verifier.server import start_verifier
-from devtrust.verifier.store import Store
-from devtrust.verifier.tools import HelpFormatter, one_line
+from devtrust.verifier.storage import open_sqlite
+from devtrust.verifier.tools import HelpFormatter, one_line, version_line
 
 logger = logging.getLogger("devtrust.verifier")
 DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")
 # A bootstrap token's lifetime: long enough to image a host, short enough to matter.
 TOKEN_TTL_S = (60, 30 * 24 * 3600)
-
-
-def version_line() -> str:
-    """``devtrust X.Y.Z``: the installed package's version (`--version` on every command)."""
-    try:
-        return f"devtrust {importlib.metadata.version('devtrust')}"
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        return f"devtrust {__version__}"
 
 
 async def serve(config: VerifierConfig) -> None:
@@ -81,18 +71,22 @@ def _token(args: argparse.Namespace, config: VerifierConfig, now: datetime.datet
         raise ValueError(problem)
     token = secrets.token_urlsafe(32)
     expires = now + datetime.timedelta(seconds=args.ttl_s)
-    store = Store(config.database, create=False)  # only serve makes the database
-    try:
-        store.add_token(
-            hashlib.sha256(token.encode()).hexdigest(),
-            now=now,
-            expires_at=expires,
-            note=args.note,
-            zone=args.zone,
-            labels=labels,
-        )
-    finally:
-        store.close()
+
+    async def add() -> None:
+        repos = await open_sqlite(config.database, create=False)  # only serve makes it
+        try:
+            await repos.tokens.add(
+                hashlib.sha256(token.encode()).hexdigest(),
+                now=now,
+                expires_at=expires,
+                note=args.note,
+                zone=args.zone,
+                labels=labels,
+            )
+        finally:
+            await repos.close()
+
+    asyncio.run(add())
     print(token)
     assigns = f"zone {args.zone or '(unassigned)'}, labels {labels}"
     print(f"valid once, until {expires.isoformat()}; assigns {assigns}", file=sys.stderr)
@@ -116,9 +110,20 @@ def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.dat
                 f"{config.enrollment.inventory} (zone {listed.zone}), which wins over "
                 "approval: change it there and restart the verifier"
             )
-    store = Store(config.database, create=False)  # only serve makes the database
+    return asyncio.run(_approve_stored(args, config, now, labels, assigns=assigns))
+
+
+async def _approve_stored(
+    args: argparse.Namespace,
+    config: VerifierConfig,
+    now: datetime.datetime,
+    labels: dict[str, str] | None,
+    *,
+    assigns: bool,
+) -> int:
+    repos = await open_sqlite(config.database, create=False)  # only serve makes the database
     try:
-        record = store.get_device(args.device_id)
+        record = await repos.devices.get(args.device_id)
         if record is None:
             raise ValueError(
                 f"no device {printable(args.device_id, 64)} in {config.database}: give the whole "
@@ -132,16 +137,18 @@ def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.dat
         if assigns:
             zone = record.zone if args.zone is None else args.zone
             labels = record.labels if labels is None else labels
-            store.set_assignment(
+            await repos.devices.set_assignment(
                 args.device_id, zone=zone, labels=labels, now=now, event="assigned:approval"
             )
             print(f"device {args.device_id}: zone {zone or '(unassigned)'}, labels {labels}")
         if pending:
-            store.set_state(args.device_id, DeviceState.ENROLLED, now=now, event="approved")
+            await repos.devices.set_state(
+                args.device_id, DeviceState.ENROLLED, now=now, event="approved"
+            )
             print(f"approved {args.device_id}: its agent's next enrollment attempt completes")
         return 0
     finally:
-        store.close()
+        await repos.close()
 
 
 def _inventory_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,209 @@
+"""The verifier's storage, as asynchronous repository interfaces: what the services call,
+whatever database is behind them (SQLite now, PostgreSQL next: a new module, no edits across
+the code).
+
+Every method is a coroutine and none reads the clock: callers pass ``now``. Each write is
+atomic (all of it or nothing) and durable when its await returns.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+from dataclasses import dataclass
+from typing import Protocol
+
+from devtrust.core.tier import Tier
+from devtrust.verifier.decision import Decision
+from devtrust.verifier.records import (
+    AuditEntry,
+    BootstrapToken,
+    CertificateRecord,
+    DeviceRecord,
+    DeviceState,
+    PendingEnrollment,
+    TpmState,
+)
+from devtrust.verifier.trust import TrustResult
+
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    """Which devices, one page of them in device-id order; every filter is done by the
+    database. Filters combine (all must hold)."""
+
+    zone: str = ""  # "" = every zone
+    # The device's latest result has this tier; a device never appraised counts as tier
+    # none. With ``now``, read as ``TrustResult.at(now)``: a result past its expires_at
+    # counts as tier none (what the Query service shows).
+    tier: Tier | None = None
+    label: tuple[str, str] | None = None  # (key, value): the device carries this label
+    # last_seen older than this (or never seen).
+    stale_before: datetime.datetime | None = None
+    after: str = ""  # the last device id of the previous page
+    limit: int = 100
+    # Additions: more labels, all required; the time tiers are read at (see ``tier``); and
+    # staleness by the result's own bound: no result, or its expires_at <= stale_at
+    # (ListDevices' stale_only is stale_at=now).
+    labels: tuple[tuple[str, str], ...] = ()
+    now: datetime.datetime | None = None
+    stale_at: datetime.datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.limit <= MAX_PAGE:
+            raise ValueError(f"DeviceQuery.limit {self.limit}: give 1 to {MAX_PAGE}")
+
+    @property
+    def all_labels(self) -> tuple[tuple[str, str], ...]:
+        return ((self.label,) if self.label else ()) + self.labels
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """A device with its latest trust result (None: never appraised), as one page lists
+    them."""
+
+    record: DeviceRecord
+    result: TrustResult | None
+
+
+class Devices(Protocol):
+    async def get(self, device_id: str) -> DeviceRecord | None: ...
+
+    async def list(self, query: DeviceQuery) -> list[DeviceRecord]: ...
+
+    async def list_with_trust(self, query: DeviceQuery) -> builtins.list[DeviceView]:
+        """Like ``list``, each device with its latest result, in one query."""
+        ...
+
+    async def save(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> None:
+        """Insert or replace the device (its last_seen is kept), audited as ``event``."""
+        ...
+
+    async def set_state(
+        self, device_id: str, state: DeviceState, *, now: datetime.datetime, event: str
+    ) -> bool:
+        """False when there is no such device."""
+        ...
+
+    async def set_assignment(
+        self,
+        device_id: str,
+        *,
+        zone: str,
+        labels: dict[str, str],
+        now: datetime.datetime,
+        event: str,
+    ) -> bool:
+        """An operator's change of zone and labels, audited with the old ones; False when
+        there is no such device."""
+        ...
+
+
+class Enrollments(Protocol):
+    async def put(
+        self,
+        pending: PendingEnrollment,
+        *,
+        now: datetime.datetime,
+        max_per_device: int,
+        max_total: int,
+    ) -> None:
+        """Store a challenge; expired ones are purged first. ResourceExhausted (nothing
+        changed) past ``max_per_device`` waiting for the device or ``max_total`` in all. A
+        waiting challenge is never dropped for a newer one: Enroll asks for nothing secret,
+        so dropping would let anyone void a device's enrollment."""
+        ...
+
+    async def get(self, enrollment_id: str) -> PendingEnrollment | None: ...
+
+    async def take(self, enrollment_id: str) -> bool:
+        """Delete it once its proof checked out; False when another answer took it first
+        (a challenge is answered at most once)."""
+        ...
+
+
+class Tokens(Protocol):
+    async def add(
+        self,
+        token_sha256: str,
+        *,
+        now: datetime.datetime,
+        expires_at: datetime.datetime,
+        note: str = "",
+        zone: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """A one-time bootstrap token (stored hashed); ``zone`` and ``labels`` are what it
+        assigns to the device that first enrolls with it."""
+        ...
+
+    async def get(self, token_sha256: str) -> BootstrapToken | None: ...
+
+    async def use(self, token_sha256: str, *, device_id: str, now: datetime.datetime) -> bool:
+        """Spend it; False when another device spent it (or it expired) meanwhile. The
+        device that spent it may present it again (a retry while pending approval)."""
+        ...
+
+
+class TrustRepository(Protocol):
+    async def record(self, decision: Decision) -> None:
+        """The decision's trust row, the device's last_seen, its audit entry, its TPM state
+        and event-log part and its certificate, atomically; returns once committed. The
+        trust row, last_seen and the TPM state only move forward in time: a replaced
+        stream's late decision changes none of them (its audit entry is kept)."""
+        ...
+
+    async def latest(self, device_id: str) -> TrustResult | None: ...
+
+    async def tpm_state(self, device_id: str, *, with_log: bool = True) -> TpmState | None:
+        """What the verifier knows of the device's TPM, its event log replayed from the
+        stored parts, or (``with_log=False``) without the log: a new stream asks for the
+        whole log anyway."""
+        ...
+
+    async def event_log(self, device_id: str) -> bytes:
+        """The device's stored event log since its last reboot."""
+        ...
+
+
+class Certificates(Protocol):
+    async def record(self, cert: CertificateRecord) -> None: ...
+
+
+class Audit(Protocol):
+    async def history(self, device_id: str, *, limit: int = 100) -> list[AuditEntry]:
+        """The device's latest ``limit`` audit entries, newest first."""
+        ...
+
+
+class Repositories(Protocol):
+    """What the verifier holds, one per process; closed at stop."""
+
+    @property
+    def location(self) -> str:
+        """Where the data is (a file, a server), for messages."""
+        ...
+
+    @property
+    def devices(self) -> Devices: ...
+    @property
+    def enrollments(self) -> Enrollments: ...
+    @property
+    def tokens(self) -> Tokens: ...
+    @property
+    def trust(self) -> TrustRepository: ...
+    @property
+    def certificates(self) -> Certificates: ...
+    @property
+    def audit(self) -> Audit: ...
+
+    async def counts(self) -> dict[str, int]:
+        """Rows per table (tests check that refused input wrote nothing)."""
+        ...
+
+    async def close(self) -> None:
+        """Let the writes in flight commit, then release the database."""
+        ...
