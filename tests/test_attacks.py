@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtrust.agent.evidence import evidence_body, host_facts
-from devtrust.agent.key_proof import sign_possession
 from devtrust.agent.state import new_key, spki
+from devtrust.core.binding import sign_possession
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2
-from devtrust.verifier import attest_service
+from devtrust.verifier import attestor
 from devtrust.verifier.config import DEFAULT_POLICY, LimitsConfig
 from devtrust.verifier.pki import PkiFiles
 from tests import eventlogs
@@ -205,10 +205,10 @@ def test_pcr_values_outside_the_quote_are_refused_and_nothing_is_stored(
                 sha256.values[15] = bytes.fromhex("11" * 32)
                 return evidence
 
-            before = verifier.store.counts()
+            before = await verifier.repos.counts()
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await manual_stream(pki, verifier, agent, build)
-            return err.value, before, verifier.store.counts()
+            return err.value, before, (await verifier.repos.counts())
 
     err, before, after = asyncio.run(scenario())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -345,10 +345,10 @@ def test_host_facts_past_their_limits_are_refused_at_enrollment(
                 host=host,
                 channel_key_spki=spki(new_key()),
             )
-            before = verifier.store.counts()
+            before = await verifier.repos.counts()
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(request, timeout=10)
-            return err.value, before, verifier.store.counts()
+            return err.value, before, (await verifier.repos.counts())
 
     try:
         err, before, after = asyncio.run(scenario())
@@ -399,7 +399,7 @@ def test_a_key_is_certified_only_with_proof_of_possession(
             enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
         ):
             reply = await manual_stream(pki, verifier, agent, lambda ch: build(agent, ch))
-            return reply, verifier.store.counts()
+            return reply, (await verifier.repos.counts())
 
     reply, counts = asyncio.run(scenario())
     assert not reply.result.HasField("certificate")
@@ -448,12 +448,12 @@ def test_bodies_and_logs_past_their_limits_are_refused_naming_the_limit(
                 return evidence
 
             errors = []
-            before = verifier.store.counts()
+            before = await verifier.repos.counts()
             for agent, build in ((a, gpu_flood), (b, big_log)):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await manual_stream(pki, verifier, agent, build)
                 errors.append(err.value)
-            return errors, before, verifier.store.counts()
+            return errors, before, (await verifier.repos.counts())
 
     errors, before, after = asyncio.run(scenario())
     assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
@@ -475,7 +475,7 @@ def test_a_slow_appraisal_does_not_hold_up_other_devices_or_queries(
     tpm_a, tpm_b = swtpm_factory(), swtpm_factory()
     release = threading.Event()
     entered = threading.Event()
-    real_appraise = attest_service.appraise
+    real_appraise = attestor.appraise
     slow_device: list[str] = []
 
     timed_out: list[bool] = []
@@ -487,7 +487,7 @@ def test_a_slow_appraisal_does_not_hold_up_other_devices_or_queries(
             timed_out.append(not release.wait(15))
         return real_appraise(evidence, expect, now=now)
 
-    monkeypatch.setattr(attest_service, "appraise", appraise)
+    monkeypatch.setattr(attestor, "appraise", appraise)
 
     async def scenario() -> tuple[int, int]:
         async with (
@@ -721,7 +721,7 @@ def test_an_operators_change_reaches_a_live_stream(
     certificate too), and after a revocation the stream ends before anything is issued."""
     from cryptography import x509
 
-    from devtrust.verifier.ca import DeviceClaims
+    from devtrust.core.claims import DeviceClaims
     from devtrust.verifier.records import DeviceState
 
     config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.2)
@@ -738,7 +738,7 @@ def test_an_operators_change_reaches_a_live_stream(
                 for step in range(2):
                     if step == 1:
                         now = datetime.datetime.now(datetime.UTC)
-                        assert verifier.store.set_assignment(
+                        assert await verifier.repos.devices.set_assignment(
                             device_id, zone="quarantine", labels={}, now=now, event="test"
                         )
                     await call.write(
@@ -752,19 +752,19 @@ def test_an_operators_change_reaches_a_live_stream(
                     assert claims is not None
                     zones.append(claims.zone)
                     challenge = (await call.read()).challenge
-                verifier.store.set_state(
+                await verifier.repos.devices.set_state(
                     device_id,
                     DeviceState.REVOKED,
                     now=datetime.datetime.now(datetime.UTC),
                     event="revoked:test",
                 )
-                before = verifier.store.counts()["certificates"]
+                before = (await verifier.repos.counts())["certificates"]
                 await call.write(
                     attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))
                 )
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call.read()
-                issued = verifier.store.counts()["certificates"] - before
+                issued = (await verifier.repos.counts())["certificates"] - before
             finally:
                 await channel.close()
             return zones, err.value.code(), err.value.details() or "", issued
@@ -791,10 +791,10 @@ def test_a_new_ak_ends_the_stream_of_the_old_one(
             device_id = agent.enrollment.device_id
             channel, call, challenge = await _open(pki, verifier, agent)
             try:
-                record = verifier.store.get_device(device_id)
+                record = await verifier.repos.devices.get(device_id)
                 assert record is not None
                 other = replace(record, ak_public=record.ak_public + b"\x00")
-                verifier.store.save_device(
+                await verifier.repos.devices.save(
                     other, now=datetime.datetime.now(datetime.UTC), event="test"
                 )
                 await call.write(

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from cryptography import x509
 
+from devtrust.core.spiffe import spiffe_ids
 from devtrust.swtpm import EndorsementCA
-from devtrust.verifier.ca import spiffe_ids
 from devtrust.verifier.pki import PkiFiles
 from tests.conftest import SwtpmFactory
 

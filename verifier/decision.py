@@ -9,12 +9,17 @@ revocation on a tier drop, the audit trail.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from devtrust.core.tier import Tier
+from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import CertificateRecord, TpmState
-from devtrust.verifier.trust import Tier, TrustResult
+from devtrust.verifier.trust import TrustResult
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,3 +63,20 @@ class Sinks:
     async def publish(self, decision: Decision) -> None:
         for sink in self._sinks:
             await sink.publish(decision)
+
+
+class LogSink:
+    """One log line per decision (STYLE 21): the device, its tier and score, the certificate
+    issued or why none was, and the reasons."""
+
+    async def publish(self, decision: Decision) -> None:
+        result, cert = decision.result, decision.certificate
+        logger.info(
+            "appraisal device=%s tier=%s score=%d cert=%s reasons=%s",
+            decision.device_id,
+            result.tier.label,
+            result.score,
+            cert.serial if cert else f"- ({decision.withheld})",
+            # Finding messages quote device-supplied values: escaped (issue 7, item 9).
+            printable("; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-", 2048),
+        )

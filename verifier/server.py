@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from devtrust.core.errors import ConfigError
 from devtrust.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
@@ -30,17 +31,20 @@ from devtrust.v1 import (
     query_pb2_grpc,
 )
 from devtrust.verifier.attest_service import AttestationService
+from devtrust.verifier.attestor import Attestor
 from devtrust.verifier.ca import pem
 from devtrust.verifier.config import DEFAULT_ROOTS, VerifierConfig, parse_address
+from devtrust.verifier.decision import LogSink, Sinks
 from devtrust.verifier.endorsement import EndorsementStore, load_certificates
 from devtrust.verifier.enroll_service import EnrollmentService
-from devtrust.verifier.errors import ConfigError, MalformedInput
+from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.interceptor import ErrorMapping
 from devtrust.verifier.pki import check_server_issued_by, load_ca, read_server_credentials
 from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.query_service import QueryService
 from devtrust.verifier.refs import ReferenceValues
-from devtrust.verifier.store import Store
+from devtrust.verifier.settings import Settings
+from devtrust.verifier.storage import Repositories, StoreSink, open_sqlite
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -107,7 +111,7 @@ class RunningVerifier:
     attestation_server: grpc.aio.Server
     enrollment_port: int
     attestation_port: int
-    store: Store
+    repos: Repositories
     policy: PolicyHolder
     attestation: AttestationService
     started: list[grpc.aio.Server] = field(default_factory=list)
@@ -118,8 +122,8 @@ class RunningVerifier:
         for server in self.started:
             await server.stop(grace)
         self.started.clear()
-        await asyncio.to_thread(self.attestation.close)
-        self.store.close()
+        await self.attestation.aclose()
+        await self.repos.close()
 
     async def wait(self) -> None:
         await self.attestation_server.wait_for_termination()
@@ -195,6 +199,7 @@ async def _start(server: grpc.aio.Server, running: RunningVerifier) -> None:
 
 
 async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> RunningVerifier:
+    settings = Settings.from_config(config)
     ca = load_ca(config.ca.cert, config.ca.key)
     endorsements = load_endorsements(config)
     server_cert, server_key = read_server_credentials(config.tls.server_cert, config.tls.server_key)
@@ -217,25 +222,43 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         )
     else:
         logger.warning("no posture and GPU policy: only TPM evidence is appraised")
-    store = Store(config.database)
+    repos = await open_sqlite(config.database)
     interceptors = [ErrorMapping()]
 
     enroll = grpc.aio.server(interceptors=interceptors, options=_options(config))
-    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-        EnrollmentService(
-            store=store, endorsements=endorsements, ca=ca, config=config, clock=clock
-        ),
-        enroll,
+    enrollment = EnrollmentService(
+        repos=repos,
+        endorsements=endorsements,
+        ca=ca,
+        settings=settings.enrollment,
+        certificates=settings.certificates,
+        limits=settings.limits,
+        clock=clock,
     )
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(enrollment, enroll)
     tls = grpc.ssl_server_credentials([(server_key, server_cert)])
 
     attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
+    attestor = Attestor(
+        ca=ca,
+        attestation=settings.attestation,
+        certificates=settings.certificates,
+        limits=settings.limits,
+        refs=refs,
+        policy=policy,
+    )
     attestation = AttestationService(
-        store=store, ca=ca, config=config, clock=clock, refs=refs, policy=policy
+        repos=repos,
+        attestor=attestor,
+        # The store first: a Result reaches the agent only once its decision is committed.
+        sinks=Sinks([StoreSink(repos), LogSink()]),
+        settings=settings.attestation,
+        limits=settings.limits,
+        clock=clock,
     )
     attestation_pb2_grpc.add_AttestationServicer_to_server(attestation, attest)
     query_pb2_grpc.add_QueryServicer_to_server(
-        QueryService(store=store, config=config, clock=clock, policy=policy), attest
+        QueryService(repos=repos, settings=settings.query, clock=clock, policy=policy), attest
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, attest)
@@ -249,8 +272,9 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     mtls = grpc.ssl_server_credentials(
         [(server_key, server_cert)], root_certificates=pem(ca.cert), require_client_auth=True
     )
-    running = RunningVerifier(enroll, attest, 0, 0, store, policy, attestation)
+    running = RunningVerifier(enroll, attest, 0, 0, repos, policy, attestation)
     try:
+        await enrollment.start()  # the inventory, before any device enrolls
         running.enrollment_port = _listen(
             enroll, config.listen.enrollment, tls, "listen.enrollment"
         )

@@ -1,0 +1,255 @@
+"""Appraise one device's evidence and decide what follows (DESIGN.md flow 2).
+
+The attestor builds the expectation from what the verifier knows of the device, appraises
+(the pure ``appraise`` of verifier/appraisal.py), issues the device certificate when the
+tier allows and the agent asked for one with proof of possession, and returns the
+``Decision``. It touches neither storage nor protobuf: the servicer reads the device before
+and publishes the decision after (verifier/attest_service.py). ``decide`` runs on a worker
+thread, so that a costly appraisal (a long event log, many GPUs) holds up no other stream.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+
+from devtrust.core.claims import DeviceClaims
+from devtrust.core.ids import Nonce
+from devtrust.core.tier import Tier
+from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise
+from devtrust.verifier.ca import CertificateAuthority
+from devtrust.verifier.config import LimitsConfig
+from devtrust.verifier.decision import Decision
+from devtrust.verifier.errors import FailedPrecondition, Rejected
+from devtrust.verifier.logtext import printable
+from devtrust.verifier.policy import PolicyHolder, PolicyOutcome
+from devtrust.verifier.policy_pool import PolicyRunner, PooledPolicy
+from devtrust.verifier.records import CertificateRecord, DeviceRecord, DeviceState, TpmState
+from devtrust.verifier.refs import ReferenceValues, RefGroup
+from devtrust.verifier.settings import AttestationSettings, CertificateSettings
+from devtrust.verifier.tpm.constants import hash_name
+from devtrust.verifier.tpm.quote import AkKey
+from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public
+
+logger = logging.getLogger(__name__)
+
+
+def may_attest(device_id: str, record: DeviceRecord | None) -> DeviceRecord:
+    """The device's record, as long as it may attest: enrolled, not revoked, not awaiting
+    approval. Checked when a stream opens and again before each appraisal."""
+    if record is None:
+        raise Rejected(f"device {device_id} is not enrolled")
+    if record.state is DeviceState.REVOKED:
+        raise Rejected(f"device {device_id} is revoked")
+    if record.state is DeviceState.PENDING_APPROVAL:
+        raise FailedPrecondition(f"device {device_id} awaits operator approval")
+    return record
+
+
+@dataclass
+class DeviceSession:
+    """What one stream knows about its device between appraisals. The stream's own: the
+    attestor changes it only during ``decide``, while the stream waits for it."""
+
+    record: DeviceRecord
+    ak_key: AkKey
+    qualified_signers: frozenset[bytes]
+    refs: RefGroup | None
+    tpm: TpmState | None
+    # The device's tier before the next appraisal (None: never appraised here).
+    previous_tier: Tier | None
+    policy_cache: tuple[str, PolicyOutcome] | None = None
+    # The first challenge of a stream, and the one after a reboot, ask for the whole log.
+    full_log: bool = True
+
+    @property
+    def log_offset(self) -> int:
+        """Where the event log the next challenge asks for starts (0: the whole log)."""
+        if self.full_log or self.tpm is None or self.tpm.log is None:
+            return 0
+        return self.tpm.log.offset
+
+
+class Attestor:
+    def __init__(
+        self,
+        *,
+        ca: CertificateAuthority,
+        attestation: AttestationSettings,
+        certificates: CertificateSettings,
+        limits: LimitsConfig,
+        refs: ReferenceValues | None = None,
+        policy: PolicyHolder | None = None,
+    ) -> None:
+        self._ca = ca
+        self._settings = attestation
+        self._certificates = certificates
+        self._limits = limits
+        self._refs = refs
+        self._policy = policy or PolicyHolder(None)
+        self._policy_runner = PolicyRunner(
+            workers=attestation.policy_workers, budget_s=attestation.policy_budget_s
+        )
+        # Per device: its AK public area and key object (reloading one costs ~90 us).
+        self._ak_cache: dict[str, tuple[bytes, AkKey]] = {}
+
+    def close(self) -> None:
+        self._policy_runner.close()
+
+    def open_session(
+        self, record: DeviceRecord, *, tpm: TpmState | None, previous_tier: Tier | None
+    ) -> DeviceSession:
+        """A stream's session, from the device's record and what the verifier remembers of
+        its TPM (without the stored log: the first challenge asks for the whole log)."""
+        return DeviceSession(
+            record=record,
+            ak_key=self._ak_key(record.device_id, record.ak_public),
+            qualified_signers=ak_qualified_names(
+                parse_public(record.ak_public), parse_public(record.ek_public)
+            ),
+            refs=self._refs_for(record.zone, record.labels),
+            tpm=tpm,
+            previous_tier=previous_tier,
+        )
+
+    def refresh(self, session: DeviceSession, record: DeviceRecord | None) -> None:
+        """The device as the verifier knows it now (``record``, read just before), not as
+        when its stream opened: a device revoked, sent back to approval or given another AK
+        meanwhile is refused (its stream ends before anything is appraised or issued), and
+        an operator's new zone or labels apply from this appraisal on, whatever the device
+        does with its stream."""
+        device_id = session.record.device_id
+        record = may_attest(device_id, record)
+        if record.ak_public != session.record.ak_public:
+            raise Rejected(
+                f"device {device_id} enrolled again with another AK: this stream's AK is no "
+                "longer the device's; reconnect"
+            )
+        if (record.zone, record.labels) != (session.record.zone, session.record.labels):
+            session.refs = self._refs_for(record.zone, record.labels)
+            session.policy_cache = None
+            logger.info(
+                "device %s now in zone %s labels %s",
+                device_id,
+                printable(record.zone or "(unassigned)", 64),
+                printable(record.labels),
+            )
+        session.record = record
+
+    def decide(
+        self, session: DeviceSession, nonce: Nonce, evidence: Evidence, *, now: datetime.datetime
+    ) -> Decision:
+        """Appraise ``evidence`` against ``nonce``, certify when allowed, and remember in
+        ``session`` what the next appraisal needs (TPM state, policy outcome, log offset)."""
+        settings = self._settings
+        record, prior = session.record, session.tpm
+        policy = self._policy.current
+        expect = Expectation(
+            device_id=record.device_id,
+            nonce=nonce,
+            selection=settings.selection,
+            ak_key=session.ak_key,
+            staleness=settings.staleness,
+            qualified_signers=session.qualified_signers,
+            policy=PooledPolicy(policy, self._policy_runner) if policy is not None else None,
+            zone=record.zone,
+            labels=record.labels,
+            policy_cache=session.policy_cache,
+            clock=prior.clock if prior else None,
+            log=prior.log if prior else None,
+            refs=session.refs,
+            max_log_bytes=self._limits.max_event_log_bytes,
+            max_log_events=self._limits.max_event_log_events,
+        )
+        appraisal = appraise(evidence, expect, now=now)
+        tpm = None
+        if appraisal.passed and appraisal.clock is not None:
+            tpm = TpmState(
+                clock=appraisal.clock,
+                log=appraisal.log,
+                pcrs=_pcrs_hex(evidence.pcrs),
+                log_part=appraisal.log_part,
+            )
+        withheld = self._withheld(appraisal, evidence)
+        certificate = None
+        if not withheld:
+            certificate = self._certify(record, evidence, appraisal, now=now)
+        decision = Decision(
+            device_id=record.device_id,
+            zone=record.zone,
+            result=appraisal.result,
+            previous_tier=session.previous_tier,
+            certificate=certificate,
+            withheld=withheld,
+            tpm=tpm,
+            rebooted=appraisal.rebooted,
+        )
+        session.policy_cache = appraisal.policy_cache
+        session.previous_tier = appraisal.result.tier
+        if tpm is not None:
+            session.tpm = tpm
+            if evidence.event_log is not None or appraisal.rebooted:
+                session.full_log = appraisal.rebooted
+        return decision
+
+    def _certify(
+        self,
+        record: DeviceRecord,
+        evidence: Evidence,
+        appraisal: Appraisal,
+        *,
+        now: datetime.datetime,
+    ) -> CertificateRecord:
+        assert evidence.certify_key is not None
+        certs = self._certificates
+        cert = self._ca.issue_device(
+            trust_domain=certs.trust_domain,
+            device_id=record.device_id,
+            public_key=evidence.certify_key,
+            claims=DeviceClaims(tier=appraisal.result.tier.label, zone=record.zone),
+            now=now,
+            lifetime=certs.device_lifetime,
+        )
+        return CertificateRecord(
+            serial=f"{cert.serial_number:x}",
+            device_id=record.device_id,
+            kind="device",
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            der=cert.public_bytes(serialization.Encoding.DER),
+        )
+
+    def _withheld(self, appraisal: Appraisal, evidence: Evidence) -> str:
+        """Why no certificate is issued for this evidence, or "" when one is."""
+        tier, minimum = appraisal.result.tier, self._certificates.min_tier
+        if evidence.certify_key is None:
+            return "none asked for"
+        if not appraisal.passed:
+            return "withheld: the quote did not verify"
+        if not appraisal.key_possessed:
+            return "withheld: no proof of possession of the key"
+        if not tier.meets(minimum):
+            return f"withheld: tier {tier.label} is below certificates.min_tier {minimum.label}"
+        return ""
+
+    def _refs_for(self, zone: str, labels: Mapping[str, str]) -> RefGroup | None:
+        return self._refs.for_device(zone, labels) if self._refs else None
+
+    def _ak_key(self, device_id: str, ak_public: bytes) -> AkKey:
+        cached = self._ak_cache.get(device_id)
+        if cached is not None and cached[0] == ak_public:
+            return cached[1]
+        key = parse_public(ak_public).public_key()
+        self._ak_cache[device_id] = (ak_public, key)
+        return key
+
+
+def _pcrs_hex(pcrs: Mapping[tuple[int, int], bytes]) -> dict[str, dict[int, str]]:
+    out: dict[str, dict[int, str]] = {}
+    for (alg, index), value in sorted(pcrs.items()):
+        out.setdefault(hash_name(alg), {})[index] = value.hex()
+    return out
