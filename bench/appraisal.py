@@ -33,16 +33,19 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
 
 from bench.common import corpus_root, rates
-from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
+from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.state import new_key, spki
 from devtrust.agent.tpm import AK_ATTRIBUTES, TpmBackend
+from devtrust.core.binding import qualifying_data
+from devtrust.core.ids import Nonce
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.verifier import measured_boot
-from devtrust.verifier.appraisal import Evidence, Expectation, Nonce, appraise
-from devtrust.verifier.config import AttestationConfig
+from devtrust.verifier.appraisal import Evidence, Expectation, appraise
+from devtrust.verifier.config import AttestationConfig, LimitsConfig
 from devtrust.verifier.tpm import eventlog
 from devtrust.verifier.tpm.constants import hash_alg, hash_name
 from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public, parse_signature
+from devtrust.verifier.wire_body import WireBody, body_from_wire
 
 RSA_HANDLE = 0x81010003
 
@@ -95,7 +98,13 @@ def bench_quotes(rounds: int, repeats: int) -> list[dict[str, Any]]:
         key = ak.public_key()
         pcrs = {(hash_alg(b), i): v for (b, i), v in values.items()}
         evidence = Evidence(
-            nonce=nonce, attest=attest, signature=signature, pcrs=pcrs, body=body, certify_key=None
+            nonce=nonce,
+            attest=attest,
+            signature=signature,
+            pcrs=pcrs,
+            body=body,
+            body_doc=WireBody(body_from_wire(body, LimitsConfig())),
+            certify_key=None,
         )
         expect = Expectation(
             device_id="bench",

@@ -35,8 +35,9 @@ from devtrust.agent.posture import collect_posture
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2
 from devtrust.verifier.config import DEFAULT_POLICY
-from devtrust.verifier.document import build, plain
+from devtrust.verifier.document import build
 from devtrust.verifier.policy import Policy
+from devtrust.verifier.wire_body import plain
 
 
 def main() -> None:

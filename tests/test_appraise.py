@@ -11,18 +11,21 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
-from devtrust.agent.key_proof import sign_possession
+from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.state import new_key, spki
+from devtrust.core.binding import qualifying_data, sign_possession
+from devtrust.core.ids import Nonce
+from devtrust.core.tier import Tier
 from devtrust.verifier import measured_boot
-from devtrust.verifier.appraisal import EventLogPart, Evidence, Expectation, Nonce, appraise
+from devtrust.verifier.appraisal import EventLogPart, Evidence, Expectation, appraise
+from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.policy import PolicyOutcome
 from devtrust.verifier.tpm.clock import ClockState
 from devtrust.verifier.tpm.constants import Alg
 from devtrust.verifier.tpm.structures import PcrSelect
-from devtrust.verifier.trust import Tier
 from devtrust.verifier.wire import load_public_key
+from devtrust.verifier.wire_body import WireBody, body_from_wire
 from tests import eventlogs, quotes
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
@@ -77,6 +80,7 @@ def _evidence(case: Case, *, body: bytes | None = None) -> Evidence:
         signature=quotes.ecdsa_signature(AK, message),
         pcrs=PCRS,
         body=body,
+        body_doc=WireBody(body_from_wire(body, LimitsConfig())),
         certify_key=load_public_key(spki(key), field="test"),
         certify_key_proof=sign_possession(key, NONCE, DEVICE),
         event_log=case.log,
@@ -180,6 +184,18 @@ class CountingPolicy:
         return PolicyOutcome("counting", {}, (), ())
 
 
+@dataclass
+class FixedBody:
+    """A body whose posture digest the test chooses; it counts its conversions."""
+
+    posture_digest: str
+    conversions: int = 0
+
+    def plain(self) -> dict[str, Any]:
+        self.conversions += 1
+        return {}
+
+
 def test_the_policy_runs_again_only_when_the_posture_changes() -> None:
     from devtrust.verifier.document import Bulletins
 
@@ -187,17 +203,19 @@ def test_the_policy_runs_again_only_when_the_posture_changes() -> None:
     policy.bulletins = Bulletins(entries=())
     case = Case("cached")
     body = evidence_body(host=host_facts(), certify_key_spki=b"", now=NOW)
-    evidence = replace(_evidence(case, body=body), certify_key=None, posture_digest="posture-1")
+    posture = FixedBody("posture-1")
+    evidence = replace(_evidence(case, body=body), certify_key=None, body_doc=posture)
     first = appraise(evidence, _expect(case, policy=policy), now=NOW)
     again = appraise(
         evidence, _expect(case, policy=policy, policy_cache=first.policy_cache), now=NOW
     )
     changed = appraise(
-        replace(evidence, posture_digest="posture-2"),
+        replace(evidence, body_doc=FixedBody("posture-2")),
         _expect(case, policy=policy, policy_cache=again.policy_cache),
         now=NOW,
     )
     assert policy.calls == 2
+    assert posture.conversions == 1  # the cache hit converted nothing
     assert again.policy_cache == first.policy_cache
     assert changed.policy_cache != first.policy_cache
     rezoned = appraise(

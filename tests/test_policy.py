@@ -10,14 +10,16 @@ import pytest
 from devtrust.agent.gpu.procfs import collect_procfs
 from devtrust.agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
 from devtrust.agent.posture import collect_posture
+from devtrust.core.tier import Tier
 from devtrust.swtpm import EndorsementCA
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2
 from devtrust.verifier.config import DEFAULT_POLICY
-from devtrust.verifier.document import build, plain
+from devtrust.verifier.document import build
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.policy import Policy, PolicyError
-from devtrust.verifier.trust import Claim, Tier, overall_tier
+from devtrust.verifier.trust import Claim, overall_tier
+from devtrust.verifier.wire_body import plain
 from tests.corpus import corpus_root
 
 CORPUS = corpus_root()

@@ -10,12 +10,14 @@ import cel
 import pytest
 
 from devtrust.agent.posture import collect_posture
+from devtrust.core.tier import Tier
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier.config import DEFAULT_POLICY
-from devtrust.verifier.document import Document, build, plain
+from devtrust.verifier.document import Document, build
 from devtrust.verifier.policy import Policy, PolicyError, PolicyOutcome
-from devtrust.verifier.trust import Claim, Severity, Tier, overall_tier
+from devtrust.verifier.trust import Claim, Severity, overall_tier
+from devtrust.verifier.wire_body import plain
 
 POLICY = Policy.load(DEFAULT_POLICY)
 

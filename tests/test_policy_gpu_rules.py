@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from devtrust.v1 import attestation_pb2
-from devtrust.verifier.document import build, plain
+from devtrust.verifier.document import build
 from devtrust.verifier.policy import Policy
+from devtrust.verifier.wire_body import plain
 
 POLICY = """
 rules:

@@ -19,9 +19,10 @@ from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier.celcheck import check
 from devtrust.verifier.config import DEFAULT_POLICY
-from devtrust.verifier.document import build, plain
+from devtrust.verifier.document import build
 from devtrust.verifier.policy import Policy, PolicyError, PolicyHolder
 from devtrust.verifier.schema import DOCUMENT, THIS, Type
+from devtrust.verifier.wire_body import plain
 
 POLICY = Policy.load(DEFAULT_POLICY)
 _GOOD = (

@@ -13,14 +13,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NewType
+from typing import Any, Protocol
 
-from devtrust.agent.evidence import qualifying_data
-from devtrust.agent.key_proof import possession_proven
+from devtrust.core.binding import PublicKey, possession_proven, qualifying_data
+from devtrust.core.ids import Nonce
 from devtrust.verifier import document, measured_boot
-from devtrust.verifier.ca import PublicKey
 from devtrust.verifier.errors import LimitExceeded, MalformedInput
 from devtrust.verifier.policy import PolicyEvaluator, PolicyOutcome
 from devtrust.verifier.refs import RefGroup, appraise_refs
@@ -39,8 +38,6 @@ from devtrust.verifier.trust import (
     TrustResult,
 )
 
-Nonce = NewType("Nonce", bytes)
-NONCE_SIZE = 32
 _SEVERITY_VALUE = {Severity.WARNING: 32, Severity.CONTRAINDICATED: 96}
 
 
@@ -48,6 +45,27 @@ _SEVERITY_VALUE = {Severity.WARNING: 32, Severity.CONTRAINDICATED: 96}
 class EventLogPart:
     offset: int
     data: bytes
+
+
+class BodyDocument(Protocol):
+    """The evidence body as policy reads it (verifier/document.py builds the document from
+    it); implemented at the gRPC edge over the received message (verifier/wire_body.py).
+
+    Converting a body to plain values costs ~0.3 ms for 8 GPUs, wasted while a device's
+    cached policy outcome holds: ``plain`` converts at its first call only, and the cache is
+    keyed by ``posture_digest``, which needs no conversion."""
+
+    @property
+    def posture_digest(self) -> str:
+        """A digest of the body's host, os and gpu parts and of which of them were sent:
+        equal for bodies that policy cannot tell apart (collected_at and the certify key,
+        which change at every evidence, are not part of it)."""
+        ...
+
+    def plain(self) -> Mapping[str, Any]:
+        """host, os and gpu as plain values (verifier/document.py says how), a part the
+        body did not carry None; converted once, then the same values (read-only)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -58,16 +76,14 @@ class Evidence:
     attest: bytes
     signature: bytes
     pcrs: Mapping[tuple[int, int], bytes]
+    # The serialized evidence body, as quoted (core.binding.qualifying_data), and what
+    # policy reads of it: required, so that no evidence reaches policy with an empty body.
     body: bytes
+    body_doc: BodyDocument
     certify_key: PublicKey | None
     event_log: EventLogPart | None = None
-    # A signature by the certify key over the nonce and the device id (agent.key_proof).
+    # A signature by the certify key over the nonce and the device id (core.binding).
     certify_key_proof: bytes = b""
-    # The evidence body as plain values for policy (verifier.document.plain), converted only
-    # when the policy runs: ~0.3 ms for 8 GPUs, wasted while the cached result holds. And a
-    # digest of its host, os and gpu parts: the policy's cache key (collected_at changes).
-    body_doc: Callable[[], dict[str, Any]] = dict
-    posture_digest: str = ""
 
     @property
     def body_digest(self) -> str:
@@ -288,12 +304,11 @@ def _policy(
     if policy is None:
         return None, None
     labels = dict(expect.labels)
-    key = f"{policy.policy_id}|{evidence.posture_digest}|{expect.zone}|{sorted(labels.items())}"
+    body = evidence.body_doc
+    key = f"{policy.policy_id}|{body.posture_digest}|{expect.zone}|{sorted(labels.items())}"
     if expect.policy_cache is not None and expect.policy_cache[0] == key:
         return expect.policy_cache[1], expect.policy_cache
-    doc = document.build(
-        evidence.body_doc(), bulletins=policy.bulletins, zone=expect.zone, labels=labels
-    )
+    doc = document.build(body.plain(), bulletins=policy.bulletins, zone=expect.zone, labels=labels)
     outcome = policy.evaluate(doc, device_id=expect.device_id, zone=expect.zone, labels=labels)
     return outcome, (key, outcome)
 

@@ -1,9 +1,9 @@
-"""The evidence document: what policy rules see. Pure.
+"""The evidence document: what policy rules see. Pure: plain values in, plain values out.
 
-The evidence body (a protobuf message, converted at the gRPC edge by ``plain``) becomes plain
-dicts and lists; every field is present, and a value the host could not read is ``null``
-(proto3 ``optional`` unset), never false. Derived fields are added here, from data files an
-operator can update:
+The evidence body arrives as plain dicts and lists (converted at the gRPC edge,
+verifier/wire_body.py ``plain``); every field is present, and a value the host could not read
+is ``null`` (proto3 ``optional`` unset), never false. Derived fields are added here, from data
+files an operator can update:
 
 - ``gpu.branch`` (``R580``) and ``gpu.missing_bulletins``: the NVIDIA security bulletins
   whose fixed version for that branch is above the running driver;
@@ -21,53 +21,15 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 Document = dict[str, Any]
 # What the host says of its own zone and labels: never part of the document (device.zone and
 # device.labels are the operator-assigned ones; a rule naming host.zone is refused at load).
 _CLAIMED_BY_HOST = ("zone", "labels")
-_INT64_MAX = 2**63 - 1
-_UNSIGNED_64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
-
-
-def _int64(value: int) -> int:
-    return min(value, _INT64_MAX)
-
-
-def plain(msg: Message) -> dict[str, Any]:
-    """A message as dicts: unset optional fields and unset sub-messages are None; uint64
-    values above int64 are saturated (a CEL int, like every other integer)."""
-    out: dict[str, Any] = {}
-    for field in msg.DESCRIPTOR.fields:
-        value = getattr(msg, field.name)
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            out[field.name] = dict(value)
-        elif field.is_repeated:
-            out[field.name] = [
-                plain(v)
-                if isinstance(v, Message)
-                else _int64(v)
-                if field.type in _UNSIGNED_64
-                else v
-                for v in value
-            ]
-        elif field.has_presence and not msg.HasField(field.name):
-            out[field.name] = None
-        elif isinstance(value, Message):
-            out[field.name] = plain(value)
-        elif isinstance(value, bytes):
-            out[field.name] = value.hex()
-        elif field.type in _UNSIGNED_64:
-            out[field.name] = _int64(value)
-        else:
-            out[field.name] = value
-    return out
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -135,7 +97,7 @@ def _nulled(part: dict[str, Any]) -> dict[str, Any]:
 
 
 def build(
-    body: dict[str, Any],
+    body: Mapping[str, Any],
     *,
     bulletins: Bulletins,
     zone: str = "",

@@ -47,9 +47,9 @@ from typing import Any, Protocol
 import cel
 import yaml
 
+from devtrust.core.errors import DevtrustError
 from devtrust.verifier.celcheck import CheckError, check
 from devtrust.verifier.document import Bulletins, Document, unknown_values
-from devtrust.verifier.errors import DevtrustError
 from devtrust.verifier.policy_context import Contexts, may_read_gpu_list, selected_fields
 from devtrust.verifier.schema import DOCUMENT, THIS
 from devtrust.verifier.trust import Claim, Finding, Severity, SubResult

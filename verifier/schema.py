@@ -1,10 +1,13 @@
 """The declared schema of the evidence document (verifier/document.py): the types policy rules
-are checked against at load (verifier/celcheck.py). Pure.
+are checked against at load (verifier/celcheck.py). Pure: it imports no protobuf (issue 9,
+item 4).
 
-It is derived from the protobuf descriptors of the evidence body (HostFacts, OsPosture,
-GpuState and what they hold), as ``document.plain`` converts them: bytes are hex strings,
-enums and every integer width are CEL ``int`` (``plain`` keeps uint64 values in int64), a map
-field is a CEL map. To that are added the fields ``document.build`` derives (``gpu.branch``,
+The fields of the evidence body (HostFacts, OsPosture, GpuState and what they hold) are read
+from verifier/data/document_schema.json, which the wire layer writes from the protobuf
+descriptors as ``wire_body.plain`` converts them (verifier/wire_schema.py, ``make protos``;
+tests/test_document_schema_fresh.py keeps it current): bytes are hex strings, enums and every
+integer width are CEL ``int`` (``plain`` keeps uint64 values in int64), a map field is a CEL
+map. To that are added the fields ``document.build`` derives (``gpu.branch``,
 ``gpu.missing_bulletins``, per GPU ``lost`` and ``gsp_matches_driver``, ``device``, ``sent``),
 and it drops what build drops: the host's own claim of its zone and labels, kept apart as
 *withheld* fields: a rule that names one is refused at load, with the reason.
@@ -16,12 +19,11 @@ field named), never as compliant or as off.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-
-from devtrust.v1 import attestation_pb2
+from importlib import resources
+from typing import Any
 
 # Why the host's own zone and labels are not in the document (verifier/celcheck.py says so
 # when a rule names them).
@@ -71,44 +73,48 @@ def message(
     return Type("message", name=name, fields=dict(fields), withheld=dict(withheld or {}))
 
 
-_SCALARS = {
-    FieldDescriptor.TYPE_BOOL: BOOL,
-    FieldDescriptor.TYPE_STRING: STRING,
-    FieldDescriptor.TYPE_BYTES: STRING,  # plain() writes bytes as hex
-    FieldDescriptor.TYPE_DOUBLE: DOUBLE,
-    FieldDescriptor.TYPE_FLOAT: DOUBLE,
-}
+# What verifier/wire_schema.py writes: {"root": name, "messages": {name: {"name", "fields"}}},
+# each field's type a {"kind", ...} object. Read once, at import.
+_WIRE: Mapping[str, Any] = json.loads(
+    resources.files("devtrust.verifier")
+    .joinpath("data/document_schema.json")
+    .read_text(encoding="utf-8")
+)
+_KINDS = {"bool": BOOL, "int": INT, "double": DOUBLE, "string": STRING, "bytes": BYTES}
 
 
-def _single(fd: FieldDescriptor) -> Type:
-    if fd.message_type is not None:
-        return _message(fd.message_type)
-    return _SCALARS.get(fd.type, INT)  # every integer width and enums: CEL int
-
-
-def _field(fd: FieldDescriptor) -> Type:
-    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-        entry = fd.message_type.fields_by_name
-        return map_of(_single(entry["key"]), _single(entry["value"]))
-    return list_of(_single(fd)) if fd.is_repeated else _single(fd)
+def _type(spec: Mapping[str, Any]) -> Type:
+    kind = spec["kind"]
+    if kind == "list":
+        return list_of(_type(spec["elem"]))
+    if kind == "map":
+        return map_of(_type(spec["key"]), _type(spec["value"]))
+    if kind == "message":
+        return _message(spec["message"])
+    return _KINDS[kind]
 
 
 def _message(
-    desc: Descriptor, extra: Mapping[str, Type] | None = None, drop: Mapping[str, str] | None = None
+    name: str, extra: Mapping[str, Type] | None = None, drop: Mapping[str, str] | None = None
 ) -> Type:
-    fields = {fd.name: _field(fd) for fd in desc.fields if fd.name not in (drop or {})}
-    return message(desc.name, {**fields, **(extra or {})}, drop)
+    """The message of full name ``name``, with the fields ``extra`` added and ``drop`` withheld."""
+    desc = _WIRE["messages"][name]
+    fields = {f: _type(t) for f, t in desc["fields"].items() if f not in (drop or {})}
+    return message(desc["name"], {**fields, **(extra or {})}, drop)
 
 
-def _of(desc: Descriptor, name: str) -> Descriptor:
-    """The message type of field ``name`` of ``desc``."""
-    sub = desc.fields_by_name[name].message_type
-    if sub is None:
-        raise TypeError(f"{desc.name}.{name} is not a message")
-    return sub
+def _of(name: str, field_name: str) -> str:
+    """The full name of the message type of field ``field_name`` of message ``name`` (of its
+    elements, for a list)."""
+    spec = _WIRE["messages"][name]["fields"][field_name]
+    if spec["kind"] == "list":
+        spec = spec["elem"]
+    if spec["kind"] != "message":
+        raise TypeError(f"{name}.{field_name} is not a message")
+    return str(spec["message"])
 
 
-_BODY = attestation_pb2.EvidenceBody.DESCRIPTOR
+_BODY = str(_WIRE["root"])
 _GPU_STATE = _of(_BODY, "gpu")
 BULLETIN = message(
     "Bulletin",
