@@ -5,12 +5,13 @@ the evidence body (host facts and, when its device certificate is due for renewa
 public key), quotes with qualifying data binding nonce and body, and sends Evidence. A
 Result may carry a new device certificate, which is written to the runtime directory with
 the key that never left this host; the body asking for it carries a proof of possession of
-that key (agent/key_proof.py). A broken stream is reopened with capped exponential backoff,
-so a verifier restart costs one reconnect.
+that key (``devtrust.core.binding``). A broken stream is reopened with capped exponential
+backoff, so a verifier restart costs one reconnect. A Result and the next Challenge may arrive
+in one VerifierMessage: the Result is handled first.
 
-Posture changes are watched by polling cheap signals; the first change is sent as
-PostureChanged at once, later ones are debounced and coalesced (agent/posture.py), and
-notes waiting to be sent are merged in place, so what is pending stays bounded.
+The client takes its parts (``interfaces``: the TPM, the host probe, the identity files) and
+constructs none. Posture notes come from the host probe's one watch (agent/watch.py), already
+debounced; notes waiting to be sent are merged in place, so what is pending stays bounded.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from cryptography import x509
@@ -33,17 +32,13 @@ from devtrust.agent.channel import Backoff, attestation_channel, explain, final_
 from devtrust.agent.collect import collect_body
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.errors import TpmError
-from devtrust.agent.evidence import qualifying_data
-from devtrust.agent.gpu.nvml import XidWatcher
-from devtrust.agent.key_proof import sign_possession
-from devtrust.agent.posture import Debouncer, fingerprint
-from devtrust.agent.state import AgentFiles, Enrollment, new_key, renewal_due, spki
-from devtrust.agent.tpm import AsyncTpm
+from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
+from devtrust.agent.state import Enrollment, new_key, renewal_due, spki
+from devtrust.core.binding import qualifying_data, sign_possession
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 
 logger = logging.getLogger(__name__)
 ResultCallback = Callable[[attestation_pb2.Result], None]
-Probe = Callable[[Path], dict[str, bytes]]
 
 
 def utcnow() -> datetime.datetime:
@@ -60,62 +55,46 @@ class AttestationClient:
     def __init__(
         self,
         cfg: AgentConfig,
-        tpm: AsyncTpm,
-        files: AgentFiles,
-        enrollment: Enrollment,
         *,
+        tpm: Tpm,
+        host: HostProbe,
+        files: IdentityFiles,
+        enrollment: Enrollment,
         on_result: ResultCallback | None = None,
     ) -> None:
         self._cfg = cfg
         self._tpm = tpm
+        self._host = host
         self._files = files
         self._enrollment = enrollment
         self._on_result = on_result
+        # Read once: from here on the client knows best, as it writes each renewal.
+        self._certificate = files.device_certificate()
         self._pending: _PendingKey | None = None
         # Signals to send in the next PostureChanged: merged in place, so bounded by the
         # number of watched signals however often the host churns.
         self._outbox: set[str] = set()
         self._outbox_ready = asyncio.Event()
-        self._xids = XidWatcher()
         # grpc.aio allows one write at a time on a stream: evidence and PostureChanged share it.
         self._write_lock = asyncio.Lock()
+
+    @property
+    def certificate(self) -> x509.Certificate | None:
+        """The current device certificate (None before the first)."""
+        return self._certificate
 
     def notify_posture_changed(self, signals: list[str]) -> None:
         self._outbox.update(signals)
         self._outbox_ready.set()
 
-    async def watch(
-        self, *, probe: Probe = fingerprint, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        """Poll the cheap posture signals. The first change is sent as PostureChanged at once,
-        so the verifier challenges within the poll interval plus one round trip; changes in
-        the following ``posture_debounce_s`` are sent as one note when that window closes."""
-        root = self._cfg.posture_root
-        debouncer = Debouncer(self._cfg.posture_debounce_s)
-        last = await asyncio.to_thread(probe, root)
-        while True:
-            await asyncio.sleep(self._cfg.watch_interval_s)
-            current = await asyncio.to_thread(probe, root)
-            changed = sorted(k for k in current if current[k] != last.get(k))
-            last = current
-            send = debouncer.changed(changed, clock())
-            if send:
-                logger.info("posture changed: %s", ", ".join(send))
-                self.notify_posture_changed(send)
-            elif changed:
-                logger.debug("posture changed (held): %s", ", ".join(changed))
-
     async def run(self, stop: asyncio.Event) -> None:
-        """Attest until ``stop`` is set, reconnecting after failures."""
-        watcher = asyncio.create_task(self.watch())
-        if self._cfg.gpu_source in ("auto", "nvml") and await asyncio.to_thread(self._xids.start):
-            logger.info("watching NVML Xid events")
+        """Attest until ``stop`` is set, reconnecting after failures; posture notes from the
+        host probe are forwarded meanwhile."""
+        unsubscribe = self._host.subscribe(self.notify_posture_changed)
         try:
             await self._run(stop)
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-            await asyncio.to_thread(self._xids.stop)
+            unsubscribe()
 
     async def _run(self, stop: asyncio.Event) -> None:
         address, state = self._cfg.verifier.attestation, self._cfg.state_dir
@@ -210,7 +189,7 @@ class AttestationClient:
     async def _answer(self, challenge: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
         now = utcnow()
         if self._pending is None and renewal_due(
-            self._files.device_certificate(), now=now, renew_at=self._cfg.renew_at
+            self._certificate, now=now, renew_at=self._cfg.renew_at
         ):
             key = new_key()
             self._pending = _PendingKey(key, spki(key))
@@ -219,26 +198,21 @@ class AttestationClient:
             # Without it the verifier certifies nothing: we show we hold the key, for this
             # challenge and this device only.
             proof = sign_possession(self._pending.key, challenge.nonce, self._enrollment.device_id)
-        body = await asyncio.to_thread(
-            collect_body,
-            self._cfg,
-            xids=self._xids,
+        body = await collect_body(
+            self._host,
             now=now,
             certify_key_spki=self._pending.spki if self._pending else b"",
             certify_key_proof=proof,
         )
         selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
-        backend = self._tpm.backend
-        attest, signature, values = await self._tpm.run(
-            backend.quote, qualifying_data(challenge.nonce, body), selection
-        )
+        quote = await self._tpm.quote(qualifying_data(challenge.nonce, body), selection)
         banks: dict[str, common_pb2.PcrBank] = {}
-        for (bank, index), value in values.items():
+        for (bank, index), value in quote.pcrs.items():
             banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
         evidence = attestation_pb2.Evidence(
             nonce=challenge.nonce,
-            quote_attest=attest,
-            quote_signature=signature,
+            quote_attest=quote.attest,
+            quote_signature=quote.signature,
             pcrs=list(banks.values()),
             body=body,
         )
@@ -251,13 +225,8 @@ class AttestationClient:
     async def _event_log(self, from_offset: int) -> attestation_pb2.EventLogChunk | None:
         """The log from ``from_offset`` (the whole log when the verifier is past its end:
         the host rebooted and the log is a new one)."""
-        path = self._cfg.event_log
-        if path is None:
-            return None
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except OSError as exc:
-            logger.warning("event log %s unreadable: %s", path, exc.strerror)
+        data = await self._host.event_log()
+        if data is None:
             return None
         start = from_offset if from_offset <= len(data) else 0
         return attestation_pb2.EventLogChunk(offset=start, data=data[start:], total_size=len(data))
@@ -279,6 +248,7 @@ class AttestationClient:
                 logger.error("verifier certified a key that is not ours; discarding it")
             else:
                 self._files.save_device_certificate(self._pending.key, der, self._enrollment.ca_pem)
+                self._certificate = cert
                 logger.info(
                     "new device certificate serial %s valid until %s",
                     result.certificate.serial_hex,

@@ -22,7 +22,7 @@ import grpc
 from cryptography import x509
 
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.errors import DevtrustError
+from devtrust.core.errors import DevtrustError
 
 # First delay between attempts; it doubles up to ``reconnect_max_s``, each delay +-20 %.
 FIRST_DELAY_S = 0.5

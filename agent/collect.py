@@ -1,18 +1,35 @@
-"""What the agent reports in each evidence body: host facts, OS posture, GPU state."""
+"""What the agent reports in each evidence body (host facts, OS posture, GPU state, the event
+log), and the host probes that report it (``interfaces.HostProbe``):
+
+- ``RootProbe``, the real host: posture read under a root directory (``/`` on hosts, a
+  prepared tree in tests), GPU state from the one source chosen at start (``gpu_source``),
+  the event log from its file, posture changes from one ``PostureWatcher``;
+- ``RecordedHost``: recorded captures, for simulated devices and tests.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import functools
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.errors import ConfigError
 from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.gpu.nvml import XidWatcher, collect_nvml
 from devtrust.agent.gpu.procfs import collect_procfs
 from devtrust.agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
+from devtrust.agent.interfaces import HostProbe, PostureListener, Unsubscribe
 from devtrust.agent.posture import collect_posture
-from devtrust.v1 import attestation_pb2
+from devtrust.agent.watch import PostureWatcher
+from devtrust.core.errors import ConfigError
+from devtrust.v1 import attestation_pb2, common_pb2
+
+logger = logging.getLogger(__name__)
+GpuSource = Callable[[], attestation_pb2.GpuState]
+"""Collects the GPU state now (blocking)."""
 
 
 def check_sources(
@@ -41,47 +58,167 @@ def check_sources(
         raise ConfigError(f"{xml_key} {cfg.gpu_xml}: {exc}; {remedy}") from exc
 
 
-def collect_gpu(
-    source: str, *, root: Path, xml: Path | None, xids: XidWatcher | None = None
-) -> attestation_pb2.GpuState:
-    """GPU state from the configured source; ``auto`` tries NVML, then /proc/driver/nvidia."""
-    if source == "nvidia-smi-xml":
-        if xml is None:
-            raise ValueError("gpu source nvidia-smi-xml needs gpu_xml")
-        try:
-            return parse_smi_xml(xml.read_bytes())
-        except (OSError, SmiXmlError) as exc:
-            return attestation_pb2.GpuState(
-                source=source,
-                unavailable=[
-                    attestation_pb2.Unavailable(field="gpu", reason="error", detail=str(exc))
-                ],
-            )
-    if source == "procfs":
-        return collect_procfs(root)
-    if source == "none":
-        return attestation_pb2.GpuState(source="none")
+# --- GPU sources: one chosen at start ------------------------------------------------------
+
+
+def _smi_xml(xml: Path) -> attestation_pb2.GpuState:
+    try:
+        return parse_smi_xml(xml.read_bytes())
+    except (OSError, SmiXmlError) as exc:
+        return attestation_pb2.GpuState(
+            source="nvidia-smi-xml",
+            unavailable=[attestation_pb2.Unavailable(field="gpu", reason="error", detail=str(exc))],
+        )
+
+
+def _no_gpu() -> attestation_pb2.GpuState:
+    return attestation_pb2.GpuState(source="none")
+
+
+def _nvml_else_procfs(root: Path, xids: XidWatcher | None) -> attestation_pb2.GpuState:
     state = collect_nvml(xids)
-    if source == "auto" and not state.gpus and (root / "proc/driver/nvidia").exists():
+    if not state.gpus and (root / "proc/driver/nvidia").exists():
         return collect_procfs(root)
     return state
 
 
-def collect_body(
-    cfg: AgentConfig,
+def gpu_source(cfg: AgentConfig, *, xids: XidWatcher | None = None) -> GpuSource:
+    """The GPU source ``cfg.gpu_source`` names; ``auto`` tries NVML, then /proc/driver/nvidia.
+    ``xids``: the NVML Xid watcher whose events NVML snapshots carry (started by the caller)."""
+    root = cfg.posture_root
+    match cfg.gpu_source:
+        case "nvidia-smi-xml":
+            if cfg.gpu_xml is None:  # AgentConfig refuses this; a caller may not
+                raise ValueError("gpu source nvidia-smi-xml needs gpu_xml")
+            return functools.partial(_smi_xml, cfg.gpu_xml)
+        case "procfs":
+            return functools.partial(collect_procfs, root)
+        case "none":
+            return _no_gpu
+        case "nvml":
+            return functools.partial(collect_nvml, xids)
+        case _:
+            return functools.partial(_nvml_else_procfs, root, xids)
+
+
+# --- host probes ---------------------------------------------------------------------------
+
+
+class RootProbe:
+    """The real host. Each snapshot is read on a worker thread, off the event loop."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        mounts: list[str],
+        gpu: GpuSource,
+        event_log: Path | None,
+        watcher: PostureWatcher,
+    ) -> None:
+        self._root = root
+        self._mounts = list(mounts)
+        self._gpu = gpu
+        self._event_log = event_log
+        self._watcher = watcher
+
+    async def facts(self) -> common_pb2.HostFacts:
+        return await asyncio.to_thread(host_facts, root=self._root)
+
+    async def posture(self) -> attestation_pb2.OsPosture:
+        return await asyncio.to_thread(collect_posture, self._root, mounts=self._mounts)
+
+    async def gpu(self) -> attestation_pb2.GpuState:
+        return await asyncio.to_thread(self._gpu)
+
+    async def event_log(self) -> bytes | None:
+        path = self._event_log
+        if path is None:
+            return None
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            logger.warning("event log %s unreadable: %s", path, exc.strerror)
+            return None
+
+    def subscribe(self, listener: PostureListener) -> Unsubscribe:
+        return self._watcher.subscribe(listener)
+
+
+class RecordedHost:
+    """A host as recorded: what it reports is given, and ``change`` makes it report something
+    else and tells the listeners, as the real watch would after its debounce."""
+
+    def __init__(
+        self,
+        *,
+        facts: common_pb2.HostFacts,
+        posture: attestation_pb2.OsPosture,
+        gpu: attestation_pb2.GpuState | None = None,
+        event_log: bytes | None = None,
+    ) -> None:
+        self._facts = facts
+        self._posture = posture
+        self._gpu = gpu or attestation_pb2.GpuState(source="none")
+        self._event_log = event_log
+        self._listeners: dict[int, PostureListener] = {}
+        self._next_id = 0
+
+    @property
+    def listeners(self) -> int:
+        return len(self._listeners)
+
+    async def facts(self) -> common_pb2.HostFacts:
+        return self._facts
+
+    async def posture(self) -> attestation_pb2.OsPosture:
+        return self._posture
+
+    async def gpu(self) -> attestation_pb2.GpuState:
+        return self._gpu
+
+    async def event_log(self) -> bytes | None:
+        return self._event_log
+
+    def subscribe(self, listener: PostureListener) -> Unsubscribe:
+        key, self._next_id = self._next_id, self._next_id + 1
+        self._listeners[key] = listener
+
+        def unsubscribe() -> None:
+            self._listeners.pop(key, None)
+
+        return unsubscribe
+
+    def change(
+        self,
+        signals: list[str],
+        *,
+        posture: attestation_pb2.OsPosture | None = None,
+        gpu: attestation_pb2.GpuState | None = None,
+    ) -> None:
+        if posture is not None:
+            self._posture = posture
+        if gpu is not None:
+            self._gpu = gpu
+        for listener in list(self._listeners.values()):
+            listener(list(signals))
+
+
+async def collect_body(
+    host: HostProbe,
     *,
     now: datetime.datetime,
     certify_key_spki: bytes = b"",
     certify_key_proof: bytes = b"",
-    xids: XidWatcher | None = None,
 ) -> bytes:
-    """Collect posture and GPU state now (blocking: run it off the event loop) and return the
-    serialized evidence body."""
+    """Collect facts, posture and GPU state now (concurrently) and return the serialized
+    evidence body."""
+    facts, posture, gpu = await asyncio.gather(host.facts(), host.posture(), host.gpu())
     return evidence_body(
-        host=host_facts(root=cfg.posture_root),
+        host=facts,
         certify_key_spki=certify_key_spki,
         certify_key_proof=certify_key_proof,
         now=now,
-        os=collect_posture(cfg.posture_root, mounts=cfg.encrypted_mounts),
-        gpu=collect_gpu(cfg.gpu_source, root=cfg.posture_root, xml=cfg.gpu_xml, xids=xids),
+        os=posture,
+        gpu=gpu,
     )

@@ -1,4 +1,5 @@
-"""Enrollment, the agent's side (DESIGN.md flow 1)."""
+"""Enrollment, the agent's side (DESIGN.md flow 1): over the parts ``devtrust-agent`` chose
+at start (``interfaces``: the TPM, the host probe for the facts sent, the identity files)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ from devtrust.agent.channel import (
     final_error,
 )
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.enrollment_proof import proof_for
-from devtrust.agent.evidence import host_facts
-from devtrust.agent.state import AgentFiles, Enrollment, der_to_pem, key_pem, new_key, spki
-from devtrust.agent.tpm import AsyncTpm
+from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
+from devtrust.agent.state import Enrollment, der_to_pem, key_pem, new_key, spki
+from devtrust.core.binding import proof_for
 from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -56,14 +56,16 @@ def verifier_ca(cfg: AgentConfig) -> bytes:
     return data
 
 
-async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollment:
+async def enroll(
+    cfg: AgentConfig, tpm: Tpm, files: IdentityFiles, *, host: HostProbe
+) -> Enrollment:
     """Enroll this host's TPM; return and save the attestation-channel identity. One
     attempt: a failed call raises ``grpc.aio.AioRpcError`` (``enroll_retrying`` retries)."""
     ca_pem = verifier_ca(cfg)
-    backend = tpm.backend
-    ek_cert = await tpm.run(backend.ek_certificate)
-    ek_public = await tpm.run(backend.ek_public)
-    ak_public = await tpm.run(backend.ak_public)
+    ek_cert = await tpm.ek_certificate()
+    ek_public = await tpm.ek_public()
+    ak_public = await tpm.ak_public()
+    facts = await host.facts()
     channel_key = new_key()
     channel_spki = spki(channel_key)
     async with enrollment_channel(cfg, ca_pem) as channel:
@@ -73,14 +75,14 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
                 ek_certificate=ek_cert or b"",
                 ek_public=ek_public,
                 ak_public=ak_public,
-                host=host_facts(),
+                host=facts,
                 bootstrap_token=cfg.bootstrap_token,
                 channel_key_spki=channel_spki,
             ),
             timeout=cfg.rpc_timeout_s,
         )
-        secret = await tpm.run(
-            backend.activate_credential, challenge.credential_blob, challenge.encrypted_secret
+        secret = await tpm.activate_credential(
+            challenge.credential_blob, challenge.encrypted_secret
         )
         response = await stub.Activate(
             enrollment_pb2.ActivateRequest(
@@ -105,9 +107,10 @@ async def enroll(cfg: AgentConfig, tpm: AsyncTpm, files: AgentFiles) -> Enrollme
 
 async def enroll_retrying(
     cfg: AgentConfig,
-    tpm: AsyncTpm,
-    files: AgentFiles,
+    tpm: Tpm,
+    files: IdentityFiles,
     *,
+    host: HostProbe,
     stop: asyncio.Event,
     give_up_s: float | None = None,
     pending_retry_s: float | None = None,
@@ -128,7 +131,7 @@ async def enroll_retrying(
     while not stop.is_set():
         attempts += 1
         try:
-            return await enroll(cfg, tpm, files)
+            return await enroll(cfg, tpm, files, host=host)
         except EnrollmentPending as exc:
             if pending_retry_s is None:
                 raise

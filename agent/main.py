@@ -1,4 +1,8 @@
-"""``devtrust-agent``: the host agent (run as a systemd service; see packaging/systemd)."""
+"""``devtrust-agent``: the host agent (run as a systemd service; see packaging/systemd).
+
+The agent's parts (``interfaces``) are chosen here, once, from the configuration: the TPM
+(``make_tpm``), the host probe with its GPU source and its one posture watch (``make_host``),
+the identity files; enrollment and the attestation client take them."""
 
 from __future__ import annotations
 
@@ -23,13 +27,16 @@ from google.protobuf import json_format
 from devtrust import __version__
 from devtrust.agent.attest import AttestationClient
 from devtrust.agent.channel import VerifierError, VerifierUnreachable
-from devtrust.agent.collect import check_sources, collect_body
+from devtrust.agent.collect import RootProbe, check_sources, collect_body, gpu_source
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.enroll import EnrollmentPending, enroll_retrying
-from devtrust.agent.errors import ConfigError, DevtrustError, TpmError
-from devtrust.agent.logsetup import configure_logging
+from devtrust.agent.errors import TpmError
+from devtrust.agent.gpu.nvml import XidWatcher
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import AsyncTpm, TpmBackend
+from devtrust.agent.watch import PostureWatcher
+from devtrust.core.errors import ConfigError, DevtrustError
+from devtrust.core.logsetup import configure_logging
 from devtrust.v1 import attestation_pb2
 
 logger = logging.getLogger("devtrust.agent")
@@ -58,6 +65,26 @@ def make_tpm(cfg: AgentConfig) -> AsyncTpm:
     return AsyncTpm(TpmBackend(cfg.tpm.tcti, ek_type=cfg.tpm.ek_type, ak_handle=cfg.tpm.ak_handle))
 
 
+def make_host(cfg: AgentConfig, *, xids: XidWatcher | None = None) -> RootProbe:
+    """This host: posture under ``posture_root``, GPU state from ``gpu_source`` (NVML
+    snapshots carry the Xid events ``xids`` gathers), one posture watch for every client."""
+    watcher = PostureWatcher(
+        cfg.posture_root, interval_s=cfg.watch_interval_s, debounce_s=cfg.posture_debounce_s
+    )
+    return RootProbe(
+        cfg.posture_root,
+        mounts=cfg.encrypted_mounts,
+        gpu=gpu_source(cfg, xids=xids),
+        event_log=cfg.event_log,
+        watcher=watcher,
+    )
+
+
+def make_xid_watcher(cfg: AgentConfig) -> XidWatcher | None:
+    """The NVML Xid watcher where NVML is a GPU source (started by the caller)."""
+    return XidWatcher() if cfg.gpu_source in ("auto", "nvml") else None
+
+
 async def run(
     cfg: AgentConfig, *, enroll_only: bool = False, give_up_s: float | None = None
 ) -> bool:
@@ -70,6 +97,8 @@ async def run(
         loop.add_signal_handler(sig, stop.set)
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
     tpm = make_tpm(cfg)
+    xids = None if enroll_only else make_xid_watcher(cfg)
+    host = make_host(cfg, xids=xids)
     try:
         enrollment = files.load_enrollment()
         if enrollment is None:
@@ -77,6 +106,7 @@ async def run(
                 cfg,
                 tpm,
                 files,
+                host=host,
                 stop=stop,
                 give_up_s=give_up_s if enroll_only else None,
                 pending_retry_s=None if enroll_only else PENDING_RETRY_S,
@@ -86,10 +116,15 @@ async def run(
         if enroll_only:
             print(enrollment.device_id)
             return True
-        await AttestationClient(cfg, tpm, files, enrollment).run(stop)
+        if xids is not None and await asyncio.to_thread(xids.start):
+            logger.info("watching NVML Xid events")
+        client = AttestationClient(cfg, tpm=tpm, host=host, files=files, enrollment=enrollment)
+        await client.run(stop)
         return True
     finally:
         tpm.close()
+        if xids is not None:
+            await asyncio.to_thread(xids.stop)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -118,7 +153,7 @@ def collect(args: argparse.Namespace) -> int:
         print(f"devtrust-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
     body = attestation_pb2.EvidenceBody.FromString(
-        collect_body(cfg, now=datetime.datetime.now(datetime.UTC))
+        asyncio.run(collect_body(make_host(cfg), now=datetime.datetime.now(datetime.UTC)))
     )
     if args.json:
         print(json_format.MessageToJson(body, preserving_proto_field_name=True))

@@ -1,8 +1,9 @@
-"""Files the agent keeps.
+"""The agent's identities and where it keeps them (``interfaces.IdentityFiles``).
 
-state_dir (persistent, 0700): device-id, channel.key (0600), channel.pem, verifier-ca.pem.
-runtime_dir (tmpfs, 0700): device.key (0600), device.pem, ca-bundle.pem: what local
-workloads present to relying parties. Every file is written atomically.
+``AgentFiles``, on hosts: state_dir (persistent, 0700): device-id, channel.key (0600),
+channel.pem, verifier-ca.pem. runtime_dir (tmpfs, 0700): device.key (0600), device.pem,
+ca-bundle.pem: what local workloads present to relying parties. Every file is written
+atomically. ``MemoryFiles``: the same in memory, for simulated devices and tests.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtrust.agent.files import write_atomic
+from devtrust.core.files import write_atomic
 
 CHANNEL_RENEW_BEFORE = datetime.timedelta(days=1)
 
@@ -67,14 +68,7 @@ class AgentFiles:
         if not all(p.exists() for p in paths):
             return None
         device_id, key, cert, ca = (p.read_bytes() for p in paths)
-        try:
-            not_after = x509.load_pem_x509_certificate(cert).not_valid_after_utc
-        except ValueError:
-            return None
-        now = now or datetime.datetime.now(datetime.UTC)
-        if not_after - now < CHANNEL_RENEW_BEFORE:
-            return None
-        return Enrollment(device_id.decode().strip(), key, cert, ca)
+        return usable(Enrollment(device_id.decode().strip(), key, cert, ca), now=now)
 
     def save_enrollment(self, enrollment: Enrollment) -> None:
         self._dirs()
@@ -101,6 +95,44 @@ class AgentFiles:
             return x509.load_pem_x509_certificate(path.read_bytes())
         except ValueError:
             return None
+
+
+def usable(enrollment: Enrollment, *, now: datetime.datetime | None) -> Enrollment | None:
+    """``enrollment``, unless its channel certificate is unreadable or in its last day."""
+    try:
+        not_after = x509.load_pem_x509_certificate(enrollment.channel_cert_pem).not_valid_after_utc
+    except ValueError:
+        return None
+    now = now or datetime.datetime.now(datetime.UTC)
+    return None if not_after - now < CHANNEL_RENEW_BEFORE else enrollment
+
+
+@dataclass
+class MemoryFiles:
+    """Identities in memory: a simulated device's, or a test's. ``saved`` counts the device
+    certificates written, so a test sees that a renewal was stored and nothing else was."""
+
+    enrollment: Enrollment | None = None
+    certificate: x509.Certificate | None = None
+    key: ec.EllipticCurvePrivateKey | None = None
+    ca_pem: bytes = b""
+    saved: int = 0
+
+    def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
+        return None if self.enrollment is None else usable(self.enrollment, now=now)
+
+    def save_enrollment(self, enrollment: Enrollment) -> None:
+        self.enrollment = enrollment
+
+    def device_certificate(self) -> x509.Certificate | None:
+        return self.certificate
+
+    def save_device_certificate(
+        self, key: ec.EllipticCurvePrivateKey, cert_der: bytes, ca_pem: bytes
+    ) -> None:
+        self.key, self.ca_pem = key, ca_pem
+        self.certificate = x509.load_der_x509_certificate(cert_der)
+        self.saved += 1
 
 
 def renewal_due(cert: x509.Certificate | None, *, now: datetime.datetime, renew_at: float) -> bool:

@@ -1,8 +1,9 @@
-"""The agent's TPM backend over tpm2-pytss; the TCTI is configuration.
+"""The real TPM (``interfaces.Tpm``) over tpm2-pytss; the TCTI is configuration.
 
 ``TpmBackend`` is synchronous: every call blocks on the TPM (100-700 ms for a quote on real
 hardware). ``AsyncTpm`` runs each call on one dedicated thread, which serialises them (the
-one lock of STYLE 15) and keeps the event loop free.
+one lock of STYLE 15) and keeps the event loop free: the thread is this backend's business,
+not the interface's.
 """
 
 from __future__ import annotations
@@ -11,14 +12,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-from devtrust.agent.errors import TpmError
-
-# tpm2-tss logs every TPM error code at WARNING to stderr; we report errors ourselves.
-os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import (
@@ -40,9 +36,10 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from devtrust.agent.errors import TpmError
+from devtrust.agent.interfaces import Quote, Selection
+
 T = TypeVar("T")
-Selection = Sequence[tuple[str, Sequence[int]]]
-"""PCR selection as (bank name, indices): [("sha256", [0, 1, 7])]."""
 
 AK_ATTRIBUTES = (
     TPMA_OBJECT.RESTRICTED
@@ -84,6 +81,10 @@ class TpmBackend:
     @property
     def esapi(self) -> ESAPI:
         if self._esapi is None:
+            # tpm2-tss logs every TPM error code at WARNING to stderr, and we report errors
+            # ourselves. It reads TSS2_LOG at its first log line, so setting it here, before
+            # the TCTI opens, is in time, and importing this module changes nothing.
+            os.environ.setdefault("TSS2_LOG", "all+NONE")
             try:
                 self._esapi = ESAPI(self.tcti)
             except (TSS2_Exception, RuntimeError) as exc:
@@ -266,7 +267,8 @@ def _bits(selection: Any) -> list[int]:
 
 
 class AsyncTpm:
-    """Runs TpmBackend calls on one thread, in order, off the event loop."""
+    """The ``Tpm`` interface over a TpmBackend: its calls run on one thread, in order, off the
+    event loop. ``run`` and ``backend`` reach the TPM directly (tests extend PCRs with it)."""
 
     def __init__(self, backend: TpmBackend) -> None:
         self.backend = backend
@@ -275,6 +277,25 @@ class AsyncTpm:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def ek_certificate(self) -> bytes | None:
+        return await self.run(self.backend.ek_certificate)
+
+    async def ek_public(self) -> bytes:
+        return await self.run(self.backend.ek_public)
+
+    async def ak_public(self) -> bytes:
+        return await self.run(self.backend.ak_public)
+
+    async def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        return await self.run(self.backend.activate_credential, credential_blob, encrypted_secret)
+
+    async def pcr_read(self, selection: Selection) -> dict[tuple[str, int], bytes]:
+        return await self.run(self.backend.pcr_read, selection)
+
+    async def quote(self, qualifying_data: bytes, selection: Selection) -> Quote:
+        attest, signature, values = await self.run(self.backend.quote, qualifying_data, selection)
+        return Quote(attest, signature, values)
 
     def close(self) -> None:
         self._executor.submit(self.backend.close)

@@ -40,11 +40,12 @@ import grpc
 
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
-from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
-from devtrust.agent.main import make_tpm
+from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.posture import collect_posture
 from devtrust.agent.state import AgentFiles, Enrollment
 from devtrust.agent.tpm import AsyncTpm
+from devtrust.core.binding import qualifying_data
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.swtpm.bootlog import header_only_log, spec_id_event
 from devtrust.swtpm.hosttree import write_host_tree
@@ -273,7 +274,8 @@ async def measure(work: Path, rounds: int, repeats: int, gap_s: float) -> dict[s
                 gpu_source="none",
             )
             tpm = make_tpm(cfg)
-            agents.append((tpm, await enroll(cfg, tpm, AgentFiles(cfg.state_dir, cfg.runtime_dir))))
+            files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
+            agents.append((tpm, await enroll(cfg, tpm, files, host=make_host(cfg))))
         posture = collect_posture(write_host_tree(work / "host"))
         good_log = header_only_log(work / "good-log.bin").read_bytes()
         target = _Target(pki, verifier)

@@ -28,7 +28,7 @@ from pathlib import Path
 from devtrust.agent.attest import AttestationClient
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
-from devtrust.agent.main import make_tpm
+from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.swtpm.bootlog import header_only_log
@@ -84,8 +84,14 @@ async def measure(work: Path, repeats: int) -> list[float]:
     queue: asyncio.Queue[attestation_pb2.Result] = asyncio.Queue()
     stop = asyncio.Event()
     try:
+        host = make_host(cfg)
         client = AttestationClient(
-            cfg, atpm, files, await enroll(cfg, atpm, files), on_result=queue.put_nowait
+            cfg,
+            tpm=atpm,
+            host=host,
+            files=files,
+            enrollment=await enroll(cfg, atpm, files, host=host),
+            on_result=queue.put_nowait,
         )
         task = asyncio.create_task(client.run(stop))
         await queue.get()

@@ -15,14 +15,14 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtrust.agent.attest import AttestationClient
+from devtrust.agent.attest import AttestationClient, ResultCallback
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
-from devtrust.agent.evidence import evidence_body, host_facts, qualifying_data
-from devtrust.agent.key_proof import sign_possession
-from devtrust.agent.main import make_tpm
+from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles, Enrollment, new_key, spki
 from devtrust.agent.tpm import AsyncTpm
+from devtrust.core.binding import qualifying_data, sign_possession
 from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.swtpm.bootlog import header_only_log
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2_grpc
@@ -95,6 +95,18 @@ class Agent:
     files: AgentFiles
     enrollment: Enrollment
 
+    def client(self, *, on_result: ResultCallback | None = None) -> AttestationClient:
+        """The real attestation client over this agent's TPM and files, with a host probe
+        made from the configuration as it is now (tests change it between clients)."""
+        return AttestationClient(
+            self.cfg,
+            tpm=self.tpm,
+            host=make_host(self.cfg),
+            files=self.files,
+            enrollment=self.enrollment,
+            on_result=on_result,
+        )
+
     def retarget(self, verifier: RunningVerifier) -> None:
         self.cfg = replace(
             self.cfg,
@@ -114,7 +126,7 @@ async def enrolled_agent(
     atpm = make_tpm(cfg)
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
     try:
-        enrollment = await enroll(cfg, atpm, files)
+        enrollment = await enroll(cfg, atpm, files, host=make_host(cfg))
         yield Agent(cfg, atpm, files, enrollment)
     finally:
         atpm.close()
@@ -135,9 +147,7 @@ async def first_results(
             done.set()
 
     stop = asyncio.Event()
-    client = AttestationClient(
-        agent.cfg, agent.tpm, agent.files, agent.enrollment, on_result=on_result
-    )
+    client = agent.client(on_result=on_result)
     task = asyncio.create_task(client.run(stop))
     try:
         await asyncio.wait_for(done.wait(), limit_s)
@@ -259,16 +269,14 @@ async def quote_evidence(
         )
     nonce = quoted_nonce or challenge.nonce
     selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
-    attest, sig, values = await agent.tpm.run(
-        agent.tpm.backend.quote, qualifying_data(nonce, body), selection
-    )
+    quote = await agent.tpm.quote(qualifying_data(nonce, body), selection)
     banks: dict[str, common_pb2.PcrBank] = {}
-    for (bank, index), value in values.items():
+    for (bank, index), value in quote.pcrs.items():
         banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
     evidence = attestation_pb2.Evidence(
         nonce=challenge.nonce,
-        quote_attest=attest,
-        quote_signature=sig,
+        quote_attest=quote.attest,
+        quote_signature=quote.signature,
         pcrs=list(banks.values()),
         body=sent_body or body,
     )

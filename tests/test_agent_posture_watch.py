@@ -15,7 +15,6 @@ import pytest
 
 from devtrust.agent.attest import AttestationClient
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.errors import ConfigError
 from devtrust.agent.posture import (
     Debouncer,
     EphemeralPorts,
@@ -23,10 +22,12 @@ from devtrust.agent.posture import (
     ephemeral_ports,
     fingerprint,
 )
-from devtrust.agent.state import AgentFiles, Enrollment
-from devtrust.agent.tpm import AsyncTpm
+from devtrust.agent.state import Enrollment, MemoryFiles
+from devtrust.agent.watch import PostureWatcher
+from devtrust.core.errors import ConfigError
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2
+from tests.agent_parts import FakeTpm, recorded_host
 
 # /proc/net/tcp rows (local_address is little-endian hex address : big-endian hex port).
 _HEADER = (
@@ -298,18 +299,14 @@ class _ChurningHost:
         return self.state(min(n, self.changes))
 
 
-def _client(tmp_path: Path, **settings: Any) -> AttestationClient:
-    cfg = AgentConfig(
-        state_dir=tmp_path / "state",
-        runtime_dir=tmp_path / "run",
-        posture_root=tmp_path,
-        **settings,
-    )
+def _client(tmp_path: Path) -> AttestationClient:
+    cfg = AgentConfig(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
     return AttestationClient(
         cfg,
-        cast(AsyncTpm, None),
-        AgentFiles(cfg.state_dir, cfg.runtime_dir),
-        Enrollment("ab" * 32, b"", b"", b""),
+        tpm=FakeTpm(),
+        host=recorded_host(),
+        files=MemoryFiles(),
+        enrollment=Enrollment("ab" * 32, b"", b"", b""),
     )
 
 
@@ -328,20 +325,21 @@ async def _forwarding(client: AttestationClient, call: _FakeCall, until: asyncio
 def test_fifty_rapid_changes_send_two_posture_changed_notes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = _client(tmp_path, watch_interval_s=0.001, posture_debounce_s=5.0)
+    client = _client(tmp_path)
     host = _ChurningHost(changes=50, quiet_polls=10)
     call = _FakeCall(host.clock)
+    watcher = PostureWatcher(
+        tmp_path, interval_s=0.001, debounce_s=5.0, probe=host.probe, clock=host.clock
+    )
 
     async def scenario() -> None:
-        watcher = asyncio.create_task(client.watch(probe=host.probe, clock=host.clock))
+        unsubscribe = watcher.subscribe(client.notify_posture_changed)
         try:
             await _forwarding(client, call, host.done)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            unsubscribe()
 
-    with caplog.at_level(logging.INFO, logger="devtrust.agent.attest"):
+    with caplog.at_level(logging.INFO, logger="devtrust.agent.watch"):
         asyncio.run(scenario())
     assert host.polls > 50
     assert [signals for signals, _ in call.sent] == [
@@ -369,3 +367,68 @@ def test_pending_notes_are_merged_not_queued(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert [signals for signals, _ in call.sent] == [["kernel_modules", "listening_sockets"]]
+
+
+# --- one watch per process -----------------------------------------------------------------
+
+
+class _CountingHost:
+    """A fingerprint function that counts its polls; sshd_config changes at poll ``change_at``."""
+
+    def __init__(self, change_at: int = 3) -> None:
+        self.polls = 0
+        self.change_at = change_at
+
+    def probe(self, root: Path) -> dict[str, bytes]:
+        self.polls += 1
+        return {"sshd_config": b"edited" if self.polls > self.change_at else b""}
+
+
+def test_a_thousand_clients_share_one_watch(tmp_path: Path) -> None:
+    """A simulator's clients on one host probe: the host is polled once per interval, not
+    once per client, and every client gets the note."""
+    host = _CountingHost()
+    watcher = PostureWatcher(tmp_path, interval_s=0.001, debounce_s=5.0, probe=host.probe)
+    clients = [_client(tmp_path) for _ in range(1000)]
+
+    async def scenario() -> int:
+        unsubscribes = [watcher.subscribe(c.notify_posture_changed) for c in clients]
+        try:
+            for _ in range(2000):
+                if all(c._outbox for c in clients):
+                    break
+                await asyncio.sleep(0.001)
+            return host.polls
+        finally:
+            for unsubscribe in unsubscribes:
+                unsubscribe()
+
+    polls = asyncio.run(scenario())
+    assert all(c._outbox == {"sshd_config"} for c in clients)
+    assert host.change_at < polls < 100  # one poll per interval, whatever the client count
+
+
+def test_the_watch_runs_while_someone_listens(tmp_path: Path) -> None:
+    host = _CountingHost(change_at=10**9)
+    watcher = PostureWatcher(tmp_path, interval_s=0.001, debounce_s=5.0, probe=host.probe)
+
+    running: list[bool] = []
+
+    async def scenario() -> tuple[int, int]:
+        running.append(watcher.running)
+        first = watcher.subscribe(lambda signals: None)
+        second = watcher.subscribe(lambda signals: None)
+        await asyncio.sleep(0.02)
+        first()
+        running.append(watcher.running)  # one listener left
+        second()
+        await asyncio.sleep(0.01)  # a poll already on its thread may finish
+        running.append(watcher.running)
+        stopped_at = host.polls
+        await asyncio.sleep(0.02)
+        return stopped_at, host.polls
+
+    stopped_at, later = asyncio.run(scenario())
+    assert running == [False, True, False]
+    assert stopped_at > 0
+    assert later == stopped_at  # no poll without a listener

@@ -21,6 +21,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.state import new_key, spki
+from devtrust.core.claims import DeviceClaims
+from devtrust.core.spiffe import spiffe_ids
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import (
     attestation_pb2,
@@ -28,10 +30,10 @@ from devtrust.v1 import (
     common_pb2,
     query_pb2,
 )
-from devtrust.verifier.ca import DeviceClaims, spiffe_ids
 from devtrust.verifier.pki import PkiFiles
-from devtrust.verifier.store import Store as VerifierStore
 from tests.conftest import SwtpmFactory
+from tests.db import counts as stored_counts
+from tests.db import with_repos
 from tests.env import (
     Agent,
     channel_credentials,
@@ -61,7 +63,7 @@ def test_enroll_attest_certify(
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
         ):
             # Zones are assigned by an operator, never claimed by the device (issue 7).
-            assert verifier.store.set_assignment(
+            assert await verifier.repos.devices.set_assignment(
                 agent.enrollment.device_id,
                 zone="model-development",
                 labels={},
@@ -131,9 +133,7 @@ def test_enroll_attest_certify(
             assert [d.device_id for d in listed.devices] == [device_id]
 
     asyncio.run(scenario())
-    store = VerifierStore(config.database)
-    counts = store.counts()
-    store.close()
+    counts = stored_counts(config.database)
     assert counts["devices"] == 1
     assert counts["trust"] == 1
     assert counts["certificates"] == 2  # the channel certificate and the device certificate
@@ -142,7 +142,7 @@ def test_enroll_attest_certify(
 def test_demo_output_verifies_with_openssl(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "devtrust.verifier.cli", "demo", "--out", str(out)],
+        [sys.executable, "-m", "devtrust.swtpm.demo", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -252,9 +252,7 @@ def _run_manual(
             return await manual_stream(pki, verifier, agent, lambda ch: build(agent, ch))  # type: ignore[operator]
 
     reply = asyncio.run(scenario())
-    store = VerifierStore(config.database)
-    counts = store.counts()
-    store.close()
+    counts = stored_counts(config.database)
     return reply, counts
 
 
@@ -336,7 +334,7 @@ def test_malformed_evidence_is_refused_and_nothing_is_written(
             enrolled_agent(workdir, pki, verifier, tpm_a, "a") as bad,
             enrolled_agent(workdir, pki, verifier, tpm_b, "b") as good,
         ):
-            before = verifier.store.counts()
+            before = await verifier.repos.counts()
 
             async def garbage(ch: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
                 return attestation_pb2.Evidence(
@@ -348,7 +346,7 @@ def test_malformed_evidence_is_refused_and_nothing_is_written(
 
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await manual_stream(pki, verifier, bad, garbage)
-            after = verifier.store.counts()
+            after = await verifier.repos.counts()
             # The verifier keeps serving: another device attests normally.
             results = await first_results(good)
             return err.value, before, after, results
@@ -369,15 +367,12 @@ def test_agent_reconnects_after_verifier_restart(
     async def scenario() -> list[attestation_pb2.Result]:
         from dataclasses import replace
 
-        from devtrust.agent.attest import AttestationClient
         from devtrust.verifier.config import ListenConfig
 
         async with running(config) as first, enrolled_agent(workdir, pki, first, tpm) as agent:
             results: list[attestation_pb2.Result] = []
             stop = asyncio.Event()
-            client = AttestationClient(
-                agent.cfg, agent.tpm, agent.files, agent.enrollment, on_result=results.append
-            )
+            client = agent.client(on_result=results.append)
             task = asyncio.create_task(client.run(stop))
             while not results:
                 await asyncio.sleep(0.05)
@@ -405,7 +400,7 @@ def test_agent_reconnects_after_verifier_restart(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_demo_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
     demo = subprocess.Popen(
-        [sys.executable, "-m", "devtrust.verifier.cli", "demo", "--out", str(tmp_path)],
+        [sys.executable, "-m", "devtrust.swtpm.demo", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -440,6 +435,7 @@ def test_revoked_device_can_neither_attest_nor_enroll_again(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
     from devtrust.agent.enroll import enroll
+    from devtrust.agent.main import make_host
     from devtrust.verifier.records import DeviceState
 
     tpm = swtpm_factory()
@@ -450,7 +446,7 @@ def test_revoked_device_can_neither_attest_nor_enroll_again(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
         ):
-            verifier.store.set_state(
+            await verifier.repos.devices.set_state(
                 agent.enrollment.device_id,
                 DeviceState.REVOKED,
                 now=datetime.datetime.now(datetime.UTC),
@@ -462,7 +458,7 @@ def test_revoked_device_can_neither_attest_nor_enroll_again(
                     await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
                     await call.read()
             with pytest.raises(grpc.aio.AioRpcError) as again:
-                await enroll(agent.cfg, agent.tpm, agent.files)
+                await enroll(agent.cfg, agent.tpm, agent.files, host=make_host(agent.cfg))
             return stream.value, again.value
 
     stream, again = asyncio.run(scenario())
@@ -594,13 +590,7 @@ def test_query_filters_pages_and_staleness(
     assert out["missing"].code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
 
     # Later, past the staleness bound: the stored result reads as tier none.
-    from devtrust.verifier.store import Store as VStore
-
-    store = VStore(config.database)
-    try:
-        result = store.latest_result(appraised)
-    finally:
-        store.close()
+    result = with_repos(config.database, lambda repos: repos.trust.latest(appraised))
     assert result is not None
     later = result.appraised_at + datetime.timedelta(seconds=61)
     assert result.at(later).tier.label == "none"
@@ -644,7 +634,9 @@ def test_pending_device_and_foreign_trust_domain_cannot_attest(
             foreign = await _try_attest(
                 target, channel_credentials(pki, key_pem=key_pem, cert_pem=pem(other))
             )
-            verifier.store.set_state(device_id, DeviceState.PENDING_APPROVAL, now=now, event="test")
+            await verifier.repos.devices.set_state(
+                device_id, DeviceState.PENDING_APPROVAL, now=now, event="test"
+            )
             async with stream_channel(pki, verifier, agent.enrollment) as channel:
                 call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=5)
                 with pytest.raises(grpc.aio.AioRpcError) as pending:  # noqa: PT012
@@ -662,9 +654,9 @@ def test_pending_device_and_foreign_trust_domain_cannot_attest(
 def test_an_expired_credential_challenge_is_refused(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
-    from devtrust.agent.enrollment_proof import proof_for
     from devtrust.agent.evidence import host_facts
     from devtrust.agent.tpm import TpmBackend
+    from devtrust.core.binding import proof_for
     from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 
     skew = [datetime.timedelta(0)]
@@ -719,8 +711,6 @@ def test_agent_reconnects_when_the_call_ends_while_it_writes(
     """A verifier restart can end the call between reading a challenge and writing the
     evidence: grpc.aio then raises InvalidStateError, not an RPC error. The agent must
     reconnect, not die (seen once in CI-like runs of the restart test)."""
-    from devtrust.agent.attest import AttestationClient
-
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
 
@@ -729,7 +719,7 @@ def test_agent_reconnects_when_the_call_ends_while_it_writes(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
         ):
-            client = AttestationClient(agent.cfg, agent.tpm, agent.files, agent.enrollment)
+            client = agent.client()
             real, calls = client.session, []
 
             async def flaky_session() -> None:

@@ -16,23 +16,23 @@ import yaml
 from cryptography import x509
 
 from devtrust.agent.enroll import EnrollmentPending, enroll
-from devtrust.agent.enrollment_proof import proof_for
 from devtrust.agent.evidence import host_facts
-from devtrust.agent.main import make_tpm
+from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles, new_key, spki
 from devtrust.agent.tpm import TpmBackend
+from devtrust.core.binding import proof_for
+from devtrust.core.claims import DeviceClaims
 from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
-from devtrust.verifier.ca import DeviceClaims
 from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
 from devtrust.verifier.enrollment import device_id_for
 from devtrust.verifier.main import main
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.server import RunningVerifier
-from devtrust.verifier.store import Store
 from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
+from tests.db import make_database, with_repos
 from tests.env import (
     Agent,
     agent_config,
@@ -62,7 +62,7 @@ def _config_file(workdir: Path, config: VerifierConfig) -> Path:
     if config.enrollment.inventory is not None:
         data["enrollment"] = {"inventory": str(config.enrollment.inventory)}
     path.write_text(yaml.safe_dump(data))
-    Store(config.database).close()  # what `serve` makes: admin commands never make it
+    make_database(config.database)  # what `serve` makes: admin commands never make it
     return path
 
 
@@ -89,11 +89,10 @@ def _claiming_host() -> common_pb2.HostFacts:
 
 @pytest.fixture(autouse=True)
 def claims(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every agent in this module claims zone CLAIMED, at enrollment and in its evidence."""
+    """Every agent in this module claims zone CLAIMED, at enrollment and in its evidence (both
+    take the host's facts from its host probe, agent/collect.py)."""
     import devtrust.agent.collect
-    import devtrust.agent.enroll
 
-    monkeypatch.setattr(devtrust.agent.enroll, "host_facts", lambda **_: _claiming_host())
     monkeypatch.setattr(devtrust.agent.collect, "host_facts", lambda **_: _claiming_host())
 
 
@@ -114,7 +113,7 @@ async def _enroll(
     atpm = make_tpm(cfg)
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
     try:
-        enrollment = await enroll(cfg, atpm, files)
+        enrollment = await enroll(cfg, atpm, files, host=make_host(cfg))
         if attest:
             [result] = await first_results(Agent(cfg, atpm, files, enrollment))
             assert result.HasField("certificate")
@@ -132,11 +131,7 @@ async def _enroll(
 
 
 def _record(config: VerifierConfig, device_id: str) -> DeviceRecord:
-    store = Store(config.database)
-    try:
-        record = store.get_device(device_id)
-    finally:
-        store.close()
+    record = with_repos(config.database, lambda repos: repos.devices.get(device_id))
     assert record is not None
     return record
 
@@ -218,7 +213,10 @@ def test_reenrollment_cannot_change_the_pinned_zone(
         async with running(config) as verifier:
             outcomes = [await _enroll(workdir, pki, verifier, tpm, token=first)]
             if require_approval:
-                rc, _, err = _cli(capsys, "approve", device_id, "--config", str(config_file))
+                # The command runs its own event loop, as it does in its own process.
+                rc, _, err = await asyncio.to_thread(
+                    _cli, capsys, "approve", device_id, "--config", str(config_file)
+                )
                 assert rc == 0, err
             for token in ("", move, relabel, same):
                 outcomes.append(await _enroll(workdir, pki, verifier, tpm, token=token))
@@ -238,14 +236,11 @@ def test_reenrollment_cannot_change_the_pinned_zone(
     assert outcomes[4] == "enrolled"  # a token naming the pinned zone is fine
     record = _record(config, device_id)
     assert (record.zone, record.labels) == ("model-development", {})
-    store = Store(config.database)
-    try:
-        for refused in (move, relabel):  # a refused token is not spent: usable elsewhere
-            token = store.get_token(hashlib.sha256(refused.encode()).hexdigest())
-            assert token is not None
-            assert token.used_at is None
-    finally:
-        store.close()
+    for refused in (move, relabel):  # a refused token is not spent: usable elsewhere
+        digest = hashlib.sha256(refused.encode()).hexdigest()
+        token = with_repos(config.database, lambda repos: repos.tokens.get(digest))  # noqa: B023
+        assert token is not None
+        assert token.used_at is None
 
 
 def test_inventory_wins_and_is_applied_at_start(
@@ -282,7 +277,7 @@ def test_inventory_wins_and_is_applied_at_start(
 
     async def after() -> tuple[str, str]:
         async with running(config) as verifier:
-            store_zone = verifier.store.get_device(known_id)
+            store_zone = await verifier.repos.devices.get(known_id)
             assert store_zone is not None
             # Applied when the verifier starts, before the device says anything.
             assert store_zone.zone == "data-processing"
@@ -397,7 +392,8 @@ def test_a_move_between_challenge_and_answer_is_kept(
                     channel_key_spki=spki(new_key()),
                 )
                 challenge = await stub.Enroll(request, timeout=10)
-                rc, _, err = _cli(
+                rc, _, err = await asyncio.to_thread(
+                    _cli,
                     capsys,
                     "approve",
                     device_id,

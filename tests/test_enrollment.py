@@ -15,20 +15,21 @@ from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
 from devtrust.agent.enroll import EnrollmentPending, enroll
-from devtrust.agent.enrollment_proof import proof_for
 from devtrust.agent.evidence import host_facts
-from devtrust.agent.main import make_tpm
+from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles, new_key, spki
 from devtrust.agent.tpm import AK_ATTRIBUTES, TpmBackend, ak_template
+from devtrust.core.binding import proof_for
 from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 from devtrust.verifier.config import EndorsementConfig, EnrollmentConfig, VerifierConfig
 from devtrust.verifier.enrollment import device_id_for
 from devtrust.verifier.pki import PkiFiles
-from devtrust.verifier.records import DeviceState
-from devtrust.verifier.store import Store
+from devtrust.verifier.records import DeviceRecord, DeviceState
+from devtrust.verifier.storage import DeviceQuery, SqliteRepositories
 from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
+from tests.db import with_repos
 from tests.env import agent_config, channel_credentials, running, verifier_config
 
 pytestmark = pytest.mark.swtpm
@@ -81,8 +82,8 @@ def _enroll(
                 try:
                     await stub.Enroll(request, timeout=10)
                 except grpc.aio.AioRpcError as exc:
-                    return exc, verifier.store.counts()
-            return None, verifier.store.counts()
+                    return exc, (await verifier.repos.counts())
+            return None, (await verifier.repos.counts())
 
     try:
         return asyncio.run(scenario())
@@ -225,7 +226,7 @@ def test_activation_proof_is_checked_and_used_once(
                     ),
                     timeout=10,
                 )
-            after_wrong = verifier.store.counts()
+            after_wrong = await verifier.repos.counts()
             # ... and the challenge survives it: the real secret still enrolls, once.
             secret = backend.activate_credential(
                 challenge.credential_blob, challenge.encrypted_secret
@@ -238,7 +239,7 @@ def test_activation_proof_is_checked_and_used_once(
             assert response.channel_certificate
             with pytest.raises(grpc.aio.AioRpcError) as again:
                 await stub.Activate(right, timeout=10)
-            return wrong.value, after_wrong, again.value, verifier.store.counts()
+            return wrong.value, after_wrong, again.value, (await verifier.repos.counts())
 
     try:
         wrong, after_wrong, again, counts = asyncio.run(scenario())
@@ -288,7 +289,8 @@ def _enroll_with(
                 )
                 atpm = make_tpm(cfg)
                 try:
-                    e = await enroll(cfg, atpm, AgentFiles(cfg.state_dir, cfg.runtime_dir))
+                    files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
+                    e = await enroll(cfg, atpm, files, host=make_host(cfg))
                     outcomes.append(f"enrolled {e.device_id[:8]}")
                 except grpc.aio.AioRpcError as exc:
                     outcomes.append(f"{exc.code().name}: {exc.details()}")
@@ -309,19 +311,21 @@ def test_bootstrap_tokens_are_required_hashed_and_single_use(
         enrollment=EnrollmentConfig(require_token=True),
     )
     now = datetime.datetime.now(datetime.UTC)
-    store = Store(config.database)
     good, old = "tok-" + "a" * 40, "tok-" + "b" * 40
-    store.add_token(
-        hashlib.sha256(good.encode()).hexdigest(),
-        now=now,
-        expires_at=now + datetime.timedelta(hours=1),
-    )
-    store.add_token(
-        hashlib.sha256(old.encode()).hexdigest(),
-        now=now,
-        expires_at=now - datetime.timedelta(seconds=1),
-    )
-    store.close()
+
+    async def add_tokens(store: SqliteRepositories) -> None:
+        await store.tokens.add(
+            hashlib.sha256(good.encode()).hexdigest(),
+            now=now,
+            expires_at=now + datetime.timedelta(hours=1),
+        )
+        await store.tokens.add(
+            hashlib.sha256(old.encode()).hexdigest(),
+            now=now,
+            expires_at=now - datetime.timedelta(seconds=1),
+        )
+
+    with_repos(config.database, add_tokens)
     tpms = [swtpm_factory() for _ in range(3)]
     outcomes = _enroll_with(
         workdir, pki, config, [tpms[0], tpms[0], tpms[1], tpms[2]], ["", good, good, old]
@@ -346,17 +350,20 @@ def test_operator_approval(
     tpm = swtpm_factory()
     [first] = _enroll_with(workdir, pki, config, [tpm], [""])
     assert first.startswith("pending: device ")
-    store = Store(config.database)
-    [device] = store.list_devices()
-    assert device.state is DeviceState.PENDING_APPROVAL
-    assert store.counts()["certificates"] == 0  # no channel certificate while pending
-    store.set_state(
-        device.device_id,
-        DeviceState.ENROLLED,
-        now=datetime.datetime.now(datetime.UTC),
-        event="approved",
-    )
-    store.close()
+
+    async def approve(store: SqliteRepositories) -> DeviceRecord:
+        [device] = await store.devices.list(DeviceQuery())
+        assert device.state is DeviceState.PENDING_APPROVAL
+        assert (await store.counts())["certificates"] == 0  # no channel certificate while pending
+        await store.devices.set_state(
+            device.device_id,
+            DeviceState.ENROLLED,
+            now=datetime.datetime.now(datetime.UTC),
+            event="approved",
+        )
+        return device
+
+    device = with_repos(config.database, approve)
     [second] = _enroll_with(workdir, pki, config, [tpm], [""])
     assert second == f"enrolled {device.device_id[:8]}"
 
@@ -464,7 +471,7 @@ def test_a_device_revoked_while_challenged_stays_revoked(
         ):
             stub = enrollment_pb2_grpc.EnrollmentStub(channel)
             challenge = await stub.Enroll(request, timeout=10)
-            verifier.store.set_state(
+            await verifier.repos.devices.set_state(
                 challenge.device_id,
                 DeviceState.REVOKED,
                 now=datetime.datetime.now(datetime.UTC),
@@ -481,7 +488,7 @@ def test_a_device_revoked_while_challenged_stays_revoked(
                     ),
                     timeout=10,
                 )
-            record = verifier.store.get_device(challenge.device_id)
+            record = await verifier.repos.devices.get(challenge.device_id)
             assert record is not None
             assert record.state is DeviceState.REVOKED
             return refused.value

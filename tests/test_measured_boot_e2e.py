@@ -21,7 +21,6 @@ from devtrust.agent.attest import AttestationClient
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier.pki import PkiFiles
-from devtrust.verifier.store import Store
 from tests import eventlogs
 from tests.conftest import SwtpmFactory
 from tests.env import Agent, enrolled_agent, running, verifier_config
@@ -70,9 +69,7 @@ async def attesting(
     """Run the real attestation client; yield a function that awaits the next result."""
     queue: asyncio.Queue[attestation_pb2.Result] = asyncio.Queue()
     stop = asyncio.Event()
-    client = AttestationClient(
-        agent.cfg, agent.tpm, agent.files, agent.enrollment, on_result=queue.put_nowait
-    )
+    client = agent.client(on_result=queue.put_nowait)
     task = asyncio.create_task(client.run(stop))
 
     def next_result() -> asyncio.Future[attestation_pb2.Result]:
@@ -183,12 +180,8 @@ def test_event_log_replayed_incrementally_and_an_unlogged_extension_caught(
                         third = await next_result()
             finally:
                 AttestationClient._event_log = original  # type: ignore[method-assign]
-            store = Store(config.database)
-            try:
-                state = store.tpm_state(agent.enrollment.device_id)
-                stored_log = store.event_log(agent.enrollment.device_id)
-            finally:
-                store.close()
+            state = await verifier.repos.trust.tpm_state(agent.enrollment.device_id)
+            stored_log = await verifier.repos.trust.event_log(agent.enrollment.device_id)
             assert state is not None
             assert state.log is not None
             # Stored append-only, part by part; together they are the host's log.

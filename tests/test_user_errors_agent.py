@@ -31,15 +31,16 @@ from devtrust.agent.attest import tier_word, withheld_reason
 from devtrust.agent.channel import Backoff, explain, host_of, short_detail
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
-from devtrust.agent.main import build_parser, make_tpm
+from devtrust.agent.main import build_parser, make_host, make_tpm
 from devtrust.agent.state import AgentFiles
 from devtrust.swtpm import EndorsementCA
 from devtrust.swtpm.bootlog import header_only_log
 from devtrust.v1 import common_pb2
 from devtrust.verifier.config import EnrollmentConfig
 from devtrust.verifier.pki import PkiFiles, init_pki
-from devtrust.verifier.store import Store
+from devtrust.verifier.storage import SqliteRepositories
 from tests.conftest import SwtpmFactory
+from tests.db import with_repos
 from tests.env import enrolled_agent, first_results, running, verifier_config
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING) ")
@@ -225,11 +226,13 @@ def test_enroll_against_a_verifier_one_line(
         ),
     )
     if case.require_token:
-        store = Store(config.database)
         digest = hashlib.sha256(ctx["spent"].encode()).hexdigest()
-        store.add_token(digest, now=now, expires_at=now + datetime.timedelta(hours=1))
-        assert store.use_token(digest, device_id="another-device", now=now)
-        store.close()
+
+        async def spend(store: SqliteRepositories) -> bool:
+            await store.tokens.add(digest, now=now, expires_at=now + datetime.timedelta(hours=1))
+            return await store.tokens.use(digest, device_id="another-device", now=now)
+
+        assert with_repos(config.database, spend)
     tpm = swtpm_factory(other_endorsement_ca if case.foreign_ek else None)
 
     async def scenario() -> Outcome:
@@ -528,7 +531,8 @@ def test_run_stops_on_a_stream_certificate_that_does_not_name_the_address(
             cfg = base_config(workdir, tpm.tcti, good, narrow.ca_cert)
             atpm = make_tpm(cfg)
             try:
-                await enroll(cfg, atpm, AgentFiles(cfg.state_dir, cfg.runtime_dir))
+                files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
+                await enroll(cfg, atpm, files, host=make_host(cfg))
             finally:
                 atpm.close()
             wrong = f"127.0.0.1:{verifier.attestation_port}"

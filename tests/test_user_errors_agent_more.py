@@ -25,12 +25,12 @@ from tpm2_pytss.utils import ek_template
 from devtrust.agent.channel import VerifierError
 from devtrust.agent.config import EK_TYPES, AgentConfig, TpmConfig
 from devtrust.agent.enroll import _with_token_remedy
-from devtrust.agent.errors import ConfigError
+from devtrust.core.errors import ConfigError
 from devtrust.swtpm import EndorsementCA
 from devtrust.verifier.config import EnrollmentConfig
 from devtrust.verifier.pki import PkiFiles
-from devtrust.verifier.store import Store
 from tests.conftest import SwtpmFactory
+from tests.db import with_repos
 from tests.env import running, verifier_config
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING) ")
@@ -364,13 +364,14 @@ def test_bootstrap_token_against_a_verifier(
         enrollment=EnrollmentConfig(require_token=True),
     )
     token = "tok-" + "A1_-" * 10
-    store = Store(config.database)
-    store.add_token(
-        hashlib.sha256(token.encode()).hexdigest(),
-        now=now,
-        expires_at=now + datetime.timedelta(hours=1),
+    with_repos(
+        config.database,
+        lambda store: store.tokens.add(
+            hashlib.sha256(token.encode()).hexdigest(),
+            now=now,
+            expires_at=now + datetime.timedelta(hours=1),
+        ),
     )
-    store.close()
     tpm = swtpm_factory()
 
     async def scenario() -> Outcome:

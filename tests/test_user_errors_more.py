@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
+from devtrust.core.errors import DevtrustError
 from devtrust.swtpm import EndorsementCA
+from devtrust.swtpm.demo import MARKER, check_out_dir
 from devtrust.verifier.config import parse_address
-from devtrust.verifier.demo import MARKER, check_out_dir
-from devtrust.verifier.errors import DevtrustError
 from devtrust.verifier.pki import PkiFiles, init_pki
 from devtrust.verifier.records import DeviceRecord, DeviceState
-from devtrust.verifier.store import Store
-from tests.test_user_errors_verifier import _config, _copy_pki, _lines, _run, _write
+from tests.db import with_repos
+from tests.test_user_errors_verifier import PROGS, _config, _copy_pki, _lines, _run, _write
 
 NOT_UTF8 = b"# caf\xe9\npolicy_id: x\n"
 DEVICE = "ab" * 32
@@ -240,21 +240,21 @@ def _cfg(t: Path) -> str:
 CLI_CASES = [
     CliCase(
         "demo into a directory of other files",
-        "devtrust.verifier.cli",
-        lambda t: ["demo", "--out", str(t / "mine")],
+        "devtrust.swtpm.demo",
+        lambda t: ["--out", str(t / "mine")],
         1,
         lambda t: (
-            f"devtrust: --out {t / 'mine'} is not empty and no demo made it (2 entries, e.g. "
+            f"devtrust-demo: --out {t / 'mine'} is not empty and no demo made it (2 entries, e.g. "
             "'notes.txt'); the demo would replace verifier.db and result.json there: give a "
             "new or empty directory (--out DIR)"
         ),
     ),
     CliCase(
         "demo with an empty --out",
-        "devtrust.verifier.cli",
-        lambda t: ["demo", "--out", ""],
+        "devtrust.swtpm.demo",
+        lambda t: ["--out", ""],
         1,
-        lambda t: "devtrust: --out is empty: give the directory for the results",
+        lambda t: "devtrust-demo: --out is empty: give the directory for the results",
     ),
     CliCase(
         "token create without a database",
@@ -404,7 +404,7 @@ def test_command_refuses_with_one_line(case: CliCase, tmp_path: Path, pki: PkiFi
     assert made.returncode == 0, made.stderr
     before = _snapshot(tmp_path)
     run = _run(case.module, *case.argv(tmp_path))
-    prog = "devtrust-verifier" if case.module == "devtrust.verifier.main" else "devtrust"
+    prog = PROGS[case.module]
     assert run.returncode == case.code, run.stderr
     assert _lines(run, prog) == [case.line(tmp_path)]
     assert _snapshot(tmp_path) == before  # nothing made, replaced or migrated
@@ -429,9 +429,9 @@ def test_operator_force_replaces_and_keeps_the_old_files(tmp_path: Path, pki: Pk
 
 
 def _pending_device(database: Path) -> None:
-    store = Store(database)
-    try:
-        store.save_device(
+    with_repos(
+        database,
+        lambda store: store.devices.save(
             DeviceRecord(
                 device_id=DEVICE,
                 state=DeviceState.PENDING_APPROVAL,
@@ -444,9 +444,8 @@ def _pending_device(database: Path) -> None:
             ),
             now=datetime.datetime.now(datetime.UTC),
             event="enrolled",
-        )
-    finally:
-        store.close()
+        ),
+    )
 
 
 def test_approve_takes_an_upper_case_device_id(tmp_path: Path) -> None:
@@ -458,11 +457,7 @@ def test_approve_takes_an_upper_case_device_id(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert f"approved {DEVICE}" in run.stdout
-    store = Store(database)
-    try:
-        record = store.get_device(DEVICE)
-    finally:
-        store.close()
+    record = with_repos(database, lambda store: store.devices.get(DEVICE))
     assert record is not None
     assert record.state is DeviceState.ENROLLED
 

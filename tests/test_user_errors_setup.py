@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from devtrust.agent.enroll import EnrollmentPending, enroll
-from devtrust.agent.main import make_tpm
+from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import TpmBackend
 from devtrust.swtpm import EndorsementCA, Swtpm
@@ -32,10 +32,10 @@ from devtrust.verifier import main as verifier_main
 from devtrust.verifier.config import DEFAULT_ROOTS, EnrollmentConfig
 from devtrust.verifier.enrollment import device_id_for
 from devtrust.verifier.pki import PkiFiles
-from devtrust.verifier.store import Store
 from devtrust.verifier.tools import default_text
 from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
+from tests.db import make_database
 from tests.env import agent_config, running, verifier_config
 from tests.test_user_errors_verifier import ISO, ROOT, _lines, _run, _wait_for
 
@@ -168,7 +168,7 @@ def test_approved_device_completes_with_the_token_it_spent(
     )
     config_file = tmp_path / "cli.yaml"
     config_file.write_text(yaml.safe_dump({"database": str(config.database)}))
-    Store(config.database).close()  # what `serve` makes: `token create` never makes it
+    make_database(config.database)  # what `serve` makes: `token create` never makes it
     made = _run(
         "devtrust.verifier.main", "token", "create", "--config", str(config_file), "--ttl-s", "600"
     )
@@ -180,7 +180,8 @@ def test_approved_device_completes_with_the_token_it_spent(
         cfg = replace(agent_config(tmp_path, pki, verifier, tpm), bootstrap_token=token)
         atpm = make_tpm(cfg)
         try:
-            enrollment = await enroll(cfg, atpm, AgentFiles(cfg.state_dir, cfg.runtime_dir))
+            files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
+            enrollment = await enroll(cfg, atpm, files, host=make_host(cfg))
         except EnrollmentPending:
             return "pending"
         except grpc.aio.AioRpcError as exc:

@@ -59,6 +59,14 @@ def _run(module: str, *argv: str, timeout: float = 60) -> subprocess.CompletedPr
     )
 
 
+# The program name that starts each command's error lines.
+PROGS = {
+    "devtrust.verifier.main": "devtrust-verifier",
+    "devtrust.verifier.cli": "devtrust",
+    "devtrust.swtpm.demo": "devtrust-demo",
+}
+
+
 def _lines(run: subprocess.CompletedProcess[str], prog: str) -> list[str]:
     """The program's own error lines (log lines have a timestamp first)."""
     assert "Traceback" not in run.stdout + run.stderr, run.stderr
@@ -507,20 +515,20 @@ CLI_CASES = [
     ),
     CliCase(
         "demo into an unwritable place",
-        "devtrust.verifier.cli",
-        lambda t: ["demo", "--out", str(UNWRITABLE)],
+        "devtrust.swtpm.demo",
+        lambda t: ["--out", str(UNWRITABLE)],
         1,
         lambda t: (
-            f"devtrust: cannot create {UNWRITABLE}: {_unwritable_reason()}: choose a "
+            f"devtrust-demo: cannot create {UNWRITABLE}: {_unwritable_reason()}: choose a "
             "directory you can write (--out)"
         ),
     ),
     CliCase(
         "demo into a file",
-        "devtrust.verifier.cli",
-        lambda t: ["demo", "--out", str(t / "a-file")],
+        "devtrust.swtpm.demo",
+        lambda t: ["--out", str(t / "a-file")],
         1,
-        lambda t: f"devtrust: {t / 'a-file'} is not a directory: choose a directory (--out)",
+        lambda t: f"devtrust-demo: {t / 'a-file'} is not a directory: choose a directory (--out)",
     ),
     CliCase(
         "refs learn from a database that is not one",
@@ -541,7 +549,7 @@ def test_command_refuses_with_one_line(case: CliCase, tmp_path: Path) -> None:
     (tmp_path / "db").mkdir()
     (tmp_path / "v.yaml").write_text(f"database: {tmp_path / 'db' / 'v.db'}\n")
     run = _run(case.module, *case.argv(tmp_path))
-    prog = "devtrust-verifier" if case.module == "devtrust.verifier.main" else "devtrust"
+    prog = PROGS[case.module]
     assert run.returncode == case.code, run.stderr
     assert _lines(run, prog) == [case.line(tmp_path)]
     assert not (tmp_path / "db" / "v.db").exists()  # nothing made for a refused command
