@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -91,11 +92,15 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self._clock = clock
         self._live: dict[str, _Live] = {}
         self._inflight: set[asyncio.Task[Decision]] = set()
+        # Each device's decision in flight: its next one waits for it (see _decide).
+        self._deciding: dict[str, asyncio.Task[Decision]] = {}
         # Monotonic time of each device's last challenge, across its streams.
         self._last_challenge: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=settings.appraisal_workers, thread_name_prefix="appraise"
         )
+        # Held from reading the device to the end of its appraisal (see _decision).
+        self._workers = asyncio.Semaphore(settings.appraisal_workers)
 
     async def aclose(self) -> None:
         """Let the decisions in flight finish (they are published to the store), then stop
@@ -257,16 +262,27 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         """The decision on the Evidence in ``msg``, converted here: a malformed one ends the
         stream before anything is read, appraised or stored."""
         evidence = wire_attest.evidence_of(msg, self._limits)
+        device_id = session.record.device_id
+        # One decision per device at a time: a stream its agent closes leaves its decision
+        # running (below), and a device reconnecting at once must not stack decisions
+        # behind a slow one, each holding its evidence. This wait is the stream's own:
+        # cancelled with it.
+        earlier = self._deciding.get(device_id)
+        if earlier is not None and not earlier.done():
+            await asyncio.wait({earlier})
         task = asyncio.ensure_future(self._decision(session, nonce, evidence))
         me.inflight = task
         self._inflight.add(task)
-        task.add_done_callback(self._finished)
+        self._deciding[device_id] = task
+        task.add_done_callback(functools.partial(self._finished, device_id))
         # Shielded: a stream cancelled meanwhile (replaced, or the server stopping) does not
         # lose a decision half made; the newer stream and aclose wait for it.
         return await asyncio.shield(task)
 
-    def _finished(self, task: asyncio.Task[Decision]) -> None:
+    def _finished(self, device_id: str, task: asyncio.Task[Decision]) -> None:
         self._inflight.discard(task)
+        if self._deciding.get(device_id) is task:
+            del self._deciding[device_id]
         if not task.cancelled() and task.exception() is not None:
             # Retrieved here, so that the error of a decision whose stream ended meanwhile
             # (replaced, or the server stopping) is not reported as never retrieved; a stream
@@ -276,12 +292,15 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
     async def _decision(self, session: DeviceSession, nonce: Nonce, evidence: Evidence) -> Decision:
         """Refresh the device, appraise on a worker thread, publish (store first)."""
         device_id = session.record.device_id
-        self._attestor.refresh(session, await self._repos.devices.get(device_id))
-        now = self._clock()
-        # Appraisal runs on a worker thread: a costly one (a long event log, many GPUs)
-        # cannot hold up other devices' streams on this loop.
-        future = self._pool.submit(self._attestor.decide, session, nonce, evidence, now=now)
-        decision = await asyncio.wrap_future(future)
+        # The device is read once a worker is free for its appraisal, not before it waits
+        # for one: a device revoked while every worker was busy is refused, not certified.
+        async with self._workers:
+            self._attestor.refresh(session, await self._repos.devices.get(device_id))
+            now = self._clock()
+            # Appraisal runs on a worker thread: a costly one (a long event log, many GPUs)
+            # cannot hold up other devices' streams on this loop.
+            future = self._pool.submit(self._attestor.decide, session, nonce, evidence, now=now)
+            decision = await asyncio.wrap_future(future)
         await self._sinks.publish(decision)
         return decision
 

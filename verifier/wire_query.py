@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from devtrust.core.tier import Tier
 from devtrust.v1 import common_pb2, query_pb2
 from devtrust.verifier.errors import MalformedInput
+from devtrust.verifier.inventory import MAX_LABELS
 from devtrust.verifier.policy import Policy
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.storage import DeviceQuery
@@ -37,7 +38,12 @@ def device_query_from_wire(
 ) -> DeviceQuery:
     """The page a ListDevicesRequest asks for, its tiers and staleness as of ``now`` (a
     result past its staleness bound is tier none). Raises ``MalformedInput`` on an unknown
-    tier."""
+    tier or more labels than a device carries."""
+    if len(msg.labels) > MAX_LABELS:  # one SQL condition each: bounded, like a device's
+        raise MalformedInput(
+            f"ListDevicesRequest.labels: {len(msg.labels)} labels, more than the {MAX_LABELS} "
+            "a device can carry"
+        )
     tier: Tier | None = None
     if msg.tier:  # TIER_UNSPECIFIED: any tier
         tier = TIERS_FROM_WIRE.get(msg.tier)
