@@ -23,11 +23,12 @@ import statistics
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
@@ -40,7 +41,7 @@ from devtrust.core.binding import qualifying_data
 from devtrust.core.ids import Nonce
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.verifier import measured_boot
-from devtrust.verifier.appraisal import Evidence, Expectation, appraise
+from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise
 from devtrust.verifier.config import AttestationConfig, LimitsConfig
 from devtrust.verifier.tpm import eventlog
 from devtrust.verifier.tpm.constants import hash_alg, hash_name
@@ -48,6 +49,9 @@ from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public, p
 from devtrust.verifier.wire_body import WireBody, body_from_wire
 
 RSA_HANDLE = 0x81010003
+
+# An AK's public area, the EK's, and a quote: attest, signature and the PCR values read.
+Quote = tuple[bytes, bytes, bytes, bytes, dict[tuple[str, int], bytes]]
 
 
 def make_rsa_ak(backend: TpmBackend) -> None:
@@ -61,8 +65,8 @@ def make_rsa_ak(backend: TpmBackend) -> None:
     e.flush_context(handle)
 
 
-def quotes(nonce: bytes, body: bytes, sel: list[tuple[str, list[int]]]) -> dict[str, Any]:
-    out = {}
+def quotes(nonce: bytes, body: bytes, sel: list[tuple[str, list[int]]]) -> dict[str, Quote]:
+    out: dict[str, Quote] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ca = EndorsementCA.create(Path(tmp) / "ca")
         provision(Path(tmp) / "tpm", ca)
@@ -116,21 +120,31 @@ def bench_quotes(rounds: int, repeats: int) -> list[dict[str, Any]]:
         )
         assert appraise(evidence, expect, now=now).passed
         sig = parse_signature(signature)
+        raw: Callable[[], None]
         if isinstance(key, ec.EllipticCurvePublicKey):
             der = encode_dss_signature(
                 int.from_bytes(sig.ecc_r, "big"), int.from_bytes(sig.ecc_s, "big")
             )
 
-            def raw(k: Any = key, d: bytes = der, m: bytes = attest) -> None:
+            def raw_ecdsa(
+                k: ec.EllipticCurvePublicKey = key, d: bytes = der, m: bytes = attest
+            ) -> None:
                 k.verify(d, m, ec.ECDSA(hashes.SHA256()))
+
+            raw = raw_ecdsa
         else:
 
-            def raw(k: Any = key, s: bytes = sig.rsa_sig, m: bytes = attest) -> None:
+            def raw_rsa(
+                k: rsa.RSAPublicKey = key, s: bytes = sig.rsa_sig, m: bytes = attest
+            ) -> None:
                 k.verify(s, m, padding.PKCS1v15(), hashes.SHA256())
 
-        raw_rate, appraisal_rate = rates(
-            [raw, lambda e=evidence, x=expect: appraise(e, x, now=now)], rounds, repeats
-        )
+            raw = raw_rsa
+
+        def appraise_once(e: Evidence = evidence, x: Expectation = expect) -> Appraisal:
+            return appraise(e, x, now=now)
+
+        raw_rate, appraisal_rate = rates([raw, appraise_once], rounds, repeats)
         rows.append(
             {
                 "ak": name,

@@ -187,8 +187,8 @@ async def _hostile(
             try:
                 while active.is_set():
                     msg = await call.read()
-                    if msg is grpc.aio.EOF:
-                        break
+                    if not isinstance(msg, attestation_pb2.VerifierMessage):
+                        break  # EOF: the verifier ended the stream
                     if not msg.HasField("challenge"):
                         continue
                     n += 1
@@ -201,13 +201,24 @@ async def _hostile(
                     )
                     counts["sent"] += 1
                     reply = await call.read()
-                    if reply is not grpc.aio.EOF and reply.HasField("result"):
+                    if isinstance(reply, attestation_pb2.VerifierMessage) and reply.HasField(
+                        "result"
+                    ):
                         counts["appraised"] += 1
             except grpc.aio.AioRpcError as exc:
                 key = f"{exc.code().name}: {(exc.details() or '')[:60]}"
                 counts[key] = counts.get(key, 0) + 1
             finally:
                 call.cancel()
+
+
+async def _read(
+    call: grpc.aio.StreamStreamCall[attestation_pb2.AgentMessage, attestation_pb2.VerifierMessage],
+) -> attestation_pb2.VerifierMessage:
+    """The next message of a good device's stream, which the verifier never ends."""
+    msg = await call.read()
+    assert isinstance(msg, attestation_pb2.VerifierMessage), "the stream ended"
+    return msg
 
 
 async def _good_round_trips(
@@ -224,19 +235,20 @@ async def _good_round_trips(
         now=datetime.datetime.now(datetime.UTC),
         os=posture,
     )
-    samples = []
+    samples: list[float] = []
     async with _channel(target, enrollment) as channel:
         call = attestation_pb2_grpc.AttestationStub(channel).Attest()
         await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
-        msg = await call.read()
+        msg = await _read(call)
         while len(samples) < rounds:
             evidence = await _evidence(tpm, msg.challenge, body, log)
             start = time.perf_counter()
             await call.write(attestation_pb2.AgentMessage(evidence=evidence))
             reply = await call.read()
             samples.append(time.perf_counter() - start)
+            assert isinstance(reply, attestation_pb2.VerifierMessage), "the stream ended"
             assert reply.result.trust.tier != common_pb2.TIER_CONTRAINDICATED, reply
-            msg = reply if reply.HasField("challenge") else await call.read()
+            msg = reply if reply.HasField("challenge") else await _read(call)
         call.cancel()
     return samples
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -179,7 +179,7 @@ def operator_stub(
     verifier: RunningVerifier,
     workdir: Path,
     trust_domain: str = "devtrust.local",
-) -> tuple[grpc.aio.Channel, query_pb2_grpc.QueryStub]:
+) -> tuple[grpc.aio.Channel, query_pb2_grpc.QueryAsyncStub]:
     ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
     cert, key = issue_operator(
         ca,
@@ -226,21 +226,33 @@ def foreign_client_identity(spiffe_kind: str, name: str) -> tuple[bytes, bytes]:
 
 # --- driving the attestation stream by hand ---------------------------------------------
 
+AttestStream = grpc.aio.StreamStreamCall[
+    attestation_pb2.AgentMessage, attestation_pb2.VerifierMessage
+]
+
+
+async def read_message(call: AttestStream) -> attestation_pb2.VerifierMessage:
+    """The verifier's next message on ``call``; the stream ending cleanly instead (EOF) fails
+    the test here, where it happened."""
+    msg = await call.read()
+    assert isinstance(msg, attestation_pb2.VerifierMessage), "the verifier ended the stream"
+    return msg
+
 
 async def manual_stream(
     pki: PkiFiles,
-    verifier: object,
+    verifier: RunningVerifier,
     agent: Agent,
-    build: object,
+    build: Callable[[attestation_pb2.Challenge], Awaitable[attestation_pb2.Evidence]],
 ) -> attestation_pb2.VerifierMessage:
     """Open a stream with the agent's channel identity and answer the first challenge with
     evidence made by ``build(challenge) -> Evidence``; return the verifier's reply."""
-    async with stream_channel(pki, verifier, agent.enrollment) as channel:  # type: ignore[arg-type]
+    async with stream_channel(pki, verifier, agent.enrollment) as channel:
         call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=15)
         await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
         first = await call.read()
         assert isinstance(first, attestation_pb2.VerifierMessage)
-        evidence = await build(first.challenge)  # type: ignore[operator]
+        evidence = await build(first.challenge)
         await call.write(attestation_pb2.AgentMessage(evidence=evidence))
         reply = await call.read()
         call.cancel()

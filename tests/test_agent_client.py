@@ -82,6 +82,8 @@ class ScriptedVerifier(attestation_pb2_grpc.AttestationServicer):
         self.done = asyncio.Event()
         self.error: BaseException | None = None
 
+    # The generated base declares a response iterator; like the verifier's servicer, this one
+    # writes through the context and returns None, which grpc.aio allows.
     async def Attest(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[attestation_pb2.AgentMessage],

@@ -65,7 +65,7 @@ FACTS = BootFacts(
     databases={"dbx": [SignatureEntry("sha256", "owner", "aa" * 32)]},
     boot_applications=[BootApplication(4, {"sha256": "bb" * 32}, "\\EFI\\BOOT\\BOOTX64.EFI")],
 )
-PCRS = {(Alg.SHA256, 7): b"\x07" * 32}
+PCRS: dict[tuple[int, int], bytes] = {(Alg.SHA256, 7): b"\x07" * 32}
 
 
 def _ids(group: RefGroup, facts: BootFacts | None = FACTS) -> list[str]:
@@ -119,15 +119,19 @@ def test_event_rules_without_a_verified_log() -> None:
     assert _ids(RefGroup(name="g", secure_boot=True), facts=None) == ["refs.no_event_log"]
 
 
-def test_group_selection(tmp_path: object) -> None:
+def test_group_selection() -> None:
     refs = ReferenceValues(
         groups=[
             RefGroup(name="h100", zone="model-development", labels={"sku": "h100"}),
             RefGroup(name="any"),
         ]
     )
-    assert refs.for_device("model-development", {"sku": "h100"}).name == "h100"  # type: ignore[union-attr]
-    assert refs.for_device("production-inference", {}).name == "any"  # type: ignore[union-attr]
+    h100 = refs.for_device("model-development", {"sku": "h100"})
+    assert h100 is not None
+    assert h100.name == "h100"
+    fallback = refs.for_device("production-inference", {})
+    assert fallback is not None
+    assert fallback.name == "any"
 
 
 def test_an_allowlist_and_no_boot_application_is_a_finding() -> None:

@@ -32,7 +32,7 @@ NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
 DEVICE = "d" * 64
 NONCE = Nonce(b"\x05" * 32)
 SELECTION = (PcrSelect(Alg.SHA256, (0, 7)),)
-PCRS = {(Alg.SHA256, 0): bytes(32), (Alg.SHA256, 7): bytes(32)}
+PCRS: dict[tuple[int, int], bytes] = {(Alg.SHA256, 0): bytes(32), (Alg.SHA256, 7): bytes(32)}
 AK = ec.generate_private_key(ec.SECP256R1())
 PRIOR = ClockState(clock=5000, reset_count=3, restart_count=1, firmware_version=0x2019_1023)
 
@@ -53,7 +53,7 @@ class Case:
     rebooted: bool = False
 
 
-LOG = eventlogs.spec_id_header(("sha256",))
+LOG: bytes = eventlogs.spec_id_header(("sha256",))
 
 
 def _evidence(case: Case, *, body: bytes | None = None) -> Evidence:

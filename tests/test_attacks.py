@@ -29,18 +29,22 @@ from devtrust.agent.state import new_key, spki
 from devtrust.core.binding import sign_possession
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2
-from devtrust.verifier import attestor
+from devtrust.verifier import appraisal, attestor
+from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation
 from devtrust.verifier.config import DEFAULT_POLICY, LimitsConfig
 from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.server import RunningVerifier
 from tests import eventlogs
 from tests.conftest import SwtpmFactory
 from tests.env import (
     Agent,
+    AttestStream,
     enrolled_agent,
     first_results,
     manual_stream,
     operator_stub,
     quote_evidence,
+    read_message,
     running,
     stream_channel,
     verifier_config,
@@ -339,7 +343,7 @@ def test_host_facts_past_their_limits_are_refused_at_enrollment(
             host = host_facts()
             host.hostname = "h" * 3_000_000
             request = enrollment_pb2.EnrollRequest(
-                ek_certificate=backend.ek_certificate(),
+                ek_certificate=backend.ek_certificate() or b"",
                 ek_public=backend.ek_public(),
                 ak_public=backend.ak_public(),
                 host=host,
@@ -475,12 +479,12 @@ def test_a_slow_appraisal_does_not_hold_up_other_devices_or_queries(
     tpm_a, tpm_b = swtpm_factory(), swtpm_factory()
     release = threading.Event()
     entered = threading.Event()
-    real_appraise = attestor.appraise
+    real_appraise = appraisal.appraise  # the function attestor imported, before the patch
     slow_device: list[str] = []
 
     timed_out: list[bool] = []
 
-    def appraise(evidence: Any, expect: Any, *, now: datetime.datetime) -> Any:
+    def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime) -> Appraisal:
         if expect.device_id in slow_device:
             entered.set()
             # Released by the test once B is served: never, if this held the event loop.
@@ -568,11 +572,13 @@ def test_a_policy_a_device_makes_slow_is_abandoned_and_holds_up_nobody(
 # --- 8. floods ------------------------------------------------------------------------------
 
 
-async def _open(pki: PkiFiles, verifier: Any, agent: Agent) -> Any:
+async def _open(
+    pki: PkiFiles, verifier: RunningVerifier, agent: Agent
+) -> tuple[grpc.aio.Channel, AttestStream, attestation_pb2.Challenge]:
     channel = stream_channel(pki, verifier, agent.enrollment)
     call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=30)
     await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
-    first = await call.read()
+    first = await read_message(call)
     assert first.HasField("challenge")
     return channel, call, first.challenge
 
@@ -595,7 +601,7 @@ def test_a_newer_stream_replaces_the_older_one(
                 await new.write(
                     attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))
                 )
-                reply = await new.read()
+                reply = await read_message(new)
             finally:
                 await old_channel.close()
                 await new_channel.close()
@@ -650,7 +656,10 @@ def test_reconnecting_does_not_buy_appraisals(
 
 
 async def _flood(
-    call: Any, note: attestation_pb2.AgentMessage, count: int, reading: asyncio.Future[Any]
+    call: AttestStream,
+    note: attestation_pb2.AgentMessage,
+    count: int,
+    reading: asyncio.Future[object],
 ) -> None:
     for _ in range(count):
         try:
@@ -683,7 +692,7 @@ def test_posture_notes_are_coalesced_and_a_flood_ends_the_stream(
                 await call.read()  # the result; the next challenge is 30 s away
                 # The first change is challenged at once.
                 await call.write(note)
-                first = await asyncio.wait_for(call.read(), 5)
+                first = await asyncio.wait_for(read_message(call), 5)
                 await call.write(
                     attestation_pb2.AgentMessage(
                         evidence=await quote_evidence(agent, first.challenge)
@@ -704,7 +713,8 @@ def test_posture_notes_are_coalesced_and_a_flood_ends_the_stream(
                     await _flood(call, note, 47, reading)
             finally:
                 await channel.close()
-            return first.HasField("challenge"), coalesced, err.value.code(), err.value.details()
+            details = err.value.details() or ""
+            return first.HasField("challenge"), coalesced, err.value.code(), details
 
     challenged, coalesced, code, details = asyncio.run(scenario())
     assert challenged
@@ -746,12 +756,12 @@ def test_an_operators_change_reaches_a_live_stream(
                             evidence=await quote_evidence(agent, challenge)
                         )
                     )
-                    reply = await call.read()
+                    reply = await read_message(call)
                     cert = x509.load_der_x509_certificate(reply.result.certificate.certificate_der)
                     claims = DeviceClaims.from_certificate(cert)
                     assert claims is not None
                     zones.append(claims.zone)
-                    challenge = (await call.read()).challenge
+                    challenge = (await read_message(call)).challenge
                 await verifier.repos.devices.set_state(
                     device_id,
                     DeviceState.REVOKED,
@@ -864,7 +874,7 @@ def test_device_supplied_strings_cannot_forge_log_lines(
             await call.write(
                 attestation_pb2.AgentMessage(hello=attestation_pb2.Hello(agent_version=forged))
             )
-            first = await call.read()
+            first = await read_message(call)
             await call.write(
                 attestation_pb2.AgentMessage(
                     posture_changed=attestation_pb2.PostureChanged(signals=[forged])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +16,8 @@ from devtrust.verifier.tpm.constants import HASH_BY_NAME
 from tests.corpus import corpus_root
 
 CORPUS = corpus_root()
-EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}
+EXPECTED = json.loads((CORPUS / "expected.json").read_text())["eventlogs"]
 PARSED = sorted(name for name, want in EXPECTED.items() if want["parse"] != "error")
-needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
-)
 
 # Events whose data is not what their digests are over, per corpus log; every other log: none.
 MISMATCHES = {
@@ -46,11 +42,10 @@ DROPPED = {
 
 
 def _state(name: str) -> measured_boot.LogState:
-    data = (Path(str(CORPUS)) / name).read_bytes()
+    data = (CORPUS / name).read_bytes()
     return measured_boot.extend(None, 0, data, max_bytes=1 << 24, max_events=100_000)
 
 
-@needs_corpus
 @pytest.mark.parametrize("name", PARSED)
 def test_corpus_data_digest_mismatches(name: str) -> None:
     state = _state(name)
@@ -58,13 +53,12 @@ def test_corpus_data_digest_mismatches(name: str) -> None:
     assert found == MISMATCHES.get(name, [])
 
 
-@needs_corpus
 @pytest.mark.parametrize("name", PARSED)
 def test_corpus_verified_facts_are_the_logs_own(name: str) -> None:
     """Quoted as the log replays (an honest TPM, all 24 PCRs), every PCR verifies, and the
     facts equal the unchecked reading of the log but for the events that fail their digests."""
     state = _state(name)
-    data = (Path(str(CORPUS)) / name).read_bytes()
+    data = (CORPUS / name).read_bytes()
     quoted = {
         (HASH_BY_NAME[bank], i): state.replay.pcrs.get(bank, {}).get(i, bytes(size))
         for bank, size in state.banks.items()
@@ -88,10 +82,9 @@ def test_corpus_verified_facts_are_the_logs_own(name: str) -> None:
     assert checked["hcrtm"] == want["hcrtm"]
 
 
-@needs_corpus
 def test_a_real_quote_verifies_its_logs_pcrs() -> None:
     """gce-cos85: a GCE Shielded VM's quote of all 24 PCRs with the log of that boot."""
-    bundle = Path(str(CORPUS)) / "quotes" / "gce-cos85-nonce9009"
+    bundle = CORPUS / "quotes" / "gce-cos85-nonce9009"
     data = (bundle / "eventlog.bin").read_bytes()
     quoted = {
         (HASH_BY_NAME["sha256"], int(i)): bytes.fromhex(v)
@@ -121,14 +114,13 @@ PCR4_NOT_TYPED_AS_APPLICATIONS = {
 }
 
 
-@needs_corpus
 @pytest.mark.parametrize("name", PARSED)
 def test_corpus_boot_applications_are_the_logs_own(name: str) -> None:
     """Every PCR 4 event counts as a boot application but separators and action texts: on
     real logs, that is exactly the EV_EFI_BOOT_SERVICES_APPLICATION events, with the paths
     their UEFI_IMAGE_LOAD_EVENT names."""
     state = _state(name)
-    events = ev.parse((Path(str(CORPUS)) / name).read_bytes()).events
+    events = ev.parse((CORPUS / name).read_bytes()).events
     pcr4 = [
         e for e in events if e.pcr == bootfacts.BOOT_APPLICATION_PCR and e.type != ev.EV_NO_ACTION
     ]
@@ -155,13 +147,12 @@ def test_corpus_boot_applications_are_the_logs_own(name: str) -> None:
     assert described == [f"<{type_name} event {n}>" for n, type_name in other]
 
 
-@needs_corpus
 @pytest.mark.parametrize("name", PARSED)
 def test_corpus_separators_by_digest_and_secure_boot_variables(name: str) -> None:
     """On PCRs 4 and 7 the separator by digest is the EV_SEPARATOR; no real log measures a
     Secure Boot variable twice before PCR 7's separator, or one after it (EV_EFI_VARIABLE_
     AUTHORITY events name db there, and are no variable)."""
-    events = ev.parse((Path(str(CORPUS)) / name).read_bytes()).events
+    events = ev.parse((CORPUS / name).read_bytes()).events
     for pcr in (4, 7):
         on_pcr = [e for e in events if e.pcr == pcr and e.type != ev.EV_NO_ACTION]
         by_type = [e.number for e in on_pcr if e.type == ev.EV_SEPARATOR]

@@ -104,8 +104,8 @@ def test_keys_to_certify_are_p256_p384_or_rsa2048_and_up() -> None:
     from devtrust.verifier.errors import MalformedInput
     from devtrust.verifier.wire import load_public_key
 
-    def spki(key: object) -> bytes:
-        return key.public_key().public_bytes(  # type: ignore[attr-defined,no-any-return]
+    def spki(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+        return key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -18,7 +18,18 @@ from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier.wire_body import plain
 from devtrust.verifier.wire_schema import COMMAND, PATH, SchemaError, body_schema, render
 
+if TYPE_CHECKING:
+    # What ``Message.DESCRIPTOR.fields`` may also hold, per types-protobuf (the C descriptors).
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
+
 _PYTHON = {"bool": bool, "int": int, "double": float, "string": str, "bytes": bytes}
+_SCALARS: dict[int, bool | float | str | bytes] = {
+    FieldDescriptor.TYPE_BOOL: True,
+    FieldDescriptor.TYPE_STRING: "x",
+    FieldDescriptor.TYPE_BYTES: b"\x01",
+    FieldDescriptor.TYPE_DOUBLE: 1.5,
+    FieldDescriptor.TYPE_FLOAT: 1.5,
+}
 
 
 def test_the_checked_in_schema_is_fresh() -> None:
@@ -59,19 +70,15 @@ def _fill(msg: Message) -> None:
             setattr(msg, fd.name, _scalar(fd))
 
 
-def _scalar(fd: FieldDescriptor) -> Any:
+def _scalar(fd: FieldDescriptor | UpbFieldDescriptor) -> bool | float | str | bytes:
     if fd.enum_type is not None:
         return fd.enum_type.values[-1].number
-    return {
-        FieldDescriptor.TYPE_BOOL: True,
-        FieldDescriptor.TYPE_STRING: "x",
-        FieldDescriptor.TYPE_BYTES: b"\x01",
-        FieldDescriptor.TYPE_DOUBLE: 1.5,
-        FieldDescriptor.TYPE_FLOAT: 1.5,
-    }.get(fd.type, 2**64 - 1 if fd.type in (fd.TYPE_UINT64, fd.TYPE_FIXED64) else 1)
+    return _SCALARS.get(fd.type, 2**64 - 1 if fd.type in (fd.TYPE_UINT64, fd.TYPE_FIXED64) else 1)
 
 
-def _differences(spec: dict[str, Any], value: Any, messages: dict[str, Any], where: str) -> list:
+def _differences(
+    spec: dict[str, Any], value: Any, messages: dict[str, Any], where: str
+) -> list[str]:
     """Where ``value`` (at ``where``) is not of the type ``spec``, at every depth."""
     kind = spec["kind"]
     inner: list[tuple[dict[str, Any], Any, str]] = []
@@ -117,6 +124,9 @@ def test_the_schema_describes_what_plain_makes() -> None:
     }
 
 
+_PROTO = descriptor_pb2.FieldDescriptorProto
+
+
 def _descriptor(fields: list[descriptor_pb2.FieldDescriptorProto], *, entry: bool) -> Descriptor:
     """A message ``t.M`` of ``fields``, with a map entry ``t.M.E`` (string to ``t.M``) when
     ``entry`` is set, in a pool of its own."""
@@ -126,8 +136,8 @@ def _descriptor(fields: list[descriptor_pb2.FieldDescriptorProto], *, entry: boo
     if entry:
         e = m.nested_type.add(name="E")
         e.options.map_entry = True
-        e.field.add(name="key", number=1, type=FieldDescriptor.TYPE_STRING, label=1)
-        e.field.add(name="value", number=2, type=FieldDescriptor.TYPE_MESSAGE, label=1)
+        e.field.add(name="key", number=1, type=_PROTO.TYPE_STRING, label=_PROTO.LABEL_OPTIONAL)
+        e.field.add(name="value", number=2, type=_PROTO.TYPE_MESSAGE, label=_PROTO.LABEL_OPTIONAL)
         e.field[1].type_name = ".t.M"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
@@ -138,7 +148,11 @@ def _descriptor(fields: list[descriptor_pb2.FieldDescriptorProto], *, entry: boo
 
 def test_a_message_that_holds_itself_is_refused() -> None:
     field = descriptor_pb2.FieldDescriptorProto(
-        name="next", number=1, type=FieldDescriptor.TYPE_MESSAGE, label=1, type_name=".t.M"
+        name="next",
+        number=1,
+        type=_PROTO.TYPE_MESSAGE,
+        label=_PROTO.LABEL_OPTIONAL,
+        type_name=".t.M",
     )
     with pytest.raises(SchemaError, match=r"t\.M holds itself \(t\.M > t\.M\)"):
         body_schema(_descriptor([field], entry=False))
@@ -147,7 +161,11 @@ def test_a_message_that_holds_itself_is_refused() -> None:
 def test_a_map_of_messages_is_refused() -> None:
     """plain() copies a map as it is: its values would reach policy as protobuf messages."""
     field = descriptor_pb2.FieldDescriptorProto(
-        name="by_name", number=1, type=FieldDescriptor.TYPE_MESSAGE, label=3, type_name=".t.M.E"
+        name="by_name",
+        number=1,
+        type=_PROTO.TYPE_MESSAGE,
+        label=_PROTO.LABEL_REPEATED,
+        type_name=".t.M.E",
     )
     with pytest.raises(SchemaError, match=r"t\.M\.by_name: a map of messages"):
         body_schema(_descriptor([field], entry=True))

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,6 +33,7 @@ from devtrust.v1 import (
     query_pb2,
 )
 from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.server import RunningVerifier
 from tests.conftest import SwtpmFactory
 from tests.db import counts as stored_counts
 from tests.db import with_repos
@@ -103,9 +106,9 @@ def test_enroll_attest_certify(
             assert chain[-1] == ca
 
             # The device id is sha256 of the EK's SubjectPublicKeyInfo.
-            ek = x509.load_der_x509_certificate(
-                await agent.tpm.run(agent.tpm.backend.ek_certificate)
-            )
+            ek_der = await agent.tpm.run(agent.tpm.backend.ek_certificate)
+            assert ek_der is not None  # swtpm's EK has a certificate in NV
+            ek = x509.load_der_x509_certificate(ek_der)
             assert (
                 device_id
                 == hashlib.sha256(
@@ -240,7 +243,11 @@ def test_operator_certificate_cannot_attest_and_agent_cannot_query(
 
 
 def _run_manual(
-    workdir: Path, pki: PkiFiles, ek_ca: EndorsementCA, tpm_factory: SwtpmFactory, build: object
+    workdir: Path,
+    pki: PkiFiles,
+    ek_ca: EndorsementCA,
+    tpm_factory: SwtpmFactory,
+    build: Callable[[Agent, attestation_pb2.Challenge], Awaitable[attestation_pb2.Evidence]],
 ) -> tuple[attestation_pb2.VerifierMessage, dict[str, int]]:
     config = verifier_config(workdir, pki, ek_ca)
 
@@ -249,7 +256,7 @@ def _run_manual(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm_factory()) as agent,
         ):
-            return await manual_stream(pki, verifier, agent, lambda ch: build(agent, ch))  # type: ignore[operator]
+            return await manual_stream(pki, verifier, agent, lambda ch: build(agent, ch))
 
     reply = asyncio.run(scenario())
     counts = stored_counts(config.database)
@@ -468,9 +475,12 @@ def test_revoked_device_can_neither_attest_nor_enroll_again(
 
 
 async def _stream_error(
-    pki: PkiFiles, verifier: object, agent: Agent, messages: list[attestation_pb2.AgentMessage]
+    pki: PkiFiles,
+    verifier: RunningVerifier,
+    agent: Agent,
+    messages: list[attestation_pb2.AgentMessage],
 ) -> grpc.aio.AioRpcError:
-    async with stream_channel(pki, verifier, agent.enrollment) as channel:  # type: ignore[arg-type]
+    async with stream_channel(pki, verifier, agent.enrollment) as channel:
         call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as err:  # noqa: PT012
             for message in messages:
@@ -535,6 +545,18 @@ def test_a_dead_tpm_is_a_clear_error() -> None:
         backend.ak_public()
 
 
+@dataclass(frozen=True)
+class _QueryAnswers:
+    """What the operator read back in ``test_query_filters_pages_and_staleness``."""
+
+    affirming: query_pb2.ListDevicesResponse
+    none: query_pb2.ListDevicesResponse
+    zone: query_pb2.ListDevicesResponse
+    pages: list[str]
+    missing: grpc.aio.AioRpcError
+    ids: tuple[str, str]
+
+
 def test_query_filters_pages_and_staleness(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
 ) -> None:
@@ -550,7 +572,7 @@ def test_query_filters_pages_and_staleness(
         attestation=AttestationConfig(interval_s=30.0, staleness_s=60.0),
     )
 
-    async def scenario() -> dict[str, object]:
+    async def scenario() -> _QueryAnswers:
         async with (
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpms[0], "a") as a,
@@ -559,14 +581,13 @@ def test_query_filters_pages_and_staleness(
             await first_results(a)
             channel, query = operator_stub(pki, verifier, workdir)
             async with channel:
-                out: dict[str, object] = {}
-                out["affirming"] = await query.ListDevices(
+                affirming = await query.ListDevices(
                     query_pb2.ListDevicesRequest(tier=common_pb2.TIER_AFFIRMING), timeout=5
                 )
-                out["none"] = await query.ListDevices(
+                none = await query.ListDevices(
                     query_pb2.ListDevicesRequest(tier=common_pb2.TIER_NONE), timeout=5
                 )
-                out["zone"] = await query.ListDevices(
+                zone = await query.ListDevices(
                     query_pb2.ListDevicesRequest(zone="production-inference"), timeout=5
                 )
                 page = await query.ListDevices(query_pb2.ListDevicesRequest(page_size=1), timeout=5)
@@ -574,20 +595,24 @@ def test_query_filters_pages_and_staleness(
                     query_pb2.ListDevicesRequest(page_size=1, page_token=page.next_page_token),
                     timeout=5,
                 )
-                out["pages"] = [d.device_id for d in (*page.devices, *rest.devices)]
                 with pytest.raises(grpc.aio.AioRpcError) as missing:
                     await query.GetDevice(query_pb2.GetDeviceRequest(device_id="nope"), timeout=5)
-                out["missing"] = missing.value
-            out["ids"] = (a.enrollment.device_id, b.enrollment.device_id)
-            return out
+            return _QueryAnswers(
+                affirming=affirming,
+                none=none,
+                zone=zone,
+                pages=[d.device_id for d in (*page.devices, *rest.devices)],
+                missing=missing.value,
+                ids=(a.enrollment.device_id, b.enrollment.device_id),
+            )
 
     out = asyncio.run(scenario())
-    appraised, enrolled = out["ids"]  # type: ignore[misc]
-    assert [d.device_id for d in out["affirming"].devices] == [appraised]  # type: ignore[attr-defined]
-    assert [d.device_id for d in out["none"].devices] == [enrolled]  # type: ignore[attr-defined]
-    assert list(out["zone"].devices) == []  # type: ignore[attr-defined]
-    assert sorted(out["pages"]) == sorted([appraised, enrolled])  # type: ignore[arg-type]
-    assert out["missing"].code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    appraised, enrolled = out.ids
+    assert [d.device_id for d in out.affirming.devices] == [appraised]
+    assert [d.device_id for d in out.none.devices] == [enrolled]
+    assert list(out.zone.devices) == []
+    assert sorted(out.pages) == sorted([appraised, enrolled])
+    assert out.missing.code() == grpc.StatusCode.NOT_FOUND
 
     # Later, past the staleness bound: the stored result reads as tier none.
     result = with_repos(config.database, lambda repos: repos.trust.latest(appraised))
@@ -667,7 +692,7 @@ def test_an_expired_credential_challenge_is_refused(
     backend = TpmBackend(swtpm_factory().tcti)
     channel_key = spki(new_key())
     request = enrollment_pb2.EnrollRequest(
-        ek_certificate=backend.ek_certificate(),
+        ek_certificate=backend.ek_certificate() or b"",
         ek_public=backend.ek_public(),
         ak_public=backend.ak_public(),
         host=host_facts(),
@@ -728,6 +753,7 @@ def test_agent_reconnects_when_the_call_ends_while_it_writes(
                     raise asyncio.InvalidStateError("RPC already finished.")
                 await real()
 
+            # mypy refuses assigning to a method; this instance's one call is replaced on purpose.
             client.session = flaky_session  # type: ignore[method-assign]
             results: list[attestation_pb2.Result] = []
             client._on_result = results.append

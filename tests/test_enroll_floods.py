@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ class Clock:
 
 def _request(backend: TpmBackend, hostname: str = "host-1") -> enrollment_pb2.EnrollRequest:
     request = enrollment_pb2.EnrollRequest(
-        ek_certificate=backend.ek_certificate(),
+        ek_certificate=backend.ek_certificate() or b"",
         ek_public=backend.ek_public(),
         ak_public=backend.ak_public(),
         host=host_facts(),
@@ -73,7 +74,7 @@ def _answer(
     )
 
 
-async def _code(call: Any) -> str:
+async def _code(call: Awaitable[object]) -> str:
     try:
         await call
     except grpc.aio.AioRpcError as exc:

@@ -263,4 +263,4 @@ def test_enrollment_settings_are_validated() -> None:
         {"max_pending_per_device": 0},
     ):
         with pytest.raises(ValueError, match="must be"):
-            EnrollmentConfig(**bad)  # type: ignore[arg-type]
+            EnrollmentConfig(**bad)

@@ -385,7 +385,7 @@ def test_a_move_between_challenge_and_answer_is_kept(
             ) as channel:
                 stub = enrollment_pb2_grpc.EnrollmentStub(channel)
                 request = enrollment_pb2.EnrollRequest(
-                    ek_certificate=backend.ek_certificate(),
+                    ek_certificate=backend.ek_certificate() or b"",
                     ek_public=backend.ek_public(),
                     ak_public=backend.ak_public(),
                     host=_claiming_host(),

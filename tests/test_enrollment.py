@@ -49,8 +49,10 @@ def _signing_key_public(backend: TpmBackend, attributes: int) -> bytes:
 def _request(
     backend: TpmBackend, *, ak_public: bytes | None = None, ek_certificate: bytes | None = None
 ) -> enrollment_pb2.EnrollRequest:
+    if ek_certificate is None:
+        ek_certificate = backend.ek_certificate() or b""
     return enrollment_pb2.EnrollRequest(
-        ek_certificate=backend.ek_certificate() if ek_certificate is None else ek_certificate,
+        ek_certificate=ek_certificate,
         ek_public=backend.ek_public(),
         ak_public=backend.ak_public() if ak_public is None else ak_public,
         host=host_facts(),

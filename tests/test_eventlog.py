@@ -99,22 +99,17 @@ def test_cli_replay_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
 # --- conformance: real logs from real machines ------------------------------------------
 
 CORPUS = corpus_root()
-EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}
-needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
-)
+EXPECTED = json.loads((CORPUS / "expected.json").read_text())["eventlogs"]
 
 
-@needs_corpus
 def test_corpus_is_present() -> None:
     assert len(EXPECTED) >= 30
 
 
-@needs_corpus
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_corpus_event_log(name: str) -> None:
     want = EXPECTED[name]
-    data = (Path(str(CORPUS)) / name).read_bytes()
+    data = (CORPUS / name).read_bytes()
     if want["parse"] == "error":
         with pytest.raises(MalformedInput):
             ev.parse(data)

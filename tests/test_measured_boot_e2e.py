@@ -20,6 +20,7 @@ from tpm2_pytss.constants import ESYS_TR
 from devtrust.agent.attest import AttestationClient
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import attestation_pb2, common_pb2
+from devtrust.verifier.config import VerifierConfig
 from devtrust.verifier.pki import PkiFiles
 from tests import eventlogs
 from tests.conftest import SwtpmFactory
@@ -161,11 +162,14 @@ def test_event_log_replayed_incrementally_and_an_unlogged_extension_caught(
                 await host.measure(pcr, 0x4, b"\x00\x00\x00\x00")
             original = AttestationClient._event_log
 
-            async def spy(self: AttestationClient, from_offset: int) -> object:
+            async def spy(
+                self: AttestationClient, from_offset: int
+            ) -> attestation_pb2.EventLogChunk | None:
                 offsets.append(from_offset)
                 return await original(self, from_offset)
 
-            AttestationClient._event_log = spy  # type: ignore[method-assign,assignment]
+            # mypy refuses assigning to a method; the class's is wrapped on purpose, and restored.
+            AttestationClient._event_log = spy  # type: ignore[method-assign]
             try:
                 async with attesting(agent) as next_result:
                     first = await next_result()
@@ -179,7 +183,7 @@ def test_event_log_replayed_incrementally_and_an_unlogged_extension_caught(
                     while third.trust.tier == common_pb2.TIER_AFFIRMING:
                         third = await next_result()
             finally:
-                AttestationClient._event_log = original  # type: ignore[method-assign]
+                AttestationClient._event_log = original  # type: ignore[method-assign]  # restore
             state = await verifier.repos.trust.tpm_state(agent.enrollment.device_id)
             stored_log = await verifier.repos.trust.event_log(agent.enrollment.device_id)
             assert state is not None
@@ -220,11 +224,11 @@ def test_refs_learned_from_a_good_device_affirm_it(
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.3)
 
-    async def boot_and_attest(cfg: object) -> tuple[str, attestation_pb2.Result]:
+    async def boot_and_attest(cfg: VerifierConfig) -> tuple[str, attestation_pb2.Result]:
         async with (
             running(cfg) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm, "learn") as agent,
-        ):  # type: ignore[arg-type]
+        ):
             log_path = workdir / "learn.log"
             if not log_path.exists():
                 agent.cfg = replace(agent.cfg, event_log=log_path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -20,11 +19,8 @@ from tests.eventlogs import agile_event
 BANKS = ("sha1", "sha256")
 BIG = {"max_bytes": 1 << 24, "max_events": 100_000}
 CORPUS = corpus_root()
-EXPECTED = json.loads((Path(CORPUS) / "expected.json").read_text())["eventlogs"] if CORPUS else {}
+EXPECTED = json.loads((CORPUS / "expected.json").read_text())["eventlogs"]
 PARSED = sorted(name for name, want in EXPECTED.items() if want["parse"] != "error")
-needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
-)
 
 
 def _sample() -> bytes:
@@ -70,10 +66,9 @@ def test_parts_give_what_the_whole_log_gives() -> None:
     _check_split_equals_whole(_sample(), 0)
 
 
-@needs_corpus
 @pytest.mark.parametrize("name", PARSED)
 def test_corpus_logs_in_parts_give_what_the_whole_log_gives(name: str) -> None:
-    _check_split_equals_whole((Path(str(CORPUS)) / name).read_bytes(), len(name))
+    _check_split_equals_whole((CORPUS / name).read_bytes(), len(name))
 
 
 def test_whole_log_state_matches_replay_log() -> None:

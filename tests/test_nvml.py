@@ -124,6 +124,7 @@ def test_without_nvml_the_snapshot_says_why(monkeypatch: pytest.MonkeyPatch) -> 
     def init() -> None:
         raise OSError("libnvidia-ml.so.1: cannot open shared object file")
 
+    # A stand-in module: mypy cannot know the attributes set on it here.
     broken.nvmlInit = init  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pynvml", broken)
     state = collect_nvml()
@@ -143,6 +144,7 @@ def test_xid_events_are_reported_per_gpu(monkeypatch: pytest.MonkeyPatch) -> Non
             return queue.pop()
         raise NVMLError_Timeout
 
+    # A stand-in module: mypy cannot know the attributes set on it here.
     nv.nvmlEventSetCreate = object  # type: ignore[attr-defined]
     nv.nvmlEventTypeXidCriticalError = 8  # type: ignore[attr-defined]
     nv.nvmlDeviceRegisterEvents = lambda h, kind, events: None  # type: ignore[attr-defined]

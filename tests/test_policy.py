@@ -23,14 +23,11 @@ from devtrust.verifier.wire_body import plain
 from tests.corpus import corpus_root
 
 CORPUS = corpus_root()
-needs_corpus = pytest.mark.skipif(
-    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
-)
 POLICY = Policy.load(DEFAULT_POLICY)
 
 
 def _gpu(name: str) -> attestation_pb2.GpuState:
-    path = next(Path(str(CORPUS), "gpu").rglob(name))
+    path = next((CORPUS / "gpu").rglob(name))
     return parse_smi_xml(path.read_bytes())
 
 
@@ -54,7 +51,6 @@ def test_simulated_good_host_passes_the_default_policy(tmp_path: Path) -> None:
     assert overall_tier(claims) is Tier.AFFIRMING
 
 
-@needs_corpus
 def test_h100_capture_misses_two_security_bulletins(tmp_path: Path) -> None:
     gpu = _gpu("qx-h100.xml")
     assert gpu.driver_version == "580.105.08"
@@ -69,7 +65,6 @@ def test_h100_capture_misses_two_security_bulletins(tmp_path: Path) -> None:
     assert [f[0] for f in findings] == ["gpu.driver.security_bulletins"]
 
 
-@needs_corpus
 def test_lost_gpu_makes_hardware_contraindicated(tmp_path: Path) -> None:
     claims, findings = _evaluate(tmp_path, _gpu("qx-gb200-lost.xml"))
     assert claims[Claim.HARDWARE] == 96
@@ -78,7 +73,6 @@ def test_lost_gpu_makes_hardware_contraindicated(tmp_path: Path) -> None:
     assert "GPU 1 (NVIDIA GB200, 0000:0B:00.0)" in lost[0][2]
 
 
-@needs_corpus
 def test_ecc_injected_finding_names_the_gpu(tmp_path: Path) -> None:
     _, findings = _evaluate(tmp_path, _gpu("qx-gb200-ecc-injected.xml"))
     [ecc] = [f for f in findings if f[0] == "gpu.ecc_uncorrected"]
@@ -87,7 +81,6 @@ def test_ecc_injected_finding_names_the_gpu(tmp_path: Path) -> None:
     assert ecc[2].endswith("found 5")
 
 
-@needs_corpus
 def test_fabric_degraded_finding_names_the_gpu(tmp_path: Path) -> None:
     _, findings = _evaluate(tmp_path, _gpu("qx-gb200-fabric-degraded.xml"))
     [fabric] = [f for f in findings if f[0] == "gpu.fabric"]
@@ -95,7 +88,6 @@ def test_fabric_degraded_finding_names_the_gpu(tmp_path: Path) -> None:
     assert "health summary Unhealthy" in fabric[2]
 
 
-@needs_corpus
 def test_a100_mig_capture_parses_its_mig_devices() -> None:
     gpu = _gpu("a100-sxm4-v12.xml")
     [a100] = gpu.gpus
@@ -266,7 +258,6 @@ def test_bad_policy_names_file_line_and_reason(
         Policy.load(path)
 
 
-@needs_corpus
 def test_collect_then_policy_eval(tmp_path: Path) -> None:
     """The operator's dry run: `devtrust-agent collect --json` into `devtrust policy eval`."""
     import json
@@ -274,7 +265,7 @@ def test_collect_then_policy_eval(tmp_path: Path) -> None:
     import sys
 
     root = write_host_tree(tmp_path / "host")
-    xml = next(Path(str(CORPUS), "gpu").rglob("qx-gb200-lost.xml"))
+    xml = next((CORPUS / "gpu").rglob("qx-gb200-lost.xml"))
     collected = subprocess.run(
         [
             sys.executable,
@@ -370,7 +361,9 @@ def test_reload_policy_refuses_a_bad_file_and_keeps_the_old_one(
                 )
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await query.ReloadPolicy(query_pb2.ReloadPolicyRequest(), timeout=10)
-                kept = verifier.policy.current.policy_id  # type: ignore[union-attr]
+                in_force = verifier.policy.current
+                assert in_force is not None  # the verifier started with a policy file
+                kept = in_force.policy_id
                 policy_file.write_text(
                     policy_file.read_text()
                     .replace("expr: os.secure_boot ===", "expr: os.secure_boot == true")

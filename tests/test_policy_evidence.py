@@ -4,7 +4,9 @@ of the device, never the host's claim. Also: policy cost is linear in the GPU co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cel
 import pytest
@@ -228,9 +230,12 @@ def _converted(body: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> int:
     real = cel.Context
     sizes: list[int] = []
 
-    def counting(*args: object, **kwargs: object) -> object:
-        sizes.append(sum(len(repr(a)) for a in args))
-        return real(*args, **kwargs)
+    def counting(
+        variables: dict[str, Any] | None = None,
+        functions: dict[str, Callable[..., Any]] | None = None,
+    ) -> cel.Context:
+        sizes.append(sum(len(repr(a)) for a in (variables, functions) if a is not None))
+        return real(variables, functions)
 
     with monkeypatch.context() as m:
         m.setattr(cel, "Context", counting)

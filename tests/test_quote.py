@@ -149,7 +149,9 @@ def test_real_quote_verifies_and_ak_name_matches_the_tpm(shared_swtpm: Swtpm) ->
     ak = parse_public(ak_public)
     assert ak.name == tpm_name
     assert parse_attest(message).qualified_signer in ak_qualified_names(ak, parse_public(ek))
-    pcrs = {(Alg.SHA256 if b == "sha256" else Alg.SHA1, i): v for (b, i), v in values.items()}
+    pcrs: dict[tuple[int, int], bytes] = {
+        (Alg.SHA256 if b == "sha256" else Alg.SHA1, i): v for (b, i), v in values.items()
+    }
     requested = (PcrSelect(Alg.SHA256, (0, 1, 2, 3, 7)), PcrSelect(Alg.SHA1, (0, 7)))
     attest = check_quote(
         attest_bytes=message,

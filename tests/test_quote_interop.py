@@ -410,7 +410,7 @@ def test_usage_errors_exit_2(made: Made, tmp_path: Path) -> None:
 # --- real quotes from real machines (shared/corpus/quotes) -------------------------------
 
 CORPUS = corpus_root()
-QUOTES = json.loads((Path(CORPUS) / "expected.json").read_text())["quotes"] if CORPUS else {}
+QUOTES = json.loads((CORPUS / "expected.json").read_text())["quotes"]
 CORPUS_CASES = [
     (bundle, name)
     for bundle, qs in sorted(QUOTES.items())
@@ -419,12 +419,9 @@ CORPUS_CASES = [
 ]
 
 
-@pytest.mark.skipif(
-    not CORPUS, reason="no corpus: tests/data/corpus is missing and DEVTRUST_CORPUS is unset"
-)
 @pytest.mark.parametrize(("bundle", "name"), CORPUS_CASES)
 def test_corpus_quote(bundle: str, name: str, tmp_path: Path) -> None:
-    root = Path(str(CORPUS))
+    root = CORPUS
     q = QUOTES[bundle][name]
     bank = next(iter(q["pcr_selection"]))
     flat = json.loads((root / q["pcr_values"]).read_text())

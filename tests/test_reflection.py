@@ -49,11 +49,15 @@ SECRET = "secret detail of /var/lib/devtrust"
 # arrives after a response already sent.
 
 
-def act(value: str, context: grpc.ServicerContext) -> None:
+def fail(value: str) -> None:
     if value == "refuse":
         raise NotFound(f"no record named {value}")
     if value == "boom":
         raise RuntimeError(SECRET)
+
+
+def act(value: str, context: grpc.ServicerContext) -> None:
+    fail(value)
     if value == "abort":
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "aborted by the handler")
 
@@ -61,7 +65,7 @@ def act(value: str, context: grpc.ServicerContext) -> None:
 async def act_async(value: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     if value == "abort":
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "aborted by the handler")
-    act(value, context)  # type: ignore[arg-type]
+    fail(value)
 
 
 def answer(value: str) -> StringValue:

@@ -98,8 +98,8 @@ def decision(
     )
 
 
-async def with_devices(path: Path, count: int, **open_args: object) -> SqliteRepositories:
-    repos = await open_sqlite(path, **open_args)  # type: ignore[arg-type]
+async def with_devices(path: Path, count: int) -> SqliteRepositories:
+    repos = await open_sqlite(path)
     for n in range(count):
         await repos.devices.save(device(n), now=NOW, event="enrolled")
     return repos

@@ -6,6 +6,7 @@ real verifier on loopback, real swtpm processes, or a closed port.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import datetime
@@ -33,7 +34,7 @@ from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
 from devtrust.agent.main import build_parser, make_host, make_tpm
 from devtrust.agent.state import AgentFiles
-from devtrust.swtpm import EndorsementCA
+from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.swtpm.bootlog import header_only_log
 from devtrust.v1 import common_pb2
 from devtrust.verifier.config import EnrollmentConfig
@@ -255,7 +256,7 @@ def test_enroll_against_a_verifier_one_line(
 
 
 def test_unreachable_verifier_is_retried_then_one_line(
-    workdir: Path, pki: PkiFiles, shared_swtpm: Any
+    workdir: Path, pki: PkiFiles, shared_swtpm: Swtpm
 ) -> None:
     port = closed_port()
     cfg = base_config(workdir, shared_swtpm.tcti, f"127.0.0.1:{port}", pki.ca_cert)
@@ -280,7 +281,7 @@ def test_unreachable_verifier_is_retried_then_one_line(
 
 
 def test_run_keeps_retrying_an_unreachable_verifier_until_stopped(
-    workdir: Path, pki: PkiFiles, shared_swtpm: Any
+    workdir: Path, pki: PkiFiles, shared_swtpm: Swtpm
 ) -> None:
     port = closed_port()
     cfg = base_config(workdir, shared_swtpm.tcti, f"127.0.0.1:{port}", pki.ca_cert)
@@ -329,7 +330,7 @@ def test_run_keeps_retrying_an_unreachable_verifier_until_stopped(
 def test_local_mistakes_one_line(
     workdir: Path,
     pki: PkiFiles,
-    shared_swtpm: Any,
+    shared_swtpm: Swtpm,
     name: str,
     change: dict[str, str],
     needles: tuple[str, ...],
@@ -386,14 +387,16 @@ def test_version() -> None:
     assert outcome.stdout.strip() == f"devtrust-agent {importlib.metadata.version('devtrust')}"
 
 
-def _parsers() -> list[tuple[str, Any]]:
+def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     parser = build_parser()
-    subs = next(a for a in parser._actions if isinstance(a.choices, dict))
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return [("devtrust-agent", parser), *sorted(subs.choices.items())]
 
 
 @pytest.mark.parametrize(("name", "parser"), _parsers(), ids=[n for n, _ in _parsers()])
-def test_every_option_has_help_and_shows_its_default(name: str, parser: Any) -> None:
+def test_every_option_has_help_and_shows_its_default(
+    name: str, parser: argparse.ArgumentParser
+) -> None:
     text = parser.format_help()
     for action in parser._actions:
         if isinstance(action.choices, dict):  # the subcommands: each has its own test

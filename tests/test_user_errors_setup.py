@@ -16,7 +16,6 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -32,6 +31,7 @@ from devtrust.verifier import main as verifier_main
 from devtrust.verifier.config import DEFAULT_ROOTS, EnrollmentConfig
 from devtrust.verifier.enrollment import device_id_for
 from devtrust.verifier.pki import PkiFiles
+from devtrust.verifier.server import RunningVerifier
 from devtrust.verifier.tools import default_text
 from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
@@ -176,7 +176,7 @@ def test_approved_device_completes_with_the_token_it_spent(
     token = made.stdout.strip()
     tpm = swtpm_factory()
 
-    async def attempt(verifier: Any) -> str:
+    async def attempt(verifier: RunningVerifier) -> str:
         cfg = replace(agent_config(tmp_path, pki, verifier, tpm), bootstrap_token=token)
         atpm = make_tpm(cfg)
         try:

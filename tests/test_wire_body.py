@@ -89,6 +89,7 @@ def test_evidence_without_a_body_document_cannot_be_made() -> None:
     """No default: evidence that reached policy with an empty document would be judged on
     nothing (the closure this replaced defaulted to ``dict``)."""
     with pytest.raises(TypeError, match="body_doc"):
+        # The missing argument mypy reports is what this test makes sure fails at run time too.
         Evidence(  # type: ignore[call-arg]
             nonce=b"n" * 32, attest=b"a", signature=b"s", pcrs={}, body=b"", certify_key=None
         )

@@ -125,6 +125,7 @@ def test_a_page_is_bounded_whatever_is_asked() -> None:
 def test_an_unknown_tier_is_malformed() -> None:
     with pytest.raises(MalformedInput, match=r"ListDevicesRequest\.tier: unknown value 42"):
         device_query_from_wire(
+            # 42 is no Tier value, as mypy says: a peer with another .proto can still send it.
             query_pb2.ListDevicesRequest(tier=42),  # type: ignore[arg-type]
             now=NOW,
         )
