@@ -1,101 +1,37 @@
-"""The storage package (issue 9, item 5) on real SQLite files: numbered migrations from an
-empty database and from the databases of earlier releases, refusal of a newer one, group
-commit counted by the writer's commit hook (no timing), a failing decision that loses no
-other, filters and paging done by SQL, and the forward-only rules."""
+"""The storage package (issue 9, item 5) on real SQLite files: group commit counted by the
+writer's commit hook (no timing), a failing decision that loses no other, filters and paging
+done by SQL, and the forward-only rules. The migrations: test_storage_migrations.py."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import functools
 import json
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from devtrust.core.errors import ConfigError
 from devtrust.core.tier import Tier
 from devtrust.verifier import measured_boot
-from devtrust.verifier.decision import Decision
 from devtrust.verifier.measured_boot import LogPart
-from devtrust.verifier.records import BootstrapToken, DeviceRecord, DeviceState, TpmState
+from devtrust.verifier.records import DeviceRecord, DeviceState, TpmState
 from devtrust.verifier.storage import (
     DeviceQuery,
     SqliteRepositories,
     StoreSink,
     codec,
     open_sqlite,
-    sqlite_schema,
 )
 from devtrust.verifier.storage.sqlite_engine import Writer
 from devtrust.verifier.tpm.clock import ClockState
-from devtrust.verifier.trust import Claim, TrustResult
+from devtrust.verifier.trust import TrustResult
 from tests import eventlogs
+from tests.db import NOW, decision, device, device_id, run
 
-T = TypeVar("T")
-NOW = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.UTC)
-DATA = Path(__file__).parent / "data" / "storage"
 CLOCK = ClockState(clock=1000, reset_count=1, restart_count=0, firmware_version=7)
-# Claim values whose tier is affirming, warning and contraindicated (draft-ietf-rats-ar4si).
-TIER_VALUE = {Tier.AFFIRMING: 2, Tier.WARNING: 33, Tier.CONTRAINDICATED: 99}
-
-
-def run(make: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await make()
-
-    return asyncio.run(main())
-
-
-def device_id(n: int) -> str:
-    return f"{n:064x}"
-
-
-def device(n: int, *, zone: str = "", labels: dict[str, str] | None = None) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=device_id(n),
-        state=DeviceState.ENROLLED,
-        ek_certificate=b"ek",
-        ek_public=b"ekpub",
-        ak_public=b"akpub",
-        ak_name="00",
-        host={"hostname": f"host-{n}"},
-        enrolled_at=NOW,
-        zone=zone,
-        labels=labels or {},
-    )
-
-
-def decision(
-    n: int,
-    *,
-    at: datetime.datetime = NOW,
-    tier: Tier = Tier.AFFIRMING,
-    staleness: datetime.timedelta = datetime.timedelta(minutes=3),
-    tpm: TpmState | None = None,
-) -> Decision:
-    claims = {} if tier is Tier.NONE else {Claim.INSTANCE_IDENTITY: TIER_VALUE[tier]}
-    result = TrustResult(
-        device_id=device_id(n),
-        claims=claims,
-        findings=(),
-        appraised_at=at,
-        expires_at=at + staleness,
-    )
-    return Decision(
-        device_id=result.device_id,
-        zone="",
-        result=result,
-        previous_tier=None,
-        certificate=None,
-        withheld="test",
-        tpm=tpm,
-        rebooted=False,
-    )
 
 
 async def with_devices(path: Path, count: int) -> SqliteRepositories:
@@ -103,148 +39,6 @@ async def with_devices(path: Path, count: int) -> SqliteRepositories:
     for n in range(count):
         await repos.devices.save(device(n), now=NOW, event="enrolled")
     return repos
-
-
-def tables(path: Path) -> dict[str, set[str]]:
-    with sqlite3.connect(path) as db:
-        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        out = {n: {r[1] for r in db.execute(f"PRAGMA table_info({n})")} for n in names}
-    db.close()
-    return out
-
-
-def versions(path: Path) -> tuple[list[int], str]:
-    with sqlite3.connect(path) as db:
-        applied = [int(r[0]) for r in db.execute("SELECT version FROM schema_migrations")]
-        [(meta,)] = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-    db.close()
-    return applied, str(meta)
-
-
-# --- migrations ---------------------------------------------------------------------------
-
-
-def test_an_empty_database_gets_every_migration_in_order(tmp_path: Path) -> None:
-    path = tmp_path / "v.db"
-    run(lambda: _open_and_close(path))
-    latest = sqlite_schema.latest_version()
-    assert latest >= 2
-    assert versions(path) == (list(range(1, latest + 1)), str(latest))
-    assert "expires_at" in tables(path)["trust"]
-    # Opening again applies nothing twice.
-    run(lambda: _open_and_close(path))
-    assert versions(path) == (list(range(1, latest + 1)), str(latest))
-
-
-async def _open_and_close(path: Path, *, read_only: bool = False) -> None:
-    repos = await open_sqlite(path, read_only=read_only)
-    await repos.close()
-
-
-def _release_db(path: Path, schema: Path) -> None:
-    """A database as the release before migrations made it, with one device, its result,
-    and a token."""
-    result = decision(1, tier=Tier.WARNING).result
-    with sqlite3.connect(path) as db:
-        db.executescript(schema.read_text())
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
-        db.execute(
-            "INSERT INTO devices (device_id, state, ek_certificate, ek_public, ak_public, "
-            "ak_name, host, zone, labels, enrolled_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            codec.device_to_row(device(1, zone="lab", labels={"rack": "7"})),
-        )
-        db.execute(
-            "INSERT INTO trust VALUES (?,?,?,?,?)",
-            (
-                result.device_id,
-                result.tier.label,
-                result.score,
-                codec.result_to_json(result),
-                codec.iso(result.appraised_at),
-            ),
-        )
-        db.execute(
-            "INSERT INTO bootstrap_tokens (token_sha256, created_at, expires_at) VALUES (?,?,?)",
-            ("ab" * 32, codec.iso(NOW), codec.iso(NOW + datetime.timedelta(hours=1))),
-        )
-    db.close()
-
-
-@pytest.mark.parametrize("schema", ["schema-v1.sql", "schema-v1-issue6.sql"])
-def test_a_database_of_the_release_before_migrations_upgrades(tmp_path: Path, schema: str) -> None:
-    path = tmp_path / "v.db"
-    _release_db(path, DATA / schema)
-    assert "schema_migrations" not in tables(path)
-
-    async def scenario() -> tuple[
-        DeviceRecord | None, TrustResult | None, BootstrapToken | None, list[str], list[str]
-    ]:
-        repos = await open_sqlite(path)
-        try:
-            token = await repos.tokens.get("ab" * 32)
-            fresh = await repos.devices.list(
-                DeviceQuery(tier=Tier.WARNING, now=NOW + datetime.timedelta(minutes=1))
-            )
-            stale = await repos.devices.list(
-                DeviceQuery(tier=Tier.NONE, now=NOW + datetime.timedelta(minutes=3))
-            )
-            return (
-                await repos.devices.get(device_id(1)),
-                await repos.trust.latest(device_id(1)),
-                token,
-                [r.device_id for r in fresh],
-                [r.device_id for r in stale],
-            )
-        finally:
-            await repos.close()
-
-    record, latest, token, fresh, stale = run(scenario)
-    latest_version = sqlite_schema.latest_version()
-    assert versions(path) == (list(range(1, latest_version + 1)), str(latest_version))
-    assert record == device(1, zone="lab", labels={"rack": "7"})
-    assert latest == decision(1, tier=Tier.WARNING).result
-    assert token is not None
-    assert (token.zone, token.labels) == ("", {})  # the columns issue 7 added
-    assert "event_log_parts" in tables(path)
-    # The result's staleness bound, backfilled from its JSON, filters in SQL.
-    assert fresh == stale == [device_id(1)]
-
-
-def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "v.db"
-    run(lambda: _open_and_close(path))
-    newer = sqlite_schema.latest_version() + 1
-    with sqlite3.connect(path) as db:
-        db.execute("INSERT INTO schema_migrations (version, name) VALUES (?, 'future')", (newer,))
-    db.close()
-    before = path.read_bytes()
-    for read_only in (False, True):
-        with pytest.raises(ConfigError) as err:
-            run(functools.partial(_open_and_close, path, read_only=read_only))
-        assert str(err.value).startswith(
-            f"database {path} has schema version {newer}, newer than this devtrust's "
-            f"{newer - 1} (devtrust "
-        )
-        assert str(err.value).endswith(
-            "run the devtrust release that made it, or a newer one (the database is left as it is)"
-        )
-    assert path.read_bytes() == before
-
-
-def test_a_failed_migration_leaves_the_step_before(tmp_path: Path) -> None:
-    path = tmp_path / "v.db"
-    _release_db(path, DATA / "schema-v1.sql")
-    with sqlite3.connect(path) as db:  # makes step 2's index impossible to create
-        db.execute("CREATE TABLE devices_zone (x)")
-    db.close()
-    with pytest.raises(
-        ConfigError,
-        match=r"schema migration 0002_device_filters failed \(.*devices_zone.*\): it is left at "
-        "schema version 1, as it was",
-    ):
-        run(lambda: _open_and_close(path))
-    assert versions(path) == ([1], "1")
-    assert "expires_at" not in tables(path)["trust"]
 
 
 # --- group commit ------------------------------------------------------------------------

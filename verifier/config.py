@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,14 @@ _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 # gRPC takes message sizes as a C int; below 64 KiB no real evidence fits.
 MESSAGE_BYTES = (64 * 1024, 2**31 - 1)
+# `database:`: a URL is SCHEME://...; anything else is a file path (SQLite).
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@|(password=)[^&]*", re.IGNORECASE)
+SERVER_SCHEMES = ("postgresql", "postgres")
+DATABASE_FORMS = (
+    "a file path or sqlite:///PATH (SQLite), or postgresql://USER@HOST/NAME (PostgreSQL, from "
+    "issue 12)"
+)
 
 
 def clip(value: object, limit: int = 64) -> str:
@@ -50,6 +59,64 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not digits or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT with 0 <= PORT <= 65535, got {address!r}")
     return host, int(port)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (in the user part or a password= parameter)."""
+    return _PASSWORD.sub(lambda m: (m[1] + "***@") if m[1] else m[2] + "***", url)
+
+
+class DatabaseUrl(str):
+    """A database server's URL, as configured. It prints (str, repr, format, logs) without
+    its password; the driver gets the text itself."""
+
+    @property
+    def scheme(self) -> str:
+        return self.split("://", 1)[0].lower()
+
+    @property
+    def redacted(self) -> str:
+        return redact(str.__str__(self))
+
+    def __str__(self) -> str:
+        return self.redacted
+
+    def __repr__(self) -> str:
+        return repr(self.redacted)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.redacted, spec)
+
+
+def database_location(text: str, *, base: Path | None = None) -> Path | DatabaseUrl:
+    """What a configured database names: the SQLite file of a path or of sqlite:///PATH
+    (PATH written as a path would be: relative to ``base``, sqlite:////var/... absolute, as
+    SQLAlchemy reads it), or a server's URL. Which backend opens what: storage.backends.
+    ValueError naming the accepted forms for anything else."""
+    match = _URL.fullmatch(text)
+    if match is None:
+        if not text:
+            raise ValueError(f"'': expected {DATABASE_FORMS}")
+        return _file(text, base)
+    scheme, rest = match[1].lower(), match[2]
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(
+                f"{clip(text)}: write sqlite:///PATH (three slashes: SQLite has no host; "
+                "sqlite:////var/lib/devtrust/verifier.db for an absolute path)"
+            )
+        return _file(rest[1:], base)
+    if scheme in SERVER_SCHEMES:
+        return DatabaseUrl(text)
+    raise ValueError(
+        f"{clip(redact(text))}: {scheme}:// is not a database devtrust can use: give "
+        f"{DATABASE_FORMS}"
+    )
+
+
+def _file(text: str, base: Path | None) -> Path:
+    path = Path(text).expanduser()
+    return base / path if base is not None and not path.is_absolute() else path
 
 
 @dataclass(frozen=True)
@@ -250,7 +317,9 @@ class VerifierConfig:
     # Posture and GPU policy (CEL rules, see verifier/policy.py); the shipped default for GPU
     # hosts unless set. `policy: null` in the file appraises TPM evidence only.
     policy: Path | None = DEFAULT_POLICY
-    database: Path = Path("/var/lib/devtrust/verifier.db")
+    # An SQLite file (a path, or sqlite:///PATH), or a server's URL (postgresql://...: issue
+    # 12); see database_location.
+    database: Path | DatabaseUrl = Path("/var/lib/devtrust/verifier.db")
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     ca: CaConfig = field(default_factory=CaConfig)
@@ -267,7 +336,18 @@ class VerifierConfig:
 
     @classmethod
     def load(cls, path: Path) -> VerifierConfig:
-        return from_mapping(cls, load_yaml(path), where=str(path), base=path.parent)
+        data = load_yaml(path)
+        database = data.get("database")
+        if not (isinstance(database, str) and _URL.fullmatch(database)):
+            return from_mapping(cls, data, where=str(path), base=path.parent)
+        # A URL: from_mapping reads `database:` as a path, which would mangle it.
+        try:
+            location = database_location(database, base=path.parent)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.database: {exc}") from None
+        rest = {key: value for key, value in data.items() if key != "database"}
+        config = from_mapping(cls, rest, where=str(path), base=path.parent)
+        return dataclasses.replace(config, database=location)
 
 
-__all__ = ["ConfigError", "VerifierConfig"]
+__all__ = ["ConfigError", "DatabaseUrl", "VerifierConfig", "database_location"]

@@ -1,13 +1,19 @@
 """The verifier's storage: asynchronous repositories (``interfaces``) over SQLite
 (``sqlite``; PostgreSQL next, as a module of its own), the records' one codec (``codec``),
-and numbered schema migrations (``migrations/``) applied at open.
+and numbered schema migrations applied at open (``schema``, with each backend's dialect).
 
-Callers hold one ``Repositories`` per process, made by ``open_sqlite`` and closed at stop;
-no method reads the clock.
+Callers hold one ``Repositories`` per process, made by ``open_repositories`` from the
+configured database (``backends`` picks the backend) and closed at stop; no method reads the
+clock.
+
+Every backend has the same numbered migration steps with the same meaning
+(``migrations/<dialect>/NNNN_name.sql``, the rule in ``migrations/README.md``): a database at
+schema version N holds the same data on any backend.
 """
 
 from __future__ import annotations
 
+from devtrust.verifier.storage.backends import open_repositories
 from devtrust.verifier.storage.interfaces import (
     Audit,
     Certificates,
@@ -34,5 +40,6 @@ __all__ = [
     "StoreSink",
     "Tokens",
     "TrustRepository",
+    "open_repositories",
     "open_sqlite",
 ]

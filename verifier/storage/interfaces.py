@@ -3,7 +3,9 @@ whatever database is behind them (SQLite now, PostgreSQL next: a new module, no 
 the code).
 
 Every method is a coroutine and none reads the clock: callers pass ``now``. Each write is
-atomic (all of it or nothing) and durable when its await returns.
+atomic (all of it or nothing) and durable when its await returns. Device ids arrive as
+``DeviceId``, parsed once where they enter (the wire, the peer's certificate, the inventory):
+a backend never sees text that is not one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Protocol
 
+from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.records import (
@@ -70,7 +73,7 @@ class DeviceView:
 
 
 class Devices(Protocol):
-    async def get(self, device_id: str) -> DeviceRecord | None: ...
+    async def get(self, device_id: DeviceId) -> DeviceRecord | None: ...
 
     async def list(self, query: DeviceQuery) -> list[DeviceRecord]: ...
 
@@ -83,14 +86,14 @@ class Devices(Protocol):
         ...
 
     async def set_state(
-        self, device_id: str, state: DeviceState, *, now: datetime.datetime, event: str
+        self, device_id: DeviceId, state: DeviceState, *, now: datetime.datetime, event: str
     ) -> bool:
         """False when there is no such device."""
         ...
 
     async def set_assignment(
         self,
-        device_id: str,
+        device_id: DeviceId,
         *,
         zone: str,
         labels: dict[str, str],
@@ -142,7 +145,7 @@ class Tokens(Protocol):
 
     async def get(self, token_sha256: str) -> BootstrapToken | None: ...
 
-    async def use(self, token_sha256: str, *, device_id: str, now: datetime.datetime) -> bool:
+    async def use(self, token_sha256: str, *, device_id: DeviceId, now: datetime.datetime) -> bool:
         """Spend it; False when another device spent it (or it expired) meanwhile. The
         device that spent it may present it again (a retry while pending approval)."""
         ...
@@ -156,15 +159,15 @@ class TrustRepository(Protocol):
         stream's late decision changes none of them (its audit entry is kept)."""
         ...
 
-    async def latest(self, device_id: str) -> TrustResult | None: ...
+    async def latest(self, device_id: DeviceId) -> TrustResult | None: ...
 
-    async def tpm_state(self, device_id: str, *, with_log: bool = True) -> TpmState | None:
+    async def tpm_state(self, device_id: DeviceId, *, with_log: bool = True) -> TpmState | None:
         """What the verifier knows of the device's TPM, its event log replayed from the
         stored parts, or (``with_log=False``) without the log: a new stream asks for the
         whole log anyway."""
         ...
 
-    async def event_log(self, device_id: str) -> bytes:
+    async def event_log(self, device_id: DeviceId) -> bytes:
         """The device's stored event log since its last reboot."""
         ...
 
@@ -174,7 +177,7 @@ class Certificates(Protocol):
 
 
 class Audit(Protocol):
-    async def history(self, device_id: str, *, limit: int = 100) -> list[AuditEntry]:
+    async def history(self, device_id: DeviceId, *, limit: int = 100) -> list[AuditEntry]:
         """The device's latest ``limit`` audit entries, newest first."""
         ...
 

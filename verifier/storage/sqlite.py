@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.errors import ResourceExhausted
@@ -131,7 +132,7 @@ class SqliteDevices:
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
 
-    async def get(self, device_id: str) -> DeviceRecord | None:
+    async def get(self, device_id: DeviceId) -> DeviceRecord | None:
         def work(db: sqlite3.Connection) -> DeviceRecord | None:
             row = db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
             return codec.device_from_row(row) if row else None
@@ -180,7 +181,7 @@ class SqliteDevices:
         await self._engine.write(work)
 
     async def set_state(
-        self, device_id: str, state: DeviceState, *, now: datetime.datetime, event: str
+        self, device_id: DeviceId, state: DeviceState, *, now: datetime.datetime, event: str
     ) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             cur = db.execute(
@@ -195,7 +196,7 @@ class SqliteDevices:
 
     async def set_assignment(
         self,
-        device_id: str,
+        device_id: DeviceId,
         *,
         zone: str,
         labels: dict[str, str],
@@ -320,7 +321,7 @@ class SqliteTokens:
 
         return await self._engine.read(work)
 
-    async def use(self, token_sha256: str, *, device_id: str, now: datetime.datetime) -> bool:
+    async def use(self, token_sha256: str, *, device_id: DeviceId, now: datetime.datetime) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             cur = db.execute(
                 "UPDATE bootstrap_tokens SET used_at = COALESCE(used_at, ?), device_id = ? "
@@ -407,7 +408,7 @@ class SqliteTrust:
     async def record(self, decision: Decision) -> None:
         await self._engine.write(lambda db: _record(db, decision))
 
-    async def latest(self, device_id: str) -> TrustResult | None:
+    async def latest(self, device_id: DeviceId) -> TrustResult | None:
         def work(db: sqlite3.Connection) -> str | None:
             row = db.execute(
                 "SELECT result FROM trust WHERE device_id = ?", (device_id,)
@@ -417,7 +418,7 @@ class SqliteTrust:
         text = await self._engine.read(work)
         return codec.result_from_json(text) if text else None
 
-    async def tpm_state(self, device_id: str, *, with_log: bool = True) -> TpmState | None:
+    async def tpm_state(self, device_id: DeviceId, *, with_log: bool = True) -> TpmState | None:
         def work(db: sqlite3.Connection) -> tuple[sqlite3.Row | None, list[LogPart]]:
             row = db.execute(
                 "SELECT clock, log_state, pcrs FROM tpm_state WHERE device_id = ?",
@@ -438,7 +439,7 @@ class SqliteTrust:
         # The replay is pure CPU on a long log: off the event loop too.
         return await asyncio.to_thread(codec.tpm_state_from_row, row, parts if with_log else None)
 
-    async def event_log(self, device_id: str) -> bytes:
+    async def event_log(self, device_id: DeviceId) -> bytes:
         def work(db: sqlite3.Connection) -> bytes:
             parts = db.execute(
                 "SELECT data FROM event_log_parts WHERE device_id = ? ORDER BY part_offset",
@@ -466,7 +467,7 @@ class SqliteAudit:
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
 
-    async def history(self, device_id: str, *, limit: int = 100) -> list[AuditEntry]:
+    async def history(self, device_id: DeviceId, *, limit: int = 100) -> list[AuditEntry]:
         def work(db: sqlite3.Connection) -> list[AuditEntry]:
             rows = db.execute(
                 "SELECT at, device_id, event, tier, detail FROM audit WHERE device_id = ? "
