@@ -7,7 +7,8 @@ Result may carry a new device certificate, which is written to the runtime direc
 the key that never left this host; the body asking for it carries a proof of possession of
 that key (``devtrust.core.binding``). A broken stream is reopened with capped exponential
 backoff, so a verifier restart costs one reconnect. A Result and the next Challenge may arrive
-in one VerifierMessage: the Result is handled first.
+in one VerifierMessage: the Result is handled first. Every message is converted in
+``devtrust.agent.wire``: this module works with ``messages`` values and builds none.
 
 The client takes its parts (``interfaces``: the TPM, the host probe, the identity files) and
 constructs none. Posture notes come from the host probe's one watch (agent/watch.py), already
@@ -28,17 +29,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtrust import __version__
+from devtrust.agent import wire
 from devtrust.agent.channel import Backoff, attestation_channel, explain, final_error
 from devtrust.agent.collect import collect_body
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.errors import TpmError
 from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
+from devtrust.agent.messages import AttestationResult, Challenge, Evidence, LogChunk, Verdict
 from devtrust.agent.state import Enrollment, new_key, renewal_due, spki
 from devtrust.core.binding import qualifying_data, sign_possession
-from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
+from devtrust.v1 import attestation_pb2_grpc
 
 logger = logging.getLogger(__name__)
-ResultCallback = Callable[[attestation_pb2.Result], None]
+ResultCallback = Callable[[AttestationResult], None]
 
 
 def utcnow() -> datetime.datetime:
@@ -68,8 +71,10 @@ class AttestationClient:
         self._files = files
         self._enrollment = enrollment
         self._on_result = on_result
-        # Read once: from here on the client knows best, as it writes each renewal.
-        self._certificate = files.device_certificate()
+        # Read once, when ``run`` starts: from then on the client knows best, as it writes
+        # each renewal.
+        self._certificate: x509.Certificate | None = None
+        self._certificate_read = False
         self._pending: _PendingKey | None = None
         # Signals to send in the next PostureChanged: merged in place, so bounded by the
         # number of watched signals however often the host churns.
@@ -80,7 +85,7 @@ class AttestationClient:
 
     @property
     def certificate(self) -> x509.Certificate | None:
-        """The current device certificate (None before the first)."""
+        """The current device certificate (None before the first, or before ``run``)."""
         return self._certificate
 
     def notify_posture_changed(self, signals: list[str]) -> None:
@@ -90,6 +95,9 @@ class AttestationClient:
     async def run(self, stop: asyncio.Event) -> None:
         """Attest until ``stop`` is set, reconnecting after failures; posture notes from the
         host probe are forwarded meanwhile."""
+        if not self._certificate_read:
+            self._certificate = await self._files.device_certificate()
+            self._certificate_read = True
         unsubscribe = self._host.subscribe(self.notify_posture_changed)
         try:
             await self._run(stop)
@@ -152,22 +160,20 @@ class AttestationClient:
             # posture: a note left from before this stream would only cost a second round.
             self._outbox.clear()
             self._outbox_ready.clear()
-            await call.write(
-                attestation_pb2.AgentMessage(hello=attestation_pb2.Hello(agent_version=__version__))
-            )
+            await call.write(wire.hello_to_wire(__version__))
             watcher = asyncio.create_task(self._forward_posture(call))
             try:
                 while True:
                     msg = await call.read()
                     if msg is grpc.aio.EOF:
                         return
-                    assert isinstance(msg, attestation_pb2.VerifierMessage)
-                    if msg.HasField("result"):
-                        self._handle_result(msg.result)
-                    if msg.HasField("challenge"):
-                        evidence = await self._answer(msg.challenge)
+                    result, challenge = wire.verifier_message_from_wire(msg)
+                    if result is not None:
+                        await self._handle_result(result)
+                    if challenge is not None:
+                        evidence = await self._answer(challenge)
                         async with self._write_lock:
-                            await call.write(attestation_pb2.AgentMessage(evidence=evidence))
+                            await call.write(wire.evidence_to_wire(evidence))
             finally:
                 watcher.cancel()
 
@@ -180,13 +186,9 @@ class AttestationClient:
             if not signals:
                 continue
             async with self._write_lock:
-                await call.write(
-                    attestation_pb2.AgentMessage(
-                        posture_changed=attestation_pb2.PostureChanged(signals=signals)
-                    )
-                )
+                await call.write(wire.posture_changed_to_wire(signals))
 
-    async def _answer(self, challenge: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
+    async def _answer(self, challenge: Challenge) -> Evidence:
         now = utcnow()
         if self._pending is None and renewal_due(
             self._certificate, now=now, renew_at=self._cfg.renew_at
@@ -204,54 +206,41 @@ class AttestationClient:
             certify_key_spki=self._pending.spki if self._pending else b"",
             certify_key_proof=proof,
         )
-        selection = [(s.hash_alg, list(s.pcrs)) for s in challenge.pcr_selection]
-        quote = await self._tpm.quote(qualifying_data(challenge.nonce, body), selection)
-        banks: dict[str, common_pb2.PcrBank] = {}
-        for (bank, index), value in quote.pcrs.items():
-            banks.setdefault(bank, common_pb2.PcrBank(hash_alg=bank)).values[index] = value
-        evidence = attestation_pb2.Evidence(
-            nonce=challenge.nonce,
-            quote_attest=quote.attest,
-            quote_signature=quote.signature,
-            pcrs=list(banks.values()),
-            body=body,
-        )
-        if challenge.event_log.wanted:
-            chunk = await self._event_log(challenge.event_log.from_offset)
-            if chunk is not None:
-                evidence.event_log.CopyFrom(chunk)
-        return evidence
+        quote = await self._tpm.quote(qualifying_data(challenge.nonce, body), challenge.selection)
+        log = None
+        if challenge.event_log_from is not None:
+            log = await self._event_log(challenge.event_log_from)
+        return Evidence(nonce=challenge.nonce, quote=quote, body=body, event_log=log)
 
-    async def _event_log(self, from_offset: int) -> attestation_pb2.EventLogChunk | None:
+    async def _event_log(self, from_offset: int) -> LogChunk | None:
         """The log from ``from_offset`` (the whole log when the verifier is past its end:
         the host rebooted and the log is a new one)."""
         data = await self._host.event_log()
-        if data is None:
-            return None
-        start = from_offset if from_offset <= len(data) else 0
-        return attestation_pb2.EventLogChunk(offset=start, data=data[start:], total_size=len(data))
+        return None if data is None else LogChunk.since(data, from_offset)
 
-    def _handle_result(self, result: attestation_pb2.Result) -> None:
+    async def _handle_result(self, result: AttestationResult) -> None:
         trust = result.trust
         logger.info(
             "trust result: tier=%s score=%d findings=%s",
-            tier_word(trust.tier),
+            trust.tier.label,
             trust.score,
             ",".join(f.id for f in trust.findings) or "-",
         )
-        if self._pending is not None and not result.HasField("certificate"):
+        issued = result.certificate
+        if self._pending is not None and issued is None:
             logger.warning("no certificate: %s", withheld_reason(trust))
-        if result.HasField("certificate") and self._pending is not None:
-            der = result.certificate.certificate_der
-            cert = x509.load_der_x509_certificate(der)
+        if issued is not None and self._pending is not None:
+            cert = issued.certificate
             if cert.public_key() != self._pending.key.public_key():
                 logger.error("verifier certified a key that is not ours; discarding it")
             else:
-                self._files.save_device_certificate(self._pending.key, der, self._enrollment.ca_pem)
+                await self._files.save_device_certificate(
+                    self._pending.key, issued.der, self._enrollment.ca_pem
+                )
                 self._certificate = cert
                 logger.info(
                     "new device certificate serial %s valid until %s",
-                    result.certificate.serial_hex,
+                    issued.serial,
                     cert.not_valid_after_utc.isoformat(),
                 )
                 self._pending = None
@@ -259,15 +248,8 @@ class AttestationClient:
             self._on_result(result)
 
 
-def tier_word(tier: int) -> str:
-    """The tier as the verifier logs it: affirming, warning, contraindicated or none."""
-    if tier == common_pb2.TIER_UNSPECIFIED or tier not in common_pb2.Tier.values():
-        return "none"
-    return common_pb2.Tier.Name(tier).removeprefix("TIER_").lower()  # type: ignore[arg-type]
-
-
-def withheld_reason(trust: common_pb2.TrustResult) -> str:
+def withheld_reason(trust: Verdict) -> str:
     """Why a Result asked for a certificate carries none, as far as the agent can tell: the
     tier and the findings' ids (the verifier certifies only at its certificates.min_tier)."""
     ids = ", ".join(dict.fromkeys(f.id for f in trust.findings)) or "no findings"
-    return f"tier {tier_word(trust.tier)} ({ids})"
+    return f"tier {trust.tier.label} ({ids})"

@@ -1,5 +1,6 @@
 """Enrollment, the agent's side (DESIGN.md flow 1): over the parts ``devtrust-agent`` chose
-at start (``interfaces``: the TPM, the host probe for the facts sent, the identity files)."""
+at start (``interfaces``: the TPM, the host probe for the facts sent, the identity files).
+The requests and answers are converted in ``devtrust.agent.wire``; this module builds none."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import grpc
 from cryptography import x509
 
+from devtrust.agent import wire
 from devtrust.agent.channel import (
     Backoff,
     VerifierError,
@@ -24,7 +26,7 @@ from devtrust.agent.config import AgentConfig
 from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
 from devtrust.agent.state import Enrollment, der_to_pem, key_pem, new_key, spki
 from devtrust.core.binding import proof_for
-from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
+from devtrust.v1 import enrollment_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +39,12 @@ class EnrollmentPending(Exception):
         self.device_id = device_id
 
 
-def verifier_ca(cfg: AgentConfig) -> bytes:
+async def verifier_ca(cfg: AgentConfig, files: IdentityFiles) -> bytes:
     """The CA bundle that verifies the verifier's certificate: readable, and PEM certificates."""
     path = cfg.verifier.ca_bundle
     remedy = "copy there the ca.pem that `devtrust-verifier init --dir` made"
     try:
-        data = path.read_bytes()
+        data = await files.read_ca_bundle(path)
     except OSError as exc:
         raise VerifierError(
             f"verifier.ca_bundle {path}: cannot read: {exc.strerror}; {remedy}"
@@ -57,11 +59,18 @@ def verifier_ca(cfg: AgentConfig) -> bytes:
 
 
 async def enroll(
-    cfg: AgentConfig, tpm: Tpm, files: IdentityFiles, *, host: HostProbe
+    cfg: AgentConfig,
+    tpm: Tpm,
+    files: IdentityFiles,
+    *,
+    host: HostProbe,
+    ca_pem: bytes | None = None,
 ) -> Enrollment:
     """Enroll this host's TPM; return and save the attestation-channel identity. One
-    attempt: a failed call raises ``grpc.aio.AioRpcError`` (``enroll_retrying`` retries)."""
-    ca_pem = verifier_ca(cfg)
+    attempt: a failed call raises ``grpc.aio.AioRpcError`` (``enroll_retrying`` retries).
+    ``ca_pem``: the verifier's CA bundle as ``verifier_ca`` read it (None: read it now)."""
+    if ca_pem is None:
+        ca_pem = await verifier_ca(cfg, files)
     ek_cert = await tpm.ek_certificate()
     ek_public = await tpm.ek_public()
     ak_public = await tpm.ak_public()
@@ -70,37 +79,41 @@ async def enroll(
     channel_spki = spki(channel_key)
     async with enrollment_channel(cfg, ca_pem) as channel:
         stub = enrollment_pb2_grpc.EnrollmentStub(channel)
-        challenge = await stub.Enroll(
-            enrollment_pb2.EnrollRequest(
-                ek_certificate=ek_cert or b"",
-                ek_public=ek_public,
-                ak_public=ak_public,
-                host=facts,
-                bootstrap_token=cfg.bootstrap_token,
-                channel_key_spki=channel_spki,
-            ),
-            timeout=cfg.rpc_timeout_s,
+        challenge = wire.credential_challenge_from_wire(
+            await stub.Enroll(
+                wire.enroll_request_to_wire(
+                    ek_certificate=ek_cert,
+                    ek_public=ek_public,
+                    ak_public=ak_public,
+                    host=facts,
+                    bootstrap_token=cfg.bootstrap_token,
+                    channel_key_spki=channel_spki,
+                ),
+                timeout=cfg.rpc_timeout_s,
+            )
         )
         secret = await tpm.activate_credential(
             challenge.credential_blob, challenge.encrypted_secret
         )
-        response = await stub.Activate(
-            enrollment_pb2.ActivateRequest(
-                enrollment_id=challenge.enrollment_id,
-                proof=proof_for(secret, challenge.enrollment_id, channel_spki),
-            ),
-            timeout=cfg.rpc_timeout_s,
+        activated = wire.activated_from_wire(
+            await stub.Activate(
+                wire.activate_request_to_wire(
+                    enrollment_id=challenge.enrollment_id,
+                    proof=proof_for(secret, challenge.enrollment_id, channel_spki),
+                ),
+                timeout=cfg.rpc_timeout_s,
+            )
         )
-    if response.state == common_pb2.DEVICE_STATE_PENDING_APPROVAL:
-        raise EnrollmentPending(response.device_id)
-    chain_pem = b"".join(der_to_pem(der) for der in response.ca_chain)
+    if activated.pending_approval:
+        raise EnrollmentPending(activated.device_id)
+    chain_pem = b"".join(der_to_pem(der) for der in activated.ca_chain)
     enrollment = Enrollment(
-        device_id=response.device_id,
+        device_id=activated.device_id,
         channel_key_pem=key_pem(channel_key),
-        channel_cert_pem=der_to_pem(response.channel_certificate),
+        channel_cert_pem=der_to_pem(activated.channel_certificate),
         ca_pem=chain_pem or ca_pem,
     )
-    files.save_enrollment(enrollment)
+    await files.save_enrollment(enrollment)
     logger.info("enrolled as device %s", enrollment.device_id)
     return enrollment
 
@@ -126,12 +139,13 @@ async def enroll_retrying(
     (otherwise it asks again after that many seconds).
     """
     address = cfg.verifier.enrollment
+    ca_pem = await verifier_ca(cfg, files)  # once: a retry changes the call, not the file
     backoff = Backoff(cfg.reconnect_max_s)
     started, attempts = clock(), 0
     while not stop.is_set():
         attempts += 1
         try:
-            return await enroll(cfg, tpm, files, host=host)
+            return await enroll(cfg, tpm, files, host=host, ca_pem=ca_pem)
         except EnrollmentPending as exc:
             if pending_retry_s is None:
                 raise

@@ -7,3 +7,8 @@ from devtrust.core.errors import DevtrustError
 
 class TpmError(DevtrustError):
     """The TPM could not be reached or refused a command; the message says which."""
+
+
+class MalformedMessage(DevtrustError):
+    """The verifier sent what the agent cannot read (a certificate that does not parse, a
+    device id that is not one): another server or a bug, which retrying does not fix."""

@@ -10,6 +10,12 @@ clients on one event loop; tests drive the client's logic without swtpm.
 
 Every call that may wait on hardware or the disk is a coroutine: how an implementation keeps
 the event loop free (a worker thread, nothing at all) is its own business.
+
+The host probe returns protobuf messages (HostFacts, OsPosture, GpuState), by decision: they
+are the parts of the evidence body, whose serialized bytes the quote binds and whose schema is
+the contract the verifier's policy reads; converting them to values and back on every
+challenge would cost time and invite a second schema (``devtrust.agent.wire`` says more).
+Everything else the agent exchanges with the verifier is a value (``messages``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
@@ -93,18 +100,24 @@ class HostProbe(Protocol):
 
 class IdentityFiles(Protocol):
     """Where the agent keeps its identities: the enrollment (channel key and certificate, the
-    verifier's CA) and the device certificate local workloads present. Read at start; the
+    verifier's CA), the device certificate local workloads present, and the CA bundle that
+    the configuration names. Read at start (the CA bundle once per enrollment run); the
     client keeps its device certificate in memory and writes only a renewed one."""
 
-    def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
+    async def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
         """The saved enrollment, or None when there is none or its certificate is in its last
         day (the agent then enrolls again, with a new channel key)."""
         ...
 
-    def save_enrollment(self, enrollment: Enrollment) -> None: ...
+    async def save_enrollment(self, enrollment: Enrollment) -> None: ...
 
-    def device_certificate(self) -> x509.Certificate | None: ...
+    async def device_certificate(self) -> x509.Certificate | None: ...
 
-    def save_device_certificate(
+    async def save_device_certificate(
         self, key: ec.EllipticCurvePrivateKey, cert_der: bytes, ca_pem: bytes
     ) -> None: ...
+
+    async def read_ca_bundle(self, path: Path) -> bytes:
+        """The bundle at ``path`` (``verifier.ca_bundle``), as it is: ``OSError`` when it
+        cannot be read; the caller checks what it holds."""
+        ...

@@ -35,6 +35,7 @@ from devtrust.agent.gpu.nvml import XidWatcher
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import AsyncTpm, TpmBackend
 from devtrust.agent.watch import PostureWatcher
+from devtrust.core.command import ErrorPolicy, Failure, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import configure_logging
 from devtrust.v1 import attestation_pb2
@@ -100,7 +101,7 @@ async def run(
     xids = None if enroll_only else make_xid_watcher(cfg)
     host = make_host(cfg, xids=xids)
     try:
-        enrollment = files.load_enrollment()
+        enrollment = await files.load_enrollment()
         if enrollment is None:
             enrollment = await enroll_retrying(
                 cfg,
@@ -138,20 +139,16 @@ def load_config(path: Path) -> AgentConfig:
 def collect(args: argparse.Namespace) -> int:
     """`devtrust-agent collect`: the evidence body as JSON, to feed `devtrust policy eval`."""
     where = f"{args.config}: " if args.config else ""
-    try:
-        cfg = load_config(args.config) if args.config else AgentConfig()
-        if args.root:
-            cfg = dataclasses.replace(cfg, posture_root=args.root)
-        if args.gpu_xml:
-            cfg = dataclasses.replace(cfg, gpu_source="nvidia-smi-xml", gpu_xml=args.gpu_xml)
-        check_sources(
-            cfg,
-            root_key="--root" if args.root else f"{where}posture_root",
-            xml_key="--gpu-xml" if args.gpu_xml else f"{where}gpu_xml",
-        )
-    except ConfigError as exc:
-        print(f"devtrust-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    cfg = load_config(args.config) if args.config else AgentConfig()
+    if args.root:
+        cfg = dataclasses.replace(cfg, posture_root=args.root)
+    if args.gpu_xml:
+        cfg = dataclasses.replace(cfg, gpu_source="nvidia-smi-xml", gpu_xml=args.gpu_xml)
+    check_sources(
+        cfg,
+        root_key="--root" if args.root else f"{where}posture_root",
+        xml_key="--gpu-xml" if args.gpu_xml else f"{where}gpu_xml",
+    )
     body = attestation_pb2.EvidenceBody.FromString(
         asyncio.run(collect_body(make_host(cfg), now=datetime.datetime.now(datetime.UTC)))
     )
@@ -229,44 +226,45 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "collect":
-        return collect(args)
+        if args.verbose:  # collect's output is its stdout: no log lines unless asked
+            configure_logging(logging.DEBUG)
+        return run_command("devtrust-agent", lambda: collect(args), errors(args.config))
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        return _daemon(args)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return run_command("devtrust-agent", lambda: _daemon(args), errors(args.config))
+
+
+def errors(config: Path | None) -> ErrorPolicy:
+    """Every error one line on stderr, naming the file where it can and what to do; Ctrl-C
+    ends quietly (130)."""
+
+    def explain(exc: Exception) -> Failure | None:
+        if isinstance(exc, EnrollmentPending):
+            return Failure(
+                f"{exc}: approve it on the verifier (`devtrust-verifier approve "
+                f"{exc.device_id}`), then enroll again",
+                EXIT_PENDING,
+            )
+        if isinstance(exc, VerifierError):
+            unreachable = isinstance(exc, VerifierUnreachable)
+            return Failure(f"{config}: {exc}", EXIT_UNREACHABLE if unreachable else EXIT_ERROR)
+        if isinstance(exc, TpmError):
+            return Failure(
+                f"{exc}; check tpm.tcti in {config}: the TPM must exist and this user may "
+                "open it (group tss)",
+                EXIT_ERROR,
+            )
+        if isinstance(exc, DevtrustError):  # a ConfigError names its file itself
+            return Failure(str(exc), EXIT_ERROR)
+        return None
+
+    return ErrorPolicy(expected=(), status=EXIT_ERROR, explain=explain, interrupted=None)
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    """`run` and `enroll`: every error one line on stderr, naming the file where it can."""
-    try:
-        cfg = _daemon_config(args.config)
-    except ConfigError as exc:
-        print(f"devtrust-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        enroll_only = args.command == "enroll"
-        done = asyncio.run(run(cfg, enroll_only=enroll_only, give_up_s=args.give_up_s))
-    except EnrollmentPending as exc:
-        print(
-            f"devtrust-agent: {exc}: approve it on the verifier (`devtrust-verifier approve "
-            f"{exc.device_id}`), then enroll again",
-            file=sys.stderr,
-        )
-        return EXIT_PENDING
-    except VerifierError as exc:
-        print(f"devtrust-agent: {args.config}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE if isinstance(exc, VerifierUnreachable) else EXIT_ERROR
-    except TpmError as exc:
-        print(
-            f"devtrust-agent: {exc}; check tpm.tcti in {args.config}: the TPM must exist "
-            "and this user may open it (group tss)",
-            file=sys.stderr,
-        )
-        return EXIT_ERROR
-    except DevtrustError as exc:
-        print(f"devtrust-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    """`run` and `enroll` (their errors: ``errors``)."""
+    cfg = _daemon_config(args.config)
+    enroll_only = args.command == "enroll"
+    done = asyncio.run(run(cfg, enroll_only=enroll_only, give_up_s=args.give_up_s))
     return 0 if done or not enroll_only else EXIT_INTERRUPTED
 
 

@@ -3,11 +3,14 @@
 ``AgentFiles``, on hosts: state_dir (persistent, 0700): device-id, channel.key (0600),
 channel.pem, verifier-ca.pem. runtime_dir (tmpfs, 0700): device.key (0600), device.pem,
 ca-bundle.pem: what local workloads present to relying parties. Every file is written
-atomically. ``MemoryFiles``: the same in memory, for simulated devices and tests.
+atomically (with fsync), and every read and write runs on a worker thread: a renewal's three
+files are not written on the event loop the streams share. ``MemoryFiles``: the same in
+memory, for simulated devices and tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +61,13 @@ class AgentFiles:
         for d in (self.state_dir, self.runtime_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
+    async def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
         """The saved channel identity, or None when there is none or its certificate is in
         its last day (the agent then enrolls again, with a new channel key)."""
+        saved = await asyncio.to_thread(self._read_enrollment)
+        return None if saved is None else usable(saved, now=now)
+
+    def _read_enrollment(self) -> Enrollment | None:
         paths = [
             self.state_dir / n
             for n in ("device-id", "channel.key", "channel.pem", "verifier-ca.pem")
@@ -68,9 +75,12 @@ class AgentFiles:
         if not all(p.exists() for p in paths):
             return None
         device_id, key, cert, ca = (p.read_bytes() for p in paths)
-        return usable(Enrollment(device_id.decode().strip(), key, cert, ca), now=now)
+        return Enrollment(device_id.decode().strip(), key, cert, ca)
 
-    def save_enrollment(self, enrollment: Enrollment) -> None:
+    async def save_enrollment(self, enrollment: Enrollment) -> None:
+        await asyncio.to_thread(self._write_enrollment, enrollment)
+
+    def _write_enrollment(self, enrollment: Enrollment) -> None:
         self._dirs()
         write_atomic(self.state_dir / "channel.key", enrollment.channel_key_pem, mode=0o600)
         write_atomic(self.state_dir / "channel.pem", enrollment.channel_cert_pem, mode=0o644)
@@ -79,15 +89,22 @@ class AgentFiles:
             self.state_dir / "device-id", enrollment.device_id.encode() + b"\n", mode=0o644
         )
 
-    def save_device_certificate(
+    async def save_device_certificate(
         self, key: ec.EllipticCurvePrivateKey, cert_der: bytes, ca_pem: bytes
     ) -> None:
+        pem = der_to_pem(cert_der)
+        await asyncio.to_thread(self._write_device_certificate, key_pem(key), pem, ca_pem)
+
+    def _write_device_certificate(self, key: bytes, cert: bytes, ca_pem: bytes) -> None:
         self._dirs()
-        write_atomic(self.runtime_dir / "device.key", key_pem(key), mode=0o600)
-        write_atomic(self.runtime_dir / "device.pem", der_to_pem(cert_der), mode=0o644)
+        write_atomic(self.runtime_dir / "device.key", key, mode=0o600)
+        write_atomic(self.runtime_dir / "device.pem", cert, mode=0o644)
         write_atomic(self.runtime_dir / "ca-bundle.pem", ca_pem, mode=0o644)
 
-    def device_certificate(self) -> x509.Certificate | None:
+    async def device_certificate(self) -> x509.Certificate | None:
+        return await asyncio.to_thread(self._read_device_certificate)
+
+    def _read_device_certificate(self) -> x509.Certificate | None:
         path = self.runtime_dir / "device.pem"
         if not path.exists() or not (self.runtime_dir / "device.key").exists():
             return None
@@ -95,6 +112,9 @@ class AgentFiles:
             return x509.load_pem_x509_certificate(path.read_bytes())
         except ValueError:
             return None
+
+    async def read_ca_bundle(self, path: Path) -> bytes:
+        return await asyncio.to_thread(path.read_bytes)
 
 
 def usable(enrollment: Enrollment, *, now: datetime.datetime | None) -> Enrollment | None:
@@ -110,29 +130,34 @@ def usable(enrollment: Enrollment, *, now: datetime.datetime | None) -> Enrollme
 @dataclass
 class MemoryFiles:
     """Identities in memory: a simulated device's, or a test's. ``saved`` counts the device
-    certificates written, so a test sees that a renewal was stored and nothing else was."""
+    certificates written, so a test sees that a renewal was stored and nothing else was;
+    ``ca_bundle`` is what ``read_ca_bundle`` returns, whatever the path."""
 
     enrollment: Enrollment | None = None
     certificate: x509.Certificate | None = None
     key: ec.EllipticCurvePrivateKey | None = None
     ca_pem: bytes = b""
+    ca_bundle: bytes = b""
     saved: int = 0
 
-    def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
+    async def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
         return None if self.enrollment is None else usable(self.enrollment, now=now)
 
-    def save_enrollment(self, enrollment: Enrollment) -> None:
+    async def save_enrollment(self, enrollment: Enrollment) -> None:
         self.enrollment = enrollment
 
-    def device_certificate(self) -> x509.Certificate | None:
+    async def device_certificate(self) -> x509.Certificate | None:
         return self.certificate
 
-    def save_device_certificate(
+    async def save_device_certificate(
         self, key: ec.EllipticCurvePrivateKey, cert_der: bytes, ca_pem: bytes
     ) -> None:
         self.key, self.ca_pem = key, ca_pem
         self.certificate = x509.load_der_x509_certificate(cert_der)
         self.saved += 1
+
+    async def read_ca_bundle(self, path: Path) -> bytes:
+        return self.ca_bundle
 
 
 def renewal_due(cert: x509.Certificate | None, *, now: datetime.datetime, renew_at: float) -> bool:

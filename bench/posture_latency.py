@@ -29,11 +29,12 @@ from devtrust.agent.attest import AttestationClient
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
 from devtrust.agent.main import make_host, make_tpm
+from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import AgentFiles
+from devtrust.core.tier import Tier
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.swtpm.bootlog import header_only_log
 from devtrust.swtpm.hosttree import write_host_tree
-from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
@@ -81,7 +82,7 @@ async def measure(work: Path, repeats: int) -> list[float]:
     )
     atpm = make_tpm(cfg)
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
-    queue: asyncio.Queue[attestation_pb2.Result] = asyncio.Queue()
+    queue: asyncio.Queue[AttestationResult] = asyncio.Queue()
     stop = asyncio.Event()
     try:
         host = make_host(cfg)
@@ -99,7 +100,7 @@ async def measure(work: Path, repeats: int) -> list[float]:
         samples = []
         for n in range(repeats):
             login = "yes" if n % 2 == 0 else "no"
-            want = common_pb2.TIER_WARNING if login == "yes" else common_pb2.TIER_AFFIRMING
+            want = Tier.WARNING if login == "yes" else Tier.AFFIRMING
             (root / HARDENING).write_text(f"PermitRootLogin {login}\nPasswordAuthentication no\n")
             start = time.monotonic()
             while (await asyncio.wait_for(queue.get(), 30)).trust.tier != want:

@@ -28,16 +28,19 @@ from devtrust.agent.collect import RecordedHost
 from devtrust.agent.config import AgentConfig, VerifierEndpoint
 from devtrust.agent.errors import TpmError
 from devtrust.agent.interfaces import IdentityFiles
+from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import Enrollment, MemoryFiles, key_pem, new_key, spki
 from devtrust.agent.tpm import TpmBackend
 from devtrust.core.binding import possession_proven, qualifying_data
 from devtrust.core.claims import DeviceClaims
+from devtrust.core.ids import DeviceId
+from devtrust.core.tier import Tier
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 from devtrust.verifier.ca import CertificateAuthority, pem
 from devtrust.verifier.pki import PkiFiles
 from tests.agent_parts import ATTEST_PREFIX, FakeTpm, pcr_value, recorded_host
 
-DEVICE = "5e" * 32
+DEVICE = DeviceId("5e" * 32)
 TRUST_DOMAIN = "devtrust.local"
 NOW = datetime.datetime.now(datetime.UTC)
 SELECTION = [common_pb2.PcrSelection(hash_alg="sha256", pcrs=[0, 7])]
@@ -133,7 +136,7 @@ def certify(pki: PkiFiles, spki_der: bytes) -> common_pb2.DeviceCertificate:
         trust_domain=TRUST_DOMAIN,
         device_id=DEVICE,
         public_key=public,
-        claims=DeviceClaims(tier="affirming", zone=""),
+        claims=DeviceClaims(tier=Tier.AFFIRMING, zone=""),
         now=datetime.datetime.now(datetime.UTC),
         lifetime=datetime.timedelta(hours=1),
     )
@@ -170,7 +173,7 @@ async def attest(
     tpm: FakeTpm | None = None,
     host: RecordedHost | None = None,
     files: IdentityFiles | None = None,
-    results: list[attestation_pb2.Result] | None = None,
+    results: list[AttestationResult] | None = None,
 ) -> tuple[ScriptedVerifier, AttestationClient]:
     """Run the client against the scripts until the last one is done; re-raise what failed."""
     verifier = ScriptedVerifier(scripts)
@@ -277,16 +280,16 @@ def test_event_log_from_the_offset_asked_and_whole_after_a_reboot(
 class _CountingFiles(MemoryFiles):
     reads = 0
 
-    def device_certificate(self) -> x509.Certificate | None:
+    async def device_certificate(self) -> x509.Certificate | None:
         self.reads += 1
-        return super().device_certificate()
+        return await super().device_certificate()
 
 
 def test_result_and_next_challenge_in_one_message(pki: PkiFiles, tmp_path: Path) -> None:
     """The verifier sends a Result and the next Challenge together: the client stores the
     renewed certificate first, then answers, no longer asking for one."""
     files = _CountingFiles()
-    results: list[attestation_pb2.Result] = []
+    results: list[AttestationResult] = []
     seen: list[tuple[attestation_pb2.Evidence, int, int]] = []
     second_nonce = os.urandom(32)
 
@@ -315,6 +318,11 @@ def test_result_and_next_challenge_in_one_message(pki: PkiFiles, tmp_path: Path)
     assert files.certificate.public_key() == files.key.public_key()
     # Read once at start; the renewal was kept in memory, not read back per challenge.
     assert files.reads == 1
+    # What the callback got: the Result as a value, the tier a core Tier.
+    [result] = results
+    assert result.trust.tier is Tier.AFFIRMING
+    assert result.certificate is not None
+    assert result.certificate.certificate == files.certificate
 
 
 def test_a_certificate_for_another_key_is_discarded(pki: PkiFiles, tmp_path: Path) -> None:
@@ -357,7 +365,7 @@ def test_a_due_certificate_is_renewed_and_a_fresh_one_is_not(pki: PkiFiles, tmp_
         trust_domain=TRUST_DOMAIN,
         device_id=DEVICE,
         public_key=key.public_key(),
-        claims=DeviceClaims(tier="affirming", zone=""),
+        claims=DeviceClaims(tier=Tier.AFFIRMING, zone=""),
         now=datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=45),
         lifetime=datetime.timedelta(hours=1),
     )

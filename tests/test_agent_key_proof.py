@@ -17,7 +17,9 @@ from devtrust.agent.attest import AttestationClient
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.main import make_host
+from devtrust.agent.messages import Evidence
 from devtrust.agent.state import AgentFiles, Enrollment, new_key, spki
+from devtrust.agent.wire import challenge_from_wire
 from devtrust.core.binding import PublicKey, possession_proven, qualifying_data
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2, common_pb2
@@ -61,7 +63,7 @@ def _challenge(nonce: bytes) -> attestation_pb2.Challenge:
 
 def test_body_for_a_challenge_proves_possession_of_the_key_to_certify(tmp_path: Path) -> None:
     client, tpm = _client(tmp_path)
-    evidence = asyncio.run(client._answer(_challenge(NONCE)))
+    evidence = asyncio.run(client._answer(challenge_from_wire(_challenge(NONCE))))
     body = attestation_pb2.EvidenceBody.FromString(evidence.body)
     assert body.certify_key_spki
     assert body.certify_key_proof
@@ -80,8 +82,10 @@ def test_each_challenge_gets_its_own_proof(tmp_path: Path) -> None:
     client, _ = _client(tmp_path)
     second_nonce = bytes(reversed(NONCE))
 
-    async def both() -> list[attestation_pb2.Evidence]:
-        return [await client._answer(_challenge(n)) for n in (NONCE, second_nonce)]
+    async def both() -> list[Evidence]:
+        return [
+            await client._answer(challenge_from_wire(_challenge(n))) for n in (NONCE, second_nonce)
+        ]
 
     first, second = (attestation_pb2.EvidenceBody.FromString(e.body) for e in asyncio.run(both()))
     assert first.certify_key_spki == second.certify_key_spki

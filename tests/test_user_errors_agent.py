@@ -28,12 +28,14 @@ import grpc
 import pytest
 import yaml
 
-from devtrust.agent.attest import tier_word, withheld_reason
+from devtrust.agent.attest import withheld_reason
 from devtrust.agent.channel import Backoff, explain, host_of, short_detail
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
 from devtrust.agent.main import build_parser, make_host, make_tpm
 from devtrust.agent.state import AgentFiles
+from devtrust.agent.wire import tier_from_wire, verdict_from_wire
+from devtrust.core.ids import DeviceId
 from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.swtpm.bootlog import header_only_log
 from devtrust.v1 import common_pb2
@@ -231,7 +233,7 @@ def test_enroll_against_a_verifier_one_line(
 
         async def spend(store: SqliteRepositories) -> bool:
             await store.tokens.add(digest, now=now, expires_at=now + datetime.timedelta(hours=1))
-            return await store.tokens.use(digest, device_id="another-device", now=now)
+            return await store.tokens.use(digest, device_id=DeviceId("another-device"), now=now)
 
         assert with_repos(config.database, spend)
     tpm = swtpm_factory(other_endorsement_ca if case.foreign_ek else None)
@@ -501,7 +503,7 @@ def test_short_detail_and_host() -> None:
 
 
 def test_tier_words_and_why_no_certificate() -> None:
-    assert [tier_word(t) for t in range(5)] == [
+    assert [tier_from_wire(t).label for t in range(5)] == [
         "none",
         "none",
         "affirming",
@@ -512,8 +514,8 @@ def test_tier_words_and_why_no_certificate() -> None:
         tier=common_pb2.TIER_WARNING,
         findings=[common_pb2.Finding(id="eventlog.missing"), common_pb2.Finding(id="x.y")],
     )
-    assert withheld_reason(trust) == "tier warning (eventlog.missing, x.y)"
-    assert withheld_reason(common_pb2.TrustResult()) == "tier none (no findings)"
+    assert withheld_reason(verdict_from_wire(trust)) == "tier warning (eventlog.missing, x.y)"
+    assert withheld_reason(verdict_from_wire(common_pb2.TrustResult())) == "tier none (no findings)"
 
 
 # --- the attestation stream ---------------------------------------------------------------
@@ -577,7 +579,7 @@ def test_the_agent_says_why_no_certificate_came(
 
     with caplog.at_level(logging.INFO, logger="devtrust.agent.attest"):
         results = asyncio.run(scenario())
-    assert not results[0].HasField("certificate")
+    assert results[0].certificate is None
     messages = [r.getMessage() for r in caplog.records if r.name == "devtrust.agent.attest"]
     assert any(m.startswith("trust result: tier=warning ") for m in messages), messages
     assert "no certificate: tier warning (eventlog.missing)" in messages, messages
