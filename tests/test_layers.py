@@ -32,6 +32,9 @@ CORE_THIRD_PARTY = ("cryptography", "yaml")
 
 # Where the verifier converts protobuf messages, in both directions.
 WIRE_MODULES = ("wire", "wire_attest", "wire_body", "wire_enroll", "wire_query", "wire_schema")
+# The gRPC servicers, and the module that registers them with the server.
+SERVICERS = ("attest_service", "enroll_service", "query_service")
+REGISTRAR = "devtrust.verifier.server"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,17 @@ RULES = (
         forbidden=("devtrust.agent", "devtrust.swtpm"),
     ),
     Rule(
+        "in the verifier only enrollment imports tpm2_pytss (make_challenge, see below)",
+        importers=("devtrust.verifier",),
+        forbidden=("tpm2_pytss",),
+        exempt=("devtrust.verifier.enrollment",),
+    ),
+    Rule(
+        "the verifier never imports pynvml (GPU state comes in the evidence)",
+        importers=("devtrust.verifier",),
+        forbidden=("pynvml",),
+    ),
+    Rule(
         "the agent never imports the verifier or swtpm",
         importers=("devtrust.agent",),
         forbidden=("devtrust.verifier", "devtrust.swtpm"),
@@ -81,12 +95,11 @@ RULES = (
         forbidden=("devtrust.v1", "google.protobuf"),
         exempt=(
             *(f"devtrust.verifier.{m}" for m in WIRE_MODULES),
-            # The servicers, for their methods' signatures, and the server that registers
-            # them: they build no message (their wire modules do).
-            "devtrust.verifier.attest_service",
-            "devtrust.verifier.enroll_service",
-            "devtrust.verifier.query_service",
-            "devtrust.verifier.server",
+            # The servicers, for their base classes and their methods' signatures, and the
+            # server that registers them: what they may do with protobuf is checked on their
+            # source (servicer_problems, registrar_problems below).
+            *(f"devtrust.verifier.{m}" for m in SERVICERS),
+            REGISTRAR,
         ),
     ),
 )
@@ -258,3 +271,225 @@ def test_operator_commands_load_no_tpm_or_gpu_library(module: str) -> None:
 
 def test_the_load_check_sees_a_tpm_library() -> None:
     assert "tpm2_pytss" in _loaded_after_import("devtrust.agent.tpm")
+
+
+# --- where the verifier imports tpm2_pytss ----------------------------------------------------
+
+
+def function_imports(source: str, module: str) -> set[tuple[str, str]]:
+    """(function, imported) for every import in ``source``; "" for the module level, the
+    innermost function's name otherwise."""
+    found: set[tuple[str, str]] = set()
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child.name)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.update(
+                    (function, m) for m in imports_of(ast.unparse(child), module, is_package=False)
+                )
+            else:
+                visit(child, function)
+
+    visit(ast.parse(source), "")
+    return found
+
+
+def test_the_verifier_loads_tpm2_pytss_only_to_make_a_credential_challenge() -> None:
+    """The one exemption of the rule above, as narrow as it is meant: inside
+    enrollment.make_challenge, so that only enrolling a TPM loads it (the servers and the
+    operator commands import enrollment)."""
+    module = "devtrust.verifier.enrollment"
+    source = modules()[module].read_text(encoding="utf-8")
+    where = {f for f, m in function_imports(source, module) if within(m, ("tpm2_pytss",))}
+    assert where == {"make_challenge"}
+    probe = "import os\ndef f():\n    import tpm2_pytss\n    def g():\n        import pynvml\n"
+    assert function_imports(probe, "devtrust.verifier.x") == {
+        ("", "os"),
+        ("f", "tpm2_pytss"),
+        ("g", "pynvml"),
+    }
+
+
+# --- protobuf in the servicers ----------------------------------------------------------------
+
+
+def _generated(name: str) -> bool:
+    return name.endswith(("_pb2", "_pb2_grpc"))
+
+
+def _root(node: ast.expr) -> ast.expr:
+    """``a`` of ``a.b[c].d(e).f``."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node
+
+
+def _protobuf_imports(tree: ast.AST) -> list[str]:
+    """Generated code imported as anything but a module of devtrust.v1 under its own name
+    (the checks below recognise it by that name), and any google.protobuf."""
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if within(a.name, ("devtrust.v1", "google"))]
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            if node.module == "devtrust.v1":
+                names = [
+                    f"{a.name} as {a.asname}" if a.asname else a.name
+                    for a in node.names
+                    if a.asname or not _generated(a.name)
+                ]
+            elif within(node.module, ("devtrust.v1", "google")):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+        else:
+            continue
+        problems += [f"line {node.lineno}: imports {n}" for n in names]
+    return problems
+
+
+def servicer_problems(source: str) -> list[str]:
+    """What a servicer does with protobuf beyond its signatures: a generated module
+    (``*_pb2``) named outside an annotation, a ``*_pb2_grpc`` one outside the class's bases,
+    or a field read from a message (a name annotated with a generated type). It converts
+    through its wire module; building or reading a message is that module's job."""
+    tree = ast.parse(source)
+    allowed: set[int] = set()  # ids of the Name nodes in a signature or a base class
+    problems = _protobuf_imports(tree)
+
+    def mentions(annotation: ast.expr) -> set[ast.Name]:
+        return {
+            n for n in ast.walk(annotation) if isinstance(n, ast.Name) and n.id.endswith("_pb2")
+        }
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            allowed |= {
+                id(n)
+                for base in node.bases
+                for n in ast.walk(base)
+                if isinstance(n, ast.Name) and n.id.endswith("_pb2_grpc")
+            }
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = node.args
+        params = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+        params += [a for a in (arguments.vararg, arguments.kwarg) if a is not None]
+        messages = set()  # the names that hold messages in this function
+        for param in params:
+            if param.annotation is not None and (found := mentions(param.annotation)):
+                allowed |= {id(n) for n in found}
+                messages.add(param.arg)
+        if node.returns is not None:
+            allowed |= {id(n) for n in mentions(node.returns)}
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.AnnAssign) and (found := mentions(inner.annotation)):
+                allowed |= {id(n) for n in found}
+                if isinstance(inner.target, ast.Name):
+                    messages.add(inner.target.id)
+        problems += [
+            f"line {n.lineno}: reads {n.value.id}.{n.attr}, a field of a message"
+            for n in ast.walk(node)
+            if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name)
+            and n.value.id in messages
+        ]
+    problems += [
+        f"line {n.lineno}: uses {n.id} outside a signature"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Name) and _generated(n.id) and id(n) not in allowed
+    ]
+    return sorted(problems)
+
+
+def registrar_problems(source: str) -> list[str]:
+    """The server registers the servicers and names their services (reflection, health):
+    it may call ``*_pb2_grpc.add_*_to_server`` and read descriptors and enum values, never
+    build a message or a stub."""
+    tree = ast.parse(source)
+    problems = [p for p in _protobuf_imports(tree) if "google" in p or " as " in p or "_pb2." in p]
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        root = _root(node.func)
+        if not isinstance(root, ast.Name) or not _generated(root.id):
+            continue
+        func = node.func
+        registers = (
+            root.id.endswith("_pb2_grpc")
+            and isinstance(func, ast.Attribute)
+            and func.value is root
+            and func.attr.startswith("add_")
+            and func.attr.endswith("_to_server")
+        )
+        if not registers:
+            problems.append(f"line {node.lineno}: calls {ast.unparse(func)}")
+    return problems
+
+
+@pytest.mark.parametrize("servicer", SERVICERS)
+def test_servicers_touch_protobuf_only_in_their_signatures(servicer: str) -> None:
+    module = f"devtrust.verifier.{servicer}"
+    problems = servicer_problems(modules()[module].read_text(encoding="utf-8"))
+    assert not problems, f"{module}: convert in its wire module:\n" + "\n".join(problems)
+
+
+def test_the_server_builds_no_message() -> None:
+    problems = registrar_problems(modules()[REGISTRAR].read_text(encoding="utf-8"))
+    assert not problems, "\n".join(problems)
+
+
+_SERVICER = """
+from devtrust.v1 import x_pb2, x_pb2_grpc
+from devtrust.verifier import wire_x
+
+class S(x_pb2_grpc.XServicer):
+    async def Get(self, request: x_pb2.Req, context: object) -> x_pb2.Resp:
+        pending: list[x_pb2.Req] = [request]
+        return wire_x.resp_to_wire(wire_x.req_from_wire(pending[0]))
+
+    def helper(self, request: Domain) -> str:
+        return request.name
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (("return wire_x.resp_to_wire(", "return x_pb2.Resp(a=1) or wire_x.resp_to_wire("),
+         "line 8: uses x_pb2 outside a signature"),
+        (("wire_x.req_from_wire(pending[0])", "request.device_id"),
+         "line 8: reads request.device_id, a field of a message"),
+        (("wire_x.req_from_wire(pending[0])", "pending.count(0)"),
+         "line 8: reads pending.count, a field of a message"),
+        (("from devtrust.verifier import wire_x", "from devtrust.v1.x_pb2 import Resp"),
+         "line 3: imports devtrust.v1.x_pb2.Resp"),
+        (("from devtrust.v1 import x_pb2, x_pb2_grpc", "from devtrust.v1 import x_pb2 as w"),
+         "line 2: imports x_pb2 as w"),
+        (("from devtrust.verifier import wire_x", "from google.protobuf import json_format"),
+         "line 3: imports google.protobuf.json_format"),
+        (("object) ->", "object = x_pb2_grpc.X) ->"),
+         "line 6: uses x_pb2_grpc outside a signature"),
+    ],
+)  # fmt: skip
+def test_the_servicer_check_can_fail(change: tuple[str, str], problem: str) -> None:
+    assert servicer_problems(_SERVICER) == []
+    assert problem in servicer_problems(_SERVICER.replace(*change))
+
+
+def test_the_server_check_can_fail() -> None:
+    fine = (
+        "from devtrust.v1 import x_pb2, x_pb2_grpc\n"
+        "x_pb2_grpc.add_XServicer_to_server(s, server)\n"
+        "names = [x_pb2.DESCRIPTOR.services_by_name['X'].full_name, x_pb2.Status.SERVING]\n"
+    )
+    assert registrar_problems(fine) == []
+    assert registrar_problems(fine + "m = x_pb2.Msg(a=1)\n") == ["line 4: calls x_pb2.Msg"]
+    assert registrar_problems(fine + "s = x_pb2_grpc.XStub(ch)\n") == [
+        "line 4: calls x_pb2_grpc.XStub"
+    ]
+    assert registrar_problems(fine + "from devtrust.v1.x_pb2 import Msg\n") == [
+        "line 4: imports devtrust.v1.x_pb2.Msg"
+    ]

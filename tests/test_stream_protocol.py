@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 
-from devtrust.core.ids import Nonce
+from devtrust.core.ids import DeviceId, Nonce, Serial
 from devtrust.core.tier import Tier
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.records import CertificateRecord
@@ -31,6 +32,7 @@ from devtrust.verifier.stream import (
     Opened,
     Phase,
     PostureChanged,
+    RecentChallenges,
     SendChallenge,
     SendResult,
     StreamEnded,
@@ -41,7 +43,7 @@ from devtrust.verifier.stream import (
 )
 from devtrust.verifier.trust import Claim, TrustResult
 
-DEVICE = "d" * 64
+DEVICE = DeviceId("d" * 64)
 # interval 60, evidence 30, hello 10, posture every 10 at most, 5 notes a minute, gap 5.
 TIMING = StreamTiming(
     interval_s=60.0,
@@ -75,6 +77,8 @@ FLOOD = error(
     "(attestation.posture_notes_per_minute)",
 )
 ENDED = ("close", None, None)
+# While an appraisal is in flight, the protocol waits for it with no deadline.
+APPRAISING = Wait(math.inf)
 
 
 def shown(action: Action) -> object:
@@ -156,7 +160,20 @@ CASES = [
         [*GREETED, (PostureChanged(20.0), [Wait(30.0)]), (Tick(30.0), [NO_EVIDENCE])],
     ),
     Case("stream ends with a challenge out", [*GREETED, (StreamEnded(5.0), [ENDED])]),
-    Case("a tick while appraising waits for the appraisal", [*ANSWERED[:3], (Tick(5.0), [])]),
+    Case(
+        "a tick while appraising waits for the appraisal, with no deadline",
+        [*ANSWERED[:3], (Tick(5.0), [APPRAISING])],
+    ),
+    Case(
+        "appraising: what a reading servicer feeds meanwhile waits on, the result follows",
+        [
+            *ANSWERED[:3],
+            (PostureChanged(40.0), [APPRAISING]),
+            (Tick(41.0), [APPRAISING]),
+            (Appraised(42.0, rebooted=False), [SendResult(0.0, N(2)), Wait(72.0)]),
+        ],
+    ),
+    Case("stream ends while appraising", [*ANSWERED[:3], (StreamEnded(5.0), [ENDED])]),
     # --- results and the next challenge -------------------------------------------------
     Case("result: next challenge interval_s later, separately", ANSWERED),
     Case(
@@ -234,7 +251,7 @@ CASES = [
         [
             *GREETED,
             (EvidenceReceived(1.0), [Appraise(N(1))]),
-            (PostureChanged(1.5), []),
+            (PostureChanged(1.5), [APPRAISING]),
             (Appraised(2.0, rebooted=False), [SendResult(0.0, N(2)), Wait(32.0)]),
         ],
     ),
@@ -310,6 +327,18 @@ def test_stream_protocol(case: Case) -> None:
         assert got == expected, f"step {n}: {event!r}"
 
 
+def test_every_answer_ends_with_what_yields_the_next_event() -> None:
+    """The rule StreamProtocol states and the servicer relies on (it asserts it): each list
+    of actions ends with Wait, Appraise or Close, so the servicer always knows what to wait
+    for. Checked on every step of every case; ``feed`` asserts it too."""
+    for case in CASES:
+        for n, (event, expected) in enumerate(case.steps):
+            last = expected[-1] if expected else None
+            assert isinstance(last, (Wait, Appraise)) or (
+                isinstance(last, tuple) and last[0] == "close"
+            ), f"{case.name}, step {n}: {event!r} answers {expected}"
+
+
 @pytest.mark.parametrize(
     ("name", "events", "problem"),
     [
@@ -353,13 +382,36 @@ def test_nonces_are_fresh_by_default() -> None:
     assert first.nonce != second.challenge
 
 
+def test_recent_challenges_forget_what_no_longer_delays_a_stream() -> None:
+    """Rule 5's memory (the servicer's, across streams) holds a device only while its last
+    challenge is within the gap: bounded by recent devices, not every device ever seen."""
+    recent = RecentChallenges(gap_s=5.0)
+    for i in range(1000):
+        recent.note(f"dev{i}", now=float(i) / 100)  # 1000 devices within 10 s
+    assert len(recent) == 500  # those of the last 5 s
+    assert recent.last("dev999", now=9.99) == 9.99
+    assert recent.last("dev0", now=9.99) is None
+    # Noted again: its new time counts, and it is now the youngest.
+    recent.note("dev600", now=10.0)
+    assert recent.last("dev600", now=14.995) == 10.0
+    assert len(recent) == 1  # the rest, dev999 (9.99) included, is over 5 s old
+    # Exactly the gap later, it delays nothing (max(now, last + gap) == now): forgotten.
+    assert recent.last("dev600", now=15.0) is None
+    assert len(recent) == 0
+    # What it remembers is what the protocol needs: the same first challenge as unbounded.
+    recent.note(DEVICE, now=98.0)
+    protocol = StreamProtocol(TIMING, DEVICE, nonces=_counter())
+    assert protocol.feed(Opened(100.0, recent.last(DEVICE, now=100.0))) == [Wait(110.0)]
+    assert protocol.feed(HelloReceived(100.0)) == [Wait(103.0)]
+
+
 # --- the messages the actions become (verifier/wire_attest.py) -------------------------------
 
 
 def _decision(*, certified: bool) -> Decision:
     now = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
     cert = CertificateRecord(
-        serial="1f",
+        serial=Serial("1f"),
         device_id=DEVICE,
         kind="device",
         not_before=now,

@@ -15,10 +15,10 @@ from typing import Any
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from devtrust.core.errors import DevtrustError
+from devtrust.core.command import TOOL_ERRORS, run_command
 from devtrust.core.logsetup import configure_logging
 from devtrust.verifier import tools
-from devtrust.verifier.tools import one_line, version_line
+from devtrust.verifier.tools import version_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,25 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
-    try:
-        return tools.run_tool(args)
-    except BrokenPipeError:  # `devtrust ... | head`
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print("devtrust: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    except (DevtrustError, RuntimeError, TimeoutError, OSError) as exc:
-        print(f"devtrust: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # the last resort: one line, the traceback only with -v
-        logging.getLogger("devtrust").info("unexpected error", exc_info=True)
-        print(
-            f"devtrust: unexpected error: {type(exc).__name__}: {exc} "
-            "(run with -v for where it happened, and report it)",
-            file=sys.stderr,
-        )
-        return 70
+    return run_command("devtrust", lambda: tools.run_tool(args), TOOL_ERRORS)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from devtrust.core.command import ErrorPolicy, one_line, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import configure_logging
 from devtrust.verifier.config import VerifierConfig, trust_domain_problem
@@ -26,8 +27,8 @@ from devtrust.verifier.pki import check_operator_name, init_pki, issue_operator,
 from devtrust.verifier.policy import PolicyError
 from devtrust.verifier.records import DeviceState
 from devtrust.verifier.server import start_verifier
-from devtrust.verifier.storage import open_sqlite
-from devtrust.verifier.tools import HelpFormatter, one_line, version_line
+from devtrust.verifier.storage import open_repositories
+from devtrust.verifier.tools import HelpFormatter, version_line
 
 logger = logging.getLogger("devtrust.verifier")
 DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")
@@ -73,7 +74,7 @@ def _token(args: argparse.Namespace, config: VerifierConfig, now: datetime.datet
     expires = now + datetime.timedelta(seconds=args.ttl_s)
 
     async def add() -> None:
-        repos = await open_sqlite(config.database, create=False)  # only serve makes it
+        repos = await open_repositories(config.database, create=False)  # only serve makes it
         try:
             await repos.tokens.add(
                 hashlib.sha256(token.encode()).hexdigest(),
@@ -121,7 +122,7 @@ async def _approve_stored(
     *,
     assigns: bool,
 ) -> int:
-    repos = await open_sqlite(config.database, create=False)  # only serve makes the database
+    repos = await open_repositories(config.database, create=False)  # only serve makes the database
     try:
         record = await repos.devices.get(args.device_id)
         if record is None:
@@ -306,28 +307,17 @@ def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
     return _init(args, now) if args.command == "init" else _operator(args, now)
 
 
+# A mistake in the command line, the configuration or a file it names exits 2; anything
+# else is a bug (exit 70). Ctrl-C before serve's own handlers are in place exits 130.
+ERRORS = ErrorPolicy(expected=(DevtrustError, OSError), status=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        return _run(args, datetime.datetime.now(datetime.UTC))
-    except DevtrustError as exc:
-        print(f"devtrust-verifier: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C before serve's own handlers are in place
-        print("devtrust-verifier: interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:  # a file named on the command line or in the configuration
-        print(f"devtrust-verifier: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the last resort: one line, the traceback only with -v
-        logger.debug("unexpected error", exc_info=True)
-        print(
-            f"devtrust-verifier: unexpected error: {type(exc).__name__}: {exc} "
-            "(run with -v for where it happened, and report it)",
-            file=sys.stderr,
-        )
-        return 70
+    return run_command(
+        "devtrust-verifier", lambda: _run(args, datetime.datetime.now(datetime.UTC)), ERRORS
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,7 +137,9 @@ class SendChallenge:
 @dataclass(frozen=True)
 class Appraise:
     """Appraise the Evidence just received against ``nonce``, publish the decision, then
-    feed ``Appraised``. Nothing else is fed meanwhile."""
+    feed ``Appraised``. A servicer that reads on meanwhile may feed what arrives (a note, the
+    stream's end); the protocol answers with a ``Wait`` without end: the appraisal is what
+    it waits for."""
 
     nonce: Nonce
 
@@ -152,7 +155,8 @@ class SendResult:
 
 @dataclass(frozen=True)
 class Wait:
-    """Wait for the next message until ``until``; feed ``Tick`` when none came by then."""
+    """Wait for the next message until ``until``; feed ``Tick`` when none came by then.
+    ``until`` is infinite while an appraisal is in flight: no deadline runs then."""
 
     until: float
 
@@ -185,9 +189,9 @@ class StreamProtocol:
     """One stream's protocol state. ``feed`` an event, carry out the actions it returns.
 
     Every list of actions ends with the one that yields the next event (``Wait`` or
-    ``Appraise``) or with ``Close``. Feeding an event the protocol cannot be waiting for
-    (anything before ``Opened``, ``Appraised`` with no appraisal asked for, anything after
-    ``Close``) is the caller's mistake: ValueError.
+    ``Appraise``) or with ``Close``; ``feed`` asserts it. Feeding an event the protocol
+    cannot be waiting for (anything before ``Opened``, ``Appraised`` with no appraisal asked
+    for, anything after ``Close``) is the caller's mistake: ValueError.
     """
 
     timing: StreamTiming
@@ -229,6 +233,7 @@ class StreamProtocol:
                 actions = self._tick(now)
             case Appraised(now, rebooted):
                 actions = self._appraised(now, rebooted=rebooted)
+        assert isinstance(next(reversed(actions), None), (Wait, Appraise, Close)), actions
         return actions
 
     def _opened(self, now: float, last_challenge: float | None) -> list[Action]:
@@ -335,16 +340,52 @@ class StreamProtocol:
         return self.nonce
 
     def _waiting(self) -> list[Action]:
-        """What to wait for in HELLO or CHALLENGED (a deadline), or in APPRAISING (nothing
-        but the appraisal: no action)."""
+        """What to wait for in HELLO or CHALLENGED (a deadline), or in APPRAISING (the
+        appraisal, however long it takes: the evidence's deadline was met)."""
         if self.phase is Phase.APPRAISING:
-            return []
+            return [Wait(math.inf)]
         return [Wait(self.deadline)]
 
     def _close(self, error: DevtrustError | None) -> list[Action]:
         self.phase = Phase.CLOSED
         self.nonce = None
         return [Close(error)]
+
+
+class RecentChallenges:
+    """When each device was last challenged, on any of its streams, for rule 5 (the ``last_
+    challenge`` of ``Opened``), kept only while it still counts: a challenge older than
+    ``gap_s`` delays no stream, so it is forgotten, and the verifier holds one entry per
+    device challenged within the last gap, not one per device it ever saw.
+
+    Times are monotonic and noted in order, so the oldest entry is first; each call forgets
+    from the front."""
+
+    def __init__(self, gap_s: float) -> None:
+        self._gap_s = gap_s
+        self._at: dict[str, float] = {}  # oldest first (insertion order)
+
+    def note(self, device_id: str, now: float) -> None:
+        self._at.pop(device_id, None)
+        self._at[device_id] = now
+        self._forget(now)
+
+    def last(self, device_id: str, now: float) -> float | None:
+        """The device's last challenge, None when there was none within the gap."""
+        self._forget(now)
+        return self._at.get(device_id)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def _forget(self, now: float) -> None:
+        horizon = now - self._gap_s
+        at = self._at
+        while at:
+            oldest = next(iter(at))
+            if at[oldest] > horizon:
+                return
+            del at[oldest]
 
 
 def _not_hello() -> MalformedInput:

@@ -19,14 +19,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtrust import __version__
+from devtrust.core.command import one_line
 from devtrust.core.errors import DevtrustError
+from devtrust.core.ids import parse_device_id
 from devtrust.verifier import measured_boot
 from devtrust.verifier.appraisal import with_findings
 from devtrust.verifier.config import clip
 from devtrust.verifier.document import build
 from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.policy import Policy, PolicyError
-from devtrust.verifier.storage import Repositories, open_sqlite
+from devtrust.verifier.storage import Repositories, open_repositories
 from devtrust.verifier.tpm import bootfacts
 from devtrust.verifier.tpm import eventlog as ev
 from devtrust.verifier.tpm.constants import hash_alg
@@ -68,13 +70,6 @@ def default_text(value: object) -> str:
     if value is None or value in ("", []):
         return "none"
     return str(value).replace("%", "%%")
-
-
-def one_line(exc: BaseException) -> str:
-    """An error as one line: an OSError as its file and reason, without the errno."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return " ".join(str(exc).split())
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -226,10 +221,15 @@ async def learn_group(repos: Repositories, device_id: str, *, name: str) -> dict
     """A reference-value group from a device's last good evidence, for an operator to
     review: its quoted PCR values and, when it sent an event log, its Secure Boot state and
     boot application digests."""
-    record = await repos.devices.get(device_id)
-    state = await repos.trust.tpm_state(device_id)
+    missing = UsageError(f"no appraised evidence for device {clip(device_id)} in {repos.location}")
+    try:
+        device = parse_device_id(device_id)
+    except ValueError:
+        raise missing from None
+    record = await repos.devices.get(device)
+    state = await repos.trust.tpm_state(device)
     if record is None or state is None:
-        raise UsageError(f"no appraised evidence for device {clip(device_id)} in {repos.location}")
+        raise missing
     group: dict[str, Any] = {"name": name}
     if record.zone:
         group["zone"] = record.zone
@@ -252,9 +252,9 @@ async def learn_group(repos: Repositories, device_id: str, *, name: str) -> dict
     return group
 
 
-async def _learn(database: Path, device_id: str, *, name: str) -> dict[str, Any]:
+async def _learn(database: Path | str, device_id: str, *, name: str) -> dict[str, Any]:
     try:  # read only: a wrong --database is never made, migrated or written
-        repos = await open_sqlite(database, create=False, read_only=True)
+        repos = await open_repositories(database, create=False, read_only=True)
     except DevtrustError as exc:
         raise UsageError(str(exc)) from exc
     try:
@@ -374,9 +374,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("device_id", help="the device to learn from")
     p.add_argument(
         "--database",
-        type=Path,
         default=Path("/var/lib/devtrust/verifier.db"),
-        help="the verifier's database",
+        help="the verifier's database: a file, or a URL as in `database:`",
     )
     p.add_argument("--name", default="", help="group name; empty: learned-<device>")
     p.set_defaults(tool=refs_learn)

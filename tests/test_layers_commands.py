@@ -1,0 +1,291 @@
+"""Operator commands run for real with the TPM and GPU libraries unimportable (issue 9: "operator
+commands that load no TPM or GPU library"; tests/test_layers.py checks the imports on the
+source). Importing a command's module is not enough: an import inside a function on the
+command's path loads only when the command runs, so every command of `devtrust` and
+`devtrust-verifier` but `serve` runs here through its real work, in a subprocess whose import
+system refuses tpm2_pytss, pynvml, the agent and swtpm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from devtrust.core.ids import DeviceId
+from devtrust.swtpm.hosttree import write_host_tree
+from devtrust.verifier import measured_boot
+from devtrust.verifier.config import DEFAULT_POLICY
+from devtrust.verifier.decision import Decision
+from devtrust.verifier.measured_boot import LogPart
+from devtrust.verifier.pki import init_pki
+from devtrust.verifier.records import DeviceRecord, DeviceState, TpmState
+from devtrust.verifier.storage import SqliteRepositories
+from devtrust.verifier.tpm import eventlog as ev
+from devtrust.verifier.tpm.clock import ClockState
+from devtrust.verifier.trust import Claim, TrustResult
+from tests.corpus import corpus_root
+from tests.db import make_database, with_repos
+from tests.test_layers import NOT_LOADED_BY_COMMANDS
+
+# Run as `python -c`: a finder first on sys.meta_path refuses what an operator command must
+# not load, and says so on stderr whatever the command then does with the ImportError; then
+# the command's own main, with the arguments after -c.
+_GUARDED_MAIN = """
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            sys.__stderr__.write("BLOCKED IMPORT " + name + "\\n")
+            sys.__stderr__.flush()
+            raise ImportError("an operator command imported " + name)
+        return None
+
+
+sys.meta_path.insert(0, Refuse())
+from {module} import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+PROGRAMS = {"devtrust": "devtrust.verifier.cli", "devtrust-verifier": "devtrust.verifier.main"}
+# Commands that need what operators do not have, and run on the verifier host as a service.
+NOT_OPERATOR_COMMANDS = {"devtrust-verifier serve"}
+DEVICE = "ab" * 32
+
+
+def guarded_run(module: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    code = _GUARDED_MAIN.format(blocked=NOT_LOADED_BY_COMMANDS, module=module)
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: str) -> set[str]:
+    """Every runnable command line of ``parser``: ``prog cmd [action]``."""
+    found = set()
+    for action in parser._actions:  # argparse lists its subparsers nowhere else
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= subcommands(sub, f"{prefix} {name}") or {f"{prefix} {name}"}
+    return found
+
+
+def _quotes() -> Path:
+    """A real machine's quotes and the event log they vouch for (GCE, COS 85)."""
+    return corpus_root() / "quotes" / "gce-cos85-nonce9009"
+
+
+def _database_with_evidence(path: Path) -> None:
+    """A verifier database holding one device appraised on a real machine's event log."""
+    data = (_quotes() / "eventlog.bin").read_bytes()
+    log = measured_boot.extend(None, 0, data, max_bytes=1 << 24, max_events=100_000)
+    replayed = ev.replay_log(ev.parse(data))
+    now = datetime.datetime.now(datetime.UTC)
+    device = DeviceId(DEVICE)
+    record = DeviceRecord(
+        device_id=device,
+        state=DeviceState.ENROLLED,
+        ek_certificate=b"",
+        ek_public=b"ek",
+        ak_public=b"ak",
+        ak_name="00",
+        host={},
+        enrolled_at=now,
+    )
+    tpm = TpmState(
+        clock=ClockState(clock=1000, reset_count=1, restart_count=0, firmware_version=7),
+        log=log,
+        pcrs={b: {i: v.hex() for i, v in values.items()} for b, values in replayed.items()},
+        log_part=LogPart(0, data),
+    )
+    result = TrustResult(
+        device_id=device,
+        claims={Claim.INSTANCE_IDENTITY: 2},
+        findings=(),
+        appraised_at=now,
+        expires_at=now + datetime.timedelta(minutes=5),
+    )
+    decision = Decision(
+        device_id=device,
+        zone="",
+        result=result,
+        previous_tier=None,
+        certificate=None,
+        withheld="test",
+        tpm=tpm,
+        rebooted=False,
+    )
+
+    async def seed(repos: SqliteRepositories) -> None:
+        await repos.devices.save(record, now=now, event="enrolled")
+        await repos.trust.record(decision)
+
+    with_repos(path, seed)
+
+
+def _pending_device(config: Path) -> None:
+    database = config.parent / "v.db"
+    config.write_text(f"database: {database}\n")
+    now = datetime.datetime.now(datetime.UTC)
+    record = DeviceRecord(
+        device_id=DeviceId(DEVICE),
+        state=DeviceState.PENDING_APPROVAL,
+        ek_certificate=b"",
+        ek_public=b"ek",
+        ak_public=b"ak",
+        ak_name="00",
+        host={},
+        enrolled_at=now,
+    )
+    with_repos(database, lambda repos: repos.devices.save(record, now=now, event="enrolled"))
+
+
+def _empty_database(config: Path) -> None:
+    """What `devtrust-verifier serve` makes at its first start, and a configuration naming it."""
+    config.write_text(f"database: {config.parent / 'v.db'}\n")
+    make_database(config.parent / "v.db")
+
+
+def _corpus_quote() -> list[str]:
+    root = corpus_root()
+    quote = json.loads((root / "expected.json").read_text())["quotes"]["gce-cos85-nonce9009"]
+    q = quote["quote-sha256"]
+    return [
+        "--ak-pub", str(root / q["ak_public"]), "--message", str(root / q["message"]),
+        "--signature", str(root / q["signature"]), "--nonce", q["nonce_hex"],
+    ]  # fmt: skip
+
+
+def _collected_evidence(tmp: Path) -> Path:
+    """What `devtrust-agent collect --json` prints for a host tree and a real GPU capture."""
+    xml = next((corpus_root() / "gpu").rglob("qx-gb200-lost.xml"))
+    root = write_host_tree(tmp / "host")
+    argv = ["collect", "--root", str(root), "--gpu-xml", str(xml), "--json"]
+    run = subprocess.run(
+        [sys.executable, "-m", "devtrust.agent.main", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    (tmp / "evidence.json").write_text(run.stdout)
+    return tmp / "evidence.json"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One operator command line, run through its real work: ``argv`` from a temporary
+    directory (after ``prepare`` there), ``shows`` in what it prints."""
+
+    line: str  # "PROG COMMAND [ACTION]"
+    argv: Callable[[Path], list[str]]
+    shows: str
+    prepare: Callable[[Path], object] = lambda tmp: None
+
+
+COMMANDS = [
+    Command(
+        "devtrust eventlog replay",
+        lambda t: ["eventlog", "replay", "--events", str(_quotes() / "eventlog.bin")],
+        "PCR 9",
+    ),
+    Command("devtrust quote check", lambda t: ["quote", "check", *_corpus_quote()], "valid"),
+    Command(
+        "devtrust policy eval",
+        lambda t: [
+            *("policy", "eval", "--policy", str(DEFAULT_POLICY)),
+            *("--evidence", str(t / "evidence.json"), "--zone", "z", "--label", "k=v"),
+        ],
+        "gpu.",
+        prepare=_collected_evidence,
+    ),
+    Command(
+        "devtrust refs learn",
+        lambda t: ["refs", "learn", DEVICE, "--database", str(t / "v.db")],
+        "boot_applications",
+        prepare=lambda t: _database_with_evidence(t / "v.db"),
+    ),
+    Command(
+        "devtrust-verifier init",
+        lambda t: ["init", "--dir", str(t / "pki"), "--hostname", "localhost"],
+        "server certificate",
+    ),
+    Command(
+        "devtrust-verifier operator",
+        lambda t: ["operator", "--dir", str(t / "pki"), "--name", "alice"],
+        "operator certificate",
+        prepare=lambda t: init_pki(
+            t / "pki", hostnames=["localhost"], now=datetime.datetime.now(datetime.UTC)
+        ),
+    ),
+    Command(
+        "devtrust-verifier token",
+        lambda t: ["token", "create", "--config", str(t / "v.yaml"), "--zone", "z"],
+        "valid once, until",
+        prepare=lambda t: _empty_database(t / "v.yaml"),
+    ),
+    Command(
+        "devtrust-verifier approve",
+        lambda t: ["approve", DEVICE, "--config", str(t / "v.yaml"), "--zone", "z"],
+        f"approved {DEVICE}",
+        prepare=lambda t: _pending_device(t / "v.yaml"),
+    ),
+    Command(
+        "devtrust-verifier inventory",
+        lambda t: ["inventory", "check", str(t / "inventory.yaml")],
+        "1 devices, zones z",
+        prepare=lambda t: (t / "inventory.yaml").write_text(f"{DEVICE}:\n  zone: z\n"),
+    ),
+]
+
+
+def test_every_operator_command_is_run() -> None:
+    """A new command gets a row in COMMANDS (or is named as no operator command)."""
+    lines = set()
+    for prog, module in PROGRAMS.items():
+        parser = importlib.import_module(module).build_parser()
+        lines |= subcommands(parser, prog)
+    assert {c.line for c in COMMANDS} == lines - NOT_OPERATOR_COMMANDS
+    assert lines >= NOT_OPERATOR_COMMANDS
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.line for c in COMMANDS])
+def test_operator_commands_run_without_tpm_or_gpu_libraries(
+    command: Command, tmp_path: Path
+) -> None:
+    """Each command does its real work (exit 0, its output) with tpm2_pytss, pynvml, the
+    agent and swtpm unimportable: a function-level import on its path fails it too."""
+    command.prepare(tmp_path)
+    prog = command.line.split()[0]
+    run = guarded_run(PROGRAMS[prog], command.argv(tmp_path), tmp_path)
+    assert "BLOCKED IMPORT" not in run.stderr, run.stderr
+    assert run.returncode == 0, run.stderr
+    assert command.shows in run.stdout + run.stderr, run.stdout
+
+
+def test_the_guard_refuses_what_commands_must_not_load(tmp_path: Path) -> None:
+    code = _GUARDED_MAIN.format(blocked=NOT_LOADED_BY_COMMANDS, module="devtrust.verifier.cli")
+    code = code.replace("from devtrust.verifier.cli import main", "import tpm2_pytss.types")
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "BLOCKED IMPORT tpm2_pytss" in run.stderr
+    assert run.returncode != 0
