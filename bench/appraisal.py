@@ -38,7 +38,7 @@ from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.state import new_key, spki
 from devtrust.agent.tpm import AK_ATTRIBUTES, TpmBackend
 from devtrust.core.binding import qualifying_data
-from devtrust.core.ids import Nonce
+from devtrust.core.ids import DeviceId, Nonce
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.verifier import measured_boot
 from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise
@@ -111,7 +111,7 @@ def bench_quotes(rounds: int, repeats: int) -> list[dict[str, Any]]:
             certify_key=None,
         )
         expect = Expectation(
-            device_id="bench",
+            device_id=DeviceId("bench"),
             nonce=nonce,
             selection=selection,
             ak_key=key,

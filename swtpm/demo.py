@@ -35,19 +35,23 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 from cryptography import x509
 
-from devtrust.agent.attest import AttestationClient, tier_word
+from devtrust.agent.attest import AttestationClient
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
 from devtrust.agent.main import make_host, make_tpm
+from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import AgentFiles
+from devtrust.agent.wire import tier_from_wire
 from devtrust.core.claims import DeviceClaims
+from devtrust.core.command import TOOL_ERRORS, run_command
 from devtrust.core.errors import DevtrustError
+from devtrust.core.ids import serial_of
 from devtrust.core.logsetup import configure_logging
 from devtrust.core.spiffe import spiffe_ids
 from devtrust.swtpm import EndorsementCA, Swtpm, provision
 from devtrust.swtpm.bootlog import simulate_boot
 from devtrust.swtpm.hosttree import write_host_tree
-from devtrust.v1 import attestation_pb2, query_pb2, query_pb2_grpc
+from devtrust.v1 import query_pb2, query_pb2_grpc
 from devtrust.verifier.ca import pem
 from devtrust.verifier.config import (
     AttestationConfig,
@@ -59,7 +63,7 @@ from devtrust.verifier.config import (
 )
 from devtrust.verifier.pki import init_pki, issue_operator, load_ca, writable_dir
 from devtrust.verifier.server import start_verifier
-from devtrust.verifier.tools import HelpFormatter, one_line, version_line
+from devtrust.verifier.tools import HelpFormatter, version_line
 
 TIMEOUT_S = 60.0
 DEMO_ZONE = "data-processing"
@@ -159,9 +163,9 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         enrollment = await enroll(acfg, tpm, files, host=host)
 
         loop = asyncio.get_running_loop()
-        first: asyncio.Future[attestation_pb2.Result] = loop.create_future()
+        first: asyncio.Future[AttestationResult] = loop.create_future()
 
-        def on_result(result: attestation_pb2.Result) -> None:
+        def on_result(result: AttestationResult) -> None:
             if not first.done():
                 first.set_result(result)
 
@@ -186,11 +190,9 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         if not done:
             raise RuntimeError(f"no attestation result within {TIMEOUT_S:.0f}s")
         result = first.result()
-        if not result.HasField("certificate"):
+        if result.certificate is None:
             findings = "; ".join(f.message for f in result.trust.findings)
-            raise RuntimeError(
-                f"no device certificate: tier {tier_word(result.trust.tier)}: {findings}"
-            )
+            raise RuntimeError(f"no device certificate: tier {result.trust.tier.label}: {findings}")
 
         # An operator reads the stored result back over the query API (mTLS).
         ca = load_ca(pki.ca_cert, pki.ca_key)
@@ -213,19 +215,20 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         claims = DeviceClaims.from_certificate(cert)
         summary = {
             "device_id": enrollment.device_id,
-            "tier": tier_word(stored.tier),
+            "tier": tier_from_wire(stored.tier).label,
             "score": stored.score,
             "claims": {
-                c.name: {"value": c.value, "tier": tier_word(c.tier)} for c in stored.claims
+                c.name: {"value": c.value, "tier": tier_from_wire(c.tier).label}
+                for c in stored.claims
             },
             "reasons": [{"id": f.id, "message": f.message} for f in stored.findings],
             "certificate": {
                 "subject": cert.subject.rfc4514_string(),
                 "spiffe_id": spiffe_ids(cert)[0],
-                "serial": f"{cert.serial_number:x}",
+                "serial": serial_of(cert.serial_number),
                 "not_before": cert.not_valid_before_utc.isoformat(),
                 "not_after": cert.not_valid_after_utc.isoformat(),
-                "tier": claims.tier if claims else "",
+                "tier": claims.tier.label if claims else "",
                 "zone": claims.zone if claims else "",
             },
             "verifier_database": str(db),
@@ -300,25 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 done, 1 an error (one line says what), 2 a usage error, 130 interrupted."""
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
-    try:
-        return demo(_out_dir(args.out), keep_work=args.keep_work)
-    except BrokenPipeError:  # `devtrust-demo | head`
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print("devtrust-demo: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    except (DevtrustError, RuntimeError, TimeoutError, OSError) as exc:
-        print(f"devtrust-demo: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # the last resort: one line, the traceback only with -v
-        logging.getLogger("devtrust").info("unexpected error", exc_info=True)
-        print(
-            f"devtrust-demo: unexpected error: {type(exc).__name__}: {exc} "
-            "(run with -v for where it happened, and report it)",
-            file=sys.stderr,
-        )
-        return 70
+    return run_command(
+        "devtrust-demo", lambda: demo(_out_dir(args.out), keep_work=args.keep_work), TOOL_ERRORS
+    )
 
 
 if __name__ == "__main__":

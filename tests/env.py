@@ -20,6 +20,7 @@ from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
 from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.main import make_host, make_tpm
+from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import AgentFiles, Enrollment, new_key, spki
 from devtrust.agent.tpm import AsyncTpm
 from devtrust.core.binding import qualifying_data, sign_possession
@@ -136,12 +137,12 @@ async def first_results(
     agent: Agent,
     count: int = 1,
     limit_s: float = 20.0,
-) -> list[attestation_pb2.Result]:
+) -> list[AttestationResult]:
     """Run the real attestation client until ``count`` results arrived."""
-    results: list[attestation_pb2.Result] = []
+    results: list[AttestationResult] = []
     done = asyncio.Event()
 
-    def on_result(result: attestation_pb2.Result) -> None:
+    def on_result(result: AttestationResult) -> None:
         results.append(result)
         if len(results) >= count:
             done.set()

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from devtrust.agent.evidence import evidence_body, host_facts
 from devtrust.agent.state import new_key, spki
 from devtrust.core.binding import qualifying_data, sign_possession
-from devtrust.core.ids import Nonce
+from devtrust.core.ids import DeviceId, Nonce
 from devtrust.core.tier import Tier
 from devtrust.verifier import measured_boot
 from devtrust.verifier.appraisal import EventLogPart, Evidence, Expectation, appraise
@@ -29,7 +29,7 @@ from devtrust.verifier.wire_body import WireBody, body_from_wire
 from tests import eventlogs, quotes
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
-DEVICE = "d" * 64
+DEVICE = DeviceId("d" * 64)
 NONCE = Nonce(b"\x05" * 32)
 SELECTION = (PcrSelect(Alg.SHA256, (0, 7)),)
 PCRS: dict[tuple[int, int], bytes] = {(Alg.SHA256, 0): bytes(32), (Alg.SHA256, 7): bytes(32)}

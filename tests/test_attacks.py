@@ -25,8 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import new_key, spki
 from devtrust.core.binding import sign_possession
+from devtrust.core.ids import DeviceId
+from devtrust.core.tier import Tier
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2, query_pb2
 from devtrust.verifier import appraisal, attestor
@@ -72,7 +75,7 @@ def _forged_event(pcr: int, type_: int, measured: bytes, logged: bytes) -> bytes
     return out + struct.pack("<I", len(logged)) + logged
 
 
-def _ids(result: attestation_pb2.Result) -> list[str]:
+def _ids(result: attestation_pb2.Result | AttestationResult) -> list[str]:
     return [f.id for f in result.trust.findings]
 
 
@@ -108,7 +111,7 @@ def test_forged_secure_boot_facts_are_not_believed(
     refs = _refs(workdir / "refs.yaml", secure_boot=True)
     config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
 
-    async def scenario() -> attestation_pb2.Result:
+    async def scenario() -> AttestationResult:
         async with (
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
@@ -140,8 +143,8 @@ def test_forged_secure_boot_facts_are_not_believed(
             return result
 
     result = asyncio.run(scenario())
-    assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
-    assert not result.HasField("certificate")
+    assert result.trust.tier is Tier.CONTRAINDICATED
+    assert result.certificate is None
     [sb] = [f for f in result.trust.findings if f.id == "refs.secure_boot"]
     assert sb.expected == "on"
     assert sb.found != "on"
@@ -164,7 +167,7 @@ def test_a_boot_application_relabelled_as_a_driver_is_still_a_boot_application(
     refs = _refs(workdir / "refs.yaml", boot_applications=[hashlib.sha256(allowed).hexdigest()])
     config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
 
-    async def scenario() -> attestation_pb2.Result:
+    async def scenario() -> AttestationResult:
         async with (
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
@@ -181,8 +184,8 @@ def test_a_boot_application_relabelled_as_a_driver_is_still_a_boot_application(
     result = asyncio.run(scenario())
     [refused] = [f for f in result.trust.findings if f.id == "refs.boot_application_not_allowed"]
     assert refused.found == hashlib.sha256(forbidden).hexdigest()
-    assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
-    assert not result.HasField("certificate")
+    assert result.trust.tier is Tier.CONTRAINDICATED
+    assert result.certificate is None
 
 
 # --- 2. unquoted PCR values ------------------------------------------------------------------
@@ -239,7 +242,7 @@ def test_an_omitted_event_log_is_a_finding_and_executables_are_not_affirmed(
     refs = _refs(workdir / "refs.yaml", **group)
     config = replace(verifier_config(workdir, pki, endorsement_ca), reference_values=refs)
 
-    async def scenario() -> attestation_pb2.Result:
+    async def scenario() -> AttestationResult:
         async with (
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
@@ -259,13 +262,13 @@ def test_an_omitted_event_log_is_a_finding_and_executables_are_not_affirmed(
     )
     claims = {c.name: c.value for c in result.trust.claims}
     assert claims["executables"] >= 32  # golden PCR 9 matched, yet nothing says what booted
-    assert not result.HasField("certificate")
+    assert result.certificate is None
     if event_rules:
-        assert missing.severity == common_pb2.SEVERITY_CONTRAINDICATED
-        assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+        assert missing.severity == "contraindicated"
+        assert result.trust.tier is Tier.CONTRAINDICATED
     else:
-        assert missing.severity == common_pb2.SEVERITY_WARNING
-        assert result.trust.tier == common_pb2.TIER_WARNING
+        assert missing.severity == "warning"
+        assert result.trust.tier is Tier.WARNING
 
 
 def test_a_log_in_banks_the_quote_does_not_cover_explains_nothing(
@@ -276,7 +279,7 @@ def test_a_log_in_banks_the_quote_does_not_cover_explains_nothing(
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
 
-    async def scenario() -> attestation_pb2.Result:
+    async def scenario() -> AttestationResult:
         async with (
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
@@ -290,8 +293,8 @@ def test_a_log_in_banks_the_quote_does_not_cover_explains_nothing(
     result = asyncio.run(scenario())
     [unverified] = [f for f in result.trust.findings if f.id == "eventlog.unverified"]
     assert "sha1" in unverified.message
-    assert result.trust.tier == common_pb2.TIER_WARNING
-    assert not result.HasField("certificate")
+    assert result.trust.tier is Tier.WARNING
+    assert result.certificate is None
 
 
 def test_a_log_with_an_impossible_bank_is_malformed_not_an_internal_error(
@@ -305,7 +308,7 @@ def test_a_log_with_an_impossible_bank_is_malformed_not_an_internal_error(
     body += struct.pack("<HHHHHH", 0x0004, 20, 0x000B, 32, 0x0099, 0) + b"\x00"
     header = struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", len(body)) + body
 
-    async def scenario() -> attestation_pb2.Result:
+    async def scenario() -> AttestationResult:
         async with (
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
@@ -318,7 +321,7 @@ def test_a_log_with_an_impossible_bank_is_malformed_not_an_internal_error(
     result = asyncio.run(scenario())
     [malformed] = [f for f in result.trust.findings if f.id == "eventlog.malformed"]
     assert "digestSize 0" in malformed.message
-    assert result.trust.tier == common_pb2.TIER_CONTRAINDICATED
+    assert result.trust.tier is Tier.CONTRAINDICATED
 
 
 def test_host_facts_past_their_limits_are_refused_at_enrollment(
@@ -510,12 +513,12 @@ def test_a_slow_appraisal_does_not_hold_up_other_devices_or_queries(
             finally:
                 release.set()
             [slow_result] = await slow
-            assert slow_result.trust.tier == common_pb2.TIER_AFFIRMING
+            assert slow_result.trust.tier is Tier.AFFIRMING
             return result.trust.tier, len(listed.devices)
 
     tier, devices = asyncio.run(scenario())
     assert timed_out == [False]
-    assert tier == common_pb2.TIER_AFFIRMING
+    assert tier is Tier.AFFIRMING
     assert devices == 2
 
 
@@ -741,7 +744,7 @@ def test_an_operators_change_reaches_a_live_stream(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
         ):
-            device_id = agent.enrollment.device_id
+            device_id = DeviceId(agent.enrollment.device_id)
             channel, call, challenge = await _open(pki, verifier, agent)
             zones = []
             try:
@@ -798,7 +801,7 @@ def test_a_new_ak_ends_the_stream_of_the_old_one(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
         ):
-            device_id = agent.enrollment.device_id
+            device_id = DeviceId(agent.enrollment.device_id)
             channel, call, challenge = await _open(pki, verifier, agent)
             try:
                 record = await verifier.repos.devices.get(device_id)

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.core.ids import DeviceId
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, query_pb2
 from devtrust.verifier import appraisal, attestor
@@ -145,7 +146,7 @@ def test_a_device_revoked_while_its_evidence_waits_for_a_worker_gets_nothing(
             enrolled_agent(workdir, pki, verifier, swtpm_factory(), "target") as target,
         ):
             blocked.append(busy.enrollment.device_id)
-            target_id = target.enrollment.device_id
+            target_id = DeviceId(target.enrollment.device_id)
             busy_channel, busy_call, busy_challenge = await _open(pki, verifier, busy)
             channel, call, challenge = await _open(pki, verifier, target)
             try:

@@ -7,11 +7,12 @@ import hashlib
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from devtrust.core.claims import DeviceClaims
-from devtrust.core.ids import device_id_of, parse_device_id, serial_of
+from devtrust.core.claims import DEVICE_CLAIMS_OID, DeviceClaims
+from devtrust.core.ids import DeviceId, device_id_of, parse_device_id, serial_of
 from devtrust.core.spiffe import (
     AGENT,
     DEVICE,
@@ -21,6 +22,7 @@ from devtrust.core.spiffe import (
     spiffe_ids,
     spiffe_name,
 )
+from devtrust.core.tier import Tier
 from devtrust.verifier.ca import CLOCK_SKEW, CertificateAuthority
 
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
@@ -31,14 +33,14 @@ def test_device_certificate_carries_identity_tier_and_zone() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue_device(
         trust_domain="fleet.example",
-        device_id="ab" * 32,
+        device_id=DeviceId("ab" * 32),
         public_key=key.public_key(),
-        claims=DeviceClaims("warning", "production-inference"),
+        claims=DeviceClaims(Tier.WARNING, "production-inference"),
         now=NOW,
         lifetime=datetime.timedelta(minutes=15),
     )
     assert spiffe_ids(cert) == [f"spiffe://fleet.example/device/{'ab' * 32}"]
-    assert DeviceClaims.from_certificate(cert) == DeviceClaims("warning", "production-inference")
+    assert DeviceClaims.from_certificate(cert) == DeviceClaims(Tier.WARNING, "production-inference")
     assert cert.not_valid_before_utc == NOW - CLOCK_SKEW
     assert cert.not_valid_after_utc == NOW + datetime.timedelta(minutes=15)
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -48,17 +50,51 @@ def test_device_certificate_carries_identity_tier_and_zone() -> None:
 
 
 def test_long_claims_round_trip() -> None:
-    claims = DeviceClaims("affirming", "z" * 300)  # DER long-form length
+    claims = DeviceClaims(Tier.AFFIRMING, "z" * 300)  # DER long-form length
     ca = CertificateAuthority.create(common_name="test CA", now=NOW)
     cert = ca.issue_device(
         trust_domain="t",
-        device_id="d",
+        device_id=DeviceId("d"),
         public_key=ca.key.public_key(),
         claims=claims,
         now=NOW,
         lifetime=datetime.timedelta(minutes=1),
     )
     assert DeviceClaims.from_certificate(cert) == claims
+
+
+def _with_claims_json(ca: CertificateAuthority, text: bytes) -> x509.Certificate:
+    """A certificate whose claims extension holds ``text`` (a DER UTF8String of it)."""
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "d")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.cert.subject)
+        .public_key(ca.key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + datetime.timedelta(minutes=1))
+        .add_extension(
+            x509.UnrecognizedExtension(DEVICE_CLAIMS_OID, b"\x0c" + bytes([len(text)]) + text),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+
+
+def test_claims_carry_the_tier_label_and_refuse_an_unknown_one() -> None:
+    ca = CertificateAuthority.create(common_name="test CA", now=NOW)
+    # Relying parties read the label, not the enum's number.
+    ext = DeviceClaims(Tier.CONTRAINDICATED, "z").to_extension()
+    body = b'{"tier":"contraindicated","zone":"z"}'
+    assert ext.value == b"\x0c" + bytes([len(body)]) + body
+    for tier in Tier:
+        cert = _with_claims_json(ca, b'{"tier":"%s","zone":"z"}' % tier.label.encode())
+        assert DeviceClaims.from_certificate(cert) == DeviceClaims(tier, "z")
+    for bad in (b"platinum", b"Affirming", b" warning"):
+        cert = _with_claims_json(ca, b'{"tier":"%s","zone":"z"}' % bad)
+        with pytest.raises(ValueError, match=f"unknown tier '{bad.decode()}'"):
+            DeviceClaims.from_certificate(cert)
 
 
 def test_channel_certificate_has_no_device_claims() -> None:
@@ -76,6 +112,7 @@ def test_channel_certificate_has_no_device_claims() -> None:
 
 
 def test_agent_enrolls_again_in_the_last_day_of_its_channel_certificate(tmp_path: object) -> None:
+    import asyncio
     from pathlib import Path
 
     from devtrust.agent.state import AgentFiles, Enrollment, key_pem, new_key
@@ -92,9 +129,10 @@ def test_agent_enrolls_again_in_the_last_day_of_its_channel_certificate(tmp_path
         lifetime=datetime.timedelta(days=30),
     )
     files = AgentFiles(Path(str(tmp_path)) / "state", Path(str(tmp_path)) / "run")
-    files.save_enrollment(Enrollment("d", key_pem(key), pem(cert), pem(ca.cert)))
-    assert files.load_enrollment(now=NOW + datetime.timedelta(days=28)) is not None
-    assert files.load_enrollment(now=NOW + datetime.timedelta(days=29, hours=1)) is None
+    asyncio.run(files.save_enrollment(Enrollment("d", key_pem(key), pem(cert), pem(ca.cert))))
+    assert asyncio.run(files.load_enrollment(now=NOW + datetime.timedelta(days=28))) is not None
+    late = NOW + datetime.timedelta(days=29, hours=1)
+    assert asyncio.run(files.load_enrollment(now=late)) is None
 
 
 def test_keys_to_certify_are_p256_p384_or_rsa2048_and_up() -> None:

@@ -22,9 +22,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import new_key, spki
 from devtrust.core.claims import DeviceClaims
+from devtrust.core.ids import DeviceId
 from devtrust.core.spiffe import spiffe_ids
+from devtrust.core.tier import Tier
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import (
     attestation_pb2,
@@ -67,20 +70,20 @@ def test_enroll_attest_certify(
         ):
             # Zones are assigned by an operator, never claimed by the device (issue 7).
             assert await verifier.repos.devices.set_assignment(
-                agent.enrollment.device_id,
+                DeviceId(agent.enrollment.device_id),
                 zone="model-development",
                 labels={},
                 now=datetime.datetime.now(datetime.UTC),
                 event="assigned:test",
             )
             [result] = await first_results(agent)
-            assert result.trust.tier == common_pb2.TIER_AFFIRMING
+            assert result.trust.tier is Tier.AFFIRMING
             assert result.trust.score == 100
             assert {c.name: c.value for c in result.trust.claims} == {
                 "instance-identity": 2,
                 "hardware": 2,
             }
-            assert result.HasField("certificate")
+            assert result.certificate is not None
 
             # The device certificate: our key, the CA's signature, the device's SPIFFE ID,
             # the tier and zone for offline gating, 15 minutes by default.
@@ -95,7 +98,7 @@ def test_enroll_attest_certify(
             assert (agent.cfg.runtime_dir / "device.key").stat().st_mode & 0o777 == 0o600
             assert spiffe_ids(cert) == [f"spiffe://devtrust.local/device/{device_id}"]
             assert DeviceClaims.from_certificate(cert) == DeviceClaims(
-                "affirming", "model-development"
+                Tier.AFFIRMING, "model-development"
             )
             lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
             assert lifetime == datetime.timedelta(minutes=16)  # 15 + 1 minute backdating
@@ -334,7 +337,7 @@ def test_malformed_evidence_is_refused_and_nothing_is_written(
     tpm_a, tpm_b = swtpm_factory(), swtpm_factory()
 
     async def scenario() -> tuple[
-        grpc.aio.AioRpcError, dict[str, int], dict[str, int], list[attestation_pb2.Result]
+        grpc.aio.AioRpcError, dict[str, int], dict[str, int], list[AttestationResult]
     ]:
         async with (
             running(config) as verifier,
@@ -362,7 +365,7 @@ def test_malformed_evidence_is_refused_and_nothing_is_written(
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "TPMT_SIGNATURE: truncated at byte 2" in (err.details() or "")
     assert before == after
-    assert results[0].trust.tier == common_pb2.TIER_AFFIRMING
+    assert results[0].trust.tier is Tier.AFFIRMING
 
 
 def test_agent_reconnects_after_verifier_restart(
@@ -371,13 +374,13 @@ def test_agent_reconnects_after_verifier_restart(
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.2)
 
-    async def scenario() -> list[attestation_pb2.Result]:
+    async def scenario() -> list[AttestationResult]:
         from dataclasses import replace
 
         from devtrust.verifier.config import ListenConfig
 
         async with running(config) as first, enrolled_agent(workdir, pki, first, tpm) as agent:
-            results: list[attestation_pb2.Result] = []
+            results: list[AttestationResult] = []
             stop = asyncio.Event()
             client = agent.client(on_result=results.append)
             task = asyncio.create_task(client.run(stop))
@@ -401,7 +404,7 @@ def test_agent_reconnects_after_verifier_restart(
 
     results = asyncio.run(scenario())
     assert len(results) >= 2
-    assert all(r.trust.tier == common_pb2.TIER_AFFIRMING for r in results)
+    assert all(r.trust.tier is Tier.AFFIRMING for r in results)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -454,7 +457,7 @@ def test_revoked_device_can_neither_attest_nor_enroll_again(
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
         ):
             await verifier.repos.devices.set_state(
-                agent.enrollment.device_id,
+                DeviceId(agent.enrollment.device_id),
                 DeviceState.REVOKED,
                 now=datetime.datetime.now(datetime.UTC),
                 event="revoked",
@@ -521,7 +524,7 @@ def test_protocol_violations_and_oversized_messages_are_clear_errors(
             }
             # Still serving: the same device attests normally afterwards.
             [result] = await first_results(agent)
-            assert result.trust.tier == common_pb2.TIER_AFFIRMING
+            assert result.trust.tier is Tier.AFFIRMING
             return errors
 
     errors = asyncio.run(scenario())
@@ -554,7 +557,7 @@ class _QueryAnswers:
     zone: query_pb2.ListDevicesResponse
     pages: list[str]
     missing: grpc.aio.AioRpcError
-    ids: tuple[str, str]
+    ids: tuple[DeviceId, DeviceId]
 
 
 def test_query_filters_pages_and_staleness(
@@ -603,7 +606,7 @@ def test_query_filters_pages_and_staleness(
                 zone=zone,
                 pages=[d.device_id for d in (*page.devices, *rest.devices)],
                 missing=missing.value,
-                ids=(a.enrollment.device_id, b.enrollment.device_id),
+                ids=(DeviceId(a.enrollment.device_id), DeviceId(b.enrollment.device_id)),
             )
 
     out = asyncio.run(scenario())
@@ -638,7 +641,7 @@ def test_pending_device_and_foreign_trust_domain_cannot_attest(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
         ):
-            device_id = agent.enrollment.device_id
+            device_id = DeviceId(agent.enrollment.device_id)
             target = f"127.0.0.1:{verifier.attestation_port}"
             # The right CA and the right device, but another trust domain.
             ca = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
@@ -739,7 +742,7 @@ def test_agent_reconnects_when_the_call_ends_while_it_writes(
     tpm = swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
 
-    async def scenario() -> list[attestation_pb2.Result]:
+    async def scenario() -> list[AttestationResult]:
         async with (
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm) as agent,
@@ -755,7 +758,7 @@ def test_agent_reconnects_when_the_call_ends_while_it_writes(
 
             # mypy refuses assigning to a method; this instance's one call is replaced on purpose.
             client.session = flaky_session  # type: ignore[method-assign]
-            results: list[attestation_pb2.Result] = []
+            results: list[AttestationResult] = []
             client._on_result = results.append
             stop = asyncio.Event()
             task = asyncio.create_task(client.run(stop))
@@ -769,4 +772,4 @@ def test_agent_reconnects_when_the_call_ends_while_it_writes(
 
     results = asyncio.run(scenario())
     assert results
-    assert results[0].trust.tier == common_pb2.TIER_AFFIRMING
+    assert results[0].trust.tier is Tier.AFFIRMING

@@ -32,6 +32,7 @@ from devtrust.verifier.server import load_endorsements
 from devtrust.verifier.settings import Settings
 from devtrust.verifier.storage import Enrollments, SqliteRepositories, open_sqlite
 from tests.conftest import SwtpmFactory
+from tests.db import sqlite_file
 from tests.env import channel_credentials, running, verifier_config
 
 pytestmark = pytest.mark.swtpm
@@ -275,7 +276,7 @@ def test_a_challenge_spent_meanwhile_is_not_answered_twice(
     context: Any = PeerContext()
 
     async def scenario() -> dict[str, int]:
-        repos = RacingRepositories(await open_sqlite(config.database))
+        repos = RacingRepositories(await open_sqlite(sqlite_file(config.database)))
         try:
             service = EnrollmentService(
                 repos=repos,

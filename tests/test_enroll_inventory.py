@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from devtrust.core.errors import ConfigError
+from devtrust.core.ids import DeviceId
 from devtrust.swtpm import EndorsementCA
 from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
 from devtrust.verifier.enrollment import RateLimiter, peer_host
@@ -25,8 +26,8 @@ from devtrust.verifier.inventory import (
 )
 from devtrust.verifier.pki import PkiFiles
 
-DEV_A = "a" * 64
-DEV_B = "0123456789abcdef" * 4
+DEV_A = DeviceId("a" * 64)
+DEV_B = DeviceId("0123456789abcdef" * 4)
 
 
 # --- the inventory file ------------------------------------------------------------------

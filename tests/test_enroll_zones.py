@@ -22,6 +22,7 @@ from devtrust.agent.state import AgentFiles, new_key, spki
 from devtrust.agent.tpm import TpmBackend
 from devtrust.core.binding import proof_for
 from devtrust.core.claims import DeviceClaims
+from devtrust.core.ids import DeviceId
 from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
 from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.swtpm
 CLAIMED = "management"  # what every agent here says of itself; never taken
 
 
-def _device_id(tpm: Swtpm) -> str:
+def _device_id(tpm: Swtpm) -> DeviceId:
     backend = TpmBackend(tpm.tcti)
     try:
         return device_id_for(parse_public(backend.ek_public()).public_key())
@@ -116,7 +117,7 @@ async def _enroll(
         enrollment = await enroll(cfg, atpm, files, host=make_host(cfg))
         if attest:
             [result] = await first_results(Agent(cfg, atpm, files, enrollment))
-            assert result.HasField("certificate")
+            assert result.certificate is not None
             pem = (cfg.runtime_dir / "device.pem").read_bytes()
             claims = DeviceClaims.from_certificate(x509.load_pem_x509_certificate(pem))
             assert claims is not None
@@ -130,7 +131,7 @@ async def _enroll(
     return "enrolled"
 
 
-def _record(config: VerifierConfig, device_id: str) -> DeviceRecord:
+def _record(config: VerifierConfig, device_id: DeviceId) -> DeviceRecord:
     record = with_repos(config.database, lambda repos: repos.devices.get(device_id))
     assert record is not None
     return record

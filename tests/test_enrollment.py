@@ -20,6 +20,7 @@ from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles, new_key, spki
 from devtrust.agent.tpm import AK_ATTRIBUTES, TpmBackend, ak_template
 from devtrust.core.binding import proof_for
+from devtrust.core.ids import DeviceId
 from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 from devtrust.verifier.config import EndorsementConfig, EnrollmentConfig, VerifierConfig
@@ -29,7 +30,7 @@ from devtrust.verifier.records import DeviceRecord, DeviceState
 from devtrust.verifier.storage import DeviceQuery, SqliteRepositories
 from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
-from tests.db import with_repos
+from tests.db import sqlite_file, with_repos
 from tests.env import agent_config, channel_credentials, running, verifier_config
 
 pytestmark = pytest.mark.swtpm
@@ -339,7 +340,7 @@ def test_bootstrap_tokens_are_required_hashed_and_single_use(
     assert outcomes[1].startswith("enrolled")
     assert "bootstrap token already used" in outcomes[2]
     assert "bootstrap token expired" in outcomes[3]
-    assert good.encode() not in config.database.read_bytes()
+    assert good.encode() not in sqlite_file(config.database).read_bytes()
 
 
 def test_operator_approval(
@@ -474,7 +475,7 @@ def test_a_device_revoked_while_challenged_stays_revoked(
             stub = enrollment_pb2_grpc.EnrollmentStub(channel)
             challenge = await stub.Enroll(request, timeout=10)
             await verifier.repos.devices.set_state(
-                challenge.device_id,
+                DeviceId(challenge.device_id),
                 DeviceState.REVOKED,
                 now=datetime.datetime.now(datetime.UTC),
                 event="revoked",
@@ -490,7 +491,7 @@ def test_a_device_revoked_while_challenged_stays_revoked(
                     ),
                     timeout=10,
                 )
-            record = await verifier.repos.devices.get(challenge.device_id)
+            record = await verifier.repos.devices.get(DeviceId(challenge.device_id))
             assert record is not None
             assert record.state is DeviceState.REVOKED
             return refused.value

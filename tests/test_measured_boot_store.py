@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 
+from devtrust.core.ids import DeviceId
 from devtrust.verifier import measured_boot
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.measured_boot import LogPart
@@ -26,7 +27,7 @@ from tests import eventlogs
 from tests.eventlogs import agile_event
 
 NOW = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.UTC)
-DEVICE = "d" * 64
+DEVICE = DeviceId("d" * 64)
 BIG = {"max_bytes": 1 << 24, "max_events": 100_000}
 CLOCK = ClockState(clock=1000, reset_count=1, restart_count=0, firmware_version=7)
 T = TypeVar("T")

@@ -6,6 +6,7 @@ import datetime
 
 import pytest
 
+from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.trust import Claim, TrustResult, overall_tier, tier_of, trust_score
 
@@ -64,7 +65,7 @@ def test_score_formula(claims: dict[Claim, int], score: int) -> None:
 
 def test_stale_result_has_tier_none() -> None:
     result = TrustResult(
-        device_id="d1",
+        device_id=DeviceId("d1"),
         claims={Claim.HARDWARE: 2},
         findings=(),
         appraised_at=NOW,

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from devtrust.core.errors import DevtrustError
+from devtrust.core.ids import DeviceId
 from devtrust.swtpm import EndorsementCA
 from devtrust.swtpm.demo import MARKER, check_out_dir
 from devtrust.verifier.config import parse_address
@@ -27,7 +28,7 @@ from tests.db import with_repos
 from tests.test_user_errors_verifier import PROGS, _config, _copy_pki, _lines, _run, _write
 
 NOT_UTF8 = b"# caf\xe9\npolicy_id: x\n"
-DEVICE = "ab" * 32
+DEVICE = DeviceId("ab" * 32)
 SHA = "cd" * 32
 
 

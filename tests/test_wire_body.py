@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from devtrust.agent.evidence import evidence_body
+from devtrust.core.ids import Nonce
 from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier import wire_body
 from devtrust.verifier.appraisal import Evidence
@@ -91,7 +92,12 @@ def test_evidence_without_a_body_document_cannot_be_made() -> None:
     with pytest.raises(TypeError, match="body_doc"):
         # The missing argument mypy reports is what this test makes sure fails at run time too.
         Evidence(  # type: ignore[call-arg]
-            nonce=b"n" * 32, attest=b"a", signature=b"s", pcrs={}, body=b"", certify_key=None
+            nonce=Nonce(b"n" * 32),
+            attest=b"a",
+            signature=b"s",
+            pcrs={},
+            body=b"",
+            certify_key=None,
         )
 
 

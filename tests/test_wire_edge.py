@@ -8,11 +8,12 @@ import datetime
 
 import pytest
 
+from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.v1 import common_pb2, enrollment_pb2, query_pb2
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.enrollment import Activated, HostClaims, IssuedChallenge
-from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.errors import LimitExceeded, MalformedInput, NotFound
 from devtrust.verifier.records import DeviceState
 from devtrust.verifier.wire_enroll import (
     activate_request_from_wire,
@@ -22,6 +23,7 @@ from devtrust.verifier.wire_enroll import (
 )
 from devtrust.verifier.wire_query import (
     MAX_PAGE,
+    device_id_from_wire,
     device_query_from_wire,
     trust_score_to_wire,
 )
@@ -64,7 +66,10 @@ def test_an_enroll_request_is_checked_before_anything_else() -> None:
 
 def test_enrollment_answers_carry_what_they_say() -> None:
     issued = IssuedChallenge(
-        enrollment_id="e" * 32, device_id="d" * 64, credential_blob=b"b", encrypted_secret=b"s"
+        enrollment_id="e" * 32,
+        device_id=DeviceId("d" * 64),
+        credential_blob=b"b",
+        encrypted_secret=b"s",
     )
     msg = challenge_to_wire(issued)
     assert (msg.enrollment_id, msg.device_id, msg.credential_blob, msg.encrypted_secret) == (
@@ -74,13 +79,13 @@ def test_enrollment_answers_carry_what_they_say() -> None:
         b"s",
     )
     pending = activated_to_wire(
-        Activated(device_id="d", state=DeviceState.PENDING_APPROVAL, ca_chain=(b"ca",))
+        Activated(device_id=DeviceId("d"), state=DeviceState.PENDING_APPROVAL, ca_chain=(b"ca",))
     )
     assert pending.state == common_pb2.DEVICE_STATE_PENDING_APPROVAL
     assert pending.channel_certificate == b""  # no certificate while pending approval
     enrolled = activated_to_wire(
         Activated(
-            device_id="d",
+            device_id=DeviceId("d"),
             state=DeviceState.ENROLLED,
             ca_chain=(b"ca",),
             channel_certificate=b"der",
@@ -132,5 +137,15 @@ def test_an_unknown_tier_is_malformed() -> None:
 
 
 def test_a_device_never_appraised_scores_tier_none() -> None:
-    msg = trust_score_to_wire("d" * 64, None)
+    msg = trust_score_to_wire(DeviceId("d" * 64), None)
     assert (msg.device_id, msg.tier, list(msg.claims)) == ("d" * 64, common_pb2.TIER_NONE, [])
+
+
+def test_a_requested_device_id_is_parsed_at_the_edge() -> None:
+    """A device id enters the domain as a ``DeviceId`` or not at all: text that is not one
+    names no device (NOT_FOUND, as for an unknown device), before the database is asked."""
+    for request in (query_pb2.GetDeviceRequest, query_pb2.GetTrustScoreRequest):
+        assert device_id_from_wire(request(device_id="ab" * 32)) == "ab" * 32
+        for bad in ("nope", "AB" * 32, "ab" * 32 + "'--", ""):
+            with pytest.raises(NotFound, match="is not 64 lowercase hex digits"):
+                device_id_from_wire(request(device_id=bad))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devtrust.core.binding import PublicKey, possession_proven, qualifying_data
-from devtrust.core.ids import Nonce
+from devtrust.core.ids import DeviceId, Nonce
 from devtrust.verifier import document, measured_boot
 from devtrust.verifier.errors import LimitExceeded, MalformedInput
 from devtrust.verifier.policy import PolicyEvaluator, PolicyOutcome
@@ -72,7 +72,9 @@ class BodyDocument(Protocol):
 class Evidence:
     """Validated evidence from one agent message (converted at the gRPC edge)."""
 
-    nonce: bytes
+    # The nonce the agent answers (32 bytes, checked at the edge); whether it is the one
+    # this stream sent is the appraisal's first check.
+    nonce: Nonce
     attest: bytes
     signature: bytes
     pcrs: Mapping[tuple[int, int], bytes]
@@ -94,7 +96,7 @@ class Evidence:
 class Expectation:
     """What the verifier knows before looking at the evidence."""
 
-    device_id: str
+    device_id: DeviceId
     nonce: Nonce
     selection: tuple[PcrSelect, ...]
     ak_key: AkKey

@@ -19,6 +19,7 @@ import asyncio
 import datetime
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from devtrust.core.ids import Nonce
+from devtrust.core.ids import DeviceId, Nonce
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc
 from devtrust.verifier import wire_attest
 from devtrust.verifier.appraisal import Evidence
@@ -35,7 +36,7 @@ from devtrust.verifier.attestor import Attestor, DeviceSession, may_attest
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.decision import Decision, DecisionSink
 from devtrust.verifier.errors import Superseded
-from devtrust.verifier.identity import peer_identity
+from devtrust.verifier.identity import peer_device_id
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.settings import AttestationSettings
@@ -49,6 +50,7 @@ from devtrust.verifier.stream import (
     HelloReceived,
     Opened,
     PostureChanged,
+    RecentChallenges,
     SendChallenge,
     SendResult,
     StreamEnded,
@@ -94,8 +96,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self._inflight: set[asyncio.Task[Decision]] = set()
         # Each device's decision in flight: its next one waits for it (see _decide).
         self._deciding: dict[str, asyncio.Task[Decision]] = {}
-        # Monotonic time of each device's last challenge, across its streams.
-        self._last_challenge: dict[str, float] = {}
+        # Monotonic time of each device's last challenge, across its streams, while it
+        # still delays a new stream's first challenge.
+        self._challenged = RecentChallenges(settings.stream.stream_challenge_gap_s)
         self._pool = ThreadPoolExecutor(
             max_workers=settings.appraisal_workers, thread_name_prefix="appraise"
         )
@@ -127,7 +130,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             logger.info("stream replaced device=%s: a newer stream took over", device_id)
         return me
 
-    async def _attesting(self, device_id: str) -> DeviceRecord:
+    async def _attesting(self, device_id: DeviceId) -> DeviceRecord:
         return may_attest(device_id, await self._repos.devices.get(device_id))
 
     # grpc.aio accepts a coroutine that writes with context.write for a streaming response;
@@ -138,7 +141,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         # The peer's channel certificate names an enrolled device that is not revoked.
-        device_id = peer_identity(context, trust_domain=self._settings.trust_domain, kind="agent")
+        device_id = peer_device_id(context, trust_domain=self._settings.trust_domain)
         record = await self._attesting(device_id)
         me = await self._take_over(device_id)
         try:
@@ -173,7 +176,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         pump = asyncio.create_task(_pump(request_iterator, inbox))
         msg: attestation_pb2.AgentMessage | None = None
         decision: Decision | None = None
-        event: Event = Opened(time.monotonic(), self._last_challenge.get(device_id))
+        opened = time.monotonic()
+        event: Event = Opened(opened, self._challenged.last(device_id, opened))
         try:
             while True:
                 actions = protocol.feed(event)
@@ -254,7 +258,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         )
         await context.write(message)
         if challenge is not None:
-            self._last_challenge[session.record.device_id] = time.monotonic()
+            self._challenged.note(session.record.device_id, time.monotonic())
 
     async def _decide(
         self, me: _Live, session: DeviceSession, nonce: Nonce, msg: attestation_pb2.AgentMessage
@@ -310,7 +314,8 @@ async def _receive(
 ) -> tuple[attestation_pb2.AgentMessage | None, Event]:
     """The next message and its event, or a Tick when none came by ``until``."""
     try:
-        item = await asyncio.wait_for(inbox.get(), max(0.0, until - time.monotonic()))
+        wait = None if math.isinf(until) else max(0.0, until - time.monotonic())
+        item = await asyncio.wait_for(inbox.get(), wait)
     except TimeoutError:
         return None, Tick(time.monotonic())
     if item is _EOF:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 
 from devtrust.core.claims import DeviceClaims
-from devtrust.core.ids import Nonce
+from devtrust.core.ids import DeviceId, Nonce, serial_of
 from devtrust.core.tier import Tier
 from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise
 from devtrust.verifier.ca import CertificateAuthority
@@ -38,7 +38,7 @@ from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public
 logger = logging.getLogger(__name__)
 
 
-def may_attest(device_id: str, record: DeviceRecord | None) -> DeviceRecord:
+def may_attest(device_id: DeviceId, record: DeviceRecord | None) -> DeviceRecord:
     """The device's record, as long as it may attest: enrolled, not revoked, not awaiting
     approval. Checked when a stream opens and again before each appraisal."""
     if record is None:
@@ -95,7 +95,7 @@ class Attestor:
             workers=attestation.policy_workers, budget_s=attestation.policy_budget_s
         )
         # Per device: its AK public area and key object (reloading one costs ~90 us).
-        self._ak_cache: dict[str, tuple[bytes, AkKey]] = {}
+        self._ak_cache: dict[DeviceId, tuple[bytes, AkKey]] = {}
 
     def close(self) -> None:
         self._policy_runner.close()
@@ -210,12 +210,12 @@ class Attestor:
             trust_domain=certs.trust_domain,
             device_id=record.device_id,
             public_key=evidence.certify_key,
-            claims=DeviceClaims(tier=appraisal.result.tier.label, zone=record.zone),
+            claims=DeviceClaims(tier=appraisal.result.tier, zone=record.zone),
             now=now,
             lifetime=certs.device_lifetime,
         )
         return CertificateRecord(
-            serial=f"{cert.serial_number:x}",
+            serial=serial_of(cert.serial_number),
             device_id=record.device_id,
             kind="device",
             not_before=cert.not_valid_before_utc,
@@ -239,7 +239,7 @@ class Attestor:
     def _refs_for(self, zone: str, labels: Mapping[str, str]) -> RefGroup | None:
         return self._refs.for_device(zone, labels) if self._refs else None
 
-    def _ak_key(self, device_id: str, ak_public: bytes) -> AkKey:
+    def _ak_key(self, device_id: DeviceId, ak_public: bytes) -> AkKey:
         cached = self._ak_cache.get(device_id)
         if cached is not None and cached[0] == ak_public:
             return cached[1]

@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from devtrust.core.binding import PublicKey
 from devtrust.core.claims import DeviceClaims
 from devtrust.core.files import write_atomic
+from devtrust.core.ids import DeviceId
 from devtrust.core.spiffe import AGENT, DEVICE, OPERATOR, spiffe_id
 
 CLOCK_SKEW = datetime.timedelta(minutes=1)
@@ -125,7 +126,7 @@ class CertificateAuthority:
         self,
         *,
         trust_domain: str,
-        device_id: str,
+        device_id: DeviceId,
         public_key: PublicKey,
         claims: DeviceClaims,
         now: datetime.datetime,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import CertificateRecord, TpmState
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 class Decision:
     """One appraisal of one device's evidence, and what the verifier did about it."""
 
-    device_id: str
+    device_id: DeviceId
     zone: str
     result: TrustResult
     # The device's tier before this appraisal (None: its first on this verifier).

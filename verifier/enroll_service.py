@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from devtrust.core.ids import DeviceId, serial_of
 from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 from devtrust.verifier import enrollment, wire_enroll
 from devtrust.verifier.ca import CertificateAuthority
@@ -283,7 +284,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             )
 
     async def _token(
-        self, bootstrap_token: str, device_id: str, now: datetime.datetime
+        self, bootstrap_token: str, device_id: DeviceId, now: datetime.datetime
     ) -> tuple[str, BootstrapToken | None]:
         """The one-time bootstrap token (stored hashed), spent when the proof arrives."""
         if not (bootstrap_token or self._settings.require_token):
@@ -307,7 +308,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         return token_sha256, token
 
     def _assignment(
-        self, device_id: str, existing: DeviceRecord | None, token: BootstrapToken | None
+        self, device_id: DeviceId, existing: DeviceRecord | None, token: BootstrapToken | None
     ) -> Assignment:
         """The operator-assigned zone and labels (precedence in verifier/inventory.py). A
         token counts only while unspent: the one this device spent already assigns nothing."""
@@ -340,7 +341,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         return DeviceState.ENROLLED if approved else DeviceState.PENDING_APPROVAL
 
     async def _channel_certificate(
-        self, device_id: str, channel_key_spki: bytes, *, now: datetime.datetime
+        self, device_id: DeviceId, channel_key_spki: bytes, *, now: datetime.datetime
     ) -> bytes:
         """The agent's channel certificate (DER) for the key it enrolled with, recorded."""
         key = load_public_key(channel_key_spki, field="channel key")
@@ -355,7 +356,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         der = cert.public_bytes(serialization.Encoding.DER)
         await self._repos.certificates.record(
             CertificateRecord(
-                serial=f"{cert.serial_number:x}",
+                serial=serial_of(cert.serial_number),
                 device_id=device_id,
                 kind="channel",
                 not_before=cert.not_valid_before_utc,

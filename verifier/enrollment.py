@@ -149,7 +149,7 @@ class IssuedChallenge:
     """What the agent gets back from Enroll: the credential to activate, never its secret."""
 
     enrollment_id: str
-    device_id: str
+    device_id: DeviceId
     credential_blob: bytes
     encrypted_secret: bytes
 
@@ -165,7 +165,7 @@ class Activated:
     """The outcome of a correct Activate: the device enrolled, with its channel certificate
     (DER), or pending an operator's approval, without one."""
 
-    device_id: str
+    device_id: DeviceId
     state: DeviceState
     ca_chain: tuple[bytes, ...]
     channel_certificate: bytes = b""

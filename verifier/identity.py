@@ -1,7 +1,8 @@
 """Who is calling: the SPIFFE ID of the verified client certificate on an mTLS port.
 
 gRPC has already verified the chain to the devtrust CA (``require_client_auth``); here the
-role and name are read from the URI SAN ``spiffe://TRUST-DOMAIN/KIND/NAME``.
+role and name are read from the URI SAN ``spiffe://TRUST-DOMAIN/KIND/NAME``. An agent's NAME
+is its device id, parsed here once: past this point a device id is a ``DeviceId``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from devtrust.core.spiffe import certificate_name, spiffe_ids
+from devtrust.core.ids import DeviceId, parse_device_id
+from devtrust.core.spiffe import AGENT, certificate_name, spiffe_ids
 from devtrust.verifier.errors import Unauthenticated
 
 
@@ -34,3 +36,14 @@ def peer_identity(
         f"{kind} identity of {trust_domain} (SPIFFE IDs: "
         f"{', '.join(spiffe_ids(cert)) or 'none'})"
     )
+
+
+def peer_device_id(context: grpc.aio.ServicerContext[Any, Any], *, trust_domain: str) -> DeviceId:
+    """The device id the peer's agent certificate names, or refuse. The CA writes only
+    device ids there, but what a certificate says is checked where it enters, not trusted
+    to be well formed wherever it is used (a path, a query, a log line)."""
+    name = peer_identity(context, trust_domain=trust_domain, kind=AGENT)
+    try:
+        return parse_device_id(name)
+    except ValueError as exc:
+        raise Unauthenticated(f"agent client certificate: {exc}") from None

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from devtrust.core.errors import ConfigError
+from devtrust.core.ids import DeviceId, parse_device_id
 from devtrust.verifier.config import clip
 from devtrust.verifier.errors import Rejected
 from devtrust.verifier.storage.interfaces import Devices
@@ -46,7 +47,6 @@ ZONE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 LABEL_VALUE_RE = re.compile(r"[!-~]{0,128}")  # printable ASCII, no spaces
 MAX_LABELS = 64
-DEVICE_ID_RE = re.compile(r"[0-9a-f]{64}")
 _ALNUM = re.compile(r"[A-Za-z0-9]")
 _ZONE_CHAR = re.compile(r"[A-Za-z0-9._-]")
 _LABEL_KEY_CHAR = re.compile(r"[A-Za-z0-9._/-]")
@@ -134,7 +134,7 @@ UNASSIGNED = Assignment()
 
 def resolve(
     *,
-    device_id: str,
+    device_id: DeviceId,
     listed: Assignment | None,
     pinned: Assignment | None,
     token: Assignment | None,
@@ -173,9 +173,9 @@ def resolve(
 @dataclass(frozen=True)
 class Inventory:
     path: Path | None
-    devices: dict[str, Assignment]
+    devices: dict[DeviceId, Assignment]
 
-    def get(self, device_id: str) -> Assignment | None:
+    def get(self, device_id: DeviceId) -> Assignment | None:
         return self.devices.get(device_id)
 
     @classmethod
@@ -200,7 +200,7 @@ def _scalar(node: yaml.Node, where: str, what: str) -> str:
     return str(node.value)
 
 
-def _entry(device_id: str, node: yaml.Node, where: str) -> Assignment:
+def _entry(device_id: DeviceId, node: yaml.Node, where: str) -> Assignment:
     at = f"{where}:{_line(node)}: device {device_id}"
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{at}: expected a mapping with keys zone and labels")
@@ -243,7 +243,7 @@ def _entry(device_id: str, node: yaml.Node, where: str) -> Assignment:
     return Assignment(zone=zone, labels=labels, source="inventory")
 
 
-def parse_inventory(text: str, *, where: str) -> dict[str, Assignment]:
+def parse_inventory(text: str, *, where: str) -> dict[DeviceId, Assignment]:
     """Validate a whole inventory; ConfigError ``FILE:LINE: device ID: what is wrong``."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -258,16 +258,17 @@ def parse_inventory(text: str, *, where: str) -> dict[str, Assignment]:
         raise ConfigError(
             f"{where}:{_line(root)}: expected a mapping of device id -> {{zone, labels}}"
         )
-    devices: dict[str, Assignment] = {}
-    first_line: dict[str, int] = {}
+    devices: dict[DeviceId, Assignment] = {}
+    first_line: dict[DeviceId, int] = {}
     for key_node, value_node in root.value:
         raw = _scalar(key_node, where, "device id")
-        device_id = raw.lower()
-        if not DEVICE_ID_RE.fullmatch(device_id):
+        try:
+            device_id = parse_device_id(raw.lower())
+        except ValueError:
             raise ConfigError(
                 f"{where}:{_line(key_node)}: {raw!r} is not a device id (64 hex digits: "
                 "sha256 of the EK's SubjectPublicKeyInfo)"
-            )
+            ) from None
         if device_id in devices:
             raise ConfigError(
                 f"{where}:{_line(key_node)}: device {device_id} is listed twice (first at line "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from devtrust.core.ids import DeviceId, Serial
 from devtrust.core.tier import Tier
 from devtrust.verifier.measured_boot import LogPart, LogState
 from devtrust.verifier.tpm.clock import ClockState
@@ -24,7 +25,7 @@ class DeviceState(StrEnum):
 
 @dataclass(frozen=True)
 class DeviceRecord:
-    device_id: str
+    device_id: DeviceId
     state: DeviceState
     ek_certificate: bytes
     ek_public: bytes
@@ -55,7 +56,7 @@ class BootstrapToken:
     zone: str
     labels: dict[str, str]
 
-    def problem(self, *, device_id: str, now: datetime.datetime) -> str | None:
+    def problem(self, *, device_id: DeviceId, now: datetime.datetime) -> str | None:
         """Why this token cannot enroll ``device_id`` now, or None when it can. The device
         that spent it may present it again: it is known already, and proves its TPM anew."""
         if self.used_at is not None:
@@ -67,8 +68,8 @@ class BootstrapToken:
 
 @dataclass(frozen=True)
 class CertificateRecord:
-    serial: str
-    device_id: str
+    serial: Serial
+    device_id: DeviceId
     kind: str
     not_before: datetime.datetime
     not_after: datetime.datetime
@@ -94,7 +95,7 @@ class AuditEntry:
     appraisal (``tier`` is set for appraisals only)."""
 
     at: datetime.datetime
-    device_id: str
+    device_id: DeviceId
     event: str
     tier: Tier | None
     detail: dict[str, Any]

@@ -44,7 +44,7 @@ from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.query_service import QueryService
 from devtrust.verifier.refs import ReferenceValues
 from devtrust.verifier.settings import Settings
-from devtrust.verifier.storage import Repositories, StoreSink, open_sqlite
+from devtrust.verifier.storage import Repositories, StoreSink, open_repositories
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -222,7 +222,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         )
     else:
         logger.warning("no posture and GPU policy: only TPM evidence is appraised")
-    repos = await open_sqlite(config.database)
+    repos = await open_repositories(config.database)
     interceptors = [ErrorMapping()]
 
     enroll = grpc.aio.server(interceptors=interceptors, options=_options(config))

@@ -9,6 +9,7 @@ import datetime
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
+from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 
 
@@ -87,7 +88,7 @@ class SubResult:
 
 @dataclass(frozen=True)
 class TrustResult:
-    device_id: str
+    device_id: DeviceId
     claims: dict[Claim, int]
     findings: tuple[Finding, ...]
     appraised_at: datetime.datetime

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from devtrust.core.binding import PublicKey
-from devtrust.core.ids import NONCE_SIZE
+from devtrust.core.ids import NONCE_SIZE, Nonce
 from devtrust.core.tier import Tier
 from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier import wire_body
@@ -130,7 +130,7 @@ def evidence_from_wire(msg: attestation_pb2.Evidence, limits: LimitsConfig) -> E
     if msg.HasField("event_log"):
         event_log = EventLogPart(offset=msg.event_log.offset, data=msg.event_log.data)
     return Evidence(
-        nonce=msg.nonce,
+        nonce=Nonce(msg.nonce),
         attest=msg.quote_attest,
         signature=msg.quote_signature,
         pcrs=pcrs,

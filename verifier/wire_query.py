@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterable
 
+from devtrust.core.ids import DeviceId, parse_device_id
 from devtrust.core.tier import Tier
 from devtrust.v1 import common_pb2, query_pb2
-from devtrust.verifier.errors import MalformedInput
+from devtrust.verifier.errors import MalformedInput, NotFound
 from devtrust.verifier.inventory import MAX_LABELS
 from devtrust.verifier.policy import Policy
 from devtrust.verifier.records import DeviceRecord
@@ -29,8 +30,13 @@ MAX_PAGE = 500
 
 def device_id_from_wire(
     msg: query_pb2.GetDeviceRequest | query_pb2.GetTrustScoreRequest,
-) -> str:
-    return msg.device_id
+) -> DeviceId:
+    """The device a request names. Text that is not a device id names no device: NOT_FOUND,
+    as for an unknown one, with what is wrong with it (the database is not asked)."""
+    try:
+        return parse_device_id(msg.device_id)
+    except ValueError as exc:
+        raise NotFound(f"no device: {exc}") from None
 
 
 def device_query_from_wire(
@@ -70,7 +76,7 @@ def devices_page_to_wire(
     )
 
 
-def trust_score_to_wire(device_id: str, result: TrustResult | None) -> common_pb2.TrustResult:
+def trust_score_to_wire(device_id: DeviceId, result: TrustResult | None) -> common_pb2.TrustResult:
     """The device's latest result as of now; a device never appraised is tier none."""
     if result is None:
         return common_pb2.TrustResult(device_id=device_id, tier=tier_to_wire(Tier.NONE))

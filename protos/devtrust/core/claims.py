@@ -2,7 +2,9 @@
 read here without the CA (``devtrust.verifier.ca`` writes it into the certificates it issues).
 
 A UUID-derived OID (ITU-T X.667, arc 2.25) names the extension; its value is a DER
-UTF8String holding compact JSON: ``{"tier": "affirming", "zone": "..."}``.
+UTF8String holding compact JSON: ``{"tier": "affirming", "zone": "..."}``. The tier travels
+as its label; a label this code does not know is an error, never a guess: a relying party
+must not gate on a tier it cannot read.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 from dataclasses import dataclass
 
 from cryptography import x509
+
+from devtrust.core.tier import Tier
 
 DEVICE_CLAIMS_OID = x509.ObjectIdentifier("2.25.248085958843377620432384009404546624061")
 
@@ -38,13 +42,16 @@ def _parse_der_utf8string(der: bytes) -> str:
     return der[pos:].decode()
 
 
+_TIERS = {t.label: t for t in Tier}
+
+
 @dataclass(frozen=True)
 class DeviceClaims:
-    tier: str
+    tier: Tier
     zone: str
 
     def to_extension(self) -> x509.UnrecognizedExtension:
-        value = json.dumps({"tier": self.tier, "zone": self.zone}, separators=(",", ":"))
+        value = json.dumps({"tier": self.tier.label, "zone": self.zone}, separators=(",", ":"))
         return x509.UnrecognizedExtension(DEVICE_CLAIMS_OID, _der_utf8string(value))
 
     @classmethod
@@ -55,4 +62,11 @@ class DeviceClaims:
             return None
         assert isinstance(ext, x509.UnrecognizedExtension)
         data = json.loads(_parse_der_utf8string(ext.value))
-        return cls(tier=str(data["tier"]), zone=str(data.get("zone", "")))
+        label = str(data["tier"])
+        tier = _TIERS.get(label)
+        if tier is None:
+            shown = label if len(label) <= 40 else f"{label[:37]}..."
+            raise ValueError(
+                f"device claims extension: unknown tier {shown!r} (known: {', '.join(_TIERS)})"
+            )
+        return cls(tier=tier, zone=str(data.get("zone", "")))
