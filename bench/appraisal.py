@@ -7,8 +7,9 @@ clock) then runs on it repeatedly. The baseline is ``verify`` of the same signat
 same bytes with the same key object. Each repeat times ROUNDS calls of each, alternating, so
 machine noise hits both alike; medians are reported, and the ratio appraisal/raw (goal: at
 least 1/3). Event-log parse + replay (and the verifier's measured_boot.extend: parse, replay,
-data-digest check, facts) is measured in events per second, on the largest log in
-$DEVTRUST_CORPUS/eventlogs when set, else on a generated 2,000-event crypto-agile log.
+data-digest check, facts) is measured in events per second, on the largest log in the
+corpus's eventlogs (tests/data/corpus, or $DEVTRUST_CORPUS when set), else on a generated
+2,000-event crypto-agile log.
 
     .venv/bin/python -m bench.appraisal [--rounds 2000] [--repeats 7]
 """

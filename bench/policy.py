@@ -1,8 +1,8 @@
 """Policy evaluation cost with the default policy, beside the quote signature check.
 
 Evidence: a simulated well-configured host (swtpm/hosttree.py) with the corpus's real
-8x H100 nvidia-smi capture when $DEVTRUST_CORPUS is set (else no GPUs). Measured on one core,
-alternating within each repeat, medians:
+8x H100 nvidia-smi capture (tests/data/corpus, or $DEVTRUST_CORPUS when set; without a corpus,
+no GPUs). Measured on one core, alternating within each repeat, medians:
 - rule evaluations per second (uncached: every rule, every GPU);
 - whole policy evaluations per second, uncached (document build + every rule) and cached (what
   the verifier does while a device's posture is unchanged: a key comparison);
@@ -13,7 +13,7 @@ alternating within each repeat, medians:
   per GPU, and the ratio to 8 GPUs, which is about the GPU ratio (32 at 256) when the cost
   is linear in the GPU count.
 
-    DEVTRUST_CORPUS=../shared/corpus .venv/bin/python -m bench.policy [--rounds 200]
+    .venv/bin/python -m bench.policy [--rounds 200]
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ as ``devtrust.v1``.
 The generated modules (``*_pb2.py``, ``*_pb2_grpc.py``) and their ``.pyi`` stubs are checked
 in; ``tests/test_protos_fresh.py`` regenerates into a temporary directory and fails when the
 checked-in files differ. Tool versions are pinned in pyproject.toml's ``dev`` extra.
+
+``make protos`` runs this and then ``python -m devtrust.verifier.wire_schema --write``, which
+regenerates the evidence document's schema (verifier/data/document_schema.json) from the new
+descriptors; ``tests/test_document_schema_fresh.py`` fails when that file is stale. Run both
+after changing a .proto.
 """
 
 from __future__ import annotations

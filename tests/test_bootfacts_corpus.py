@@ -1,5 +1,5 @@
 """The data-digest check and the verified facts over every real log in the conformance corpus
-(DEVTRUST_CORPUS): the quirks accepted keep real firmware clean, and the facts an honest log
+(tests/data/corpus): the quirks accepted keep real firmware clean, and the facts an honest log
 gives are the same as before the check, except where the corpus itself shows a bad event."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`devtrust quote check` against tpm2_checkquote (tpm2-tools), on quotes made by tpm2_quote
-against swtpm, and on the real quotes of shared/corpus/quotes.
+against swtpm, and on the real quotes of the conformance corpus (tests/data/corpus/quotes).
 
 Both tools must agree on every case, except where tpm2_checkquote does not check a property:
 there devtrust is stricter, and the case says so (``stricter=True``).
@@ -407,7 +407,7 @@ def test_usage_errors_exit_2(made: Made, tmp_path: Path) -> None:
     assert "neither PEM nor TPM2B_PUBLIC" in result.stderr
 
 
-# --- real quotes from real machines (shared/corpus/quotes) -------------------------------
+# --- real quotes from real machines (tests/data/corpus/quotes) ---------------------------
 
 CORPUS = corpus_root()
 QUOTES = json.loads((CORPUS / "expected.json").read_text())["quotes"]

@@ -1,7 +1,7 @@
 """Issue 8, the agent's side: every mistake a user can make with `devtrust-agent` gets one
 line on stderr that says what is wrong and what to do, a non-zero exit, no traceback, and
-nothing half-written. The CLI runs as a user runs it (``python -m agent.main``) against a
-real verifier on loopback, real swtpm processes, or a closed port.
+nothing half-written. The CLI runs as a user runs it (``python -m devtrust.agent.main``)
+against a real verifier on loopback, real swtpm processes, or a closed port.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Issue 8, a new user's review of what landed: more mistakes that must end in one line, a
 non-zero exit, no traceback, and nothing changed on disk.
 
-Each case runs the real command (``python -m verifier.main`` or ``verifier.cli``) in a
-subprocess; the tables give the command, the exit status and the one line.
+Each case runs the real command (``python -m devtrust.verifier.main`` or
+``devtrust.verifier.cli``) in a subprocess; the tables give the command, the exit status and
+the one line.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Issue 8, the verifier's side: every mistake a user can make gets one line naming the file
 or address and the remedy, a non-zero exit, no traceback, and loses nothing.
 
-Each case runs the real command (``python -m verifier.main`` or ``verifier.cli``) in a
-subprocess; the table gives the command, the exit status and the one line.
+Each case runs the real command (``python -m devtrust.verifier.main`` or
+``devtrust.verifier.cli``) in a subprocess; the table gives the command, the exit status and
+the one line.
 """
 
 from __future__ import annotations
