@@ -10,6 +10,12 @@ backoff, so a verifier restart costs one reconnect. A Result and the next Challe
 in one VerifierMessage: the Result is handled first. Every message is converted in
 ``devtrust.agent.wire``: this module works with ``messages`` values and builds none.
 
+A Result naming the served certificate among its revoked serials, or that certificate's
+expiry without a renewal, loses the identity: the key and certificate files are deleted and
+``on_identity`` (the Workload API, ``devtrust.agent.workload``) is told None; each new
+certificate is told with its key and bundle (the verifier's trust bundle, or the enrollment CA
+from a verifier that sends none).
+
 The client takes its parts (``interfaces``: the TPM, the host probe, the identity files) and
 constructs none. Posture notes come from the host probe's one watch (agent/watch.py), already
 debounced; notes waiting to be sent are merged in place, so what is pending stays bounded.
@@ -35,13 +41,29 @@ from devtrust.agent.collect import collect_body
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.errors import TpmError
 from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
-from devtrust.agent.messages import AttestationResult, Challenge, Evidence, LogChunk, Verdict
-from devtrust.agent.state import Enrollment, new_key, renewal_due, spki
+from devtrust.agent.messages import (
+    AttestationResult,
+    Challenge,
+    Evidence,
+    IssuedCertificate,
+    LogChunk,
+    Verdict,
+)
+from devtrust.agent.state import (
+    DeviceIdentity,
+    Enrollment,
+    bundle_pem,
+    new_key,
+    renewal_due,
+    spki,
+)
 from devtrust.core.binding import qualifying_data, sign_possession
+from devtrust.core.ids import serial_of
 from devtrust.v1 import attestation_pb2_grpc
 
 logger = logging.getLogger(__name__)
 ResultCallback = Callable[[AttestationResult], None]
+IdentityCallback = Callable[[DeviceIdentity | None], None]
 
 
 def utcnow() -> datetime.datetime:
@@ -64,6 +86,7 @@ class AttestationClient:
         files: IdentityFiles,
         enrollment: Enrollment,
         on_result: ResultCallback | None = None,
+        on_identity: IdentityCallback | None = None,
     ) -> None:
         self._cfg = cfg
         self._tpm = tpm
@@ -71,6 +94,9 @@ class AttestationClient:
         self._files = files
         self._enrollment = enrollment
         self._on_result = on_result
+        self._on_identity = on_identity
+        # Set whenever the certificate changes: the expiry watch waits on it.
+        self._certificate_changed = asyncio.Event()
         # Read once, when ``run`` starts: from then on the client knows best, as it writes
         # each renewal.
         self._certificate: x509.Certificate | None = None
@@ -98,11 +124,45 @@ class AttestationClient:
         if not self._certificate_read:
             self._certificate = await self._files.device_certificate()
             self._certificate_read = True
+            if self._on_identity is not None and self._certificate is not None:
+                self._on_identity(await self._files.device_identity())
         unsubscribe = self._host.subscribe(self.notify_posture_changed)
+        expiry = asyncio.create_task(self._watch_expiry())
         try:
             await self._run(stop)
         finally:
+            expiry.cancel()
+            await asyncio.gather(expiry, return_exceptions=True)
             unsubscribe()
+
+    async def _watch_expiry(self) -> None:
+        """Lose the identity when the certificate expires unrenewed (the verifier unreachable,
+        or certifying no more): a workload never gets an expired certificate, and the key
+        does not outlive it on disk."""
+        while True:
+            self._certificate_changed.clear()
+            cert = self._certificate
+            if cert is None:
+                await self._certificate_changed.wait()
+                continue
+            left = (cert.not_valid_after_utc - utcnow()).total_seconds()
+            if left < 0:
+                await self._lose_identity(f"serial {serial_of(cert.serial_number)} expired")
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._certificate_changed.wait(), left + 0.001)
+
+    async def _lose_identity(self, why: str) -> None:
+        await self._files.delete_device_certificate()
+        self._certificate = None
+        self._certificate_changed.set()
+        logger.warning(
+            "device certificate %s: deleted its key and certificate files; workloads get no "
+            "identity until the verifier certifies this device again",
+            why,
+        )
+        if self._on_identity is not None:
+            self._on_identity(None)
 
     async def _run(self, stop: asyncio.Event) -> None:
         address, state = self._cfg.verifier.attestation, self._cfg.state_dir
@@ -226,6 +286,9 @@ class AttestationClient:
             trust.score,
             ",".join(f.id for f in trust.findings) or "-",
         )
+        served = self._certificate
+        if served is not None and serial_of(served.serial_number) in result.revoked_serials:
+            await self._lose_identity(f"serial {serial_of(served.serial_number)} revoked")
         issued = result.certificate
         if self._pending is not None and issued is None:
             logger.warning("no certificate: %s", withheld_reason(trust))
@@ -234,10 +297,7 @@ class AttestationClient:
             if cert.public_key() != self._pending.key.public_key():
                 logger.error("verifier certified a key that is not ours; discarding it")
             else:
-                await self._files.save_device_certificate(
-                    self._pending.key, issued.der, self._enrollment.ca_pem
-                )
-                self._certificate = cert
+                await self._save(self._pending.key, issued)
                 logger.info(
                     "new device certificate serial %s valid until %s",
                     issued.serial,
@@ -246,6 +306,20 @@ class AttestationClient:
                 self._pending = None
         if self._on_result is not None:
             self._on_result(result)
+
+    async def _save(self, key: ec.EllipticCurvePrivateKey, issued: IssuedCertificate) -> None:
+        """Write the new certificate, with the bundle workloads verify peers with: the
+        verifier's trust bundle (the device issuing CAs), else the enrollment CA."""
+        if issued.trust_bundle:
+            bundle, pem = issued.trust_bundle, bundle_pem(issued.trust_bundle)
+        else:
+            pem = self._enrollment.ca_pem
+            bundle = tuple(x509.load_pem_x509_certificates(pem))
+        await self._files.save_device_certificate(key, issued.der, pem)
+        self._certificate = issued.certificate
+        self._certificate_changed.set()
+        if self._on_identity is not None:
+            self._on_identity(DeviceIdentity(key, issued.certificate, bundle))
 
 
 def withheld_reason(trust: Verdict) -> str:

@@ -75,6 +75,30 @@ class TpmConfig:
 
 
 @dataclass(frozen=True)
+class WorkloadApiConfig:
+    """The SPIFFE Workload API the agent serves to local workloads (agent/workload.py)."""
+
+    enabled: bool = True
+    # The unix socket workloads connect to (SPIFFE_ENDPOINT_SOCKET=unix:PATH); unset:
+    # workload_api.socket in runtime_dir.
+    socket: Path | None = None
+    # Who may connect, by the peer's Unix credentials (SO_PEERCRED): its uid among users, or
+    # its primary or a supplementary group among groups. Names or numbers. The agent's own
+    # user may always connect (it can read the key files anyway); nobody else by default.
+    users: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    # The group that may read device.key (mode 0640) besides the agent's user; empty: none
+    # (0600). The runtime directory is searchable (0711) so that it can reach the file.
+    key_group: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("users", "groups"):
+            for entry in getattr(self, name):
+                if not entry.strip():
+                    raise ValueError(f"{name} holds an empty entry: give a name or a number")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     verifier: VerifierEndpoint = field(default_factory=VerifierEndpoint)
     tpm: TpmConfig = field(default_factory=TpmConfig)
@@ -108,6 +132,7 @@ class AgentConfig:
     reconnect_max_s: float = 30.0
     # Ask for a new device certificate once this fraction of its lifetime has passed.
     renew_at: float = 0.5
+    workload_api: WorkloadApiConfig = field(default_factory=WorkloadApiConfig)
 
     def __post_init__(self) -> None:
         for name in ("rpc_timeout_s", "reconnect_max_s", "watch_interval_s"):

@@ -29,7 +29,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtrust.agent.state import Enrollment
+from devtrust.agent.state import DeviceIdentity, Enrollment
 from devtrust.v1 import attestation_pb2, common_pb2
 
 Selection = Sequence[tuple[str, Sequence[int]]]
@@ -116,6 +116,15 @@ class IdentityFiles(Protocol):
     async def save_device_certificate(
         self, key: ec.EllipticCurvePrivateKey, cert_der: bytes, ca_pem: bytes
     ) -> None: ...
+
+    async def device_identity(self) -> DeviceIdentity | None:
+        """The saved certificate with its key and bundle (what the Workload API serves), or
+        None when one is missing or unreadable."""
+        ...
+
+    async def delete_device_certificate(self) -> None:
+        """Remove the device key and certificate: the device lost trust."""
+        ...
 
     async def read_ca_bundle(self, path: Path) -> bytes:
         """The bundle at ``path`` (``verifier.ca_bundle``), as it is: ``OSError`` when it

@@ -35,6 +35,7 @@ from devtrust.agent.gpu.nvml import XidWatcher
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import AsyncTpm, TpmBackend
 from devtrust.agent.watch import PostureWatcher
+from devtrust.agent.workload import WorkloadApi, key_group_id
 from devtrust.core.command import ErrorPolicy, Failure, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import configure_logging
@@ -96,11 +97,15 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    files = AgentFiles(cfg.state_dir, cfg.runtime_dir)
+    files = AgentFiles(cfg.state_dir, cfg.runtime_dir, key_gid=key_group_id(cfg))
+    serve_workloads = cfg.workload_api.enabled and not enroll_only
+    workload = WorkloadApi.from_config(cfg) if serve_workloads else None
     tpm = make_tpm(cfg)
     xids = None if enroll_only else make_xid_watcher(cfg)
     host = make_host(cfg, xids=xids)
     try:
+        if workload is not None:  # PermissionDenied to workloads until there is an identity
+            await workload.start()
         enrollment = await files.load_enrollment()
         if enrollment is None:
             enrollment = await enroll_retrying(
@@ -119,11 +124,20 @@ async def run(
             return True
         if xids is not None and await asyncio.to_thread(xids.start):
             logger.info("watching NVML Xid events")
-        client = AttestationClient(cfg, tpm=tpm, host=host, files=files, enrollment=enrollment)
+        client = AttestationClient(
+            cfg,
+            tpm=tpm,
+            host=host,
+            files=files,
+            enrollment=enrollment,
+            on_identity=None if workload is None else workload.update,
+        )
         await client.run(stop)
         return True
     finally:
         tpm.close()
+        if workload is not None:
+            await workload.stop()
         if xids is not None:
             await asyncio.to_thread(xids.stop)
 

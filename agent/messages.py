@@ -94,22 +94,25 @@ class Verdict:
 @dataclass(frozen=True)
 class IssuedCertificate:
     """A device certificate the verifier issued for the key the body asked it to certify:
-    parsed where it arrived, ``der`` as sent (what is written to disk)."""
+    parsed where it arrived, ``der`` as sent (what is written to disk); ``trust_bundle``, the
+    device issuing CAs that verify it (empty from a verifier that sends none)."""
 
     certificate: x509.Certificate
     der: bytes
     serial: Serial
+    trust_bundle: tuple[x509.Certificate, ...] = ()
 
 
 @dataclass(frozen=True)
 class AttestationResult:
     """The verifier's answer to one Evidence: its verdict, the device certificate issued if
-    one was, and when the next challenge comes (zero: it travels with this result; None:
-    the verifier did not say)."""
+    one was, when the next challenge comes (zero: it travels with this result; None: the
+    verifier did not say), and this device's revoked certificate serials."""
 
     trust: Verdict
     certificate: IssuedCertificate | None = None
     next_challenge_in: datetime.timedelta | None = None
+    revoked_serials: tuple[Serial, ...] = ()
 
 
 # --- enrollment ------------------------------------------------------------------------------

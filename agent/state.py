@@ -1,11 +1,14 @@
 """The agent's identities and where it keeps them (``interfaces.IdentityFiles``).
 
 ``AgentFiles``, on hosts: state_dir (persistent, 0700): device-id, channel.key (0600),
-channel.pem, verifier-ca.pem. runtime_dir (tmpfs, 0700): device.key (0600), device.pem,
-ca-bundle.pem: what local workloads present to relying parties. Every file is written
-atomically (with fsync), and every read and write runs on a worker thread: a renewal's three
-files are not written on the event loop the streams share. ``MemoryFiles``: the same in
-memory, for simulated devices and tests.
+channel.pem, verifier-ca.pem. runtime_dir (tmpfs, 0711: searchable, not listable, so that
+workloads reach the Workload API socket and the files by name): device.key (0600, or 0640 with
+``key_gid`` as its group: workload_api.key_group), device.pem, ca-bundle.pem (the bundle that
+verifies device certificates): what local workloads present to relying parties. The key and
+certificate are deleted when the device loses trust (revoked, or expired unrenewed). Every file
+is written atomically (with fsync), and every read and write runs on a worker thread: a
+renewal's three files are not written on the event loop the streams share. ``MemoryFiles``:
+the same in memory, for simulated devices and tests.
 """
 
 from __future__ import annotations
@@ -53,13 +56,29 @@ class Enrollment:
 
 
 @dataclass(frozen=True)
+class DeviceIdentity:
+    """The device certificate with its key and the bundle that verifies it: what the
+    Workload API serves (``devtrust.agent.workload``)."""
+
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+    bundle: tuple[x509.Certificate, ...]
+
+
+def bundle_pem(bundle: tuple[x509.Certificate, ...]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle)
+
+
+@dataclass(frozen=True)
 class AgentFiles:
     state_dir: Path
     runtime_dir: Path
+    # The group that may read device.key (mode 0640); None: only the agent's user (0600).
+    key_gid: int | None = None
 
     def _dirs(self) -> None:
-        for d in (self.state_dir, self.runtime_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
 
     async def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
         """The saved channel identity, or None when there is none or its certificate is in
@@ -97,7 +116,10 @@ class AgentFiles:
 
     def _write_device_certificate(self, key: bytes, cert: bytes, ca_pem: bytes) -> None:
         self._dirs()
-        write_atomic(self.runtime_dir / "device.key", key, mode=0o600)
+        if self.key_gid is None:
+            write_atomic(self.runtime_dir / "device.key", key, mode=0o600)
+        else:
+            write_atomic(self.runtime_dir / "device.key", key, mode=0o640, group=self.key_gid)
         write_atomic(self.runtime_dir / "device.pem", cert, mode=0o644)
         write_atomic(self.runtime_dir / "ca-bundle.pem", ca_pem, mode=0o644)
 
@@ -112,6 +134,29 @@ class AgentFiles:
             return x509.load_pem_x509_certificate(path.read_bytes())
         except ValueError:
             return None
+
+    async def device_identity(self) -> DeviceIdentity | None:
+        return await asyncio.to_thread(self._read_device_identity)
+
+    def _read_device_identity(self) -> DeviceIdentity | None:
+        paths = [self.runtime_dir / n for n in ("device.key", "device.pem", "ca-bundle.pem")]
+        try:
+            key_data, cert_data, bundle_data = (p.read_bytes() for p in paths)
+            key = serialization.load_pem_private_key(key_data, password=None)
+            cert = x509.load_pem_x509_certificate(cert_data)
+            bundle = tuple(x509.load_pem_x509_certificates(bundle_data))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            return None
+        return DeviceIdentity(key, cert, bundle)
+
+    async def delete_device_certificate(self) -> None:
+        await asyncio.to_thread(self._delete_device_certificate)
+
+    def _delete_device_certificate(self) -> None:
+        for name in ("device.key", "device.pem"):
+            (self.runtime_dir / name).unlink(missing_ok=True)
 
     async def read_ca_bundle(self, path: Path) -> bytes:
         return await asyncio.to_thread(path.read_bytes)
@@ -130,7 +175,8 @@ def usable(enrollment: Enrollment, *, now: datetime.datetime | None) -> Enrollme
 @dataclass
 class MemoryFiles:
     """Identities in memory: a simulated device's, or a test's. ``saved`` counts the device
-    certificates written, so a test sees that a renewal was stored and nothing else was;
+    certificates written, so a test sees that a renewal was stored and nothing else was
+    (``deleted``, the deletions);
     ``ca_bundle`` is what ``read_ca_bundle`` returns, whatever the path."""
 
     enrollment: Enrollment | None = None
@@ -139,6 +185,7 @@ class MemoryFiles:
     ca_pem: bytes = b""
     ca_bundle: bytes = b""
     saved: int = 0
+    deleted: int = 0
 
     async def load_enrollment(self, *, now: datetime.datetime | None = None) -> Enrollment | None:
         return None if self.enrollment is None else usable(self.enrollment, now=now)
@@ -155,6 +202,16 @@ class MemoryFiles:
         self.key, self.ca_pem = key, ca_pem
         self.certificate = x509.load_der_x509_certificate(cert_der)
         self.saved += 1
+
+    async def device_identity(self) -> DeviceIdentity | None:
+        if self.certificate is None or self.key is None:
+            return None
+        bundle = tuple(x509.load_pem_x509_certificates(self.ca_pem)) if self.ca_pem else ()
+        return DeviceIdentity(self.key, self.certificate, bundle)
+
+    async def delete_device_certificate(self) -> None:
+        self.certificate = self.key = None
+        self.deleted += 1
 
     async def read_ca_bundle(self, path: Path) -> bytes:
         return self.ca_bundle

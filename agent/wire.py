@@ -35,7 +35,7 @@ from devtrust.agent.messages import (
     IssuedCertificate,
     Verdict,
 )
-from devtrust.core.ids import Nonce, Serial, parse_device_id
+from devtrust.core.ids import Nonce, Serial, parse_device_id, serial_of
 from devtrust.core.tier import Tier
 from devtrust.v1 import attestation_pb2, common_pb2, enrollment_pb2
 
@@ -118,7 +118,18 @@ def result_from_wire(msg: attestation_pb2.Result) -> AttestationResult:
         next_challenge_in=(
             msg.next_challenge_in.ToTimedelta() if msg.HasField("next_challenge_in") else None
         ),
+        revoked_serials=tuple(_serial(s) for s in msg.revoked_serials),
     )
+
+
+def _serial(text: str) -> Serial:
+    """A serial as records write it (``serial_of``), whatever zeros or case it came with."""
+    try:
+        return serial_of(int(text, 16))
+    except ValueError:
+        raise MalformedMessage(
+            f"the verifier sent a revoked serial that is not hex: {text[:40]!r}"
+        ) from None
 
 
 def tier_from_wire(value: int) -> Tier:
@@ -154,8 +165,17 @@ def certificate_from_wire(msg: common_pb2.DeviceCertificate) -> IssuedCertificat
         raise MalformedMessage(
             f"the verifier sent a device certificate that does not parse ({exc})"
         ) from None
+    try:
+        bundle = tuple(x509.load_der_x509_certificate(der) for der in msg.trust_bundle_der)
+    except ValueError as exc:
+        raise MalformedMessage(
+            f"the verifier sent a trust bundle certificate that does not parse ({exc})"
+        ) from None
     return IssuedCertificate(
-        certificate=cert, der=msg.certificate_der, serial=Serial(msg.serial_hex)
+        certificate=cert,
+        der=msg.certificate_der,
+        serial=Serial(msg.serial_hex),
+        trust_bundle=bundle,
     )
 
 

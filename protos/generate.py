@@ -1,8 +1,11 @@
-"""Regenerate the Python code for protos/devtrust/v1/*.proto: `python -m protos.generate`.
+"""Regenerate the Python code for protos/devtrust/{v1,spiffe,example}: `python -m protos.generate`.
 
 ``protos/`` is the proto root: the files are ``devtrust/v1/*.proto`` with package ``devtrust.v1``,
 so every language generates from them with ordinary import paths, and the Python code imports
-as ``devtrust.v1``.
+as ``devtrust.v1``. ``devtrust/spiffe/workload.proto`` is the SPIFFE Workload API, without a
+package as its specification has it (the agent serves it to local workloads); its Python code
+imports as ``devtrust.spiffe``. ``devtrust/example/registry.proto`` is the example relying
+party's own service (package ``devtrust.example``), generated beside its code.
 
 The generated modules (``*_pb2.py``, ``*_pb2_grpc.py``) and their ``.pyi`` stubs are checked
 in; ``tests/test_protos_fresh.py`` regenerates into a temporary directory and fails when the
@@ -26,6 +29,7 @@ from grpc_tools import protoc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
 PROTO_DIR = Path("devtrust/v1")
+PROTO_DIRS = (PROTO_DIR, Path("devtrust/spiffe"), Path("devtrust/example"))
 
 
 def _plugin(name: str) -> str:
@@ -39,10 +43,12 @@ def _plugin(name: str) -> str:
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Generate code for every .proto into out_dir (mirroring devtrust/v1 under the proto root)."""
+    """Generate code for every .proto into out_dir (mirroring PROTO_DIRS under the proto root)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     protos = sorted(
-        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PROTO_DIR).glob("*.proto")
+        str(p.relative_to(PROTO_ROOT))
+        for folder in PROTO_DIRS
+        for p in (PROTO_ROOT / folder).glob("*.proto")
     )
     include = Path(protoc.__file__).parent / "_proto"
     args = [
@@ -60,7 +66,7 @@ def generate(out_dir: Path) -> list[Path]:
     rc = protoc.main(args)
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc}")
-    return sorted((out_dir / PROTO_DIR).glob("*_pb2*.py*"))
+    return sorted(p for folder in PROTO_DIRS for p in (out_dir / folder).glob("*_pb2*.py*"))
 
 
 def main() -> None:

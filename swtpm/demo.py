@@ -1,10 +1,11 @@
 """``devtrust-demo`` (``python -m devtrust.swtpm.demo``): the whole main job on the embedded
 default, on one machine.
 
-Makes the verifier's CA and server certificate, starts a verifier on SQLite, provisions and
-starts a swtpm with an EK certificate from a local endorsement CA made for this run, runs an
-agent that enrolls and attests, and prints the trust result and the device certificate. Every
-process and server it started is stopped on success, error or Ctrl-C.
+Makes the verifier's CAs (its own, and the device issuing CA) and server certificate, starts
+a verifier on SQLite, provisions and starts a swtpm with an EK certificate from a local
+endorsement CA made for this run, runs an agent that enrolls and attests, and prints the trust
+result, the device certificate and the bundle that verifies it (device issuing CAs only).
+Every process and server it started is stopped on success, error or Ctrl-C.
 
 It lives with the software TPMs, outside the runtime packages: it drives both the agent and
 the verifier, which never import each other (tests/test_layers.py).
@@ -120,6 +121,8 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
             ca=CaConfig(cert=pki.ca_cert, key=pki.ca_key),
             endorsement=EndorsementConfig(trust_swtpm_local_ca=ek_ca.cert_path),
             attestation=AttestationConfig(interval_s=30.0),
+            # The operator who reads the result back below only reads.
+            operators={"demo": "viewer"},
         )
         verifier = await start_verifier(vcfg)
         stack.push_async_callback(verifier.stop)
@@ -211,7 +214,9 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
 
         cert = x509.load_pem_x509_certificate((acfg.runtime_dir / "device.pem").read_bytes())
         shutil.copyfile(acfg.runtime_dir / "device.pem", out / "device-cert.pem")
-        (out / "ca-bundle.pem").write_bytes(pem(ca.cert))
+        # The relying-party bundle as the agent keeps it beside its certificate: the device
+        # issuing CAs only, so a channel, operator or server certificate does not verify.
+        shutil.copyfile(acfg.runtime_dir / "ca-bundle.pem", out / "ca-bundle.pem")
         claims = DeviceClaims.from_certificate(cert)
         summary = {
             "device_id": enrollment.device_id,

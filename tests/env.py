@@ -54,6 +54,8 @@ def verifier_config(
             **{"interval_s": 30.0, "stream_challenge_gap_s": 0.0, **attestation}
         ),
         policy=None,  # tests of TPM evidence; policy tests name theirs
+        # operator_stub's operator: every Query method (tests/test_authz.py tests the roles).
+        operators={"alice": "admin"},
     )
 
 

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtrust.agent.attest import AttestationClient
+from devtrust.agent.attest import AttestationClient, IdentityCallback
 from devtrust.agent.collect import RecordedHost
 from devtrust.agent.config import AgentConfig, VerifierEndpoint
 from devtrust.agent.errors import TpmError
@@ -174,6 +174,7 @@ async def attest(
     host: RecordedHost | None = None,
     files: IdentityFiles | None = None,
     results: list[AttestationResult] | None = None,
+    on_identity: IdentityCallback | None = None,
 ) -> tuple[ScriptedVerifier, AttestationClient]:
     """Run the client against the scripts until the last one is done; re-raise what failed."""
     verifier = ScriptedVerifier(scripts)
@@ -204,6 +205,7 @@ async def attest(
         files=files or MemoryFiles(),
         enrollment=enrollment(pki),
         on_result=None if results is None else results.append,
+        on_identity=on_identity,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(client.run(stop))

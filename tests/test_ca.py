@@ -44,7 +44,8 @@ def test_device_certificate_carries_identity_tier_and_zone() -> None:
     assert cert.not_valid_before_utc == NOW - CLOCK_SKEW
     assert cert.not_valid_after_utc == NOW + datetime.timedelta(minutes=15)
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    # X509-SVID 4.4: an SVID's EKU names both (tests/test_issuers.py checks the profile).
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     cert.verify_directly_issued_by(ca.cert)
 

@@ -102,11 +102,15 @@ def test_enroll_attest_certify(
             )
             lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
             assert lifetime == datetime.timedelta(minutes=16)  # 15 + 1 minute backdating
-            ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+            # It chains to the device issuing CA, which the agent keeps beside it as the bundle
+            # for relying parties; the verifier's own CA is not in that bundle.
+            ca = x509.load_pem_x509_certificate(pki.device_ca_cert.read_bytes())
             chain = (
                 PolicyBuilder().store(Store([ca])).build_client_verifier().verify(cert, []).chain
             )
             assert chain[-1] == ca
+            bundle = (agent.cfg.runtime_dir / "ca-bundle.pem").read_bytes()
+            assert x509.load_pem_x509_certificates(bundle) == [ca]
 
             # The device id is sha256 of the EK's SubjectPublicKeyInfo.
             ek_der = await agent.tpm.run(agent.tpm.backend.ek_certificate)

@@ -258,6 +258,9 @@ class RacingRepositories:
         self.trust = inner.trust
         self.certificates = inner.certificates
         self.audit = inner.audit
+        self.revocations = inner.revocations
+        self.roles = inner.roles
+        self.operations = inner.operations
         self.counts = inner.counts
         self.close = inner.close
 

@@ -28,12 +28,26 @@ RUNTIME = ("devtrust.core", "devtrust.v1", "devtrust.agent", "devtrust.verifier"
 # What the core may use besides itself: a relying party imports it without grpc, protobuf
 # or a TPM library.
 CORE_THIRD_PARTY = ("cryptography", "yaml")
+# What the gate may use besides core (devtrust.gate: a relying party's only dependency).
+GATE = ("cryptography", "grpc")
 
+
+# The example relying party's generated code (devtrust/example/registry.proto).
+EXAMPLE_GENERATED = ("devtrust.example.registry_pb2", "devtrust.example.registry_pb2_grpc")
 
 # Where the verifier converts protobuf messages, in both directions.
-WIRE_MODULES = ("wire", "wire_attest", "wire_body", "wire_enroll", "wire_query", "wire_schema")
+WIRE_MODULES = (
+    "wire",
+    "wire_attest",
+    "wire_body",
+    "wire_enroll",
+    "wire_ops",
+    "wire_query",
+    "wire_revocation",
+    "wire_schema",
+)
 # The gRPC servicers, and the module that registers them with the server.
-SERVICERS = ("attest_service", "enroll_service", "query_service")
+SERVICERS = ("attest_service", "enroll_service", "query_service", "revocation_service")
 REGISTRAR = "devtrust.verifier.server"
 
 
@@ -62,6 +76,41 @@ RULES = (
         importers=("devtrust.core",),
         forbidden=("*",),
         allowed=("devtrust.core", *sorted(sys.stdlib_module_names), *CORE_THIRD_PARTY),
+    ),
+    # A relying party installs the gate without a TPM or GPU library, or the verifier.
+    Rule(
+        "the gate imports only core, the standard library, cryptography and grpc",
+        importers=("devtrust.gate",),
+        forbidden=("*",),
+        allowed=("devtrust.gate", "devtrust.core", *sorted(sys.stdlib_module_names), *GATE),
+        exempt=("devtrust.gate.follower",),
+    ),
+    Rule(
+        "the gate's revocation follower adds only the generated devtrust.v1",
+        importers=("devtrust.gate.follower",),
+        forbidden=("*",),
+        allowed=(
+            *("devtrust.gate", "devtrust.core", *sorted(sys.stdlib_module_names), *GATE),
+            "devtrust.v1",
+        ),
+    ),
+    # The example relying party needs no more than a service of its own would.
+    Rule(
+        "the example imports only core, the gate, its generated code, grpc, cryptography, stdlib",
+        importers=("devtrust.example",),
+        forbidden=("*",),
+        allowed=(
+            *("devtrust.example", "devtrust.gate", "devtrust.core"),
+            *sorted(sys.stdlib_module_names),
+            *GATE,
+            "google.protobuf",  # for its generated code: the next rule keeps it there
+        ),
+    ),
+    Rule(
+        "only the example's generated code imports protobuf",
+        importers=("devtrust.example",),
+        forbidden=("google.protobuf",),
+        exempt=EXAMPLE_GENERATED,
     ),
     Rule(
         "the verifier never imports the agent or swtpm",

@@ -12,6 +12,7 @@ import argparse
 import datetime
 import importlib
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,11 +23,12 @@ import pytest
 
 from devtrust.core.ids import DeviceId
 from devtrust.swtpm.hosttree import write_host_tree
-from devtrust.verifier import measured_boot
+from devtrust.verifier import measured_boot, ops_connect
+from devtrust.verifier.ca import CertificateAuthority, pem
 from devtrust.verifier.config import DEFAULT_POLICY
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.measured_boot import LogPart
-from devtrust.verifier.pki import init_pki
+from devtrust.verifier.pki import init_pki, issue_operator
 from devtrust.verifier.records import DeviceRecord, DeviceState, TpmState
 from devtrust.verifier.storage import SqliteRepositories
 from devtrust.verifier.tpm import eventlog as ev
@@ -34,6 +36,7 @@ from devtrust.verifier.tpm.clock import ClockState
 from devtrust.verifier.trust import Claim, TrustResult
 from tests.corpus import corpus_root
 from tests.db import make_database, with_repos
+from tests.test_gate import DEVICE_CA_NAME, device_cert
 from tests.test_layers import NOT_LOADED_BY_COMMANDS
 
 # Run as `python -c`: a finder first on sys.meta_path refuses what an operator command must
@@ -190,6 +193,49 @@ def _collected_evidence(tmp: Path) -> Path:
     return tmp / "evidence.json"
 
 
+def _device_certificate(tmp: Path) -> None:
+    """A device issuing CA (the relying party's bundle) and a device certificate of it."""
+    ca = CertificateAuthority.create(
+        common_name=DEVICE_CA_NAME, now=datetime.datetime.now(datetime.UTC)
+    )
+    (tmp / "bundle.pem").write_bytes(pem(ca.cert))
+    (tmp / "device.pem").write_bytes(pem(device_cert(ca)))
+
+
+# Operator commands given their connection by a profile file; the others by options.
+PROFILED = ("devices", "watch", "revoke")
+
+
+def _operator_identity(tmp: Path) -> None:
+    """An operator's certificate and key, the CA, and a profile naming them and an address
+    where nothing listens (a port just closed)."""
+    files = init_pki(tmp / "pki", hostnames=["localhost"], now=datetime.datetime.now(datetime.UTC))
+    ca = CertificateAuthority.load(files.ca_cert, files.ca_key)
+    issue_operator(
+        ca, tmp, name="ops", trust_domain="devtrust.local", now=datetime.datetime.now(datetime.UTC)
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    profile = {
+        "verifier": f"127.0.0.1:{port}",
+        "cert": "operator-ops.pem",
+        "key": "operator-ops.key",
+        "ca": "pki/ca.pem",
+    }
+    (tmp / "operator.yaml").write_text(json.dumps(profile))  # JSON is YAML
+
+
+def _connection(tmp: Path, *, profile: bool) -> list[str]:
+    if profile:
+        return ["--profile", str(tmp / "operator.yaml")]
+    given = json.loads((tmp / "operator.yaml").read_text())
+    return [
+        *("--verifier", given["verifier"], "--ca", str(tmp / "pki" / "ca.pem")),
+        *("--cert", str(tmp / "operator-ops.pem"), "--key", str(tmp / "operator-ops.key")),
+    ]
+
+
 @dataclass(frozen=True)
 class Command:
     """One operator command line, run through its real work: ``argv`` from a temporary
@@ -199,6 +245,22 @@ class Command:
     argv: Callable[[Path], list[str]]
     shows: str
     prepare: Callable[[Path], object] = lambda tmp: None
+    # A client of the verifier's Query API runs against an address where nothing listens:
+    # everything up to the call is its real work, and the failure is a clean one.
+    status: int = 0
+
+
+def _query_client(argv: list[str]) -> Command:
+    def full(tmp: Path) -> list[str]:
+        return [*argv, *_connection(tmp, profile=argv[0] in PROFILED)]
+
+    return Command(
+        f"devtrust {argv[0]}",
+        full,
+        "is unreachable: it is down, or the port is wrong",
+        prepare=_operator_identity,
+        status=ops_connect.EXIT_UNREACHABLE,
+    )
 
 
 COMMANDS = [
@@ -224,6 +286,25 @@ COMMANDS = [
         prepare=lambda t: _database_with_evidence(t / "v.db"),
     ),
     Command(
+        "devtrust gate check",
+        lambda t: ["gate", "check", str(t / "device.pem"), "--ca-bundle", str(t / "bundle.pem")],
+        "gate.allowed: device",
+        prepare=_device_certificate,
+    ),
+    *(
+        _query_client(argv)
+        for argv in (
+            ["devices", "--zone", "z", "--label", "k=v", "--stale", "--json"],
+            ["show", DEVICE],
+            ["score", DEVICE, "--json"],
+            ["watch", "--zone", "z"],
+            ["history", DEVICE, "--limit", "5"],
+            ["approve", DEVICE, "--zone", "z"],
+            ["revoke", DEVICE, "--reason", "stolen"],
+            ["zone", DEVICE, "z", "--label", "k=v"],
+        )
+    ),
+    Command(
         "devtrust-verifier init",
         lambda t: ["init", "--dir", str(t / "pki"), "--hostname", "localhost"],
         "server certificate",
@@ -232,6 +313,14 @@ COMMANDS = [
         "devtrust-verifier operator",
         lambda t: ["operator", "--dir", str(t / "pki"), "--name", "alice"],
         "operator certificate",
+        prepare=lambda t: init_pki(
+            t / "pki", hostnames=["localhost"], now=datetime.datetime.now(datetime.UTC)
+        ),
+    ),
+    Command(
+        "devtrust-verifier ca",
+        lambda t: ["ca", "rotate", "--dir", str(t / "pki"), "--device-lifetime-s", "60"],
+        "next device issuing CA",
         prepare=lambda t: init_pki(
             t / "pki", hostnames=["localhost"], now=datetime.datetime.now(datetime.UTC)
         ),
@@ -247,6 +336,12 @@ COMMANDS = [
         lambda t: ["approve", DEVICE, "--config", str(t / "v.yaml"), "--zone", "z"],
         f"approved {DEVICE}",
         prepare=lambda t: _pending_device(t / "v.yaml"),
+    ),
+    Command(
+        "devtrust-verifier role",
+        lambda t: ["role", "bob", "viewer", "--config", str(t / "v.yaml")],
+        "operator bob: role viewer (was none)",
+        prepare=lambda t: _empty_database(t / "v.yaml"),
     ),
     Command(
         "devtrust-verifier inventory",
@@ -271,13 +366,14 @@ def test_every_operator_command_is_run() -> None:
 def test_operator_commands_run_without_tpm_or_gpu_libraries(
     command: Command, tmp_path: Path
 ) -> None:
-    """Each command does its real work (exit 0, its output) with tpm2_pytss, pynvml, the
-    agent and swtpm unimportable: a function-level import on its path fails it too."""
+    """Each command does its real work (its exit status, its output) with tpm2_pytss,
+    pynvml, the agent and swtpm unimportable: a function-level import on its path fails it
+    too."""
     command.prepare(tmp_path)
     prog = command.line.split()[0]
     run = guarded_run(PROGRAMS[prog], command.argv(tmp_path), tmp_path)
     assert "BLOCKED IMPORT" not in run.stderr, run.stderr
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == command.status, run.stderr
     assert command.shows in run.stdout + run.stderr, run.stdout
 
 

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protos.generate import PROTO_DIR, PROTO_ROOT, generate
+from protos.generate import PROTO_DIRS, PROTO_ROOT, generate
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     fresh = generate(tmp_path)
     assert fresh, "protoc generated nothing"
+    names = [path.relative_to(tmp_path) for path in fresh]
+    for folder in PROTO_DIRS:
+        assert any(name.parent == folder for name in names), f"nothing generated in {folder}"
     stale = [
-        str(PROTO_DIR / path.name)
-        for path in fresh
-        if not (PROTO_ROOT / PROTO_DIR / path.name).exists()
-        or (PROTO_ROOT / PROTO_DIR / path.name).read_bytes() != path.read_bytes()
+        str(name)
+        for path, name in zip(fresh, names, strict=True)
+        if not (PROTO_ROOT / name).exists() or (PROTO_ROOT / name).read_bytes() != path.read_bytes()
     ]
     assert not stale, f"generated code is stale, run `make protos`: {stale}"
-    checked_in = {p.name for p in (PROTO_ROOT / PROTO_DIR).glob("*_pb2*.py*")}
-    assert checked_in == {p.name for p in fresh}, "generated files without a .proto"
+    checked_in = {
+        p.relative_to(PROTO_ROOT)
+        for folder in PROTO_DIRS
+        for p in (PROTO_ROOT / folder).glob("*_pb2*.py*")
+    }
+    assert checked_in == set(names), "generated files without a .proto"

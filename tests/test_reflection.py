@@ -333,6 +333,7 @@ def test_interceptor_maps_errors_in_every_kind(
 LISTED = {
     "devtrust.v1.Attestation": attestation_pb2.DESCRIPTOR.services_by_name["Attestation"],
     "devtrust.v1.Query": query_pb2.DESCRIPTOR.services_by_name["Query"],
+    "devtrust.v1.Revocations": query_pb2.DESCRIPTOR.services_by_name["Revocations"],
     "grpc.health.v1.Health": health_pb2.DESCRIPTOR.services_by_name["Health"],
     "grpc.reflection.v1alpha.ServerReflection": reflection_pb2.DESCRIPTOR.services_by_name[
         "ServerReflection"

@@ -82,8 +82,9 @@ def _free_port() -> int:
 
 def _copy_pki(pki: PkiFiles, directory: Path) -> PkiFiles:
     directory.mkdir(parents=True, exist_ok=True)
-    for path in (pki.ca_cert, pki.ca_key, pki.server_cert, pki.server_key):
-        shutil.copy2(path, directory / path.name)
+    for path in (*pki.all(), *pki.device_all()):
+        if path.exists():  # the device CA files too: serve loads them beside the CA
+            shutil.copy2(path, directory / path.name)
     return PkiFiles.in_dir(directory)
 
 

@@ -305,8 +305,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             # cannot hold up other devices' streams on this loop.
             future = self._pool.submit(self._attestor.decide, session, nonce, evidence, now=now)
             decision = await asyncio.wrap_future(future)
-        await self._sinks.publish(decision)
-        return decision
+        # A sink may add to the decision (the revocation sink: serials the agent drops).
+        return await self._sinks.publish(decision) or decision
 
 
 async def _receive(

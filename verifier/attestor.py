@@ -21,7 +21,7 @@ from devtrust.core.claims import DeviceClaims
 from devtrust.core.ids import DeviceId, Nonce, serial_of
 from devtrust.core.tier import Tier
 from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise
-from devtrust.verifier.ca import CertificateAuthority
+from devtrust.verifier.ca import DeviceIssuers
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.errors import FailedPrecondition, Rejected
@@ -78,14 +78,14 @@ class Attestor:
     def __init__(
         self,
         *,
-        ca: CertificateAuthority,
+        issuers: DeviceIssuers,
         attestation: AttestationSettings,
         certificates: CertificateSettings,
         limits: LimitsConfig,
         refs: ReferenceValues | None = None,
         policy: PolicyHolder | None = None,
     ) -> None:
-        self._ca = ca
+        self._issuers = issuers
         self._settings = attestation
         self._certificates = certificates
         self._limits = limits
@@ -174,10 +174,12 @@ class Attestor:
                 pcrs=_pcrs_hex(evidence.pcrs),
                 log_part=appraisal.log_part,
             )
-        withheld = self._withheld(appraisal, evidence)
+        withheld = self._withheld(appraisal, evidence, zone=record.zone)
         certificate = None
         if not withheld:
             certificate = self._certify(record, evidence, appraisal, now=now)
+        # The device issuing CAs a relying party needs for it, sent with it.
+        bundle = self._issuers.bundle_der_at(now) if certificate is not None else ()
         decision = Decision(
             device_id=record.device_id,
             zone=record.zone,
@@ -187,6 +189,7 @@ class Attestor:
             withheld=withheld,
             tpm=tpm,
             rebooted=appraisal.rebooted,
+            trust_bundle=bundle,
         )
         session.policy_cache = appraisal.policy_cache
         session.previous_tier = appraisal.result.tier
@@ -206,7 +209,7 @@ class Attestor:
     ) -> CertificateRecord:
         assert evidence.certify_key is not None
         certs = self._certificates
-        cert = self._ca.issue_device(
+        cert = self._issuers.signer_at(now).ca.issue_device(
             trust_domain=certs.trust_domain,
             device_id=record.device_id,
             public_key=evidence.certify_key,
@@ -223,9 +226,11 @@ class Attestor:
             der=cert.public_bytes(serialization.Encoding.DER),
         )
 
-    def _withheld(self, appraisal: Appraisal, evidence: Evidence) -> str:
-        """Why no certificate is issued for this evidence, or "" when one is."""
-        tier, minimum = appraisal.result.tier, self._certificates.min_tier
+    def _withheld(self, appraisal: Appraisal, evidence: Evidence, *, zone: str) -> str:
+        """Why no certificate is issued for this evidence, or "" when one is. Below the
+        zone's minimum tier none is, and the revocation sink revokes the device's live ones
+        (verifier/revocation.py)."""
+        tier, minimum = appraisal.result.tier, self._certificates.min_tier_for(zone)
         if evidence.certify_key is None:
             return "none asked for"
         if not appraisal.passed:
@@ -233,7 +238,12 @@ class Attestor:
         if not appraisal.key_possessed:
             return "withheld: no proof of possession of the key"
         if not tier.meets(minimum):
-            return f"withheld: tier {tier.label} is below certificates.min_tier {minimum.label}"
+            setting = (
+                f"certificates.zone_min_tier.{printable(zone, 64)}"
+                if zone in self._certificates.zone_min_tier
+                else "certificates.min_tier"
+            )
+            return f"withheld: tier {tier.label} is below {setting} {minimum.label}"
         return ""
 
     def _refs_for(self, zone: str, labels: Mapping[str, str]) -> RefGroup | None:

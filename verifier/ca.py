@@ -2,21 +2,30 @@
 and ``now`` in, certificates out (STYLE 11: cryptography's builders, random serials,
 validity from the injected time).
 
-One ECDSA P-256 root signs four kinds of leaf, told apart by their SPIFFE ID path:
-- ``spiffe://TD/device/ID``: the short-lived device certificate relying parties gate on; it
-  carries the trust tier and zone in the claims extension (``devtrust.core.claims``, which a
-  relying party reads without this module);
-- ``spiffe://TD/agent/ID``: the attestation-channel certificate given at enrollment; it
-  opens the attestation stream and nothing else;
-- ``spiffe://TD/operator/NAME``: operators on the query API;
-- servers: DNS and IP SANs, serverAuth.
+Two kinds of self-signed ECDSA P-256 CA, so that a relying party can trust narrowly:
+- the verifier's CA (``ca.pem``) signs what the verifier itself accepts or presents:
+  ``spiffe://TD/agent/ID``, the attestation-channel certificate given at enrollment (it opens
+  the attestation stream and nothing else); ``spiffe://TD/operator/NAME``, operators on the
+  query API; servers (DNS and IP SANs, serverAuth);
+- device issuing CAs (``DeviceIssuers``) sign only ``spiffe://TD/device/ID``, the short-lived
+  device certificate relying parties gate on: an X.509-SVID leaf (SPIFFE X509-SVID sections
+  2-4: one URI SAN, cA false, key usage digitalSignature only and critical, EKU serverAuth and
+  clientAuth) carrying the trust tier and zone in the claims extension
+  (``devtrust.core.claims``, which a relying party reads without this module). Their bundle
+  holds no CA of channel, operator or server certificates, so none of those verifies against
+  it with any tool.
+
+A new device CA is published in the bundle before it signs (``Issuer.activate_after``), and a
+retired one stays in it until the last certificate it signed has expired.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-from dataclasses import dataclass
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -138,7 +147,9 @@ class CertificateAuthority:
             role="device",
             now=now,
             lifetime=lifetime,
-            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            # X509-SVID 4.4: when a leaf has an EKU, serverAuth and clientAuth MUST both be
+            # set; workloads also serve TLS with their SVID (Envoy, go-spiffe servers).
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
             sans=[x509.UniformResourceIdentifier(spiffe_id(trust_domain, DEVICE, device_id))],
             extra=[claims.to_extension()],
         )
@@ -190,6 +201,180 @@ class CertificateAuthority:
             eku=[ExtendedKeyUsageOID.SERVER_AUTH],
             sans=sans,
         )
+
+
+# --- device issuing CAs ----------------------------------------------------------------------
+
+# The activation time of a device CA that signs from the start (init's).
+ALWAYS = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+
+
+def new_device_ca(now: datetime.datetime) -> CertificateAuthority:
+    """A device issuing CA; its name (time made, random tag) tells it apart from the others
+    in a bundle, even two made in the same second."""
+    stamp = now.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    name = f"devtrust device CA {stamp} {secrets.token_hex(4)}"
+    return CertificateAuthority.create(common_name=name, now=now)
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A device issuing CA. With its key it signs from ``activate_after`` until a newer one
+    does, and is published before that. Without (a retired CA) it only stays in the bundle
+    while certificates it signed may live: it signed until ``signed_until``."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey | None
+    activate_after: datetime.datetime
+    signed_until: datetime.datetime | None = None
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        if self.key is None:
+            raise ValueError(
+                f"retired device CA {self.cert.subject.rfc4514_string()} signs nothing"
+            )
+        return CertificateAuthority(key=self.key, cert=self.cert)
+
+
+class DeviceIssuers:
+    """Which device CA signs now, and which ones a relying party must trust now.
+
+    The newest CA whose activation time has passed signs (the oldest one when none has: it
+    is what init made). The bundle holds every CA that signs now or will (published ahead),
+    and every older one until ``device_lifetime`` after it stopped signing: by then the last
+    certificate it signed has expired. A CA certificate past its own validity is left out.
+    ``clock`` is read at each call, so a CA published ahead starts signing at its time
+    without a restart."""
+
+    def __init__(
+        self,
+        issuers: Sequence[Issuer],
+        *,
+        device_lifetime: datetime.timedelta,
+        clock: Callable[[], datetime.datetime],
+    ) -> None:
+        self._issuers = sorted(issuers, key=lambda i: i.activate_after)
+        self._signers = [i for i in self._issuers if i.key is not None]
+        if not self._signers:
+            raise ValueError("no device issuing CA with its key")
+        if any(i.key is None and i.signed_until is None for i in self._issuers):
+            raise ValueError("a retired device CA needs the time it signed until")
+        self._lifetime = device_lifetime
+        self._clock = clock
+        self._crl_number = 0
+
+    @property
+    def current(self) -> CertificateAuthority:
+        """The CA that signs device certificates now."""
+        return self.signer_at(self._clock()).ca
+
+    def signer_at(self, now: datetime.datetime) -> Issuer:
+        active = [i for i in self._signers if i.activate_after <= now]
+        return active[-1] if active else self._signers[0]
+
+    def _signed_until(self, issuer: Issuer) -> datetime.datetime | None:
+        if issuer.key is None:
+            return issuer.signed_until
+        later = [
+            i.activate_after for i in self._signers if i.activate_after > issuer.activate_after
+        ]
+        return later[0] if later else None
+
+    def bundle_at(self, now: datetime.datetime) -> list[x509.Certificate]:
+        """The device CAs a relying party trusts at ``now``: the signing one first, then the
+        others newest first."""
+        signer = self.signer_at(now)
+        kept = [signer.cert]
+        for issuer in reversed(self._issuers):
+            until = self._signed_until(issuer)
+            live = until is None or now < until + self._lifetime + CLOCK_SKEW
+            if issuer is not signer and live and issuer.cert.not_valid_after_utc > now:
+                kept.append(issuer.cert)
+        return kept
+
+    def bundle(self) -> list[x509.Certificate]:
+        return self.bundle_at(self._clock())
+
+    def bundle_der_at(self, now: datetime.datetime) -> tuple[bytes, ...]:
+        """The bundle as sent with a device certificate (DeviceCertificate.trust_bundle_der)."""
+        return tuple(c.public_bytes(serialization.Encoding.DER) for c in self.bundle_at(now))
+
+    def sign_crl(
+        self,
+        revoked: list[tuple[int, datetime.datetime]],
+        *,
+        now: datetime.datetime,
+        next_update: datetime.datetime,
+    ) -> x509.CertificateRevocationList:
+        """A CRL of ``revoked`` (serial, revocation time), signed by the CA that signs at
+        ``now``. Its number (RFC 5280 5.2.3) grows with every CRL, across restarts too: at
+        least the time in milliseconds."""
+        self._crl_number = max(self._crl_number + 1, int(now.timestamp() * 1000))
+        ca = self.signer_at(now).ca
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca.cert.subject)
+            .last_update(now)
+            .next_update(next_update)
+            .add_extension(x509.CRLNumber(self._crl_number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), False
+            )
+        )
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        return builder.sign(ca.key, hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """The device CAs after ``ca rotate``: ``promoted`` when the CA published by the previous
+    rotation became the current one (its predecessor retired)."""
+
+    current: Issuer
+    next: Issuer
+    retired: tuple[Issuer, ...]
+    promoted: bool
+
+
+def plan_rotation(
+    current: Issuer,
+    pending: Issuer | None,
+    retired: Sequence[Issuer],
+    *,
+    now: datetime.datetime,
+    activate_after: datetime.timedelta,
+    device_lifetime: datetime.timedelta,
+) -> Rotation:
+    """A new device CA, published now, signing from ``now + activate_after``. A pending CA
+    whose time has come is promoted first; one whose time has not is refused (ValueError):
+    relying parties may hold it already, and two pending CAs would make the order unclear.
+    Retired CAs are dropped once the last certificate they signed has expired."""
+    if activate_after < datetime.timedelta(0):
+        raise ValueError("--activate-after must not be negative")
+    promoted = pending is not None
+    if pending is not None:
+        if pending.activate_after > now:
+            raise ValueError(
+                "a next device CA is already published and signs from "
+                f"{pending.activate_after.isoformat()}: rotate again after that time"
+            )
+        retired = [
+            *retired,
+            replace(current, key=None, signed_until=pending.activate_after),
+        ]
+        current = pending
+    kept = tuple(
+        r
+        for r in retired
+        if r.signed_until is not None and now < r.signed_until + device_lifetime + CLOCK_SKEW
+    )
+    ca = new_device_ca(now)
+    nxt = Issuer(cert=ca.cert, key=ca.key, activate_after=now + activate_after)
+    return Rotation(current=current, next=nxt, retired=kept, promoted=promoted)
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:

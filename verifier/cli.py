@@ -15,9 +15,10 @@ from typing import Any
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from devtrust.core.command import TOOL_ERRORS, run_command
+from devtrust.core.command import run_command
 from devtrust.core.logsetup import configure_logging
-from devtrust.verifier import tools
+from devtrust.gate import command as gate_command
+from devtrust.verifier import ops, ops_connect, tools
 from devtrust.verifier.tools import version_line
 
 
@@ -43,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
     tools.add_parsers(sub)
+    gate_command.add_parsers(sub)
+    ops.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
-    return run_command("devtrust", lambda: tools.run_tool(args), TOOL_ERRORS)
+    return run_command("devtrust", lambda: tools.run_tool(args), ops_connect.ERRORS)
 
 
 if __name__ == "__main__":

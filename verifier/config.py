@@ -11,6 +11,7 @@ from pathlib import Path
 from devtrust.core.config import from_mapping, load_yaml
 from devtrust.core.errors import ConfigError
 from devtrust.core.tier import Tier
+from devtrust.verifier.roles import Role, operator_name_problem
 from devtrust.verifier.tpm.constants import hash_alg
 from devtrust.verifier.tpm.structures import PcrSelect
 
@@ -232,17 +233,52 @@ class CertificatesConfig:
     channel_lifetime_s: int = 30 * 24 * 3600
     # Lowest tier that still gets a device certificate (the tier is written into it).
     min_tier: str = "affirming"
+    # Per zone, the lowest tier instead of min_tier: {zone: tier}. A device whose tier falls
+    # below its zone's minimum gets no certificate and its live ones are revoked.
+    zone_min_tier: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         tier = Tier.parse(self.min_tier)
         if tier is Tier.NONE:
             raise ValueError("min_tier none would certify devices nobody appraised")
+        for zone, text in self.zone_min_tier.items():
+            try:
+                zone_tier = Tier.parse(text)
+            except ValueError as exc:
+                raise ValueError(f"zone_min_tier.{zone}: {exc}") from None
+            if zone_tier is Tier.NONE:
+                raise ValueError(
+                    f"zone_min_tier.{zone}: none would certify devices nobody appraised: give "
+                    "affirming, warning or contraindicated"
+                )
         if self.device_lifetime_s < 60:
             raise ValueError("device_lifetime_s must be at least 60")
 
     @property
     def min(self) -> Tier:
         return Tier.parse(self.min_tier)
+
+    @property
+    def zone_min(self) -> dict[str, Tier]:
+        return {zone: Tier.parse(text) for zone, text in self.zone_min_tier.items()}
+
+
+@dataclass(frozen=True)
+class RevocationConfig:
+    # The CRL is signed again this often even when nothing changed; its nextUpdate is two
+    # intervals ahead, so a relying party that misses one refresh still holds a valid CRL.
+    crl_interval_s: float = 300.0
+    # Where the CRL (PEM) is also written, atomically, for relying parties that read a file.
+    crl_path: Path | None = None
+    # Events queued for one WatchRevocations subscriber; one that falls further behind is
+    # dropped (RESOURCE_EXHAUSTED) and reconnects for a fresh snapshot.
+    max_queued_events: int = 1024
+
+    def __post_init__(self) -> None:
+        if not self.crl_interval_s > 0:
+            raise ValueError(f"crl_interval_s must be positive, got {self.crl_interval_s}")
+        if self.max_queued_events < 1:
+            raise ValueError("max_queued_events must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -326,13 +362,31 @@ class VerifierConfig:
     endorsement: EndorsementConfig = field(default_factory=EndorsementConfig)
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
     certificates: CertificatesConfig = field(default_factory=CertificatesConfig)
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # Roles of operator names on the query API (verifier/roles.py): {alice: admin, ...}. A
+    # name listed here has this role whatever the database says (`devtrust-verifier operator
+    # --role` records roles for the names not listed); changed at restart.
+    operators: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problem = trust_domain_problem(self.trust_domain)
         if problem is not None:
             raise ValueError(f"trust_domain: {problem}")
+        for name, role in self.operators.items():
+            problem = operator_name_problem(name)
+            if problem is not None:
+                raise ValueError(f"operators: {problem}")
+            try:
+                Role.parse(role)
+            except ValueError as exc:
+                raise ValueError(f"operators.{name}: {exc}") from None
+
+    @property
+    def roles(self) -> dict[str, Role]:
+        """The operators' roles the configuration assigns."""
+        return {name: Role.parse(role) for name, role in self.operators.items()}
 
     @classmethod
     def load(cls, path: Path) -> VerifierConfig:

@@ -3,7 +3,9 @@
 The attestor returns a ``Decision``; the attestation servicer publishes it to every sink in
 order (the store first: a Result reaches the agent only after its Decision is stored). The
 issues that follow add sinks, not branches in the servicer: metrics, the trust watch,
-revocation on a tier drop, the audit trail.
+revocation on a tier drop, the audit trail. A sink may return the decision with what it did
+added (the revocation sink: the serials the device must stop using); the sinks after it, and
+the Result, get that one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from devtrust.core.ids import DeviceId
+from devtrust.core.ids import DeviceId, Serial
 from devtrust.core.tier import Tier
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import CertificateRecord, TpmState
@@ -41,6 +43,13 @@ class Decision:
     # The TPM rebooted since the last evidence: the next challenge is at once, for the
     # whole event log.
     rebooted: bool
+    # The device's certificates revoked by this decision (its tier fell below its zone's
+    # minimum) or earlier, and not yet expired: the agent deletes them. Added by the
+    # revocation sink (verifier/revocation.py).
+    revoked_serials: tuple[Serial, ...] = ()
+    # With a certificate: the device issuing CAs a relying party trusts for it (DER), the
+    # one that signed it first (verifier/ca.py DeviceIssuers).
+    trust_bundle: tuple[bytes, ...] = ()
 
     @property
     def at(self) -> datetime.datetime:
@@ -50,20 +59,23 @@ class Decision:
 class DecisionSink(Protocol):
     """Acts on decisions. ``publish`` is awaited before the Result is sent to the agent; a
     sink that raises ends the device's stream (the agent reconnects), so a sink that must
-    not hold up attestation queues its work and returns."""
+    not hold up attestation queues its work and returns. It returns None, or the decision
+    with what it did added, which the next sinks and the Result get."""
 
-    async def publish(self, decision: Decision) -> None: ...
+    async def publish(self, decision: Decision) -> Decision | None: ...
 
 
 class Sinks:
-    """Every sink, in the order given."""
+    """Every sink, in the order given; ``publish`` returns the decision as the last sink
+    left it."""
 
     def __init__(self, sinks: Sequence[DecisionSink]) -> None:
         self._sinks = tuple(sinks)
 
-    async def publish(self, decision: Decision) -> None:
+    async def publish(self, decision: Decision) -> Decision:
         for sink in self._sinks:
-            await sink.publish(decision)
+            decision = await sink.publish(decision) or decision
+        return decision
 
 
 class LogSink:

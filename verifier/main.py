@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import getpass
 import hashlib
 import logging
 import os
@@ -20,12 +21,20 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from devtrust.core.command import ErrorPolicy, one_line, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import configure_logging
-from devtrust.verifier.config import VerifierConfig, trust_domain_problem
+from devtrust.verifier import lifecycle
+from devtrust.verifier.config import CertificatesConfig, VerifierConfig, trust_domain_problem
+from devtrust.verifier.device_pki import rotate_device_ca
 from devtrust.verifier.inventory import Inventory, parse_labels, zone_problem
 from devtrust.verifier.logtext import printable
-from devtrust.verifier.pki import check_operator_name, init_pki, issue_operator, load_ca
+from devtrust.verifier.pki import (
+    PkiFiles,
+    check_operator_name,
+    init_pki,
+    issue_operator,
+    load_ca,
+)
 from devtrust.verifier.policy import PolicyError
-from devtrust.verifier.records import DeviceState
+from devtrust.verifier.roles import LABELS, Role
 from devtrust.verifier.server import start_verifier
 from devtrust.verifier.storage import open_repositories
 from devtrust.verifier.tools import HelpFormatter, version_line
@@ -96,31 +105,34 @@ def _token(args: argparse.Namespace, config: VerifierConfig, now: datetime.datet
 
 def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
     """`approve DEVICE [--zone Z] [--label K=V]...`: let a pending device attest, and/or set
-    its zone and labels (given labels replace all of them). Audited."""
+    its zone and labels (given labels replace all of them). The Query service's Approve
+    transition (verifier/lifecycle.py), audited with the local user as its actor."""
     args.device_id = args.device_id.lower()  # ids are lower-case hex (the verifier logs them)
     labels = parse_labels(args.label) if args.label else None
     problem = zone_problem(args.zone) if args.zone is not None else None
     if problem is not None:
         raise ValueError(problem)
-    assigns = args.zone is not None or labels is not None
-    if assigns and config.enrollment.inventory is not None:
-        listed = Inventory.load(config.enrollment.inventory).get(args.device_id)
-        if listed is not None:
-            raise ValueError(
-                f"device {args.device_id} is listed in the inventory "
-                f"{config.enrollment.inventory} (zone {listed.zone}), which wins over "
-                "approval: change it there and restart the verifier"
-            )
-    return asyncio.run(_approve_stored(args, config, now, labels, assigns=assigns))
+    action = lifecycle.Approve(zone=args.zone, labels=labels)
+    inventory = None
+    if action.assigns and config.enrollment.inventory is not None:
+        inventory = Inventory.load(config.enrollment.inventory)
+    return asyncio.run(_approve_stored(args, config, now, action, inventory))
+
+
+def local_actor() -> str:
+    """Who runs a command on the verifier host, as the audit names them."""
+    try:
+        return f"local/{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"local/uid-{os.getuid()}"
 
 
 async def _approve_stored(
     args: argparse.Namespace,
     config: VerifierConfig,
     now: datetime.datetime,
-    labels: dict[str, str] | None,
-    *,
-    assigns: bool,
+    action: lifecycle.Approve,
+    inventory: Inventory | None,
 ) -> int:
     repos = await open_repositories(config.database, create=False)  # only serve makes the database
     try:
@@ -130,26 +142,68 @@ async def _approve_stored(
                 f"no device {printable(args.device_id, 64)} in {config.database}: give the whole "
                 "device id (the verifier logs it: `enrolled device=ID state=pending_approval`)"
             )
-        pending = record.state is DeviceState.PENDING_APPROVAL
-        if record.state is DeviceState.REVOKED or not (pending or assigns):
-            raise ValueError(
-                f"device {args.device_id} is {record.state.value}, not pending approval"
+        device_id = record.device_id
+        try:
+            change = lifecycle.transition(
+                device_id,
+                lifecycle.standing(record),
+                action,
+                pinned=lifecycle.pinned_by(inventory, device_id),
             )
-        if assigns:
-            zone = record.zone if args.zone is None else args.zone
-            labels = record.labels if labels is None else labels
-            await repos.devices.set_assignment(
-                args.device_id, zone=zone, labels=labels, now=now, event="assigned:approval"
-            )
-            print(f"device {args.device_id}: zone {zone or '(unassigned)'}, labels {labels}")
-        if pending:
-            await repos.devices.set_state(
-                args.device_id, DeviceState.ENROLLED, now=now, event="approved"
-            )
-            print(f"approved {args.device_id}: its agent's next enrollment attempt completes")
+        except DevtrustError as exc:  # a usage error here: exit 1, as before
+            raise ValueError(str(exc)) from None
+        written = await repos.operations.apply(
+            device_id,
+            before=change.before,
+            after=change.after,
+            events=change.events,
+            actor=local_actor(),
+            now=now,
+        )
+        if not written:
+            raise ValueError(f"device {device_id} changed while it was approved: run approve again")
+        if change.assigned:
+            zone, labels = change.after.zone, change.after.labels
+            print(f"device {device_id}: zone {zone or '(unassigned)'}, labels {labels}")
+        if change.approved:
+            print(f"approved {device_id}: its agent's next enrollment attempt completes")
         return 0
     finally:
         await repos.close()
+
+
+async def _set_role(
+    config: VerifierConfig, source: Path, name: str, role: Role | None, now: datetime.datetime
+) -> str | None:
+    """Record ``role`` (None: none) for operator ``name`` in the database; the role it had.
+    The configuration's ``operators:`` wins: a name it lists is refused unless unchanged."""
+    listed = config.operators.get(name)
+    if listed is not None:
+        if role is not None and role.label == listed:
+            return listed
+        raise ValueError(
+            f"operator {name}'s role is set in {source} (operators: {name}: {listed}), which "
+            "wins over the database: change it there and restart the verifier"
+        )
+    repos = await open_repositories(config.database, create=False)  # only serve makes it
+    try:
+        return await repos.roles.set(
+            name, role.label if role else None, now=now, actor=local_actor()
+        )
+    finally:
+        await repos.close()
+
+
+def _role(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
+    """`role NAME ROLE|none`: assign an operator's role, or take it away (in force at the
+    operator's next call)."""
+    check_operator_name(args.name)
+    role = None if args.role == "none" else Role.parse(args.role)
+    was = asyncio.run(_set_role(config, args.config, args.name, role, now))
+    print(
+        f"operator {args.name}: role {args.role} (was {was or 'none'}), in force at its next call"
+    )
+    return 0
 
 
 def _inventory_check(args: argparse.Namespace) -> int:
@@ -180,6 +234,8 @@ def _admin(args: argparse.Namespace, now: datetime.datetime) -> int:
         config = _config(args.config)
         if args.command == "token":
             return _token(args, config, now)
+        if args.command == "role":
+            return _role(args, config, now)
         return _approve(args, config, now)
     except ValueError as exc:
         print(f"devtrust-verifier: {one_line(exc)}", file=sys.stderr)
@@ -202,6 +258,36 @@ def _init(args: argparse.Namespace, now: datetime.datetime) -> int:
         kept = ", ".join(str(b) for b in files.backups)
         print(f"replaced the CA; the old files are kept as {kept}", file=sys.stderr)
     print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}")
+    print(f"device issuing CA {files.device_ca_cert}\nrelying-party bundle {files.device_bundle}")
+    return 0
+
+
+def _ca(args: argparse.Namespace, now: datetime.datetime) -> int:
+    """`ca rotate`: publish a next device issuing CA now; it signs from --activate-after."""
+    directory = _directory(args.dir, "--dir")
+    lifetime_s = args.device_lifetime_s
+    if lifetime_s < 60 or (args.activate_after is not None and args.activate_after < 0):
+        raise DevtrustError(
+            "--device-lifetime-s is at least 60 and --activate-after at least 0 (seconds)"
+        )
+    delay = lifetime_s if args.activate_after is None else args.activate_after
+    rotation = rotate_device_ca(
+        directory,
+        now=now,
+        activate_after=datetime.timedelta(seconds=delay),
+        device_lifetime=datetime.timedelta(seconds=lifetime_s),
+    )
+    files = PkiFiles.in_dir(directory)
+    if rotation is None:
+        print(f"device issuing CA {files.device_ca_cert}: signs at once (there was none)")
+    else:
+        if rotation.promoted:
+            print(f"device issuing CA {files.device_ca_cert}: the published one, now signing")
+        print(
+            f"next device issuing CA {files.next_cert}: published now, signs from "
+            f"{rotation.next.activate_after.isoformat()}; restart the verifier before then"
+        )
+    print(f"relying-party bundle {files.device_bundle}")
     return 0
 
 
@@ -223,10 +309,30 @@ def _operator(args: argparse.Namespace, now: datetime.datetime) -> int:
             f"({', '.join(present)}): keep it, or run operator again with --force (the old "
             "files are kept as *.bak)"
         )
+    if args.role is not None:  # recorded first: no certificate without the role asked for
+        config = _config(args.config)
+        try:
+            asyncio.run(_set_role(config, args.config, args.name, Role.parse(args.role), now))
+        except ValueError as exc:
+            raise DevtrustError(str(exc)) from None
     cert, key = issue_operator(
         ca, directory, name=args.name, trust_domain=args.trust_domain, now=now
     )
     print(f"operator certificate {cert}\nkey {key}")
+    if args.role is not None:
+        print(f"role {args.role} (in force at once)")
+    else:
+        print(
+            f"no role: the verifier refuses {args.name} until one is assigned (`operators:` in "
+            f"its configuration, or `devtrust-verifier role {args.name} ROLE`)",
+            file=sys.stderr,
+        )
+    # The operator's `devtrust` profile (verifier/ops_connect.py), all but the address.
+    print(
+        "# a profile for `devtrust` (~/.config/devtrust/operator.yaml): give the address\n"
+        f"verifier: HOST:PORT\ncert: {cert.resolve()}\nkey: {key.resolve()}\n"
+        f"ca: {(directory / 'ca.pem').resolve()}"
+    )
     return 0
 
 
@@ -258,6 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a CA already there (every certificate it issued stops verifying); "
         "the replaced files are kept as NAME.<time>.bak",
     )
+    p = command("ca", "rotate the device issuing CA (published ahead of signing)")
+    p.add_argument("action", choices=["rotate"], help="what to do")
+    p.add_argument("--dir", required=True, help="directory made by init")
+    default_lifetime = CertificatesConfig().device_lifetime_s
+    p.add_argument(
+        "--device-lifetime-s",
+        type=int,
+        default=default_lifetime,
+        help="certificates.device_lifetime_s of the verifier: a retired CA stays in the bundle "
+        "this long after its successor starts signing",
+    )
+    p.add_argument(
+        "--activate-after",
+        type=int,
+        default=None,
+        help="seconds from now until the new CA signs; default: the device certificate "
+        "lifetime, so that relying parties hold it before any certificate it signed",
+    )
     p = command("token", "create a one-time bootstrap token for enrollment")
     p.add_argument("action", nargs="?", choices=["create"], default="create", help="what to do")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
@@ -277,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--label", action="append", default=[], help="KEY=VALUE (repeatable; replaces all)"
     )
+    p = command(
+        "role",
+        "assign an operator's role on the query API, or take it away (none); in force at its "
+        "next call. The configuration's `operators:` wins for the names it lists",
+    )
+    p.add_argument("name", help="operator name, as in spiffe://TD/operator/NAME")
+    p.add_argument("role", choices=[*LABELS, "none"], help="the role from now on")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
     p = command("inventory", "enrollment inventory (device id -> zone, labels)")
     p.add_argument("action", choices=["check"], help="what to do")
     p.add_argument(
@@ -286,6 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("operator", "issue an operator certificate for the query API")
     p.add_argument("--dir", required=True, help="directory made by init")
     p.add_argument("--name", required=True, help="operator name, in spiffe://TD/operator/NAME")
+    p.add_argument(
+        "--role",
+        choices=LABELS,
+        default=None,
+        help="record this role for NAME in the verifier's database (see `role`); none: the "
+        "verifier refuses NAME until a role is assigned",
+    )
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=config_help + " (with --role)"
+    )
     p.add_argument(
         "--trust-domain", default="devtrust.local", help="TD, as trust_domain in the config"
     )
@@ -302,8 +444,10 @@ def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
     if args.command == "serve":
         asyncio.run(serve(_config(args.config)))
         return 0
-    if args.command in ("token", "approve", "inventory"):
+    if args.command in ("token", "approve", "inventory", "role"):
         return _admin(args, now)
+    if args.command == "ca":
+        return _ca(args, now)
     return _init(args, now) if args.command == "init" else _operator(args, now)
 
 

@@ -1,6 +1,13 @@
-"""Make the files a verifier deployment needs: its CA, its server certificate and operator
-certificates; load them back at start. Used by ``devtrust-verifier init``, ``operator`` and
-``serve``, and by the demo.
+"""Make the files a verifier deployment needs: its CA, its server certificate, operator
+certificates and the device issuing CAs; load them back at start. Used by ``devtrust-verifier
+init``, ``operator``, ``ca rotate`` and ``serve``, and by the demo.
+
+The device issuing CAs live beside the CA (``verifier/ca.py`` says why they are apart):
+``device-ca.pem``/``.key`` signs (init's, or the one a rotation promoted);
+``device-ca-next.pem``/``.key`` with ``device-ca-next.json`` (its activation time) is
+published ahead of signing; ``device-ca-retired.json`` holds retired CA certificates (no keys)
+and when each stopped signing; ``device-bundle.pem`` is the relying-party bundle as of the
+last init or rotation, to hand out.
 
 Every problem is one ``DevtrustError`` line naming the file and the remedy (issue 8). Nothing
 is lost: ``init`` refuses a directory that already holds a CA unless forced, and a forced
@@ -27,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.files import write_atomic
-from devtrust.verifier.ca import CertificateAuthority, pem, private_key_pem
+from devtrust.verifier.ca import CertificateAuthority, new_device_ca, pem, private_key_pem
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or ending with one.
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -40,6 +47,10 @@ class PkiFiles:
     ca_key: Path
     server_cert: Path
     server_key: Path
+    # The device issuing CA that signs (the current one) and the relying-party bundle.
+    device_ca_cert: Path
+    device_ca_key: Path
+    device_bundle: Path
     # What a forced init replaced, kept beside it.
     backups: tuple[Path, ...] = ()
 
@@ -50,10 +61,44 @@ class PkiFiles:
             directory / "ca.key",
             directory / "server.pem",
             directory / "server.key",
+            directory / "device-ca.pem",
+            directory / "device-ca.key",
+            directory / "device-bundle.pem",
         )
+
+    @property
+    def directory(self) -> Path:
+        return self.ca_cert.parent
+
+    @property
+    def next_cert(self) -> Path:
+        return self.directory / "device-ca-next.pem"
+
+    @property
+    def next_key(self) -> Path:
+        return self.directory / "device-ca-next.key"
+
+    @property
+    def next_meta(self) -> Path:
+        return self.directory / "device-ca-next.json"
+
+    @property
+    def retired(self) -> Path:
+        return self.directory / "device-ca-retired.json"
 
     def all(self) -> tuple[Path, ...]:
         return (self.ca_cert, self.ca_key, self.server_cert, self.server_key)
+
+    def device_all(self) -> tuple[Path, ...]:
+        return (
+            self.device_ca_cert,
+            self.device_ca_key,
+            self.device_bundle,
+            self.next_cert,
+            self.next_key,
+            self.next_meta,
+            self.retired,
+        )
 
 
 def hostname_problem(name: str) -> str | None:
@@ -84,7 +129,7 @@ def _backup_name(path: Path, now: datetime.datetime) -> Path:
     return backup
 
 
-def _keep(path: Path, now: datetime.datetime) -> Path | None:
+def keep_backup(path: Path, now: datetime.datetime) -> Path | None:
     """Keep the file at ``path`` (if any) as a backup beside it: a hard link, so that the path
     itself holds the old content until the new file is renamed over it."""
     if not path.exists():
@@ -97,9 +142,9 @@ def _keep(path: Path, now: datetime.datetime) -> Path | None:
     return backup
 
 
-def _write(path: Path, data: bytes, *, mode: int) -> None:
+def write_file(path: Path, data: bytes, *, mode: int, group: int | None = None) -> None:
     try:
-        write_atomic(path, data, mode=mode)
+        write_atomic(path, data, mode=mode, group=group)
     except OSError as exc:
         raise DevtrustError(
             f"cannot write {path}: {exc.strerror}: choose a directory you can write"
@@ -142,7 +187,10 @@ def init_pki(
         if problem is not None:
             raise DevtrustError(problem)
     files = PkiFiles.in_dir(directory)
-    present = [p for p in files.all() if p.exists()]
+    # The verifier's CA files are named if there are some: a device CA alone is named too.
+    present = [p for p in files.all() if p.exists()] or [
+        p for p in files.device_all() if p.exists()
+    ]
     if present and not force:
         raise DevtrustError(
             f"{directory} already holds a CA ({', '.join(p.name for p in present)}); replacing "
@@ -155,23 +203,35 @@ def init_pki(
     cert = ca.issue_server(
         hostnames=hostnames, public_key=key.public_key(), now=now, lifetime=server_lifetime
     )
-    new = {
+    device = new_device_ca(now)
+    new: dict[Path, tuple[bytes, int] | None] = {
         files.ca_key: (private_key_pem(ca.key), 0o600),
         files.ca_cert: (pem(ca.cert), 0o644),
         files.server_key: (private_key_pem(key), 0o600),
         files.server_cert: (pem(cert), 0o644),
+        files.device_ca_key: (private_key_pem(device.key), 0o600),
+        files.device_ca_cert: (pem(device.cert), 0o644),
+        files.device_bundle: (pem(device.cert), 0o644),
+        # A rotation of the replaced device CA is void: kept as *.bak, then removed.
+        files.next_cert: None,
+        files.next_key: None,
+        files.next_meta: None,
+        files.retired: None,
     }
     backups = []
-    for path, (data, mode) in new.items():
+    for path, content in new.items():
         try:
-            backup = _keep(path, now)
+            backup = keep_backup(path, now)
         except OSError as exc:
             raise DevtrustError(
                 f"cannot keep a backup of {path}: {exc.strerror}; nothing was replaced"
             ) from exc
         if backup is not None:
             backups.append(backup)
-        _write(path, data, mode=mode)
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_file(path, content[0], mode=content[1])
     return replace(files, backups=tuple(backups))
 
 
@@ -212,10 +272,10 @@ def issue_operator(
         (cert_path, pem(cert), 0o644),
     ):
         try:
-            _keep(path, now)
+            keep_backup(path, now)
         except OSError as exc:
             raise DevtrustError(f"cannot keep a backup of {path}: {exc.strerror}") from exc
-        _write(path, data, mode=mode)
+        write_file(path, data, mode=mode)
     return cert_path, key_path
 
 
@@ -240,7 +300,7 @@ def read_file(path: Path, what: str, *, missing: str, key: str | None = None) ->
         raise ConfigError(f"{what} {path}: {exc.strerror}: {where} must name a file") from exc
 
 
-def _load_key(data: bytes, path: Path, what: str) -> PrivateKeyTypes:
+def parse_key(data: bytes, path: Path, what: str) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -249,7 +309,7 @@ def _load_key(data: bytes, path: Path, what: str) -> PrivateKeyTypes:
         ) from exc
 
 
-def _load_cert(data: bytes, path: Path, what: str) -> x509.Certificate:
+def parse_cert(data: bytes, path: Path, what: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
@@ -265,14 +325,14 @@ def load_ca(cert_path: Path, key_path: Path, *, configured: bool = True) -> Cert
     missing = f"run `devtrust-verifier init --dir {directory} --hostname NAME` to make a CA"
     if not configured:
         missing += ", or give --dir the directory that init made"
-    cert = _load_cert(
+    cert = parse_cert(
         read_file(
             cert_path, "CA certificate", missing=missing, key="ca.cert" if configured else None
         ),
         cert_path,
         "CA certificate",
     )
-    key = _load_key(
+    key = parse_key(
         read_file(key_path, "CA key", missing=missing, key="ca.key" if configured else None),
         key_path,
         "CA key",
@@ -291,8 +351,8 @@ def read_server_credentials(cert_path: Path, key_path: Path) -> tuple[bytes, byt
     missing = f"run `devtrust-verifier init --dir {cert_path.parent} --hostname NAME`"
     cert_pem = read_file(cert_path, "server certificate", missing=missing, key="tls.server_cert")
     key_pem = read_file(key_path, "server key", missing=missing, key="tls.server_key")
-    cert = _load_cert(cert_pem, cert_path, "server certificate")
-    key = _load_key(key_pem, key_path, "server key")
+    cert = parse_cert(cert_pem, cert_path, "server certificate")
+    key = parse_key(key_pem, key_path, "server key")
     if key.public_key() != cert.public_key():
         raise ConfigError(
             f"server key {key_path} is not the key of server certificate {cert_path}: give "
@@ -307,7 +367,7 @@ def check_server_issued_by(
     """The server certificate must be signed by the configured CA: agents check it against
     that CA (their ``ca_bundle``), so a pair from two ``init`` runs would fail every handshake
     with a TLS error instead of one line at start."""
-    cert = _load_cert(cert_pem, cert_path, "server certificate")
+    cert = parse_cert(cert_pem, cert_path, "server certificate")
     try:
         cert.verify_directly_issued_by(ca.cert)
     except (ValueError, TypeError, InvalidSignature) as exc:

@@ -1,28 +1,50 @@
 """The Query service (DESIGN.md flow 3) for operators, over mTLS.
 
-Messages are converted at the edge (verifier/wire_query.py); ListDevices' filters and paging
-are the database's (verifier/storage ``DeviceQuery``), one query per page."""
+Who may call which method is verifier/authz.py's table, enforced by its interceptor before
+any method here runs; a method reads the caller it authorized (``current_caller``) to name
+it in the audit, and refuses when there is none. Messages are converted at the edge
+(verifier/wire_query.py); ListDevices' filters and paging are the database's
+(verifier/storage ``DeviceQuery``), one query per page, and so are History's. Approve and
+SetZone are verifier/lifecycle.py's transitions, written as a compare-and-set naming the
+operator; Revoke is the revoker's (verifier/revocation.py): the device's state, its live
+certificates and the feed at once.
+"""
 
 from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import grpc
 
+from devtrust.core.ids import DeviceId, Serial
 from devtrust.v1 import common_pb2, query_pb2, query_pb2_grpc
-from devtrust.verifier import wire, wire_query
-from devtrust.verifier.errors import FailedPrecondition, NotFound
-from devtrust.verifier.identity import peer_identity
+from devtrust.verifier import lifecycle, wire, wire_query
+from devtrust.verifier.authz import Caller, Who, current_caller
+from devtrust.verifier.errors import FailedPrecondition, NotFound, Unauthenticated
+from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.policy import PolicyError, PolicyHolder
+from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.settings import QuerySettings
-from devtrust.verifier.storage import Repositories
+from devtrust.verifier.storage import DeviceQuery, Repositories
+from devtrust.verifier.watch import TrustChange, TrustWatch, WatchFilter
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
 Context = grpc.aio.ServicerContext[Any, Any]
+# A change computed from a device that changed meanwhile is computed again, this often.
+ATTEMPTS = 3
+INITIAL_PAGE = 500
+
+
+class DeviceRevoker(Protocol):
+    """verifier/revocation.py's ``Revoker``, as Revoke uses it."""
+
+    async def revoke(
+        self, device_id: DeviceId, *, reason: str, actor: str, now: datetime.datetime
+    ) -> list[Serial]: ...
 
 
 class QueryService(query_pb2_grpc.QueryServicer):
@@ -33,33 +55,49 @@ class QueryService(query_pb2_grpc.QueryServicer):
         settings: QuerySettings,
         clock: Clock,
         policy: PolicyHolder | None = None,
+        watch: TrustWatch | None = None,
+        revoker: DeviceRevoker | None = None,
+        inventory: Inventory | None = None,
     ) -> None:
         self._policy = policy or PolicyHolder(None)
         self._repos = repos
         self._settings = settings
         self._clock = clock
+        self._watch = watch or TrustWatch()
+        self._revoker = revoker
+        self._inventory = inventory
 
-    def _operator(self, context: Context) -> str:
-        return peer_identity(context, trust_domain=self._settings.trust_domain, kind="operator")
+    @staticmethod
+    def _operator() -> Caller:
+        caller = current_caller()
+        if caller.who is not Who.OPERATOR:
+            raise Unauthenticated("the Query service answers operator identities only")
+        return caller
+
+    async def _device(self, device_id: DeviceId) -> DeviceRecord:
+        rec = await self._repos.devices.get(device_id)
+        if rec is None:
+            raise NotFound(f"no device {device_id!r}")
+        return rec
+
+    async def _device_to_wire(self, rec: DeviceRecord) -> common_pb2.Device:
+        result = await self._repos.trust.latest(rec.device_id)
+        return wire.device_to_wire(rec, result.at(self._clock()) if result else None)
 
     async def GetDevice(
         self, request: query_pb2.GetDeviceRequest, context: Context
     ) -> common_pb2.Device:
-        self._operator(context)
-        device_id = wire_query.device_id_from_wire(request)
-        rec = await self._repos.devices.get(device_id)
-        if rec is None:
-            raise NotFound(f"no device {device_id!r}")
-        result = await self._repos.trust.latest(rec.device_id)
-        return wire.device_to_wire(rec, result.at(self._clock()) if result else None)
+        self._operator()
+        return await self._device_to_wire(
+            await self._device(wire_query.device_id_from_wire(request))
+        )
 
     async def GetTrustScore(
         self, request: query_pb2.GetTrustScoreRequest, context: Context
     ) -> common_pb2.TrustResult:
-        self._operator(context)
+        self._operator()
         device_id = wire_query.device_id_from_wire(request)
-        if await self._repos.devices.get(device_id) is None:
-            raise NotFound(f"no device {device_id!r}")
+        await self._device(device_id)
         result = await self._repos.trust.latest(device_id)
         return wire_query.trust_score_to_wire(
             device_id, result.at(self._clock()) if result else None
@@ -68,7 +106,7 @@ class QueryService(query_pb2_grpc.QueryServicer):
     async def ListDevices(
         self, request: query_pb2.ListDevicesRequest, context: Context
     ) -> query_pb2.ListDevicesResponse:
-        self._operator(context)
+        self._operator()
         now = self._clock()
         query = wire_query.device_query_from_wire(request, now=now)
         views = await self._repos.devices.list_with_trust(query)
@@ -78,15 +116,137 @@ class QueryService(query_pb2_grpc.QueryServicer):
             next_page_token=views[-1].record.device_id if full else "",
         )
 
+    async def WatchTrust(
+        self, request: query_pb2.WatchTrustRequest, context: Context
+    ) -> AsyncIterator[query_pb2.TrustChange]:
+        """Subscribed before the initial results are read, so nothing changed between is
+        missed (a device may come twice: its current result, then the change)."""
+        caller = self._operator()
+        where = wire_query.watch_filter_from_wire(request)
+        subscription = self._watch.subscribe(where)
+        logger.info("trust watch opened by %s", caller.actor)
+        try:
+            if where.initial:
+                async for first in self._initial(where):
+                    yield wire_query.trust_change_to_wire(first)
+            while (change := await subscription.next()) is not None:
+                yield wire_query.trust_change_to_wire(change)
+        finally:
+            subscription.close()
+
+    async def _initial(self, where: WatchFilter) -> AsyncIterator[TrustChange]:
+        """The current result of each device the filter matches, the last one marked (a
+        marker alone when none matches), read a page at a time."""
+        now = self._clock()
+        held: TrustChange | None = None
+        after = ""
+        while True:
+            if where.device_id is not None:
+                rec = await self._repos.devices.get(where.device_id)
+                found = [rec] if rec is not None and where.matches(rec.device_id, rec.zone) else []
+                views = [(r, await self._repos.trust.latest(r.device_id)) for r in found]
+            else:
+                query = DeviceQuery(zone=where.zone, after=after, limit=INITIAL_PAGE)
+                views = [
+                    (v.record, v.result) for v in await self._repos.devices.list_with_trust(query)
+                ]
+            for rec, result in views:
+                if held is not None:
+                    yield held
+                current = result.at(now) if result else None
+                tier = current.tier if current else None
+                held = TrustChange(rec.device_id, rec.zone, tier, current)
+            if where.device_id is not None or len(views) < INITIAL_PAGE:
+                break
+            after = views[-1][0].device_id
+        if held is None:
+            yield TrustChange(None, where.zone, None, None, end_of_initial=True)
+        else:
+            yield TrustChange(held.device_id, held.zone, held.previous_tier, held.result, True)
+
+    async def History(
+        self, request: query_pb2.HistoryRequest, context: Context
+    ) -> query_pb2.HistoryResponse:
+        self._operator()
+        page = wire_query.history_from_wire(request)
+        await self._device(page.device_id)
+        items = await self._repos.operations.history(
+            page.device_id, before_seq=page.before_seq, limit=page.limit
+        )
+        return wire_query.history_to_wire(items, full=len(items) == page.limit)
+
+    async def _change(self, device_id: DeviceId, action: lifecycle.Action) -> DeviceRecord:
+        """Apply an operator's action: computed from the device as it is, written only if
+        it is still so (another change meanwhile: computed again)."""
+        caller = self._operator()
+        pinned = lifecycle.pinned_by(self._inventory, device_id)
+        for _ in range(ATTEMPTS):
+            rec = await self._device(device_id)
+            change = lifecycle.transition(device_id, lifecycle.standing(rec), action, pinned=pinned)
+            if not change.events:
+                return rec
+            if await self._repos.operations.apply(
+                device_id,
+                before=change.before,
+                after=change.after,
+                events=change.events,
+                actor=caller.actor,
+                now=self._clock(),
+            ):
+                logger.info(
+                    "device %s: %s by %s",
+                    device_id,
+                    ", ".join(e.event for e in change.events),
+                    caller.actor,
+                )
+                return await self._device(device_id)
+        raise FailedPrecondition(
+            f"device {device_id} changed {ATTEMPTS} times while this change was made: retry"
+        )
+
+    async def Approve(
+        self, request: query_pb2.ApproveRequest, context: Context
+    ) -> common_pb2.Device:
+        device_id, action = wire_query.approve_from_wire(request)
+        return await self._device_to_wire(await self._change(device_id, action))
+
+    async def SetZone(
+        self, request: query_pb2.SetZoneRequest, context: Context
+    ) -> common_pb2.Device:
+        device_id, action = wire_query.set_zone_from_wire(request)
+        return await self._device_to_wire(await self._change(device_id, action))
+
+    async def Revoke(
+        self, request: query_pb2.RevokeRequest, context: Context
+    ) -> query_pb2.RevokeResponse:
+        caller = self._operator()
+        device_id, action = wire_query.revoke_from_wire(request)
+        rec = await self._device(device_id)
+        # Refused here as the lifecycle refuses it (revoked already), before the revoker.
+        lifecycle.transition(device_id, lifecycle.standing(rec), action)
+        if self._revoker is None:
+            raise FailedPrecondition("this verifier has no revoker configured")
+        serials = await self._revoker.revoke(
+            device_id, reason=action.reason, actor=caller.actor, now=self._clock()
+        )
+        logger.info(
+            "device %s revoked by %s: %d live certificates", device_id, caller.actor, len(serials)
+        )
+        rec = await self._device(device_id)
+        result = await self._repos.trust.latest(device_id)
+        return wire_query.revoked_to_wire(
+            rec, result.at(self._clock()) if result else None, serials
+        )
+
     async def ReloadPolicy(
         self, request: query_pb2.ReloadPolicyRequest, context: Context
     ) -> query_pb2.ReloadPolicyResponse:
-        operator = self._operator(context)
+        caller = self._operator()
         try:
             policy = self._policy.reload()
         except PolicyError as exc:
             raise FailedPrecondition(f"policy refused, the old one stays: {exc}") from exc
         if policy is None:
             raise FailedPrecondition("this verifier has no policy file configured")
-        logger.info("policy %s reloaded by operator %s", policy.policy_id, operator)
+        logger.info("policy %s reloaded by %s", policy.policy_id, caller.actor)
         return wire_query.policy_reloaded_to_wire(policy)

@@ -77,6 +77,18 @@ class CertificateRecord:
 
 
 @dataclass(frozen=True)
+class RevokedCertificate:
+    """A device certificate revoked before it expired: on the revocation feed and in the CRL
+    until ``not_after``, when it is expired anyway."""
+
+    serial: Serial
+    device_id: DeviceId
+    not_after: datetime.datetime
+    revoked_at: datetime.datetime
+    reason: str
+
+
+@dataclass(frozen=True)
 class TpmState:
     """What the verifier remembers of a device's TPM between appraisals."""
 
@@ -98,6 +110,29 @@ class AuditEntry:
     device_id: DeviceId
     event: str
     tier: Tier | None
+    detail: dict[str, Any]
+    # Who made the change: "operator/NAME", "device", "verifier"; "" in entries written
+    # before the audit named its actors (schema step 3).
+    actor: str = ""
+    # Its place in the audit trail (larger is later): where a History page ends.
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What operators change on a device (verifier/lifecycle.py): its state, zone and
+    labels."""
+
+    state: DeviceState
+    zone: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit entry to write: the event's name and what changed."""
+
+    event: str
     detail: dict[str, Any]
 
 

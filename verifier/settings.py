@@ -10,7 +10,7 @@ depends on is in its constructor, and a test builds just that section.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from devtrust.core.tier import Tier
@@ -45,6 +45,22 @@ class CertificateSettings:
     channel_lifetime: datetime.timedelta
     # The lowest tier that still gets a device certificate (Tier.meets).
     min_tier: Tier
+    # Per zone, its lowest tier instead of min_tier (certificates.zone_min_tier).
+    zone_min_tier: dict[str, Tier] = field(default_factory=dict)
+
+    def min_tier_for(self, zone: str) -> Tier:
+        """The lowest tier that gets a device of ``zone`` a certificate; below it, its live
+        certificates are revoked (verifier/revocation.py)."""
+        return self.zone_min_tier.get(zone, self.min_tier)
+
+
+@dataclass(frozen=True)
+class RevocationSettings:
+    """The revocation feed and CRL (verifier/revocation.py)."""
+
+    crl_interval: datetime.timedelta = datetime.timedelta(seconds=300)
+    crl_path: Path | None = None
+    max_queued_events: int = 1024
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,7 @@ class Settings:
     enrollment: EnrollmentSettings
     query: QuerySettings
     limits: LimitsConfig
+    revocation: RevocationSettings = field(default_factory=RevocationSettings)
 
     @classmethod
     def from_config(cls, cfg: VerifierConfig) -> Settings:
@@ -106,6 +123,7 @@ class Settings:
                 device_lifetime=datetime.timedelta(seconds=certs.device_lifetime_s),
                 channel_lifetime=datetime.timedelta(seconds=certs.channel_lifetime_s),
                 min_tier=certs.min,
+                zone_min_tier=certs.zone_min,
             ),
             enrollment=EnrollmentSettings(
                 trust_domain=domain,
@@ -120,4 +138,9 @@ class Settings:
             ),
             query=QuerySettings(trust_domain=domain),
             limits=cfg.limits,
+            revocation=RevocationSettings(
+                crl_interval=datetime.timedelta(seconds=cfg.revocation.crl_interval_s),
+                crl_path=cfg.revocation.crl_path,
+                max_queued_events=cfg.revocation.max_queued_events,
+            ),
         )

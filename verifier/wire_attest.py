@@ -62,9 +62,13 @@ def challenge_to_wire(
     )
 
 
-def certificate_to_wire(cert: CertificateRecord) -> common_pb2.DeviceCertificate:
+def certificate_to_wire(
+    cert: CertificateRecord, trust_bundle: tuple[bytes, ...] = ()
+) -> common_pb2.DeviceCertificate:
+    """A device certificate with the bundle that verifies it: device issuing CAs only."""
     return common_pb2.DeviceCertificate(
         certificate_der=cert.der,
+        trust_bundle_der=trust_bundle,
         serial_hex=cert.serial,
         not_before=wire.timestamp(cert.not_before),
         not_after=wire.timestamp(cert.not_after),
@@ -72,11 +76,15 @@ def certificate_to_wire(cert: CertificateRecord) -> common_pb2.DeviceCertificate
 
 
 def decision_to_wire(decision: Decision, *, next_challenge_in: float) -> attestation_pb2.Result:
-    """The Result the agent gets: the trust result, the certificate issued if one was, and
-    when the next challenge comes (in seconds; 0 when it travels with this Result)."""
+    """The Result the agent gets: the trust result, the certificate issued if one was, the
+    device's revoked certificates it must stop using, and when the next challenge comes (in
+    seconds; 0 when it travels with this Result)."""
     result = attestation_pb2.Result(trust=wire.result_to_wire(decision.result))
     if decision.certificate is not None:
-        result.certificate.CopyFrom(certificate_to_wire(decision.certificate))
+        result.certificate.CopyFrom(
+            certificate_to_wire(decision.certificate, decision.trust_bundle)
+        )
+    result.revoked_serials.extend(decision.revoked_serials)
     result.next_challenge_in.FromTimedelta(datetime.timedelta(seconds=next_challenge_in))
     return result
 

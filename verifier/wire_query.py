@@ -1,26 +1,39 @@
 """The Query service's messages at the gRPC edge (STYLE 4), in both directions.
 
 In: a ListDevicesRequest becomes a ``DeviceQuery`` (verifier/storage), whose filters and
-paging the database does; the other requests name a device. Out: devices, trust results and
-a reloaded policy become their messages (a Device and a TrustResult by verifier/wire.py,
-shared with the other services). The servicer builds no message itself.
+paging the database does; a WatchTrustRequest a ``WatchFilter`` (verifier/watch.py); a
+HistoryRequest a ``HistoryPage``; Approve, SetZone and Revoke their action of
+verifier/lifecycle.py; the other requests name a device. Out: devices, trust results and
+changes, audit entries and a reloaded policy become their messages (a Device and a
+TrustResult by verifier/wire.py, shared with the other services). The servicer builds no
+message itself.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from devtrust.core.ids import DeviceId, parse_device_id
+from devtrust.core.ids import DeviceId, Serial, parse_device_id
 from devtrust.core.tier import Tier
 from devtrust.v1 import common_pb2, query_pb2
 from devtrust.verifier.errors import MalformedInput, NotFound
-from devtrust.verifier.inventory import MAX_LABELS
+from devtrust.verifier.inventory import MAX_LABELS, zone_problem
+from devtrust.verifier.lifecycle import Approve, Revoke, SetZone, reason_problem
 from devtrust.verifier.policy import Policy
 from devtrust.verifier.records import DeviceRecord
-from devtrust.verifier.storage import DeviceQuery
+from devtrust.verifier.storage import DeviceQuery, HistoryItem
 from devtrust.verifier.trust import TrustResult
-from devtrust.verifier.wire import TIERS_FROM_WIRE, device_to_wire, result_to_wire, tier_to_wire
+from devtrust.verifier.watch import TrustChange, WatchFilter
+from devtrust.verifier.wire import (
+    TIERS_FROM_WIRE,
+    device_to_wire,
+    result_to_wire,
+    tier_to_wire,
+    timestamp,
+)
 
 DEFAULT_PAGE = 100
 # Devices per ListDevices page at most, whatever the request asks: a page stays well within
@@ -28,9 +41,19 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 500
 
 
-def device_id_from_wire(
-    msg: query_pb2.GetDeviceRequest | query_pb2.GetTrustScoreRequest,
-) -> DeviceId:
+NamesDevice = (
+    query_pb2.GetDeviceRequest
+    | query_pb2.GetTrustScoreRequest
+    | query_pb2.HistoryRequest
+    | query_pb2.ApproveRequest
+    | query_pb2.SetZoneRequest
+    | query_pb2.RevokeRequest
+)
+# Audit entries per History page at most, whatever the request asks.
+MAX_HISTORY_PAGE = 500
+
+
+def device_id_from_wire(msg: NamesDevice) -> DeviceId:
     """The device a request names. Text that is not a device id names no device: NOT_FOUND,
     as for an unknown one, with what is wrong with it (the database is not asked)."""
     try:
@@ -86,4 +109,114 @@ def trust_score_to_wire(device_id: DeviceId, result: TrustResult | None) -> comm
 def policy_reloaded_to_wire(policy: Policy) -> query_pb2.ReloadPolicyResponse:
     return query_pb2.ReloadPolicyResponse(
         policy_id=policy.policy_id, rules=len(policy.rules), source=policy.source
+    )
+
+
+# --- watching --------------------------------------------------------------------------------
+
+
+def watch_filter_from_wire(msg: query_pb2.WatchTrustRequest) -> WatchFilter:
+    """The devices a watcher follows. A device id or zone that could name no device is
+    malformed (a filter matching nothing would watch in silence forever)."""
+    device_id = None
+    if msg.device_id:
+        try:
+            device_id = parse_device_id(msg.device_id)
+        except ValueError as exc:
+            raise MalformedInput(f"WatchTrustRequest.device_id: {exc}") from None
+    problem = zone_problem(msg.zone)
+    if problem is not None:
+        raise MalformedInput(f"WatchTrustRequest.zone: {problem}")
+    return WatchFilter(zone=msg.zone, device_id=device_id, initial=msg.initial)
+
+
+def trust_change_to_wire(change: TrustChange) -> query_pb2.TrustChange:
+    """A change; an initial result of a device never appraised is tier none. The marker
+    that ends an empty initial set carries no device."""
+    msg = query_pb2.TrustChange(zone=change.zone, end_of_initial=change.end_of_initial)
+    if change.device_id is None:
+        return msg
+    msg.device_id = change.device_id
+    msg.trust.CopyFrom(trust_score_to_wire(change.device_id, change.result))
+    if change.previous_tier is not None:
+        msg.previous_tier = tier_to_wire(change.previous_tier)
+    return msg
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    device_id: DeviceId
+    # Entries older than this one (the previous page's last); None: from the latest.
+    before_seq: int | None
+    limit: int
+
+
+def history_from_wire(msg: query_pb2.HistoryRequest) -> HistoryPage:
+    """The page asked for. The page token is the one the previous page returned (a
+    position in the audit trail); anything else is malformed."""
+    device_id = device_id_from_wire(msg)
+    before = None
+    if msg.page_token:
+        token = msg.page_token
+        if not (token.isascii() and token.isdigit() and 0 < len(token) <= 19):
+            raise MalformedInput(
+                "HistoryRequest.page_token: not a token History returned (give the previous "
+                "page's next_page_token, or none for the latest entries)"
+            )
+        before = int(token)
+    return HistoryPage(device_id, before, min(msg.page_size or DEFAULT_PAGE, MAX_HISTORY_PAGE))
+
+
+def history_to_wire(items: Sequence[HistoryItem], *, full: bool) -> query_pb2.HistoryResponse:
+    """One page, newest first; ``full``: the page is as long as asked, so there may be
+    more (the next page starts below its last entry)."""
+    entries = []
+    for item in items:
+        entry = item.entry
+        out = query_pb2.HistoryEntry(at=timestamp(entry.at), event=entry.event, actor=entry.actor)
+        if item.result is not None:
+            out.trust.CopyFrom(result_to_wire(item.result))
+        else:
+            out.detail_json = json.dumps(entry.detail, sort_keys=True)
+        entries.append(out)
+    token = str(items[-1].entry.seq) if full and items else ""
+    return query_pb2.HistoryResponse(entries=entries, next_page_token=token)
+
+
+# --- operators' changes ----------------------------------------------------------------------
+
+
+def _labels(msg: query_pb2.ApproveRequest | query_pb2.SetZoneRequest, name: str) -> dict[str, str]:
+    if len(msg.labels) > MAX_LABELS:
+        raise MalformedInput(f"{name}.labels: {len(msg.labels)} labels, more than {MAX_LABELS}")
+    return dict(msg.labels)
+
+
+def approve_from_wire(msg: query_pb2.ApproveRequest) -> tuple[DeviceId, Approve]:
+    """Approve, and with a zone or labels assign them too (empty: unchanged; given labels
+    replace all). SetZone unassigns a zone or clears labels."""
+    labels = _labels(msg, "ApproveRequest")
+    return device_id_from_wire(msg), Approve(zone=msg.zone or None, labels=labels or None)
+
+
+def set_zone_from_wire(msg: query_pb2.SetZoneRequest) -> tuple[DeviceId, SetZone]:
+    """The device's whole assignment: ``zone`` ("" unassigned) and exactly ``labels``."""
+    return device_id_from_wire(msg), SetZone(zone=msg.zone, labels=_labels(msg, "SetZoneRequest"))
+
+
+def revoke_from_wire(msg: query_pb2.RevokeRequest) -> tuple[DeviceId, Revoke]:
+    problem = reason_problem(msg.reason)
+    if problem is not None:
+        raise MalformedInput(f"RevokeRequest.reason: {problem}")
+    return device_id_from_wire(msg), Revoke(reason=msg.reason)
+
+
+def revoked_to_wire(
+    rec: DeviceRecord, result: TrustResult | None, serials: Sequence[Serial]
+) -> query_pb2.RevokeResponse:
+    return query_pb2.RevokeResponse(
+        device=device_to_wire(rec, result), revoked_serials=list(serials)
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,11 +21,14 @@ from devtrust.core.tier import Tier
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.records import (
     AuditEntry,
+    AuditEvent,
     BootstrapToken,
     CertificateRecord,
     DeviceRecord,
     DeviceState,
     PendingEnrollment,
+    RevokedCertificate,
+    Standing,
     TpmState,
 )
 from devtrust.verifier.trust import TrustResult
@@ -176,6 +180,93 @@ class Certificates(Protocol):
     async def record(self, cert: CertificateRecord) -> None: ...
 
 
+class Revocations(Protocol):
+    """Device certificates revoked before they expire (verifier/revocation.py publishes
+    them). "Live": not expired at ``now``; only device certificates are revoked here (the
+    device issuing CA's CRL lists nothing else)."""
+
+    async def revoke_device(
+        self, device_id: DeviceId, *, reason: str, actor: str, now: datetime.datetime
+    ) -> builtins.list[RevokedCertificate] | None:
+        """An operator's revocation, atomically: the device's state REVOKED (it neither
+        attests nor enrolls again), its live certificates revoked, one audit entry. The
+        certificates revoked now (none when it was revoked already); None: no such device."""
+        ...
+
+    async def revoke_certificates(
+        self, device_id: DeviceId, *, reason: str, actor: str, now: datetime.datetime
+    ) -> builtins.list[RevokedCertificate]:
+        """The device's live certificates not yet revoked, revoked now and audited (its
+        enrollment stays); those revoked now."""
+        ...
+
+    async def live(self, now: datetime.datetime) -> builtins.list[RevokedCertificate]:
+        """Every revoked certificate not expired at ``now``."""
+        ...
+
+    async def live_certificates(
+        self, device_id: DeviceId, now: datetime.datetime
+    ) -> builtins.list[CertificateRecord]:
+        """The device's certificates not expired at ``now`` and not revoked."""
+        ...
+
+
+class Roles(Protocol):
+    """Operator roles recorded in the database (verifier/roles.py; the configuration's
+    ``operators:`` wins over them, verifier/authz.py). Read at every operator call: a role
+    taken away is refused at the next call."""
+
+    async def get(self, name: str) -> str | None:
+        """The role's label recorded for operator ``name``, or None."""
+        ...
+
+    async def set(
+        self, name: str, role: str | None, *, now: datetime.datetime, actor: str
+    ) -> str | None:
+        """Record ``role`` for ``name`` (None takes the role away); the role it had."""
+        ...
+
+    async def all(self) -> dict[str, str]:
+        """Every recorded name and its role's label."""
+        ...
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One entry of a device's audit trail, an appraisal's result decoded (None for other
+    events)."""
+
+    entry: AuditEntry
+    result: TrustResult | None
+
+
+class Operations(Protocol):
+    """Operators' changes to devices, each audited with its actor, and the audit trail in
+    pages (the Query service's Approve, SetZone, History)."""
+
+    async def apply(
+        self,
+        device_id: DeviceId,
+        *,
+        before: Standing,
+        after: Standing,
+        events: Sequence[AuditEvent],
+        actor: str,
+        now: datetime.datetime,
+    ) -> bool:
+        """Move the device from ``before`` to ``after`` and write ``events`` naming
+        ``actor``, atomically; False (nothing written) when the device is not at ``before``
+        any more (changed meanwhile, or gone): the caller reads it again."""
+        ...
+
+    async def history(
+        self, device_id: DeviceId, *, before_seq: int | None, limit: int
+    ) -> builtins.list[HistoryItem]:
+        """The device's audit entries older than ``before_seq`` (None: from the latest),
+        newest first, at most ``limit``."""
+        ...
+
+
 class Audit(Protocol):
     async def history(self, device_id: DeviceId, *, limit: int = 100) -> list[AuditEntry]:
         """The device's latest ``limit`` audit entries, newest first."""
@@ -202,6 +293,12 @@ class Repositories(Protocol):
     def certificates(self) -> Certificates: ...
     @property
     def audit(self) -> Audit: ...
+    @property
+    def revocations(self) -> Revocations: ...
+    @property
+    def roles(self) -> Roles: ...
+    @property
+    def operations(self) -> Operations: ...
 
     async def counts(self) -> dict[str, int]:
         """Rows per table (tests check that refused input wrote nothing)."""

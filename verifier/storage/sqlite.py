@@ -32,6 +32,7 @@ from devtrust.verifier.records import (
 from devtrust.verifier.storage import codec
 from devtrust.verifier.storage.codec import iso
 from devtrust.verifier.storage.interfaces import DeviceQuery, DeviceView
+from devtrust.verifier.storage.sqlite_admin import SqliteOperations, SqliteRoles
 from devtrust.verifier.storage.sqlite_engine import (
     MAX_BATCH,
     CommitHook,
@@ -39,6 +40,7 @@ from devtrust.verifier.storage.sqlite_engine import (
     Writer,
     open_database,
 )
+from devtrust.verifier.storage.sqlite_revocation import SqliteRevocations
 from devtrust.verifier.trust import TrustResult
 
 T = TypeVar("T")
@@ -56,7 +58,7 @@ _INSERT_CERTIFICATE = (
     "INSERT INTO certificates (serial, device_id, kind, not_before, not_after, der) "
     "VALUES (?,?,?,?,?,?)"
 )
-_INSERT_AUDIT = "INSERT INTO audit (at, device_id, event, tier, detail) VALUES (?,?,?,?,?)"
+_INSERT_AUDIT = "INSERT INTO audit (at, device_id, event, tier, detail, actor) VALUES (?,?,?,?,?,?)"
 
 
 class _Engine:
@@ -87,9 +89,10 @@ def _audit(
     event: str,
     detail: dict[str, Any] | str,
     tier: str = "",
+    actor: str = "",
 ) -> None:
     text = detail if isinstance(detail, str) else json.dumps(detail)
-    db.execute(_INSERT_AUDIT, (iso(at), device_id, event, tier, text))
+    db.execute(_INSERT_AUDIT, (iso(at), device_id, event, tier, text, actor))
 
 
 # --- devices ------------------------------------------------------------------------------
@@ -357,7 +360,7 @@ def _record(db: sqlite3.Connection, decision: Decision) -> None:
         "AND (last_seen IS NULL OR last_seen < ?)",
         (at, device_id, at),
     )
-    db.execute(_INSERT_AUDIT, (at, device_id, "appraisal", result.tier.label, text))
+    db.execute(_INSERT_AUDIT, (at, device_id, "appraisal", result.tier.label, text, "device"))
     tpm = decision.tpm
     if tpm is not None:
         # Like the trust row, the TPM state and its log only move forward in time: a
@@ -491,6 +494,9 @@ class SqliteRepositories:
         self._trust = SqliteTrust(engine)
         self._certificates = SqliteCertificates(engine)
         self._audit = SqliteAudit(engine)
+        self._revocations = SqliteRevocations(engine)
+        self._roles = SqliteRoles(engine)
+        self._operations = SqliteOperations(engine)
         self._closed = False
 
     @property
@@ -524,6 +530,18 @@ class SqliteRepositories:
     @property
     def audit(self) -> SqliteAudit:
         return self._audit
+
+    @property
+    def revocations(self) -> SqliteRevocations:
+        return self._revocations
+
+    @property
+    def roles(self) -> SqliteRoles:
+        return self._roles
+
+    @property
+    def operations(self) -> SqliteOperations:
+        return self._operations
 
     async def counts(self) -> dict[str, int]:
         def work(db: sqlite3.Connection) -> dict[str, int]:

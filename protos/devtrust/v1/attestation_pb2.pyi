@@ -785,6 +785,7 @@ class Result(_message.Message):
     TRUST_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     NEXT_CHALLENGE_IN_FIELD_NUMBER: _builtins.int
+    REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def trust(self) -> _common_pb2.TrustResult: ...
     @_builtins.property
@@ -793,16 +794,24 @@ class Result(_message.Message):
 
     @_builtins.property
     def next_challenge_in(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """This device's certificates revoked by this result (its tier fell below its zone's
+        minimum) or earlier (an operator's revocation): the agent deletes them from its files
+        and stops serving them to workloads.
+        """
+
     def __init__(
         self,
         *,
         trust: _common_pb2.TrustResult | None = ...,
         certificate: _common_pb2.DeviceCertificate | None = ...,
         next_challenge_in: _duration_pb2.Duration | None = ...,
+        revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "next_challenge_in", b"next_challenge_in", "trust", b"trust"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "next_challenge_in", b"next_challenge_in", "trust", b"trust"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "next_challenge_in", b"next_challenge_in", "revoked_serials", b"revoked_serials", "trust", b"trust"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

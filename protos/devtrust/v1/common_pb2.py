@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65vtrust/v1/common.proto\x12\x0b\x64\x65vtrust.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n\nTrustClaim\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05\x12\x1f\n\x04tier\x18\x03 \x01(\x0e\x32\x11.devtrust.v1.Tier\"\x90\x01\n\x07\x46inding\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x08severity\x18\x02 \x01(\x0e\x32\x15.devtrust.v1.Severity\x12\r\n\x05\x63laim\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08\x65xpected\x18\x05 \x01(\t\x12\r\n\x05\x66ound\x18\x06 \x01(\t\x12\x0f\n\x07subject\x18\x07 \x01(\t\"\x8b\x01\n\tSubResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\'\n\x06\x63laims\x18\x03 \x03(\x0b\x32\x17.devtrust.v1.TrustClaim\x12&\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x14.devtrust.v1.Finding\"\xd8\x02\n\x0bTrustResult\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\r\n\x05score\x18\x03 \x01(\r\x12\'\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x17.devtrust.v1.TrustClaim\x12&\n\x08\x66indings\x18\x05 \x03(\x0b\x32\x14.devtrust.v1.Finding\x12\x30\n\x0c\x61ppraised_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x07submods\x18\x08 \x03(\x0b\x32\x16.devtrust.v1.SubResult\x12\x11\n\tpolicy_id\x18\t \x01(\t\x12\x17\n\x0f\x65vidence_digest\x18\n \x01(\t\"\xb2\x01\n\x11\x44\x65viceCertificate\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x11\n\tchain_der\x18\x02 \x03(\x0c\x12\x12\n\nserial_hex\x18\x03 \x01(\t\x12.\n\nnot_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x12\n\nos_release\x18\x02 \x01(\t\x12\x0e\n\x06kernel\x18\x03 \x01(\t\x12\x12\n\nmachine_id\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".devtrust.v1.HostFacts.LabelsEntry\x12\x0c\n\x04zone\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x0cPcrSelection\x12\x10\n\x08hash_alg\x18\x01 \x01(\t\x12\x0c\n\x04pcrs\x18\x02 \x03(\r\"|\n\x07PcrBank\x12\x10\n\x08hash_alg\x18\x01 \x01(\t\x12\x30\n\x06values\x18\x02 \x03(\x0b\x32 .devtrust.v1.PcrBank.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xe6\x02\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.devtrust.v1.DeviceState\x12$\n\x04host\x18\x03 \x01(\x0b\x32\x16.devtrust.v1.HostFacts\x12/\n\x0b\x65nrolled_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0blast_result\x18\x06 \x01(\x0b\x32\x18.devtrust.v1.TrustResult\x12\x1d\n\x15\x65k_certificate_sha256\x18\x07 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x08 \x01(\t\x12;\n\x13\x63urrent_certificate\x18\t \x01(\x0b\x32\x1e.devtrust.v1.DeviceCertificate*k\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_NONE\x10\x01\x12\x12\n\x0eTIER_AFFIRMING\x10\x02\x12\x10\n\x0cTIER_WARNING\x10\x03\x12\x18\n\x14TIER_CONTRAINDICATED\x10\x04*k\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x1c\n\x18SEVERITY_CONTRAINDICATED\x10\x03*\x83\x01\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45VICE_STATE_PENDING_APPROVAL\x10\x01\x12\x19\n\x15\x44\x45VICE_STATE_ENROLLED\x10\x02\x12\x18\n\x14\x44\x45VICE_STATE_REVOKED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65vtrust/v1/common.proto\x12\x0b\x64\x65vtrust.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n\nTrustClaim\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05\x12\x1f\n\x04tier\x18\x03 \x01(\x0e\x32\x11.devtrust.v1.Tier\"\x90\x01\n\x07\x46inding\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x08severity\x18\x02 \x01(\x0e\x32\x15.devtrust.v1.Severity\x12\r\n\x05\x63laim\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08\x65xpected\x18\x05 \x01(\t\x12\r\n\x05\x66ound\x18\x06 \x01(\t\x12\x0f\n\x07subject\x18\x07 \x01(\t\"\x8b\x01\n\tSubResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\'\n\x06\x63laims\x18\x03 \x03(\x0b\x32\x17.devtrust.v1.TrustClaim\x12&\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x14.devtrust.v1.Finding\"\xd8\x02\n\x0bTrustResult\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\r\n\x05score\x18\x03 \x01(\r\x12\'\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x17.devtrust.v1.TrustClaim\x12&\n\x08\x66indings\x18\x05 \x03(\x0b\x32\x14.devtrust.v1.Finding\x12\x30\n\x0c\x61ppraised_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x07submods\x18\x08 \x03(\x0b\x32\x16.devtrust.v1.SubResult\x12\x11\n\tpolicy_id\x18\t \x01(\t\x12\x17\n\x0f\x65vidence_digest\x18\n \x01(\t\"\xcc\x01\n\x11\x44\x65viceCertificate\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x11\n\tchain_der\x18\x02 \x03(\x0c\x12\x12\n\nserial_hex\x18\x03 \x01(\t\x12.\n\nnot_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10trust_bundle_der\x18\x06 \x03(\x0c\"\xdd\x01\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x12\n\nos_release\x18\x02 \x01(\t\x12\x0e\n\x06kernel\x18\x03 \x01(\t\x12\x12\n\nmachine_id\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".devtrust.v1.HostFacts.LabelsEntry\x12\x0c\n\x04zone\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x0cPcrSelection\x12\x10\n\x08hash_alg\x18\x01 \x01(\t\x12\x0c\n\x04pcrs\x18\x02 \x03(\r\"|\n\x07PcrBank\x12\x10\n\x08hash_alg\x18\x01 \x01(\t\x12\x30\n\x06values\x18\x02 \x03(\x0b\x32 .devtrust.v1.PcrBank.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xe6\x02\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.devtrust.v1.DeviceState\x12$\n\x04host\x18\x03 \x01(\x0b\x32\x16.devtrust.v1.HostFacts\x12/\n\x0b\x65nrolled_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0blast_result\x18\x06 \x01(\x0b\x32\x18.devtrust.v1.TrustResult\x12\x1d\n\x15\x65k_certificate_sha256\x18\x07 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x08 \x01(\t\x12;\n\x13\x63urrent_certificate\x18\t \x01(\x0b\x32\x1e.devtrust.v1.DeviceCertificate*k\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_NONE\x10\x01\x12\x12\n\x0eTIER_AFFIRMING\x10\x02\x12\x10\n\x0cTIER_WARNING\x10\x03\x12\x18\n\x14TIER_CONTRAINDICATED\x10\x04*k\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x1c\n\x18SEVERITY_CONTRAINDICATED\x10\x03*\x83\x01\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45VICE_STATE_PENDING_APPROVAL\x10\x01\x12\x19\n\x15\x44\x45VICE_STATE_ENROLLED\x10\x02\x12\x18\n\x14\x44\x45VICE_STATE_REVOKED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOSTFACTS_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_PCRBANK_VALUESENTRY']._loaded_options = None
   _globals['_PCRBANK_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=1726
-  _globals['_TIER']._serialized_end=1833
-  _globals['_SEVERITY']._serialized_start=1835
-  _globals['_SEVERITY']._serialized_end=1942
-  _globals['_DEVICESTATE']._serialized_start=1945
-  _globals['_DEVICESTATE']._serialized_end=2076
+  _globals['_TIER']._serialized_start=1752
+  _globals['_TIER']._serialized_end=1859
+  _globals['_SEVERITY']._serialized_start=1861
+  _globals['_SEVERITY']._serialized_end=1968
+  _globals['_DEVICESTATE']._serialized_start=1971
+  _globals['_DEVICESTATE']._serialized_end=2102
   _globals['_TRUSTCLAIM']._serialized_start=74
   _globals['_TRUSTCLAIM']._serialized_end=148
   _globals['_FINDING']._serialized_start=151
@@ -51,17 +51,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRUSTRESULT']._serialized_start=440
   _globals['_TRUSTRESULT']._serialized_end=784
   _globals['_DEVICECERTIFICATE']._serialized_start=787
-  _globals['_DEVICECERTIFICATE']._serialized_end=965
-  _globals['_HOSTFACTS']._serialized_start=968
-  _globals['_HOSTFACTS']._serialized_end=1189
-  _globals['_HOSTFACTS_LABELSENTRY']._serialized_start=1144
-  _globals['_HOSTFACTS_LABELSENTRY']._serialized_end=1189
-  _globals['_PCRSELECTION']._serialized_start=1191
-  _globals['_PCRSELECTION']._serialized_end=1237
-  _globals['_PCRBANK']._serialized_start=1239
-  _globals['_PCRBANK']._serialized_end=1363
-  _globals['_PCRBANK_VALUESENTRY']._serialized_start=1318
-  _globals['_PCRBANK_VALUESENTRY']._serialized_end=1363
-  _globals['_DEVICE']._serialized_start=1366
-  _globals['_DEVICE']._serialized_end=1724
+  _globals['_DEVICECERTIFICATE']._serialized_end=991
+  _globals['_HOSTFACTS']._serialized_start=994
+  _globals['_HOSTFACTS']._serialized_end=1215
+  _globals['_HOSTFACTS_LABELSENTRY']._serialized_start=1170
+  _globals['_HOSTFACTS_LABELSENTRY']._serialized_end=1215
+  _globals['_PCRSELECTION']._serialized_start=1217
+  _globals['_PCRSELECTION']._serialized_end=1263
+  _globals['_PCRBANK']._serialized_start=1265
+  _globals['_PCRBANK']._serialized_end=1389
+  _globals['_PCRBANK_VALUESENTRY']._serialized_start=1344
+  _globals['_PCRBANK_VALUESENTRY']._serialized_end=1389
+  _globals['_DEVICE']._serialized_start=1392
+  _globals['_DEVICE']._serialized_end=1750
 # @@protoc_insertion_point(module_scope)

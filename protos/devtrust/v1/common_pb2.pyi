@@ -253,6 +253,7 @@ class DeviceCertificate(_message.Message):
     SERIAL_HEX_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    TRUST_BUNDLE_DER_FIELD_NUMBER: _builtins.int
     certificate_der: _builtins.bytes
     serial_hex: _builtins.str
     @_builtins.property
@@ -263,6 +264,13 @@ class DeviceCertificate(_message.Message):
     def not_before(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def trust_bundle_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The device issuing CAs a relying party trusts for this trust domain (DER, self-signed):
+        the one that signed this certificate and any published ahead of a rotation. Holds no CA
+        of channel, operator or server certificates.
+        """
+
     def __init__(
         self,
         *,
@@ -271,10 +279,11 @@ class DeviceCertificate(_message.Message):
         serial_hex: _builtins.str = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
+        trust_bundle_der: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "chain_der", b"chain_der", "not_after", b"not_after", "not_before", b"not_before", "serial_hex", b"serial_hex"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "chain_der", b"chain_der", "not_after", b"not_after", "not_before", b"not_before", "serial_hex", b"serial_hex", "trust_bundle_der", b"trust_bundle_der"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

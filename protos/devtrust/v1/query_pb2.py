@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from devtrust.v1 import common_pb2 as devtrust_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65vtrust/v1/query.proto\x12\x0b\x64\x65vtrust.v1\x1a\x18\x64\x65vtrust/v1/common.proto\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xea\x01\n\x12ListDevicesRequest\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.devtrust.v1.ListDevicesRequest.LabelsEntry\x12\x12\n\nstale_only\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x13ListDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.devtrust.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x14GetTrustScoreRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x15\n\x13ReloadPolicyRequest\"H\n\x14ReloadPolicyResponse\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\r\n\x05rules\x18\x02 \x01(\r\x12\x0e\n\x06source\x18\x03 \x01(\t2\xbd\x02\n\x05Query\x12?\n\tGetDevice\x12\x1d.devtrust.v1.GetDeviceRequest\x1a\x13.devtrust.v1.Device\x12P\n\x0bListDevices\x12\x1f.devtrust.v1.ListDevicesRequest\x1a .devtrust.v1.ListDevicesResponse\x12L\n\rGetTrustScore\x12!.devtrust.v1.GetTrustScoreRequest\x1a\x18.devtrust.v1.TrustResult\x12S\n\x0cReloadPolicy\x12 .devtrust.v1.ReloadPolicyRequest\x1a!.devtrust.v1.ReloadPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65vtrust/v1/query.proto\x12\x0b\x64\x65vtrust.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18\x64\x65vtrust/v1/common.proto\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xea\x01\n\x12ListDevicesRequest\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.devtrust.v1.ListDevicesRequest.LabelsEntry\x12\x12\n\nstale_only\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x13ListDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.devtrust.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x14GetTrustScoreRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x15\n\x13ReloadPolicyRequest\"H\n\x14ReloadPolicyResponse\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\r\n\x05rules\x18\x02 \x01(\r\x12\x0e\n\x06source\x18\x03 \x01(\t\"E\n\x11WatchTrustRequest\x12\x0c\n\x04zone\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08\"\x99\x01\n\x0bTrustChange\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12(\n\rprevious_tier\x18\x03 \x01(\x0e\x32\x11.devtrust.v1.Tier\x12\'\n\x05trust\x18\x04 \x01(\x0b\x32\x18.devtrust.v1.TrustResult\x12\x16\n\x0e\x65nd_of_initial\x18\x05 \x01(\x08\"J\n\x0eHistoryRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x92\x01\n\x0cHistoryEntry\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\'\n\x05trust\x18\x04 \x01(\x0b\x32\x18.devtrust.v1.TrustResult\x12\x13\n\x0b\x64\x65tail_json\x18\x05 \x01(\t\"V\n\x0fHistoryResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.devtrust.v1.HistoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x99\x01\n\x0e\x41pproveRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.devtrust.v1.ApproveRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\rRevokeRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"N\n\x0eRevokeResponse\x12#\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x13.devtrust.v1.Device\x12\x17\n\x0frevoked_serials\x18\x02 \x03(\t\"\x99\x01\n\x0eSetZoneRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.devtrust.v1.SetZoneRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17WatchRevocationsRequest\"\xd2\x01\n\x0fRevocationEvent\x12\x12\n\nserial_hex\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12.\n\nrevoked_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12-\n\tnot_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08snapshot\x18\x06 \x01(\x08\x12\x17\n\x0f\x65nd_of_snapshot\x18\x07 \x01(\x08\"\x0f\n\rGetCrlRequest\"x\n\x03\x43rl\x12\x0f\n\x07\x63rl_der\x18\x01 \x01(\x0c\x12/\n\x0bthis_update\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bnext_update\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x8a\x05\n\x05Query\x12?\n\tGetDevice\x12\x1d.devtrust.v1.GetDeviceRequest\x1a\x13.devtrust.v1.Device\x12P\n\x0bListDevices\x12\x1f.devtrust.v1.ListDevicesRequest\x1a .devtrust.v1.ListDevicesResponse\x12L\n\rGetTrustScore\x12!.devtrust.v1.GetTrustScoreRequest\x1a\x18.devtrust.v1.TrustResult\x12H\n\nWatchTrust\x12\x1e.devtrust.v1.WatchTrustRequest\x1a\x18.devtrust.v1.TrustChange0\x01\x12\x44\n\x07History\x12\x1b.devtrust.v1.HistoryRequest\x1a\x1c.devtrust.v1.HistoryResponse\x12;\n\x07\x41pprove\x12\x1b.devtrust.v1.ApproveRequest\x1a\x13.devtrust.v1.Device\x12\x41\n\x06Revoke\x12\x1a.devtrust.v1.RevokeRequest\x1a\x1b.devtrust.v1.RevokeResponse\x12;\n\x07SetZone\x12\x1b.devtrust.v1.SetZoneRequest\x1a\x13.devtrust.v1.Device\x12S\n\x0cReloadPolicy\x12 .devtrust.v1.ReloadPolicyRequest\x1a!.devtrust.v1.ReloadPolicyResponse2\x9f\x01\n\x0bRevocations\x12X\n\x10WatchRevocations\x12$.devtrust.v1.WatchRevocationsRequest\x1a\x1c.devtrust.v1.RevocationEvent0\x01\x12\x36\n\x06GetCrl\x12\x1a.devtrust.v1.GetCrlRequest\x1a\x10.devtrust.v1.Crlb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +35,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTDEVICESREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTDEVICESREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_GETDEVICEREQUEST']._serialized_start=66
-  _globals['_GETDEVICEREQUEST']._serialized_end=103
-  _globals['_LISTDEVICESREQUEST']._serialized_start=106
-  _globals['_LISTDEVICESREQUEST']._serialized_end=340
-  _globals['_LISTDEVICESREQUEST_LABELSENTRY']._serialized_start=295
-  _globals['_LISTDEVICESREQUEST_LABELSENTRY']._serialized_end=340
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=342
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=426
-  _globals['_GETTRUSTSCOREREQUEST']._serialized_start=428
-  _globals['_GETTRUSTSCOREREQUEST']._serialized_end=469
-  _globals['_RELOADPOLICYREQUEST']._serialized_start=471
-  _globals['_RELOADPOLICYREQUEST']._serialized_end=492
-  _globals['_RELOADPOLICYRESPONSE']._serialized_start=494
-  _globals['_RELOADPOLICYRESPONSE']._serialized_end=566
-  _globals['_QUERY']._serialized_start=569
-  _globals['_QUERY']._serialized_end=886
+  _globals['_APPROVEREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_APPROVEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_SETZONEREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_SETZONEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_GETDEVICEREQUEST']._serialized_start=99
+  _globals['_GETDEVICEREQUEST']._serialized_end=136
+  _globals['_LISTDEVICESREQUEST']._serialized_start=139
+  _globals['_LISTDEVICESREQUEST']._serialized_end=373
+  _globals['_LISTDEVICESREQUEST_LABELSENTRY']._serialized_start=328
+  _globals['_LISTDEVICESREQUEST_LABELSENTRY']._serialized_end=373
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=375
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=459
+  _globals['_GETTRUSTSCOREREQUEST']._serialized_start=461
+  _globals['_GETTRUSTSCOREREQUEST']._serialized_end=502
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=504
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=525
+  _globals['_RELOADPOLICYRESPONSE']._serialized_start=527
+  _globals['_RELOADPOLICYRESPONSE']._serialized_end=599
+  _globals['_WATCHTRUSTREQUEST']._serialized_start=601
+  _globals['_WATCHTRUSTREQUEST']._serialized_end=670
+  _globals['_TRUSTCHANGE']._serialized_start=673
+  _globals['_TRUSTCHANGE']._serialized_end=826
+  _globals['_HISTORYREQUEST']._serialized_start=828
+  _globals['_HISTORYREQUEST']._serialized_end=902
+  _globals['_HISTORYENTRY']._serialized_start=905
+  _globals['_HISTORYENTRY']._serialized_end=1051
+  _globals['_HISTORYRESPONSE']._serialized_start=1053
+  _globals['_HISTORYRESPONSE']._serialized_end=1139
+  _globals['_APPROVEREQUEST']._serialized_start=1142
+  _globals['_APPROVEREQUEST']._serialized_end=1295
+  _globals['_APPROVEREQUEST_LABELSENTRY']._serialized_start=328
+  _globals['_APPROVEREQUEST_LABELSENTRY']._serialized_end=373
+  _globals['_REVOKEREQUEST']._serialized_start=1297
+  _globals['_REVOKEREQUEST']._serialized_end=1347
+  _globals['_REVOKERESPONSE']._serialized_start=1349
+  _globals['_REVOKERESPONSE']._serialized_end=1427
+  _globals['_SETZONEREQUEST']._serialized_start=1430
+  _globals['_SETZONEREQUEST']._serialized_end=1583
+  _globals['_SETZONEREQUEST_LABELSENTRY']._serialized_start=328
+  _globals['_SETZONEREQUEST_LABELSENTRY']._serialized_end=373
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1585
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1610
+  _globals['_REVOCATIONEVENT']._serialized_start=1613
+  _globals['_REVOCATIONEVENT']._serialized_end=1823
+  _globals['_GETCRLREQUEST']._serialized_start=1825
+  _globals['_GETCRLREQUEST']._serialized_end=1840
+  _globals['_CRL']._serialized_start=1842
+  _globals['_CRL']._serialized_end=1962
+  _globals['_QUERY']._serialized_start=1965
+  _globals['_QUERY']._serialized_end=2615
+  _globals['_REVOCATIONS']._serialized_start=2618
+  _globals['_REVOCATIONS']._serialized_end=2777
 # @@protoc_insertion_point(module_scope)

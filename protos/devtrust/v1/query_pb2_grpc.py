@@ -50,6 +50,31 @@ class QueryStub:
                 request_serializer=devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
                 response_deserializer=devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
                 _registered_method=True)
+        self.WatchTrust = channel.unary_stream(
+                '/devtrust.v1.Query/WatchTrust',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.WatchTrustRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.TrustChange.FromString,
+                _registered_method=True)
+        self.History = channel.unary_unary(
+                '/devtrust.v1.Query/History',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.HistoryResponse.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/devtrust.v1.Query/Approve',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_common__pb2.Device.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/devtrust.v1.Query/Revoke',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.RevokeResponse.FromString,
+                _registered_method=True)
+        self.SetZone = channel.unary_unary(
+                '/devtrust.v1.Query/SetZone',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.SetZoneRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_common__pb2.Device.FromString,
+                _registered_method=True)
         self.ReloadPolicy = channel.unary_unary(
                 '/devtrust.v1.Query/ReloadPolicy',
                 request_serializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
@@ -61,7 +86,8 @@ class QueryServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetDevice(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """viewer
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -78,9 +104,46 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTrust(self, request, context):
+        """Every stored result that changes a device's tier or score from now on (and, first, the
+        current one of each device matching the filter when initial is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def History(self, request, context):
+        """A device's audit trail, newest first: appraisals with their findings, enrollment,
+        approval, revocation, zone changes, each with who made it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """The device can no longer attest, enroll again or renew; its live device certificates
+        are published at once on the revocation feed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetZone(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReloadPolicy(self, request, context):
-        """Load the policy file again; a policy that does not validate whole is refused with its
-        file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+        """admin. Load the policy file again; a policy that does not validate whole is refused with
+        its file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +166,31 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.GetTrustScore,
                     request_deserializer=devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.FromString,
                     response_serializer=devtrust_dot_v1_dot_common__pb2.TrustResult.SerializeToString,
+            ),
+            'WatchTrust': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTrust,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.WatchTrustRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.TrustChange.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.HistoryRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.HistoryResponse.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.ApproveRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_common__pb2.Device.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.RevokeRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.RevokeResponse.SerializeToString,
+            ),
+            'SetZone': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetZone,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.SetZoneRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_common__pb2.Device.SerializeToString,
             ),
             'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadPolicy,
@@ -202,6 +290,141 @@ class Query:
             _registered_method=True)
 
     @staticmethod
+    def WatchTrust(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/devtrust.v1.Query/WatchTrust',
+            devtrust_dot_v1_dot_query__pb2.WatchTrustRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.TrustChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/History',
+            devtrust_dot_v1_dot_query__pb2.HistoryRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/Approve',
+            devtrust_dot_v1_dot_query__pb2.ApproveRequest.SerializeToString,
+            devtrust_dot_v1_dot_common__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/Revoke',
+            devtrust_dot_v1_dot_query__pb2.RevokeRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetZone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/SetZone',
+            devtrust_dot_v1_dot_query__pb2.SetZoneRequest.SerializeToString,
+            devtrust_dot_v1_dot_common__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ReloadPolicy(request,
             target,
             options=(),
@@ -218,6 +441,127 @@ class Query:
             '/devtrust.v1.Query/ReloadPolicy',
             devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
             devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RevocationsStub:
+    """The revocation feed for relying parties (role relying-party, or any operator role).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchRevocations = channel.unary_stream(
+                '/devtrust.v1.Revocations/WatchRevocations',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.RevocationEvent.FromString,
+                _registered_method=True)
+        self.GetCrl = channel.unary_unary(
+                '/devtrust.v1.Revocations/GetCrl',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.GetCrlRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.Crl.FromString,
+                _registered_method=True)
+
+
+class RevocationsServicer:
+    """The revocation feed for relying parties (role relying-party, or any operator role).
+    """
+
+    def WatchRevocations(self, request, context):
+        """First every live revoked serial (snapshot = true, then one event with end_of_snapshot),
+        then each revocation as it happens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCrl(self, request, context):
+        """The CRL signed by the device issuing CA, as also written to revocation.crl_path.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RevocationsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.RevocationEvent.SerializeToString,
+            ),
+            'GetCrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCrl,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.GetCrlRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.Crl.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'devtrust.v1.Revocations', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('devtrust.v1.Revocations', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Revocations:
+    """The revocation feed for relying parties (role relying-party, or any operator role).
+    """
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/devtrust.v1.Revocations/WatchRevocations',
+            devtrust_dot_v1_dot_query__pb2.WatchRevocationsRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.RevocationEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Revocations/GetCrl',
+            devtrust_dot_v1_dot_query__pb2.GetCrlRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.Crl.FromString,
             options,
             channel_credentials,
             insecure,

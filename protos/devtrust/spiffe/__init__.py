@@ -1,0 +1,1 @@
+"""The SPIFFE Workload API, generated from workload.proto (``python -m protos.generate``)."""

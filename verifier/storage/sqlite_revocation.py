@@ -1,0 +1,172 @@
+"""Revoked certificates over SQLite (``interfaces.Revocations``): the ``certificates`` table's
+``revoked_at`` and ``revocation_reason`` (migration 0004), written by the one writer thread
+and read by the reader threads of ``sqlite_engine``, like every other repository.
+
+A revocation is one transaction: the certificates it revokes, the device's state when an
+operator revokes the device, and its audit entry. The automatic revocation of a device whose
+tier fell reads first and writes only when there is something to revoke: a device that
+stays untrusted costs its appraisals no second write.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from devtrust.core.ids import DeviceId, Serial
+from devtrust.verifier.records import CertificateRecord, DeviceState, RevokedCertificate
+from devtrust.verifier.storage.codec import iso
+
+T = TypeVar("T")
+# Only device certificates are revoked here: the CRL is the device issuing CA's, and a
+# channel certificate's device is refused by its state (DeviceState.REVOKED) instead.
+DEVICE = "device"
+_LIVE_OF_DEVICE = (
+    "SELECT serial, device_id, kind, not_before, not_after, der FROM certificates "
+    "WHERE device_id = ? AND kind = ? AND revoked_at IS NULL AND not_after > ? "
+    "ORDER BY not_after, serial"
+)
+# The actor column: migration 0003.
+_INSERT_AUDIT = "INSERT INTO audit (at, device_id, event, tier, detail, actor) VALUES (?,?,?,?,?,?)"
+# Audit events.
+DEVICE_REVOKED = "revoked"
+CERTIFICATES_REVOKED = "certificates_revoked"
+
+
+class Database(Protocol):
+    """The engine of ``sqlite.SqliteRepositories``: work run by the writer (in its own
+    savepoint of a group commit) or by a reader thread."""
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
+
+
+def _when(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text)
+
+
+def _certificate(row: sqlite3.Row) -> CertificateRecord:
+    return CertificateRecord(
+        serial=Serial(row["serial"]),
+        device_id=DeviceId(row["device_id"]),
+        kind=row["kind"],
+        not_before=_when(row["not_before"]),
+        not_after=_when(row["not_after"]),
+        der=bytes(row["der"]),
+    )
+
+
+def _revoke(
+    db: sqlite3.Connection,
+    device_id: DeviceId,
+    *,
+    reason: str,
+    now: datetime.datetime,
+) -> list[RevokedCertificate]:
+    """Revoke the device's live certificates in the open transaction; those revoked."""
+    rows = db.execute(_LIVE_OF_DEVICE, (device_id, DEVICE, iso(now))).fetchall()
+    revoked = [
+        RevokedCertificate(
+            serial=Serial(row["serial"]),
+            device_id=device_id,
+            not_after=_when(row["not_after"]),
+            revoked_at=now,
+            reason=reason,
+        )
+        for row in rows
+    ]
+    db.executemany(
+        "UPDATE certificates SET revoked_at = ?, revocation_reason = ? WHERE serial = ?",
+        [(iso(now), reason, cert.serial) for cert in revoked],
+    )
+    return revoked
+
+
+def _audit(
+    db: sqlite3.Connection,
+    device_id: DeviceId,
+    event: str,
+    *,
+    actor: str,
+    now: datetime.datetime,
+    detail: dict[str, object],
+) -> None:
+    db.execute(_INSERT_AUDIT, (iso(now), device_id, event, "", json.dumps(detail), actor))
+
+
+class SqliteRevocations:
+    def __init__(self, engine: Database) -> None:
+        self._engine = engine
+
+    async def revoke_device(
+        self, device_id: DeviceId, *, reason: str, actor: str, now: datetime.datetime
+    ) -> list[RevokedCertificate] | None:
+        def work(db: sqlite3.Connection) -> list[RevokedCertificate] | None:
+            cur = db.execute(
+                "UPDATE devices SET state = ? WHERE device_id = ?",
+                (DeviceState.REVOKED.value, device_id),
+            )
+            if cur.rowcount != 1:
+                return None
+            revoked = _revoke(db, device_id, reason=reason, now=now)
+            detail: dict[str, object] = {
+                "state": DeviceState.REVOKED.value,
+                "reason": reason,
+                "serials": [c.serial for c in revoked],
+            }
+            _audit(db, device_id, DEVICE_REVOKED, actor=actor, now=now, detail=detail)
+            return revoked
+
+        return await self._engine.write(work)
+
+    async def revoke_certificates(
+        self, device_id: DeviceId, *, reason: str, actor: str, now: datetime.datetime
+    ) -> list[RevokedCertificate]:
+        if not await self.live_certificates(device_id, now):
+            return []
+
+        def work(db: sqlite3.Connection) -> list[RevokedCertificate]:
+            revoked = _revoke(db, device_id, reason=reason, now=now)
+            if revoked:
+                detail: dict[str, object] = {
+                    "reason": reason,
+                    "serials": [c.serial for c in revoked],
+                }
+                _audit(db, device_id, CERTIFICATES_REVOKED, actor=actor, now=now, detail=detail)
+            return revoked
+
+        return await self._engine.write(work)
+
+    async def live(self, now: datetime.datetime) -> list[RevokedCertificate]:
+        def work(db: sqlite3.Connection) -> list[RevokedCertificate]:
+            rows = db.execute(
+                "SELECT serial, device_id, not_after, revoked_at, revocation_reason "
+                "FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ? "
+                "ORDER BY revoked_at, serial",
+                (iso(now),),
+            ).fetchall()
+            return [
+                RevokedCertificate(
+                    serial=Serial(row["serial"]),
+                    device_id=DeviceId(row["device_id"]),
+                    not_after=_when(row["not_after"]),
+                    revoked_at=_when(row["revoked_at"]),
+                    reason=row["revocation_reason"],
+                )
+                for row in rows
+            ]
+
+        return await self._engine.read(work)
+
+    async def live_certificates(
+        self, device_id: DeviceId, now: datetime.datetime
+    ) -> list[CertificateRecord]:
+        def work(db: sqlite3.Connection) -> list[CertificateRecord]:
+            rows = db.execute(_LIVE_OF_DEVICE, (device_id, DEVICE, iso(now))).fetchall()
+            return [_certificate(row) for row in rows]
+
+        return await self._engine.read(work)
