@@ -66,7 +66,7 @@ _MAX_SOCKET_PATH = 107
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t, uid_t, gid_t
 # Not in Python's socket module; Linux 4.13 and later.
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-_NGROUPS_MAX = 65536
+_GROUPS_READ_MAX = 256  # socket.getsockopt reads at most 1024 bytes
 _CHUNK = 65536
 
 
@@ -97,16 +97,18 @@ def peer_credentials(sock: Any) -> PeerCredentials:
 
 
 def _peer_groups(sock: Any) -> tuple[int, ...]:
-    """The peer's supplementary groups; none where the kernel cannot tell (before 4.13)."""
+    """The peer's supplementary groups; none where the kernel cannot tell (before 4.13) or
+    where they are more than Python's getsockopt can read (1024 bytes: 256 groups): then
+    only the peer's uid and primary gid count, which refuses rather than admits."""
     size = 64
     while True:
         try:
             raw: bytes = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size * 4)
         except OSError as exc:
-            if exc.errno == errno.ERANGE and size < _NGROUPS_MAX:
-                size = _NGROUPS_MAX
+            if exc.errno == errno.ERANGE and size < _GROUPS_READ_MAX:
+                size = _GROUPS_READ_MAX
                 continue
-            if exc.errno == errno.ENOPROTOOPT:
+            if exc.errno in (errno.ENOPROTOOPT, errno.ERANGE):
                 return ()
             raise
         return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])

@@ -137,6 +137,13 @@ class Revoker:
         self._clock = clock
         self._live: dict[Serial, RevokedCertificate] = {}
         self._by_device: dict[DeviceId, set[Serial]] = {}
+        # Devices an operator revoked while this verifier ran: a decision appraised while
+        # the revocation was made issued its certificate after it (RevocationSink).
+        self._revoked_devices: set[DeviceId] = set()
+        # The zone an operator last moved each device to while this verifier ran: a decision
+        # appraised in the old zone while the move was made issued its certificate after
+        # the move took the live ones (RevocationSink).
+        self._moved: dict[DeviceId, str] = {}
         self._subscribers: set[_Subscriber] = set()
         self._crl: SignedCrl | None = None
         self._signing = asyncio.Lock()
@@ -170,8 +177,14 @@ class Revoker:
         revoked, on the feed and in the CRL when this returns. The serials revoked now
         (none for a device revoked already). NotFound for an unknown device."""
         reason = _checked_reason(reason)
+        # Marked before the write: a decision stored once the write has committed finds the
+        # mark when it reaches the RevocationSink.
+        known = device_id in self._revoked_devices
+        self._revoked_devices.add(device_id)
         revoked = await self._store.revoke_device(device_id, reason=reason, actor=actor, now=now)
         if revoked is None:
+            if not known:
+                self._revoked_devices.discard(device_id)
             raise NotFound(f"no device {device_id}")
         logger.warning(
             "device revoked device=%s by=%s serials=%s reason=%s",
@@ -184,12 +197,18 @@ class Revoker:
         return [c.serial for c in revoked]
 
     async def revoke_certificates(
-        self, device_id: DeviceId, *, reason: str, now: datetime.datetime
+        self,
+        device_id: DeviceId,
+        *,
+        reason: str,
+        now: datetime.datetime,
+        actor: str = VERIFIER,
     ) -> list[Serial]:
-        """The device's live certificates revoked (by the verifier: its tier fell), its
-        enrollment kept; published before this returns. The serials revoked now."""
+        """The device's live certificates revoked (by the verifier: its tier fell; or by
+        ``actor``, an operator who moved it), its enrollment kept; published before this
+        returns. The serials revoked now."""
         revoked = await self._store.revoke_certificates(
-            device_id, reason=reason, actor=VERIFIER, now=now
+            device_id, reason=reason, actor=actor, now=now
         )
         if revoked:
             logger.warning(
@@ -200,6 +219,27 @@ class Revoker:
             )
             await self._publish(revoked)
         return [c.serial for c in revoked]
+
+    async def zone_changed(
+        self, device_id: DeviceId, *, was: str, zone: str, actor: str, now: datetime.datetime
+    ) -> list[Serial]:
+        """An operator moved the device (its new zone written already): its live
+        certificates name the old zone in their claims, and a relying party gating on that
+        zone would keep letting it in until they expire, so they are revoked now. It keeps
+        its enrollment; its next good attestation gets a certificate naming ``zone``."""
+        self._moved[device_id] = zone
+        return await self.revoke_certificates(
+            device_id, reason=zone_change_reason(was, zone), now=now, actor=actor
+        )
+
+    def moved_from(self, device_id: DeviceId, zone: str) -> bool:
+        """An operator moved the device out of ``zone`` while this verifier ran."""
+        moved = self._moved.get(device_id)
+        return moved is not None and moved != zone
+
+    def device_revoked(self, device_id: DeviceId) -> bool:
+        """An operator revoked the device while this verifier ran (REVOKED is final)."""
+        return device_id in self._revoked_devices
 
     def revoked_serials(self, device_id: DeviceId) -> tuple[Serial, ...]:
         """The device's revoked certificates not yet expired, oldest first."""
@@ -318,7 +358,39 @@ class RevocationSink:
     async def publish(self, decision: Decision) -> Decision | None:
         tier, zone = decision.result.tier, decision.zone
         minimum = self._certificates.min_tier_for(zone)
-        if not tier.meets(minimum):
+        if decision.certificate is not None and self._revoker.device_revoked(decision.device_id):
+            # Revoked by an operator while this decision was appraised (the attestor read
+            # the device before): the certificate it issued was stored after the revocation
+            # took the live ones, so it is revoked here and never handed to the agent.
+            await self._revoker.revoke_certificates(
+                decision.device_id,
+                reason="the device was revoked while this certificate was issued",
+                now=decision.at,
+            )
+            decision = replace(
+                decision,
+                certificate=None,
+                withheld="withheld: the device is revoked",
+                trust_bundle=(),
+            )
+        elif decision.certificate is not None and self._revoker.moved_from(
+            decision.device_id, zone
+        ):
+            # Moved by an operator while this decision was appraised in the old zone: its
+            # certificate names the old zone and was stored after the move took the live
+            # ones, so it is revoked here and never handed to the agent.
+            await self._revoker.revoke_certificates(
+                decision.device_id,
+                reason=f"issued for zone {zone or '(unassigned)'} while the device was moved",
+                now=decision.at,
+            )
+            decision = replace(
+                decision,
+                certificate=None,
+                withheld="withheld: the device was moved to another zone meanwhile",
+                trust_bundle=(),
+            )
+        elif not tier.meets(minimum):
             await self._revoker.revoke_certificates(
                 decision.device_id,
                 reason=(
@@ -329,6 +401,11 @@ class RevocationSink:
             )
         serials = self._revoker.revoked_serials(decision.device_id)
         return replace(decision, revoked_serials=serials) if serials else None
+
+
+def zone_change_reason(was: str, zone: str) -> str:
+    """The reason a zone change revokes with, on the feed, in the CRL's store and audit."""
+    return f"zone changed from {was or '(unassigned)'} to {zone or '(unassigned)'}"
 
 
 def _order(cert: RevokedCertificate) -> tuple[datetime.datetime, str]:
