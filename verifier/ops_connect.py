@@ -87,9 +87,13 @@ def load_profile(given: Path | None, environ: Mapping[str, str]) -> tuple[Profil
 
 
 def address_problem(address: str) -> str | None:
+    """The profile `devtrust-verifier operator` prints has ``HOST:PORT`` to fill in: said so."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return f"{address!r} is not HOST:PORT (e.g. verifier.example:8443)"
+        return (
+            f"{address!r} is not HOST:PORT: give the verifier's host and its attestation port "
+            "(listen.attestation in its configuration, e.g. verifier.example:7444)"
+        )
     return None
 
 
@@ -160,7 +164,9 @@ _REFUSALS = {
         EXIT_DENIED,
     ),
     grpc.StatusCode.UNIMPLEMENTED: (
-        "the verifier at {address} does not serve this call (older than this devtrust?): ",
+        "{address} does not serve the query API: give the verifier's attestation port "
+        "(listen.attestation), not its enrollment port, or the verifier is older than this "
+        "devtrust: ",
         EXIT_REFUSED,
     ),
 }

@@ -235,11 +235,12 @@ def init_pki(
     return replace(files, backups=tuple(backups))
 
 
-def check_operator_name(name: str) -> None:
-    """An operator name goes into a SPIFFE ID and two file names."""
+def check_operator_name(name: str, *, given_as: str = "--name") -> None:
+    """An operator name goes into a SPIFFE ID and two file names. ``given_as``: how the
+    command line took it, for the message."""
     if not _OPERATOR_NAME.fullmatch(name):
         raise DevtrustError(
-            f"--name {name!r}: an operator name is 1-64 letters, digits, dots, hyphens or "
+            f"{given_as} {name!r}: an operator name is 1-64 letters, digits, dots, hyphens or "
             "underscores, starting with a letter or digit"
         )
 

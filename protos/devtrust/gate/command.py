@@ -3,7 +3,9 @@ for scripts and for an operator asking "would this device get in?".
 
 Exit status: 0 allowed, 1 denied, 2 usage error or unreadable input. One line on stdout,
 the reason id first (``gate.zone: device ... zone 'x' is not allowed``), or one JSON object
-with ``--json``. The time is now; the chain is CERT's certificates, leaf first.
+with ``--json``. Given one of the verifier's other certificates (a channel, operator or server
+one), which never get in, a line on stderr says which and what to give instead. The time is
+now; the chain is CERT's certificates, leaf first.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 from cryptography import x509
 
 from devtrust.core.tier import Tier
-from devtrust.gate.decision import Bundle, GateDecision, RevocationList, decide
+from devtrust.gate.decision import Bundle, GateDecision, Reason, RevocationList, decide
 
 EXIT_ALLOW, EXIT_DENY, EXIT_USAGE = 0, 1, 2
 
@@ -34,8 +37,17 @@ def _read(path: Path, what: str) -> bytes:
         raise _Unreadable(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
-def _certificates(path: Path) -> list[x509.Certificate]:
-    data = _read(path, "certificate")
+def _certificates(path: Path, what: str = "certificate") -> list[x509.Certificate]:
+    data = _read(path, what)
+    if not data.strip():
+        raise _Unreadable(f"{what} {path} is empty: give a PEM or DER certificate file")
+    if b"-----BEGIN" in data and b"-----BEGIN CERTIFICATE-----" not in data:
+        kinds = sorted(set(re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", data)))
+        held = ", ".join(k.decode() for k in kinds) or "none readable"
+        raise _Unreadable(
+            f"{what} {path}: not a PEM or DER certificate: its PEM blocks are {held}, "
+            "none a CERTIFICATE"
+        )
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificates(data)
@@ -44,9 +56,38 @@ def _certificates(path: Path) -> list[x509.Certificate]:
         raise _Unreadable(f"{path}: not a PEM or DER certificate: {exc}") from exc
 
 
+# Where each of the verifier's other certificates comes from, for a hint when one is given
+# (none verifies against the device bundle: verifier/ca.py).
+_NOT_DEVICE = {
+    "agent": "an attestation-channel certificate (the agent's channel.pem)",
+    "operator": "an operator certificate",
+}
+
+
+def _hint(chain: list[x509.Certificate], decision: GateDecision, path: Path) -> str | None:
+    """What to check instead, when CERT is plainly not a device certificate."""
+    if decision.allow or decision.reason is not Reason.UNTRUSTED:
+        return None
+    try:
+        san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        kind = uri.removeprefix("spiffe://").split("/")[1:2]
+        if uri.startswith("spiffe://") and kind and kind[0] in _NOT_DEVICE:
+            return (
+                f"{path} is {_NOT_DEVICE[kind[0]]} ({uri}), which the gate never takes: give "
+                "a device certificate (spiffe://TD/device/ID: the agent's device.pem in its "
+                "runtime_dir, /run/devtrust by default)"
+            )
+    if san.get_values_for_type(x509.DNSName) or san.get_values_for_type(x509.IPAddress):
+        return f"{path} is a server certificate, which the gate never takes: give a device one"
+    return None
+
+
 def _bundle(path: Path) -> Bundle:
     try:
-        return Bundle(tuple(_certificates(path)))
+        return Bundle(tuple(_certificates(path, "CA bundle")))
     except ValueError as exc:
         raise _Unreadable(f"{path}: {exc}") from exc
 
@@ -120,6 +161,9 @@ def check(args: argparse.Namespace) -> int:
         trust_domain=args.trust_domain,
     )
     print(json.dumps(_json(decision)) if args.json else " ".join(str(decision).split()))
+    hint = _hint(chain, decision, args.cert)
+    if hint is not None:
+        print(f"devtrust: {hint}", file=sys.stderr)
     return EXIT_ALLOW if decision.allow else EXIT_DENY
 
 
