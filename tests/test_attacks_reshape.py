@@ -1,6 +1,6 @@
 """Issue 9: attacks on what the reshape of the attestation path changed.
 
-Like tests/test_attacks.py, each test is an attack over the real wire protocol (a real
+Like tests/test_attacks_*.py, each test is an attack over the real wire protocol (a real
 verifier on loopback with mTLS and SQLite, swtpm devices, messages written by hand), and each
 fails when the check it covers is removed. Here the attacker uses what the reshape made
 asynchronous: decisions that outlive their stream, and the wait for an appraisal worker.

@@ -258,17 +258,26 @@ def test_an_operator_reads_and_changes_devices(
     history = runs["history"].out.splitlines()
     assert history[0].split() == ["AT", "EVENT", "ACTOR", "DETAIL"]
     events = [line.split()[1:3] for line in history[1:]]
-    assert events[:2] == [["assigned:operator", "operator/otto"]] * 2
+    # The first move took the device's certificate, which named its old zone.
+    assert events[:3] == [
+        ["assigned:operator", "operator/otto"],
+        ["certificates_revoked", "operator/otto"],
+        ["assigned:operator", "operator/otto"],
+    ]
     assert ["appraisal", "device"] in events
     assert f"affirming, score {seen.score}" in history[events.index(["appraisal", "device"]) + 1]
     page = runs["history json"].json()
-    assert [(e["event"], e["actor"]) for e in page] == [("assigned:operator", "operator/otto")] * 2
+    assert [(e["event"], e["actor"]) for e in page] == [
+        ("assigned:operator", "operator/otto"),
+        ("certificates_revoked", "operator/otto"),
+    ]
     assert page[0]["detail"]["zone"] == "data-processing"
     assert set(page[0]) == {"at", "event", "actor", "trust", "detail"}
 
     # Audited with the operator, in the verifier's own database.
-    assert _audit(config.database, dev)[-3:] == [
+    assert _audit(config.database, dev)[-4:] == [
         ("assigned:operator", "operator/otto"),
+        ("certificates_revoked", "operator/otto"),
         ("assigned:operator", "operator/otto"),
         ("revoked", "operator/otto"),
     ]

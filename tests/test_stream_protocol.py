@@ -2,8 +2,8 @@
 
 Each case feeds a named sequence of events, each with the actions it must answer with. Nonces
 come from a counter (N1, N2, ...), times are plain numbers, and an error is shown as its type
-and message, the texts the servicer sends to the agent (tests/test_e2e.py and
-tests/test_attacks.py check the same texts over the wire).
+and message, the texts the servicer sends to the agent (tests/test_e2e*.py and
+tests/test_attacks_*.py check the same texts over the wire).
 """
 
 from __future__ import annotations

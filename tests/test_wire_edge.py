@@ -1,6 +1,6 @@
 """The Enrollment and Query messages at the gRPC edge (verifier/wire_enroll.py,
 verifier/wire_query.py): what a request becomes, what a response carries. The services'
-behaviour over real sockets is in tests/test_enrollment.py and tests/test_e2e.py."""
+behaviour over real sockets is in tests/test_enrollment.py and tests/test_e2e*.py."""
 
 from __future__ import annotations
 

@@ -11,7 +11,10 @@ The rules:
 - a revoked device stays revoked: it is neither approved, nor moved, nor revoked again;
 - a device the enrollment inventory lists keeps the inventory's zone and labels
   (verifier/inventory.py: the inventory wins over every other assignment);
-- zones and labels are checked as the inventory and bootstrap tokens check them.
+- zones and labels are checked as the inventory and bootstrap tokens check them;
+- a change of zone (``Transition.zone_changed``) revokes the device's live device
+  certificates, whose claims name the old zone (a change of labels alone does not: they are
+  not in the certificate); the device keeps its enrollment.
 
 Events keep the names the audit has always had: ``assigned:approval`` (with the zone and
 labels the device had) and ``approved`` (its new state); SetZone writes
@@ -79,6 +82,12 @@ class Transition:
     @property
     def assigned(self) -> bool:
         return any(e.event.startswith("assigned:") for e in self.events)
+
+    @property
+    def zone_changed(self) -> bool:
+        """The device's zone moves: its live device certificates name the old one in
+        their claims, so whoever writes this revokes them (labels are not in them)."""
+        return self.assigned and self.before.zone != self.after.zone
 
 
 def standing(record: DeviceRecord) -> Standing:

@@ -34,6 +34,7 @@ from devtrust.verifier.pki import (
     load_ca,
 )
 from devtrust.verifier.policy import PolicyError
+from devtrust.verifier.revocation import zone_change_reason
 from devtrust.verifier.roles import LABELS, Role
 from devtrust.verifier.server import start_verifier
 from devtrust.verifier.storage import open_repositories
@@ -162,6 +163,23 @@ async def _approve_stored(
         )
         if not written:
             raise ValueError(f"device {device_id} changed while it was approved: run approve again")
+        if change.zone_changed:
+            # Its live certificates name the old zone. Recorded here (database, audit); a
+            # running verifier loads revocations at start only, so its feed and CRL list
+            # them once it restarts: move a device under a live verifier with SetZone.
+            revoked = await repos.revocations.revoke_certificates(
+                device_id,
+                reason=zone_change_reason(change.before.zone, change.after.zone),
+                actor=local_actor(),
+                now=now,
+            )
+            if revoked:
+                print(
+                    f"revoked {len(revoked)} live certificates of {device_id} naming zone "
+                    f"{change.before.zone or '(unassigned)'}; a running verifier publishes "
+                    "them on its feed and CRL when it restarts",
+                    file=sys.stderr,
+                )
         if change.assigned:
             zone, labels = change.after.zone, change.after.labels
             print(f"device {device_id}: zone {zone or '(unassigned)'}, labels {labels}")
@@ -197,7 +215,7 @@ async def _set_role(
 def _role(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
     """`role NAME ROLE|none`: assign an operator's role, or take it away (in force at the
     operator's next call)."""
-    check_operator_name(args.name)
+    check_operator_name(args.name, given_as="NAME")
     role = None if args.role == "none" else Role.parse(args.role)
     was = asyncio.run(_set_role(config, args.config, args.name, role, now))
     print(

@@ -6,8 +6,9 @@ it in the audit, and refuses when there is none. Messages are converted at the e
 (verifier/wire_query.py); ListDevices' filters and paging are the database's
 (verifier/storage ``DeviceQuery``), one query per page, and so are History's. Approve and
 SetZone are verifier/lifecycle.py's transitions, written as a compare-and-set naming the
-operator; Revoke is the revoker's (verifier/revocation.py): the device's state, its live
-certificates and the feed at once.
+operator (a change of zone then revokes the device's live certificates through the revoker,
+as their claims name the old zone); Revoke is the revoker's (verifier/revocation.py): the
+device's state, its live certificates and the feed at once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class DeviceRevoker(Protocol):
 
     async def revoke(
         self, device_id: DeviceId, *, reason: str, actor: str, now: datetime.datetime
+    ) -> list[Serial]: ...
+
+    async def zone_changed(
+        self, device_id: DeviceId, *, was: str, zone: str, actor: str, now: datetime.datetime
     ) -> list[Serial]: ...
 
 
@@ -185,6 +190,11 @@ class QueryService(query_pb2_grpc.QueryServicer):
             change = lifecycle.transition(device_id, lifecycle.standing(rec), action, pinned=pinned)
             if not change.events:
                 return rec
+            if change.zone_changed and self._revoker is None:
+                raise FailedPrecondition(
+                    "this verifier has no revoker configured to revoke the certificates "
+                    "naming the old zone"
+                )
             if await self._repos.operations.apply(
                 device_id,
                 before=change.before,
@@ -199,6 +209,20 @@ class QueryService(query_pb2_grpc.QueryServicer):
                     ", ".join(e.event for e in change.events),
                     caller.actor,
                 )
+                if change.zone_changed and self._revoker is not None:
+                    serials = await self._revoker.zone_changed(
+                        device_id,
+                        was=change.before.zone,
+                        zone=change.after.zone,
+                        actor=caller.actor,
+                        now=self._clock(),
+                    )
+                    logger.info(
+                        "device %s moved by %s: %d live certificates revoked",
+                        device_id,
+                        caller.actor,
+                        len(serials),
+                    )
                 return await self._device(device_id)
         raise FailedPrecondition(
             f"device {device_id} changed {ATTEMPTS} times while this change was made: retry"
