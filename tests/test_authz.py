@@ -153,6 +153,9 @@ LEAST_ROLE = {
     "Revoke": Role.OPERATOR,
     "SetZone": Role.OPERATOR,
     "ReloadPolicy": Role.ADMIN,
+    "GetStoredEvidence": Role.VIEWER,
+    "CreateBootstrapToken": Role.OPERATOR,
+    "SetRole": Role.ADMIN,
     "WatchRevocations": Role.RELYING_PARTY,
     "GetCrl": Role.RELYING_PARTY,
 }
@@ -194,6 +197,14 @@ def calls(channel: grpc.aio.Channel) -> dict[str, Callable[[], Awaitable[Any]]]:
         "Revoke": lambda: q.Revoke(query_pb2.RevokeRequest(device_id=dev, reason="x"), timeout=t),
         "SetZone": lambda: q.SetZone(query_pb2.SetZoneRequest(device_id=dev, zone="z"), timeout=t),
         "ReloadPolicy": lambda: q.ReloadPolicy(query_pb2.ReloadPolicyRequest(), timeout=t),
+        "GetStoredEvidence": lambda: q.GetStoredEvidence(
+            query_pb2.GetStoredEvidenceRequest(device_id=dev), timeout=t
+        ),
+        # Refused before the database: a lifetime out of range, a name the file lists.
+        "CreateBootstrapToken": lambda: q.CreateBootstrapToken(
+            query_pb2.CreateBootstrapTokenRequest(ttl_s=1), timeout=t
+        ),
+        "SetRole": lambda: q.SetRole(query_pb2.SetRoleRequest(name="ada", role="admin"), timeout=t),
         "WatchRevocations": lambda: _first(
             r.WatchRevocations(query_pb2.WatchRevocationsRequest(), timeout=t)
         ),

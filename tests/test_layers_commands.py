@@ -23,17 +23,11 @@ import pytest
 
 from devtrust.core.ids import DeviceId
 from devtrust.swtpm.hosttree import write_host_tree
-from devtrust.verifier import measured_boot, ops_connect
+from devtrust.verifier import ops_connect
 from devtrust.verifier.ca import CertificateAuthority, pem
 from devtrust.verifier.config import DEFAULT_POLICY
-from devtrust.verifier.decision import Decision
-from devtrust.verifier.measured_boot import LogPart
 from devtrust.verifier.pki import init_pki, issue_operator
-from devtrust.verifier.records import DeviceRecord, DeviceState, TpmState
-from devtrust.verifier.storage import SqliteRepositories
-from devtrust.verifier.tpm import eventlog as ev
-from devtrust.verifier.tpm.clock import ClockState
-from devtrust.verifier.trust import Claim, TrustResult
+from devtrust.verifier.records import DeviceRecord, DeviceState
 from tests.corpus import corpus_root
 from tests.db import make_database, with_repos
 from tests.test_gate import DEVICE_CA_NAME, device_cert
@@ -94,54 +88,6 @@ def subcommands(parser: argparse.ArgumentParser, prefix: str) -> set[str]:
 def _quotes() -> Path:
     """A real machine's quotes and the event log they vouch for (GCE, COS 85)."""
     return corpus_root() / "quotes" / "gce-cos85-nonce9009"
-
-
-def _database_with_evidence(path: Path) -> None:
-    """A verifier database holding one device appraised on a real machine's event log."""
-    data = (_quotes() / "eventlog.bin").read_bytes()
-    log = measured_boot.extend(None, 0, data, max_bytes=1 << 24, max_events=100_000)
-    replayed = ev.replay_log(ev.parse(data))
-    now = datetime.datetime.now(datetime.UTC)
-    device = DeviceId(DEVICE)
-    record = DeviceRecord(
-        device_id=device,
-        state=DeviceState.ENROLLED,
-        ek_certificate=b"",
-        ek_public=b"ek",
-        ak_public=b"ak",
-        ak_name="00",
-        host={},
-        enrolled_at=now,
-    )
-    tpm = TpmState(
-        clock=ClockState(clock=1000, reset_count=1, restart_count=0, firmware_version=7),
-        log=log,
-        pcrs={b: {i: v.hex() for i, v in values.items()} for b, values in replayed.items()},
-        log_part=LogPart(0, data),
-    )
-    result = TrustResult(
-        device_id=device,
-        claims={Claim.INSTANCE_IDENTITY: 2},
-        findings=(),
-        appraised_at=now,
-        expires_at=now + datetime.timedelta(minutes=5),
-    )
-    decision = Decision(
-        device_id=device,
-        zone="",
-        result=result,
-        previous_tier=None,
-        certificate=None,
-        withheld="test",
-        tpm=tpm,
-        rebooted=False,
-    )
-
-    async def seed(repos: SqliteRepositories) -> None:
-        await repos.devices.save(record, now=now, event="enrolled")
-        await repos.trust.record(decision)
-
-    with_repos(path, seed)
 
 
 def _pending_device(config: Path) -> None:
@@ -281,9 +227,10 @@ COMMANDS = [
     ),
     Command(
         "devtrust refs learn",
-        lambda t: ["refs", "learn", DEVICE, "--database", str(t / "v.db")],
-        "boot_applications",
-        prepare=lambda t: _database_with_evidence(t / "v.db"),
+        lambda t: ["refs", "learn", DEVICE, *_connection(t, profile=True)],
+        "is unreachable: it is down, or the port is wrong",
+        prepare=_operator_identity,
+        status=ops_connect.EXIT_UNREACHABLE,
     ),
     Command(
         "devtrust gate check",
@@ -302,6 +249,8 @@ COMMANDS = [
             ["approve", DEVICE, "--zone", "z"],
             ["revoke", DEVICE, "--reason", "stolen"],
             ["zone", DEVICE, "z", "--label", "k=v"],
+            ["token", "create", "--zone", "z", "--label", "k=v", "--ttl-s", "600"],
+            ["role", "bob", "viewer"],
         )
     ),
     Command(

@@ -218,16 +218,17 @@ def test_refs_learned_from_a_good_device_affirm_it(
     pki: PkiFiles,
     endorsement_ca: EndorsementCA,
     swtpm_factory: SwtpmFactory,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`devtrust refs learn` proposes a group from a known-good device; applied, it affirms
-    that device."""
-    from devtrust.verifier.cli import main as cli
+    """`devtrust refs learn` proposes a group from a known-good device, read over the Query
+    API (GetStoredEvidence) by a viewer; applied, it affirms that device."""
+    from tests.test_ops_cli import devtrust, profile
 
     tpm = swtpm_factory()
-    config = verifier_config(workdir, pki, endorsement_ca, interval_s=0.3)
+    config = replace(
+        verifier_config(workdir, pki, endorsement_ca, interval_s=0.3), operators={"vera": "viewer"}
+    )
 
-    async def boot_and_attest(cfg: VerifierConfig) -> tuple[str, AttestationResult]:
+    async def boot_and_attest(cfg: VerifierConfig) -> tuple[str, AttestationResult, str]:
         async with (
             running(cfg) as verifier,
             enrolled_agent(workdir, pki, verifier, tpm, "learn") as agent,
@@ -241,19 +242,23 @@ def test_refs_learned_from_a_good_device_affirm_it(
             agent.cfg = replace(agent.cfg, event_log=log_path)
             async with attesting(agent) as next_result:
                 result = await next_result()
-            return agent.enrollment.device_id, result
+            device_id = agent.enrollment.device_id
+            vera = str(profile(workdir, pki, verifier, "vera"))
+            run = await devtrust("refs", "learn", device_id[:12], "--profile", vera)
+            assert (run.status, run.err) == (0, ""), run
+            return device_id, result, run.out
 
-    device_id, first = asyncio.run(boot_and_attest(config))
+    device_id, first, text = asyncio.run(boot_and_attest(config))
     assert first.trust.tier is Tier.AFFIRMING
-    assert cli(["refs", "learn", device_id, "--database", str(config.database)]) == 0
-    learned = yaml.safe_load(capsys.readouterr().out)
+    assert text.startswith(f"# Learned from device {device_id}. Review every value")
+    learned = yaml.safe_load(text)
     [group] = learned["groups"]
     assert group["secure_boot"] is True
     assert group["boot_applications"] == [hashlib.sha256(APP).hexdigest()]
     assert set(group["pcrs"]["sha256"]) == set(range(10)) | {14}
     refs = workdir / "learned.yaml"
     refs.write_text(yaml.safe_dump(learned))
-    _, again = asyncio.run(boot_and_attest(replace(config, reference_values=refs)))
+    _, again, _ = asyncio.run(boot_and_attest(replace(config, reference_values=refs)))
     assert again.trust.tier is Tier.AFFIRMING, again.trust.findings
     assert {c.name: c.value for c in again.trust.claims}["executables"] == 3
 

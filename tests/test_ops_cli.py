@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import io
 import json
 import socket
@@ -598,3 +599,73 @@ def test_short_ids_grow_where_two_devices_share_them() -> None:
     a, b, c = "ab" * 32, "ab" * 6 + "cd" * 26, "12" * 32
     assert ops_format.short_ids([a, b, c]) == {a: a[:16], b: b[:16], c: c[:16]}
     assert ops_format.short_ids([a, c]) == {a: a[:12], c: c[:12]}
+
+
+def test_tokens_and_roles_over_the_api(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA
+) -> None:
+    """`devtrust token create` (an operator) and `devtrust role` (an admin) change the
+    verifier's database through the Query API; the configuration's `operators:` wins."""
+    config = replace(_config(workdir, pki, endorsement_ca), operators={**OPERATORS, "ada": "admin"})
+
+    async def scenario() -> tuple[dict[str, Run], Any, dict[str, str]]:
+        async with running(config) as verifier:
+            otto = str(profile(workdir, pki, verifier, "otto"))
+            ada = str(profile(workdir, pki, verifier, "ada"))
+            runs = {
+                "token": await devtrust(
+                    "token",
+                    "create",
+                    "--zone",
+                    "model-development",
+                    "--label",
+                    "demo=true",
+                    "--ttl-s",
+                    "600",
+                    "--note",
+                    "rack 7",
+                    "--profile",
+                    otto,
+                ),
+                "token json": await devtrust("token", "create", "--json", "--profile", otto),
+                "token bad zone": await devtrust(
+                    "token", "create", "--zone", "bad zone", "--profile", otto
+                ),
+                "viewer token": await devtrust(
+                    "token", "create", "--profile", str(profile(workdir, pki, verifier, "vera"))
+                ),
+                "role": await devtrust("role", "carol", "viewer", "--profile", ada),
+                "role again": await devtrust("role", "carol", "operator", "--profile", ada),
+                "role bob": await devtrust("role", "bob", "admin", "--profile", ada),
+                "listed": await devtrust("role", "otto", "admin", "--profile", ada),
+                "not admin": await devtrust("role", "carol", "admin", "--profile", otto),
+            }
+            token = runs["token"].out.strip()
+            stored = await verifier.repos.tokens.get(hashlib.sha256(token.encode()).hexdigest())
+            return runs, stored, await verifier.repos.roles.all()
+
+    runs, stored, roles = asyncio.run(scenario())
+    assert runs["token"].status == 0, runs["token"]
+    assert "valid once, until " in runs["token"].err
+    assert "assigns zone model-development, labels {'demo': 'true'}" in runs["token"].err
+    assert stored is not None
+    assert (stored.zone, stored.labels) == (
+        "model-development",
+        {"demo": "true"},
+    )
+    made = runs["token json"].json()
+    assert set(made) == {"token", "expires_at", "zone", "labels"}
+    assert made["zone"] == ""
+    assert runs["token bad zone"].status != 0
+    assert "bad zone" in runs["token bad zone"].err
+    assert runs["viewer token"].status != 0
+    assert "operator vera has role viewer" in runs["viewer token"].err
+    assert runs["role"].out.strip() == (
+        "operator carol: role viewer (was none), in force at its next call"
+    )
+    assert "role operator (was viewer)" in runs["role again"].out
+    assert runs["listed"].status != 0
+    assert "operator otto's role is set in the verifier's configuration (operators: otto: " \
+        "operator), which wins over the database" in runs["listed"].err  # fmt: skip
+    assert runs["not admin"].status != 0
+    assert roles == {"carol": "operator", "bob": "admin"}

@@ -278,35 +278,44 @@ CLI_CASES = [
             "`devtrust-verifier serve` once, or fix `database:` in the configuration"
         ),
     ),
+    # refs learn asks the verifier (GetStoredEvidence), never a database file.
     CliCase(
-        "refs learn without a database",
+        "refs learn without a verifier to ask",
         "devtrust.verifier.cli",
-        lambda t: ["refs", "learn", DEVICE, "--database", str(t / "db" / "v.db")],
+        lambda t: [
+            "refs",
+            "learn",
+            DEVICE,
+            "--verifier",
+            "127.0.0.1:1",
+            "--cert",
+            str(t / "pki" / "operator-alice.pem"),
+            "--key",
+            str(t / "pki" / "operator-alice.key"),
+            "--ca",
+            str(t / "db" / "ca.pem"),
+        ],
         2,
-        lambda t: (
-            f"devtrust: no verifier database at {t / 'db' / 'v.db'}: run `devtrust-verifier "
-            "serve` once, or fix --database"
-        ),
+        lambda t: f"devtrust: cannot read --ca {t / 'db' / 'ca.pem'}: No such file or directory",
     ),
     CliCase(
-        "refs learn from an empty file",
+        "refs learn with a file that is not a CA",
         "devtrust.verifier.cli",
-        lambda t: ["refs", "learn", DEVICE, "--database", str(t / "empty.db")],
+        lambda t: [
+            "refs",
+            "learn",
+            DEVICE,
+            "--verifier",
+            "127.0.0.1:1",
+            "--cert",
+            str(t / "pki" / "operator-alice.pem"),
+            "--key",
+            str(t / "pki" / "operator-alice.key"),
+            "--ca",
+            str(t / "mine" / "notes.txt"),
+        ],
         2,
-        lambda t: (
-            f"devtrust: database {t / 'empty.db'} holds no verifier data: fix --database; left "
-            "as it is"
-        ),
-    ),
-    CliCase(
-        "refs learn from a file that is not SQLite",
-        "devtrust.verifier.cli",
-        lambda t: ["refs", "learn", DEVICE, "--database", str(t / "mine" / "notes.txt")],
-        2,
-        lambda t: (
-            f"devtrust: database {t / 'mine' / 'notes.txt'} is not an SQLite database: point "
-            "--database at the verifier's database, or move this file away (it is left as it is)"
-        ),
+        lambda t: f"devtrust: --ca {t / 'mine' / 'notes.txt'} holds no PEM certificate",
     ),
     CliCase(
         "operator issued again",
@@ -462,21 +471,6 @@ def test_approve_takes_an_upper_case_device_id(tmp_path: Path) -> None:
     record = with_repos(database, lambda store: store.devices.get(DEVICE))
     assert record is not None
     assert record.state is DeviceState.ENROLLED
-
-
-def test_refs_learn_reads_without_writing(tmp_path: Path) -> None:
-    """A read-only open: the database's bytes are unchanged and no -wal/-shm is left."""
-    database = tmp_path / "v.db"
-    _pending_device(database)
-    before = _snapshot(tmp_path)
-    run = _run(
-        "devtrust.verifier.cli", "refs", "learn", DEVICE.upper(), "--database", str(database)
-    )
-    assert run.returncode == 2, run.stderr
-    assert _lines(run, "devtrust") == [
-        f"devtrust: no appraised evidence for device {DEVICE!r} in {database}"
-    ]
-    assert _snapshot(tmp_path) == before
 
 
 def test_demo_out_of_an_earlier_demo_may_be_replaced(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ did), the verifier refuses to start when a registered service has a method witho
 verifier registers from the service descriptors.
 
 Roles belong to operator names, not certificates: the configuration's ``operators:`` first,
-then the database's ``roles`` table (``devtrust-verifier operator --role``). The
+then the database's ``roles`` table (``devtrust role``, the Query API's SetRole). The
 configuration wins for the names it lists, as the inventory wins over approval: what is
 written in the reviewed file is not undone by a command on one host. Roles are looked up at
 every call, so a role taken away in the database is refused at the operator's next call,
@@ -110,10 +110,13 @@ REQUIREMENTS: Mapping[str, Requirement] = {
     _QUERY + "GetTrustScore": role(Role.VIEWER),
     _QUERY + "WatchTrust": role(Role.VIEWER),
     _QUERY + "History": role(Role.VIEWER),
+    _QUERY + "GetStoredEvidence": role(Role.VIEWER),
     _QUERY + "Approve": role(Role.OPERATOR),
     _QUERY + "Revoke": role(Role.OPERATOR),
     _QUERY + "SetZone": role(Role.OPERATOR),
+    _QUERY + "CreateBootstrapToken": role(Role.OPERATOR),
     _QUERY + "ReloadPolicy": role(Role.ADMIN),
+    _QUERY + "SetRole": role(Role.ADMIN),
     "/devtrust.v1.Revocations/WatchRevocations": role(Role.RELYING_PARTY),
     "/devtrust.v1.Revocations/GetCrl": role(Role.RELYING_PARTY),
     # Both ports: load balancers and grpcurl carry no identity of ours.
@@ -255,7 +258,7 @@ class Authorizer:
             raise Rejected(
                 f"operator {name} has no role on this verifier, and {method} needs "
                 f"{need.role.label}: an admin assigns roles (`operators:` in the verifier's "
-                f"configuration, or `devtrust-verifier operator --name {name} --role ROLE`)"
+                f"configuration, or an admin's `devtrust role {name} ROLE`)"
             )
         if not held.grants(need.role):
             raise Rejected(

@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
-    tools.add_parsers(sub)
+    refs = tools.add_parsers(sub)
     gate_command.add_parsers(sub)
-    ops.add_parsers(sub)
+    ops.add_parsers(sub, refs)
     return parser
 
 

@@ -47,6 +47,9 @@ ZONE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 LABEL_VALUE_RE = re.compile(r"[!-~]{0,128}")  # printable ASCII, no spaces
 MAX_LABELS = 64
+# A bootstrap token's lifetime: long enough to image a host, short enough to matter.
+TOKEN_TTL_S = (60, 30 * 24 * 3600)
+DEFAULT_TOKEN_TTL_S = 24 * 3600
 _ALNUM = re.compile(r"[A-Za-z0-9]")
 _ZONE_CHAR = re.compile(r"[A-Za-z0-9._-]")
 _LABEL_KEY_CHAR = re.compile(r"[A-Za-z0-9._/-]")

@@ -30,8 +30,10 @@ from typing import Any, TextIO
 
 import grpc
 
+from devtrust.core.errors import DevtrustError
 from devtrust.core.tier import Tier
 from devtrust.verifier import ops_format as fmt
+from devtrust.verifier.inventory import DEFAULT_TOKEN_TTL_S, TOKEN_TTL_S
 from devtrust.verifier.ops_connect import (
     DEFAULT_PROFILE,
     EXIT_NOT_FOUND,
@@ -44,6 +46,9 @@ from devtrust.verifier.ops_connect import (
     rpc_error,
     usage,
 )
+from devtrust.verifier.pki import check_operator_name
+from devtrust.verifier.roles import LABELS
+from devtrust.verifier.tools import learn_group, learned_text
 from devtrust.verifier.wire_ops import (
     ChangeView,
     DeviceFilter,
@@ -290,6 +295,39 @@ async def watch(
     return EXIT_OK
 
 
+async def token(session: Session, args: argparse.Namespace) -> int:
+    """A one-time bootstrap token: the token on stdout (for a script), what it assigns and
+    until when on stderr."""
+    made = await session.client.create_token(
+        zone=args.zone, labels=_labels(args.label), ttl_s=args.ttl_s, note=args.note
+    )
+    if args.json:
+        session.json(fmt.token_json(made))
+        return EXIT_OK
+    session.print(made.token)
+    session.err.write(fmt.token_note(made) + "\n")
+    return EXIT_OK
+
+
+async def role(session: Session, args: argparse.Namespace) -> int:
+    """Assign an operator's role, or take it away (none); in force at its next call."""
+    done = await session.client.set_role(args.name, "" if args.role == "none" else args.role)
+    if args.json:
+        session.json(fmt.role_json(done))
+    else:
+        session.print(fmt.role_line(done))
+    return EXIT_OK
+
+
+async def learn(session: Session, args: argparse.Namespace) -> int:
+    """`refs learn`: a reference-value group from a device's last good evidence."""
+    device_id = await resolve(session, args.device)
+    stored = await session.client.stored_evidence(device_id)
+    group = learn_group(stored, name=args.name or f"learned-{device_id[:8]}")
+    session.print(*learned_text(device_id, group))
+    return EXIT_OK
+
+
 Command = Callable[[Session, argparse.Namespace], Awaitable[int]]
 
 
@@ -356,6 +394,14 @@ def tier(text: str) -> Tier:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def operator_name(text: str) -> str:
+    try:
+        check_operator_name(text, given_as="NAME")
+    except DevtrustError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def timeout(text: str) -> float:
     try:
         value = float(text)
@@ -374,7 +420,17 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def _common() -> argparse.ArgumentParser:
+def ttl(text: str) -> int:
+    low, high = TOKEN_TTL_S
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a token lives {low} to {high} seconds (30 days); give a lifetime in "
+            "that range"
+        )
+    return int(text)
+
+
+def _common(*, json: bool = True) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection (options win over the profile)")
     group.add_argument(
@@ -400,12 +456,14 @@ def _common() -> argparse.ArgumentParser:
     group.add_argument(
         "--timeout", type=timeout, default=10.0, metavar="S", help="seconds per call"
     )
-    common.add_argument("--json", action="store_true", help="print JSON (stable keys)")
+    if json:
+        common.add_argument("--json", action="store_true", help="print JSON (stable keys)")
     return common
 
 
-def add_parsers(sub: Any) -> None:
-    """Add the operator commands to the ``devtrust`` subcommand parser ``sub``."""
+def add_parsers(sub: Any, refs: Any = None) -> None:
+    """Add the operator commands to the ``devtrust`` subcommand parser ``sub`` (and ``learn``
+    to ``refs``, the parser of `devtrust refs`, when given)."""
     common = _common()
 
     def command(name: str, text: str, ops: Callable[..., Awaitable[int]]) -> Any:
@@ -460,3 +518,33 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("zone", metavar="ZONE", help="the zone from now on")
     labels(p, "KEY=VALUE (repeatable; replaces all labels); none: labels kept")
     p.add_argument("--clear-labels", action="store_true", help="remove every label")
+    p = command("token", "create a one-time bootstrap token for enrollment (role operator)", token)
+    p.add_argument("action", choices=["create"], help="what to do")
+    p.add_argument("--zone", default="", help="zone of the device that first enrolls with it")
+    labels(p, "KEY=VALUE the device gets (repeatable)")
+    p.add_argument(
+        "--ttl-s",
+        type=ttl,
+        default=DEFAULT_TOKEN_TTL_S,
+        metavar="N",
+        help=f"lifetime in seconds, {TOKEN_TTL_S[0]} to {TOKEN_TTL_S[1]} (30 days)",
+    )
+    p.add_argument("--note", default="", help="what the token is for (kept beside its hash)")
+    p = command(
+        "role",
+        "assign an operator's role on the query API, or take it away (none); in force at its "
+        "next call (role admin). The verifier's `operators:` wins for the names it lists",
+        role,
+    )
+    p.add_argument(
+        "name", type=operator_name, help="operator name, as in spiffe://TD/operator/NAME"
+    )
+    p.add_argument("role", choices=[*LABELS, "none"], help="the role from now on")
+    if refs is not None:
+        text = "propose reference values from a known-good device (role viewer)"
+        p = refs.add_parser(
+            "learn", help=text, description=text, epilog=EXIT_TEXT, parents=[_common(json=False)]
+        )
+        p.set_defaults(tool=run, ops=learn, command="refs learn")
+        device(p)
+        p.add_argument("--name", default="", help="group name; empty: learned-<device>")

@@ -24,6 +24,8 @@ from devtrust.verifier.wire_ops import (
     FindingView,
     HistoryView,
     RevokedView,
+    RoleView,
+    TokenView,
     TrustView,
 )
 
@@ -335,3 +337,29 @@ def change_json(change: ChangeView, *, initial: bool) -> dict[str, Any]:
 
 def revoked_json(revoked: RevokedView) -> dict[str, Any]:
     return {"device": device_json(revoked.device), "revoked_serials": list(revoked.serials)}
+
+
+def token_note(made: TokenView) -> str:
+    assigns = f"zone {made.zone or '(unassigned)'}, labels {dict(made.labels)}"
+    return f"valid once, until {when(made.expires_at)}; assigns {assigns}"
+
+
+def token_json(made: TokenView) -> dict[str, Any]:
+    return {
+        "token": made.token,
+        "expires_at": _time_json(made.expires_at),
+        "zone": made.zone,
+        "labels": dict(made.labels),
+    }
+
+
+def role_line(done: RoleView) -> str:
+    return (
+        f"operator {done.name}: role {done.role or 'none'} (was {done.previous_role or 'none'}), "
+        "in force at its next call"
+    )
+
+
+def role_json(done: RoleView) -> dict[str, Any]:
+    was = done.previous_role or None
+    return {"name": done.name, "role": done.role or None, "previous_role": was}

@@ -14,8 +14,10 @@ device's state, its live certificates and the feed at once.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -28,6 +30,7 @@ from devtrust.verifier.errors import FailedPrecondition, NotFound, Unauthenticat
 from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.records import DeviceRecord
+from devtrust.verifier.roles import Role
 from devtrust.verifier.settings import QuerySettings
 from devtrust.verifier.storage import DeviceQuery, Repositories
 from devtrust.verifier.watch import TrustChange, TrustWatch, WatchFilter
@@ -63,7 +66,10 @@ class QueryService(query_pb2_grpc.QueryServicer):
         watch: TrustWatch | None = None,
         revoker: DeviceRevoker | None = None,
         inventory: Inventory | None = None,
+        operators: Mapping[str, Role] | None = None,
     ) -> None:
+        # The configuration's `operators:`: SetRole leaves these names alone.
+        self._operators = dict(operators or {})
         self._policy = policy or PolicyHolder(None)
         self._repos = repos
         self._settings = settings
@@ -274,3 +280,62 @@ class QueryService(query_pb2_grpc.QueryServicer):
             raise FailedPrecondition("this verifier has no policy file configured")
         logger.info("policy %s reloaded by %s", policy.policy_id, caller.actor)
         return wire_query.policy_reloaded_to_wire(policy)
+
+    async def GetStoredEvidence(
+        self, request: query_pb2.GetStoredEvidenceRequest, context: Context
+    ) -> query_pb2.StoredEvidence:
+        self._operator()
+        device_id = wire_query.device_id_from_wire(request)
+        rec = await self._device(device_id)
+        state = await self._repos.trust.tpm_state(device_id)
+        if state is None:
+            raise NotFound(f"no appraised evidence for device {device_id}")
+        log, count = None, 0
+        if state.log is not None:  # the stored parts make up the log it replayed
+            log, count = await self._repos.trust.event_log(device_id), state.log.event_count
+        return wire_query.stored_evidence_to_wire(rec, state.pcrs, log, count)
+
+    async def CreateBootstrapToken(
+        self, request: query_pb2.CreateBootstrapTokenRequest, context: Context
+    ) -> query_pb2.BootstrapToken:
+        caller = self._operator()
+        wanted = wire_query.token_request_from_wire(request)
+        token = secrets.token_urlsafe(32)
+        now = self._clock()
+        expires = now + wanted.ttl
+        await self._repos.tokens.add(
+            hashlib.sha256(token.encode()).hexdigest(),
+            now=now,
+            expires_at=expires,
+            note=wanted.note,
+            zone=wanted.zone,
+            labels=wanted.labels,
+        )
+        logger.info(
+            "bootstrap token created by %s: zone %s, until %s",
+            caller.actor,
+            wanted.zone or "(unassigned)",
+            expires.isoformat(),
+        )
+        return wire_query.token_to_wire(token, expires_at=expires, request=wanted)
+
+    async def SetRole(
+        self, request: query_pb2.SetRoleRequest, context: Context
+    ) -> query_pb2.SetRoleResponse:
+        caller = self._operator()
+        name, role = wire_query.role_from_wire(request)
+        listed = self._operators.get(name)
+        if listed is not None:
+            if role is not None and role == listed:
+                return wire_query.role_set_to_wire(name, role, listed.label)
+            raise FailedPrecondition(
+                f"operator {name}'s role is set in the verifier's configuration (operators: "
+                f"{name}: {listed.label}), which wins over the database: change it there and "
+                "restart the verifier"
+            )
+        was = await self._repos.roles.set(
+            name, role.label if role else None, now=self._clock(), actor=caller.actor
+        )
+        shown = role.label if role else "none"
+        logger.info("operator %s: role %s by %s", name, shown, caller.actor)
+        return wire_query.role_set_to_wire(name, role, was)

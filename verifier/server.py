@@ -341,6 +341,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
             watch=watch,
             revoker=revoker,
             inventory=inventory,
+            operators=config.roles,
         ),
         attest,
     )

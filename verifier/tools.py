@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import json
 import sys
@@ -20,15 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtrust import __version__
 from devtrust.core.command import one_line
-from devtrust.core.errors import DevtrustError
-from devtrust.core.ids import parse_device_id
 from devtrust.verifier import measured_boot
 from devtrust.verifier.appraisal import with_findings
-from devtrust.verifier.config import clip
 from devtrust.verifier.document import build
 from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.policy import Policy, PolicyError
-from devtrust.verifier.storage import Repositories, open_repositories
 from devtrust.verifier.tpm import bootfacts
 from devtrust.verifier.tpm import eventlog as ev
 from devtrust.verifier.tpm.constants import hash_alg
@@ -36,6 +31,7 @@ from devtrust.verifier.tpm.quote import AkKey, QuoteRejected, check_quote
 from devtrust.verifier.tpm.structures import parse_attest, parse_public
 from devtrust.verifier.trust import overall_tier, trust_score
 from devtrust.verifier.wire_body import body_from_json
+from devtrust.verifier.wire_ops import StoredEvidenceView
 
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -217,31 +213,28 @@ def _verdict(args: argparse.Namespace, *, valid: bool, reason: str, attest: Any 
     return EXIT_VALID if valid else EXIT_INVALID
 
 
-async def learn_group(repos: Repositories, device_id: str, *, name: str) -> dict[str, Any]:
-    """A reference-value group from a device's last good evidence, for an operator to
-    review: its quoted PCR values and, when it sent an event log, its Secure Boot state and
-    boot application digests."""
-    missing = UsageError(f"no appraised evidence for device {clip(device_id)} in {repos.location}")
-    try:
-        device = parse_device_id(device_id)
-    except ValueError:
-        raise missing from None
-    record = await repos.devices.get(device)
-    state = await repos.trust.tpm_state(device)
-    if record is None or state is None:
-        raise missing
+def learn_group(stored: StoredEvidenceView, *, name: str) -> dict[str, Any]:
+    """A reference-value group from a device's last good evidence, as the verifier stored it
+    (the Query API's GetStoredEvidence), for an operator to review: its quoted PCR values
+    and, when it sent an event log, its Secure Boot state and boot application digests."""
     group: dict[str, Any] = {"name": name}
-    if record.zone:
-        group["zone"] = record.zone
-    group["pcrs"] = {bank: dict(values) for bank, values in state.pcrs.items()}
-    if state.log is not None:
+    if stored.zone:
+        group["zone"] = stored.zone
+    group["pcrs"] = {bank: dict(values) for bank, values in stored.pcrs.items()}
+    log = None
+    if stored.event_log is not None:
+        part = measured_boot.LogPart(0, stored.event_log)
+        log = measured_boot.rebuild(
+            [part], offset=len(stored.event_log), event_count=stored.event_count
+        )
+    if log is not None:
         # Facts only from what the last quote vouched for (issue 7, item 1).
         quoted = {
             (hash_alg(bank), index): bytes.fromhex(value)
-            for bank, values in state.pcrs.items()
+            for bank, values in stored.pcrs.items()
             for index, value in values.items()
         }
-        facts = measured_boot.facts_of(state.log, measured_boot.verified_pcrs(state.log, quoted))
+        facts = measured_boot.facts_of(log, measured_boot.verified_pcrs(log, quoted))
         if facts.secure_boot is not None:
             group["secure_boot"] = facts.secure_boot
         apps = sorted(
@@ -252,25 +245,13 @@ async def learn_group(repos: Repositories, device_id: str, *, name: str) -> dict
     return group
 
 
-async def _learn(database: Path | str, device_id: str, *, name: str) -> dict[str, Any]:
-    try:  # read only: a wrong --database is never made, migrated or written
-        repos = await open_repositories(database, create=False, read_only=True)
-    except DevtrustError as exc:
-        raise UsageError(str(exc)) from exc
-    try:
-        return await learn_group(repos, device_id, name=name)
-    finally:
-        await repos.close()
-
-
-def refs_learn(args: argparse.Namespace) -> int:
-    device_id = args.device_id.lower()
-    name = args.name or f"learned-{device_id[:8]}"
-    group = asyncio.run(_learn(args.database, device_id, name=name))
-    print(f"# Learned from device {device_id}. Review every value before applying:")
-    print("# golden PCRs pin this exact firmware and boot chain; prefer the event-based rules.")
-    print(yaml.safe_dump({"groups": [group]}, sort_keys=False), end="")
-    return EXIT_VALID
+def learned_text(device_id: str, group: dict[str, Any]) -> list[str]:
+    """`refs learn`'s output: the group as YAML under a review warning."""
+    return [
+        f"# Learned from device {device_id}. Review every value before applying:",
+        "# golden PCRs pin this exact firmware and boot chain; prefer the event-based rules.",
+        yaml.safe_dump({"groups": [group]}, sort_keys=False).rstrip("\n"),
+    ]
 
 
 def policy_eval(args: argparse.Namespace) -> int:
@@ -333,8 +314,9 @@ def policy_eval(args: argparse.Namespace) -> int:
     return EXIT_VALID
 
 
-def add_parsers(sub: Any) -> None:
-    """Add the tools to the ``devtrust`` subcommand parser ``sub``."""
+def add_parsers(sub: Any) -> Any:
+    """Add the tools to the ``devtrust`` subcommand parser ``sub``; the ``refs`` subcommand
+    parser, to which verifier/ops.py adds ``learn`` (a Query API client)."""
     log = sub.add_parser("eventlog", help="TCG event log tools").add_subparsers(
         dest="action", required=True
     )
@@ -370,15 +352,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--device", default="(dry run)", help="device id shown in findings")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(tool=policy_eval)
-    p = refs.add_parser("learn", help="propose reference values from a known-good device")
-    p.add_argument("device_id", help="the device to learn from")
-    p.add_argument(
-        "--database",
-        default=Path("/var/lib/devtrust/verifier.db"),
-        help="the verifier's database: a file, or a URL as in `database:`",
-    )
-    p.add_argument("--name", default="", help="group name; empty: learned-<device>")
-    p.set_defaults(tool=refs_learn)
+    return refs
 
 
 def run_tool(args: argparse.Namespace) -> int:

@@ -240,6 +240,46 @@ def history_from_wire(msg: query_pb2.HistoryEntry) -> HistoryView:
     )
 
 
+@dataclass(frozen=True)
+class TokenView:
+    """A bootstrap token just created: the token itself is shown this once."""
+
+    token: str
+    expires_at: datetime.datetime | None
+    zone: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class RoleView:
+    name: str
+    role: str  # "" none
+    previous_role: str  # "" none
+
+
+@dataclass(frozen=True)
+class StoredEvidenceView:
+    """What the verifier stored of a device's last appraised evidence."""
+
+    device_id: str
+    zone: str
+    labels: Mapping[str, str]
+    pcrs: Mapping[str, Mapping[int, str]]  # bank -> PCR -> hex
+    event_log: bytes | None  # None: none stored
+    event_count: int
+
+
+def stored_evidence_from_wire(msg: query_pb2.StoredEvidence) -> StoredEvidenceView:
+    return StoredEvidenceView(
+        device_id=msg.device_id,
+        zone=msg.zone,
+        labels=dict(msg.labels),
+        pcrs={b.hash_alg: {i: v.hex() for i, v in sorted(b.values.items())} for b in msg.pcrs},
+        event_log=msg.event_log if msg.has_event_log else None,
+        event_count=msg.event_count,
+    )
+
+
 # --- the calls -------------------------------------------------------------------------------
 
 
@@ -327,3 +367,27 @@ class QueryClient:
             query_pb2.RevokeRequest(device_id=device_id, reason=reason), timeout=self._timeout
         )
         return RevokedView(device_from_wire(msg.device), tuple(msg.revoked_serials))
+
+    async def create_token(
+        self, *, zone: str, labels: Mapping[str, str], ttl_s: int, note: str
+    ) -> TokenView:
+        msg = await self._stub.CreateBootstrapToken(
+            query_pb2.CreateBootstrapTokenRequest(
+                zone=zone, labels=dict(labels), ttl_s=ttl_s, note=note
+            ),
+            timeout=self._timeout,
+        )
+        return TokenView(msg.token, _time(msg, "expires_at"), msg.zone, dict(msg.labels))
+
+    async def set_role(self, name: str, role: str) -> RoleView:
+        """``role`` "" takes the role away."""
+        msg = await self._stub.SetRole(
+            query_pb2.SetRoleRequest(name=name, role=role), timeout=self._timeout
+        )
+        return RoleView(msg.name, msg.role, msg.previous_role)
+
+    async def stored_evidence(self, device_id: str) -> StoredEvidenceView:
+        msg = await self._stub.GetStoredEvidence(
+            query_pb2.GetStoredEvidenceRequest(device_id=device_id), timeout=self._timeout
+        )
+        return stored_evidence_from_wire(msg)

@@ -13,17 +13,26 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from devtrust.core.errors import DevtrustError
 from devtrust.core.ids import DeviceId, Serial, parse_device_id
 from devtrust.core.tier import Tier
 from devtrust.v1 import common_pb2, query_pb2
 from devtrust.verifier.errors import MalformedInput, NotFound
-from devtrust.verifier.inventory import MAX_LABELS, zone_problem
+from devtrust.verifier.inventory import (
+    DEFAULT_TOKEN_TTL_S,
+    MAX_LABELS,
+    TOKEN_TTL_S,
+    labels_problem,
+    zone_problem,
+)
 from devtrust.verifier.lifecycle import Approve, Revoke, SetZone, reason_problem
+from devtrust.verifier.pki import check_operator_name
 from devtrust.verifier.policy import Policy
 from devtrust.verifier.records import DeviceRecord
+from devtrust.verifier.roles import Role
 from devtrust.verifier.storage import DeviceQuery, HistoryItem
 from devtrust.verifier.trust import TrustResult
 from devtrust.verifier.watch import TrustChange, WatchFilter
@@ -48,6 +57,7 @@ NamesDevice = (
     | query_pb2.ApproveRequest
     | query_pb2.SetZoneRequest
     | query_pb2.RevokeRequest
+    | query_pb2.GetStoredEvidenceRequest
 )
 # Audit entries per History page at most, whatever the request asks.
 MAX_HISTORY_PAGE = 500
@@ -219,4 +229,87 @@ def revoked_to_wire(
 ) -> query_pb2.RevokeResponse:
     return query_pb2.RevokeResponse(
         device=device_to_wire(rec, result), revoked_serials=list(serials)
+    )
+
+
+# --- bootstrap tokens, roles, stored evidence --------------------------------------------------
+
+MAX_NOTE = 500
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    zone: str
+    labels: dict[str, str]
+    ttl: datetime.timedelta
+    note: str
+
+
+def token_request_from_wire(msg: query_pb2.CreateBootstrapTokenRequest) -> TokenRequest:
+    """What a new token assigns and how long it lives; refused whole when any is wrong."""
+    low, high = TOKEN_TTL_S
+    ttl_s = msg.ttl_s or DEFAULT_TOKEN_TTL_S
+    if not low <= ttl_s <= high:
+        raise MalformedInput(
+            f"ttl_s {ttl_s}: a token lives {low} to {high} seconds (30 days); give a lifetime "
+            "in that range"
+        )
+    labels = dict(msg.labels)
+    problem = zone_problem(msg.zone) or labels_problem(labels)
+    if problem is not None:
+        raise MalformedInput(problem)
+    if len(msg.note) > MAX_NOTE or not msg.note.isprintable():
+        raise MalformedInput(f"note: printable text of at most {MAX_NOTE} characters")
+    return TokenRequest(msg.zone, labels, datetime.timedelta(seconds=ttl_s), msg.note)
+
+
+def token_to_wire(
+    token: str, *, expires_at: datetime.datetime, request: TokenRequest
+) -> query_pb2.BootstrapToken:
+    return query_pb2.BootstrapToken(
+        token=token,
+        expires_at=timestamp(expires_at),
+        zone=request.zone,
+        labels=request.labels,
+    )
+
+
+def role_from_wire(msg: query_pb2.SetRoleRequest) -> tuple[str, Role | None]:
+    """The operator's name and its role from now on (None: taken away)."""
+    try:
+        check_operator_name(msg.name, given_as="SetRoleRequest.name")
+    except DevtrustError as exc:
+        raise MalformedInput(str(exc)) from None
+    if not msg.role or msg.role == "none":
+        return msg.name, None
+    try:
+        return msg.name, Role.parse(msg.role)
+    except ValueError as exc:
+        raise MalformedInput(f"SetRoleRequest.role: {exc}") from None
+
+
+def role_set_to_wire(
+    name: str, role: Role | None, previous: str | None
+) -> query_pb2.SetRoleResponse:
+    return query_pb2.SetRoleResponse(
+        name=name, role=role.label if role else "", previous_role=previous or ""
+    )
+
+
+def stored_evidence_to_wire(
+    rec: DeviceRecord, pcrs: Mapping[str, Mapping[int, str]], log: bytes | None, event_count: int
+) -> query_pb2.StoredEvidence:
+    return query_pb2.StoredEvidence(
+        device_id=rec.device_id,
+        zone=rec.zone,
+        labels=dict(rec.labels),
+        pcrs=[
+            common_pb2.PcrBank(
+                hash_alg=bank, values={i: bytes.fromhex(v) for i, v in values.items()}
+            )
+            for bank, values in pcrs.items()
+        ],
+        has_event_log=log is not None,
+        event_log=log or b"",
+        event_count=event_count,
     )

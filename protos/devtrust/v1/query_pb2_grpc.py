@@ -60,6 +60,11 @@ class QueryStub:
                 request_serializer=devtrust_dot_v1_dot_query__pb2.HistoryRequest.SerializeToString,
                 response_deserializer=devtrust_dot_v1_dot_query__pb2.HistoryResponse.FromString,
                 _registered_method=True)
+        self.GetStoredEvidence = channel.unary_unary(
+                '/devtrust.v1.Query/GetStoredEvidence',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.GetStoredEvidenceRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.StoredEvidence.FromString,
+                _registered_method=True)
         self.Approve = channel.unary_unary(
                 '/devtrust.v1.Query/Approve',
                 request_serializer=devtrust_dot_v1_dot_query__pb2.ApproveRequest.SerializeToString,
@@ -75,10 +80,20 @@ class QueryStub:
                 request_serializer=devtrust_dot_v1_dot_query__pb2.SetZoneRequest.SerializeToString,
                 response_deserializer=devtrust_dot_v1_dot_common__pb2.Device.FromString,
                 _registered_method=True)
+        self.CreateBootstrapToken = channel.unary_unary(
+                '/devtrust.v1.Query/CreateBootstrapToken',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.CreateBootstrapTokenRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.BootstrapToken.FromString,
+                _registered_method=True)
         self.ReloadPolicy = channel.unary_unary(
                 '/devtrust.v1.Query/ReloadPolicy',
                 request_serializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
                 response_deserializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/devtrust.v1.Query/SetRole',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.SetRoleResponse.FromString,
                 _registered_method=True)
 
 
@@ -120,6 +135,14 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStoredEvidence(self, request, context):
+        """What the verifier stored of a device's last appraised evidence: its event log and last
+        quoted PCR values, with its zone and labels (what `devtrust refs learn` proposes from).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Approve(self, request, context):
         """operator
         """
@@ -141,9 +164,24 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBootstrapToken(self, request, context):
+        """A one-time bootstrap token, stored hashed; the token itself is in this answer only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReloadPolicy(self, request, context):
         """admin. Load the policy file again; a policy that does not validate whole is refused with
         its file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRole(self, request, context):
+        """An operator's role (empty: none, taken away), in force at its next call. Names the
+        configuration's `operators:` lists are refused (FAILED_PRECONDITION): the file wins.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,6 +215,11 @@ def add_QueryServicer_to_server(servicer, server):
                     request_deserializer=devtrust_dot_v1_dot_query__pb2.HistoryRequest.FromString,
                     response_serializer=devtrust_dot_v1_dot_query__pb2.HistoryResponse.SerializeToString,
             ),
+            'GetStoredEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStoredEvidence,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.GetStoredEvidenceRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.StoredEvidence.SerializeToString,
+            ),
             'Approve': grpc.unary_unary_rpc_method_handler(
                     servicer.Approve,
                     request_deserializer=devtrust_dot_v1_dot_query__pb2.ApproveRequest.FromString,
@@ -192,10 +235,20 @@ def add_QueryServicer_to_server(servicer, server):
                     request_deserializer=devtrust_dot_v1_dot_query__pb2.SetZoneRequest.FromString,
                     response_serializer=devtrust_dot_v1_dot_common__pb2.Device.SerializeToString,
             ),
+            'CreateBootstrapToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBootstrapToken,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.CreateBootstrapTokenRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.BootstrapToken.SerializeToString,
+            ),
             'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadPolicy,
                     request_deserializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.FromString,
                     response_serializer=devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.SetRoleRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +397,33 @@ class Query:
             _registered_method=True)
 
     @staticmethod
+    def GetStoredEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/GetStoredEvidence',
+            devtrust_dot_v1_dot_query__pb2.GetStoredEvidenceRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.StoredEvidence.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Approve(request,
             target,
             options=(),
@@ -425,6 +505,33 @@ class Query:
             _registered_method=True)
 
     @staticmethod
+    def CreateBootstrapToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/CreateBootstrapToken',
+            devtrust_dot_v1_dot_query__pb2.CreateBootstrapTokenRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.BootstrapToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ReloadPolicy(request,
             target,
             options=(),
@@ -441,6 +548,33 @@ class Query:
             '/devtrust.v1.Query/ReloadPolicy',
             devtrust_dot_v1_dot_query__pb2.ReloadPolicyRequest.SerializeToString,
             devtrust_dot_v1_dot_query__pb2.ReloadPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/SetRole',
+            devtrust_dot_v1_dot_query__pb2.SetRoleRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

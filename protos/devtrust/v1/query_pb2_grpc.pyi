@@ -48,6 +48,10 @@ class QueryStub:
     """A device's audit trail, newest first: appraisals with their findings, enrollment,
     approval, revocation, zone changes, each with who made it.
     """
+    GetStoredEvidence: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetStoredEvidenceRequest, _query_pb2.StoredEvidence]
+    """What the verifier stored of a device's last appraised evidence: its event log and last
+    quoted PCR values, with its zone and labels (what `devtrust refs learn` proposes from).
+    """
     Approve: _grpc.UnaryUnaryMultiCallable[_query_pb2.ApproveRequest, _common_pb2.Device]
     """operator"""
     Revoke: _grpc.UnaryUnaryMultiCallable[_query_pb2.RevokeRequest, _query_pb2.RevokeResponse]
@@ -55,9 +59,15 @@ class QueryStub:
     are published at once on the revocation feed.
     """
     SetZone: _grpc.UnaryUnaryMultiCallable[_query_pb2.SetZoneRequest, _common_pb2.Device]
+    CreateBootstrapToken: _grpc.UnaryUnaryMultiCallable[_query_pb2.CreateBootstrapTokenRequest, _query_pb2.BootstrapToken]
+    """A one-time bootstrap token, stored hashed; the token itself is in this answer only."""
     ReloadPolicy: _grpc.UnaryUnaryMultiCallable[_query_pb2.ReloadPolicyRequest, _query_pb2.ReloadPolicyResponse]
     """admin. Load the policy file again; a policy that does not validate whole is refused with
     its file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+    """
+    SetRole: _grpc.UnaryUnaryMultiCallable[_query_pb2.SetRoleRequest, _query_pb2.SetRoleResponse]
+    """An operator's role (empty: none, taken away), in force at its next call. Names the
+    configuration's `operators:` lists are refused (FAILED_PRECONDITION): the file wins.
     """
 
 @_typing.type_check_only
@@ -75,6 +85,10 @@ class QueryAsyncStub(QueryStub):
     """A device's audit trail, newest first: appraisals with their findings, enrollment,
     approval, revocation, zone changes, each with who made it.
     """
+    GetStoredEvidence: _aio.UnaryUnaryMultiCallable[_query_pb2.GetStoredEvidenceRequest, _query_pb2.StoredEvidence]  # type: ignore[assignment]
+    """What the verifier stored of a device's last appraised evidence: its event log and last
+    quoted PCR values, with its zone and labels (what `devtrust refs learn` proposes from).
+    """
     Approve: _aio.UnaryUnaryMultiCallable[_query_pb2.ApproveRequest, _common_pb2.Device]  # type: ignore[assignment]
     """operator"""
     Revoke: _aio.UnaryUnaryMultiCallable[_query_pb2.RevokeRequest, _query_pb2.RevokeResponse]  # type: ignore[assignment]
@@ -82,9 +96,15 @@ class QueryAsyncStub(QueryStub):
     are published at once on the revocation feed.
     """
     SetZone: _aio.UnaryUnaryMultiCallable[_query_pb2.SetZoneRequest, _common_pb2.Device]  # type: ignore[assignment]
+    CreateBootstrapToken: _aio.UnaryUnaryMultiCallable[_query_pb2.CreateBootstrapTokenRequest, _query_pb2.BootstrapToken]  # type: ignore[assignment]
+    """A one-time bootstrap token, stored hashed; the token itself is in this answer only."""
     ReloadPolicy: _aio.UnaryUnaryMultiCallable[_query_pb2.ReloadPolicyRequest, _query_pb2.ReloadPolicyResponse]  # type: ignore[assignment]
     """admin. Load the policy file again; a policy that does not validate whole is refused with
     its file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+    """
+    SetRole: _aio.UnaryUnaryMultiCallable[_query_pb2.SetRoleRequest, _query_pb2.SetRoleResponse]  # type: ignore[assignment]
+    """An operator's role (empty: none, taken away), in force at its next call. Names the
+    configuration's `operators:` lists are refused (FAILED_PRECONDITION): the file wins.
     """
 
 class QueryServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +151,16 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def GetStoredEvidence(
+        self,
+        request: _query_pb2.GetStoredEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.StoredEvidence, _abc.Awaitable[_query_pb2.StoredEvidence]]:
+        """What the verifier stored of a device's last appraised evidence: its event log and last
+        quoted PCR values, with its zone and labels (what `devtrust refs learn` proposes from).
+        """
+
+    @_abc_1.abstractmethod
     def Approve(
         self,
         request: _query_pb2.ApproveRequest,
@@ -156,6 +186,14 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_common_pb2.Device, _abc.Awaitable[_common_pb2.Device]]: ...
 
     @_abc_1.abstractmethod
+    def CreateBootstrapToken(
+        self,
+        request: _query_pb2.CreateBootstrapTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.BootstrapToken, _abc.Awaitable[_query_pb2.BootstrapToken]]:
+        """A one-time bootstrap token, stored hashed; the token itself is in this answer only."""
+
+    @_abc_1.abstractmethod
     def ReloadPolicy(
         self,
         request: _query_pb2.ReloadPolicyRequest,
@@ -163,6 +201,16 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_query_pb2.ReloadPolicyResponse, _abc.Awaitable[_query_pb2.ReloadPolicyResponse]]:
         """admin. Load the policy file again; a policy that does not validate whole is refused with
         its file, line and reason (FAILED_PRECONDITION), and the policy in force stays.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRole(
+        self,
+        request: _query_pb2.SetRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.SetRoleResponse, _abc.Awaitable[_query_pb2.SetRoleResponse]]:
+        """An operator's role (empty: none, taken away), in force at its next call. Names the
+        configuration's `operators:` lists are refused (FAILED_PRECONDITION): the file wins.
         """
 
 def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
