@@ -26,7 +26,7 @@ EK_TYPES = {
     "EK-HIGH-RSA4096": "H-7",
 }
 _EK_NAMES = {key.lower(): name for name, alias in EK_TYPES.items() for key in (name, alias)}
-# secrets.token_urlsafe, as `devtrust-verifier token create` makes bootstrap tokens.
+# secrets.token_urlsafe, as `devtrust token create` makes bootstrap tokens.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -121,7 +121,7 @@ class AgentConfig:
     # The first posture change is sent at once; further ones within this many seconds are
     # coalesced into one PostureChanged sent when the window closes (agent/posture.py).
     posture_debounce_s: float = 5.0
-    # A one-time token from the verifier's operator (`devtrust-verifier token create`); it
+    # A one-time token from the verifier's operator (`devtrust token create`); it
     # may carry the zone and labels the operator assigns to this host. A host never chooses
     # its own zone: there is no zone setting here.
     bootstrap_token: str = ""
@@ -167,7 +167,7 @@ class AgentConfig:
             raise ValueError(
                 f"bootstrap_token holds {bad[0]!r} at position {token.index(bad[0]) + 1}, which "
                 "no token has (A-Z a-z 0-9 - _): paste exactly the line "
-                "`devtrust-verifier token create` printed"
+                "`devtrust token create` printed"
             )
 
     @classmethod

@@ -194,4 +194,4 @@ def _with_token_remedy(
         remedy = "bootstrap_token is empty: set it to a token from"
     else:
         remedy = "bootstrap_token cannot be used: set it to a new token from"
-    return VerifierError(f"{error}; {remedy} `devtrust-verifier token create` on the verifier")
+    return VerifierError(f"{error}; {remedy} `devtrust token create` on the verifier")

@@ -50,7 +50,7 @@ ENROLL_GIVE_UP_S = 120.0
 EXIT_ERROR, EXIT_PENDING, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 2, 3, 75, 130
 EPILOG = (
     "exit status: 0 done; 2 an error, its one line says what to fix; 3 enrolled, awaiting "
-    "operator approval (`devtrust-verifier approve`); 75 the verifier did not answer "
+    "operator approval (`devtrust approve`); 75 the verifier did not answer "
     "within --give-up-s (`enroll` only: `run` keeps trying); 130 interrupted"
 )
 
@@ -254,7 +254,7 @@ def errors(config: Path | None) -> ErrorPolicy:
     def explain(exc: Exception) -> Failure | None:
         if isinstance(exc, EnrollmentPending):
             return Failure(
-                f"{exc}: approve it on the verifier (`devtrust-verifier approve "
+                f"{exc}: approve it on the verifier (`devtrust approve "
                 f"{exc.device_id}`), then enroll again",
                 EXIT_PENDING,
             )

@@ -127,7 +127,7 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
         verifier = await start_verifier(vcfg)
         stack.push_async_callback(verifier.stop)
         # The operator assigns the zone and labels with the one-time bootstrap token (as
-        # `devtrust-verifier token create --zone Z --label K=V` does); a device never
+        # `devtrust token create --zone Z --label K=V` does); a device never
         # chooses its own. No GPU on this machine: a zone that requires no GPU state.
         token = secrets.token_urlsafe(24)
         await verifier.repos.tokens.add(

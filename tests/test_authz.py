@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import descriptor_pool
@@ -42,7 +41,6 @@ from devtrust.verifier import authz, server
 from devtrust.verifier.authz import REQUIREMENTS, Authorization, Authorizer, current_caller
 from devtrust.verifier.ca import CertificateAuthority, pem
 from devtrust.verifier.interceptor import ErrorMapping
-from devtrust.verifier.main import main as verifier_main
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.records import DeviceState
 from devtrust.verifier.roles import Role
@@ -539,47 +537,39 @@ def test_a_role_taken_away_ends_a_stream_at_its_next_message(tmp_path: Path, pki
 def test_a_role_taken_away_is_refused_at_the_next_call(
     workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA
 ) -> None:
-    """Roles recorded by the commands, read at every call: `operator --role` issues the
-    certificate with its role, `role NAME none` takes it away while the operator's channel
-    stays open, and the configuration's roles cannot be changed from the database."""
+    """Roles recorded by an admin (the SetRole RPC, as `devtrust role` sends it), read at
+    every call: `role NAME none` takes a role away while the operator's channel stays open,
+    and the configuration's roles cannot be changed from the database."""
     config = config_with_roles(workdir, pki, endorsement_ca, ada="admin")
-    config_file = workdir / "verifier.yaml"
-    config_file.write_text(
-        yaml.safe_dump({"database": str(config.database), "operators": {"ada": "admin"}})
-    )
-    argv = ["--config", str(config_file)]
-    pki_dir = pki.ca_cert.parent
-
-    async def command(*args: str) -> int:
-        return await asyncio.to_thread(verifier_main, [*args, *argv])
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
         async with running(config) as verifier:
-            rc = await command(
-                "operator", "--dir", str(pki_dir), "--name", "carol", "--role", "viewer", "--force"
-            )
-            assert rc == 0
-            creds = channel_credentials(
-                pki,
-                key_pem=(pki_dir / "operator-carol.key").read_bytes(),
-                cert_pem=(pki_dir / "operator-carol.pem").read_bytes(),
-            )
             address = f"127.0.0.1:{verifier.attestation_port}"
-            async with grpc.aio.secure_channel(address, creds) as channel:
+            async with (
+                grpc.aio.secure_channel(address, credentials(pki, "operator", "ada")) as admin,
+                grpc.aio.secure_channel(address, credentials(pki, "operator", "carol")) as channel,
+            ):
+                roles = query_pb2_grpc.QueryStub(admin)
+
+                async def set_role(name: str, role: str) -> tuple[grpc.StatusCode, str]:
+                    request = query_pb2.SetRoleRequest(name=name, role=role)
+                    return await _status(roles.SetRole(request, timeout=5))
+
+                assert await set_role("carol", "viewer") == (OK, "")
                 query = query_pb2_grpc.QueryStub(channel)
                 listing = query_pb2.ListDevicesRequest()
                 out["viewer lists"] = await _status(query.ListDevices(listing, timeout=5))
                 out["viewer approves"] = await _status(
                     query.Approve(query_pb2.ApproveRequest(device_id=NO_SUCH_DEVICE), timeout=5)
                 )
-                assert await command("role", "carol", "operator") == 0
+                assert await set_role("carol", "operator") == (OK, "")
                 out["operator approves"] = await _status(
                     query.Approve(query_pb2.ApproveRequest(device_id=NO_SUCH_DEVICE), timeout=5)
                 )
-                assert await command("role", "carol", "none") == 0
+                assert await set_role("carol", "") == (OK, "")
                 out["removed lists"] = await _status(query.ListDevices(listing, timeout=5))
-            out["config wins"] = await command("role", "ada", "viewer")
+                out["config wins"] = await set_role("ada", "viewer")
             out["recorded"] = await verifier.repos.roles.all()
         return out
 
@@ -589,5 +579,5 @@ def test_a_role_taken_away_is_refused_at_the_next_call(
     assert out["operator approves"][0] == grpc.StatusCode.NOT_FOUND
     assert out["removed lists"][0] == DENIED
     assert "operator carol has no role on this verifier" in out["removed lists"][1]
-    assert out["config wins"] == 1
+    assert out["config wins"][0] == grpc.StatusCode.FAILED_PRECONDITION
     assert out["recorded"] == {}  # carol's taken away; ada's is the configuration's

@@ -209,7 +209,7 @@ def test_token_cannot_move_a_pinned_device(name: str, token: Assignment, message
     text = str(err.value)
     assert f"device {DEV_A} is pinned to zone 'model-development'" in text, name
     assert message in text
-    assert f"devtrust-verifier approve {DEV_A} --zone" in text
+    assert f"devtrust approve {DEV_A} --zone" in text
 
 
 # --- floods ------------------------------------------------------------------------------

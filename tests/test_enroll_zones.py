@@ -27,13 +27,12 @@ from devtrust.swtpm import EndorsementCA, Swtpm
 from devtrust.v1 import common_pb2, enrollment_pb2, enrollment_pb2_grpc
 from devtrust.verifier.config import EnrollmentConfig, VerifierConfig
 from devtrust.verifier.enrollment import device_id_for
-from devtrust.verifier.main import main
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.server import RunningVerifier
 from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
-from tests.db import make_database, with_repos
+from tests.db import with_repos
 from tests.env import (
     Agent,
     agent_config,
@@ -42,6 +41,7 @@ from tests.env import (
     running,
     verifier_config,
 )
+from tests.test_ops_cli import Run, devtrust, profile
 
 pytestmark = pytest.mark.swtpm
 
@@ -56,27 +56,15 @@ def _device_id(tpm: Swtpm) -> DeviceId:
         backend.close()
 
 
-def _config_file(workdir: Path, config: VerifierConfig) -> Path:
-    """The verifier configuration the CLI reads (it only needs the database and inventory)."""
-    path = workdir / "verifier.yaml"
-    data: dict[str, object] = {"database": str(config.database)}
-    if config.enrollment.inventory is not None:
-        data["enrollment"] = {"inventory": str(config.enrollment.inventory)}
-    path.write_text(yaml.safe_dump(data))
-    make_database(config.database)  # what `serve` makes: admin commands never make it
-    return path
+async def _cli(workdir: Path, pki: PkiFiles, verifier: RunningVerifier, *argv: str) -> Run:
+    """`devtrust ARGV` against the running verifier, as its admin alice (tests/env.py)."""
+    return await devtrust(*argv, "--profile", str(profile(workdir, pki, verifier, "alice")))
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def _token(capsys: pytest.CaptureFixture[str], config_file: Path, *options: str) -> str:
-    rc, out, err = _cli(capsys, "token", "create", "--config", str(config_file), *options)
-    assert rc == 0, err
-    return out.strip()
+async def _token(workdir: Path, pki: PkiFiles, verifier: RunningVerifier, *options: str) -> str:
+    run = await _cli(workdir, pki, verifier, "token", "create", *options)
+    assert run.status == 0, run.err
+    return run.out.strip()
 
 
 def _claiming_host() -> common_pb2.HostFacts:
@@ -158,17 +146,12 @@ def test_token_zone_lands_on_the_device_and_its_certificate_not_the_claim(
 ) -> None:
     tokened, bare = swtpm_factory(), swtpm_factory()
     config = verifier_config(workdir, pki, endorsement_ca)
-    token = _token(
-        capsys,
-        _config_file(workdir, config),
-        "--zone",
-        "production-inference",
-        "--label",
-        "sku=h100",
-    )
 
     async def scenario() -> list[str]:
         async with running(config) as verifier:
+            token = await _token(
+                workdir, pki, verifier, "--zone", "production-inference", "--label", "sku=h100"
+            )
             return [
                 await _enroll(workdir, pki, verifier, tokened, token=token, attest=True),
                 await _enroll(workdir, pki, verifier, bare, name="bare", attest=True),
@@ -204,21 +187,22 @@ def test_reenrollment_cannot_change_the_pinned_zone(
         verifier_config(workdir, pki, endorsement_ca),
         enrollment=EnrollmentConfig(require_approval=require_approval),
     )
-    config_file = _config_file(workdir, config)
-    first = _token(capsys, config_file, "--zone", "model-development")
-    move = _token(capsys, config_file, "--zone", "management")
-    relabel = _token(capsys, config_file, "--zone", "model-development", "--label", "x=y")
-    same = _token(capsys, config_file, "--zone", "model-development")
+    tokens: list[str] = []
 
     async def scenario() -> list[str]:
         async with running(config) as verifier:
+            for options in (
+                ("--zone", "model-development"),
+                ("--zone", "management"),
+                ("--zone", "model-development", "--label", "x=y"),
+                ("--zone", "model-development"),
+            ):
+                tokens.append(await _token(workdir, pki, verifier, *options))
+            first, move, relabel, same = tokens
             outcomes = [await _enroll(workdir, pki, verifier, tpm, token=first)]
             if require_approval:
-                # The command runs its own event loop, as it does in its own process.
-                rc, _, err = await asyncio.to_thread(
-                    _cli, capsys, "approve", device_id, "--config", str(config_file)
-                )
-                assert rc == 0, err
+                run = await _cli(workdir, pki, verifier, "approve", device_id)
+                assert run.status == 0, run.err
             for token in ("", move, relabel, same):
                 outcomes.append(await _enroll(workdir, pki, verifier, tpm, token=token))
             return outcomes
@@ -231,13 +215,13 @@ def test_reenrollment_cannot_change_the_pinned_zone(
         f"device {device_id} is pinned to zone 'model-development' with labels {{}}; "
         "its bootstrap token assigns zone 'management'"
     ) in outcomes[2]
-    assert f"devtrust-verifier approve {device_id} --zone Z" in outcomes[2]
+    assert f"devtrust approve {device_id} --zone Z" in outcomes[2]
     assert outcomes[3].startswith("PERMISSION_DENIED: ")
     assert "its bootstrap token assigns labels {'x': 'y'}" in outcomes[3]
     assert outcomes[4] == "enrolled"  # a token naming the pinned zone is fine
     record = _record(config, device_id)
     assert (record.zone, record.labels) == ("model-development", {})
-    for refused in (move, relabel):  # a refused token is not spent: usable elsewhere
+    for refused in tokens[1:3]:  # a refused token is not spent: usable elsewhere
         digest = hashlib.sha256(refused.encode()).hexdigest()
         token = with_repos(config.database, lambda repos: repos.tokens.get(digest))  # noqa: B023
         assert token is not None
@@ -254,15 +238,16 @@ def test_inventory_wins_and_is_applied_at_start(
     fresh, known = swtpm_factory(), swtpm_factory()
     fresh_id, known_id = _device_id(fresh), _device_id(known)
     base = verifier_config(workdir, pki, endorsement_ca)
-    config_file = _config_file(workdir, base)
-    to_inference = _token(capsys, config_file, "--zone", "production-inference")
-    to_dev = _token(capsys, config_file, "--zone", "model-development")
 
-    async def before() -> str:
+    async def before() -> tuple[str, str]:
         async with running(base) as verifier:
-            return await _enroll(workdir, pki, verifier, known, token=to_dev, name="known")
+            to_inference = await _token(workdir, pki, verifier, "--zone", "production-inference")
+            to_dev = await _token(workdir, pki, verifier, "--zone", "model-development")
+            enrolled = await _enroll(workdir, pki, verifier, known, token=to_dev, name="known")
+            return enrolled, to_inference
 
-    assert asyncio.run(before()) == "enrolled"
+    enrolled, to_inference = asyncio.run(before())
+    assert enrolled == "enrolled"
     assert _record(base, known_id).zone == "model-development"
 
     inventory = workdir / "inventory.yaml"
@@ -276,7 +261,7 @@ def test_inventory_wins_and_is_applied_at_start(
     )
     config = replace(base, enrollment=EnrollmentConfig(inventory=inventory))
 
-    async def after() -> tuple[str, str]:
+    async def after() -> tuple[str, str, Run]:
         async with running(config) as verifier:
             store_zone = await verifier.repos.devices.get(known_id)
             assert store_zone is not None
@@ -285,9 +270,12 @@ def test_inventory_wins_and_is_applied_at_start(
             return (
                 await _enroll(workdir, pki, verifier, fresh, token=to_inference, name="fresh"),
                 await _enroll(workdir, pki, verifier, known, name="known"),
+                # The inventory wins over approval too: the command says where to change it.
+                await _cli(workdir, pki, verifier, "approve", fresh_id, "--zone", "x"),
             )
 
-    assert asyncio.run(after()) == ("enrolled", "enrolled")
+    fresh_outcome, known_outcome, refused = asyncio.run(after())
+    assert (fresh_outcome, known_outcome) == ("enrolled", "enrolled")
     record = _record(config, fresh_id)
     assert (record.zone, record.labels) == ("management", {"role": "bmc"})
     assert _record(config, known_id).zone == "data-processing"
@@ -297,12 +285,8 @@ def test_inventory_wins_and_is_applied_at_start(
         "labels": {},
         "was": {"zone": "model-development", "labels": {}},
     }
-    # The inventory wins over approval too: the CLI says where to change it.
-    rc, _, err = _cli(
-        capsys, "approve", fresh_id, "--zone", "x", "--config", str(_config_file(workdir, config))
-    )
-    assert rc == 1
-    assert f"device {fresh_id} is listed in the inventory" in err
+    assert refused.status != 0
+    assert f"device {fresh_id} is listed in the inventory" in refused.err
     assert _record(config, fresh_id).zone == "management"
 
 
@@ -319,47 +303,47 @@ def test_approve_sets_zone_and_labels(
         verifier_config(workdir, pki, endorsement_ca),
         enrollment=EnrollmentConfig(require_approval=True),
     )
-    config_file = _config_file(workdir, config)
-    token = _token(capsys, config_file, "--zone", "model-development")
 
-    async def enroll_once() -> str:
+    async def scenario() -> dict[str, Run | str]:
         async with running(config) as verifier:
-            return await _enroll(workdir, pki, verifier, tpm, token=token)
+            token = await _token(workdir, pki, verifier, "--zone", "model-development")
+            pending = await _enroll(workdir, pki, verifier, tpm, token=token)
+            approved = await _cli(
+                workdir, pki, verifier, "approve", device_id,
+                "--zone", "production-inference", "--label", "sku=h100",
+            )  # fmt: skip
+            return {
+                "pending": pending,
+                "approve": approved,
+                "again": await _enroll(workdir, pki, verifier, tpm, token=token),
+                # An enrolled device: zone moves it again; approve has nothing left to do.
+                "move": await _cli(workdir, pki, verifier, "zone", device_id, "management"),
+                "approve enrolled": await _cli(workdir, pki, verifier, "approve", device_id),
+                "bad zone": await _cli(workdir, pki, verifier, "zone", device_id, "bad zone"),
+            }
 
-    assert asyncio.run(enroll_once()) == "pending"
-    rc, out, err = _cli(
-        capsys,
-        "approve",
-        device_id,
-        "--zone",
-        "production-inference",
-        "--label",
-        "sku=h100",
-        "--config",
-        str(config_file),
-    )
-    assert rc == 0, err
-    assert f"approved {device_id}" in out
-    assert asyncio.run(enroll_once()) == "enrolled"  # its own spent token, again: fine
+    runs = asyncio.run(scenario())
+    assert runs["pending"] == "pending"
+    approve = runs["approve"]
+    assert isinstance(approve, Run)
+    assert approve.status == 0, approve.err
+    assert f"approved {device_id}" in approve.out
+    assert runs["again"] == "enrolled"  # its own spent token, again: fine
     record = _record(config, device_id)
-    assert (record.zone, record.labels) == ("production-inference", {"sku": "h100"})
+    assert record.labels == {"sku": "h100"}
     [change] = _audit(config, device_id, "assigned:approval")
     assert change["was"] == {"zone": "model-development", "labels": {}}
-    # An enrolled device: approve moves it again; without --zone there is nothing to do.
-    rc, _, err = _cli(
-        capsys, "approve", device_id, "--zone", "management", "--config", str(config_file)
-    )
-    assert rc == 0, err
-    assert _record(config, device_id).zone == "management"
-    assert _record(config, device_id).labels == {"sku": "h100"}
-    rc, _, err = _cli(capsys, "approve", device_id, "--config", str(config_file))
-    assert rc == 1
-    assert "is enrolled, not pending approval" in err
-    rc, _, err = _cli(
-        capsys, "approve", device_id, "--zone", "bad zone", "--config", str(config_file)
-    )
-    assert rc == 1
-    assert "zone 'bad zone' is not" in err
+    assert change["zone"] == "production-inference"
+    move, enrolled, bad = runs["move"], runs["approve enrolled"], runs["bad zone"]
+    assert isinstance(move, Run)
+    assert isinstance(enrolled, Run)
+    assert isinstance(bad, Run)
+    assert move.status == 0, move.err
+    assert record.zone == "management"
+    assert enrolled.status != 0
+    assert "not pending approval" in enrolled.err
+    assert bad.status != 0
+    assert "zone 'bad zone' is not" in bad.err
 
 
 def test_a_move_between_challenge_and_answer_is_kept(
@@ -374,12 +358,11 @@ def test_a_move_between_challenge_and_answer_is_kept(
     tpm = swtpm_factory()
     device_id = _device_id(tpm)
     config = verifier_config(workdir, pki, endorsement_ca)
-    config_file = _config_file(workdir, config)
-    token = _token(capsys, config_file, "--zone", "model-development")
     backend = TpmBackend(tpm.tcti)
 
     async def scenario() -> None:
         async with running(config) as verifier:
+            token = await _token(workdir, pki, verifier, "--zone", "model-development")
             assert await _enroll(workdir, pki, verifier, tpm, token=token) == "enrolled"
             async with grpc.aio.secure_channel(
                 f"127.0.0.1:{verifier.enrollment_port}", channel_credentials(pki)
@@ -393,17 +376,8 @@ def test_a_move_between_challenge_and_answer_is_kept(
                     channel_key_spki=spki(new_key()),
                 )
                 challenge = await stub.Enroll(request, timeout=10)
-                rc, _, err = await asyncio.to_thread(
-                    _cli,
-                    capsys,
-                    "approve",
-                    device_id,
-                    "--zone",
-                    "data-processing",
-                    "--config",
-                    str(config_file),
-                )
-                assert rc == 0, err
+                run = await _cli(workdir, pki, verifier, "zone", device_id, "data-processing")
+                assert run.status == 0, run.err
                 secret = backend.activate_credential(
                     challenge.credential_blob, challenge.encrypted_secret
                 )

@@ -181,7 +181,7 @@ async def device_in_zone(
     workdir: Path, pki: PkiFiles, verifier: RunningVerifier, tpm: Swtpm, zone: str
 ) -> AsyncIterator[Agent]:
     """An agent enrolled with a bootstrap token that assigns ``zone``, as an operator's
-    `devtrust-verifier token create --zone` makes it."""
+    `devtrust token create --zone` makes it."""
     token = secrets.token_urlsafe(24)
     now = datetime.datetime.now(datetime.UTC)
     await verifier.repos.tokens.add(

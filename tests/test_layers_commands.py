@@ -21,15 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from devtrust.core.ids import DeviceId
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.verifier import ops_connect
 from devtrust.verifier.ca import CertificateAuthority, pem
 from devtrust.verifier.config import DEFAULT_POLICY
 from devtrust.verifier.pki import init_pki, issue_operator
-from devtrust.verifier.records import DeviceRecord, DeviceState
 from tests.corpus import corpus_root
-from tests.db import make_database, with_repos
 from tests.test_gate import DEVICE_CA_NAME, device_cert
 from tests.test_layers import NOT_LOADED_BY_COMMANDS
 
@@ -88,29 +85,6 @@ def subcommands(parser: argparse.ArgumentParser, prefix: str) -> set[str]:
 def _quotes() -> Path:
     """A real machine's quotes and the event log they vouch for (GCE, COS 85)."""
     return corpus_root() / "quotes" / "gce-cos85-nonce9009"
-
-
-def _pending_device(config: Path) -> None:
-    database = config.parent / "v.db"
-    config.write_text(f"database: {database}\n")
-    now = datetime.datetime.now(datetime.UTC)
-    record = DeviceRecord(
-        device_id=DeviceId(DEVICE),
-        state=DeviceState.PENDING_APPROVAL,
-        ek_certificate=b"",
-        ek_public=b"ek",
-        ak_public=b"ak",
-        ak_name="00",
-        host={},
-        enrolled_at=now,
-    )
-    with_repos(database, lambda repos: repos.devices.save(record, now=now, event="enrolled"))
-
-
-def _empty_database(config: Path) -> None:
-    """What `devtrust-verifier serve` makes at its first start, and a configuration naming it."""
-    config.write_text(f"database: {config.parent / 'v.db'}\n")
-    make_database(config.parent / "v.db")
 
 
 def _corpus_quote() -> list[str]:
@@ -273,24 +247,6 @@ COMMANDS = [
         prepare=lambda t: init_pki(
             t / "pki", hostnames=["localhost"], now=datetime.datetime.now(datetime.UTC)
         ),
-    ),
-    Command(
-        "devtrust-verifier token",
-        lambda t: ["token", "create", "--config", str(t / "v.yaml"), "--zone", "z"],
-        "valid once, until",
-        prepare=lambda t: _empty_database(t / "v.yaml"),
-    ),
-    Command(
-        "devtrust-verifier approve",
-        lambda t: ["approve", DEVICE, "--config", str(t / "v.yaml"), "--zone", "z"],
-        f"approved {DEVICE}",
-        prepare=lambda t: _pending_device(t / "v.yaml"),
-    ),
-    Command(
-        "devtrust-verifier role",
-        lambda t: ["role", "bob", "viewer", "--config", str(t / "v.yaml")],
-        "operator bob: role viewer (was none)",
-        prepare=lambda t: _empty_database(t / "v.yaml"),
     ),
     Command(
         "devtrust-verifier inventory",

@@ -530,6 +530,10 @@ def test_an_unreachable_verifier_is_named(workdir: Path, pki: PkiFiles) -> None:
         (["devices", "--profile", "{vera}", "--verifier", "localhost"], "is not HOST:PORT"),
         (["devices", "--profile", "{vera}", "--label", "a=1", "--label", "a=2"],
          "--label a is given twice"),
+        *((["token", "create", f"--ttl-s={ttl}"],
+           f"argument --ttl-s: '{ttl}': a token lives 60 to 2592000 seconds (30 days); give a "
+           "lifetime in that range") for ttl in ("-5", "0", "59", "2592001", "1" + "0" * 20)),
+        (["role", "bad name", "viewer"], "NAME 'bad name': an operator name is 1-64 letters"),
     ],
 )  # fmt: skip
 def test_bad_arguments_exit_2_with_one_line(
@@ -669,3 +673,41 @@ def test_tokens_and_roles_over_the_api(
         "operator), which wins over the database" in runs["listed"].err  # fmt: skip
     assert runs["not admin"].status != 0
     assert roles == {"carol": "operator", "bob": "admin"}
+
+
+def test_token_labels_are_checked_and_approve_takes_an_upper_case_id(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA
+) -> None:
+    """A token's label with a space, or too long, is refused with one line; `approve` takes a
+    device id typed in upper case (the client lowercases it)."""
+    config = _config(workdir, pki, endorsement_ca)
+    pending = replace(device(7), state=DeviceState.PENDING_APPROVAL)
+
+    async def scenario() -> tuple[dict[str, Run], DeviceState | None]:
+        async with running(config) as verifier:
+            await verifier.repos.devices.save(pending, now=_now(), event="enrolled:pending")
+            otto = str(profile(workdir, pki, verifier, "otto"))
+            runs = {
+                "space": await devtrust("token", "create", "--label", "k= v", "--profile", otto),
+                "long": await devtrust(
+                    "token", "create", "--label", "k=" + "x" * 300, "--profile", otto
+                ),
+                "upper": await devtrust("approve", pending.device_id.upper(), "--profile", otto),
+            }
+            record = await verifier.repos.devices.get(pending.device_id)
+            return runs, None if record is None else record.state
+
+    runs, state = asyncio.run(scenario())
+    for name, shown in (
+        ("space", "value ' v' is not up to 128 printable ASCII characters other than space: "
+                  "it has ' ' at position 1"),
+        ("long", f"value {'x' * 64!r}... is not up to 128 printable ASCII characters other "
+                 "than space: it is 300 characters long"),
+    ):  # fmt: skip
+        run = runs[name]
+        assert run.status != 0, run
+        assert len(run.err.splitlines()) == 1, run.err
+        assert "label k: " + shown in run.err
+        assert run.out == ""
+    assert runs["upper"].status == 0, runs["upper"]
+    assert state is DeviceState.ENROLLED

@@ -31,7 +31,6 @@ from devtrust.v1 import common_pb2, query_pb2, query_pb2_grpc
 from devtrust.verifier import lifecycle
 from devtrust.verifier.config import EnrollmentConfig
 from devtrust.verifier.errors import FailedPrecondition, MalformedInput, ResourceExhausted
-from devtrust.verifier.main import main as verifier_main
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.records import AuditEvent, DeviceState, Standing
 from devtrust.verifier.roles import Role
@@ -40,6 +39,7 @@ from tests.conftest import SwtpmFactory
 from tests.db import NOW, decision, device, device_id
 from tests.env import enrolled_agent, first_results, running, verifier_config
 from tests.test_authz import credentials
+from tests.test_ops_cli import Run, devtrust, profile
 
 OPERATORS = {"otto": "operator", "vera": "viewer"}
 
@@ -356,26 +356,28 @@ def test_approve_set_zone_and_revoke_are_audited_with_the_operator(
     assert [e for e, _, _ in _audit(config.database, pinned.device_id)] == ["enrolled:enrolled"]
 
 
-def test_the_approve_command_uses_the_lifecycle_and_names_the_local_user(
-    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, capsys: pytest.CaptureFixture[str]
+def test_the_approve_command_uses_the_lifecycle_and_names_the_operator(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA
 ) -> None:
+    """`devtrust approve` goes through the lifecycle on the running verifier, and the audit
+    names the operator whose profile ran it."""
     config = _config(workdir, pki, endorsement_ca)
     pending = replace(device(6), state=DeviceState.PENDING_APPROVAL)
 
-    async def enroll_one() -> None:
+    async def approve() -> Run:
         async with running(config) as verifier:
             await verifier.repos.devices.save(pending, now=NOW, event="enrolled:pending")
+            otto = str(profile(workdir, pki, verifier, "otto"))
+            return await devtrust(
+                "approve", pending.device_id, "--zone", "management", "--profile", otto
+            )
 
-    asyncio.run(enroll_one())
-    config_file = workdir / "verifier.yaml"
-    config_file.write_text(yaml.safe_dump({"database": str(config.database)}))
-    argv = ["approve", pending.device_id, "--zone", "management", "--config", str(config_file)]
-    assert verifier_main(argv) == 0
-    out = capsys.readouterr().out
-    assert f"approved {pending.device_id}" in out
+    run = asyncio.run(approve())
+    assert run.status == 0, run
+    assert pending.device_id[:12] in run.out
     events = _audit(config.database, pending.device_id)
     assert [e for e, _, _ in events] == ["enrolled:pending", "assigned:approval", "approved"]
-    assert all(actor.startswith("local/") for _, actor, _ in events[1:])
+    assert all(actor == "operator/otto" for _, actor, _ in events[1:])
 
 
 # --- the lifecycle, case by case -------------------------------------------------------------

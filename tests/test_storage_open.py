@@ -15,7 +15,6 @@ from devtrust.verifier.config import DatabaseUrl, VerifierConfig, database_locat
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.storage import Repositories, open_repositories
 from tests.db import NOW, device, device_id, run
-from tests.test_user_errors_verifier import _lines, _run
 
 FORMS = (
     "give a file path or sqlite:///PATH (SQLite), or postgresql://USER@HOST/NAME (PostgreSQL, "
@@ -128,16 +127,3 @@ def test_the_configuration_reads_every_form(tmp_path: Path) -> None:
     )
     assert "%s" % loaded.database == SHOWN  # noqa: UP031 (how logging formats it)
     assert database_location("v.db", base=tmp_path) == tmp_path / "v.db"
-
-
-def test_an_admin_command_on_postgresql_refuses_with_one_line(tmp_path: Path) -> None:
-    config = tmp_path / "v.yaml"
-    config.write_text(f"database: {POSTGRES}\n")
-    done = _run("devtrust.verifier.main", "token", "create", "--config", str(config))
-    assert done.returncode == 2
-    assert _lines(done, "devtrust-verifier") == [
-        f"devtrust-verifier: database {SHOWN}: PostgreSQL comes with issue 12 (replicas sharing "
-        "one PostgreSQL); this devtrust stores its data in SQLite: give a file path or "
-        "sqlite:///PATH"
-    ]
-    assert "s3cret" not in done.stdout + done.stderr

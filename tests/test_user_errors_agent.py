@@ -179,7 +179,7 @@ CASES = [
         (
             "PERMISSION_DENIED",
             "bootstrap token",
-            "create one with `devtrust-verifier token create` and set bootstrap_token in the "
+            "create one with `devtrust token create` and set bootstrap_token in the "
             "agent's configuration",
         ),
         absent="unknown",
@@ -199,7 +199,7 @@ CASES = [
     ),
     Case(
         "awaiting approval (not a mistake: a step)",
-        ("awaits operator approval: approve it on the verifier (`devtrust-verifier approve ",),
+        ("awaits operator approval: approve it on the verifier (`devtrust approve ",),
         require_approval=True,
         code=3,
     ),

@@ -221,7 +221,7 @@ CASES = [
         ("enroll", *CONFIG),
         (
             "{d}/a.yaml: bootstrap_token holds ' ' at position 4, which no token has "
-            "(A-Z a-z 0-9 - _): paste exactly the line `devtrust-verifier token create` "
+            "(A-Z a-z 0-9 - _): paste exactly the line `devtrust token create` "
             "printed",
         ),
     ),
@@ -343,7 +343,7 @@ TOKEN_CASES = [
         (
             "PERMISSION_DENIED",
             "requires a bootstrap token",
-            "create one with `devtrust-verifier token create` and set bootstrap_token in the "
+            "create one with `devtrust token create` and set bootstrap_token in the "
             "agent's configuration",
         ),
     ),
@@ -409,7 +409,7 @@ class _RpcError(grpc.aio.AioRpcError):
             "the verifier names the remedy",
             grpc.StatusCode.PERMISSION_DENIED,
             "requires a bootstrap token and none was given; create one with "
-            "`devtrust-verifier token create` and set bootstrap_token",
+            "`devtrust token create` and set bootstrap_token",
             "",
             "",
         ),
@@ -419,15 +419,15 @@ class _RpcError(grpc.aio.AioRpcError):
             "device d: bootstrap token already used",
             "t",
             "; bootstrap_token cannot be used: set it to a new token from "
-            "`devtrust-verifier token create` on the verifier",
+            "`devtrust token create` on the verifier",
         ),
         (
             "empty, and the verifier names none",
             grpc.StatusCode.PERMISSION_DENIED,
             "unknown bootstrap token",
             "",
-            "; bootstrap_token is empty: set it to a token from `devtrust-verifier token "
-            "create` on the verifier",
+            "; bootstrap_token is empty: set it to a token from `devtrust token create` "
+            "on the verifier",
         ),
         ("not about a token", grpc.StatusCode.PERMISSION_DENIED, "untrusted EK", "", ""),
         (

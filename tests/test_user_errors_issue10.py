@@ -1,5 +1,5 @@
 """A new operator's mistakes with issue 10's commands (`devtrust gate check`, `devtrust`'s
-operator commands, `devtrust-verifier role`): each is one line that names what to fix, with
+operator commands): each is one line that names what to fix, with
 the command's exit status, and no traceback. The verifier-backed ones (a viewer revoking, a
 prefix of two devices, `role` for a name the configuration lists, `ca rotate` twice) are in
 tests/test_ops_cli.py, tests/test_user_errors_verifier.py and tests/test_ca.py.
@@ -16,7 +16,6 @@ import pytest
 
 from devtrust.verifier import cli, ops_connect
 from devtrust.verifier.ca import CertificateAuthority
-from devtrust.verifier.main import main as verifier_main
 from devtrust.verifier.pki import PkiFiles, issue_operator
 
 
@@ -121,22 +120,3 @@ def test_the_enrollment_port_is_named_as_the_wrong_port() -> None:
         "(listen.attestation), not its enrollment port, or the verifier is older than this "
         "devtrust: Method not found!"
     )
-
-
-def test_role_names_its_positional_name_argument(
-    pki: PkiFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`role` takes NAME as an argument, not --name: the message names what was typed."""
-    config = tmp_path / "verifier.yaml"
-    config.write_text(
-        f"database: {tmp_path / 'v.db'}\n"
-        f"tls: {{server_cert: {pki.server_cert}, server_key: {pki.server_key}}}\n"
-        f"ca: {{cert: {pki.ca_cert}, key: {pki.ca_key}}}\n"
-    )
-    status = _run(verifier_main, ["role", "bad name", "viewer", "--config", str(config)])
-    err = capsys.readouterr().err
-    assert status == 2
-    assert err.splitlines() == [
-        "devtrust-verifier: NAME 'bad name': an operator name is 1-64 letters, digits, dots, "
-        "hyphens or underscores, starting with a letter or digit"
-    ]

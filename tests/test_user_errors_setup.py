@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from devtrust.agent.enroll import EnrollmentPending, enroll
 from devtrust.agent.main import make_host, make_tpm
@@ -35,8 +34,8 @@ from devtrust.verifier.server import RunningVerifier
 from devtrust.verifier.tools import default_text
 from devtrust.verifier.tpm.structures import parse_public
 from tests.conftest import SwtpmFactory
-from tests.db import make_database
 from tests.env import agent_config, running, verifier_config
+from tests.test_ops_cli import Run, devtrust, profile
 from tests.test_user_errors_verifier import ISO, ROOT, _lines, _run, _wait_for
 
 SHIPPED_YAML = ROOT / "packaging" / "config" / "verifier.yaml"
@@ -166,15 +165,8 @@ def test_approved_device_completes_with_the_token_it_spent(
         verifier_config(tmp_path, pki, endorsement_ca),
         enrollment=EnrollmentConfig(require_token=True, require_approval=True),
     )
-    config_file = tmp_path / "cli.yaml"
-    config_file.write_text(yaml.safe_dump({"database": str(config.database)}))
-    make_database(config.database)  # what `serve` makes: `token create` never makes it
-    made = _run(
-        "devtrust.verifier.main", "token", "create", "--config", str(config_file), "--ttl-s", "600"
-    )
-    assert made.returncode == 0, made.stderr
-    token = made.stdout.strip()
     tpm = swtpm_factory()
+    token = ""
 
     async def attempt(verifier: RunningVerifier) -> str:
         cfg = replace(agent_config(tmp_path, pki, verifier, tpm), bootstrap_token=token)
@@ -190,26 +182,27 @@ def test_approved_device_completes_with_the_token_it_spent(
             atpm.close()
         return f"enrolled {enrollment.device_id}"
 
-    async def scenario() -> list[str]:
-        async with running(config) as verifier:
-            outcomes = [await attempt(verifier), await attempt(verifier)]
-            device_id = device_id_for(parse_public(_ek_public(tpm)).public_key())
-            approved = await asyncio.to_thread(
-                _run, "devtrust.verifier.main", "approve", device_id, "--config", str(config_file)
-            )
-            assert approved.returncode == 0, approved.stderr
-            outcomes.append(await attempt(verifier))
-            return outcomes
-
-    outcomes = asyncio.run(scenario())
     device_id = device_id_for(parse_public(_ek_public(tpm)).public_key())
+    other = ("1" if device_id[0] == "0" else "0") * 64
+
+    async def scenario() -> tuple[list[str], Run]:
+        nonlocal token
+        async with running(config) as verifier:
+            alice = str(profile(tmp_path, pki, verifier, "alice"))  # tests/env.py's admin
+            made = await devtrust("token", "create", "--ttl-s", "600", "--profile", alice)
+            assert made.status == 0, made.err
+            token = made.out.strip()
+            outcomes = [await attempt(verifier), await attempt(verifier)]
+            approved = await devtrust("approve", device_id, "--profile", alice)
+            assert approved.status == 0, approved.err
+            outcomes.append(await attempt(verifier))
+            return outcomes, await devtrust("approve", other, "--profile", alice)
+
+    outcomes, unknown = asyncio.run(scenario())
     assert outcomes == ["pending", "pending", f"enrolled {device_id}"]
-    unknown = _run("devtrust.verifier.main", "approve", device_id[:8], "--config", str(config_file))
-    assert unknown.returncode == 1
-    assert _lines(unknown, "devtrust-verifier") == [
-        f"devtrust-verifier: no device {device_id[:8]} in {config.database}: give the whole "
-        "device id (the verifier logs it: `enrolled device=ID state=pending_approval`)"
-    ]
+    assert unknown.status != 0
+    [line] = unknown.err.splitlines()
+    assert line.startswith(f"devtrust: approve: no device {other!r}"), line
 
 
 def _ek_public(tpm: Swtpm) -> bytes:

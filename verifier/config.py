@@ -283,9 +283,9 @@ class RevocationConfig:
 
 @dataclass(frozen=True)
 class EnrollmentConfig:
-    # Enrolled devices wait for `devtrust-verifier approve DEVICE` before they may attest.
+    # Enrolled devices wait for `devtrust approve DEVICE` before they may attest.
     require_approval: bool = False
-    # Every enrollment must present a one-time token from `devtrust-verifier token create`.
+    # Every enrollment must present a one-time token from `devtrust token create`.
     require_token: bool = False
     # Operator-assigned zones and labels: a YAML mapping device id -> {zone, labels}, loaded
     # and validated whole at start; it wins over every other assignment (verifier/inventory.py).

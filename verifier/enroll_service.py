@@ -293,7 +293,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             raise Rejected(
                 f"device {device_id}: this verifier requires a bootstrap token "
                 "(enrollment.require_token) and none was given; create one with "
-                "`devtrust-verifier token create` and set bootstrap_token in the agent's "
+                "`devtrust token create` and set bootstrap_token in the agent's "
                 "configuration"
             )
         token_sha256 = hashlib.sha256(bootstrap_token.encode()).hexdigest()

@@ -10,7 +10,7 @@ Where a device's zone and labels come from, the first that applies wins:
 
 1. the inventory (``enrollment.inventory``), when it lists the device;
 2. the zone and labels already pinned on the device record: a re-enrollment keeps them;
-3. the bootstrap token of the device's first enrollment (``devtrust-verifier token create
+3. the bootstrap token of the device's first enrollment (``devtrust token create
    --zone Z --label K=V``);
 4. unassigned: zone ``""``, no labels.
 
@@ -19,7 +19,7 @@ without ``require_approval``. One that presents an unspent bootstrap token namin
 or labels other than the pinned ones, is refused (PERMISSION_DENIED naming the device, the
 pinned zone and the token's), not silently ignored, so the operator who made the token learns
 that it did not do what it says. Operators change a device's zone and labels with
-``devtrust-verifier approve DEVICE --zone Z --label K=V`` or in the inventory (applied when the
+``devtrust approve DEVICE --zone Z --label K=V`` or in the inventory (applied when the
 verifier starts); both are written to the audit table.
 
 The inventory file is a YAML mapping from device id (sha256 of the EK's SubjectPublicKeyInfo,
@@ -164,7 +164,7 @@ def resolve(
                     f"device {device_id} is pinned to zone {_shown(pinned.zone)} with labels "
                     f"{dict(sorted(pinned.labels.items()))}; its bootstrap token assigns {what}. "
                     "A re-enrollment cannot change a device's zone or labels: an operator "
-                    f"changes them with `devtrust-verifier approve {device_id} --zone Z "
+                    f"changes them with `devtrust approve {device_id} --zone Z "
                     "[--label K=V]` or in the enrollment inventory"
                 )
         return pinned

@@ -1,6 +1,6 @@
 """What operators do to a device, as one pure transition: (standing, action) -> (new
-standing, audit events). The Query service's Approve, SetZone and Revoke and the
-``devtrust-verifier approve`` command compute their change here and only then write it
+standing, audit events). The Query service's Approve, SetZone and Revoke (what ``devtrust
+approve``, ``zone`` and ``revoke`` send) compute their change here and only then write it
 (``storage.Operations.apply``, a compare-and-set naming the actor), so the rules are the same
 whichever way an operator comes in, and testable without a database.
 

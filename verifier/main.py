@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import getpass
-import hashlib
 import logging
 import os
-import secrets
 import signal
 import sys
 from pathlib import Path
@@ -21,11 +18,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from devtrust.core.command import ErrorPolicy, one_line, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import configure_logging
-from devtrust.verifier import lifecycle
 from devtrust.verifier.config import CertificatesConfig, VerifierConfig, trust_domain_problem
 from devtrust.verifier.device_pki import rotate_device_ca
-from devtrust.verifier.inventory import Inventory, parse_labels, zone_problem
-from devtrust.verifier.logtext import printable
+from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.pki import (
     PkiFiles,
     check_operator_name,
@@ -34,10 +29,8 @@ from devtrust.verifier.pki import (
     load_ca,
 )
 from devtrust.verifier.policy import PolicyError
-from devtrust.verifier.revocation import zone_change_reason
-from devtrust.verifier.roles import LABELS, Role
+from devtrust.verifier.roles import LABELS
 from devtrust.verifier.server import start_verifier
-from devtrust.verifier.storage import open_repositories
 from devtrust.verifier.tools import HelpFormatter, version_line
 
 logger = logging.getLogger("devtrust.verifier")
@@ -68,162 +61,6 @@ async def serve(config: VerifierConfig) -> None:
     await running.stop(grace=5.0)
 
 
-def _token(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
-    """`token create`: a one-time bootstrap token, stored hashed, with what it assigns."""
-    low, high = TOKEN_TTL_S
-    if not low <= args.ttl_s <= high:
-        raise ValueError(
-            f"--ttl-s {args.ttl_s}: a token lives {low} to {high} seconds (30 days); give a "
-            "lifetime in that range"
-        )
-    labels = parse_labels(args.label)
-    problem = zone_problem(args.zone)
-    if problem is not None:
-        raise ValueError(problem)
-    token = secrets.token_urlsafe(32)
-    expires = now + datetime.timedelta(seconds=args.ttl_s)
-
-    async def add() -> None:
-        repos = await open_repositories(config.database, create=False)  # only serve makes it
-        try:
-            await repos.tokens.add(
-                hashlib.sha256(token.encode()).hexdigest(),
-                now=now,
-                expires_at=expires,
-                note=args.note,
-                zone=args.zone,
-                labels=labels,
-            )
-        finally:
-            await repos.close()
-
-    asyncio.run(add())
-    print(token)
-    assigns = f"zone {args.zone or '(unassigned)'}, labels {labels}"
-    print(f"valid once, until {expires.isoformat()}; assigns {assigns}", file=sys.stderr)
-    return 0
-
-
-def _approve(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
-    """`approve DEVICE [--zone Z] [--label K=V]...`: let a pending device attest, and/or set
-    its zone and labels (given labels replace all of them). The Query service's Approve
-    transition (verifier/lifecycle.py), audited with the local user as its actor."""
-    args.device_id = args.device_id.lower()  # ids are lower-case hex (the verifier logs them)
-    labels = parse_labels(args.label) if args.label else None
-    problem = zone_problem(args.zone) if args.zone is not None else None
-    if problem is not None:
-        raise ValueError(problem)
-    action = lifecycle.Approve(zone=args.zone, labels=labels)
-    inventory = None
-    if action.assigns and config.enrollment.inventory is not None:
-        inventory = Inventory.load(config.enrollment.inventory)
-    return asyncio.run(_approve_stored(args, config, now, action, inventory))
-
-
-def local_actor() -> str:
-    """Who runs a command on the verifier host, as the audit names them."""
-    try:
-        return f"local/{getpass.getuser()}"
-    except (KeyError, OSError):
-        return f"local/uid-{os.getuid()}"
-
-
-async def _approve_stored(
-    args: argparse.Namespace,
-    config: VerifierConfig,
-    now: datetime.datetime,
-    action: lifecycle.Approve,
-    inventory: Inventory | None,
-) -> int:
-    repos = await open_repositories(config.database, create=False)  # only serve makes the database
-    try:
-        record = await repos.devices.get(args.device_id)
-        if record is None:
-            raise ValueError(
-                f"no device {printable(args.device_id, 64)} in {config.database}: give the whole "
-                "device id (the verifier logs it: `enrolled device=ID state=pending_approval`)"
-            )
-        device_id = record.device_id
-        try:
-            change = lifecycle.transition(
-                device_id,
-                lifecycle.standing(record),
-                action,
-                pinned=lifecycle.pinned_by(inventory, device_id),
-            )
-        except DevtrustError as exc:  # a usage error here: exit 1, as before
-            raise ValueError(str(exc)) from None
-        written = await repos.operations.apply(
-            device_id,
-            before=change.before,
-            after=change.after,
-            events=change.events,
-            actor=local_actor(),
-            now=now,
-        )
-        if not written:
-            raise ValueError(f"device {device_id} changed while it was approved: run approve again")
-        if change.zone_changed:
-            # Its live certificates name the old zone. Recorded here (database, audit); a
-            # running verifier loads revocations at start only, so its feed and CRL list
-            # them once it restarts: move a device under a live verifier with SetZone.
-            revoked = await repos.revocations.revoke_certificates(
-                device_id,
-                reason=zone_change_reason(change.before.zone, change.after.zone),
-                actor=local_actor(),
-                now=now,
-            )
-            if revoked:
-                print(
-                    f"revoked {len(revoked)} live certificates of {device_id} naming zone "
-                    f"{change.before.zone or '(unassigned)'}; a running verifier publishes "
-                    "them on its feed and CRL when it restarts",
-                    file=sys.stderr,
-                )
-        if change.assigned:
-            zone, labels = change.after.zone, change.after.labels
-            print(f"device {device_id}: zone {zone or '(unassigned)'}, labels {labels}")
-        if change.approved:
-            print(f"approved {device_id}: its agent's next enrollment attempt completes")
-        return 0
-    finally:
-        await repos.close()
-
-
-async def _set_role(
-    config: VerifierConfig, source: Path, name: str, role: Role | None, now: datetime.datetime
-) -> str | None:
-    """Record ``role`` (None: none) for operator ``name`` in the database; the role it had.
-    The configuration's ``operators:`` wins: a name it lists is refused unless unchanged."""
-    listed = config.operators.get(name)
-    if listed is not None:
-        if role is not None and role.label == listed:
-            return listed
-        raise ValueError(
-            f"operator {name}'s role is set in {source} (operators: {name}: {listed}), which "
-            "wins over the database: change it there and restart the verifier"
-        )
-    repos = await open_repositories(config.database, create=False)  # only serve makes it
-    try:
-        return await repos.roles.set(
-            name, role.label if role else None, now=now, actor=local_actor()
-        )
-    finally:
-        await repos.close()
-
-
-def _role(args: argparse.Namespace, config: VerifierConfig, now: datetime.datetime) -> int:
-    """`role NAME ROLE|none`: assign an operator's role, or take it away (in force at the
-    operator's next call)."""
-    check_operator_name(args.name, given_as="NAME")
-    role = None if args.role == "none" else Role.parse(args.role)
-    was = asyncio.run(_set_role(config, args.config, args.name, role, now))
-    print(
-        f"operator {args.name}: role {args.role} (was {was or 'none'}), in force at its next call"
-    )
-    return 0
-
-
 def _inventory_check(args: argparse.Namespace) -> int:
     """`inventory check`: validate an inventory before the verifier loads it at start."""
     path = args.file or _config(args.config).enrollment.inventory
@@ -244,17 +81,10 @@ def _config(path: Path) -> VerifierConfig:
     return VerifierConfig.load(path)
 
 
-def _admin(args: argparse.Namespace, now: datetime.datetime) -> int:
-    """Commands an administrator runs on the verifier host; usage errors exit 1."""
+def _inventory(args: argparse.Namespace) -> int:
+    """`inventory check`, run on the verifier host; usage errors exit 1."""
     try:
-        if args.command == "inventory":
-            return _inventory_check(args)
-        config = _config(args.config)
-        if args.command == "token":
-            return _token(args, config, now)
-        if args.command == "role":
-            return _role(args, config, now)
-        return _approve(args, config, now)
+        return _inventory_check(args)
     except ValueError as exc:
         print(f"devtrust-verifier: {one_line(exc)}", file=sys.stderr)
         return 1
@@ -327,24 +157,16 @@ def _operator(args: argparse.Namespace, now: datetime.datetime) -> int:
             f"({', '.join(present)}): keep it, or run operator again with --force (the old "
             "files are kept as *.bak)"
         )
-    if args.role is not None:  # recorded first: no certificate without the role asked for
-        config = _config(args.config)
-        try:
-            asyncio.run(_set_role(config, args.config, args.name, Role.parse(args.role), now))
-        except ValueError as exc:
-            raise DevtrustError(str(exc)) from None
     cert, key = issue_operator(
         ca, directory, name=args.name, trust_domain=args.trust_domain, now=now
     )
     print(f"operator certificate {cert}\nkey {key}")
-    if args.role is not None:
-        print(f"role {args.role} (in force at once)")
-    else:
-        print(
-            f"no role: the verifier refuses {args.name} until one is assigned (`operators:` in "
-            f"its configuration, or `devtrust-verifier role {args.name} ROLE`)",
-            file=sys.stderr,
-        )
+    print(
+        f"no role yet: the verifier refuses {args.name} until an admin runs "
+        f"`devtrust role {args.name} ROLE` (ROLE: {', '.join(LABELS)}); the first admin is "
+        f"listed in verifier.yaml (`operators: {{{args.name}: admin}}`, then restart it)",
+        file=sys.stderr,
+    )
     # The operator's `devtrust` profile (verifier/ops_connect.py), all but the address.
     print(
         "# a profile for `devtrust` (~/.config/devtrust/operator.yaml): give the address\n"
@@ -400,33 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds from now until the new CA signs; default: the device certificate "
         "lifetime, so that relying parties hold it before any certificate it signed",
     )
-    p = command("token", "create a one-time bootstrap token for enrollment")
-    p.add_argument("action", nargs="?", choices=["create"], default="create", help="what to do")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
-    p.add_argument(
-        "--ttl-s",
-        type=int,
-        default=24 * 3600,
-        help=f"lifetime in seconds, {TOKEN_TTL_S[0]} to {TOKEN_TTL_S[1]} (30 days)",
-    )
-    p.add_argument("--note", default="", help="what the token is for (kept beside its hash)")
-    p.add_argument("--zone", default="", help="zone of the device that first enrolls with it")
-    p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
-    p = command("approve", "approve a pending device and/or set a device's zone and labels")
-    p.add_argument("device_id", help="the device id (sha256 of its EK public key, hex)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
-    p.add_argument("--zone", default=None, help="the device's zone from now on; none: unchanged")
-    p.add_argument(
-        "--label", action="append", default=[], help="KEY=VALUE (repeatable; replaces all)"
-    )
-    p = command(
-        "role",
-        "assign an operator's role on the query API, or take it away (none); in force at its "
-        "next call. The configuration's `operators:` wins for the names it lists",
-    )
-    p.add_argument("name", help="operator name, as in spiffe://TD/operator/NAME")
-    p.add_argument("role", choices=[*LABELS, "none"], help="the role from now on")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
     p = command("inventory", "enrollment inventory (device id -> zone, labels)")
     p.add_argument("action", choices=["check"], help="what to do")
     p.add_argument(
@@ -436,16 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("operator", "issue an operator certificate for the query API")
     p.add_argument("--dir", required=True, help="directory made by init")
     p.add_argument("--name", required=True, help="operator name, in spiffe://TD/operator/NAME")
-    p.add_argument(
-        "--role",
-        choices=LABELS,
-        default=None,
-        help="record this role for NAME in the verifier's database (see `role`); none: the "
-        "verifier refuses NAME until a role is assigned",
-    )
-    p.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help=config_help + " (with --role)"
-    )
     p.add_argument(
         "--trust-domain", default="devtrust.local", help="TD, as trust_domain in the config"
     )
@@ -462,8 +247,8 @@ def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
     if args.command == "serve":
         asyncio.run(serve(_config(args.config)))
         return 0
-    if args.command in ("token", "approve", "inventory", "role"):
-        return _admin(args, now)
+    if args.command == "inventory":
+        return _inventory(args)
     if args.command == "ca":
         return _ca(args, now)
     return _init(args, now) if args.command == "init" else _operator(args, now)
