@@ -154,6 +154,7 @@ LEAST_ROLE = {
     "GetStoredEvidence": Role.VIEWER,
     "CreateBootstrapToken": Role.OPERATOR,
     "SetRole": Role.ADMIN,
+    "IssueOperatorCertificate": Role.ADMIN,
     "WatchRevocations": Role.RELYING_PARTY,
     "GetCrl": Role.RELYING_PARTY,
 }
@@ -203,6 +204,9 @@ def calls(channel: grpc.aio.Channel) -> dict[str, Callable[[], Awaitable[Any]]]:
             query_pb2.CreateBootstrapTokenRequest(ttl_s=1), timeout=t
         ),
         "SetRole": lambda: q.SetRole(query_pb2.SetRoleRequest(name="ada", role="admin"), timeout=t),
+        "IssueOperatorCertificate": lambda: q.IssueOperatorCertificate(
+            query_pb2.IssueOperatorCertificateRequest(name="zed", role="viewer"), timeout=t
+        ),
         "WatchRevocations": lambda: _first(
             r.WatchRevocations(query_pb2.WatchRevocationsRequest(), timeout=t)
         ),

@@ -225,6 +225,7 @@ COMMANDS = [
             ["zone", DEVICE, "z", "--label", "k=v"],
             ["token", "create", "--zone", "z", "--label", "k=v", "--ttl-s", "600"],
             ["role", "bob", "viewer"],
+            ["operator", "issue", "bob", "--role", "viewer", "--out", "issued"],
         )
     ),
     Command(

@@ -117,6 +117,7 @@ REQUIREMENTS: Mapping[str, Requirement] = {
     _QUERY + "CreateBootstrapToken": role(Role.OPERATOR),
     _QUERY + "ReloadPolicy": role(Role.ADMIN),
     _QUERY + "SetRole": role(Role.ADMIN),
+    _QUERY + "IssueOperatorCertificate": role(Role.ADMIN),
     "/devtrust.v1.Revocations/WatchRevocations": role(Role.RELYING_PARTY),
     "/devtrust.v1.Revocations/GetCrl": role(Role.RELYING_PARTY),
     # Both ports: load balancers and grpcurl carry no identity of ours.

@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtrust.core.errors import DevtrustError
+from devtrust.core.files import write_atomic
 from devtrust.core.tier import Tier
 from devtrust.verifier import ops_format as fmt
 from devtrust.verifier.inventory import DEFAULT_TOKEN_TTL_S, TOKEN_TTL_S
@@ -38,6 +41,7 @@ from devtrust.verifier.ops_connect import (
     DEFAULT_PROFILE,
     EXIT_NOT_FOUND,
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_TEXT,
     EXIT_UNREACHABLE,
     PROFILE_ENV,
@@ -55,6 +59,7 @@ from devtrust.verifier.wire_ops import (
     DeviceView,
     HistoryView,
     QueryClient,
+    RoleView,
 )
 
 PAGE = 500  # devices or history entries asked per call (the verifier's largest page)
@@ -76,6 +81,7 @@ class Session:
     out: TextIO
     err: TextIO
     clock: Callable[[], datetime.datetime]
+    ca_path: Path | None = None  # the CA the connection trusts, for profiles it writes
 
     def print(self, *lines: str) -> None:
         for line in lines:
@@ -319,6 +325,58 @@ async def role(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def operator_issue(session: Session, args: argparse.Namespace) -> int:
+    """`operator issue`: a key made here, a certificate of the verifier's CA for it (the
+    private key never leaves this machine), the role recorded, and a profile in --out."""
+    out = Path(args.out)
+    paths = {kind: out / f"{args.name}.{kind}" for kind in ("pem", "key", "yaml")}
+    present = [str(p) for p in paths.values() if p.exists() or p.is_symlink()]
+    if present:
+        raise OpsError(
+            f"operator issue: {', '.join(present)} already there: keep them, or choose another "
+            "--out",
+            EXIT_REFUSED,
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    issued = await session.client.issue_operator_certificate(args.name, args.role, spki)
+    profile = {
+        "verifier": session.address,
+        "cert": str(paths["pem"].resolve()),
+        "key": str(paths["key"].resolve()),
+        "ca": str(session.ca_path or ""),
+    }
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        write_atomic(paths["key"], key_pem, mode=0o600)
+        write_atomic(paths["pem"], issued.certificate_pem, mode=0o644)
+        text = "".join(f"{k}: {json.dumps(v)}\n" for k, v in profile.items())
+        write_atomic(paths["yaml"], text.encode(), mode=0o644)
+    except OSError as exc:
+        raise OpsError(
+            f"operator issue: cannot write in {out}: {exc.strerror}", EXIT_REFUSED
+        ) from None
+    if args.json:
+        session.json(
+            {
+                **fmt.role_json(RoleView(issued.name, issued.role, issued.previous_role)),
+                **{k: str(v) for k, v in paths.items()},
+            }
+        )
+    else:
+        session.print(
+            f"operator {issued.name}: certificate {paths['pem']}, key {paths['key']}, "
+            f"profile {paths['yaml']}; role {issued.role} (was {issued.previous_role or 'none'})"
+        )
+    return EXIT_OK
+
+
 async def learn(session: Session, args: argparse.Namespace) -> int:
     """`refs learn`: a reference-value group from a device's last good evidence."""
     device_id = await resolve(session, args.device)
@@ -350,7 +408,7 @@ async def execute(
     credentials = grpc.ssl_channel_credentials(conn.ca_pem, conn.key_pem, conn.cert_pem)
     async with grpc.aio.secure_channel(conn.address, credentials) as channel:
         client = QueryClient(channel, timeout=args.timeout)
-        session = Session(client, conn.address, args.command, out, err, clock)
+        session = Session(client, conn.address, args.command, out, err, clock, conn.ca_path)
         try:
             if args.command == "watch":
                 return await watch(session, args, stop)
@@ -540,6 +598,18 @@ def add_parsers(sub: Any, refs: Any = None) -> None:
         "name", type=operator_name, help="operator name, as in spiffe://TD/operator/NAME"
     )
     p.add_argument("role", choices=[*LABELS, "none"], help="the role from now on")
+    p = command(
+        "operator",
+        "issue a new operator's certificate (role admin): its key is made here and stays here; "
+        "writes NAME.pem, NAME.key and a profile NAME.yaml in --out",
+        operator_issue,
+    )
+    p.add_argument("action", choices=["issue"], help="what to do")
+    p.add_argument(
+        "name", type=operator_name, help="operator name, as in spiffe://TD/operator/NAME"
+    )
+    p.add_argument("--role", required=True, choices=LABELS, help="the new operator's role")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the three files")
     if refs is not None:
         text = "propose reference values from a known-good device (role viewer)"
         p = refs.add_parser(

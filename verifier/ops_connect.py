@@ -64,6 +64,7 @@ class Connection:
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
+    ca_path: Path | None = None  # where the CA came from, for a profile naming it
 
 
 def usage(message: str) -> OpsError:
@@ -130,7 +131,7 @@ def connection(args: argparse.Namespace, environ: Mapping[str, str]) -> Connecti
 
     ca, cert, key = read("ca"), read("cert"), read("key")
     check_identity(ca, cert, key)
-    return Connection(address, ca[0], cert[0], key[0])
+    return Connection(address, ca[0], cert[0], key[0], Path(str(chosen["ca"])).resolve())
 
 
 def check_identity(ca: tuple[bytes, str], cert: tuple[bytes, str], key: tuple[bytes, str]) -> None:

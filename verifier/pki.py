@@ -245,6 +245,31 @@ def check_operator_name(name: str, *, given_as: str = "--name") -> None:
         )
 
 
+OPERATOR_LIFETIME = datetime.timedelta(days=30)
+
+
+def operator_certificate(
+    ca: CertificateAuthority,
+    *,
+    name: str,
+    trust_domain: str,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    lifetime: datetime.timedelta = OPERATOR_LIFETIME,
+) -> x509.Certificate:
+    """An operator's certificate, spiffe://TD/operator/NAME: what ``issue_operator`` writes
+    and the Query API's IssueOperatorCertificate returns."""
+    check_operator_name(name)
+    return ca.issue_client(
+        kind="operator",
+        trust_domain=trust_domain,
+        name=name,
+        public_key=public_key,
+        now=now,
+        lifetime=lifetime,
+    )
+
+
 def issue_operator(
     ca: CertificateAuthority,
     directory: Path,
@@ -259,10 +284,10 @@ def issue_operator(
     check_operator_name(name)
     writable_dir(directory, "--dir")
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue_client(
-        kind="operator",
-        trust_domain=trust_domain,
+    cert = operator_certificate(
+        ca,
         name=name,
+        trust_domain=trust_domain,
         public_key=key.public_key(),
         now=now,
         lifetime=lifetime,

@@ -26,8 +26,10 @@ from devtrust.core.ids import DeviceId, Serial
 from devtrust.v1 import common_pb2, query_pb2, query_pb2_grpc
 from devtrust.verifier import lifecycle, wire, wire_query
 from devtrust.verifier.authz import Caller, Who, current_caller
+from devtrust.verifier.ca import CertificateAuthority
 from devtrust.verifier.errors import FailedPrecondition, NotFound, Unauthenticated
 from devtrust.verifier.inventory import Inventory
+from devtrust.verifier.pki import operator_certificate
 from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.roles import Role
@@ -67,7 +69,10 @@ class QueryService(query_pb2_grpc.QueryServicer):
         revoker: DeviceRevoker | None = None,
         inventory: Inventory | None = None,
         operators: Mapping[str, Role] | None = None,
+        ca: CertificateAuthority | None = None,
     ) -> None:
+        # Signs IssueOperatorCertificate's certificates; None: that method is refused.
+        self._ca = ca
         # The configuration's `operators:`: SetRole leaves these names alone.
         self._operators = dict(operators or {})
         self._policy = policy or PolicyHolder(None)
@@ -339,3 +344,37 @@ class QueryService(query_pb2_grpc.QueryServicer):
         shown = role.label if role else "none"
         logger.info("operator %s: role %s by %s", name, shown, caller.actor)
         return wire_query.role_set_to_wire(name, role, was)
+
+    async def IssueOperatorCertificate(
+        self, request: query_pb2.IssueOperatorCertificateRequest, context: Context
+    ) -> query_pb2.IssueOperatorCertificateResponse:
+        caller = self._operator()
+        wanted = wire_query.operator_request_from_wire(request)
+        if wanted.name in self._operators:
+            listed = self._operators[wanted.name]
+            raise FailedPrecondition(
+                f"operator {wanted.name} is listed in the verifier's configuration (operators: "
+                f"{wanted.name}: {listed.label}): its certificate comes from "
+                "`devtrust-verifier operator` on the verifier's host"
+            )
+        if self._ca is None:
+            raise FailedPrecondition("this verifier issues no operator certificates")
+        now = self._clock()
+        cert = operator_certificate(
+            self._ca,
+            name=wanted.name,
+            trust_domain=self._settings.trust_domain,
+            public_key=wanted.public_key,
+            now=now,
+        )
+        was = await self._repos.roles.set(
+            wanted.name, wanted.role.label, now=now, actor=caller.actor
+        )
+        logger.info(
+            "operator %s: certificate serial %x, role %s, by %s",
+            wanted.name,
+            cert.serial_number,
+            wanted.role.label,
+            caller.actor,
+        )
+        return wire_query.operator_certificate_to_wire(wanted, cert, was)

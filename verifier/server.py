@@ -342,6 +342,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
             revoker=revoker,
             inventory=inventory,
             operators=config.roles,
+            ca=ca,
         ),
         attest,
     )

@@ -251,6 +251,14 @@ class TokenView:
 
 
 @dataclass(frozen=True)
+class OperatorCertificateView:
+    name: str
+    role: str
+    previous_role: str  # "" none
+    certificate_pem: bytes
+
+
+@dataclass(frozen=True)
 class RoleView:
     name: str
     role: str  # "" none
@@ -385,6 +393,22 @@ class QueryClient:
             query_pb2.SetRoleRequest(name=name, role=role), timeout=self._timeout
         )
         return RoleView(msg.name, msg.role, msg.previous_role)
+
+    async def issue_operator_certificate(
+        self, name: str, role: str, public_key_der: bytes
+    ) -> OperatorCertificateView:
+        """A certificate for ``name`` over ``public_key_der`` (SPKI), with ``role``."""
+        msg = await self._stub.IssueOperatorCertificate(
+            query_pb2.IssueOperatorCertificateRequest(
+                name=name, role=role, public_key=public_key_der
+            ),
+            timeout=self._timeout,
+        )
+        if not msg.certificate_pem:
+            raise MalformedInput("IssueOperatorCertificateResponse: no certificate")
+        return OperatorCertificateView(
+            msg.name, msg.role, msg.previous_role, msg.certificate_pem.encode()
+        )
 
     async def stored_evidence(self, device_id: str) -> StoredEvidenceView:
         msg = await self._stub.GetStoredEvidence(

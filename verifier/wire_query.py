@@ -16,6 +16,11 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from devtrust.core.errors import DevtrustError
 from devtrust.core.ids import DeviceId, Serial, parse_device_id
 from devtrust.core.tier import Tier
@@ -293,6 +298,47 @@ def role_set_to_wire(
 ) -> query_pb2.SetRoleResponse:
     return query_pb2.SetRoleResponse(
         name=name, role=role.label if role else "", previous_role=previous or ""
+    )
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    """IssueOperatorCertificate's request: who, which role, and the key it made."""
+
+    name: str
+    role: Role
+    public_key: ec.EllipticCurvePublicKey
+
+
+def operator_request_from_wire(msg: query_pb2.IssueOperatorCertificateRequest) -> OperatorRequest:
+    try:
+        check_operator_name(msg.name, given_as="IssueOperatorCertificateRequest.name")
+    except DevtrustError as exc:
+        raise MalformedInput(str(exc)) from None
+    try:
+        role = Role.parse(msg.role)
+    except ValueError as exc:
+        raise MalformedInput(f"IssueOperatorCertificateRequest.role: {exc}") from None
+    try:
+        key = serialization.load_der_public_key(msg.public_key)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise MalformedInput(
+            "IssueOperatorCertificateRequest.public_key: not a DER SubjectPublicKeyInfo"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise MalformedInput("IssueOperatorCertificateRequest.public_key: not an ECDSA P-256 key")
+    return OperatorRequest(msg.name, role, key)
+
+
+def operator_certificate_to_wire(
+    request: OperatorRequest, cert: x509.Certificate, previous: str | None
+) -> query_pb2.IssueOperatorCertificateResponse:
+    return query_pb2.IssueOperatorCertificateResponse(
+        name=request.name,
+        role=request.role.label,
+        previous_role=previous or "",
+        certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        certificate_der=cert.public_bytes(serialization.Encoding.DER),
     )
 
 

@@ -95,6 +95,11 @@ class QueryStub:
                 request_serializer=devtrust_dot_v1_dot_query__pb2.SetRoleRequest.SerializeToString,
                 response_deserializer=devtrust_dot_v1_dot_query__pb2.SetRoleResponse.FromString,
                 _registered_method=True)
+        self.IssueOperatorCertificate = channel.unary_unary(
+                '/devtrust.v1.Query/IssueOperatorCertificate',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.IssueOperatorCertificateRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.IssueOperatorCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -187,6 +192,16 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueOperatorCertificate(self, request, context):
+        """A certificate of the verifier's CA for a new operator (spiffe://TD/operator/NAME, the
+        profile of `devtrust-verifier operator`) over the public key it made itself (no private
+        key on the wire), and its role, recorded as SetRole does (names the configuration's
+        `operators:` lists are refused: FAILED_PRECONDITION). Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +264,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.SetRole,
                     request_deserializer=devtrust_dot_v1_dot_query__pb2.SetRoleRequest.FromString,
                     response_serializer=devtrust_dot_v1_dot_query__pb2.SetRoleResponse.SerializeToString,
+            ),
+            'IssueOperatorCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueOperatorCertificate,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.IssueOperatorCertificateRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.IssueOperatorCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +595,33 @@ class Query:
             '/devtrust.v1.Query/SetRole',
             devtrust_dot_v1_dot_query__pb2.SetRoleRequest.SerializeToString,
             devtrust_dot_v1_dot_query__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueOperatorCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/IssueOperatorCertificate',
+            devtrust_dot_v1_dot_query__pb2.IssueOperatorCertificateRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.IssueOperatorCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,12 @@ class QueryStub:
     """An operator's role (empty: none, taken away), in force at its next call. Names the
     configuration's `operators:` lists are refused (FAILED_PRECONDITION): the file wins.
     """
+    IssueOperatorCertificate: _grpc.UnaryUnaryMultiCallable[_query_pb2.IssueOperatorCertificateRequest, _query_pb2.IssueOperatorCertificateResponse]
+    """A certificate of the verifier's CA for a new operator (spiffe://TD/operator/NAME, the
+    profile of `devtrust-verifier operator`) over the public key it made itself (no private
+    key on the wire), and its role, recorded as SetRole does (names the configuration's
+    `operators:` lists are refused: FAILED_PRECONDITION). Role admin.
+    """
 
 @_typing.type_check_only
 class QueryAsyncStub(QueryStub):
@@ -105,6 +111,12 @@ class QueryAsyncStub(QueryStub):
     SetRole: _aio.UnaryUnaryMultiCallable[_query_pb2.SetRoleRequest, _query_pb2.SetRoleResponse]  # type: ignore[assignment]
     """An operator's role (empty: none, taken away), in force at its next call. Names the
     configuration's `operators:` lists are refused (FAILED_PRECONDITION): the file wins.
+    """
+    IssueOperatorCertificate: _aio.UnaryUnaryMultiCallable[_query_pb2.IssueOperatorCertificateRequest, _query_pb2.IssueOperatorCertificateResponse]  # type: ignore[assignment]
+    """A certificate of the verifier's CA for a new operator (spiffe://TD/operator/NAME, the
+    profile of `devtrust-verifier operator`) over the public key it made itself (no private
+    key on the wire), and its role, recorded as SetRole does (names the configuration's
+    `operators:` lists are refused: FAILED_PRECONDITION). Role admin.
     """
 
 class QueryServicer(metaclass=_abc_1.ABCMeta):
@@ -211,6 +223,18 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_query_pb2.SetRoleResponse, _abc.Awaitable[_query_pb2.SetRoleResponse]]:
         """An operator's role (empty: none, taken away), in force at its next call. Names the
         configuration's `operators:` lists are refused (FAILED_PRECONDITION): the file wins.
+        """
+
+    @_abc_1.abstractmethod
+    def IssueOperatorCertificate(
+        self,
+        request: _query_pb2.IssueOperatorCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.IssueOperatorCertificateResponse, _abc.Awaitable[_query_pb2.IssueOperatorCertificateResponse]]:
+        """A certificate of the verifier's CA for a new operator (spiffe://TD/operator/NAME, the
+        profile of `devtrust-verifier operator`) over the public key it made itself (no private
+        key on the wire), and its role, recorded as SetRole does (names the configuration's
+        `operators:` lists are refused: FAILED_PRECONDITION). Role admin.
         """
 
 def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
