@@ -14,6 +14,7 @@ import errno
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from devtrust.agent import workload
@@ -26,9 +27,12 @@ from devtrust.verifier.trust import CONFIGURATION_APPROVED
 from tests.test_revocation import LIFETIME, _decision, bench, crl_serials
 
 
+@pytest.mark.parametrize("change", ["revoked", "moved"])
 def test_a_certificate_issued_while_the_device_is_revoked_is_revoked_not_handed_out(
-    tmp_path: Path,
+    tmp_path: Path, change: str
 ) -> None:
+    """Also (2.) when the operator moved the device to another zone meanwhile: the
+    certificate names the old zone."""
     certificates = CertificateSettings(
         trust_domain="devtrust.local",
         device_lifetime=LIFETIME,
@@ -47,9 +51,15 @@ def test_a_certificate_issued_while_the_device_is_revoked_is_revoked_not_handed_
             decision = replace(
                 _decision(device, "prod", CONFIGURATION_APPROVED, now), certificate=issued
             )
-            assert (
-                await b.revoker.revoke(device, reason="stolen", actor="operator/o", now=now) == []
-            )
+            if change == "revoked":
+                revoked = await b.revoker.revoke(
+                    device, reason="stolen", actor="operator/o", now=now
+                )
+            else:
+                revoked = await b.revoker.zone_changed(
+                    device, was="prod", zone="lab", actor="operator/o", now=now
+                )
+            assert revoked == []
             # The store sink commits the decision after the revocation, then the
             # revocation sink sees it.
             await b.repos.trust.record(decision)

@@ -355,40 +355,37 @@ class RevocationSink:
         self._revoker = revoker
         self._certificates = certificates
 
+    def _superseded(self, decision: Decision) -> tuple[str, str] | None:
+        """Why the certificate this decision issued is void already (reason, why withheld),
+        or None."""
+        if decision.certificate is None:
+            return None
+        if self._revoker.device_revoked(decision.device_id):
+            return (
+                "the device was revoked while this certificate was issued",
+                "the device is revoked",
+            )
+        if self._revoker.moved_from(decision.device_id, decision.zone):
+            return (
+                f"issued for zone {decision.zone or '(unassigned)'} while the device was moved",
+                "the device was moved to another zone meanwhile",
+            )
+        return None
+
     async def publish(self, decision: Decision) -> Decision | None:
         tier, zone = decision.result.tier, decision.zone
         minimum = self._certificates.min_tier_for(zone)
-        if decision.certificate is not None and self._revoker.device_revoked(decision.device_id):
-            # Revoked by an operator while this decision was appraised (the attestor read
-            # the device before): the certificate it issued was stored after the revocation
-            # took the live ones, so it is revoked here and never handed to the agent.
+        superseded = self._superseded(decision)
+        if superseded is not None:
+            # The attestor read the device before an operator revoked or moved it, and the
+            # certificate it issued (for a device no longer trusted, or naming the old zone)
+            # was stored after that change took the live ones: revoked here, never handed out.
+            reason, withheld = superseded
             await self._revoker.revoke_certificates(
-                decision.device_id,
-                reason="the device was revoked while this certificate was issued",
-                now=decision.at,
+                decision.device_id, reason=reason, now=decision.at
             )
             decision = replace(
-                decision,
-                certificate=None,
-                withheld="withheld: the device is revoked",
-                trust_bundle=(),
-            )
-        elif decision.certificate is not None and self._revoker.moved_from(
-            decision.device_id, zone
-        ):
-            # Moved by an operator while this decision was appraised in the old zone: its
-            # certificate names the old zone and was stored after the move took the live
-            # ones, so it is revoked here and never handed to the agent.
-            await self._revoker.revoke_certificates(
-                decision.device_id,
-                reason=f"issued for zone {zone or '(unassigned)'} while the device was moved",
-                now=decision.at,
-            )
-            decision = replace(
-                decision,
-                certificate=None,
-                withheld="withheld: the device was moved to another zone meanwhile",
-                trust_bundle=(),
+                decision, certificate=None, withheld=f"withheld: {withheld}", trust_bundle=()
             )
         elif not tier.meets(minimum):
             await self._revoker.revoke_certificates(
