@@ -15,17 +15,21 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.evidence import evidence_body, host_facts
-from devtrust.agent.gpu.nvml import XidWatcher, collect_nvml
+from devtrust.agent.gpu.cache import CaptureCache
+from devtrust.agent.gpu.nvml import NvmlSource
 from devtrust.agent.gpu.procfs import collect_procfs
-from devtrust.agent.gpu.smi_xml import SmiXmlError, parse_smi_xml
 from devtrust.agent.interfaces import HostProbe, PostureListener, Unsubscribe
 from devtrust.agent.posture import collect_posture
 from devtrust.agent.watch import PostureWatcher
 from devtrust.core.errors import ConfigError
 from devtrust.v1 import attestation_pb2, common_pb2
+
+if TYPE_CHECKING:
+    from devtrust.agent.gpu.nvml import XidWatcher
 
 logger = logging.getLogger(__name__)
 GpuSource = Callable[[], attestation_pb2.GpuState]
@@ -47,6 +51,8 @@ def check_sources(
         )
     if cfg.gpu_source != "nvidia-smi-xml" or cfg.gpu_xml is None:
         return
+    from devtrust.agent.gpu.smi_xml import SmiXmlError, parse_smi_xml  # noqa: PLC0415 - its host only
+
     remedy = "give the file `nvidia-smi -q -x` wrote"
     try:
         parse_smi_xml(cfg.gpu_xml.read_bytes())
@@ -61,25 +67,40 @@ def check_sources(
 # --- GPU sources: one chosen at start ------------------------------------------------------
 
 
-def _smi_xml(xml: Path) -> attestation_pb2.GpuState:
-    try:
-        return parse_smi_xml(xml.read_bytes())
-    except (OSError, SmiXmlError) as exc:
-        return attestation_pb2.GpuState(
-            source="nvidia-smi-xml",
-            unavailable=[attestation_pb2.Unavailable(field="gpu", reason="error", detail=str(exc))],
-        )
+def _smi_xml_error(exc: Exception) -> attestation_pb2.GpuState:
+    return attestation_pb2.GpuState(
+        source="nvidia-smi-xml",
+        unavailable=[attestation_pb2.Unavailable(field="gpu", reason="error", detail=str(exc))],
+    )
+
+
+def smi_xml_source(xml: Path) -> CaptureCache:
+    """The capture at ``xml``, parsed again only when the file changed (``CaptureCache``):
+    re-parsing an unchanged 8-GPU capture was most of an attestation's cost."""
+    from devtrust.agent.gpu.smi_xml import SmiXmlError, parse_smi_xml  # noqa: PLC0415 - its host only
+
+    return CaptureCache(xml, parse_smi_xml, _smi_xml_error, (SmiXmlError,))
 
 
 def _no_gpu() -> attestation_pb2.GpuState:
     return attestation_pb2.GpuState(source="none")
 
 
-def _nvml_else_procfs(root: Path, xids: XidWatcher | None) -> attestation_pb2.GpuState:
-    state = collect_nvml(xids)
-    if not state.gpus and (root / "proc/driver/nvidia").exists():
-        return collect_procfs(root)
-    return state
+class _NvmlElseProcfs:
+    """``auto``: NVML, else /proc/driver/nvidia."""
+
+    def __init__(self, root: Path, nvml: NvmlSource) -> None:
+        self._root = root
+        self._nvml = nvml
+
+    def __call__(self) -> attestation_pb2.GpuState:
+        state = self._nvml()
+        if not state.gpus and (self._root / "proc/driver/nvidia").exists():
+            return collect_procfs(self._root)
+        return state
+
+    def close(self) -> None:
+        self._nvml.close()
 
 
 def gpu_source(cfg: AgentConfig, *, xids: XidWatcher | None = None) -> GpuSource:
@@ -90,15 +111,15 @@ def gpu_source(cfg: AgentConfig, *, xids: XidWatcher | None = None) -> GpuSource
         case "nvidia-smi-xml":
             if cfg.gpu_xml is None:  # AgentConfig refuses this; a caller may not
                 raise ValueError("gpu source nvidia-smi-xml needs gpu_xml")
-            return functools.partial(_smi_xml, cfg.gpu_xml)
+            return smi_xml_source(cfg.gpu_xml)
         case "procfs":
             return functools.partial(collect_procfs, root)
         case "none":
             return _no_gpu
         case "nvml":
-            return functools.partial(collect_nvml, xids)
+            return NvmlSource(xids)
         case _:
-            return functools.partial(_nvml_else_procfs, root, xids)
+            return _NvmlElseProcfs(root, NvmlSource(xids))
 
 
 # --- host probes ---------------------------------------------------------------------------
@@ -143,6 +164,12 @@ class RootProbe:
 
     def subscribe(self, listener: PostureListener) -> Unsubscribe:
         return self._watcher.subscribe(listener)
+
+    def close(self) -> None:
+        """Let go of what the GPU source holds (NVML, kept initialised between snapshots)."""
+        close = getattr(self._gpu, "close", None)
+        if close is not None:
+            close()
 
 
 class RecordedHost:

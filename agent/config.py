@@ -116,8 +116,10 @@ class AgentConfig:
     # none. gpu_xml is the nvidia-smi -q -x file for nvidia-smi-xml.
     gpu_source: str = "auto"
     gpu_xml: Path | None = None
-    # How often the cheap posture signals are polled for PostureChanged.
-    watch_interval_s: float = 0.25
+    # How often the posture signals read from /proc and /sys are polled for PostureChanged
+    # (the others are watched with inotify, agent/watch.py). Each poll wakes the agent: 0.5 s
+    # keeps it under 0.1% of a core and a change still reaches the verifier within a second.
+    watch_interval_s: float = 0.5
     # The first posture change is sent at once; further ones within this many seconds are
     # coalesced into one PostureChanged sent when the window closes (agent/posture.py).
     posture_debounce_s: float = 5.0

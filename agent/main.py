@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
-import importlib.metadata
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # gRPC core prints INFO lines of its own on stderr (a failed TLS handshake, in its words)
 # unless told otherwise, and reads this once, when grpc is first imported: before the
 # imports below. The agent's one line says what failed and what to do.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-from google.protobuf import json_format
 
 from devtrust import __version__
 from devtrust.agent.attest import AttestationClient
@@ -32,6 +33,8 @@ from devtrust.agent.config import AgentConfig
 from devtrust.agent.enroll import EnrollmentPending, enroll_retrying
 from devtrust.agent.errors import TpmError
 from devtrust.agent.gpu.nvml import XidWatcher
+from devtrust.agent.memory import release_startup_memory
+from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import AsyncTpm, TpmBackend
 from devtrust.agent.watch import PostureWatcher
@@ -46,6 +49,9 @@ DEFAULT_CONFIG = Path("/etc/devtrust/agent.yaml")
 PENDING_RETRY_S = 60.0
 # `enroll` (one-shot) keeps retrying an unreachable verifier this long by default.
 ENROLL_GIVE_UP_S = 120.0
+IO_THREADS = 2  # the event loop's default executor
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # glibc malloc.h
 # Exit statuses (also in --help).
 EXIT_ERROR, EXIT_PENDING, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 2, 3, 75, 130
 EPILOG = (
@@ -57,6 +63,8 @@ EPILOG = (
 
 def version_line() -> str:
     """``devtrust-agent X.Y.Z``: the installed package's version."""
+    import importlib.metadata  # noqa: PLC0415 - 2 MB resident for --version only
+
     try:
         return f"devtrust-agent {importlib.metadata.version('devtrust')}"
     except importlib.metadata.PackageNotFoundError:  # run from a source tree
@@ -95,6 +103,9 @@ async def run(
     stopped before enrollment completed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Host reads, state files and the NVML start share two threads (each thread that
+    # allocates can cost a malloc arena of resident memory); the TPM has its own.
+    loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="agent-io"))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir, key_gid=key_group_id(cfg))
@@ -131,6 +142,7 @@ async def run(
             files=files,
             enrollment=enrollment,
             on_identity=None if workload is None else workload.update,
+            on_result=_after_first_result(),
         )
         await client.run(stop)
         return True
@@ -140,6 +152,21 @@ async def run(
             await workload.stop()
         if xids is not None:
             await asyncio.to_thread(xids.stop)
+        await asyncio.to_thread(host.close)
+
+
+def _after_first_result() -> Callable[[AttestationResult], None]:
+    """Once attesting, the memory used to start (imports, configuration, enrollment) is
+    given back (``memory.release_startup_memory``)."""
+    done = False
+
+    def on_result(result: AttestationResult) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            release_startup_memory()
+
+    return on_result
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -167,6 +194,8 @@ def collect(args: argparse.Namespace) -> int:
         asyncio.run(collect_body(make_host(cfg), now=datetime.datetime.now(datetime.UTC)))
     )
     if args.json:
+        from google.protobuf import json_format  # noqa: PLC0415 - `collect --json` only
+
         print(json_format.MessageToJson(body, preserving_proto_field_name=True))
         return 0
     os_, gpu = body.os, body.gpu
@@ -189,6 +218,14 @@ def _opt(msg: attestation_pb2.OsPosture, name: str) -> str:
     return str(getattr(msg, name)) if msg.HasField(name) else "?"  # type: ignore[arg-type]
 
 
+class _Version(argparse.Action):
+    """--version, its line made only when asked (importlib.metadata costs 2 MB resident)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(version_line())
+        parser.exit()
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Help that shows each option's default (where there is one to show)."""
 
@@ -202,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devtrust-agent", description=__doc__, epilog=EPILOG, formatter_class=_Formatter
     )
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="show program's version number and exit"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -278,6 +317,7 @@ def _daemon(args: argparse.Namespace) -> int:
     """`run` and `enroll` (their errors: ``errors``)."""
     cfg = _daemon_config(args.config)
     enroll_only = args.command == "enroll"
+    limit_malloc_arenas()
     done = asyncio.run(run(cfg, enroll_only=enroll_only, give_up_s=args.give_up_s))
     return 0 if done or not enroll_only else EXIT_INTERRUPTED
 
@@ -294,6 +334,17 @@ def _daemon_config(path: Path) -> AgentConfig:
     cfg = load_config(path)
     check_sources(cfg, root_key=f"{path}: posture_root", xml_key=f"{path}: gpu_xml")
     return cfg
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (M_ARENA_MAX) before threads start: by default each thread
+    that allocates may get an arena of its own, resident memory for a daemon that allocates
+    little. False where libc is not glibc (nothing changes there)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
 
 
 def _seconds(text: str) -> float:

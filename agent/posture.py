@@ -3,7 +3,8 @@
 Every source that is missing or unreadable is reported in ``unavailable`` as unknown, never
 as "off": a host without /sys/fs/selinux has an unknown SELinux mode, not a disabled one.
 
-Change detection (PostureChanged) watches a few cheap signals (``WATCHED``) and follows two
+Change detection (PostureChanged) watches a few cheap signals (``WATCHED``, in
+agent/signals.py, with their fingerprints and ``Debouncer``) and follows two
 rules, so that a busy GPU host does not turn every poll into a full attestation:
 
 - **Ephemeral listeners do not count as a change.** A TCP listener whose local port lies in
@@ -24,8 +25,8 @@ rules, so that a busy GPU host does not turn every poll into a full attestation:
 
 from __future__ import annotations
 
+import contextlib
 import glob
-import hashlib
 import os
 import re
 import socket
@@ -33,12 +34,35 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtrust.agent.netlink import SockDiag
+from devtrust.agent.signals import (  # the watched signals live there; named here too
+    DEFAULT_EPHEMERAL,
+    PORT_RANGE,
+    RESERVED_PORTS,
+    WATCHED,
+    Debouncer,
+    EphemeralPorts,
+    ephemeral_ports,
+    fingerprint,
+)
 from devtrust.v1 import attestation_pb2
 
+__all__ = [
+    "DEFAULT_EPHEMERAL",
+    "PORT_RANGE",
+    "RESERVED_PORTS",
+    "WATCHED",
+    "Debouncer",
+    "EphemeralPorts",
+    "SshdConfigError",
+    "collect_posture",
+    "ephemeral_ports",
+    "fingerprint",
+    "sshd_settings",
+    "sshd_words",
+]
+
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
-PORT_RANGE = "proc/sys/net/ipv4/ip_local_port_range"
-RESERVED_PORTS = "proc/sys/net/ipv4/ip_local_reserved_ports"
-DEFAULT_EPHEMERAL = (32768, 60999)  # the kernel's default ip_local_port_range
 
 
 class _Reader:
@@ -271,24 +295,44 @@ def sshd_settings(text: str, *, name: str, root: Path) -> dict[str, str]:
 
 
 def _listening(r: _Reader, p: attestation_pb2.OsPosture) -> None:
-    for proto, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        text = r.read(f"proc/net/{proto}", f"listening.{proto}")
-        for line in (text or "").splitlines()[1:]:
-            parts = line.split()
-            if len(parts) < 4 or parts[3] != "0A":  # TCP_LISTEN
-                continue
-            addr_hex, port_hex = parts[1].split(":")
-            raw = bytes.fromhex(addr_hex)
-            if family == socket.AF_INET:
-                addr = socket.inet_ntop(family, struct.pack("<I", int(addr_hex, 16)))
-            else:
-                words = struct.unpack("<4I", raw)
-                addr = socket.inet_ntop(family, struct.pack(">4I", *words))
-            p.listening.append(
-                attestation_pb2.ListeningSocket(
-                    protocol=proto, address=addr, port=int(port_hex, 16)
+    """TCP listeners. On the host itself (root /) from sock_diag where the kernel offers it
+    (``netlink.SockDiag``: the same rows as /proc/net/tcp{,6}, without the kernel printing
+    every connection), else from /proc/net/tcp{,6}."""
+    diag = None
+    if os.path.realpath(r.root) == "/":
+        with contextlib.suppress(OSError):
+            diag = SockDiag()
+    try:
+        for proto, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+            for row in _listen_rows(r, proto, family, diag):
+                addr_hex, port_hex = row.split(":")
+                if family == socket.AF_INET:
+                    addr = socket.inet_ntop(family, struct.pack("<I", int(addr_hex, 16)))
+                else:
+                    words = struct.unpack("<4I", bytes.fromhex(addr_hex))
+                    addr = socket.inet_ntop(family, struct.pack(">4I", *words))
+                p.listening.append(
+                    attestation_pb2.ListeningSocket(
+                        protocol=proto, address=addr, port=int(port_hex, 16)
+                    )
                 )
-            )
+    finally:
+        if diag is not None:
+            diag.close()
+
+
+def _listen_rows(r: _Reader, proto: str, family: int, diag: SockDiag | None) -> list[str]:
+    """The ``local_address`` of each LISTEN row of /proc/net/``proto``."""
+    if diag is not None:
+        with contextlib.suppress(OSError):
+            return [row.decode() for row in diag.listening(family)]
+    text = r.read(f"proc/net/{proto}", f"listening.{proto}")
+    rows = []
+    for line in (text or "").splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 4 and parts[3] == "0A":  # TCP_LISTEN
+            rows.append(parts[1])
+    return rows
 
 
 def _modules(r: _Reader, p: attestation_pb2.OsPosture) -> None:
@@ -392,153 +436,3 @@ def collect_posture(
         match = re.search(r"(\d+) (?:of these )?updates? (?:are|is) (?:a )?security", updates)
         p.pending_security_updates = int(match.group(1)) if match else 0
     return p
-
-
-# Cheap signals watched for changes (DESIGN.md flow 2: PostureChanged). Each is a small
-# read; the agent polls them every quarter second. Expensive ones (the whole posture, GPU
-# state) are collected for each challenge.
-WATCHED = {
-    "kernel_modules": ["proc/modules"],
-    "gpu_driver": ["proc/driver/nvidia/version"],
-    "sshd_config": ["etc/ssh/sshd_config", "etc/ssh/sshd_config.d"],
-    "listening_sockets": ["proc/net/tcp", "proc/net/tcp6"],
-    "ephemeral_ports": [PORT_RANGE, RESERVED_PORTS],
-    "selinux_mode": ["sys/fs/selinux/enforce"],
-    "lockdown": ["sys/kernel/security/lockdown"],
-}
-
-
-@dataclass(frozen=True)
-class EphemeralPorts:
-    """The ports the kernel hands out to port-0 binds: ``low..high`` less the reserved ones."""
-
-    low: int = DEFAULT_EPHEMERAL[0]
-    high: int = DEFAULT_EPHEMERAL[1]
-    reserved: frozenset[int] = frozenset()
-
-    def __contains__(self, port: object) -> bool:
-        return isinstance(port, int) and self.low <= port <= self.high and port not in self.reserved
-
-
-def _parse_range(text: str) -> tuple[int, int] | None:
-    parts = text.split()
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        return None
-    low, high = int(parts[0]), int(parts[1])
-    return (low, high) if 0 < low <= high <= 65535 else None
-
-
-def _parse_reserved(text: str) -> frozenset[int]:
-    """``ip_local_reserved_ports``: "8080,9000-9010" (empty when none). Malformed items are
-    skipped: a port wrongly left reserved only makes the watch more sensitive."""
-    ports: set[int] = set()
-    for item in text.strip().split(","):
-        low, dash, high = item.strip().partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()):
-            continue
-        first, last = int(low), int(high or low)
-        ports.update(range(first, min(last, 65535) + 1))
-    return frozenset(ports)
-
-
-def ephemeral_ports(root: Path) -> EphemeralPorts:
-    """The host's ephemeral port range; the kernel default when it cannot be read."""
-    try:
-        span = _parse_range((root / PORT_RANGE).read_text())
-    except OSError:
-        span = None
-    try:
-        reserved = _parse_reserved((root / RESERVED_PORTS).read_text())
-    except OSError:
-        reserved = frozenset()
-    low, high = span or DEFAULT_EPHEMERAL
-    return EphemeralPorts(low, high, reserved)
-
-
-def _service_listeners(data: bytes, ephemeral: EphemeralPorts) -> bytes:
-    """The local addresses of LISTEN rows of /proc/net/tcp{,6}, less ephemeral ports; only
-    LISTEN rows, as queues and timers change all the time."""
-    rows = []
-    for line in data.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) <= 3 or parts[3] != b"0A":  # TCP_LISTEN
-            continue
-        _, _, port = parts[1].rpartition(b":")
-        try:
-            if int(port, 16) in ephemeral:
-                continue
-        except ValueError:
-            pass  # an unparsable row counts: better a spurious change than a missed one
-        rows.append(parts[1])
-    return b"\n".join(sorted(rows))
-
-
-def _digest(path: Path, *, listening: EphemeralPorts | None = None) -> bytes:
-    if path.is_dir():
-        return b"".join(_digest(p) for p in sorted(path.iterdir()))
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return b"-"
-    if listening is not None:
-        data = _service_listeners(data, listening)
-    return hashlib.sha256(data).digest()
-
-
-def fingerprint(root: Path) -> dict[str, bytes]:
-    """One digest per watched signal; a signal changed when its digest did."""
-    ephemeral = ephemeral_ports(root)
-    return {
-        signal: b"".join(
-            _digest(root / rel, listening=ephemeral if signal == "listening_sockets" else None)
-            for rel in rels
-        )
-        for signal, rels in WATCHED.items()
-    }
-
-
-class Debouncer:
-    """Turns posture changes seen at poll times into PostureChanged notes (pure: the caller
-    passes its monotonic clock's ``now``).
-
-    The first change after a quiet window is sent at once and opens a window of
-    ``window_s``; changes within it are held and sent, as one note with the union of their
-    signals, when it closes (``due``), which opens the next window. So at most one note per
-    window leaves the agent however often the host churns, and a lone change is never
-    delayed.
-    """
-
-    def __init__(self, window_s: float) -> None:
-        if not window_s > 0:
-            raise ValueError("the debounce window must be positive")
-        self._window = window_s
-        self._until: float | None = None
-        self._held: set[str] = set()
-
-    @property
-    def held(self) -> frozenset[str]:
-        return frozenset(self._held)
-
-    def changed(self, signals: list[str], now: float) -> list[str] | None:
-        """Signals that changed at ``now``: what to send now, or None when they are held."""
-        if not signals:
-            return self.due(now)
-        if self._until is not None and now < self._until:
-            self._held.update(signals)
-            return None
-        return self._send(set(signals), now)
-
-    def due(self, now: float) -> list[str] | None:
-        """The held signals once their window has closed, else None."""
-        if self._until is None or now < self._until:
-            return None
-        if not self._held:
-            self._until = None  # quiet: the next change goes at once
-            return None
-        return self._send(set(), now)
-
-    def _send(self, signals: set[str], now: float) -> list[str]:
-        out = sorted(self._held | signals)
-        self._held.clear()
-        self._until = now + self._window
-        return out

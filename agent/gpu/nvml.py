@@ -9,6 +9,7 @@ without one, the recorded ``nvidia-smi -q -x`` snapshots go through the same Gpu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -31,33 +32,99 @@ def _reason(exc: Exception) -> str:
     return "error"
 
 
+# Reasons that may not hold next time: an identity read with them is not kept.
+_PASSING = ("error", "gpu_lost")
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def collect_nvml(xids: XidWatcher | None = None) -> attestation_pb2.GpuState:
+def _not_loadable(exc: Exception) -> attestation_pb2.GpuState:
+    return attestation_pb2.GpuState(
+        source="nvml",
+        unavailable=[
+            attestation_pb2.Unavailable(
+                field="nvml", reason="not_supported", detail=f"{type(exc).__name__}: {exc}"
+            )
+        ],
+    )
+
+
+def _snapshot(
+    nv: Any, xids: XidWatcher | None, known: dict[int, attestation_pb2.Gpu] | None
+) -> attestation_pb2.GpuState:
     state = attestation_pb2.GpuState(source="nvml")
+    cc = _system(nv, state)
+    for index in range(nv.nvmlDeviceGetCount()):
+        gpu = _device(nv, index, cc, known)
+        if xids is not None:
+            gpu.recent_xids.extend(xids.recent(gpu.uuid))
+        state.gpus.append(gpu)
+    return state
+
+
+def collect_nvml(xids: XidWatcher | None = None) -> attestation_pb2.GpuState:
+    """One snapshot: NVML initialised, read, shut down."""
     try:
         import pynvml  # noqa: PLC0415 - optional at run time: hosts without NVIDIA have none
 
         pynvml.nvmlInit()
     except Exception as exc:  # noqa: BLE001 - library missing, driver not loaded, ...
-        state.unavailable.append(
-            attestation_pb2.Unavailable(
-                field="nvml", reason="not_supported", detail=f"{type(exc).__name__}: {exc}"
-            )
-        )
-        return state
+        return _not_loadable(exc)
     try:
-        cc = _system(pynvml, state)
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            gpu = _device(pynvml, index, cc)
-            if xids is not None:
-                gpu.recent_xids.extend(xids.recent(gpu.uuid))
-            state.gpus.append(gpu)
+        return _snapshot(pynvml, xids, None)
     finally:
         pynvml.nvmlShutdown()
-    return state
+
+
+class NvmlSource:
+    """Snapshots for an agent's life: NVML stays initialised between challenges (as the Xid
+    watcher keeps it anyway), and each GPU's identity (name, UUID, serial, PCI bus id,
+    board, VBIOS, InfoROM, GSP firmware), fixed while the driver is loaded, is read once:
+    at each snapshot one UUID call per GPU checks that the index still names that GPU.
+    Health and modes (ECC, remapped rows, MIG, persistence, NVLink, fabric, CC) are read at
+    every snapshot. Where NVML is missing each snapshot tries again; an NVML failure outside
+    a single field shuts it down, to start afresh at the next one."""
+
+    def __init__(self, xids: XidWatcher | None = None) -> None:
+        self._xids = xids
+        self._nv: Any = None
+        self._known: dict[int, attestation_pb2.Gpu] = {}
+        self._lock = threading.Lock()
+        self.inits = 0
+
+    def __call__(self) -> attestation_pb2.GpuState:
+        with self._lock:
+            if self._nv is None:
+                try:
+                    import pynvml  # noqa: PLC0415 - optional at run time
+
+                    pynvml.nvmlInit()
+                except Exception as exc:  # noqa: BLE001 - library missing, driver not loaded
+                    return _not_loadable(exc)
+                self._nv, self._known = pynvml, {}
+                self.inits += 1
+            nv = self._nv
+            try:
+                return _snapshot(nv, self._xids, self._known)
+            except nv.NVMLError as exc:
+                self._shutdown()
+                state = attestation_pb2.GpuState(source="nvml")
+                state.unavailable.append(
+                    attestation_pb2.Unavailable(field="nvml", reason=_reason(exc), detail=str(exc))
+                )
+                return state
+
+    def close(self) -> None:
+        with self._lock:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._nv is not None:
+            with contextlib.suppress(Exception):
+                self._nv.nvmlShutdown()
+        self._nv, self._known = None, {}
 
 
 def _system(nv: Any, state: attestation_pb2.GpuState) -> Any:
@@ -80,9 +147,33 @@ def _system(nv: Any, state: attestation_pb2.GpuState) -> Any:
     return read("cc_state", nv.nvmlSystemGetConfComputeState)
 
 
-def _device(nv: Any, index: int, cc: Any) -> attestation_pb2.Gpu:  # noqa: PLR0912 - a read a field
+def _device(
+    nv: Any, index: int, cc: Any, known: dict[int, attestation_pb2.Gpu] | None
+) -> attestation_pb2.Gpu:
+    """GPU ``index``: its identity from ``known`` when the UUID there is still its UUID
+    (read again otherwise, and kept there), its health read now."""
     gpu = attestation_pb2.Gpu(index=index)
+    h = nv.nvmlDeviceGetHandleByIndex(index)
+    cached = None if known is None else known.get(index)
+    if cached is not None and cached.uuid and _uuid(nv, h) == cached.uuid:
+        gpu.CopyFrom(cached)
+    else:
+        _identity(nv, h, gpu)
+        if known is not None and not any(u.reason in _PASSING for u in gpu.unavailable):
+            known[index] = attestation_pb2.Gpu()
+            known[index].CopyFrom(gpu)
+    _health(nv, h, gpu, cc)
+    return gpu
 
+
+def _uuid(nv: Any, h: Any) -> str | None:
+    try:
+        return _text(nv.nvmlDeviceGetUUID(h))
+    except nv.NVMLError:
+        return None
+
+
+def _reader(nv: Any, gpu: attestation_pb2.Gpu) -> Callable[..., Any]:
     def read(field: str, fn: Callable[..., T], *args: Any) -> T | None:
         try:
             return fn(*args)
@@ -92,7 +183,12 @@ def _device(nv: Any, index: int, cc: Any) -> attestation_pb2.Gpu:  # noqa: PLR09
             )
             return None
 
-    h = nv.nvmlDeviceGetHandleByIndex(index)
+    return read
+
+
+def _identity(nv: Any, h: Any, gpu: attestation_pb2.Gpu) -> None:
+    """What does not change while the driver is loaded."""
+    read = _reader(nv, gpu)
     gpu.name = _text(read("name", nv.nvmlDeviceGetName, h) or "")
     gpu.uuid = _text(read("uuid", nv.nvmlDeviceGetUUID, h) or "")
     gpu.serial = _text(read("serial", nv.nvmlDeviceGetSerial, h) or "")
@@ -114,6 +210,11 @@ def _device(nv: Any, index: int, cc: Any) -> attestation_pb2.Gpu:  # noqa: PLR09
     gsp = read("gsp_firmware_mode", nv.nvmlDeviceGetGspFirmwareMode, h)
     if gsp is not None:
         gpu.gsp_firmware_mode = "enabled" if gsp[0] else "disabled"
+
+
+def _health(nv: Any, h: Any, gpu: attestation_pb2.Gpu, cc: Any) -> None:
+    """Modes and health, read at every snapshot."""
+    read = _reader(nv, gpu)
     ecc = read("ecc_mode", nv.nvmlDeviceGetEccMode, h)
     if ecc is not None:
         gpu.ecc_enabled = bool(ecc[0])
@@ -165,7 +266,6 @@ def _device(nv: Any, index: int, cc: Any) -> attestation_pb2.Gpu:  # noqa: PLR09
                     compute_instance_id=nv.nvmlDeviceGetComputeInstanceId(mh),
                 )
             )
-    return gpu
 
 
 class XidWatcher:
