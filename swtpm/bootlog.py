@@ -8,6 +8,9 @@ empty lists, SecureBoot = 1), separators on PCRs 0-7, a boot application on PCR 
 
 ``header_only_log`` is a log with no measurement at all: it replays to the initial values of
 PCRs 0-7, which is what a freshly started swtpm quotes.
+
+The events and the log format are shared with the in-process soft TPM (``devtrust.swtpm.soft``),
+which must not load tpm2-pytss: only ``simulate_boot``, which drives a real swtpm, imports it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
-
 EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 EFI_IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
 EV_NO_ACTION = 0x3
@@ -26,7 +27,9 @@ EV_SEPARATOR = 0x4
 EV_S_CRTM_VERSION = 0x8
 EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
 EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
-_BANKS = {TPM2_ALG.SHA1: ("sha1", 20), TPM2_ALG.SHA256: ("sha256", 32)}
+TPM_ALG_SHA1 = 0x0004
+TPM_ALG_SHA256 = 0x000B
+_BANKS = {TPM_ALG_SHA1: ("sha1", 20), TPM_ALG_SHA256: ("sha256", 32)}
 
 
 def spec_id_event(banks: list[tuple[int, int]]) -> bytes:
@@ -39,7 +42,7 @@ def spec_id_event(banks: list[tuple[int, int]]) -> bytes:
 
 def header_only_log(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(spec_id_event([(TPM2_ALG.SHA1, 20), (TPM2_ALG.SHA256, 32)]))
+    path.write_bytes(spec_id_event([(TPM_ALG_SHA1, 20), (TPM_ALG_SHA256, 32)]))
     return path
 
 
@@ -72,8 +75,20 @@ def boot_events() -> list[tuple[int, int, bytes]]:
     return events
 
 
+def event_record(pcr: int, type_: int, digests: list[tuple[int, bytes]], data: bytes) -> bytes:
+    """TCG_PCR_EVENT2 (PFP 10.2.2): PCR, type, (algorithm, digest) per bank, event data."""
+    return (
+        struct.pack("<III", pcr, type_, len(digests))
+        + b"".join(struct.pack("<H", alg) + digest for alg, digest in digests)
+        + struct.pack("<I", len(data))
+        + data
+    )
+
+
 def simulate_boot(esapi: Any, path: Path) -> Path:
     """Measure ``boot_events()`` into the TPM behind ``esapi`` and write their log."""
+    from tpm2_pytss.constants import ESYS_TR  # noqa: PLC0415 (only a real swtpm needs it)
+
     records: list[bytes] = []
     banks: dict[int, int] = {}
     for pcr, type_, data in boot_events():
@@ -85,13 +100,8 @@ def simulate_boot(esapi: Any, path: Path) -> Path:
                 continue
             size = _BANKS[alg][1]
             banks[alg] = size
-            entries.append(struct.pack("<H", alg) + bytes(d.marshal())[2 : 2 + size])
-        records.append(
-            struct.pack("<III", pcr, type_, len(entries))
-            + b"".join(entries)
-            + struct.pack("<I", len(data))
-            + data
-        )
+            entries.append((alg, bytes(d.marshal())[2 : 2 + size]))
+        records.append(event_record(pcr, type_, entries, data))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(spec_id_event(sorted(banks.items())) + b"".join(records))
     return path

@@ -157,6 +157,9 @@ class EndorsementConfig:
     roots: list[Path] = field(default_factory=lambda: [DEFAULT_ROOTS])
     # A swtpm local CA certificate to trust as well. For tests and demos only; logged at start.
     trust_swtpm_local_ca: Path | None = None
+    # The EK root of simulated TPMs (devtrust.swtpm.simroot), to trust as well. For
+    # simulations only; logged at start as a warning.
+    trust_simulation_root: Path | None = None
     # TPMs without an EK certificate (some cloud vTPMs): sha256 of the EK's
     # SubjectPublicKeyInfo (hex), which is also the device id.
     allowed_ek_sha256: list[str] = field(default_factory=list)
@@ -172,6 +175,7 @@ class EndorsementConfig:
 
 @dataclass(frozen=True)
 class AttestationConfig:
+    # 0: the next challenge travels with each result (load tests and simulation).
     interval_s: float = 60.0
     evidence_timeout_s: float = 30.0
     hello_timeout_s: float = 10.0
@@ -201,8 +205,11 @@ class AttestationConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.interval_s <= 0 or self.evidence_timeout_s <= 0 or self.staleness_s <= 0:
-            raise ValueError("interval_s, evidence_timeout_s and staleness_s must be positive")
+        if self.interval_s < 0 or self.evidence_timeout_s <= 0 or self.staleness_s <= 0:
+            raise ValueError(
+                "evidence_timeout_s and staleness_s must be positive, interval_s must not be "
+                "negative (0: the next challenge with each result, for load tests)"
+            )
         if self.posture_min_interval_s < 0 or self.stream_challenge_gap_s < 0:
             raise ValueError(
                 "posture_min_interval_s and stream_challenge_gap_s must not be negative"
@@ -344,6 +351,22 @@ class LimitsConfig:
             )
 
 
+# Worker processes of one verifier: at most this many (each a full gRPC server, sharing the
+# ports and the database; verifier/workers.py).
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Worker processes serving the same ports (SO_REUSEPORT) and database; 1: one process,
+    # as before. `devtrust-verifier serve --workers N` overrides it.
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers: give 1 to {MAX_WORKERS} processes, got {self.workers}")
+
+
 @dataclass(frozen=True)
 class VerifierConfig:
     trust_domain: str = "devtrust.local"
@@ -357,6 +380,7 @@ class VerifierConfig:
     # 12); see database_location.
     database: Path | DatabaseUrl = Path("/var/lib/devtrust/verifier.db")
     listen: ListenConfig = field(default_factory=ListenConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     ca: CaConfig = field(default_factory=CaConfig)
     endorsement: EndorsementConfig = field(default_factory=EndorsementConfig)

@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +17,12 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from devtrust.core.command import ErrorPolicy, one_line, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import configure_logging
-from devtrust.verifier.config import CertificatesConfig, VerifierConfig, trust_domain_problem
+from devtrust.verifier.config import (
+    MAX_WORKERS,
+    CertificatesConfig,
+    VerifierConfig,
+    trust_domain_problem,
+)
 from devtrust.verifier.device_pki import rotate_device_ca
 from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.pki import (
@@ -28,10 +32,10 @@ from devtrust.verifier.pki import (
     issue_operator,
     load_ca,
 )
-from devtrust.verifier.policy import PolicyError
 from devtrust.verifier.roles import LABELS
 from devtrust.verifier.server import start_verifier
 from devtrust.verifier.tools import HelpFormatter, version_line
+from devtrust.verifier.workers import serve_until_signalled, supervise
 
 logger = logging.getLogger("devtrust.verifier")
 DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")
@@ -39,26 +43,15 @@ DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")
 TOKEN_TTL_S = (60, 30 * 24 * 3600)
 
 
-async def serve(config: VerifierConfig) -> None:
-    running = await start_verifier(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    def reload_policy() -> None:
-        try:
-            policy = running.policy.reload()
-        except PolicyError as exc:
-            logger.error("SIGHUP: policy refused, the old one stays: %s", exc)  # noqa: TRY400
-            return
-        if policy is not None:
-            logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
-
-    loop.add_signal_handler(signal.SIGHUP, reload_policy)
-    await stop.wait()
-    logger.info("stopping")
-    await running.stop(grace=5.0)
+async def serve(config: VerifierConfig, *, workers: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (SIGHUP reloads the policy): one process, or
+    ``workers`` (default: server.workers) worker processes under a parent
+    (verifier/workers.py)."""
+    count = workers if workers is not None else config.server.workers
+    if count > 1:
+        await supervise(config, count, level=logging.getLogger().level)
+        return
+    await serve_until_signalled(await start_verifier(config))
 
 
 def _inventory_check(args: argparse.Namespace) -> int:
@@ -176,6 +169,13 @@ def _operator(args: argparse.Namespace, now: datetime.datetime) -> int:
     return 0
 
 
+def _workers(text: str) -> int:
+    """--workers N: 1 to MAX_WORKERS processes."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"give 1 to {MAX_WORKERS} processes, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devtrust-verifier", description=__doc__, formatter_class=HelpFormatter
@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_help = "the verifier's configuration file"
     p = command("serve", "run the verifier")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help="worker processes sharing the ports and the database (default: server.workers "
+        "in the configuration, 1: one process)",
+    )
     p = command("init", "make the CA and server certificate in a directory")
     p.add_argument("--dir", required=True, help="directory for the CA and server files")
     p.add_argument(
@@ -245,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
     if args.command == "serve":
-        asyncio.run(serve(_config(args.config)))
+        asyncio.run(serve(_config(args.config), workers=args.workers))
         return 0
     if args.command == "inventory":
         return _inventory(args)

@@ -17,7 +17,7 @@ import datetime
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -70,9 +70,12 @@ class QueryService(query_pb2_grpc.QueryServicer):
         inventory: Inventory | None = None,
         operators: Mapping[str, Role] | None = None,
         ca: CertificateAuthority | None = None,
+        reloaded: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         # Signs IssueOperatorCertificate's certificates; None: that method is refused.
         self._ca = ca
+        # Told after ReloadPolicy reloaded: the verifier's other processes reload too.
+        self._reloaded = reloaded
         # The configuration's `operators:`: SetRole leaves these names alone.
         self._operators = dict(operators or {})
         self._policy = policy or PolicyHolder(None)
@@ -284,6 +287,8 @@ class QueryService(query_pb2_grpc.QueryServicer):
         if policy is None:
             raise FailedPrecondition("this verifier has no policy file configured")
         logger.info("policy %s reloaded by %s", policy.policy_id, caller.actor)
+        if self._reloaded is not None:
+            await self._reloaded()
         return wire_query.policy_reloaded_to_wire(policy)
 
     async def GetStoredEvidence(

@@ -17,7 +17,10 @@ past its notAfter is expired anyway: it leaves the feed's snapshot and the CRL.
 
 The revoked certificates are kept by storage (``storage.Revocations``); this module holds
 the live ones in memory too (loaded at start), so that the feed, the CRL and the serials a
-Result carries cost no query.
+Result carries cost no query. Other processes sharing the database (the verifier's workers,
+verifier/workers.py) revoke too: the store's change feed (``follow``) brings their
+revocations, and the devices they revoke or move, into this one within its poll interval,
+and at once before a decision's certificate is handed out (``RevocationSink``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import contextlib
 import datetime
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +46,7 @@ from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import RevokedCertificate
 from devtrust.verifier.settings import CertificateSettings, RevocationSettings
 from devtrust.verifier.storage.interfaces import Revocations
+from devtrust.verifier.storage.sqlite_changes import Change, ChangeFeed
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -148,6 +152,21 @@ class Revoker:
         self._crl: SignedCrl | None = None
         self._signing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._feed: ChangeFeed | None = None
+
+    def follow(self, feed: ChangeFeed) -> None:
+        """Learn from ``feed`` what other processes sharing the database revoke: their
+        revocations join the live set, the feed's subscribers and the CRL; the devices they
+        revoke or move are known to ``device_revoked`` and ``moved_from``. Subscribed before
+        ``start`` loads the live set, and the feed opened before that: nothing falls
+        between the two (a revocation seen twice is published once)."""
+        self._feed = feed
+        feed.subscribe(self._on_changes, on_gap=self._reload)
+
+    async def catch_up(self) -> None:
+        """Everything other processes committed so far is known here when this returns."""
+        if self._feed is not None:
+            await self._feed.catch_up()
 
     async def start(self, *, sleep: Sleep = asyncio.sleep) -> None:
         """Load the live revoked certificates, sign the first CRL, start the refreshes."""
@@ -322,13 +341,40 @@ class Revoker:
     # --- the live set ------------------------------------------------------------------------
 
     async def _publish(self, revoked: list[RevokedCertificate]) -> None:
-        """Revocations just stored: into the live set, to every subscriber, into the CRL."""
-        self._add(revoked)
-        for cert in revoked:
+        """Revocations just stored: into the live set, to every subscriber (once: the change
+        feed may have brought them first), into the CRL."""
+        self._offer(revoked)
+        await self.refresh()
+
+    def _offer(self, revoked: Iterable[RevokedCertificate]) -> int:
+        """The revocations not in the live set yet: added, and to every subscriber. No await
+        between the check and the add: the change feed and ``revoke`` never offer one twice."""
+        fresh = [cert for cert in revoked if cert.serial not in self._live]
+        self._add(fresh)
+        for cert in fresh:
             entry = RevocationEntry(cert)
             for subscriber in self._subscribers:
                 subscriber.offer(entry)
-        await self.refresh()
+        return len(fresh)
+
+    async def _on_changes(self, changes: Sequence[Change]) -> None:
+        """Rows of the change feed: what any process revoked or moved."""
+        now = self._clock()
+        revoked: list[RevokedCertificate] = []
+        for change in changes:
+            if change.device_revoked:
+                self._revoked_devices.add(change.device_id)
+            if change.moved:
+                self._moved[change.device_id] = change.zone
+            if change.revoked is not None and change.revoked.not_after > now:
+                revoked.append(change.revoked)
+        if self._offer(revoked):
+            await self.refresh()
+
+    async def _reload(self) -> None:
+        """The feed lost rows unread: the live set read again from storage."""
+        if self._offer(await self._store.live(self._clock())):
+            await self.refresh()
 
     def _add(self, revoked: Iterable[RevokedCertificate]) -> None:
         for cert in revoked:
@@ -373,6 +419,10 @@ class RevocationSink:
         return None
 
     async def publish(self, decision: Decision) -> Decision | None:
+        if decision.certificate is not None:
+            # Stored already (the store sink is first): what another process revoked or
+            # moved before it was stored is known here now (verifier/workers.py).
+            await self._revoker.catch_up()
         tier, zone = decision.result.tier, decision.zone
         minimum = self._certificates.min_tier_for(zone)
         superseded = self._superseded(decision)

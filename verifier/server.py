@@ -15,9 +15,10 @@ import asyncio
 import datetime
 import errno
 import logging
+import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -52,7 +53,14 @@ from devtrust.verifier.refs import ReferenceValues
 from devtrust.verifier.revocation import RevocationSink, Revoker
 from devtrust.verifier.revocation_service import RevocationService
 from devtrust.verifier.settings import Settings
-from devtrust.verifier.storage import Repositories, StoreSink, open_repositories
+from devtrust.verifier.storage import (
+    Repositories,
+    SqliteRepositories,
+    StoreSink,
+    open_repositories,
+)
+from devtrust.verifier.storage.sqlite_changes import POLICY, Change, ChangeFeed
+from devtrust.verifier.storage.sqlite_changes import Handler as ChangeHandler
 from devtrust.verifier.watch import TrustWatch
 
 logger = logging.getLogger(__name__)
@@ -64,7 +72,8 @@ def utcnow() -> datetime.datetime:
 
 
 def load_endorsements(config: VerifierConfig) -> EndorsementStore:
-    """The endorsement store from ``endorsement.roots`` (and the swtpm local CA where set).
+    """The endorsement store from ``endorsement.roots`` (and the swtpm local CA or the
+    simulation root where set).
     A configured path that does not exist is an error naming it, never dropped."""
     paths = list(config.endorsement.roots)
     for path in paths:
@@ -88,29 +97,52 @@ def load_endorsements(config: VerifierConfig) -> EndorsementStore:
             local_ca,
         )
         paths.append(local_ca)
+    simulation_root = config.endorsement.trust_simulation_root
+    if simulation_root is not None:
+        if not simulation_root.is_file():
+            raise ConfigError(
+                f"simulation EK root {simulation_root} does not exist: fix or remove "
+                "`endorsement.trust_simulation_root:` in the configuration"
+            )
+        _check_local_ca(
+            simulation_root,
+            what="simulation EK root",
+            setting="trust_simulation_root",
+            remedy="the simulation root's certificate (simulation-ek-root.pem)",
+        )
+        logger.warning(
+            "trusting simulation EK root %s as an endorsement root: simulated TPMs will "
+            "enroll (simulation setting, never for production)",
+            simulation_root,
+        )
+        paths.append(simulation_root)
     store = EndorsementStore.from_paths(paths)
     logger.info("endorsement roots: %d from %s", len(store.roots), ", ".join(str(p) for p in paths))
     return store
 
 
-def _check_local_ca(path: Path) -> None:
-    """The swtpm local CA must hold a certificate: one that holds none would be logged as
-    trusted and trust nothing."""
+def _check_local_ca(
+    path: Path,
+    *,
+    what: str = "swtpm local CA",
+    setting: str = "trust_swtpm_local_ca",
+    remedy: str = "the swtpm local CA's certificate (issuercert.pem)",
+) -> None:
+    """The swtpm local CA (or the simulation root) must hold a certificate: one that holds
+    none would be logged as trusted and trust nothing."""
     try:
         data = path.read_bytes()
         certs = load_certificates(data, source=str(path)) if data.strip() else []
     except OSError as exc:
         raise ConfigError(
-            f"swtpm local CA {path}: {exc.strerror}: `endorsement.trust_swtpm_local_ca:` "
-            "must name a readable file"
+            f"{what} {path}: {exc.strerror}: `endorsement.{setting}:` must name a readable file"
         ) from exc
     except MalformedInput:
         certs = []
     if not certs:
         raise ConfigError(
-            f"swtpm local CA {path} holds no certificate (PEM or DER): give the swtpm "
-            "local CA's certificate (issuercert.pem), or remove "
-            "`endorsement.trust_swtpm_local_ca:` from the configuration"
+            f"{what} {path} holds no certificate (PEM or DER): give {remedy}, or remove "
+            f"`endorsement.{setting}:` from the configuration"
         )
 
 
@@ -128,6 +160,8 @@ class RunningVerifier:
     # The services each port serves (full names): every method has a row in authz's table.
     services: dict[str, tuple[str, ...]] = field(default_factory=dict)
     started: list[grpc.aio.Server] = field(default_factory=list)
+    # What the other processes on the database changed (verifier/storage/sqlite_changes.py).
+    feed: ChangeFeed | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop what was started (grpc refuses to stop a server that never started), let
@@ -138,13 +172,29 @@ class RunningVerifier:
         self.started.clear()
         await self.attestation.aclose()
         await self.revoker.aclose()
+        if self.feed is not None:
+            await self.feed.aclose()
         await self.repos.close()
 
     async def wait(self) -> None:
         await self.attestation_server.wait_for_termination()
 
 
-def _options(config: VerifierConfig) -> list[tuple[str, int]]:
+@dataclass(frozen=True)
+class WorkerPlace:
+    """This process's place among the verifier's workers (verifier/workers.py): worker
+    ``index`` of ``count``, all serving the same ports (SO_REUSEPORT), which the parent
+    chose and checked, and the same database, which it migrated."""
+
+    index: int
+    count: int
+
+    @property
+    def name(self) -> str:
+        return f"worker{self.index}"
+
+
+def _options(config: VerifierConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     limit = config.limits.max_message_bytes
     return [
         ("grpc.max_receive_message_length", limit),
@@ -153,12 +203,13 @@ def _options(config: VerifierConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         # gRPC sets SO_REUSEPORT by default: a second verifier would bind the same port and
-        # the kernel would split connections between the two (issue 8).
-        ("grpc.so_reuseport", 0),
+        # the kernel would split connections between the two (issue 8). Set only among one
+        # verifier's own workers, whose parent checked that nothing else holds the port.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
-def _bind_problem(address: str, key: str) -> str | None:
+def bind_problem(address: str, key: str) -> str | None:
     """Why ``address`` cannot be listened on and what to do, or None. Tried with a plain
     socket before gRPC, whose own failure says neither why nor what to do (it stays as the
     backstop)."""
@@ -190,8 +241,15 @@ def _bind_problem(address: str, key: str) -> str | None:
     return None
 
 
-def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, key: str) -> int:
-    problem = _bind_problem(address, key)
+def _listen(
+    server: grpc.aio.Server,
+    address: str,
+    creds: grpc.ServerCredentials,
+    key: str,
+    *,
+    probe: bool = True,
+) -> int:
+    problem = bind_problem(address, key) if probe else None
     if problem is None:
         try:
             return server.add_secure_port(address, creds)
@@ -231,8 +289,86 @@ def _check_covered(services: dict[str, tuple[str, ...]]) -> None:
         raise RuntimeError(f"served without a row in verifier/authz.py: {', '.join(missing)}")
 
 
-async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> RunningVerifier:
+def _settings(config: VerifierConfig, worker: WorkerPlace | None) -> Settings:
     settings = Settings.from_config(config)
+    if worker is not None and worker.index > 0:
+        # One CRL file, written by one worker; each serves its own CRL over GetCrl.
+        settings = replace(settings, revocation=replace(settings.revocation, crl_path=None))
+    return settings
+
+
+# gRPC health: the service name each worker answers SERVING for, after this prefix.
+WORKER_HEALTH = "devtrust.verifier."
+
+
+async def _serving(servicer: health.aio.HealthServicer, names: list[str]) -> None:
+    for name in names:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _load_state(
+    running: RunningVerifier, enrollment: EnrollmentService, worker: WorkerPlace | None
+) -> None:
+    """What the servers need before serving. The change feed's position is taken before
+    the state it keeps current is loaded (nothing falls between), and its consumers
+    subscribed: the revoker always (other processes may share the database), the trust watch
+    among several workers; it polls once they are loaded."""
+    feed = running.feed
+    if feed is not None:
+        await feed.open()
+        running.revoker.follow(feed)
+        if worker is not None and worker.count > 1:
+            running.watch.follow(feed)
+        feed.subscribe(_policy_follower(running.policy, feed.origin))
+    await running.revoker.start()  # the live revocations and the first CRL, before serving
+    await enrollment.start()  # the inventory, before any device enrolls
+    if feed is not None:
+        feed.run()
+
+
+def _announce_policy(feed: ChangeFeed | None) -> Callable[[], Awaitable[None]] | None:
+    """What ReloadPolicy calls once it reloaded: a row on the feed, so that the other
+    processes reload the policy file too."""
+    if feed is None:
+        return None
+
+    async def announce() -> None:
+        await feed.announce(POLICY)
+
+    return announce
+
+
+def _policy_follower(policy: PolicyHolder, origin: str) -> ChangeHandler:
+    """Reload the policy when another process did (ReloadPolicy on another worker)."""
+
+    async def follow(changes: Sequence[Change]) -> None:
+        if not any(c.kind == POLICY and c.origin != origin for c in changes):
+            return
+        try:
+            loaded = policy.reload()
+        except PolicyError as exc:
+            logger.error("policy reloaded by another worker refused here: %s", exc)  # noqa: TRY400
+            return
+        if loaded is not None:
+            logger.info("policy %s reloaded (another worker reloaded it)", loaded.policy_id)
+
+    return follow
+
+
+def _change_feed(repos: Repositories, worker: WorkerPlace | None) -> ChangeFeed | None:
+    """The reader of what other processes change in the database (an SQLite one)."""
+    if not isinstance(repos, SqliteRepositories):
+        return None
+    origin = f"{socket.gethostname()}/{worker.name if worker else 'verifier'}/{os.getpid()}"
+    return ChangeFeed(repos.path, repos.engine, origin=origin)
+
+
+async def start_verifier(
+    config: VerifierConfig, *, clock: Clock = utcnow, worker: WorkerPlace | None = None
+) -> RunningVerifier:
+    """The verifier serving; with ``worker``, as one of several processes (their ports
+    shared, the CRL file written by worker 0 only, the trust watch fed by the database)."""
+    settings = _settings(config, worker)
     ca = load_ca(config.ca.cert, config.ca.key)
     endorsements = load_endorsements(config)
     server_cert, server_key = read_server_credentials(config.tls.server_cert, config.tls.server_key)
@@ -263,6 +399,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     else:
         logger.warning("no posture and GPU policy: only TPM evidence is appraised")
     repos = await open_repositories(config.database)
+    feed = _change_feed(repos, worker)
     # Who may call what: one table, one interceptor for both ports (verifier/authz.py); it
     # runs inside ErrorMapping, which maps its refusals to status codes.
     authorizer = Authorizer(
@@ -278,7 +415,10 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         else None
     )
 
-    enroll = grpc.aio.server(interceptors=interceptors, options=_options(config))
+    reuse_port = worker is not None
+    enroll = grpc.aio.server(
+        interceptors=interceptors, options=_options(config, reuse_port=reuse_port)
+    )
     enrollment = EnrollmentService(
         repos=repos,
         endorsements=endorsements,
@@ -299,7 +439,9 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
     ]
     tls = grpc.ssl_server_credentials([(server_key, server_cert)])
 
-    attest = grpc.aio.server(interceptors=interceptors, options=_options(config))
+    attest = grpc.aio.server(
+        interceptors=interceptors, options=_options(config, reuse_port=reuse_port)
+    )
     attestor = Attestor(
         issuers=issuers,
         attestation=settings.attestation,
@@ -343,6 +485,7 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
             inventory=inventory,
             operators=config.roles,
             ca=ca,
+            reloaded=_announce_policy(feed),
         ),
         attest,
     )
@@ -362,24 +505,24 @@ async def start_verifier(config: VerifierConfig, *, clock: Clock = utcnow) -> Ru
         [(server_key, server_cert)], root_certificates=pem(ca.cert), require_client_auth=True
     )
     running = RunningVerifier(
-        enroll, attest, 0, 0, repos, policy, attestation, revoker, watch, services
+        enroll, attest, 0, 0, repos, policy, attestation, revoker, watch, services, feed=feed
     )
     try:
-        await revoker.start()  # the live revocations and the first CRL, before serving
-        await enrollment.start()  # the inventory, before any device enrolls
+        await _load_state(running, enrollment, worker)
+        probe = worker is None  # the workers' parent probed the ports (verifier/workers.py)
         running.enrollment_port = _listen(
-            enroll, config.listen.enrollment, tls, "listen.enrollment"
+            enroll, config.listen.enrollment, tls, "listen.enrollment", probe=probe
         )
         running.attestation_port = _listen(
-            attest, config.listen.attestation, mtls, "listen.attestation"
+            attest, config.listen.attestation, mtls, "listen.attestation", probe=probe
         )
         for server in (enroll, attest):
             await _start(server, running)
-        for name in names[:2]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        for name in ("", enroll_names[0]):
-            await enroll_health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Each worker answers for itself too: a client learns which one its connection
+        # reached (tests, and an operator chasing one worker's logs).
+        mine = [f"{WORKER_HEALTH}{worker.name}"] if worker is not None else []
+        await _serving(health_servicer, ["", *names[:2], *mine])
+        await _serving(enroll_health, ["", enroll_names[0], *mine])
     except BaseException:  # a failed or interrupted start leaves nothing listening
         await running.stop(grace=None)
         raise

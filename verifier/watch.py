@@ -11,18 +11,25 @@ current results again. A slow reader costs its own stream, never a device's appr
 learns results as they come, so the first result of each device after the verifier starts
 is sent whatever it is (its score before is not known here): once per device and start,
 rather than a change missed.
+
+Several processes on one database (verifier/workers.py): a watcher on one must see the
+decisions made on the others, so there the watch ``follow``s the store's change feed instead
+of its own process's decisions: every process's changed tiers and scores, in the order they
+were stored, within the feed's poll interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.errors import ResourceExhausted
+from devtrust.verifier.storage.sqlite_changes import TRUST, Change, ChangeFeed
 from devtrust.verifier.trust import TrustResult
 
 logger = logging.getLogger(__name__)
@@ -91,12 +98,23 @@ class Subscription:
         """The next change; None once the watch closed. ResourceExhausted once dropped:
         changes were missed, and it says so rather than go on with a gap."""
         if self.dropped:
-            raise ResourceExhausted(
-                f"this watch fell {self._size} changes behind and was dropped, so that it "
-                "holds up no attestation: watch again (with initial set to read the current "
-                "results) and read faster, or filter by zone or device"
-            )
-        return await self._queue.get()
+            raise self._behind()
+        change = await self._queue.get()
+        if change is None and self.dropped:  # dropped while waiting (``drop``)
+            raise self._behind()
+        return change
+
+    def drop(self) -> None:
+        """Changes were lost before they reached this watcher: its next read says so."""
+        self.dropped = True
+        self.end()
+
+    def _behind(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"this watch fell {self._size} changes behind and was dropped, so that it "
+            "holds up no attestation: watch again (with initial set to read the current "
+            "results) and read faster, or filter by zone or device"
+        )
 
     def close(self) -> None:
         self._watch.unsubscribe(self)
@@ -111,6 +129,13 @@ class TrustWatch:
         self._watchers: list[Subscription] = []
         self._last: dict[DeviceId, tuple[Tier, int]] = {}
         self._closed = False
+        self._fed = False
+
+    def follow(self, feed: ChangeFeed) -> None:
+        """Take every process's changes from ``feed`` (this one's too), no longer the
+        decisions published to this sink."""
+        self._fed = True
+        feed.subscribe(self._on_changes, on_gap=self._on_gap)
 
     def subscribe(self, where: WatchFilter) -> Subscription:
         """A new watcher, receiving every change published from now on."""
@@ -133,24 +158,50 @@ class TrustWatch:
     def watchers(self) -> int:
         return len(self._watchers)
 
-    def _changed(self, decision: Decision) -> bool:
-        result = decision.result
+    def _changed(self, device_id: DeviceId, result: TrustResult) -> bool:
         now = (result.tier, result.score)
-        last = self._last.get(decision.device_id)
-        self._last[decision.device_id] = now
+        last = self._last.get(device_id)
+        self._last[device_id] = now
         return last is None or last != now
 
     async def publish(self, decision: Decision) -> None:
-        if not self._changed(decision):
+        if self._fed:  # the change feed brings it, with every other process's
             return
-        change = TrustChange(
-            device_id=decision.device_id,
-            zone=decision.zone,
-            previous_tier=decision.previous_tier,
-            result=decision.result,
+        self._send(
+            TrustChange(
+                device_id=decision.device_id,
+                zone=decision.zone,
+                previous_tier=decision.previous_tier,
+                result=decision.result,
+            )
         )
+
+    async def _on_changes(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            if change.kind == TRUST and change.result is not None:
+                self._send(
+                    TrustChange(
+                        device_id=change.device_id,
+                        zone=change.zone,
+                        previous_tier=change.previous_tier,
+                        result=change.result,
+                    )
+                )
+
+    async def _on_gap(self) -> None:
+        """Changes were lost unread: every watcher is dropped (it watches again)."""
+        for sub in self._watchers:
+            sub.drop()
+        self._watchers.clear()
+
+    def _send(self, change: TrustChange) -> None:
+        device_id, result = change.device_id, change.result
+        assert device_id is not None
+        assert result is not None
+        if not self._changed(device_id, result):
+            return
         for sub in list(self._watchers):
-            if sub.filter.matches(decision.device_id, decision.zone) and not sub.offer(change):
+            if sub.filter.matches(device_id, change.zone) and not sub.offer(change):
                 self.unsubscribe(sub)
                 logger.warning(
                     "trust watch dropped: %d changes behind (zone filter %r, device %s)",

@@ -508,6 +508,12 @@ class SqliteRepositories:
         return self._path
 
     @property
+    def engine(self) -> _Engine:
+        """The writer and readers, for the stores kept in modules of their own
+        (sqlite_changes: the change feed and stream leases)."""
+        return self._engine
+
+    @property
     def devices(self) -> SqliteDevices:
         return self._devices
 

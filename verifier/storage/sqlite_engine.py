@@ -29,6 +29,10 @@ from devtrust.verifier.storage import sqlite_schema
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BATCH = 256
+# How long one connection waits for another's lock (several verifier processes may share
+# the database: verifier/workers.py), and how many such waits a write lock is waited for.
+BUSY_TIMEOUT_MS = 5000
+BUSY_ATTEMPTS = 6
 # Called by the writer thread after each commit with the number of writes it committed
 # (tests count transactions with it; metrics will).
 CommitHook = Callable[[int], None]
@@ -89,6 +93,8 @@ def open_database(path: Path, *, create: bool, read_only: bool) -> tuple[sqlite3
 def _prepare(db: sqlite3.Connection, path: Path, *, read_only: bool, fix: str) -> None:
     """The integrity check (opening and the schema do not notice a damaged page), then the
     schema: migrated, or (read-only) checked to be a verifier's that this code can read."""
+    # First: another process (a verifier's other worker) may be writing the database.
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(5)")]
     if problems != ["ok"]:
         raise sqlite3.DatabaseError("; ".join(problems))
@@ -101,8 +107,12 @@ def _prepare(db: sqlite3.Connection, path: Path, *, read_only: bool, fix: str) -
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA foreign_keys=ON")
-    db.execute("PRAGMA busy_timeout=5000")
     sqlite_schema.migrate(db, path)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "")
+    return isinstance(name, str) and name.startswith("SQLITE_BUSY")
 
 
 @dataclass
@@ -184,12 +194,32 @@ class Writer:
                     if not job.future.done():
                         job.future.set_exception(exc)
 
+    def _begin(self) -> None:
+        """Take the write lock. Another process writing the same database (the verifier's
+        other workers) holds it for one group commit at a time; SQLite waits busy_timeout
+        for it, and past that this waits again, up to BUSY_ATTEMPTS times, saying so."""
+        for attempt in range(1, BUSY_ATTEMPTS + 1):
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or attempt == BUSY_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "verifier database: the write lock is held by another connection for over "
+                    "%d ms (attempt %d of %d): waiting",
+                    BUSY_TIMEOUT_MS,
+                    attempt,
+                    BUSY_ATTEMPTS,
+                )
+            else:
+                return
+
     def _transaction(self, jobs: list[_Job[Any]]) -> list[_Job[Any]]:
         """Run ``jobs`` in one transaction and commit; the jobs to run again in a new one
         when a failing job ended this transaction (SQLite rolls back the whole transaction
         on some errors: disk full, I/O)."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        self._begin()
         done: list[tuple[_Job[Any], Any]] = []
         for i, job in enumerate(jobs):
             db.execute("SAVEPOINT job")
@@ -241,7 +271,7 @@ class Readers:
         if db is None:
             db = sqlite3.connect(self._uri, uri=True, check_same_thread=False, isolation_level=None)
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._local.db = db
             with self._lock:
                 self._connections.append(db)
