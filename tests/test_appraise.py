@@ -174,6 +174,7 @@ class CountingPolicy:
     """A policy that counts its evaluations (the real one's cost is the point of caching)."""
 
     policy_id = "counting"
+    digest = "counting-1"
     bulletins: Any = None
 
     def __init__(self) -> None:

@@ -195,6 +195,17 @@ CASES = [
         ],
     ),
     Case("stream ends while idle", [*ANSWERED, (StreamEnded(9.0), [ENDED])]),
+    Case(
+        "result: interval_s 0 (load tests): every result carries the next challenge",
+        [
+            *GREETED,
+            (EvidenceReceived(1.0), [Appraise(N(1))]),
+            (Appraised(2.0, rebooted=False), [SendResult(0.0, N(2)), Wait(32.0)]),
+            (EvidenceReceived(3.0), [Appraise(N(2))]),
+            (Appraised(4.0, rebooted=False), [SendResult(0.0, N(3)), Wait(34.0)]),
+        ],
+        timing=replace(TIMING, interval_s=0.0),
+    ),
     # --- posture notes ------------------------------------------------------------------
     Case(
         "posture: the first note is challenged at once",
@@ -487,3 +498,28 @@ def test_settings_are_made_once_from_the_configuration() -> None:
     assert settings.certificates.device_lifetime == datetime.timedelta(seconds=120)
     assert settings.certificates.min_tier is Tier.WARNING
     assert settings.limits is config.limits
+
+
+def test_a_tick_ends_the_stream_only_while_a_deadline_runs() -> None:
+    """``tick_closes``: the servicer abandons the read in flight on a Tick only when the Tick
+    ends the stream (Hello's and the evidence's deadlines); a Tick for the next challenge
+    leaves the stream reading, and no message may be lost then."""
+    protocol = StreamProtocol(TIMING, DEVICE, nonces=_counter())
+    seen = []
+    for event in (
+        Opened(0.0),
+        HelloReceived(0.0),
+        EvidenceReceived(1.0),
+        Appraised(2.0, rebooted=False),
+        Tick(62.0),
+    ):
+        protocol.feed(event)
+        seen.append((protocol.phase, protocol.tick_closes))
+    assert seen == [
+        (Phase.HELLO, True),
+        (Phase.CHALLENGED, True),
+        (Phase.APPRAISING, False),
+        (Phase.IDLE, False),
+        (Phase.CHALLENGED, True),
+    ]
+    assert [shown(a) for a in protocol.feed(Tick(92.0))] == [NO_EVIDENCE]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -299,6 +300,18 @@ def _check_quoted_only(
         )
 
 
+def policy_key(
+    policy: PolicyEvaluator, body: BodyDocument, zone: str, labels: Mapping[str, str]
+) -> str:
+    """The policy cache's key: exactly what a policy outcome depends on besides the device
+    (a session's cache is its device's): the policy's rules and data (``digest``, not the
+    policy_id a reload may keep), the body's host, os and gpu parts as received (the
+    document is built from nothing else), and the zone and labels of the verifier's record.
+    Each part is length-prefixed, so no two different inputs make the same key."""
+    parts = (policy.digest, body.posture_digest, zone, json.dumps(sorted(labels.items())))
+    return "".join(f"{len(p)}:{p};" for p in parts)
+
+
 def _policy(
     evidence: Evidence, expect: Expectation
 ) -> tuple[PolicyOutcome | None, tuple[str, PolicyOutcome] | None]:
@@ -307,12 +320,20 @@ def _policy(
         return None, None
     labels = dict(expect.labels)
     body = evidence.body_doc
-    key = f"{policy.policy_id}|{body.posture_digest}|{expect.zone}|{sorted(labels.items())}"
+    key = policy_key(policy, body, expect.zone, labels)
     if expect.policy_cache is not None and expect.policy_cache[0] == key:
         return expect.policy_cache[1], expect.policy_cache
     doc = document.build(body.plain(), bulletins=policy.bulletins, zone=expect.zone, labels=labels)
     outcome = policy.evaluate(doc, device_id=expect.device_id, zone=expect.zone, labels=labels)
+    if any(f.id in UNCACHED_FINDINGS for f in outcome.findings):
+        # Not a verdict on this posture (the evaluation was abandoned): the next
+        # appraisal evaluates again.
+        return outcome, None
     return outcome, (key, outcome)
+
+
+# Findings that say the policy was not evaluated, not what it found: never cached.
+UNCACHED_FINDINGS = frozenset({"policy.budget_exceeded"})
 
 
 def _event_log(

@@ -61,7 +61,6 @@ from devtrust.verifier.stream import (
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
-_EOF = object()
 
 
 @dataclass
@@ -145,7 +144,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         record = await self._attesting(device_id)
         me = await self._take_over(device_id)
         try:
-            await self._attest(request_iterator, context, record, me)
+            # Read with context.read (verifier/attest_service.py _Reader), not the iterator.
+            await self._attest(context, record, me)
         except asyncio.CancelledError:
             if me.superseded:
                 raise Superseded(
@@ -158,7 +158,6 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
 
     async def _attest(
         self,
-        request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[Any, Any],
         record: DeviceRecord,
         me: _Live,
@@ -172,8 +171,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             previous_tier=latest.tier if latest is not None else None,
         )
         protocol = StreamProtocol(self._settings.stream, device_id)
-        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
-        pump = asyncio.create_task(_pump(request_iterator, inbox))
+        reader = _Reader(context)
         msg: attestation_pb2.AgentMessage | None = None
         decision: Decision | None = None
         opened = time.monotonic()
@@ -198,7 +196,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                             decision = await self._decide(me, session, nonce, msg)
                             upcoming = Appraised(time.monotonic(), rebooted=decision.rebooted)
                         case Wait(until):
-                            msg, upcoming = await _receive(inbox, until)
+                            msg, upcoming = await reader.next(until, deadline=protocol.tick_closes)
                         case Close(error):
                             if error is not None:
                                 raise error
@@ -207,7 +205,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 assert upcoming is not None, actions
                 event = upcoming
         finally:
-            pump.cancel()
+            reader.close()
 
     def _accepted(
         self,
@@ -301,31 +299,64 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         async with self._workers:
             self._attestor.refresh(session, await self._repos.devices.get(device_id))
             now = self._clock()
-            # Appraisal runs on a worker thread: a costly one (a long event log, many GPUs)
-            # cannot hold up other devices' streams on this loop.
-            future = self._pool.submit(self._attestor.decide, session, nonce, evidence, now=now)
-            decision = await asyncio.wrap_future(future)
+            if self._attestor.cheap(session, evidence):
+                # The policy's cached outcome holds and the log part is short: the checks
+                # cost less than the hop to a thread and back.
+                decision = self._attestor.decide(session, nonce, evidence, now=now)
+            else:
+                # A costly appraisal (a policy to evaluate, a long event log) runs on a
+                # worker thread: it cannot hold up other devices' streams on this loop.
+                future = self._pool.submit(self._attestor.decide, session, nonce, evidence, now=now)
+                decision = await asyncio.wrap_future(future)
         # A sink may add to the decision (the revocation sink: serials the agent drops).
         return await self._sinks.publish(decision) or decision
 
 
-async def _receive(
-    inbox: asyncio.Queue[Any], until: float
-) -> tuple[attestation_pb2.AgentMessage | None, Event]:
-    """The next message and its event, or a Tick when none came by ``until``."""
-    try:
-        wait = None if math.isinf(until) else max(0.0, until - time.monotonic())
-        item = await asyncio.wait_for(inbox.get(), wait)
-    except TimeoutError:
-        return None, Tick(time.monotonic())
-    if item is _EOF:
-        return None, StreamEnded(time.monotonic())
-    return item, wire_attest.agent_event(item, time.monotonic())
+class _Reader:
+    """The stream's messages, read with ``context.read`` by the stream's own task: no reader
+    task, queue or ``wait_for`` per message (issue 11). A wait for a deadline (Hello, or the
+    evidence of a challenge: when it passes the stream ends) runs one timer around the read
+    (``asyncio.timeout``). A wait that ends in a Tick the stream lives on after (the next
+    challenge due in IDLE) must not lose the message a cancelled read may have taken, so
+    that read runs as a task and stays pending across the Tick, read by the next wait: one
+    task per challenge interval, not per message."""
 
+    __slots__ = ("_context", "_pending")
 
-async def _pump(source: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
-    try:
-        async for msg in source:
-            await inbox.put(msg)
-    finally:
-        await inbox.put(_EOF)
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def next(
+        self, until: float, *, deadline: bool
+    ) -> tuple[attestation_pb2.AgentMessage | None, Event]:
+        """The next message and its event, or a Tick when none came by ``until``."""
+        pending = self._pending
+        if pending is None and (deadline or math.isinf(until)):
+            try:
+                if math.isinf(until):
+                    item = await self._context.read()
+                else:
+                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                        item = await self._context.read()
+            except TimeoutError:
+                # The timer fired for ``until`` (possibly a clock tick early).
+                return None, Tick(max(time.monotonic(), until))
+        else:
+            if pending is None:
+                pending = self._pending = asyncio.ensure_future(self._context.read())
+            wait = None if math.isinf(until) else max(0.0, until - time.monotonic())
+            done, _ = await asyncio.wait({pending}, timeout=wait)
+            if not done:
+                return None, Tick(max(time.monotonic(), until))
+            self._pending = None
+            item = pending.result()
+        now = time.monotonic()
+        if item is grpc.aio.EOF:
+            return None, StreamEnded(now)
+        return item, wire_attest.agent_event(item, now)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from devtrust.core.claims import DeviceClaims
 from devtrust.core.ids import DeviceId, Nonce, serial_of
 from devtrust.core.tier import Tier
-from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise
+from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise, policy_key
 from devtrust.verifier.ca import DeviceIssuers
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.decision import Decision
@@ -36,6 +36,9 @@ from devtrust.verifier.tpm.quote import AkKey
 from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public
 
 logger = logging.getLogger(__name__)
+# An event-log part up to this size is replayed on the event loop (a log after the first
+# is a few events, usually none); a longer one (a stream's first, a reboot's) on a thread.
+INLINE_LOG_BYTES = 16 * 1024
 
 
 def may_attest(device_id: DeviceId, record: DeviceRecord | None) -> DeviceRecord:
@@ -139,6 +142,25 @@ class Attestor:
                 printable(record.labels),
             )
         session.record = record
+
+    def cheap(self, session: DeviceSession, evidence: Evidence) -> bool:
+        """Whether deciding on ``evidence`` costs little enough to run on the event loop
+        (the quote's signature, a few digests, at most ``INLINE_LOG_BYTES`` of event log):
+        a stream's later evidence (not its first, nor the first after a reboot: those carry
+        the whole log), and the device's cached policy outcome holds for it (its key
+        computed as ``appraise`` will), or there is no policy. Otherwise (a policy to
+        evaluate, a whole log) the servicer decides on a worker thread. Only where it runs
+        depends on this: every check runs either way."""
+        part = evidence.event_log
+        if session.full_log or (part is not None and len(part.data) > INLINE_LOG_BYTES):
+            return False
+        policy = self._policy.current
+        if policy is None:
+            return True
+        cache, record = session.policy_cache, session.record
+        return cache is not None and cache[0] == policy_key(
+            PooledPolicy(policy, self._policy_runner), evidence.body_doc, record.zone, record.labels
+        )
 
     def decide(
         self, session: DeviceSession, nonce: Nonce, evidence: Evidence, *, now: datetime.datetime

@@ -15,6 +15,8 @@ DEFAULT_LIMIT = 256
 def printable(text: object, limit: int = DEFAULT_LIMIT) -> str:
     """``text`` as one line of printable characters, at most ``limit`` of them (plus "...")."""
     value = str(text)
+    if value.isprintable() and "\\" not in value:  # nothing to escape (the usual case)
+        return value[:limit] + "..." if len(value) > limit else value
     out: list[str] = []
     for ch in value:
         if ch == "\\":

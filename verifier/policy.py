@@ -38,7 +38,9 @@ it is loaded: ``devtrust policy eval``, verifier start, SIGHUP and ReloadPolicy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +147,13 @@ class PolicyEvaluator(Protocol):
     @property
     def bulletins(self) -> Bulletins: ...
 
+    @property
+    def digest(self) -> str:
+        """What the outcome depends on besides the document: the rules and the bulletins.
+        Part of the policy cache's key, so a reloaded policy (even under the same policy_id)
+        is evaluated again."""
+        ...
+
     def evaluate(
         self,
         doc: Document,
@@ -166,6 +175,17 @@ class Policy:
     # worker process parses the same policy again from them (verifier/policy_pool.py).
     text: str = field(default="", repr=False, compare=False)
     base: Path = field(default=Path(), repr=False, compare=False)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the policy text (its rules) and of the bulletins it was loaded with,
+        computed once. A policy made without its text (in code) is unique: a random id."""
+        if not self.text:
+            return f"untexted-{secrets.token_hex(16)}"
+        text = self.text.encode()
+        digest = hashlib.sha256(len(text).to_bytes(8, "big") + text)
+        digest.update(repr(self.bulletins.entries).encode())
+        return digest.hexdigest()
 
     @classmethod
     def load(cls, path: Path) -> Policy:

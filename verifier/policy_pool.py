@@ -19,7 +19,6 @@ verifier evaluates policies in separate processes:
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
 import multiprocessing
 import threading
@@ -103,7 +102,7 @@ class PolicyRunner:
     ) -> PolicyOutcome:
         call = _Call(
             policy_id=policy.policy_id,
-            digest=hashlib.sha256(policy.text.encode()).hexdigest(),
+            digest=policy.digest,
             text=policy.text,
             source=policy.source,
             base=str(policy.base),
@@ -170,6 +169,10 @@ class PooledPolicy:
     @property
     def bulletins(self) -> Bulletins:
         return self.policy.bulletins
+
+    @property
+    def digest(self) -> str:
+        return self.policy.digest
 
     def evaluate(
         self,

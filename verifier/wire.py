@@ -25,7 +25,7 @@ from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.records import DeviceRecord, DeviceState
 from devtrust.verifier.tpm.constants import DIGEST_SIZES, hash_alg, hash_name
 from devtrust.verifier.tpm.structures import PcrSelect
-from devtrust.verifier.trust import Finding, Severity, TrustResult, tier_of
+from devtrust.verifier.trust import Finding, Severity, SubResult, TrustResult, tier_of
 
 MAX_PCR_INDEX = 23
 _TIERS = {
@@ -135,7 +135,7 @@ def evidence_from_wire(msg: attestation_pb2.Evidence, limits: LimitsConfig) -> E
         signature=msg.quote_signature,
         pcrs=pcrs,
         body=msg.body,
-        body_doc=wire_body.WireBody(body),
+        body_doc=wire_body.WireBody(body, raw=msg.body),
         certify_key=certify_key,
         certify_key_proof=body.certify_key_proof,
         event_log=event_log,
@@ -143,7 +143,7 @@ def evidence_from_wire(msg: attestation_pb2.Evidence, limits: LimitsConfig) -> E
 
 
 def result_to_wire(result: TrustResult) -> common_pb2.TrustResult:
-    return common_pb2.TrustResult(
+    msg = common_pb2.TrustResult(
         device_id=result.device_id,
         tier=_TIERS[result.tier],
         score=result.score,
@@ -156,6 +156,25 @@ def result_to_wire(result: TrustResult) -> common_pb2.TrustResult:
         expires_at=timestamp(result.expires_at),
         evidence_digest=result.evidence_digest,
         policy_id=result.policy_id,
+    )
+    if result.submods:
+        msg.MergeFromString(_submods_wire(result.submods))
+    return msg
+
+
+# The submods' encoding, by the identity of their tuple: a device's cached policy outcome
+# hands every appraisal the same tuple (8 GPUs: most of a Result's conversion). Each entry
+# holds its tuple, so no other tuple can take its id while it is cached; cleared when full.
+_SUBMODS: dict[int, tuple[tuple[SubResult, ...], bytes]] = {}
+_SUBMODS_MAX = 4096
+
+
+def _submods_wire(submods: tuple[SubResult, ...]) -> bytes:
+    """The TrustResult.submods field of ``submods``, encoded (merged into the message)."""
+    cached = _SUBMODS.get(id(submods))
+    if cached is not None and cached[0] is submods:
+        return cached[1]
+    data = common_pb2.TrustResult(
         submods=[
             common_pb2.SubResult(
                 name=sub.name,
@@ -166,9 +185,13 @@ def result_to_wire(result: TrustResult) -> common_pb2.TrustResult:
                 ],
                 findings=[_finding(f) for f in sub.findings],
             )
-            for sub in result.submods
-        ],
-    )
+            for sub in submods
+        ]
+    ).SerializeToString()
+    if len(_SUBMODS) >= _SUBMODS_MAX:
+        _SUBMODS.clear()
+    _SUBMODS[id(submods)] = (submods, data)
+    return data
 
 
 def _finding(f: Finding) -> common_pb2.Finding:

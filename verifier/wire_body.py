@@ -30,35 +30,64 @@ def _int64(value: int) -> int:
     return min(value, _INT64_MAX)
 
 
+# How each field of a message type converts, worked out once per type from its descriptor
+# (reading descriptor options on every field of every message was most of the cost).
+_MAP, _REPEATED_MESSAGE, _REPEATED_U64, _REPEATED, _MESSAGE, _BYTES, _U64, _SCALAR = range(8)
+_PLANS: dict[Any, tuple[tuple[str, int, bool], ...]] = {}
+
+
+def _plan(descriptor: Any) -> tuple[tuple[str, int, bool], ...]:
+    """Per field: its name, how it converts, and whether it has presence (unset: None)."""
+    plan = _PLANS.get(descriptor)
+    if plan is not None:
+        return plan
+    fields = []
+    for field in descriptor.fields:
+        message = field.message_type is not None
+        u64 = field.type in _UNSIGNED_64
+        if message and field.message_type.GetOptions().map_entry:
+            kind = _MAP
+        elif field.is_repeated:
+            kind = _REPEATED_MESSAGE if message else _REPEATED_U64 if u64 else _REPEATED
+        elif message:
+            kind = _MESSAGE
+        elif field.type == FieldDescriptor.TYPE_BYTES:
+            kind = _BYTES
+        else:
+            kind = _U64 if u64 else _SCALAR
+        presence = kind not in (_MAP, _REPEATED_MESSAGE, _REPEATED_U64, _REPEATED)
+        fields.append((field.name, kind, presence and field.has_presence))
+    plan = _PLANS[descriptor] = tuple(fields)
+    return plan
+
+
 def plain(msg: Message) -> dict[str, Any]:
     """A message as dicts: every field present; unset optional fields and unset sub-messages
     are None (a value the host could not read is null, never false); bytes are hex; uint64
     values above int64 are saturated (a CEL int, like every other integer: the CEL runtime
     would make them a ``uint``, and int and uint do not mix in arithmetic)."""
     out: dict[str, Any] = {}
-    for field in msg.DESCRIPTOR.fields:
-        value = getattr(msg, field.name)
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            out[field.name] = dict(value)
-        elif field.is_repeated:
-            out[field.name] = [
-                plain(v)
-                if isinstance(v, Message)
-                else _int64(v)
-                if field.type in _UNSIGNED_64
-                else v
-                for v in value
-            ]
-        elif field.has_presence and not msg.HasField(field.name):
-            out[field.name] = None
-        elif isinstance(value, Message):
-            out[field.name] = plain(value)
-        elif isinstance(value, bytes):
-            out[field.name] = value.hex()
-        elif field.type in _UNSIGNED_64:
-            out[field.name] = _int64(value)
-        else:
-            out[field.name] = value
+    for name, kind, presence in _plan(msg.DESCRIPTOR):
+        if presence and not msg.HasField(name):
+            out[name] = None
+            continue
+        value = getattr(msg, name)
+        if kind == _SCALAR:
+            out[name] = value
+        elif kind == _MESSAGE:
+            out[name] = plain(value)
+        elif kind == _REPEATED_MESSAGE:
+            out[name] = [plain(v) for v in value]
+        elif kind == _REPEATED:
+            out[name] = list(value)
+        elif kind == _MAP:
+            out[name] = dict(value)
+        elif kind == _BYTES:
+            out[name] = value.hex()
+        elif kind == _U64:
+            out[name] = _int64(value)
+        else:  # _REPEATED_U64
+            out[name] = [_int64(v) for v in value]
     return out
 
 
@@ -69,30 +98,43 @@ class WireBody:
     It owns the message it is given (``body_from_wire`` makes one for it): nothing else holds
     a reference that could change the message under the cached values."""
 
-    __slots__ = ("_digest", "_msg", "_plain")
+    __slots__ = ("_digest", "_msg", "_plain", "_raw")
 
-    def __init__(self, msg: attestation_pb2.EvidenceBody) -> None:
+    def __init__(self, msg: attestation_pb2.EvidenceBody, raw: bytes | None = None) -> None:
+        """``raw``: the bytes ``msg`` was parsed from, when the caller has them (the
+        posture digest is then taken from them, without serializing the parts again)."""
         self._msg = msg
+        self._raw = raw
         self._plain: dict[str, Any] | None = None
         self._digest = ""
 
     @property
     def posture_digest(self) -> str:
-        """The policy's cache key: which of host, os and gpu were sent (an absent part and an
-        empty one differ to required_evidence) and their bytes, each length-prefixed;
-        collected_at and the certify key, which change at every evidence, are left out."""
+        """The policy's cache key: exactly what the document is built from, host, os and
+        gpu, and which of them were sent (an absent part and an empty one differ to
+        required_evidence); collected_at and the certify key, which change at every
+        evidence, are left out. From the received bytes (``raw_parts``: each occurrence of
+        the three fields, with its field number and length), else from the parts serialized
+        again. Equal digests mean equal parts; equal parts sent in other bytes merely get
+        another digest (the policy runs again)."""
         if not self._digest:
-            msg = self._msg
-            digest = hashlib.sha256()
-            for part, sent in (
-                (msg.host, msg.HasField("host")),
-                (msg.os, msg.HasField("os")),
-                (msg.gpu, msg.HasField("gpu")),
-            ):
-                data = part.SerializeToString(deterministic=True)
-                digest.update((b"\x01" if sent else b"\x00") + len(data).to_bytes(8, "big") + data)
-            self._digest = digest.hexdigest()
+            parts = raw_parts(self._raw) if self._raw is not None else None
+            if parts is None:
+                parts = self._serialized_parts()
+            self._digest = hashlib.sha256(parts).hexdigest()
         return self._digest
+
+    def _serialized_parts(self) -> bytes:
+        """The parts sent, serialized again, in the form ``raw_parts`` gives (for bytes
+        serialized deterministically, as the agent does, the same)."""
+        msg = self._msg
+        out = [b"parts\0"]
+        for name in ("host", "os", "gpu"):
+            if msg.HasField(name):
+                data = getattr(msg, name).SerializeToString(deterministic=True)
+                number = _FIELD_NUMBERS[name]
+                out.append(bytes([number]) + len(data).to_bytes(8, "big") + data)
+        return b"".join(out)
 
     def plain(self) -> Mapping[str, Any]:
         """host, os and gpu (and the rest of the body) as plain values; a part the body did
@@ -100,6 +142,60 @@ class WireBody:
         if self._plain is None:
             self._plain = plain(self._msg)
         return self._plain
+
+
+# EvidenceBody's fields policy reads (protos/devtrust/v1/attestation.proto): host, os, gpu.
+_FIELD_NUMBERS = {
+    name: attestation_pb2.EvidenceBody.DESCRIPTOR.fields_by_name[name].number
+    for name in ("host", "os", "gpu")
+}
+_POSTURE_FIELDS = frozenset(_FIELD_NUMBERS.values())
+_LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+
+
+def raw_parts(data: bytes) -> bytes | None:
+    """Of a serialized EvidenceBody, every length-delimited occurrence of host, os and gpu
+    (protobuf merges repeated occurrences: all count), each as its field number, length
+    and bytes, in order: what the parser builds those parts from, nothing else. None when
+    the bytes hold what this scan does not follow (a group): the caller serializes the
+    parsed parts instead."""
+    out = [b"parts\0"]
+    at, end = 0, len(data)
+    try:
+        while at < end:
+            key, at = _varint(data, at)
+            number, kind = key >> 3, key & 7
+            if kind == _LEN:
+                size, at = _varint(data, at)
+                if at + size > end:
+                    return None
+                if number in _POSTURE_FIELDS:
+                    out.append(bytes([number]) + size.to_bytes(8, "big") + data[at : at + size])
+                at += size
+            elif kind == _VARINT:
+                _, at = _varint(data, at)
+            elif kind == _I64:
+                at += 8
+            elif kind == _I32:
+                at += 4
+            else:
+                return None
+    except ValueError:
+        return None
+    return b"".join(out) if at == end else None
 
 
 def body_from_wire(data: bytes, limits: LimitsConfig) -> attestation_pb2.EvidenceBody:
@@ -190,25 +286,21 @@ def check_body_limits(body: attestation_pb2.EvidenceBody, limits: LimitsConfig) 
         "max_unavailable",
     )
     seen: set[int] = set()
+    per_gpu = (
+        ("nvlinks", limits.max_nvlinks_per_gpu, "max_nvlinks_per_gpu"),
+        ("mig_devices", limits.max_mig_devices_per_gpu, "max_mig_devices_per_gpu"),
+        ("recent_xids", limits.max_xids_per_gpu, "max_xids_per_gpu"),
+        ("unavailable", limits.max_unavailable, "max_unavailable"),
+        ("cc_settings", maps, "max_map_entries"),
+        ("fabric_health", maps, "max_map_entries"),
+    )
     for i, g in enumerate(gpu.gpus):
-        where = f"EvidenceBody.gpu.gpus[{i}]"
         if g.index in seen:  # GPU results (submods) are keyed by index
-            raise MalformedInput(f"{where}: GPU index {g.index} is reported twice")
+            raise MalformedInput(
+                f"EvidenceBody.gpu.gpus[{i}]: GPU index {g.index} is reported twice"
+            )
         seen.add(g.index)
-        bounded(
-            len(g.nvlinks), limits.max_nvlinks_per_gpu, f"{where}.nvlinks", "max_nvlinks_per_gpu"
-        )
-        bounded(
-            len(g.mig_devices),
-            limits.max_mig_devices_per_gpu,
-            f"{where}.mig_devices",
-            "max_mig_devices_per_gpu",
-        )
-        bounded(
-            len(g.recent_xids), limits.max_xids_per_gpu, f"{where}.recent_xids", "max_xids_per_gpu"
-        )
-        bounded(
-            len(g.unavailable), limits.max_unavailable, f"{where}.unavailable", "max_unavailable"
-        )
-        bounded(len(g.cc_settings), maps, f"{where}.cc_settings", "max_map_entries")
-        bounded(len(g.fabric_health), maps, f"{where}.fabric_health", "max_map_entries")
+        for name, limit, key in per_gpu:
+            count = len(getattr(g, name))
+            if count > limit:  # the field's name is made only for the error
+                bounded(count, limit, f"EvidenceBody.gpu.gpus[{i}].{name}", key)

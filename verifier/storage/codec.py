@@ -88,7 +88,9 @@ def _finding_from(f: dict[str, str]) -> Finding:
 
 
 def result_to_json(result: TrustResult) -> str:
-    return json.dumps(
+    """The result as JSON, keys sorted. Serialized once per decision: the trust row and the
+    audit row store the same text (storage/sqlite.py ``_record``)."""
+    head = json.dumps(
         {
             "device_id": result.device_id,
             "claims": {c.value: v for c, v in result.claims.items()},
@@ -97,17 +99,39 @@ def result_to_json(result: TrustResult) -> str:
             "expires_at": iso(result.expires_at),
             "evidence_digest": result.evidence_digest,
             "policy_id": result.policy_id,
-            "submods": [
-                {
-                    "name": s.name,
-                    "claims": {c.value: v for c, v in s.claims.items()},
-                    "findings": [_finding_json(f) for f in s.findings],
-                }
-                for s in result.submods
-            ],
         },
         sort_keys=True,
     )
+    # "submods" sorts last: the text json.dumps(sort_keys=True) makes of the whole result.
+    return f'{head[:-1]}, "submods": {_submods_json(result.submods)}}}'
+
+
+# The submods' JSON by the identity of their tuple: a device's cached policy outcome hands
+# every appraisal the same tuple (8 GPUs: most of a result's text). Each entry holds its
+# tuple, so no other tuple can take its id while it is cached; cleared when full.
+_SUBMODS: dict[int, tuple[tuple[SubResult, ...], str]] = {}
+_SUBMODS_MAX = 4096
+
+
+def _submods_json(submods: tuple[SubResult, ...]) -> str:
+    cached = _SUBMODS.get(id(submods))
+    if cached is not None and cached[0] is submods:
+        return cached[1]
+    text = json.dumps(
+        [
+            {
+                "name": s.name,
+                "claims": {c.value: v for c, v in s.claims.items()},
+                "findings": [_finding_json(f) for f in s.findings],
+            }
+            for s in submods
+        ],
+        sort_keys=True,
+    )
+    if len(_SUBMODS) >= _SUBMODS_MAX:
+        _SUBMODS.clear()
+    _SUBMODS[id(submods)] = (submods, text)
+    return text
 
 
 def result_from_json(text: str) -> TrustResult:
