@@ -155,7 +155,7 @@ RULES = (
 
 # What an operator command must not load: it runs where the operator is, with no TPM or GPU.
 NOT_LOADED_BY_COMMANDS = ("tpm2_pytss", "pynvml", "devtrust.agent", "devtrust.swtpm")
-COMMAND_MODULES = ("devtrust.verifier.cli", "devtrust.verifier.main")
+COMMAND_MODULES = ("devtrust.cli", "devtrust.verifier.cli", "devtrust.verifier.main")
 
 
 def within(module: str, prefixes: Iterable[str]) -> bool:

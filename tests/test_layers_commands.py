@@ -54,9 +54,10 @@ from {module} import main
 sys.exit(main(sys.argv[1:]))
 """
 
-PROGRAMS = {"devtrust": "devtrust.verifier.cli", "devtrust-verifier": "devtrust.verifier.main"}
-# Commands that need what operators do not have, and run on the verifier host as a service.
-NOT_OPERATOR_COMMANDS = {"devtrust-verifier serve"}
+PROGRAMS = {"devtrust": "devtrust.cli", "devtrust-verifier": "devtrust.verifier.main"}
+# Commands that need what operators do not have: the verifier as a service on its host, and
+# the fleet simulator (agents and software TPMs; tests/test_simulate.py runs it).
+NOT_OPERATOR_COMMANDS = {"devtrust-verifier serve", "devtrust simulate"}
 DEVICE = "ab" * 32
 
 

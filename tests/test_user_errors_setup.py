@@ -25,7 +25,8 @@ from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import TpmBackend
 from devtrust.swtpm import EndorsementCA, Swtpm
-from devtrust.verifier import cli
+from devtrust import cli
+from devtrust.swtpm import simulate
 from devtrust.verifier import main as verifier_main
 from devtrust.verifier.config import DEFAULT_ROOTS, EnrollmentConfig
 from devtrust.verifier.enrollment import device_id_for
@@ -237,7 +238,9 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 @pytest.mark.parametrize(
-    "build", [verifier_main.build_parser, cli.build_parser], ids=["devtrust-verifier", "devtrust"]
+    "build",
+    [verifier_main.build_parser, cli.build_parser, simulate.build_parser],
+    ids=["devtrust-verifier", "devtrust", "devtrust simulate"],
 )
 def test_every_option_has_help_that_shows_its_default(
     build: Callable[[], argparse.ArgumentParser],
@@ -286,6 +289,8 @@ def test_readme_commands_parse() -> None:
     for command in commands:
         prog, argv = _as_argv(command)
         parser = verifier_main.build_parser() if prog == "devtrust-verifier" else cli.build_parser()
+        if argv[:1] == ["simulate"]:
+            parser, argv = simulate.build_parser(), argv[1:]
         try:
             parser.parse_args(argv)
         except SystemExit as exc:

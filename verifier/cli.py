@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # grpc prints its own INFO lines (TLS handshake failures) unless told before it loads:
@@ -36,7 +37,11 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(tools.EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    more: Callable[[argparse._SubParsersAction], None] | None = None,  # type: ignore[type-arg]
+) -> argparse.ArgumentParser:
+    """The command's parser; ``more`` adds subcommands that live outside the verifier
+    (``devtrust.cli``: the simulator)."""
     parser = _Parser(prog="devtrust", description=__doc__)
     parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -46,13 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     refs = tools.add_parsers(sub)
     gate_command.add_parsers(sub)
     ops.add_parsers(sub, refs)
+    if more is not None:
+        more(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
     return run_command("devtrust", lambda: tools.run_tool(args), ops_connect.ERRORS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

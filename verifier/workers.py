@@ -53,8 +53,10 @@ logger = logging.getLogger("devtrust.verifier.workers")
 # Restart backoff: first delay, cap; a worker that served this long starts the count again.
 BACKOFF_S = (0.5, 10.0)
 HEALTHY_S = 60.0
-# A worker stops within its grace (5 s, as the single process) and this margin, or is killed.
-STOP_GRACE_S = 5.0
+# A worker stops within its grace and this margin, or is killed. Streams are long-lived, so
+# the grace always runs out while any is open: it is for unary calls (enrollments, queries);
+# decisions in flight are awaited apart (AttestationService.aclose), so a restart loses none.
+STOP_GRACE_S = 2.0
 STOP_MARGIN_S = 10.0
 _READY = "ready"
 _FAILED = "failed"

@@ -1,0 +1,115 @@
+"""``devtrust simulate``'s command line, apart from the simulator so that ``devtrust --help``
+loads no agent, TPM or GPU code (tests/test_layers_commands.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from devtrust.swtpm.sim_faults import FAULT_SPEC_FORMS, FaultSpec, parse_faults
+
+HELP = "simulate a fleet of devices attesting to a verifier (an embedded one by default)"
+DESCRIPTION = """\
+Simulate N devices attesting to a verifier: K on real swtpm processes, the rest on an
+in-process software TPM whose EK certificates chain to a simulation root (which a verifier
+trusts only when its configuration names it: endorsement.trust_simulation_root). Each device
+is the agent's own client with a recorded GPU host (H100, A100, B200, GB200 captures).
+Without --verifier, a verifier is started for the run (SQLite, in a process of its own).
+Faults are injected at --faults' rate and timed until the verifier's results show them.
+Ends with a table (and --json FILE); exit 0 when every fault was detected and no result was
+lost or duplicated, 1 otherwise."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return value
+
+
+def _faults(text: str) -> FaultSpec:
+    try:
+        return parse_faults(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=_positive_int, default=100, help="devices in the fleet")
+    p.add_argument(
+        "--swtpm",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="of those, devices on real swtpm processes (the rest: the in-process TPM)",
+    )
+    p.add_argument("--duration", type=_seconds, default=60.0, help="seconds of attesting")
+    p.add_argument(
+        "--interval",
+        type=_seconds,
+        default=30.0,
+        help="the embedded verifier's attestation interval (seconds)",
+    )
+    p.add_argument(
+        "--faults",
+        type=_faults,
+        default="0",
+        metavar="SPEC",
+        help=FAULT_SPEC_FORMS.replace("%", "%%"),
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the figures here as JSON")
+    p.add_argument(
+        "--workers", type=_positive_int, default=1, help="the embedded verifier's processes"
+    )
+    p.add_argument(
+        "--concurrency", type=_positive_int, default=32, help="enrollments in flight at once"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the fault plan")
+    p.add_argument(
+        "--work",
+        type=Path,
+        metavar="DIR",
+        help="keep the run's files here; none: a temporary directory, removed after",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    remote = p.add_argument_group(
+        "a running verifier instead of the embedded one (it must trust --simulation-root)"
+    )
+    remote.add_argument("--verifier", metavar="HOST:PORT", help="its attestation address")
+    remote.add_argument("--enrollment", metavar="HOST:PORT", help="its enrollment address")
+    remote.add_argument("--ca-bundle", type=Path, metavar="FILE", help="the verifier's CA bundle")
+    remote.add_argument(
+        "--simulation-root",
+        type=Path,
+        metavar="DIR",
+        help="the simulation EK root to use (made there when missing)",
+    )
+    p.add_argument(
+        "--captures",
+        type=Path,
+        metavar="DIR",
+        help="nvidia-smi -q -x captures of the recorded hosts; none: the repository's test data",
+    )

@@ -1,0 +1,284 @@
+"""The simulated fleet: devices on one event loop, each the agent's own enrollment and
+attestation client over its own mTLS channel, with a TPM (in process, or a swtpm), a
+recorded host and identities in memory; faults injected and their detection timed.
+
+A device's evidence is what a real agent sends: ``devtrust.agent.attest.AttestationClient``
+builds it, ``devtrust.agent.enroll.enroll`` enrolls it. The simulator sees the TPM's quotes
+(``SimTpm``, which also replays an earlier quote for the replay fault) and the results
+(the client's ``on_result``), and nothing else of the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from devtrust.agent.attest import AttestationClient
+from devtrust.agent.config import AgentConfig
+from devtrust.agent.enroll import enroll
+from devtrust.agent.interfaces import Quote, Selection, Tpm
+from devtrust.agent.messages import AttestationResult
+from devtrust.agent.state import Enrollment, MemoryFiles
+from devtrust.swtpm.sim_faults import FINDINGS, WATCHED, FaultKind, Figures, KindFigures
+from devtrust.swtpm.sim_hosts import SimHost
+from devtrust.swtpm.soft import SoftTpm
+
+logger = logging.getLogger(__name__)
+ENROLL_ATTEMPTS = 5
+# Long enough to roll a clock back past any interval; a day, undone when detected.
+CLOCK_ROLLBACK_MS = 24 * 3600 * 1000
+TAMPERED_PCR = 4  # the boot manager's code
+
+
+class SimTpm:
+    """The ``Tpm`` a device's client uses: its TPM, with every quote timed, and the replay
+    fault (the previous quote sent again, with this challenge's fresh claims)."""
+
+    def __init__(self, tpm: Tpm) -> None:
+        self.inner = tpm
+        self.last: Quote | None = None
+        self.replay_next = False
+        self.quoted_at: float | None = None
+        self.quotes = 0
+        self.replayed_at: float | None = None
+
+    async def ek_certificate(self) -> bytes | None:
+        return await self.inner.ek_certificate()
+
+    async def ek_public(self) -> bytes:
+        return await self.inner.ek_public()
+
+    async def ak_public(self) -> bytes:
+        return await self.inner.ak_public()
+
+    async def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        return await self.inner.activate_credential(credential_blob, encrypted_secret)
+
+    async def pcr_read(self, selection: Selection) -> dict[tuple[str, int], bytes]:
+        return dict(await self.inner.pcr_read(selection))
+
+    async def quote(self, qualifying_data: bytes, selection: Selection) -> Quote:
+        self.quotes += 1
+        self.quoted_at = time.monotonic()
+        if self.replay_next and self.last is not None:
+            self.replay_next = False
+            self.replayed_at = self.quoted_at
+            return self.last
+        quote = await self.inner.quote(qualifying_data, selection)
+        self.last = quote
+        return quote
+
+
+@dataclass
+class Pending:
+    """A fault injected and not yet seen by the verifier."""
+
+    kind: FaultKind
+    at: float
+    heal: Callable[[], None]
+
+
+@dataclass
+class SimDevice:
+    index: int
+    tpm: SimTpm
+    soft: SoftTpm | None
+    host: SimHost
+    files: MemoryFiles = field(default_factory=MemoryFiles)
+    enrollment: Enrollment | None = None
+    client: AttestationClient | None = None
+    stop: asyncio.Event | None = None
+    task: asyncio.Task[None] | None = None
+    results: int = 0
+    tier: str = "none"
+    pending: Pending | None = None
+    # A storm or restart: when the device lost its stream, until its next result.
+    down_since: float | None = None
+    down_kind: FaultKind | None = None
+    # A fault detected and undone: its kind, until a result without its finding.
+    recovering: FaultKind | None = None
+
+    @property
+    def name(self) -> str:
+        return f"sim-{self.index:05d}"
+
+
+class Fleet:
+    """Every device of a run, and the figures they add up to."""
+
+    def __init__(self, cfg: AgentConfig, ca_pem: bytes, figures: Figures) -> None:
+        self.cfg = cfg
+        self.ca_pem = ca_pem
+        self.figures = figures
+        self.devices: list[SimDevice] = []
+        self.kinds: dict[str, KindFigures] = figures.kinds
+
+    def kind(self, kind: FaultKind) -> KindFigures:
+        return self.kinds.setdefault(kind.value, KindFigures())
+
+    def error(self, what: str) -> None:
+        self.figures.errors[what] = self.figures.errors.get(what, 0) + 1
+
+    # --- enrollment -------------------------------------------------------------------------
+
+    async def enroll(self, device: SimDevice) -> bool:
+        """Enroll ``device``, retrying what a busy verifier refuses; False when it could not."""
+        delay = 0.2
+        for attempt in range(ENROLL_ATTEMPTS):
+            try:
+                device.enrollment = await enroll(
+                    self.cfg, device.tpm, device.files, host=device.host, ca_pem=self.ca_pem
+                )
+            except grpc.aio.AioRpcError as exc:
+                if attempt == ENROLL_ATTEMPTS - 1:
+                    logger.error(  # noqa: TRY400 - one line per device, no traceback
+                        "%s: enrollment failed: %s", device.name, exc.details()
+                    )
+                    self.error(f"enroll {exc.code().name.lower()}")
+                    return False
+            except Exception as exc:  # noqa: BLE001 - one device's failure is counted; the fleet goes on
+                logger.error("%s: enrollment failed: %s", device.name, exc)  # noqa: TRY400
+                self.error(f"enroll {type(exc).__name__}")
+                return False
+            else:
+                return True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        return False
+
+    # --- attestation ------------------------------------------------------------------------
+
+    def start(self, device: SimDevice) -> None:
+        assert device.enrollment is not None
+        device.stop = asyncio.Event()
+        device.client = AttestationClient(
+            self.cfg,
+            tpm=device.tpm,
+            host=device.host,
+            files=device.files,
+            enrollment=device.enrollment,
+            on_result=lambda result: self._on_result(device, result),
+        )
+        device.task = asyncio.create_task(self._run(device, device.client, device.stop))
+
+    async def _run(self, device: SimDevice, client: AttestationClient, stop: asyncio.Event) -> None:
+        try:
+            await client.run(stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - counted; the other devices go on
+            logger.error("%s: the agent stopped: %s", device.name, exc)  # noqa: TRY400
+            self.error(f"agent {type(exc).__name__}")
+
+    async def disconnect(self, device: SimDevice, kind: FaultKind, now: float) -> None:
+        """End the device's stream (its client stops) and start it again at once."""
+        if device.stop is None or device.task is None:
+            return
+        device.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await device.task
+        device.down_since, device.down_kind = now, kind
+        self.start(device)
+
+    def mark_down(self, device: SimDevice, kind: FaultKind, now: float) -> None:
+        """The device's stream is going down with the verifier: timed until its next result."""
+        device.down_since, device.down_kind = now, kind
+
+    async def stop_all(self) -> None:
+        for device in self.devices:
+            if device.stop is not None:
+                device.stop.set()
+        tasks = [d.task for d in self.devices if d.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_result(self, device: SimDevice, result: AttestationResult) -> None:
+        now = time.monotonic()
+        device.results += 1
+        self.figures.results += 1
+        device.tier = result.trust.tier.label
+        if device.tpm.quoted_at is not None:
+            self.figures.latency_s.append(now - device.tpm.quoted_at)
+        if device.down_since is not None and device.down_kind is not None:
+            figures = self.kind(device.down_kind)
+            figures.detected += 1
+            figures.seconds.append(now - device.down_since)
+            device.down_since = device.down_kind = None
+        ids = {f.id for f in result.trust.findings}
+        if device.recovering is not None and FINDINGS[device.recovering] not in ids:
+            self.kind(device.recovering).recovered += 1
+            device.recovering = None
+        pending = device.pending
+        if pending is not None and FINDINGS[pending.kind] in ids:
+            figures = self.kind(pending.kind)
+            figures.detected += 1
+            # A replay counts from the quote that was replayed, sent at the next challenge.
+            since = pending.at
+            if pending.kind is FaultKind.REPLAY and device.tpm.replayed_at is not None:
+                since = device.tpm.replayed_at
+            figures.seconds.append(now - since)
+            device.pending = None
+            device.recovering = pending.kind
+            pending.heal()
+
+    # --- device faults ----------------------------------------------------------------------
+
+    def inject(self, device: SimDevice, kind: FaultKind, now: float) -> bool:
+        """Inject a device fault; False when this device cannot take it (one at a time; PCR
+        and clock faults need the in-process TPM)."""
+        if device.pending is not None or device.enrollment is None:
+            return False
+        host, soft = device.host, device.soft
+        model = host.model
+        heal: Callable[[], None]
+        if kind is FaultKind.PCR:
+            if soft is None:
+                return False
+            soft.extend(TAMPERED_PCR, b"devtrust simulate: tampered boot manager", logged=False)
+            heal = soft.reboot  # the operator reboots into a clean boot
+        elif kind is FaultKind.CLOCK:
+            if soft is None:
+                return False
+            soft.roll_back_clock(CLOCK_ROLLBACK_MS)
+            heal = soft.restore_clock
+        elif kind is FaultKind.DRIVER:
+            host.change(["gpu_driver"], gpu=model.recorded)
+            heal = lambda: host.change(["gpu_driver"], gpu=model.gpu)  # noqa: E731
+        elif kind is FaultKind.ECC:
+            host.change(["gpu_ecc"], gpu=model.ecc)
+            heal = lambda: host.change(["gpu_ecc"], gpu=model.gpu)  # noqa: E731
+        elif kind is FaultKind.REPLAY:
+            if device.tpm.last is None:
+                return False
+            device.tpm.replay_next = True
+            device.tpm.replayed_at = None
+            heal = _nothing
+        else:
+            raise ValueError(f"{kind.value} is not a device fault")
+        device.pending = Pending(kind, now, heal)
+        self.kind(kind).injected += 1
+        return True
+
+    def missed(self) -> list[tuple[SimDevice, Pending]]:
+        return [(d, d.pending) for d in self.devices if d.pending is not None]
+
+    def awaiting(self) -> int:
+        """Faults not yet seen or recovered from, and reconnections not yet attesting."""
+        return sum(
+            1
+            for d in self.devices
+            if d.pending is not None or d.down_since is not None or d.recovering is not None
+        )
+
+
+def _nothing() -> None:
+    return None
+
+
+__all__ = ["WATCHED", "Fleet", "SimDevice", "SimTpm"]

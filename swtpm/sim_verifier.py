@@ -1,0 +1,214 @@
+"""The simulator's embedded verifier: a real ``devtrust-verifier serve`` process on SQLite.
+
+``devtrust simulate`` without ``--verifier`` makes a CA and server certificate, a
+configuration that trusts the simulation EK root (and, for swtpm devices, this run's swtpm
+endorsement CA), and runs the verifier as a process of its own, so that the verifier and the
+simulated fleet each have a core: in one process they would share one interpreter lock. The
+verifier is restarted for the restart fault, and its store is read at the end to check that
+nothing the agents were told was lost or stored twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from devtrust.core.errors import DevtrustError
+from devtrust.verifier.pki import PkiFiles, init_pki
+
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class StoreCheck:
+    """What the verifier's store holds of the run: decisions per device, and evidence
+    digests stored more than once."""
+
+    decisions: dict[str, int]
+    duplicated: int
+
+
+class EmbeddedVerifier:
+    """A verifier process for one simulation run, its files in ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        simulation_root: Path,
+        swtpm_ca: Path | None,
+        interval_s: float,
+        workers: int = 1,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.database = directory / "verifier.db"
+        self.enrollment_port = free_port()
+        self.attestation_port = free_port()
+        self.workers = workers
+        directory.mkdir(parents=True, exist_ok=True)
+        self.pki: PkiFiles = init_pki(
+            directory / "pki",
+            hostnames=["localhost", "127.0.0.1"],
+            now=datetime.datetime.now(datetime.UTC),
+            force=True,
+        )
+        endorsement: dict[str, Any] = {"trust_simulation_root": str(simulation_root)}
+        if swtpm_ca is not None:
+            endorsement["trust_swtpm_local_ca"] = str(swtpm_ca)
+        config: dict[str, Any] = {
+            "database": str(self.database),
+            "listen": {
+                "enrollment": f"127.0.0.1:{self.enrollment_port}",
+                "attestation": f"127.0.0.1:{self.attestation_port}",
+            },
+            "tls": {
+                "server_cert": str(self.pki.server_cert),
+                "server_key": str(self.pki.server_key),
+            },
+            "ca": {"cert": str(self.pki.ca_cert), "key": str(self.pki.ca_key)},
+            "endorsement": endorsement,
+            "attestation": {"interval_s": interval_s},
+            # A whole fleet enrolls from this one address, at once.
+            "enrollment": {"rate_per_minute": 1e9, "burst": 1_000_000, "max_pending": 1_000_000},
+        }
+        if workers > 1:
+            config["server"] = {"workers": workers}
+        for section, values in (extra or {}).items():
+            config.setdefault(section, {}).update(values)
+        self.config_path = directory / "verifier.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.log_path = directory / "verifier.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.pki.ca_cert
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def describe(self) -> str:
+        workers = f", {self.workers} workers" if self.workers > 1 else ""
+        return f"embedded (pid {self.pid}{workers}, SQLite {self.database})"
+
+    def start(self) -> None:
+        """Start the verifier and wait until both ports accept connections."""
+        log = self.log_path.open("ab")
+        env = dict(os.environ, GRPC_VERBOSITY="ERROR")
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "devtrust.verifier.main",
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for port in (self.enrollment_port, self.attestation_port):
+            while True:
+                if self._proc.poll() is not None:
+                    raise DevtrustError(
+                        f"the embedded verifier exited ({self._proc.returncode}) at start: "
+                        f"{self.log_tail()}"
+                    )
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise DevtrustError(
+                            f"the embedded verifier did not listen on port {port} within "
+                            f"{START_TIMEOUT_S:.0f} s: {self.log_tail()}"
+                        ) from None
+                    time.sleep(0.05)
+
+    def stop(self, *, timeout: float = 20.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def restart(self) -> None:
+        """Stop gracefully (decisions in flight are stored) and start again on the same ports."""
+        self.stop()
+        self.start()
+        self.restarts += 1
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    def check_store(self) -> StoreCheck:
+        """Decisions stored per device and evidence stored twice, read from the SQLite file
+        (read-only) after the verifier stopped."""
+        uri = f"file:{self.database}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            rows = db.execute(
+                "SELECT device_id, detail FROM audit WHERE event = 'appraisal'"
+            ).fetchall()
+        decisions: dict[str, int] = {}
+        seen: set[tuple[str, str]] = set()
+        duplicated = 0
+        for device_id, detail in rows:
+            decisions[device_id] = decisions.get(device_id, 0) + 1
+            digest = _evidence_digest(detail)
+            if digest:
+                if (device_id, digest) in seen:
+                    duplicated += 1
+                seen.add((device_id, digest))
+        return StoreCheck(decisions, duplicated)
+
+
+def _evidence_digest(detail: str | bytes | None) -> str:
+    if not detail:
+        return ""
+    try:
+        doc = json.loads(detail)
+    except ValueError:
+        return ""
+    value = doc.get("evidence_digest", "") if isinstance(doc, dict) else ""
+    return value if isinstance(value, str) else ""

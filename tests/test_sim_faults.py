@@ -1,0 +1,133 @@
+"""The simulator's fault specs, plans and figures (swtpm/sim_faults.py), table by table."""
+
+# ruff: noqa: S311 - seeded plans, not secrets
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from devtrust.swtpm.sim_faults import (
+    DEVICE_FAULTS,
+    FaultKind,
+    FaultSpec,
+    Figures,
+    KindFigures,
+    parse_faults,
+    percentile,
+    plan,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "rate", "kinds"),
+    [
+        ("1%", 0.01, tuple(FaultKind)),
+        ("1%:all", 0.01, tuple(FaultKind)),
+        ("0.5%:pcr,driver", 0.005, (FaultKind.PCR, FaultKind.DRIVER)),
+        (" 2% : Driver , PCR ", 0.02, (FaultKind.DRIVER, FaultKind.PCR)),
+        ("1%:ecc,ecc", 0.01, (FaultKind.ECC,)),
+        ("100%:storm", 1.0, (FaultKind.STORM,)),
+    ],
+)
+def test_fault_specs(text: str, rate: float, kinds: tuple[FaultKind, ...]) -> None:
+    spec = parse_faults(text)
+    assert spec.rate == pytest.approx(rate)
+    assert spec.kinds == kinds
+    assert spec.enabled
+
+
+@pytest.mark.parametrize("text", ["0", "none", "", "0%", "0%:pcr"])
+def test_no_faults(text: str) -> None:
+    assert not parse_faults(text).enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("1", "needs a % sign"),
+        ("x%", "is not a rate"),
+        ("101%", "between 0% and 100%"),
+        ("-1%", "between 0% and 100%"),
+        ("nan%", "between 0% and 100%"),
+        ("1%:pcr,bios", "'bios' is not a fault kind"),
+    ],
+)
+def test_bad_fault_specs_say_what_to_write(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_faults(text)
+
+
+def test_plan_gives_each_kind_its_share_on_distinct_devices_within_the_window() -> None:
+    spec = parse_faults("1%")
+    injections = plan(spec, devices=1000, start=5.0, end=295.0, rng=random.Random(7))
+    device_faults = [i for i in injections if i.kind in DEVICE_FAULTS]
+    for kind in DEVICE_FAULTS:
+        assert sum(1 for i in device_faults if i.kind is kind) == 10
+    devices = [d for i in device_faults for d in i.devices]
+    assert len(devices) == len(set(devices)) == 50, "one fault per device"
+    assert all(5.0 <= i.at < 295.0 for i in injections)
+    assert [i.at for i in injections] == sorted(i.at for i in injections)
+    storms = [i for i in injections if i.kind is FaultKind.STORM]
+    assert len(storms) == 2
+    assert all(len(s.devices) == 10 for s in storms)
+    assert [i.kind for i in injections].count(FaultKind.RESTART) == 1
+
+
+def test_plan_without_an_embedded_verifier_has_no_restart() -> None:
+    injections = plan(
+        parse_faults("1%"), devices=100, start=0, end=60, rng=random.Random(1), restart=False
+    )
+    assert FaultKind.RESTART not in {i.kind for i in injections}
+
+
+def test_plan_gives_a_small_fleet_one_fault_of_each_kind() -> None:
+    injections = plan(
+        parse_faults("1%:pcr,clock"), devices=5, start=0, end=10, rng=random.Random(2)
+    )
+    assert sorted(i.kind.value for i in injections) == ["clock", "pcr"]
+
+
+def test_plan_of_no_faults_is_empty() -> None:
+    assert plan(FaultSpec(), devices=100, start=0, end=10, rng=random.Random(0)) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([], 50, None),
+        ([3.0], 99, 3.0),
+        ([1, 2, 3, 4], 50, 2),
+        ([1, 2, 3, 4], 99, 4),
+        (list(range(1, 101)), 99, 99),
+    ],
+)
+def test_percentile_is_nearest_rank(values: list[float], q: float, expected: float | None) -> None:
+    assert percentile(values, q) == expected
+
+
+def test_figures_table_and_json_agree() -> None:
+    figures = Figures(devices=3, soft_tpms=2, swtpms=1, duration_s=10.0, interval_s=5.0)
+    figures.enrolled = 3
+    figures.tiers = {"warning": 1, "affirming": 2}
+    figures.kinds["pcr"] = KindFigures(injected=2, detected=1, seconds=[4.0])
+    figures.results = figures.window_results = 30
+    figures.latency_s = [0.01, 0.02]
+    figures.stored, figures.lost, figures.duplicated = 30, 0, 0
+    doc = figures.as_dict()
+    assert doc["attestations_per_s"] == 3.0
+    assert doc["fault_kinds"]["pcr"] == {
+        "injected": 2,
+        "detected": 1,
+        "missed": 1,
+        "recovered": 0,
+        "time_to_detect_p50_s": 4.0,
+        "time_to_detect_p99_s": 4.0,
+        "time_to_detect_max_s": 4.0,
+    }
+    table = figures.table()
+    assert "affirming 2  warning 1" in table  # tiers best first
+    assert "pcr" in table
+    assert "4.00 s" in table
+    assert "lost 0, duplicated 0" in table
