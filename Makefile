@@ -75,8 +75,12 @@ protos: venv
 	$(PY) -m protos.generate
 	$(PY) -m devtrust.verifier.wire_schema --write
 
+# Every benchmark, each in its own process: bench/results.json (one object per figure, with
+# the baseline measured beside it in the same run) and BENCHMARKS.md. Fleets of 1,000 and
+# 10,000 simulated devices take most of its time; BENCH_ARGS="--quick --fleet 1000" is shorter.
+BENCH_ARGS ?=
 bench: venv
-	$(PY) -m bench.appraisal && $(PY) -m bench.policy && $(PY) -m bench.posture_latency
+	$(PY) -m bench.all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) .cache .pytest_cache .mypy_cache .ruff_cache
