@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -34,8 +34,8 @@ from devtrust.verifier import wire_attest
 from devtrust.verifier.appraisal import Evidence
 from devtrust.verifier.attestor import Attestor, DeviceSession, may_attest
 from devtrust.verifier.config import LimitsConfig
-from devtrust.verifier.decision import Decision, DecisionSink
-from devtrust.verifier.errors import Superseded
+from devtrust.verifier.decision import Decision, DecisionSink, DeviceChanged
+from devtrust.verifier.errors import Rejected, Superseded
 from devtrust.verifier.identity import peer_device_id
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import DeviceRecord
@@ -61,6 +61,15 @@ from devtrust.verifier.stream import (
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
+# Appraisals of one evidence when the device keeps changing under them (DeviceChanged).
+_REAPPRAISALS = 3
+
+
+class StreamLeases(Protocol):
+    """Each device's stream lease, shared by every process serving the store
+    (verifier/storage/sqlite_changes.py SqliteStreams)."""
+
+    async def claim(self, device_id: DeviceId, owner: str) -> int: ...
 
 
 @dataclass
@@ -69,6 +78,8 @@ class _Live:
 
     task: asyncio.Task[Any] | None
     superseded: bool = False
+    # Its lease on the device (None: the service has no leases).
+    lease: int | None = None
     # The decision in the making (appraisal, then publishing): cancelling the stream does
     # not stop it, and a newer stream waits for it before reading what it stores.
     inflight: asyncio.Task[Decision] | None = None
@@ -84,8 +95,15 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         settings: AttestationSettings,
         limits: LimitsConfig,
         clock: Clock,
+        leases: StreamLeases | None = None,
+        owner: str = "verifier",
     ) -> None:
         self._repos = repos
+        # With leases: each stream claims its device's lease, and the store refuses the
+        # decisions of a stream whose device opened a newer one, here or on another process.
+        self._leases = leases
+        self._owner = owner
+        self._streams_opened = 0
         self._attestor = attestor
         self._sinks = sinks
         self._settings = settings
@@ -101,7 +119,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self._pool = ThreadPoolExecutor(
             max_workers=settings.appraisal_workers, thread_name_prefix="appraise"
         )
-        # Held from reading the device to the end of its appraisal (see _decision).
+        # Held for the length of one appraisal (see _decision).
         self._workers = asyncio.Semaphore(settings.appraisal_workers)
 
     async def aclose(self) -> None:
@@ -112,7 +130,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         self._attestor.close()
 
-    async def _take_over(self, device_id: str) -> _Live:
+    async def _take_over(self, device_id: DeviceId) -> _Live:
         """Register this stream as the device's only one, ending an older stream first."""
         me = _Live(asyncio.current_task())
         old = self._live.get(device_id)
@@ -127,6 +145,13 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             if old.inflight is not None:
                 await asyncio.wait({old.inflight}, timeout=limit)
             logger.info("stream replaced device=%s: a newer stream took over", device_id)
+        if self._leases is not None:
+            # After the older stream here is done with its decision (above): on another
+            # process, an older stream's next decision is refused by the store from now on.
+            # The device id is the peer certificate's: a device claims only its own lease.
+            self._streams_opened += 1
+            owner = f"{self._owner} stream {self._streams_opened}"
+            me.lease = await self._leases.claim(device_id, owner)
         return me
 
     async def _attesting(self, device_id: DeviceId) -> DeviceRecord:
@@ -170,6 +195,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             tpm=await self._repos.trust.tpm_state(device_id, with_log=False),
             previous_tier=latest.tier if latest is not None else None,
         )
+        session.lease = me.lease
         protocol = StreamProtocol(self._settings.stream, device_id)
         reader = _Reader(context)
         msg: attestation_pb2.AgentMessage | None = None
@@ -292,24 +318,41 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             logger.debug("decision abandoned: %s", task.exception())
 
     async def _decision(self, session: DeviceSession, nonce: Nonce, evidence: Evidence) -> Decision:
-        """Refresh the device, appraise on a worker thread, publish (store first)."""
-        device_id = session.record.device_id
-        # The device is read once a worker is free for its appraisal, not before it waits
-        # for one: a device revoked while every worker was busy is refused, not certified.
-        async with self._workers:
-            self._attestor.refresh(session, await self._repos.devices.get(device_id))
-            now = self._clock()
-            if self._attestor.cheap(session, evidence):
-                # The policy's cached outcome holds and the log part is short: the checks
-                # cost less than the hop to a thread and back.
-                decision = self._attestor.decide(session, nonce, evidence, now=now)
-            else:
-                # A costly appraisal (a policy to evaluate, a long event log) runs on a
-                # worker thread: it cannot hold up other devices' streams on this loop.
-                future = self._pool.submit(self._attestor.decide, session, nonce, evidence, now=now)
-                decision = await asyncio.wrap_future(future)
-        # A sink may add to the decision (the revocation sink: serials the agent drops).
-        return await self._sinks.publish(decision) or decision
+        """Appraise (on a worker thread when costly), publish (store first).
+
+        The device is not read again before each appraisal: the store checks, in the
+        transaction that would store the decision, that the device is still as the stream
+        knows it (state, AK, zone, labels: Decision.assumed). A device revoked, sent back
+        to approval or enrolled again with another AK meanwhile (even while its evidence
+        waited for a worker) gets nothing stored, no certificate and no Result (refresh
+        raises); one an operator moved or relabelled is appraised again, at once, as it is
+        now. The same evidence and nonce, the session rewound to before the refused one."""
+        for _ in range(_REAPPRAISALS):
+            mark = session.mark()
+            async with self._workers:
+                now = self._clock()
+                if self._attestor.cheap(session, evidence):
+                    # The policy's cached outcome holds and the log part is short: the
+                    # checks cost less than the hop to a thread and back.
+                    decision = self._attestor.decide(session, nonce, evidence, now=now)
+                else:
+                    # A costly appraisal (a policy to evaluate, a long event log) runs on a
+                    # worker thread: it cannot hold up other devices' streams on this loop.
+                    future = self._pool.submit(
+                        self._attestor.decide, session, nonce, evidence, now=now
+                    )
+                    decision = await asyncio.wrap_future(future)
+            try:
+                # A sink may add to the decision (the revocation sink: serials to drop).
+                return await self._sinks.publish(decision) or decision
+            except DeviceChanged as changed:
+                session.rewind(mark)
+                # Rejected (the stream ends) unless the device may still attest.
+                self._attestor.refresh(session, changed.record)
+        raise Rejected(
+            f"device {session.record.device_id}: changed by operators during each of "
+            f"{_REAPPRAISALS} appraisals in a row; reconnect"
+        )
 
 
 class _Reader:

@@ -23,7 +23,7 @@ from devtrust.core.tier import Tier
 from devtrust.verifier.appraisal import Appraisal, Evidence, Expectation, appraise, policy_key
 from devtrust.verifier.ca import DeviceIssuers
 from devtrust.verifier.config import LimitsConfig
-from devtrust.verifier.decision import Decision
+from devtrust.verifier.decision import Decision, below_minimum
 from devtrust.verifier.errors import FailedPrecondition, Rejected
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.policy import PolicyHolder, PolicyOutcome
@@ -53,6 +53,9 @@ def may_attest(device_id: DeviceId, record: DeviceRecord | None) -> DeviceRecord
     return record
 
 
+SessionMark = tuple[TpmState | None, Tier | None, tuple[str, PolicyOutcome] | None, bool]
+
+
 @dataclass
 class DeviceSession:
     """What one stream knows about its device between appraisals. The stream's own: the
@@ -68,6 +71,17 @@ class DeviceSession:
     policy_cache: tuple[str, PolicyOutcome] | None = None
     # The first challenge of a stream, and the one after a reboot, ask for the whole log.
     full_log: bool = True
+    # The stream's lease on the device (verifier/storage/sqlite_changes.py SqliteStreams):
+    # its decisions are stored only while no newer stream of the device, on any process,
+    # claimed it. None: no lease (a store without leases, tests).
+    lease: int | None = None
+
+    def mark(self) -> SessionMark:
+        """What ``decide`` changes, to ``rewind`` to when its decision is not stored."""
+        return (self.tpm, self.previous_tier, self.policy_cache, self.full_log)
+
+    def rewind(self, mark: SessionMark) -> None:
+        self.tpm, self.previous_tier, self.policy_cache, self.full_log = mark
 
     @property
     def log_offset(self) -> int:
@@ -120,11 +134,12 @@ class Attestor:
         )
 
     def refresh(self, session: DeviceSession, record: DeviceRecord | None) -> None:
-        """The device as the verifier knows it now (``record``, read just before), not as
-        when its stream opened: a device revoked, sent back to approval or given another AK
-        meanwhile is refused (its stream ends before anything is appraised or issued), and
-        an operator's new zone or labels apply from this appraisal on, whatever the device
-        does with its stream."""
+        """The device as the verifier knows it now (``record``: what the store found when it
+        refused a decision made for the device as its stream knew it, DeviceChanged), not
+        as when its stream opened: a device revoked, sent back to approval or given another
+        AK meanwhile is refused (its stream ends; nothing of the decision was stored or
+        issued), and an operator's new zone or labels apply from the appraisal made again
+        now on, whatever the device does with its stream."""
         device_id = session.record.device_id
         record = may_attest(device_id, record)
         if record.ak_public != session.record.ak_public:
@@ -212,6 +227,12 @@ class Attestor:
             tpm=tpm,
             rebooted=appraisal.rebooted,
             trust_bundle=bundle,
+            lease=session.lease,
+            assumed=record,
+            # Revoked in the store's transaction of this decision (verifier/revocation.py).
+            revoke_reason=below_minimum(
+                appraisal.result.tier, self._certificates.min_tier_for(record.zone), record.zone
+            ),
         )
         session.policy_cache = appraisal.policy_cache
         session.previous_tier = appraisal.result.tier

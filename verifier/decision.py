@@ -19,7 +19,12 @@ from typing import Protocol
 from devtrust.core.ids import DeviceId, Serial
 from devtrust.core.tier import Tier
 from devtrust.verifier.logtext import printable
-from devtrust.verifier.records import CertificateRecord, TpmState
+from devtrust.verifier.records import (
+    CertificateRecord,
+    DeviceRecord,
+    RevokedCertificate,
+    TpmState,
+)
 from devtrust.verifier.trust import TrustResult
 
 logger = logging.getLogger(__name__)
@@ -50,10 +55,55 @@ class Decision:
     # With a certificate: the device issuing CAs a relying party trusts for it (DER), the
     # one that signed it first (verifier/ca.py DeviceIssuers).
     trust_bundle: tuple[bytes, ...] = ()
+    # The lease of the stream that made it (DeviceSession.lease): the store refuses it
+    # (Superseded) when a newer stream of the device claimed the device's lease since.
+    lease: int | None = None
+    # Its tier is below its zone's minimum: the reason the store revokes the device's live
+    # certificates with, in the transaction that stores this decision ("": none revoked).
+    revoke_reason: str = ""
+    # What the store revoked with it (set by the store sink; None: the store was not asked
+    # to): the revocation sink publishes them (live set, feed, CRL) without a read of its own.
+    revoked_now: tuple[RevokedCertificate, ...] | None = None
+    # The device as the decision assumed it (its stream's record): the store keeps the
+    # decision only while the device's state, AK, zone and labels are still these, checked
+    # in the transaction that stores it (DeviceChanged otherwise). None: not checked.
+    assumed: DeviceRecord | None = None
 
     @property
     def at(self) -> datetime.datetime:
         return self.result.appraised_at
+
+
+class DeviceChanged(Exception):
+    """The store refused a decision: the device is no longer as the decision assumed it
+    (revoked, sent back to approval, enrolled again with another AK, deleted, moved to
+    another zone or given other labels) since its stream last read it. Nothing of the
+    decision is stored. ``record``: the device now (None: deleted)."""
+
+    def __init__(self, record: DeviceRecord | None) -> None:
+        super().__init__(f"device {record.device_id if record else '?'} changed meanwhile")
+        self.record = record
+
+
+def same_standing(
+    assumed: DeviceRecord, state: str, ak_public: bytes, zone: str, labels: object
+) -> bool:
+    """Whether a device row (state, AK, zone, labels) is still what ``assumed`` says."""
+    return (
+        assumed.state.value == state
+        and assumed.ak_public == ak_public
+        and assumed.zone == zone
+        and assumed.labels == labels
+    )
+
+
+def below_minimum(tier: Tier, minimum: Tier, zone: str) -> str:
+    """Why a decision at ``tier`` revokes the device's live certificates in ``zone`` whose
+    minimum is ``minimum``; "" when the tier meets it."""
+    if tier.meets(minimum):
+        return ""
+    where = zone or "(unassigned)"
+    return f"tier {tier.label} is below the minimum {minimum.label} of zone {where}"
 
 
 class DecisionSink(Protocol):

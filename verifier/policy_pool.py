@@ -14,16 +14,28 @@ verifier evaluates policies in separate processes:
   device gets ``policy.budget_exceeded`` (contraindicated) instead of a verdict. The cost a
   device can impose is then one budget per evaluation, and evaluations happen only when its
   posture changes (the policy cache), at most once per ``posture_min_interval_s``.
+
+The budget bounds one evaluation's own running time, never its wait: under a burst (thousands
+of devices reconnecting after a restart) calls queue behind each other in the pool, and a
+healthy device whose evaluation merely waited must get its verdict, not a finding. So each
+worker reports when it starts a call (its token and ``time.monotonic()``, system-wide on
+Linux, over a pipe of the pool: one small write, atomic, no lock a killed worker could hold),
+and the budget runs from then.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import itertools
 import logging
 import multiprocessing
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 # In each worker process: the policies it was sent, by the sha256 of their text.
 _COMPILED: dict[str, Policy] = {}
+# In each worker process: where it reports the calls it starts (_Starts.writer of its pool).
+_STARTS: list[Connection] = []
+# How many times a call is retried when the workers are replaced under it.
+_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,66 @@ def _evaluate(call: _Call) -> PolicyOutcome:
     return policy.evaluate(call.doc, device_id=call.device_id, zone=call.zone, labels=call.labels)
 
 
+def _init_worker(starts: Connection) -> None:
+    """Runs in a worker process, once, when it starts."""
+    _STARTS[:] = [starts]
+
+
+def _reporting(token: int, fn: Callable[[Any], PolicyOutcome], arg: Any) -> PolicyOutcome:
+    """Runs in a worker process: says it started call ``token``, then runs it."""
+    for starts in _STARTS:
+        starts.send((token, time.monotonic()))
+    return fn(arg)
+
+
+class _Starts:
+    """When each call of one pool started in its worker, as the workers report it."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.reader, self.writer = ctx.Pipe(duplex=False)
+        self._cond = threading.Condition()
+        self._started: dict[int, float] = {}
+        self._forgotten: set[int] = set()
+        threading.Thread(target=self._listen, name="policy-starts", daemon=True).start()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                message = self.reader.recv()
+            except (EOFError, OSError):
+                return
+            if message is None:
+                return
+            token, at = message
+            with self._cond:
+                if token in self._forgotten:
+                    self._forgotten.discard(token)
+                else:
+                    self._started[token] = at
+                self._cond.notify_all()
+
+    def wait(self, token: int, future: concurrent.futures.Future[PolicyOutcome]) -> float | None:
+        """When call ``token`` started in a worker; None when it finished (or failed) before
+        its start was heard of. Waits as long as the call is queued: no budget runs then."""
+        future.add_done_callback(self._wake)
+        with self._cond:
+            while token not in self._started and not future.done():
+                self._cond.wait()
+            at = self._started.pop(token, None)
+            if at is None:
+                self._forgotten.add(token)  # its start may still be on the way
+            return at
+
+    def _wake(self, _: object) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.writer.send(None)  # the listener's end
+        self.writer.close()
+
+
 class PolicyRunner:
     """Evaluates policies in ``workers`` processes, each call within ``budget_s``."""
 
@@ -70,26 +146,40 @@ class PolicyRunner:
         self.budget_s = budget_s
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._starts: _Starts | None = None
+        self._tokens = itertools.count()
 
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+    def _executor(self) -> tuple[concurrent.futures.ProcessPoolExecutor, _Starts]:
         with self._lock:
-            if self._pool is None:
+            if self._pool is None or self._starts is None:
+                ctx = multiprocessing.get_context("spawn")
+                self._starts = _Starts(ctx)
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=self._workers,
-                    mp_context=multiprocessing.get_context("spawn"),
+                    mp_context=ctx,
+                    initializer=_init_worker,
+                    initargs=(self._starts.writer,),
                 )
-            return self._pool
+            return self._pool, self._starts
+
+    def worker_pids(self) -> frozenset[int]:
+        """The process ids of the current workers (those started so far)."""
+        with self._lock:
+            processes: dict[Any, Any] = getattr(self._pool, "_processes", None) or {}
+            return frozenset(processes)
 
     def _replace(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
         """Kill the workers of ``broken`` (one may be stuck in an evaluation) and start over."""
         with self._lock:
             if self._pool is not broken:
                 return  # another thread replaced it already
-            self._pool = None
+            self._pool, starts, self._starts = None, self._starts, None
         processes: dict[Any, Any] = getattr(broken, "_processes", None) or {}
         for process in list(processes.values()):
             process.kill()
         broken.shutdown(wait=False, cancel_futures=True)
+        if starts is not None:
+            starts.close()
 
     def evaluate(
         self,
@@ -111,25 +201,62 @@ class PolicyRunner:
             zone=zone,
             labels=labels,
         )
-        try:
-            return self._run(call)
-        except BrokenProcessPool:
-            # Another device's evaluation ran out of time and the workers were replaced
-            # under this one: once more, on the new workers.
-            return self._run(call)
+        return self.run(_evaluate, call, policy_id=call.policy_id, device_id=call.device_id)
 
-    def _run(self, call: _Call) -> PolicyOutcome:
-        pool = self._executor()
+    def run(
+        self,
+        fn: Callable[[Any], PolicyOutcome],
+        arg: Any,
+        *,
+        policy_id: str,
+        device_id: str,
+    ) -> PolicyOutcome:
+        """``fn(arg)`` (a module-level function) in a worker, within ``budget_s`` of the moment
+        the worker starts it; how long it waited for a worker does not count."""
+        for _ in range(_RETRIES):
+            try:
+                return self._once(fn, arg, policy_id=policy_id, device_id=device_id)
+            except BrokenProcessPool:
+                # Another device's evaluation ran out of time and the workers were replaced
+                # under this one (running or queued): again, on the new workers.
+                continue
+        return self._once(fn, arg, policy_id=policy_id, device_id=device_id)
+
+    def _once(
+        self,
+        fn: Callable[[Any], PolicyOutcome],
+        arg: Any,
+        *,
+        policy_id: str,
+        device_id: str,
+    ) -> PolicyOutcome:
+        pool, starts = self._executor()
+        token = next(self._tokens)
         try:
-            return pool.submit(_evaluate, call).result(timeout=self.budget_s)
+            try:
+                future = pool.submit(_reporting, token, fn, arg)
+            except RuntimeError as e:
+                with self._lock:
+                    if self._pool is pool:
+                        raise
+                # Shut down: another thread replaced it just now.
+                raise BrokenProcessPool(str(e)) from e
+            started = starts.wait(token, future)
+            left = self.budget_s
+            if started is not None:
+                left = max(0.0, self.budget_s - (time.monotonic() - started))
+            try:
+                return future.result(timeout=left)
+            except concurrent.futures.CancelledError as e:  # queued when the pool was replaced
+                raise BrokenProcessPool("replaced") from e
         except concurrent.futures.TimeoutError:
             logger.warning(
                 "policy evaluation for device %s ran past %.1fs: workers restarted",
-                call.device_id,
+                device_id,
                 self.budget_s,
             )
             self._replace(pool)
-            return budget_exceeded(call.policy_id, call.device_id, self.budget_s)
+            return budget_exceeded(policy_id, device_id, self.budget_s)
         except BrokenProcessPool:
             self._replace(pool)
             raise
@@ -137,8 +264,11 @@ class PolicyRunner:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
+            starts, self._starts = self._starts, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        if starts is not None:
+            starts.close()
 
 
 def budget_exceeded(policy_id: str, device_id: str, budget_s: float) -> PolicyOutcome:

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 
 from devtrust.core.files import write_atomic
 from devtrust.core.ids import DeviceId, Serial
-from devtrust.verifier.decision import Decision
+from devtrust.verifier.decision import Decision, below_minimum
 from devtrust.verifier.errors import MalformedInput, NotFound, ResourceExhausted
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import RevokedCertificate
@@ -229,6 +229,15 @@ class Revoker:
         revoked = await self._store.revoke_certificates(
             device_id, reason=reason, actor=actor, now=now
         )
+        await self.stored(device_id, revoked, reason=reason)
+        return [c.serial for c in revoked]
+
+    async def stored(
+        self, device_id: DeviceId, revoked: Sequence[RevokedCertificate], *, reason: str
+    ) -> None:
+        """Certificates of the device revoked in the store just now (here, or in the
+        transaction of a decision whose tier fell: RevocationSink): logged, and published
+        before this returns."""
         if revoked:
             logger.warning(
                 "certificates revoked device=%s serials=%s reason=%s",
@@ -236,8 +245,7 @@ class Revoker:
                 ",".join(c.serial for c in revoked),
                 printable(reason, 256),
             )
-            await self._publish(revoked)
-        return [c.serial for c in revoked]
+            await self._publish(list(revoked))
 
     async def zone_changed(
         self, device_id: DeviceId, *, was: str, zone: str, actor: str, now: datetime.datetime
@@ -437,14 +445,15 @@ class RevocationSink:
             decision = replace(
                 decision, certificate=None, withheld=f"withheld: {withheld}", trust_bundle=()
             )
+        elif decision.revoked_now is not None:
+            # The store revoked the live certificates in the decision's own transaction (its
+            # tier fell below the zone's minimum): published here, no read of the store.
+            await self._revoker.stored(
+                decision.device_id, decision.revoked_now, reason=decision.revoke_reason
+            )
         elif not tier.meets(minimum):
             await self._revoker.revoke_certificates(
-                decision.device_id,
-                reason=(
-                    f"tier {tier.label} is below the minimum {minimum.label} of zone "
-                    f"{zone or '(unassigned)'}"
-                ),
-                now=decision.at,
+                decision.device_id, reason=below_minimum(tier, minimum, zone), now=decision.at
             )
         serials = self._revoker.revoked_serials(decision.device_id)
         return replace(decision, revoked_serials=serials) if serials else None

@@ -59,7 +59,7 @@ from devtrust.verifier.storage import (
     StoreSink,
     open_repositories,
 )
-from devtrust.verifier.storage.sqlite_changes import POLICY, Change, ChangeFeed
+from devtrust.verifier.storage.sqlite_changes import POLICY, Change, ChangeFeed, SqliteStreams
 from devtrust.verifier.storage.sqlite_changes import Handler as ChangeHandler
 from devtrust.verifier.watch import TrustWatch
 
@@ -471,6 +471,9 @@ async def start_verifier(
         settings=settings.attestation,
         limits=settings.limits,
         clock=clock,
+        # Each stream claims its device's lease in the store shared by every worker.
+        leases=SqliteStreams(repos.engine) if isinstance(repos, SqliteRepositories) else None,
+        owner=f"{socket.gethostname()}/{worker.name if worker else 'verifier'}/{os.getpid()}",
     )
     attestation_pb2_grpc.add_AttestationServicer_to_server(attestation, attest)
     query_pb2_grpc.add_RevocationsServicer_to_server(RevocationService(revoker), attest)

@@ -156,11 +156,13 @@ class Tokens(Protocol):
 
 
 class TrustRepository(Protocol):
-    async def record(self, decision: Decision) -> None:
+    async def record(self, decision: Decision) -> Sequence[RevokedCertificate]:
         """The decision's trust row, the device's last_seen, its audit entry, its TPM state
         and event-log part and its certificate, atomically; returns once committed. The
         trust row, last_seen and the TPM state only move forward in time: a replaced
-        stream's late decision changes none of them (its audit entry is kept)."""
+        stream's late decision changes none of them (its audit entry is kept). With a
+        ``revoke_reason``, the device's live certificates are revoked in the same
+        transaction: those revoked."""
         ...
 
     async def latest(self, device_id: DeviceId) -> TrustResult | None: ...

@@ -3,6 +3,8 @@ Result reaches the agent only after its Decision is committed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.storage.interfaces import Repositories
 
@@ -14,5 +16,7 @@ class StoreSink:
     def __init__(self, repos: Repositories) -> None:
         self._repos = repos
 
-    async def publish(self, decision: Decision) -> None:
-        await self._repos.trust.record(decision)
+    async def publish(self, decision: Decision) -> Decision | None:
+        revoked = await self._repos.trust.record(decision)
+        # What it revoked with the decision (its tier fell), for the revocation sink.
+        return replace(decision, revoked_now=tuple(revoked)) if decision.revoke_reason else None

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
-from devtrust.verifier.decision import Decision
+from devtrust.verifier.decision import Decision, DeviceChanged, same_standing
 from devtrust.verifier.errors import ResourceExhausted
 from devtrust.verifier.measured_boot import LogPart
 from devtrust.verifier.records import (
@@ -27,12 +27,14 @@ from devtrust.verifier.records import (
     DeviceRecord,
     DeviceState,
     PendingEnrollment,
+    RevokedCertificate,
     TpmState,
 )
 from devtrust.verifier.storage import codec
 from devtrust.verifier.storage.codec import iso
 from devtrust.verifier.storage.interfaces import DeviceQuery, DeviceView
 from devtrust.verifier.storage.sqlite_admin import SqliteOperations, SqliteRoles
+from devtrust.verifier.storage.sqlite_changes import check_lease
 from devtrust.verifier.storage.sqlite_engine import (
     MAX_BATCH,
     CommitHook,
@@ -40,7 +42,12 @@ from devtrust.verifier.storage.sqlite_engine import (
     Writer,
     open_database,
 )
-from devtrust.verifier.storage.sqlite_revocation import SqliteRevocations
+from devtrust.verifier.storage.sqlite_revocation import (
+    CERTIFICATES_REVOKED,
+    SqliteRevocations,
+    _revoke,
+)
+from devtrust.verifier.storage.sqlite_revocation import _audit as _audit_revocation
 from devtrust.verifier.trust import TrustResult
 
 T = TypeVar("T")
@@ -340,10 +347,16 @@ class SqliteTokens:
 # --- trust results, TPM state, certificates, audit ----------------------------------------
 
 
-def _record(db: sqlite3.Connection, decision: Decision) -> None:
-    """One decision, in the writer's transaction (its own savepoint)."""
+def _record(db: sqlite3.Connection, decision: Decision) -> list[RevokedCertificate]:
+    """One decision, in the writer's transaction (its own savepoint). Refused (Superseded,
+    nothing stored) when its stream lost the device's lease to a newer stream. A decision
+    whose tier is below its zone's minimum (``revoke_reason``) revokes the device's live
+    certificates in the same transaction: those revoked."""
     result = decision.result
     device_id = result.device_id
+    check_lease(db, device_id, decision.lease)
+    if decision.assumed is not None:
+        _check_standing(db, decision.assumed)
     text = codec.result_to_json(result)
     at = iso(result.appraised_at)
     db.execute(
@@ -378,6 +391,40 @@ def _record(db: sqlite3.Connection, decision: Decision) -> None:
             _append_log_part(db, device_id, tpm)
     if decision.certificate is not None:
         db.execute(_INSERT_CERTIFICATE, codec.certificate_to_row(decision.certificate))
+    if not decision.revoke_reason:
+        return []
+    revoked = _revoke(db, device_id, reason=decision.revoke_reason, now=result.appraised_at)
+    if revoked:
+        detail: dict[str, object] = {
+            "reason": decision.revoke_reason,
+            "serials": [c.serial for c in revoked],
+        }
+        _audit_revocation(
+            db,
+            device_id,
+            CERTIFICATES_REVOKED,
+            actor="verifier",
+            now=result.appraised_at,
+            detail=detail,
+        )
+    return revoked
+
+
+def _check_standing(db: sqlite3.Connection, assumed: DeviceRecord) -> None:
+    """The device is still as the decision assumed it (state, AK, zone, labels), read in
+    the transaction that stores it: otherwise DeviceChanged, and nothing is stored (no
+    certificate for a device revoked or moved while its evidence was appraised)."""
+    row = db.execute(
+        "SELECT state, ak_public, zone, labels FROM devices WHERE device_id = ?",
+        (assumed.device_id,),
+    ).fetchone()
+    if row is not None and same_standing(
+        assumed, row[0], bytes(row[1]), row[2], json.loads(row[3])
+    ):
+        return
+    full = db.execute("SELECT * FROM devices WHERE device_id = ?", (assumed.device_id,))
+    found = full.fetchone()
+    raise DeviceChanged(codec.device_from_row(found) if found is not None else None)
 
 
 def _append_log_part(db: sqlite3.Connection, device_id: str, tpm: TpmState) -> None:
@@ -408,8 +455,8 @@ class SqliteTrust:
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
 
-    async def record(self, decision: Decision) -> None:
-        await self._engine.write(lambda db: _record(db, decision))
+    async def record(self, decision: Decision) -> list[RevokedCertificate]:
+        return await self._engine.write(lambda db: _record(db, decision))
 
     async def latest(self, device_id: DeviceId) -> TrustResult | None:
         def work(db: sqlite3.Connection) -> str | None:
