@@ -207,6 +207,7 @@ class Figures:
     tiers: dict[str, int] = field(default_factory=dict)
     kinds: dict[str, KindFigures] = field(default_factory=dict)
     results: int = 0
+    silent: int = 0  # enrolled devices that never got a result
     window_results: int = 0  # results within the run's duration (the drain's are not)
     evidence_sent: int = 0
     latency_s: list[float] = field(default_factory=list)
@@ -236,6 +237,7 @@ class Figures:
             "fault_kinds": {k: v.as_dict() for k, v in self.kinds.items()},
             "results": self.results,
             "evidence_sent": self.evidence_sent,
+            "devices_without_a_result": self.silent,
             "attestations_per_s": round(self.rate, 2),
             "latency_p50_s": _round(percentile(self.latency_s, 50)),
             "latency_p99_s": _round(percentile(self.latency_s, 99)),
@@ -274,9 +276,11 @@ class Figures:
                     f"{_seconds(k['time_to_detect_p50_s']):>10} "
                     f"{_seconds(k['time_to_detect_p99_s']):>10} {self._recovered(name, kind):>9}"
                 )
+        silent = f"; {self.silent:,} devices got none" if self.silent else ""
         lines.append(
             f"results      {self.results:,} ({d['attestations_per_s']:,.1f}/s), latency p50 "
-            f"{_seconds(d['latency_p50_s'])}, p99 {_seconds(d['latency_p99_s'])}"
+            f"{_seconds(d['latency_p50_s'])}, p99 {_seconds(d['latency_p99_s'])} (each "
+            f"device's first result apart){silent}"
         )
         if self.stored is None:
             lines.append("store        not checked (no access to the verifier's database)")

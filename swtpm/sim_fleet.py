@@ -203,7 +203,9 @@ class Fleet:
         device.results += 1
         self.figures.results += 1
         device.tier = result.trust.tier.label
-        if device.tpm.quoted_at is not None:
+        # A device's first result carries its whole event log and first policy evaluation
+        # (and, early in a run, the policy workers' start): not the steady latency.
+        if device.tpm.quoted_at is not None and device.results > 1:
             self.figures.latency_s.append(now - device.tpm.quoted_at)
         if device.down_since is not None and device.down_kind is not None:
             figures = self.kind(device.down_kind)

@@ -56,10 +56,21 @@ def test_a_fleet_with_every_fault_kind(tmp_path: Path) -> None:
 
 
 def test_without_faults_every_device_attests(tmp_path: Path) -> None:
-    run = simulate("--devices", "12", "--duration", "6", "--interval", "2", "--work", str(tmp_path))
+    out = tmp_path / "figures.json"
+    run = simulate(
+        "--devices", "12", "--duration", "10", "--interval", "2", "--json", str(out),
+        "--work", str(tmp_path / "work"),
+    )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "12 enrolled" in run.stdout
-    assert "affirming" in run.stdout
+    doc = json.loads(out.read_text())
+    assert doc["enrolled"] == 12
+    assert doc["devices_without_a_result"] == 0
+    assert doc["results"] >= 12 * 2  # a first result and at least one at the interval
+    # The recorded hosts: the A100's fabric is unknown to policy (warning), the rest pass.
+    assert doc["tiers"] == {"affirming": 9, "warning": 3}
+    assert doc["fault_kinds"] == {}
+    assert doc["lost_results"] == 0
+    assert doc["duplicated_results"] == 0
 
 
 @pytest.mark.parametrize(
@@ -69,8 +80,9 @@ def test_without_faults_every_device_attests(tmp_path: Path) -> None:
         (["--faults", "1%:bios"], 2, "'bios' is not a fault kind"),
         (["--devices", "0"], 2, "must be at least 1"),
         (["--duration", "-3"], 2, "must be more than 0 seconds"),
-        (["--devices", "2", "--swtpm", "3"], 1, "--swtpm 3 is more than --devices 2"),
-        (["--verifier", "127.0.0.1:1"], 1, "--verifier, --enrollment and --ca-bundle together"),
+        (["--devices", "2", "--swtpm", "3"], 2, "--swtpm 3 is more than --devices 2"),
+        (["--verifier", "127.0.0.1:1"], 2, "--verifier, --enrollment and --ca-bundle together"),
+        (["--json", "/nonexistent/dir/x.json"], 2, "--json /nonexistent/dir/x.json: no directory"),
     ],
 )
 def test_usage_errors_say_what_to_do(args: list[str], status: int, says: str) -> None:
@@ -105,7 +117,7 @@ def test_the_store_check_finds_lost_and_duplicated_results(
     verifier = SimpleNamespace(
         check_store=lambda: StoreCheck({"a": stored, "b": 2}, store_duplicates)
     )
-    figures = Figures(enrolled=2)
+    figures = Figures(devices=2, enrolled=2)
     _check_store(fleet, verifier, figures)  # type: ignore[arg-type]
     assert (figures.lost, figures.duplicated) == (lost, duplicated)
     assert succeeded(figures) == (lost == duplicated == 0)

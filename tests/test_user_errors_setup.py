@@ -20,13 +20,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from devtrust import cli
 from devtrust.agent.enroll import EnrollmentPending, enroll
 from devtrust.agent.main import make_host, make_tpm
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import TpmBackend
-from devtrust.swtpm import EndorsementCA, Swtpm
-from devtrust import cli
-from devtrust.swtpm import simulate
+from devtrust.swtpm import EndorsementCA, Swtpm, simulate
 from devtrust.verifier import main as verifier_main
 from devtrust.verifier.config import DEFAULT_ROOTS, EnrollmentConfig
 from devtrust.verifier.enrollment import device_id_for
