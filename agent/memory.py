@@ -6,13 +6,15 @@ imports, relocations, configuration parsing, TLS set-up and enrollment ran; and 
 since. After the first attestation ``release_startup_memory``:
 
 - hands free heap back to the kernel (glibc ``malloc_trim``);
-- unmaps (``madvise(MADV_DONTNEED)``) the pages of shared libraries that the process has
-  only read or executed: read-only mappings of a ``.so`` file holding no page of its own
-  (``Anonymous`` 0: no copy-on-write page, such as relocated data, which would be lost). Such
-  pages are the file's, in the page cache: the next use maps them again from there (a minor
-  fault); those never used again are no longer this process's, and the kernel may reclaim
-  them. What one attestation touches comes back at the next, so the resident set settles at
-  what the agent uses.
+- asks the kernel to page out (``madvise(MADV_PAGEOUT)``, Linux 5.4) the pages of shared
+  libraries that the process has only read or executed: read-only mappings of a ``.so`` file
+  holding no page of its own (``Anonymous`` 0). Such pages are the file's: the next use reads
+  them again (a fault); those never used again are no longer resident. What one attestation
+  touches comes back at the next, so the resident set settles at what the agent uses.
+  PAGEOUT, not DONTNEED: the list of mappings is read before the calls, and if a library were
+  unloaded and its addresses reused meanwhile (a TCTI reopened on the TPM's thread), DONTNEED
+  would zero live private memory, while PAGEOUT never discards data: at worst it pages out
+  something in use, which faults back. Where the kernel lacks PAGEOUT nothing is released.
 
 Only shared objects are touched, never glibc's iconv modules (the one kind of library
 unloaded at run time), and nothing writable: an address range of a library is not reused
@@ -29,7 +31,7 @@ import re
 import sys
 
 logger = logging.getLogger(__name__)
-MADV_DONTNEED = 4
+MADV_PAGEOUT = 21
 _VMA = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
 
 
@@ -85,7 +87,7 @@ def release_startup_memory() -> int:
         return 0
     released = 0
     for start, end, resident in _candidates(smaps):
-        if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+        if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
             released += resident
     logger.debug("released %d kB of library pages", released)
     return released

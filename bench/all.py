@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# The last commit before issue 11's lighter agent: the agent footprint's baseline.
+AGENT_BASELINE = "9e5666c"
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,11 @@ def _fleet(devices: int, duration: float, out: Path, timeout: float) -> list[Fig
     run = subprocess.run([*argv, "--json", str(out)], cwd=ROOT, timeout=timeout, check=False)
     if not out.exists():
         return [Figure(f"fleet {devices} failed", float(run.returncode), "exit status")]
-    return fleet_figures(devices, json.loads(out.read_text()))
+    figures = fleet_figures(devices, json.loads(out.read_text()))
+    if run.returncode != 0:
+        # Its figures stand, and the run says it missed a fault or lost a result.
+        figures.append(Figure(f"fleet {devices} failed", float(run.returncode), "exit status"))
+    return figures
 
 
 def render(figures: list[Figure], meta: dict[str, Any]) -> str:
@@ -165,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="devtrust-bench-") as tmp:
         t = Path(tmp)
-        figures += _run(
-            "verifier_cpu", [py, "-m", "bench.verifier_cpu", *quick], t / "v.json", 1800
-        )
+        runs = ["--runs", "1"] if args.quick else []
+        verifier = [py, "-m", "bench.verifier_cpu", *runs]
+        figures += _run("verifier_cpu", verifier, t / "v.json", 1800)
         figures += _run("appraisal", [py, "-m", "bench.appraisal"], t / "a.json", 900)
-        figures += _run(
-            "agent_footprint", [py, "-m", "bench.agent_footprint", *quick], t / "g.json", 1800
-        )
+        # The agent beside the agent before issue 11 (the baseline of the same run).
+        agent = [py, "-m", "bench.agent_footprint", "--baseline-rev", AGENT_BASELINE, *quick]
+        figures += _run("agent_footprint", agent, t / "g.json", 1800)
         for devices in args.fleet:
             duration = 30.0 if args.quick else args.fleet_duration
             figures += _fleet(devices, duration, t / f"f{devices}.json", 3600)
@@ -187,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
     args.table.write_text(render(figures, meta))
     print(render(figures, meta))
-    return 0
+    failed = [f.name for f in figures if f.name.endswith(" failed")]
+    if failed:
+        print(f"bench: {', '.join(failed)}: see the output above", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

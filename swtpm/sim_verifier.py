@@ -88,7 +88,14 @@ class EmbeddedVerifier:
             },
             "ca": {"cert": str(self.pki.ca_cert), "key": str(self.pki.ca_key)},
             "endorsement": endorsement,
-            "attestation": {"interval_s": interval_s},
+            # One simulator process hosts every agent: after a restart or a storm thousands
+            # reconnect at once and each answers when that one core gets to it, later than
+            # a host of its own would (10 s for Hello by default).
+            "attestation": {
+                "interval_s": interval_s,
+                "hello_timeout_s": 60.0,
+                "evidence_timeout_s": 60.0,
+            },
             # A whole fleet enrolls from this one address, at once.
             "enrollment": {"rate_per_minute": 1e9, "burst": 1_000_000, "max_pending": 1_000_000},
         }

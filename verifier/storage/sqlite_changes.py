@@ -61,8 +61,11 @@ POLICY = "policy"
 POLL_S = 0.25
 # Rows read at once; the rest at the next read, at once.
 PAGE = 1000
-# Rows kept; older ones are pruned (a process is never that far behind unless stopped).
-KEEP = 100_000
+# Rows kept; older ones are pruned. Every running process reads within a poll (0.25 s), and
+# one that starts reads the state itself, so only a process stalled this many changes behind
+# needs more (it reloads: on_gap). A trust change's row holds its result (about 2 KB with 8
+# GPUs): 20,000 rows stay near 40 MB.
+KEEP = 20_000
 PRUNE_EVERY_S = 60.0
 
 _READ = (
