@@ -172,6 +172,9 @@ class KindFigures:
     injected: int = 0
     detected: int = 0
     seconds: list[float] = field(default_factory=list)
+    # A device fault's detections whose fault came while the verifier served: not between a
+    # restart and the fleet's recovery from it, when every device waits for its turn.
+    serving_seconds: list[float] = field(default_factory=list)
     # Device faults undone once detected (the device rebooted, its driver or clock put
     # back): a later result without the finding. The verifier lets the device back in.
     recovered: int = 0
@@ -185,6 +188,9 @@ class KindFigures:
             "time_to_detect_p50_s": _round(percentile(self.seconds, 50)),
             "time_to_detect_p99_s": _round(percentile(self.seconds, 99)),
             "time_to_detect_max_s": _round(max(self.seconds) if self.seconds else None),
+            "detected_while_serving": len(self.serving_seconds),
+            "time_to_detect_p50_s_while_serving": _round(percentile(self.serving_seconds, 50)),
+            "time_to_detect_p99_s_while_serving": _round(percentile(self.serving_seconds, 99)),
         }
 
 
@@ -249,6 +255,15 @@ class Figures:
         }
 
     @staticmethod
+    def _serving(name: str, k: dict[str, Any]) -> str:
+        if name in (FaultKind.STORM.value, FaultKind.RESTART.value):
+            return "-"
+        return (
+            f"{k['detected_while_serving']:,}, {_seconds(k['time_to_detect_p50_s_while_serving'])}"
+            f", {_seconds(k['time_to_detect_p99_s_while_serving'])}"
+        )
+
+    @staticmethod
     def _recovered(name: str, kind: KindFigures) -> str:
         if name in (FaultKind.STORM.value, FaultKind.RESTART.value):
             return "-"
@@ -267,7 +282,8 @@ class Figures:
         if self.kinds:
             lines.append(
                 f"{'fault':<12} {'injected':>8} {'detected':>8} {'missed':>6} "
-                f"{'detect p50':>10} {'detect p99':>10} {'recovered':>9}"
+                f"{'detect p50':>10} {'detect p99':>10} {'recovered':>9}   "
+                "while the verifier served: n, p50, p99"
             )
             for name, kind in self.kinds.items():
                 k = kind.as_dict()
@@ -275,6 +291,7 @@ class Figures:
                     f"{name:<12} {k['injected']:>8,} {k['detected']:>8,} {k['missed']:>6,} "
                     f"{_seconds(k['time_to_detect_p50_s']):>10} "
                     f"{_seconds(k['time_to_detect_p99_s']):>10} {self._recovered(name, kind):>9}"
+                    f"   {self._serving(name, k)}"
                 )
         silent = f"; {self.silent:,} devices got none" if self.silent else ""
         lines.append(

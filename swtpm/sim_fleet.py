@@ -118,6 +118,10 @@ class Fleet:
         self.figures = figures
         self.devices: list[SimDevice] = []
         self.kinds: dict[str, KindFigures] = figures.kinds
+        # Device faults detected: (kind, injected at, seconds to detect).
+        self.detections: list[tuple[FaultKind, float, float]] = []
+        # Each verifier restart: [when, when its latest device attested again (None: none)].
+        self.restarts: list[list[float | None]] = []
 
     def kind(self, kind: FaultKind) -> KindFigures:
         return self.kinds.setdefault(kind.value, KindFigures())
@@ -211,6 +215,8 @@ class Fleet:
             figures = self.kind(device.down_kind)
             figures.detected += 1
             figures.seconds.append(now - device.down_since)
+            if device.down_kind is FaultKind.RESTART and self.restarts:
+                self.restarts[-1][1] = now  # the latest device back so far
             device.down_since = device.down_kind = None
         ids = {f.id for f in result.trust.findings}
         if device.recovering is not None and FINDINGS[device.recovering] not in ids:
@@ -225,6 +231,7 @@ class Fleet:
             if pending.kind is FaultKind.REPLAY and device.tpm.replayed_at is not None:
                 since = device.tpm.replayed_at
             figures.seconds.append(now - since)
+            self.detections.append((pending.kind, pending.at, now - since))
             device.pending = None
             device.recovering = pending.kind
             pending.heal()
@@ -266,6 +273,18 @@ class Fleet:
         device.pending = Pending(kind, now, heal)
         self.kind(kind).injected += 1
         return True
+
+    def restarted(self, now: float) -> None:
+        self.restarts.append([now, None])
+
+    def split_by_service(self, end: float) -> None:
+        """Each device fault's detection time, again for those injected while the verifier
+        served: not from a restart until its last device attested again (``end`` for one
+        the fleet never wholly recovered from)."""
+        windows = [(start, back if back is not None else end) for start, back in self.restarts]
+        for kind, at, seconds in self.detections:
+            if not any(start is not None and start <= at <= back for start, back in windows):
+                self.kind(kind).serving_seconds.append(seconds)
 
     def missed(self) -> list[tuple[SimDevice, Pending]]:
         return [(d, d.pending) for d in self.devices if d.pending is not None]

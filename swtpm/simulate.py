@@ -244,6 +244,7 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
             finally:
                 await fleet.stop_all()
                 progress.done()
+        fleet.split_by_service(time.monotonic())
         figures.tiers = count_tiers(d.tier for d in fleet.devices if d.enrollment is not None)
         silent = [d for d in fleet.devices if d.enrollment is not None and d.results == 0]
         figures.silent = len(silent)
@@ -458,6 +459,7 @@ async def _inject(
         fleet.kind(kind).injected += len(connected)
         for device in connected:
             fleet.mark_down(device, kind, now)
+        fleet.restarted(now)
         await asyncio.to_thread(verifier.restart)
 
 

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from devtrust.agent.config import AgentConfig
 from devtrust.swtpm.sim_faults import (
     DEVICE_FAULTS,
     FaultKind,
@@ -18,6 +19,7 @@ from devtrust.swtpm.sim_faults import (
     percentile,
     plan,
 )
+from devtrust.swtpm.sim_fleet import Fleet
 
 
 @pytest.mark.parametrize(
@@ -125,9 +127,26 @@ def test_figures_table_and_json_agree() -> None:
         "time_to_detect_p50_s": 4.0,
         "time_to_detect_p99_s": 4.0,
         "time_to_detect_max_s": 4.0,
+        "detected_while_serving": 0,
+        "time_to_detect_p50_s_while_serving": None,
+        "time_to_detect_p99_s_while_serving": None,
     }
     table = figures.table()
     assert "affirming 2  warning 1" in table  # tiers best first
     assert "pcr" in table
     assert "4.00 s" in table
     assert "lost 0, duplicated 0" in table
+
+
+def test_faults_injected_during_a_restart_are_counted_apart() -> None:
+    figures = Figures()
+    fleet = Fleet(AgentConfig(), b"", figures)
+    fleet.restarts = [[100.0, 160.0], [250.0, None]]
+    fleet.detections = [
+        (FaultKind.DRIVER, 50.0, 0.02),  # before the first restart
+        (FaultKind.DRIVER, 120.0, 40.0),  # while the fleet came back
+        (FaultKind.DRIVER, 200.0, 0.03),  # after it
+        (FaultKind.DRIVER, 260.0, 30.0),  # after a restart never wholly recovered from
+    ]
+    fleet.split_by_service(end=300.0)
+    assert figures.kinds["driver"].serving_seconds == [0.02, 0.03]

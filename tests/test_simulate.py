@@ -46,6 +46,8 @@ def test_a_fleet_with_every_fault_kind(tmp_path: Path) -> None:
         assert kind["detected"] == kind["injected"], (name, kind)
     for name in ("pcr", "driver", "ecc", "replay", "clock"):
         assert kinds[name]["recovered"] == kinds[name]["detected"], (name, kinds[name])
+        # Those injected between the restart and the fleet's recovery are counted apart.
+        assert kinds[name]["detected_while_serving"] <= kinds[name]["detected"]
     assert doc["lost_results"] == 0
     assert doc["duplicated_results"] == 0
     assert doc["stored_decisions"] >= doc["results"] > 30
