@@ -34,14 +34,21 @@ class SockDiag:
     reads /proc/net/tcp instead)."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
-        )
+        self._sock = _open()
         self._seq = 0
 
     def listening(self, family: int) -> list[bytes]:
         """The local addresses of TCP sockets listening in ``family`` (AF_INET or AF_INET6),
-        as /proc/net/tcp{,6} writes them."""
+        as /proc/net/tcp{,6} writes them. After a failure the socket is opened afresh: the
+        kernel refuses a new dump (EBUSY) while one it started is still unread."""
+        try:
+            return self._listening(family)
+        except OSError:
+            self._sock.close()
+            self._sock = _open()
+            raise
+
+    def _listening(self, family: int) -> list[bytes]:
         self._seq += 1
         request = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
         flags = NLM_F_REQUEST | NLM_F_DUMP
@@ -57,17 +64,27 @@ class SockDiag:
                 if length < _HEADER.size:
                     raise OSError("sock_diag: malformed netlink message")
                 body = offset + _HEADER.size
+                offset += (length + 3) & ~3
+                if seq != self._seq:
+                    # The rest of an earlier dump that stopped part-way (an error raised
+                    # below): its DONE must not end this one.
+                    continue
                 if kind == NLMSG_DONE:
                     return rows
                 if kind == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", data, body)
                     raise OSError(-code, f"sock_diag: error {-code}")
-                if seq == self._seq and kind == SOCK_DIAG_BY_FAMILY:
+                if kind == SOCK_DIAG_BY_FAMILY:
                     rows.append(_row(family, data, body))
-                offset += (length + 3) & ~3
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _open() -> socket.socket:
+    return socket.socket(
+        socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+    )
 
 
 def _row(family: int, data: bytes, offset: int) -> bytes:
