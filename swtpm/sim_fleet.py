@@ -99,8 +99,9 @@ class SimDevice:
     tier: str = "none"
     pending: Pending | None = None
     # A storm or restart: when the device lost its stream, until its next result.
-    down_since: float | None = None
-    down_kind: FaultKind | None = None
+    # Storms and restarts that took the device's stream down: when, until its next result
+    # (both at once: a storm may hit a device still coming back from a restart).
+    down: dict[FaultKind, float] = field(default_factory=dict)
     # A fault detected and undone: its kind, until a result without its finding.
     recovering: FaultKind | None = None
 
@@ -187,12 +188,12 @@ class Fleet:
         device.stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await device.task
-        device.down_since, device.down_kind = now, kind
+        device.down.setdefault(kind, now)
         self.start(device)
 
     def mark_down(self, device: SimDevice, kind: FaultKind, now: float) -> None:
         """The device's stream is going down with the verifier: timed until its next result."""
-        device.down_since, device.down_kind = now, kind
+        device.down.setdefault(kind, now)
 
     async def stop_all(self) -> None:
         for device in self.devices:
@@ -211,13 +212,13 @@ class Fleet:
         # (and, early in a run, the policy workers' start): not the steady latency.
         if device.tpm.quoted_at is not None and device.results > 1:
             self.figures.latency_s.append(now - device.tpm.quoted_at)
-        if device.down_since is not None and device.down_kind is not None:
-            figures = self.kind(device.down_kind)
+        for kind, since in device.down.items():
+            figures = self.kind(kind)
             figures.detected += 1
-            figures.seconds.append(now - device.down_since)
-            if device.down_kind is FaultKind.RESTART and self.restarts:
+            figures.seconds.append(now - since)
+            if kind is FaultKind.RESTART and self.restarts:
                 self.restarts[-1][1] = now  # the latest device back so far
-            device.down_since = device.down_kind = None
+        device.down.clear()
         ids = {f.id for f in result.trust.findings}
         if device.recovering is not None and FINDINGS[device.recovering] not in ids:
             self.kind(device.recovering).recovered += 1
@@ -292,9 +293,7 @@ class Fleet:
     def awaiting(self) -> int:
         """Faults not yet seen or recovered from, and reconnections not yet attesting."""
         return sum(
-            1
-            for d in self.devices
-            if d.pending is not None or d.down_since is not None or d.recovering is not None
+            1 for d in self.devices if d.pending is not None or d.down or d.recovering is not None
         )
 
 

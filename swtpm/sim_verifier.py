@@ -173,12 +173,6 @@ class EmbeddedVerifier:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def restart(self) -> None:
-        """Stop gracefully (decisions in flight are stored) and start again on the same ports."""
-        self.stop()
-        self.start()
-        self.restarts += 1
-
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -457,10 +457,15 @@ async def _inject(
     if kind is FaultKind.RESTART and verifier is not None:
         connected = [d for d in fleet.devices if d.task is not None and d.results > 0]
         fleet.kind(kind).injected += len(connected)
+        # Down from when the old process is gone: results it sent while stopping count
+        # for the time before the restart, not as a recovery.
+        await asyncio.to_thread(verifier.stop)
+        stopped = time.monotonic()
         for device in connected:
-            fleet.mark_down(device, kind, now)
-        fleet.restarted(now)
-        await asyncio.to_thread(verifier.restart)
+            fleet.mark_down(device, kind, stopped)
+        fleet.restarted(stopped)
+        await asyncio.to_thread(verifier.start)
+        verifier.restarts += 1
 
 
 def _check_store(fleet: Fleet, verifier: EmbeddedVerifier, figures: Figures) -> None:
