@@ -142,7 +142,7 @@ async def run(
             files=files,
             enrollment=enrollment,
             on_identity=None if workload is None else workload.update,
-            on_result=_after_first_result(),
+            on_result=_after_first_result(tpm),
         )
         await client.run(stop)
         return True
@@ -155,16 +155,20 @@ async def run(
         await asyncio.to_thread(host.close)
 
 
-def _after_first_result() -> Callable[[AttestationResult], None]:
+def _after_first_result(tpm: AsyncTpm) -> Callable[[AttestationResult], None]:
     """Once attesting, the memory used to start (imports, configuration, enrollment) is
-    given back (``memory.release_startup_memory``)."""
+    given back (``memory.release_startup_memory``), on the TPM's thread: the one thread that
+    may unload a library (a TCTI) while the release looks at the mappings."""
     done = False
+    pending: set[asyncio.Future[int]] = set()
 
     def on_result(result: AttestationResult) -> None:
         nonlocal done
         if not done:
             done = True
-            release_startup_memory()
+            task = asyncio.ensure_future(tpm.run(release_startup_memory))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     return on_result
 

@@ -6,15 +6,21 @@ imports, relocations, configuration parsing, TLS set-up and enrollment ran; and 
 since. After the first attestation ``release_startup_memory``:
 
 - hands free heap back to the kernel (glibc ``malloc_trim``);
-- asks the kernel to page out (``madvise(MADV_PAGEOUT)``, Linux 5.4) the pages of shared
-  libraries that the process has only read or executed: read-only mappings of a ``.so`` file
-  holding no page of its own (``Anonymous`` 0). Such pages are the file's: the next use reads
-  them again (a fault); those never used again are no longer resident. What one attestation
-  touches comes back at the next, so the resident set settles at what the agent uses.
-  PAGEOUT, not DONTNEED: the list of mappings is read before the calls, and if a library were
-  unloaded and its addresses reused meanwhile (a TCTI reopened on the TPM's thread), DONTNEED
-  would zero live private memory, while PAGEOUT never discards data: at worst it pages out
-  something in use, which faults back. Where the kernel lacks PAGEOUT nothing is released.
+- unmaps (``madvise(MADV_DONTNEED)``) the pages of shared libraries that the process has
+  only read or executed: read-only mappings of a ``.so`` file holding no page of its own
+  (``Anonymous`` 0: no copy-on-write page, such as relocated data, which would be lost). Such
+  pages are the file's, in the page cache: the next use maps them again from there (a minor
+  fault); those never used again are no longer this process's. What one attestation touches
+  comes back at the next, so the resident set settles at what the agent uses.
+
+DONTNEED on a range that had meanwhile become something else (a library unloaded and its
+addresses reused) would zero live memory, so each range is checked again in
+``/proc/self/maps`` just before its call (same addresses, permissions, offset, inode and
+file), and the agent runs the release on its TPM thread (``AsyncTpm.run``), the one thread
+that may load and unload a library (a TCTI, when the TPM connection is reopened); Python
+never unloads an extension module. MADV_PAGEOUT, which never discards data, was tried: it
+leaves every page that another process maps too (another Python process of the same
+environment), so the agent's resident set barely moved where two agents ran side by side.
 
 Only shared objects are touched, never glibc's iconv modules (the one kind of library
 unloaded at run time), and nothing writable: an address range of a library is not reused
@@ -31,7 +37,7 @@ import re
 import sys
 
 logger = logging.getLogger(__name__)
-MADV_PAGEOUT = 21
+MADV_DONTNEED = 4
 _VMA = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
 
 
@@ -87,7 +93,27 @@ def release_startup_memory() -> int:
         return 0
     released = 0
     for start, end, resident in _candidates(smaps):
-        if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
+        # The range must still be the same mapping of the same file right now.
+        if _mapping(start, end) != _mapping_in(smaps, start, end):
+            continue
+        if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
             released += resident
     logger.debug("released %d kB of library pages", released)
     return released
+
+
+def _mapping_in(text: str, start: int, end: int) -> str | None:
+    """The line of /proc/self/maps or smaps for exactly [start, end), without its address."""
+    prefix = f"{start:x}-{end:x} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return " ".join(line[len(prefix) :].split())
+    return None
+
+
+def _mapping(start: int, end: int) -> str | None:
+    try:
+        with open("/proc/self/maps") as f:
+            return _mapping_in(f.read(), start, end)
+    except OSError:
+        return None

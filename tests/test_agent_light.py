@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from devtrust.agent import posture
+from devtrust.agent import memory, posture
 from devtrust.agent.collect import gpu_source
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.gpu.cache import CaptureCache, file_stamp
@@ -382,7 +382,7 @@ def test_only_clean_read_only_library_pages_are_given_back() -> None:
 
 def test_the_agent_works_after_giving_memory_back(tmp_path: Path) -> None:
     """In a process of its own: what an attestation uses (TLS, signatures, protobuf, the
-    TSS, XML) still works after its library pages were paged out."""
+    TSS, XML) still works after its library pages were unmapped, and resident memory fell."""
     code = """
 import asyncio, datetime, hashlib, sys
 from pathlib import Path
@@ -402,11 +402,10 @@ cfg = AgentConfig(posture_root=root, gpu_source="nvidia-smi-xml", gpu_xml=Path(s
 host = main.make_host(cfg)
 now = datetime.datetime.now(datetime.UTC)
 before = asyncio.run(collect_body(host, now=now))
-# Paged out: what this process alone maps. Whether its resident set shrinks depends on which
-# other processes map the same libraries (MADV_PAGEOUT leaves shared pages alone), so that is
-# bench.agent_footprint's to measure, on an agent process of its own.
+rss = psutil.Process().memory_info().rss
 released = release_startup_memory()
 assert released > 1000, released
+assert psutil.Process().memory_info().rss < rss
 assert asyncio.run(collect_body(host, now=now)) == before
 key = new_key()
 assert len(sign_possession(key, b"n" * 32, "ab" * 32)) > 0 and spki(key)
@@ -496,3 +495,30 @@ def test_the_evidence_lists_the_same_listeners_from_sock_diag(
 
 def _no_sock_diag() -> SockDiag:
     raise OSError(93, "Protocol not supported")
+
+
+def test_a_library_range_that_changed_since_it_was_listed_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DONTNEED on a range that became another mapping would zero live memory: each range is
+    checked in /proc/self/maps right before its call, and one that differs is skipped."""
+    calls: list[tuple[int, int]] = []
+    real = memory._libc()
+    assert real is not None
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            return 0
+
+        def madvise(self, start: int, length: int, advice: int) -> int:
+            calls.append((start, length))
+            return 0
+
+    monkeypatch.setattr(memory, "_libc", Libc)
+    monkeypatch.setattr(memory, "_mapping", lambda start, end: "r--p 00000000 00:00 0 /other.so")
+    assert memory.release_startup_memory() == 0
+    assert calls == []
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "_libc", Libc)
+    assert memory.release_startup_memory() > 0
+    assert calls, "an unchanged range is released"
