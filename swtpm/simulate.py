@@ -406,7 +406,8 @@ async def _attest(
         await asyncio.sleep(min(0.25, max(0.01, (pending[0].at - elapsed) if pending else 0.25)))
     figures.duration_s = time.monotonic() - start
     attest_results = figures.results - results_at_start
-    # Faults still in flight get one more interval to be seen (results keep counting).
+    # Faults still in flight get two intervals and DRAIN_EXTRA_S more to be seen (results
+    # keep counting; the rate below is the run's own).
     drain_until = time.monotonic() + 2 * opts.interval + DRAIN_EXTRA_S
     while fleet.awaiting() and time.monotonic() < drain_until:
         _show(
@@ -471,7 +472,7 @@ async def _inject(
 def _check_store(fleet: Fleet, verifier: EmbeddedVerifier, figures: Figures) -> None:
     check = verifier.check_store()
     figures.stored = sum(check.decisions.values())
-    lost = duplicated = check.duplicated
+    duplicated = check.duplicated
     lost = 0
     for device in fleet.devices:
         if device.enrollment is None:
