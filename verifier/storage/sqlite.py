@@ -9,7 +9,6 @@ import asyncio
 import builtins
 import datetime
 import json
-import math
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -18,15 +17,12 @@ from typing import Any, TypeVar
 from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.decision import Decision, DeviceChanged, same_standing
-from devtrust.verifier.errors import ResourceExhausted
 from devtrust.verifier.measured_boot import LogPart
 from devtrust.verifier.records import (
     AuditEntry,
-    BootstrapToken,
     CertificateRecord,
     DeviceRecord,
     DeviceState,
-    PendingEnrollment,
     RevokedCertificate,
     TpmState,
 )
@@ -42,6 +38,7 @@ from devtrust.verifier.storage.sqlite_engine import (
     Writer,
     open_database,
 )
+from devtrust.verifier.storage.sqlite_enroll import SqliteEnrollments, SqliteTokens
 from devtrust.verifier.storage.sqlite_revocation import (
     CERTIFICATES_REVOKED,
     SqliteRevocations,
@@ -227,119 +224,6 @@ class SqliteDevices:
             detail = {"zone": zone, "labels": labels, "was": was}
             _audit(db, at=now, device_id=device_id, event=event, detail=detail)
             return True
-
-        return await self._engine.write(work)
-
-
-# --- enrollments and tokens ---------------------------------------------------------------
-
-
-def _retry_s(soonest: str, now: datetime.datetime) -> int:
-    return max(1, math.ceil((datetime.datetime.fromisoformat(soonest) - now).total_seconds()))
-
-
-class SqliteEnrollments:
-    def __init__(self, engine: _Engine) -> None:
-        self._engine = engine
-
-    async def put(
-        self,
-        pending: PendingEnrollment,
-        *,
-        now: datetime.datetime,
-        max_per_device: int,
-        max_total: int,
-    ) -> None:
-        device_id = pending.record.device_id
-
-        def work(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM enrollments WHERE expires_at < ?", (iso(now),))
-            waiting, soonest = db.execute(
-                "SELECT COUNT(*), MIN(expires_at) FROM enrollments WHERE device_id = ?",
-                (device_id,),
-            ).fetchone()
-            if waiting >= max_per_device:
-                raise ResourceExhausted(
-                    f"device {device_id} has {waiting} enrollments awaiting their Activate "
-                    f"(enrollment.max_pending_per_device {max_per_device}): answer one, or "
-                    f"retry in {_retry_s(soonest, now)} s"
-                )
-            total, first = db.execute(
-                "SELECT COUNT(*), MIN(expires_at) FROM enrollments"
-            ).fetchone()
-            if total >= max_total:
-                raise ResourceExhausted(
-                    f"{total} enrollments await their Activate (enrollment.max_pending "
-                    f"{max_total}): retry in {_retry_s(first, now)} s"
-                )
-            db.execute(
-                "INSERT INTO enrollments (enrollment_id, device_id, record, secret, "
-                "channel_key_spki, expires_at, token_sha256) VALUES (?,?,?,?,?,?,?)",
-                codec.enrollment_to_row(pending),
-            )
-
-        await self._engine.write(work)
-
-    async def get(self, enrollment_id: str) -> PendingEnrollment | None:
-        def work(db: sqlite3.Connection) -> PendingEnrollment | None:
-            row = db.execute(
-                "SELECT * FROM enrollments WHERE enrollment_id = ?", (enrollment_id,)
-            ).fetchone()
-            return codec.enrollment_from_row(row) if row else None
-
-        return await self._engine.read(work)
-
-    async def take(self, enrollment_id: str) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
-            cur = db.execute("DELETE FROM enrollments WHERE enrollment_id = ?", (enrollment_id,))
-            return cur.rowcount == 1
-
-        return await self._engine.write(work)
-
-
-class SqliteTokens:
-    def __init__(self, engine: _Engine) -> None:
-        self._engine = engine
-
-    async def add(
-        self,
-        token_sha256: str,
-        *,
-        now: datetime.datetime,
-        expires_at: datetime.datetime,
-        note: str = "",
-        zone: str = "",
-        labels: dict[str, str] | None = None,
-    ) -> None:
-        row = (token_sha256, iso(now), iso(expires_at), note, zone, json.dumps(labels or {}))
-
-        def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO bootstrap_tokens (token_sha256, created_at, expires_at, note, zone, "
-                "labels) VALUES (?,?,?,?,?,?)",
-                row,
-            )
-
-        await self._engine.write(work)
-
-    async def get(self, token_sha256: str) -> BootstrapToken | None:
-        def work(db: sqlite3.Connection) -> BootstrapToken | None:
-            row = db.execute(
-                "SELECT * FROM bootstrap_tokens WHERE token_sha256 = ?", (token_sha256,)
-            ).fetchone()
-            return codec.token_from_row(row) if row else None
-
-        return await self._engine.read(work)
-
-    async def use(self, token_sha256: str, *, device_id: DeviceId, now: datetime.datetime) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
-            cur = db.execute(
-                "UPDATE bootstrap_tokens SET used_at = COALESCE(used_at, ?), device_id = ? "
-                "WHERE token_sha256 = ? AND ((used_at IS NULL AND expires_at > ?) "
-                "OR device_id = ?)",
-                (iso(now), device_id, token_sha256, iso(now), device_id),
-            )
-            return cur.rowcount == 1
 
         return await self._engine.write(work)
 
