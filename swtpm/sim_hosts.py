@@ -12,9 +12,7 @@ agent's own collector run once over swtpm/hosttree.py's well-configured host tre
 from __future__ import annotations
 
 import copy
-import csv
 import datetime
-import importlib.resources
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,8 @@ from devtrust.agent.main import make_host
 from devtrust.core.errors import DevtrustError
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.v1 import attestation_pb2, common_pb2
+from devtrust.verifier.config import DEFAULT_POLICY
+from devtrust.verifier.document import Bulletins, version_tuple
 
 # The recorded hosts: capture file, model name.
 CAPTURES = (
@@ -54,27 +54,14 @@ class HostModel:
     ecc: attestation_pb2.GpuState
 
 
-def _version(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in text.split("."))
-    except ValueError:
-        return ()
-
-
 def latest_fixed() -> dict[str, str]:
-    """Per driver branch (its major version), the latest fixed release in the verifier's
-    bulletin list."""
-    ref = importlib.resources.files("devtrust.verifier.data.policy").joinpath(
-        "nvidia-driver-bulletins.csv"
-    )
+    """Per driver branch ("R580"), the latest fixed release in the verifier's bulletin list,
+    read and compared as the verifier's policy does (``devtrust.verifier.document``)."""
+    bulletins = Bulletins.load(DEFAULT_POLICY.parent / "nvidia-driver-bulletins.csv")
     best: dict[str, str] = {}
-    with ref.open("r", encoding="utf-8") as f:
-        for row in csv.DictReader(line for line in f if not line.startswith("#")):
-            for text in (row.get("fixed_versions") or "").split(";"):
-                version = text.strip()
-                major = version.partition(".")[0]
-                if major and _version(version) > _version(best.get(major, "0")):
-                    best[major] = version
+    for entry in bulletins.entries:
+        if version_tuple(entry.fixed) > version_tuple(best.get(entry.branch, "0")):
+            best[entry.branch] = entry.fixed
     return best
 
 
@@ -102,8 +89,9 @@ def load_models(directory: Path | None = None) -> list[HostModel]:
                 f"cannot read the recorded host {path}: {exc.strerror}: run from a clone of "
                 "the repository, or give --captures DIR with the nvidia-smi captures"
             ) from exc
-        patched = fixed.get(recorded.driver_version.partition(".")[0], recorded.driver_version)
-        if _version(patched) < _version(recorded.driver_version):
+        branch = f"R{recorded.driver_version.partition('.')[0]}"
+        patched = fixed.get(branch, recorded.driver_version)
+        if version_tuple(patched) < version_tuple(recorded.driver_version):
             patched = recorded.driver_version
         gpu = _with_driver(recorded, patched)
         ecc = copy.deepcopy(gpu)
