@@ -25,7 +25,7 @@ from devtrust.agent.enroll import enroll
 from devtrust.agent.interfaces import Quote, Selection, Tpm
 from devtrust.agent.messages import AttestationResult
 from devtrust.agent.state import Enrollment, MemoryFiles
-from devtrust.swtpm.sim_faults import FINDINGS, WATCHED, FaultKind, Figures, KindFigures
+from devtrust.swtpm.sim_faults import FINDINGS, FaultKind, Figures, KindFigures
 from devtrust.swtpm.sim_hosts import SimHost
 from devtrust.swtpm.soft import SoftTpm
 
@@ -92,7 +92,6 @@ class SimDevice:
     host: SimHost
     files: MemoryFiles = field(default_factory=MemoryFiles)
     enrollment: Enrollment | None = None
-    client: AttestationClient | None = None
     stop: asyncio.Event | None = None
     task: asyncio.Task[None] | None = None
     results: int = 0
@@ -162,7 +161,7 @@ class Fleet:
     def start(self, device: SimDevice) -> None:
         assert device.enrollment is not None
         device.stop = asyncio.Event()
-        device.client = AttestationClient(
+        client = AttestationClient(
             self.cfg,
             tpm=device.tpm,
             host=device.host,
@@ -170,7 +169,7 @@ class Fleet:
             enrollment=device.enrollment,
             on_result=lambda result: self._on_result(device, result),
         )
-        device.task = asyncio.create_task(self._run(device, device.client, device.stop))
+        device.task = asyncio.create_task(self._run(device, client, device.stop))
 
     async def _run(self, device: SimDevice, client: AttestationClient, stop: asyncio.Event) -> None:
         try:
@@ -299,6 +298,3 @@ class Fleet:
 
 def _nothing() -> None:
     return None
-
-
-__all__ = ["WATCHED", "Fleet", "SimDevice", "SimTpm"]

@@ -173,9 +173,6 @@ class EmbeddedVerifier:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
