@@ -26,7 +26,7 @@ from devtrust.verifier.records import (
     RevokedCertificate,
     TpmState,
 )
-from devtrust.verifier.storage import codec
+from devtrust.verifier.storage import audit_rows, codec
 from devtrust.verifier.storage.codec import iso
 from devtrust.verifier.storage.interfaces import DeviceQuery, DeviceView
 from devtrust.verifier.storage.sqlite_admin import SqliteOperations, SqliteRoles
@@ -62,7 +62,6 @@ _INSERT_CERTIFICATE = (
     "INSERT INTO certificates (serial, device_id, kind, not_before, not_after, der) "
     "VALUES (?,?,?,?,?,?)"
 )
-_INSERT_AUDIT = "INSERT INTO audit (at, device_id, event, tier, detail, actor) VALUES (?,?,?,?,?,?)"
 
 
 class _Engine:
@@ -83,20 +82,6 @@ class _Engine:
         if self._writer is not None:
             self._writer.close()
         self._readers.close()
-
-
-def _audit(
-    db: sqlite3.Connection,
-    *,
-    at: datetime.datetime,
-    device_id: str,
-    event: str,
-    detail: dict[str, Any] | str,
-    tier: str = "",
-    actor: str = "",
-) -> None:
-    text = detail if isinstance(detail, str) else json.dumps(detail)
-    db.execute(_INSERT_AUDIT, (iso(at), device_id, event, tier, text, actor))
 
 
 # --- devices ------------------------------------------------------------------------------
@@ -183,7 +168,7 @@ class SqliteDevices:
                 codec.device_to_row(rec),
             )
             detail = {"ak_name": rec.ak_name, "zone": rec.zone, "labels": rec.labels}
-            _audit(db, at=now, device_id=rec.device_id, event=event, detail=detail)
+            audit_rows.append(db, at=now, device_id=rec.device_id, event=event, detail=detail)
 
         await self._engine.write(work)
 
@@ -196,7 +181,9 @@ class SqliteDevices:
             )
             if cur.rowcount != 1:
                 return False
-            _audit(db, at=now, device_id=device_id, event=event, detail={"state": state.value})
+            audit_rows.append(
+                db, at=now, device_id=device_id, event=event, detail={"state": state.value}
+            )
             return True
 
         return await self._engine.write(work)
@@ -222,7 +209,7 @@ class SqliteDevices:
             )
             was = {"zone": row["zone"], "labels": json.loads(row["labels"])}
             detail = {"zone": zone, "labels": labels, "was": was}
-            _audit(db, at=now, device_id=device_id, event=event, detail=detail)
+            audit_rows.append(db, at=now, device_id=device_id, event=event, detail=detail)
             return True
 
         return await self._engine.write(work)
@@ -257,7 +244,15 @@ def _record(db: sqlite3.Connection, decision: Decision) -> list[RevokedCertifica
         "AND (last_seen IS NULL OR last_seen < ?)",
         (at, device_id, at),
     )
-    db.execute(_INSERT_AUDIT, (at, device_id, "appraisal", result.tier.label, text, "device"))
+    audit_rows.append(
+        db,
+        at=result.appraised_at,
+        device_id=device_id,
+        event="appraisal",
+        detail=text,
+        tier=result.tier.label,
+        actor="device",
+    )
     tpm = decision.tpm
     if tpm is not None:
         # Like the trust row, the TPM state and its log only move forward in time: a

@@ -20,12 +20,11 @@ from typing import Protocol, TypeVar
 
 from devtrust.core.ids import DeviceId
 from devtrust.verifier.records import AuditEntry, AuditEvent, DeviceState, Standing
-from devtrust.verifier.storage import codec
+from devtrust.verifier.storage import audit_rows, codec
 from devtrust.verifier.storage.codec import iso
 from devtrust.verifier.storage.interfaces import HistoryItem
 
 T = TypeVar("T")
-_INSERT_AUDIT = "INSERT INTO audit (at, device_id, event, tier, detail, actor) VALUES (?,?,?,?,?,?)"
 APPRAISAL = "appraisal"
 
 
@@ -121,9 +120,13 @@ class SqliteOperations:
                 (after.state.value, after.zone, json.dumps(after.labels), device_id),
             )
             for event in events:
-                db.execute(
-                    _INSERT_AUDIT,
-                    (iso(now), device_id, event.event, "", json.dumps(event.detail), actor),
+                audit_rows.append(
+                    db,
+                    at=now,
+                    device_id=device_id,
+                    event=event.event,
+                    detail=event.detail,
+                    actor=actor,
                 )
             return True
 

@@ -11,13 +11,13 @@ stays untrusted costs its appraisals no second write.
 from __future__ import annotations
 
 import datetime
-import json
 import sqlite3
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from devtrust.core.ids import DeviceId, Serial
 from devtrust.verifier.records import CertificateRecord, DeviceState, RevokedCertificate
+from devtrust.verifier.storage import audit_rows
 from devtrust.verifier.storage.codec import iso
 
 T = TypeVar("T")
@@ -29,8 +29,6 @@ _LIVE_OF_DEVICE = (
     "WHERE device_id = ? AND kind = ? AND revoked_at IS NULL AND not_after > ? "
     "ORDER BY not_after, serial"
 )
-# The actor column: migration 0003.
-_INSERT_AUDIT = "INSERT INTO audit (at, device_id, event, tier, detail, actor) VALUES (?,?,?,?,?,?)"
 # Audit events.
 DEVICE_REVOKED = "revoked"
 CERTIFICATES_REVOKED = "certificates_revoked"
@@ -95,7 +93,7 @@ def _audit(
     now: datetime.datetime,
     detail: dict[str, object],
 ) -> None:
-    db.execute(_INSERT_AUDIT, (iso(now), device_id, event, "", json.dumps(detail), actor))
+    audit_rows.append(db, at=now, device_id=device_id, event=event, detail=detail, actor=actor)
 
 
 class SqliteRevocations:
