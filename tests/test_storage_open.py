@@ -1,12 +1,15 @@
 """One entry point for every backend (issue 9, item 5): ``open_repositories`` picks the
 backend from the configured database. A path and sqlite:///PATH are the same SQLite file, with
-the same refusals; a PostgreSQL URL is refused until issue 12 brings its backend, without
-echoing its password; any other form is refused naming the accepted ones, at open and when
-the configuration is loaded."""
+the same refusals; a PostgreSQL URL opens the PostgreSQL backend (a real server: tests/pg.py),
+and what keeps it from opening is one line naming the URL without its password and what to
+fix; any other form is refused naming the accepted ones, at open and when the configuration
+is loaded."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,18 +19,24 @@ from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.storage import Repositories, open_repositories
 from tests.db import NOW, device, device_id, run
 
+if TYPE_CHECKING:  # imported by pytest as a plugin (pytest_plugins), not here
+    from tests.pg import PgServer
+
 FORMS = (
-    "give a file path or sqlite:///PATH (SQLite), or postgresql://USER@HOST/NAME (PostgreSQL, "
-    "from issue 12)"
+    "give a file path or sqlite:///PATH (SQLite), or postgresql://USER:PASSWORD@HOST:PORT/NAME "
+    "(PostgreSQL)"
 )
 POSTGRES = "postgresql://devtrust:s3cret@db.internal:5432/devtrust?password=s3cret&sslmode=require"
 SHOWN = "postgresql://devtrust:***@db.internal:5432/devtrust?password=***&sslmode=require"
+
+# The fixtures `database` (each test on SQLite and PostgreSQL) and `pg_url`.
+pytest_plugins = ["tests.pg"]
 
 
 async def _save_then_read(first: Path | str, second: Path | str) -> DeviceRecord | None:
     repos: Repositories = await open_repositories(first)
     try:
-        await repos.devices.save(device(1), now=NOW, event="enrolled")
+        await repos.devices.save(device(1), now=NOW, event="enrolled:enrolled")
     finally:
         await repos.close()
     repos = await open_repositories(second, create=False, read_only=True)
@@ -67,17 +76,48 @@ def test_an_sqlite_url_is_refused_as_its_path_is(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
-def test_postgresql_waits_for_its_backend_and_never_shows_the_password(scheme: str) -> None:
-    url = POSTGRES.replace("postgresql", scheme, 1)
-    for database in (url, DatabaseUrl(url)):
-        with pytest.raises(ConfigError) as err:
-            run(lambda: open_repositories(database))  # noqa: B023
-        assert str(err.value) == (
-            f"database {SHOWN.replace('postgresql', scheme, 1)}: PostgreSQL comes with issue 12 "
-            "(replicas sharing one PostgreSQL); this devtrust stores its data in SQLite: give a "
-            "file path or sqlite:///PATH"
-        )
-        assert "s3cret" not in str(err.value)
+def test_a_postgresql_url_opens_the_server_database(scheme: str, pg_url: str) -> None:
+    url = pg_url.replace("postgresql", scheme, 1)
+    assert run(lambda: _save_then_read(url, DatabaseUrl(url))) == device(1)
+
+
+def _refusal(database: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        run(lambda: open_repositories(database))
+    return str(err.value)
+
+
+def test_postgresql_refusals_name_the_url_without_its_password_and_the_fix(
+    pg_url: str, pg_server: PgServer
+) -> None:
+    server = pg_server
+    shown = pg_url.replace(server.password, "***")
+    wrong = _refusal(pg_url.replace(server.password, "not-it"))
+    assert wrong.startswith(f"database {shown.replace(server.password, '***')}: PostgreSQL ")
+    assert wrong.endswith("fix the user and password in `database:`")
+    assert "password authentication failed" in wrong
+    missing = pg_url.rsplit("/", 1)[0] + "/nosuchdb"
+    gone = _refusal(missing)
+    assert gone.startswith(f"database {missing.replace(server.password, '***')}: the server ")
+    assert gone.endswith("create it (createdb -O USER NAME) or fix its name in `database:`")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = _refusal(f"postgresql://devtrust:s3cret@127.0.0.1:{port}/devtrust")
+    assert down.startswith(f"database postgresql://devtrust:***@127.0.0.1:{port}/devtrust: ")
+    assert down.endswith("start the server, or fix the host and port in `database:`")
+    for message in (wrong, gone, down):
+        assert "\n" not in message
+        assert server.password not in message
+        assert "s3cret" not in message
+        assert "not-it" not in message
+
+
+def test_postgresql_pool_size_is_checked(pg_url: str) -> None:
+    bad = _refusal(pg_url + "?pool_size=0")
+    assert bad.endswith(
+        "pool_size='0': give the connections each verifier process may hold, 1 to 200"
+    )
 
 
 @pytest.mark.parametrize(

@@ -22,23 +22,30 @@ from cryptography import x509
 from devtrust.core.ids import serial_of
 from devtrust.core.tier import Tier
 from devtrust.verifier.ca import ALWAYS, CertificateAuthority, DeviceIssuers, Issuer
-from devtrust.verifier.config import DEFAULT_POLICY
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.errors import Superseded
-from devtrust.verifier.policy import Policy, PolicyHolder
 from devtrust.verifier.records import CertificateRecord, DeviceRecord, DeviceState, Standing
 from devtrust.verifier.revocation import RevocationSink, Revoker
-from devtrust.verifier.server import _announce_policy, _policy_follower
 from devtrust.verifier.settings import CertificateSettings, RevocationSettings
-from devtrust.verifier.storage import SqliteRepositories, open_sqlite, sqlite_engine
-from devtrust.verifier.storage.sqlite import _record
-from devtrust.verifier.storage.sqlite_changes import (
+from devtrust.verifier.storage import (
+    Repositories,
+    SqliteRepositories,
+    open_repositories,
+    open_sqlite,
+    sqlite_engine,
+)
+from devtrust.verifier.storage.changes import (
     LEASE,
+    POLICY,
     Change,
     ChangeFeed,
-    SqliteStreams,
     check_lease,
+    prune_rows,
 )
+from devtrust.verifier.storage.interfaces import StoredPolicy
+from devtrust.verifier.storage.sql import Connection
+from devtrust.verifier.storage.sqlite import _record
+from devtrust.verifier.storage.sqlite_changes import SqliteChangeFeed
 from devtrust.verifier.watch import TrustWatch, WatchFilter
 from tests.db import decision, device, device_id
 
@@ -50,6 +57,9 @@ CERTIFICATES = CertificateSettings(
     channel_lifetime=datetime.timedelta(days=30),
     min_tier=Tier.AFFIRMING,
 )
+
+# The fixture `database`: the tests marked with it run on SQLite and on PostgreSQL.
+pytest_plugins = ["tests.pg"]
 
 
 def _clock() -> datetime.datetime:
@@ -64,14 +74,14 @@ async def _never(_: float) -> None:
 class Process:
     """One verifier process's view of the database: repositories, change feed, revoker."""
 
-    repos: SqliteRepositories
+    repos: Repositories
     feed: ChangeFeed
     revoker: Revoker
     watch: TrustWatch
 
 
 @asynccontextmanager
-async def process(path: Path, name: str, *, poll: bool) -> AsyncIterator[Process]:
+async def process(database: Path | str, name: str, *, poll: bool) -> AsyncIterator[Process]:
     """A process as start_verifier wires it; ``poll`` False: the feed is read only when a
     consumer catches up (what the check at hand must do on its own)."""
     ca = CertificateAuthority.create(common_name="device CA", now=T0 - datetime.timedelta(days=1))
@@ -80,8 +90,12 @@ async def process(path: Path, name: str, *, poll: bool) -> AsyncIterator[Process
         device_lifetime=LIFETIME,
         clock=_clock,
     )
-    repos = await open_sqlite(path)
-    feed = ChangeFeed(repos.path, repos.engine, origin=name, interval_s=0.01)
+    repos = await open_repositories(database)
+    feed: ChangeFeed
+    if isinstance(repos, SqliteRepositories):
+        feed = SqliteChangeFeed(repos.path, repos.engine, origin=name, interval_s=0.01)
+    else:
+        feed = repos.change_feed(name)  # woken by NOTIFY
     revoker = Revoker(
         revocations=repos.revocations, signer=issuers, settings=RevocationSettings(), clock=_clock
     )
@@ -100,9 +114,9 @@ async def process(path: Path, name: str, *, poll: bool) -> AsyncIterator[Process
         await repos.close()
 
 
-async def _certified(repos: SqliteRepositories, n: int) -> CertificateRecord:
+async def _certified(repos: Repositories, n: int) -> CertificateRecord:
     """Device n enrolled, with a live device certificate."""
-    await repos.devices.save(device(n), now=T0, event="enrolled")
+    await repos.devices.save(device(n), now=T0, event="enrolled:enrolled")
     cert = CertificateRecord(
         serial_of(x509.random_serial_number()), device_id(n), "device", T0, T0 + LIFETIME, b""
     )
@@ -119,25 +133,30 @@ def _with_certificate(n: int) -> Decision:
 
 
 def _live(path: Path, serial: str) -> bool:
+    """The certificate is not revoked (read from the SQLite file itself)."""
     with sqlite3.connect(path) as db:
         row = db.execute("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,))
         return row.fetchone()[0] is None
+
+
+async def _live_in(repos: Repositories, serial: str) -> bool:
+    """The certificate is not revoked (either backend)."""
+    return serial not in {r.serial for r in await repos.revocations.live(T0)}
 
 
 # --- stream leases ---------------------------------------------------------------------------
 
 
 def test_a_newer_stream_lease_on_another_process_voids_the_older_streams_decision(
-    tmp_path: Path,
+    database: str,
 ) -> None:
     """Worker A's stream claimed the device's lease, then a newer stream on worker B did:
     A's decision, checked in its own write transaction, is refused (Superseded) and stores
     nothing; B's is stored. A learns of the newer lease on its feed, naming B's stream."""
-    path = tmp_path / "verifier.db"
 
     async def scenario() -> None:
-        async with process(path, "a", poll=False) as a, process(path, "b", poll=False) as b:
-            await a.repos.devices.save(device(1), now=T0, event="enrolled")
+        async with process(database, "a", poll=False) as a, process(database, "b", poll=False) as b:
+            await a.repos.devices.save(device(1), now=T0, event="enrolled:enrolled")
             d = device_id(1)
             seen: list[Change] = []
 
@@ -145,29 +164,29 @@ def test_a_newer_stream_lease_on_another_process_voids_the_older_streams_decisio
                 seen.extend(c for c in changes if c.kind == LEASE)
 
             a.feed.subscribe(leases)
-            old = await SqliteStreams(a.repos.engine).claim(d, "a/stream-1")
-            new = await SqliteStreams(b.repos.engine).claim(d, "b/stream-2")
+            old = await a.repos.streams().claim(d, "a/stream-1")
+            new = await b.repos.streams().claim(d, "b/stream-2")
             assert new == old + 1
             stale = decision(1, at=T0)
 
-            def store(token: int, made: Decision) -> Callable[[sqlite3.Connection], None]:
-                def work(db: sqlite3.Connection) -> None:
+            def store(token: int, made: Decision) -> Callable[[Connection], None]:
+                def work(db: Connection) -> None:
                     check_lease(db, d, token)  # the hook: first, in the decision's transaction
                     _record(db, made)
 
                 return work
 
             with pytest.raises(Superseded, match="b/stream-2"):
-                await a.repos.engine.write(store(old, stale))
+                await a.repos.engine.write(store(old, stale))  # type: ignore[attr-defined]
             assert await a.repos.trust.latest(d) is None
             fresh = decision(1, at=T0 + datetime.timedelta(seconds=1))
-            await b.repos.engine.write(store(new, fresh))
+            await b.repos.engine.write(store(new, fresh))  # type: ignore[attr-defined]
             latest = await a.repos.trust.latest(d)
             assert latest is not None
             assert latest.appraised_at == fresh.at
             await a.feed.catch_up()
             assert [(c.device_id, c.ref, c.origin) for c in seen] == [(d, str(new), "b/stream-2")]
-            assert await SqliteStreams(a.repos.engine).holder(d) == (new, "b/stream-2")
+            assert await a.repos.streams().holder(d) == (new, "b/stream-2")
 
     asyncio.run(scenario())
 
@@ -176,7 +195,7 @@ def test_a_decision_without_a_lease_is_not_checked(tmp_path: Path) -> None:
     async def scenario() -> None:
         repos = await open_sqlite(tmp_path / "verifier.db")
         try:
-            await repos.devices.save(device(1), now=T0, event="enrolled")
+            await repos.devices.save(device(1), now=T0, event="enrolled:enrolled")
             await repos.engine.write(lambda db: check_lease(db, device_id(1), None))
             with pytest.raises(Superseded, match="by nobody"):
                 await repos.engine.write(lambda db: check_lease(db, device_id(1), 1))
@@ -189,17 +208,16 @@ def test_a_decision_without_a_lease_is_not_checked(tmp_path: Path) -> None:
 # --- revocations across processes -----------------------------------------------------------
 
 
-def test_a_revocation_on_one_process_reaches_the_others_feed_and_crl(tmp_path: Path) -> None:
+def test_a_revocation_on_one_process_reaches_the_others_feed_and_crl(database: str) -> None:
     """An operator revokes a device through worker A: a relying party subscribed to worker
     B's revocation feed gets it, B's CRL lists it, B knows the device is revoked."""
-    path = tmp_path / "verifier.db"
 
     async def scenario() -> None:
-        async with process(path, "a", poll=True) as a, process(path, "b", poll=True) as b:
+        async with process(database, "a", poll=True) as a, process(database, "b", poll=True) as b:
             cert = await _certified(a.repos, 1)
             feed = b.revoker.subscribe()
             assert (await asyncio.wait_for(anext(feed), 5)).end_of_snapshot
-            assert await a.revoker.revoke(device_id(1), reason="stolen", actor="alice", now=T0)
+            assert await a.revoker.revoke(device_id(1), reason="stolen", actor="operator/alice", now=T0)
             entry = await asyncio.wait_for(anext(feed), 5)
             assert entry.revoked is not None
             assert (entry.revoked.serial, entry.revoked.reason) == (cert.serial, "stolen")
@@ -219,46 +237,43 @@ def test_a_revocation_on_one_process_reaches_the_others_feed_and_crl(tmp_path: P
 
 
 def test_a_certificate_stored_on_one_process_after_another_revoked_the_device_is_withheld(
-    tmp_path: Path,
+    database: str,
 ) -> None:
     """Worker B appraised the device before an operator revoked it through worker A, and
     stored the certificate it issued after that revocation committed: B's revocation sink
     reads the feed up to now before handing the certificate out (B's poller never ran),
     so it revokes it and withholds it."""
-    path = tmp_path / "verifier.db"
 
     async def scenario() -> None:
-        async with process(path, "a", poll=False) as a, process(path, "b", poll=False) as b:
+        async with process(database, "a", poll=False) as a, process(database, "b", poll=False) as b:
             await _certified(a.repos, 1)
-            await a.revoker.revoke(device_id(1), reason="stolen", actor="alice", now=T0)
+            await a.revoker.revoke(device_id(1), reason="stolen", actor="operator/alice", now=T0)
             made = _with_certificate(1)
             await b.repos.trust.record(made)  # the store sink, first
             assert made.certificate is not None
-            assert _live(path, made.certificate.serial)
+            assert await _live_in(b.repos, made.certificate.serial)
             out = await RevocationSink(b.revoker, CERTIFICATES).publish(made)
             assert out is not None
             assert out.certificate is None
             assert out.withheld == "withheld: the device is revoked"
-            assert not _live(path, made.certificate.serial)
+            assert not await _live_in(b.repos, made.certificate.serial)
             assert made.certificate.serial in out.revoked_serials
 
     asyncio.run(scenario())
 
 
 def test_a_certificate_for_the_old_zone_stored_after_another_process_moved_it_is_withheld(
-    tmp_path: Path,
+    database: str,
 ) -> None:
-    path = tmp_path / "verifier.db"
-
     async def scenario() -> None:
-        async with process(path, "a", poll=False) as a, process(path, "b", poll=False) as b:
+        async with process(database, "a", poll=False) as a, process(database, "b", poll=False) as b:
             await _certified(a.repos, 1)
             before = Standing(DeviceState.ENROLLED, "", {})
             after = Standing(DeviceState.ENROLLED, "prod", {})
             assert await a.repos.operations.apply(
-                device_id(1), before=before, after=after, events=[], actor="alice", now=T0
+                device_id(1), before=before, after=after, events=[], actor="operator/alice", now=T0
             )
-            await a.revoker.zone_changed(device_id(1), was="", zone="prod", actor="alice", now=T0)
+            await a.revoker.zone_changed(device_id(1), was="", zone="prod", actor="operator/alice", now=T0)
             made = _with_certificate(1)  # zone "": appraised before the move
             await b.repos.trust.record(made)
             out = await RevocationSink(b.revoker, CERTIFICATES).publish(made)
@@ -266,7 +281,7 @@ def test_a_certificate_for_the_old_zone_stored_after_another_process_moved_it_is
             assert out.certificate is None
             assert "moved to another zone" in out.withheld
             assert made.certificate is not None
-            assert not _live(path, made.certificate.serial)
+            assert not await _live_in(b.repos, made.certificate.serial)
 
     asyncio.run(scenario())
 
@@ -274,14 +289,13 @@ def test_a_certificate_for_the_old_zone_stored_after_another_process_moved_it_is
 # --- the trust watch across processes -------------------------------------------------------
 
 
-def test_a_watch_on_one_process_sees_the_changes_stored_by_another(tmp_path: Path) -> None:
+def test_a_watch_on_one_process_sees_the_changes_stored_by_another(database: str) -> None:
     """A watcher on worker B gets the device's first result stored by worker A, nothing for
     a result with the same tier and score, then the next change with its previous tier."""
-    path = tmp_path / "verifier.db"
 
     async def scenario() -> None:
-        async with process(path, "a", poll=True) as a, process(path, "b", poll=True) as b:
-            await a.repos.devices.save(device(1, zone="prod"), now=T0, event="enrolled")
+        async with process(database, "a", poll=True) as a, process(database, "b", poll=True) as b:
+            await a.repos.devices.save(device(1, zone="prod"), now=T0, event="enrolled:enrolled")
             watcher = b.watch.subscribe(WatchFilter())
             second = T0 + datetime.timedelta(seconds=1)
             await a.repos.trust.record(decision(1, at=T0))
@@ -309,19 +323,17 @@ def test_a_watch_on_one_process_sees_the_changes_stored_by_another(tmp_path: Pat
     asyncio.run(scenario())
 
 
-def test_rows_pruned_unread_make_a_process_reload_and_drop_its_watchers(tmp_path: Path) -> None:
-    path = tmp_path / "verifier.db"
-
+def test_rows_pruned_unread_make_a_process_reload_and_drop_its_watchers(database: str) -> None:
     async def scenario() -> None:
-        async with process(path, "a", poll=False) as a, process(path, "b", poll=False) as b:
+        async with process(database, "a", poll=False) as a, process(database, "b", poll=False) as b:
             cert = await _certified(a.repos, 1)
             watcher = b.watch.subscribe(WatchFilter())
-            await a.revoker.revoke(device_id(1), reason="stolen", actor="alice", now=T0)
+            await a.revoker.revoke(device_id(1), reason="stolen", actor="operator/alice", now=T0)
             for n in range(2, 6):
-                await a.repos.devices.save(device(n), now=T0, event="enrolled")
+                await a.repos.devices.save(device(n), now=T0, event="enrolled:enrolled")
                 await a.repos.trust.record(decision(n, at=T0))
-            pruner = ChangeFeed(path, a.repos.engine, origin="a", keep=1)
-            assert await pruner.prune() > 0
+            engine = a.repos.engine  # type: ignore[attr-defined]
+            assert await engine.write(lambda db: prune_rows(db, 1)) > 0
             await b.feed.catch_up()
             # The revocation's row is gone: B read the live set again.
             assert b.revoker.revoked_serials(device_id(1)) == (cert.serial,)
@@ -346,7 +358,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
             async def fleet(repos: SqliteRepositories, first: int) -> None:
                 records = [device(n) for n in range(first, first + 100)]
                 await asyncio.gather(
-                    *(repos.devices.save(r, now=T0, event="enrolled") for r in records)
+                    *(repos.devices.save(r, now=T0, event="enrolled:enrolled") for r in records)
                 )
                 await asyncio.gather(
                     *(repos.trust.record(decision(r_n(r), at=T0)) for r in records)
@@ -392,7 +404,7 @@ def test_a_writer_waits_for_another_process_holding_the_write_lock(
         try:
             holder.start()
             await asyncio.to_thread(held.wait, 30)
-            write = asyncio.ensure_future(repos.devices.save(device(1), now=T0, event="enrolled"))
+            write = asyncio.ensure_future(repos.devices.save(device(1), now=T0, event="enrolled:enrolled"))
             while not any("write lock is held" in r.getMessage() for r in caplog.records):
                 await asyncio.sleep(0.01)
             assert not write.done()
@@ -408,28 +420,41 @@ def test_a_writer_waits_for_another_process_holding_the_write_lock(
         asyncio.run(scenario())
 
 
-def test_a_policy_reloaded_on_one_process_is_reloaded_by_the_others(tmp_path: Path) -> None:
-    """ReloadPolicy reaches one worker; it puts a row on the feed, and every other worker
-    reloads the policy file (the announcing one does not reload twice)."""
-    path = tmp_path / "verifier.db"
-
-    class Counted(PolicyHolder):
-        reloads = 0
-
-        def reload(self) -> Policy | None:
-            self.reloads += 1
-            return super().reload()
+def test_a_policy_published_on_one_process_reaches_the_others(database: str) -> None:
+    """A policy published through worker (or replica) A is stored with its documents, and
+    its row on the feed, naming A and the digest, reaches B, which reads the same policy
+    back; the publication is audited ("policy_changed", no device)."""
+    policy = StoredPolicy(
+        policy_id="fleet-7",
+        digest="ab" * 32,
+        documents={"policy.yaml": "rules: []\n", "bulletins.yaml": "x: 1\n"},
+        published_at=T0,
+    )
 
     async def scenario() -> None:
-        async with process(path, "a", poll=False) as a, process(path, "b", poll=False) as b:
-            mine, theirs = Counted(DEFAULT_POLICY), Counted(DEFAULT_POLICY)
-            a.feed.subscribe(_policy_follower(mine, a.feed.origin))
-            b.feed.subscribe(_policy_follower(theirs, b.feed.origin))
-            announce = _announce_policy(a.feed)
-            assert announce is not None
-            await announce()
-            await a.feed.catch_up()
-            await b.feed.catch_up()
-            assert (mine.reloads, theirs.reloads) == (0, 1)
+        async with process(database, "a", poll=True) as a, process(database, "b", poll=True) as b:
+            seen: asyncio.Queue[Change] = asyncio.Queue()
+
+            async def policies(changes: Sequence[Change]) -> None:
+                for change in changes:
+                    if change.kind == POLICY:
+                        seen.put_nowait(change)
+
+            b.feed.subscribe(policies)
+            assert await b.repos.policies().current() is None
+            await a.repos.policies().publish(policy, actor="operator/alice", origin="a", now=T0)
+            change = await asyncio.wait_for(seen.get(), 5)
+            assert (change.origin, change.ref, change.device_id) == ("a", policy.digest, "")
+            assert await b.repos.policies().current() == policy
+            engine = b.repos.engine  # type: ignore[attr-defined]
+            audited = await engine.read(
+                lambda db: [
+                    tuple(r)
+                    for r in db.execute(
+                        "SELECT device_id, actor FROM audit WHERE event = 'policy_changed'"
+                    ).fetchall()
+                ]
+            )
+            assert audited == [("", "operator/alice")]
 
     asyncio.run(scenario())

@@ -45,8 +45,8 @@ from devtrust.verifier.errors import MalformedInput, NotFound, ResourceExhausted
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.records import RevokedCertificate
 from devtrust.verifier.settings import CertificateSettings, RevocationSettings
+from devtrust.verifier.storage.changes import Change, ChangeFeed
 from devtrust.verifier.storage.interfaces import Revocations
-from devtrust.verifier.storage.sqlite_changes import Change, ChangeFeed
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]

@@ -29,7 +29,7 @@ from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.errors import ResourceExhausted
-from devtrust.verifier.storage.sqlite_changes import TRUST, Change, ChangeFeed
+from devtrust.verifier.storage.changes import TRUST, Change, ChangeFeed
 from devtrust.verifier.trust import TrustResult
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,8 @@
 """The verifier's storage: asynchronous repositories (``interfaces``) over SQLite
-(``sqlite``; PostgreSQL next, as a module of its own), the records' one codec (``codec``),
-and numbered schema migrations applied at open (``schema``, with each backend's dialect).
+(``sqlite``) or PostgreSQL (``postgresql``, which replicas share), one repository code for
+both (``repositories`` and the modules it names, over ``sql``'s connection protocol), the
+records' one codec (``codec``), and numbered schema migrations applied at open (``schema``,
+with each backend's dialect).
 
 Callers hold one ``Repositories`` per process, made by ``open_repositories`` from the
 configured database (``backends`` picks the backend) and closed at stop; no method reads the
@@ -23,9 +25,11 @@ from devtrust.verifier.storage.interfaces import (
     Enrollments,
     HistoryItem,
     Operations,
+    Policies,
     Repositories,
     Revocations,
     Roles,
+    StoredPolicy,
     Tokens,
     TrustRepository,
 )
@@ -41,11 +45,13 @@ __all__ = [
     "Enrollments",
     "HistoryItem",
     "Operations",
+    "Policies",
     "Repositories",
     "Revocations",
     "Roles",
     "SqliteRepositories",
     "StoreSink",
+    "StoredPolicy",
     "Tokens",
     "TrustRepository",
     "open_repositories",

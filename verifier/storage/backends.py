@@ -1,7 +1,7 @@
 """Which backend a configured database names, and opening it: the one place that knows the
 backends. A file (a path, or sqlite:///PATH) is SQLite; a server's URL goes to the backend of
-its scheme. A backend is a module of its own (``sqlite``; PostgreSQL with issue 12) plus its
-line in ``_SERVERS``; callers never name one.
+its scheme. A backend is a module of its own (``sqlite``, ``postgresql``) plus its line in
+``_SERVERS``; callers never name one.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 from devtrust.core.errors import ConfigError
 from devtrust.verifier.config import DatabaseUrl, database_location
 from devtrust.verifier.storage.interfaces import Repositories
+from devtrust.verifier.storage.postgresql import open_postgresql
 from devtrust.verifier.storage.sqlite import open_sqlite
 
-# scheme -> open(url, create=, read_only=). PostgreSQL (issue 12) adds its line here.
+# scheme -> open(url, create=, read_only=).
 OpenServer = Callable[..., Awaitable[Repositories]]
-_SERVERS: dict[str, OpenServer] = {}
-_LATER = {
-    "postgresql": "PostgreSQL comes with issue 12 (replicas sharing one PostgreSQL)",
-    "postgres": "PostgreSQL comes with issue 12 (replicas sharing one PostgreSQL)",
+_SERVERS: dict[str, OpenServer] = {
+    "postgresql": open_postgresql,
+    "postgres": open_postgresql,
 }
 
 
@@ -31,7 +31,7 @@ async def open_repositories(
     server's URL). ``create`` False: a database that does not exist is an error, never
     made; ``read_only``: nothing is migrated nor written. ConfigError for a database this
     devtrust cannot use, naming the forms it can."""
-    if isinstance(database, Path):
+    if isinstance(database, Path | DatabaseUrl):
         location: Path | DatabaseUrl = database
     else:
         try:
@@ -42,9 +42,8 @@ async def open_repositories(
         return await open_sqlite(location, create=create, read_only=read_only)
     opener = _SERVERS.get(location.scheme)
     if opener is None:
-        later = _LATER.get(location.scheme, f"no backend for {location.scheme}://")
         raise ConfigError(
-            f"database {location}: {later}; this devtrust stores its data in SQLite: give a "
-            "file path or sqlite:///PATH"
+            f"database {location}: no backend for {location.scheme}://: give a file path, "
+            "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
         )
     return await opener(location, create=create, read_only=read_only)

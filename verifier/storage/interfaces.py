@@ -1,6 +1,6 @@
 """The verifier's storage, as asynchronous repository interfaces: what the services call,
-whatever database is behind them (SQLite now, PostgreSQL next: a new module, no edits across
-the code).
+whatever database is behind them (SQLite, or PostgreSQL shared by replicas: ``backends``
+picks one by the configured database).
 
 Every method is a coroutine and none reads the clock: callers pass ``now``. Each write is
 atomic (all of it or nothing) and durable when its await returns. Device ids arrive as
@@ -31,6 +31,7 @@ from devtrust.verifier.records import (
     Standing,
     TpmState,
 )
+from devtrust.verifier.storage.changes import ChangeFeed, StreamLeases
 from devtrust.verifier.trust import TrustResult
 
 MAX_PAGE = 1000
@@ -275,6 +276,33 @@ class Audit(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StoredPolicy:
+    """The policy as the database keeps it for every replica: its id, its digest (hex
+    sha256 of its text and data, as the verifier computes it) and its documents (file name ->
+    text: every file it was loaded from, so another replica loads the identical policy
+    without files of its own)."""
+
+    policy_id: str
+    digest: str
+    documents: dict[str, str]
+    published_at: datetime.datetime
+
+
+class Policies(Protocol):
+    async def publish(
+        self, policy: StoredPolicy, *, actor: str, origin: str, now: datetime.datetime
+    ) -> None:
+        """Store ``policy`` as the current one, with a ``policy`` row on the change feed
+        (``origin``: this process, so it does not reload its own) and an audit entry
+        "policy_changed", atomically."""
+        ...
+
+    async def current(self) -> StoredPolicy | None:
+        """The policy published last; None: none ever was."""
+        ...
+
+
 class Repositories(Protocol):
     """What the verifier holds, one per process; closed at stop."""
 
@@ -301,6 +329,17 @@ class Repositories(Protocol):
     def roles(self) -> Roles: ...
     @property
     def operations(self) -> Operations: ...
+
+    def policies(self) -> Policies: ...
+
+    def streams(self) -> StreamLeases:
+        """Each device's stream lease, shared by every process on the database."""
+        ...
+
+    def change_feed(self, origin: str) -> ChangeFeed:
+        """A reader of what the processes sharing the database change (``origin`` names
+        this process on the rows it writes); the caller opens, runs and closes it."""
+        ...
 
     async def counts(self) -> dict[str, int]:
         """Rows per table (tests check that refused input wrote nothing)."""

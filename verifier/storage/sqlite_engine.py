@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from devtrust.core.errors import ConfigError
 from devtrust.verifier.storage import sqlite_schema
+from devtrust.verifier.storage.sql import SQLITE, Fragments
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -288,3 +289,28 @@ class Readers:
             for db in self._connections:
                 db.close()
             self._connections.clear()
+
+
+class SqliteEngine:
+    """``sql.Engine`` over an SQLite file: writes by the ``Writer`` (group commit), reads by
+    the ``Readers``; ``writer`` None: open read-only."""
+
+    sql: Fragments = SQLITE
+
+    def __init__(self, location: str, writer: Writer | None, readers: Readers) -> None:
+        self.location = location
+        self._writer = writer
+        self._readers = readers
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise ValueError(f"database {self.location} is open read-only: nothing is written")
+        return await self._writer.run(work)
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._readers.run(work)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._readers.close()

@@ -1,6 +1,6 @@
-"""Revoked certificates over SQLite (``interfaces.Revocations``): the ``certificates`` table's
-``revoked_at`` and ``revocation_reason`` (migration 0004), written by the one writer thread
-and read by the reader threads of ``sqlite_engine``, like every other repository.
+"""Revoked certificates (``interfaces.Revocations``): the ``certificates`` table's
+``revoked_at`` and ``revocation_reason`` (migration 0004), through the engine's ``write`` and
+``read`` like every other repository (dialect-neutral: ``sql``).
 
 A revocation is one transaction: the certificates it revokes, the device's state when an
 operator revokes the device, and its audit entry. The automatic revocation of a device whose
@@ -11,16 +11,13 @@ stays untrusted costs its appraisals no second write.
 from __future__ import annotations
 
 import datetime
-import sqlite3
-from collections.abc import Callable
-from typing import Protocol, TypeVar
 
 from devtrust.core.ids import DeviceId, Serial
 from devtrust.verifier.records import CertificateRecord, DeviceState, RevokedCertificate
 from devtrust.verifier.storage import audit_rows
 from devtrust.verifier.storage.codec import iso
+from devtrust.verifier.storage.sql import Connection, Engine, Row
 
-T = TypeVar("T")
 # Only device certificates are revoked here: the CRL is the device issuing CA's, and a
 # channel certificate's device is refused by its state (DeviceState.REVOKED) instead.
 DEVICE = "device"
@@ -34,20 +31,11 @@ DEVICE_REVOKED = "revoked"
 CERTIFICATES_REVOKED = "certificates_revoked"
 
 
-class Database(Protocol):
-    """The engine of ``sqlite.SqliteRepositories``: work run by the writer (in its own
-    savepoint of a group commit) or by a reader thread."""
-
-    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
-
-    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
-
-
 def _when(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text)
 
 
-def _certificate(row: sqlite3.Row) -> CertificateRecord:
+def _certificate(row: Row) -> CertificateRecord:
     return CertificateRecord(
         serial=Serial(row["serial"]),
         device_id=DeviceId(row["device_id"]),
@@ -58,8 +46,8 @@ def _certificate(row: sqlite3.Row) -> CertificateRecord:
     )
 
 
-def _revoke(
-    db: sqlite3.Connection,
+def revoke(
+    db: Connection,
     device_id: DeviceId,
     *,
     reason: str,
@@ -84,8 +72,8 @@ def _revoke(
     return revoked
 
 
-def _audit(
-    db: sqlite3.Connection,
+def audit_revocation(
+    db: Connection,
     device_id: DeviceId,
     event: str,
     *,
@@ -96,27 +84,27 @@ def _audit(
     audit_rows.append(db, at=now, device_id=device_id, event=event, detail=detail, actor=actor)
 
 
-class SqliteRevocations:
-    def __init__(self, engine: Database) -> None:
+class SqlRevocations:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def revoke_device(
         self, device_id: DeviceId, *, reason: str, actor: str, now: datetime.datetime
     ) -> list[RevokedCertificate] | None:
-        def work(db: sqlite3.Connection) -> list[RevokedCertificate] | None:
+        def work(db: Connection) -> list[RevokedCertificate] | None:
             cur = db.execute(
                 "UPDATE devices SET state = ? WHERE device_id = ?",
                 (DeviceState.REVOKED.value, device_id),
             )
             if cur.rowcount != 1:
                 return None
-            revoked = _revoke(db, device_id, reason=reason, now=now)
+            revoked = revoke(db, device_id, reason=reason, now=now)
             detail: dict[str, object] = {
                 "state": DeviceState.REVOKED.value,
                 "reason": reason,
                 "serials": [c.serial for c in revoked],
             }
-            _audit(db, device_id, DEVICE_REVOKED, actor=actor, now=now, detail=detail)
+            audit_revocation(db, device_id, DEVICE_REVOKED, actor=actor, now=now, detail=detail)
             return revoked
 
         return await self._engine.write(work)
@@ -127,20 +115,22 @@ class SqliteRevocations:
         if not await self.live_certificates(device_id, now):
             return []
 
-        def work(db: sqlite3.Connection) -> list[RevokedCertificate]:
-            revoked = _revoke(db, device_id, reason=reason, now=now)
+        def work(db: Connection) -> list[RevokedCertificate]:
+            revoked = revoke(db, device_id, reason=reason, now=now)
             if revoked:
                 detail: dict[str, object] = {
                     "reason": reason,
                     "serials": [c.serial for c in revoked],
                 }
-                _audit(db, device_id, CERTIFICATES_REVOKED, actor=actor, now=now, detail=detail)
+                audit_revocation(
+                    db, device_id, CERTIFICATES_REVOKED, actor=actor, now=now, detail=detail
+                )
             return revoked
 
         return await self._engine.write(work)
 
     async def live(self, now: datetime.datetime) -> list[RevokedCertificate]:
-        def work(db: sqlite3.Connection) -> list[RevokedCertificate]:
+        def work(db: Connection) -> list[RevokedCertificate]:
             rows = db.execute(
                 "SELECT serial, device_id, not_after, revoked_at, revocation_reason "
                 "FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ? "
@@ -163,7 +153,7 @@ class SqliteRevocations:
     async def live_certificates(
         self, device_id: DeviceId, now: datetime.datetime
     ) -> list[CertificateRecord]:
-        def work(db: sqlite3.Connection) -> list[CertificateRecord]:
+        def work(db: Connection) -> list[CertificateRecord]:
             rows = db.execute(_LIVE_OF_DEVICE, (device_id, DEVICE, iso(now))).fetchall()
             return [_certificate(row) for row in rows]
 

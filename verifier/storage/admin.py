@@ -1,10 +1,10 @@
-"""Operators' side of the database over SQLite: their roles (``interfaces.Roles``), their
-changes to devices and the audit trail in pages (``interfaces.Operations``). Tables and
-columns of migration 0003 (``roles``, ``audit.actor``); written by the one writer thread and
-read by the reader threads of ``sqlite_engine``, like every other repository.
+"""Operators' side of the database: their roles (``interfaces.Roles``), their changes to
+devices and the audit trail in pages (``interfaces.Operations``). Tables and columns of
+migration 0003 (``roles``, ``audit.actor``), through the engine's ``write`` and ``read`` like
+every other repository (dialect-neutral: ``sql``).
 
 A change is a compare-and-set: the device's state, zone and labels are read and compared
-with what the change was computed from inside the writer's transaction, so two operators
+with what the change was computed from inside the write's transaction, so two operators
 (or an operator and the inventory) changing one device at once never overwrite each other
 unseen; the caller reads the device again and recomputes.
 """
@@ -14,35 +14,25 @@ from __future__ import annotations
 import builtins
 import datetime
 import json
-import sqlite3
-from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Sequence
 
 from devtrust.core.ids import DeviceId
 from devtrust.verifier.records import AuditEntry, AuditEvent, DeviceState, Standing
 from devtrust.verifier.storage import audit_rows, codec
 from devtrust.verifier.storage.codec import iso
 from devtrust.verifier.storage.interfaces import HistoryItem
+from devtrust.verifier.storage.sql import Connection, Engine, Row
 
-T = TypeVar("T")
 APPRAISAL = "appraisal"
+ROLE_CHANGED = "role_changed"
 
 
-class Database(Protocol):
-    """The engine of ``sqlite.SqliteRepositories``: work run by the writer (in its own
-    savepoint of a group commit) or by a reader thread."""
-
-    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
-
-    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
-
-
-class SqliteRoles:
-    def __init__(self, engine: Database) -> None:
+class SqlRoles:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def get(self, name: str) -> str | None:
-        def work(db: sqlite3.Connection) -> str | None:
+        def work(db: Connection) -> str | None:
             row = db.execute("SELECT role FROM roles WHERE name = ?", (name,)).fetchone()
             return str(row["role"]) if row else None
 
@@ -51,7 +41,7 @@ class SqliteRoles:
     async def set(
         self, name: str, role: str | None, *, now: datetime.datetime, actor: str
     ) -> str | None:
-        def work(db: sqlite3.Connection) -> str | None:
+        def work(db: Connection) -> str | None:
             row = db.execute("SELECT role FROM roles WHERE name = ?", (name,)).fetchone()
             if role is None:
                 db.execute("DELETE FROM roles WHERE name = ?", (name,))
@@ -62,25 +52,30 @@ class SqliteRoles:
                     "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
                     (name, role, iso(now), actor),
                 )
-            return str(row["role"]) if row else None
+            was = str(row["role"]) if row else None
+            detail = {"name": name, "role": role, "was": was}
+            audit_rows.append(
+                db, at=now, device_id="", event=ROLE_CHANGED, detail=detail, actor=actor
+            )
+            return was
 
         return await self._engine.write(work)
 
     async def all(self) -> dict[str, str]:
-        def work(db: sqlite3.Connection) -> dict[str, str]:
+        def work(db: Connection) -> dict[str, str]:
             rows = db.execute("SELECT name, role FROM roles ORDER BY name").fetchall()
             return {str(r["name"]): str(r["role"]) for r in rows}
 
         return await self._engine.read(work)
 
 
-def _standing(row: sqlite3.Row) -> Standing:
+def _standing(row: Row) -> Standing:
     return Standing(
         state=DeviceState(row["state"]), zone=row["zone"], labels=json.loads(row["labels"])
     )
 
 
-def _entry(row: sqlite3.Row) -> HistoryItem:
+def _entry(row: Row) -> HistoryItem:
     entry = AuditEntry(
         at=datetime.datetime.fromisoformat(row["at"]),
         device_id=DeviceId(row["device_id"]),
@@ -95,8 +90,8 @@ def _entry(row: sqlite3.Row) -> HistoryItem:
     return HistoryItem(entry=entry, result=result)
 
 
-class SqliteOperations:
-    def __init__(self, engine: Database) -> None:
+class SqlOperations:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def apply(
@@ -109,7 +104,7 @@ class SqliteOperations:
         actor: str,
         now: datetime.datetime,
     ) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: Connection) -> bool:
             row = db.execute(
                 "SELECT state, zone, labels FROM devices WHERE device_id = ?", (device_id,)
             ).fetchone()
@@ -142,7 +137,7 @@ class SqliteOperations:
         )
         below = before_seq if before_seq is not None else 2**63 - 1
 
-        def work(db: sqlite3.Connection) -> builtins.list[sqlite3.Row]:
+        def work(db: Connection) -> builtins.list[Row]:
             return db.execute(sql, (device_id, below, limit)).fetchall()
 
         return [_entry(row) for row in await self._engine.read(work)]

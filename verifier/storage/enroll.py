@@ -1,7 +1,10 @@
-"""Enrollments awaiting activation and bootstrap tokens in SQLite (split from sqlite.py).
+"""Enrollments awaiting activation and bootstrap tokens (``interfaces.Enrollments``,
+``interfaces.Tokens``).
 
-Each works through the engine's ``write`` and ``read`` (verifier/storage/sqlite_engine.py);
-every check-then-change runs inside one writer transaction.
+Each works through the engine's ``write`` and ``read`` (dialect-neutral: ``sql``); every
+check-then-change runs inside one write transaction (SQLite: the one writer; PostgreSQL:
+SERIALIZABLE), so a token is spent once and a device's waiting enrollments stay bounded
+across processes.
 """
 
 from __future__ import annotations
@@ -9,22 +12,21 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import sqlite3
 
 from devtrust.core.ids import DeviceId
 from devtrust.verifier.errors import ResourceExhausted
 from devtrust.verifier.records import BootstrapToken, PendingEnrollment
 from devtrust.verifier.storage import codec
 from devtrust.verifier.storage.codec import iso
-from devtrust.verifier.storage.sqlite_admin import Database
+from devtrust.verifier.storage.sql import Connection, Engine
 
 
 def _retry_s(soonest: str, now: datetime.datetime) -> int:
     return max(1, math.ceil((datetime.datetime.fromisoformat(soonest) - now).total_seconds()))
 
 
-class SqliteEnrollments:
-    def __init__(self, engine: Database) -> None:
+class SqlEnrollments:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def put(
@@ -37,7 +39,7 @@ class SqliteEnrollments:
     ) -> None:
         device_id = pending.record.device_id
 
-        def work(db: sqlite3.Connection) -> None:
+        def work(db: Connection) -> None:
             db.execute("DELETE FROM enrollments WHERE expires_at < ?", (iso(now),))
             waiting, soonest = db.execute(
                 "SELECT COUNT(*), MIN(expires_at) FROM enrollments WHERE device_id = ?",
@@ -66,7 +68,7 @@ class SqliteEnrollments:
         await self._engine.write(work)
 
     async def get(self, enrollment_id: str) -> PendingEnrollment | None:
-        def work(db: sqlite3.Connection) -> PendingEnrollment | None:
+        def work(db: Connection) -> PendingEnrollment | None:
             row = db.execute(
                 "SELECT * FROM enrollments WHERE enrollment_id = ?", (enrollment_id,)
             ).fetchone()
@@ -75,15 +77,15 @@ class SqliteEnrollments:
         return await self._engine.read(work)
 
     async def take(self, enrollment_id: str) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: Connection) -> bool:
             cur = db.execute("DELETE FROM enrollments WHERE enrollment_id = ?", (enrollment_id,))
             return cur.rowcount == 1
 
         return await self._engine.write(work)
 
 
-class SqliteTokens:
-    def __init__(self, engine: Database) -> None:
+class SqlTokens:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def add(
@@ -98,7 +100,7 @@ class SqliteTokens:
     ) -> None:
         row = (token_sha256, iso(now), iso(expires_at), note, zone, json.dumps(labels or {}))
 
-        def work(db: sqlite3.Connection) -> None:
+        def work(db: Connection) -> None:
             db.execute(
                 "INSERT INTO bootstrap_tokens (token_sha256, created_at, expires_at, note, zone, "
                 "labels) VALUES (?,?,?,?,?,?)",
@@ -108,7 +110,7 @@ class SqliteTokens:
         await self._engine.write(work)
 
     async def get(self, token_sha256: str) -> BootstrapToken | None:
-        def work(db: sqlite3.Connection) -> BootstrapToken | None:
+        def work(db: Connection) -> BootstrapToken | None:
             row = db.execute(
                 "SELECT * FROM bootstrap_tokens WHERE token_sha256 = ?", (token_sha256,)
             ).fetchone()
@@ -117,7 +119,7 @@ class SqliteTokens:
         return await self._engine.read(work)
 
     async def use(self, token_sha256: str, *, device_id: DeviceId, now: datetime.datetime) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: Connection) -> bool:
             cur = db.execute(
                 "UPDATE bootstrap_tokens SET used_at = COALESCE(used_at, ?), device_id = ? "
                 "WHERE token_sha256 = ? AND ((used_at IS NULL AND expires_at > ?) "
