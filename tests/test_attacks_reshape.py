@@ -175,7 +175,7 @@ def test_a_device_revoked_while_its_evidence_waits_for_a_worker_gets_nothing(
                     target_id,
                     DeviceState.REVOKED,
                     now=datetime.datetime.now(datetime.UTC),
-                    event="revoked:test",
+                    event="revoked",
                 )
                 release.set()
                 code, details = None, ""

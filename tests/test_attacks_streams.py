@@ -316,7 +316,7 @@ def test_an_operators_change_reaches_a_live_stream(
                     if step == 1:
                         now = datetime.datetime.now(datetime.UTC)
                         assert await verifier.repos.devices.set_assignment(
-                            device_id, zone="quarantine", labels={}, now=now, event="test"
+                            device_id, zone="quarantine", labels={}, now=now, event="assigned:operator"
                         )
                     await call.write(
                         attestation_pb2.AgentMessage(
@@ -333,7 +333,7 @@ def test_an_operators_change_reaches_a_live_stream(
                     device_id,
                     DeviceState.REVOKED,
                     now=datetime.datetime.now(datetime.UTC),
-                    event="revoked:test",
+                    event="revoked",
                 )
                 before = (await verifier.repos.counts())["certificates"]
                 await call.write(
@@ -372,7 +372,7 @@ def test_a_new_ak_ends_the_stream_of_the_old_one(
                 assert record is not None
                 other = replace(record, ak_public=record.ak_public + b"\x00")
                 await verifier.repos.devices.save(
-                    other, now=datetime.datetime.now(datetime.UTC), event="test"
+                    other, now=datetime.datetime.now(datetime.UTC), event="enrolled:enrolled"
                 )
                 await call.write(
                     attestation_pb2.AgentMessage(evidence=await quote_evidence(agent, challenge))

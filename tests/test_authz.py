@@ -279,7 +279,7 @@ def test_a_viewer_cannot_revoke_and_an_operator_can(
     async def scenario() -> tuple[tuple[grpc.StatusCode, str], DeviceState, DeviceState]:
         async with running(config) as verifier:
             now = datetime.datetime.now(datetime.UTC)
-            await verifier.repos.devices.save(target, now=now, event="enrolled")
+            await verifier.repos.devices.save(target, now=now, event="enrolled:enrolled")
             address = f"127.0.0.1:{verifier.attestation_port}"
             request = query_pb2.RevokeRequest(device_id=target.device_id, reason="stolen")
             async with grpc.aio.secure_channel(
@@ -507,7 +507,7 @@ def test_a_role_taken_away_ends_a_stream_at_its_next_message(tmp_path: Path, pki
     async def scenario() -> tuple[str, grpc.StatusCode, str]:
         repos = await open_sqlite(tmp_path / "v.db")
         now = datetime.datetime.now(datetime.UTC)
-        await repos.roles.set("bob", "viewer", now=now, actor="test")
+        await repos.roles.set("bob", "viewer", now=now, actor="local/test")
         try:
             interceptors = [ErrorMapping(), Authorization(_authorizer(repos, table))]
             async with (
@@ -521,7 +521,7 @@ def test_a_role_taken_away_ends_a_stream_at_its_next_message(tmp_path: Path, pki
                 )(StringValue(), timeout=5)
                 first = await call.read()
                 assert isinstance(first, StringValue)
-                await repos.roles.set("bob", None, now=now, actor="test")
+                await repos.roles.set("bob", None, now=now, actor="local/test")
                 go_on.set()
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call.read()

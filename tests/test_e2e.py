@@ -65,7 +65,7 @@ def test_enroll_attest_certify(
                 zone="model-development",
                 labels={},
                 now=datetime.datetime.now(datetime.UTC),
-                event="assigned:test",
+                event="assigned:operator",
             )
             [result] = await first_results(agent)
             assert result.trust.tier is Tier.AFFIRMING
@@ -349,7 +349,7 @@ def test_pending_device_and_foreign_trust_domain_cannot_attest(
                 target, channel_credentials(pki, key_pem=key_pem, cert_pem=pem(other))
             )
             await verifier.repos.devices.set_state(
-                device_id, DeviceState.PENDING_APPROVAL, now=now, event="test"
+                device_id, DeviceState.PENDING_APPROVAL, now=now, event="enrolled:pending_approval"
             )
             async with stream_channel(pki, verifier, agent.enrollment) as channel:
                 call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=5)

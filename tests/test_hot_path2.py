@@ -248,7 +248,7 @@ def test_a_device_changed_while_its_decision_was_made_gets_nothing_stored(
     async def scenario() -> None:
         async with process(path, "a", poll=False) as a:
             record = device(1)
-            await a.repos.devices.save(record, now=T0, event="enrolled")
+            await a.repos.devices.save(record, now=T0, event="enrolled:enrolled")
             made = replace(_with_certificate(1), assumed=record)
             assert made.certificate is not None
             changes: list[tuple[str, DeviceRecord]] = [
@@ -258,14 +258,14 @@ def test_a_device_changed_while_its_decision_was_made_gets_nothing_stored(
                 ("new AK", replace(record, ak_public=record.ak_public + b"x")),
             ]
             for what, changed in changes:
-                await a.repos.devices.save(changed, now=T0, event=what)
+                await a.repos.devices.save(changed, now=T0, event="enrolled:enrolled")
                 with pytest.raises(DeviceChanged) as refused:
                     await StoreSink(a.repos).publish(made)
                 assert refused.value.record == replace(changed, last_seen=None), what
                 counts = await a.repos.counts()
                 assert counts["certificates"] == 0, what
                 assert await a.repos.trust.latest(device_id(1)) is None, what
-            await a.repos.devices.save(record, now=T0, event="restored")
+            await a.repos.devices.save(record, now=T0, event="enrolled:enrolled")
             await StoreSink(a.repos).publish(made)
             assert (await a.repos.counts())["certificates"] == 1
 

@@ -27,6 +27,7 @@ from devtrust.verifier.ca import CertificateAuthority, pem
 from devtrust.verifier.config import DEFAULT_POLICY
 from devtrust.verifier.pki import init_pki, issue_operator
 from tests.corpus import corpus_root
+from tests.db import make_database
 from tests.test_gate import DEVICE_CA_NAME, device_cert
 from tests.test_layers import NOT_LOADED_BY_COMMANDS
 
@@ -228,6 +229,25 @@ COMMANDS = [
             ["role", "bob", "viewer"],
             ["operator", "issue", "bob", "--role", "viewer", "--out", "issued"],
         )
+    ),
+    # The audit commands read and write the verifier's database file itself.
+    Command(
+        "devtrust audit verify",
+        lambda t: ["audit", "verify", "--database", str(t / "v.db")],
+        "audit intact: 0 chains, 0 entries",
+        prepare=lambda t: make_database(t / "v.db"),
+    ),
+    Command(
+        "devtrust audit prune",
+        lambda t: ["audit", "prune", "--database", str(t / "v.db"), "--before", "2026-01-01"],
+        "pruned 0 entries",
+        prepare=lambda t: make_database(t / "v.db"),
+    ),
+    Command(
+        "devtrust audit seal",
+        lambda t: ["audit", "seal", "--database", str(t / "v.db")],
+        "sealed 0 entries",
+        prepare=lambda t: make_database(t / "v.db"),
     ),
     Command(
         "devtrust-verifier init",

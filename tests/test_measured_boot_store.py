@@ -55,7 +55,7 @@ async def _store(path: Path) -> SqliteRepositories:
                 enrolled_at=NOW,
             ),
             now=NOW,
-            event="enrolled",
+            event="enrolled:enrolled",
         )
     return store
 

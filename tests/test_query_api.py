@@ -216,7 +216,7 @@ def test_history_pages_newest_first_with_actors(
         ("appraisal", "device"),
         ("appraisal", "device"),
         ("appraisal", "device"),
-        ("enrolled:enrolled", ""),  # written by the enrollment, which names no operator
+        ("enrolled:enrolled", "device"),  # the enrollment: the device proved its TPM
     ]
     times = [e.at.ToDatetime(tzinfo=datetime.UTC) for e in entries[1:4]]
     assert times == sorted(times, reverse=True)
@@ -265,7 +265,7 @@ def test_approve_set_zone_and_revoke_are_audited_with_the_operator(
             running(config) as verifier,
             _channel(pki, verifier.attestation_port, "otto") as channel,
         ):
-            await verifier.repos.devices.save(pending, now=NOW, event="enrolled:pending")
+            await verifier.repos.devices.save(pending, now=NOW, event="enrolled:pending_approval")
             await verifier.repos.devices.save(pinned, now=NOW, event="enrolled:enrolled")
             query = query_pb2_grpc.QueryStub(channel)
             approved = await query.Approve(
@@ -342,7 +342,7 @@ def test_approve_set_zone_and_revoke_are_audited_with_the_operator(
 
     trail = _audit(config.database, dev)
     events = [(event, actor) for event, actor, _ in trail]
-    assert events[0] == ("enrolled:pending", "")
+    assert events[0] == ("enrolled:pending_approval", "device")
     assert events[1:5] == [
         ("assigned:approval", "operator/otto"),
         ("approved", "operator/otto"),
@@ -366,7 +366,7 @@ def test_the_approve_command_uses_the_lifecycle_and_names_the_operator(
 
     async def approve() -> Run:
         async with running(config) as verifier:
-            await verifier.repos.devices.save(pending, now=NOW, event="enrolled:pending")
+            await verifier.repos.devices.save(pending, now=NOW, event="enrolled:pending_approval")
             otto = str(profile(workdir, pki, verifier, "otto"))
             return await devtrust(
                 "approve", pending.device_id, "--zone", "management", "--profile", otto
@@ -376,7 +376,7 @@ def test_the_approve_command_uses_the_lifecycle_and_names_the_operator(
     assert run.status == 0, run
     assert pending.device_id[:12] in run.out
     events = _audit(config.database, pending.device_id)
-    assert [e for e, _, _ in events] == ["enrolled:pending", "assigned:approval", "approved"]
+    assert [e for e, _, _ in events] == ["enrolled:pending_approval", "assigned:approval", "approved"]
     assert all(actor == "operator/otto" for _, actor, _ in events[1:])
 
 

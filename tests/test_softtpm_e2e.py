@@ -140,7 +140,7 @@ def test_soft_tpm_enrolls_and_attests_affirming(
                 zone="simulation",
                 labels={},
                 now=datetime.datetime.now(datetime.UTC),
-                event="assigned:test",
+                event="assigned:operator",
             )
             results = await results_of(cfg, tpm, files, enrollment)
             assert files.certificate is not None  # the device certificate, in memory

@@ -441,7 +441,7 @@ def _pending_device(database: Path) -> None:
                 enrolled_at=datetime.datetime.now(datetime.UTC),
             ),
             now=datetime.datetime.now(datetime.UTC),
-            event="enrolled",
+            event="enrolled:enrolled",
         ),
     )
 

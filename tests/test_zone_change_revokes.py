@@ -48,7 +48,7 @@ def test_set_zone_revokes_the_certificates_naming_the_old_zone(
                 zone="lab",
                 labels={},
                 now=datetime.datetime.now(datetime.UTC),
-                event="test",
+                event="assigned:operator",
             )
             query_channel, query = operator_stub(pki, verifier, workdir)
             feed = query_pb2_grpc.RevocationsStub(query_channel)

@@ -3,7 +3,8 @@
 The operator commands are the verifier's (``devtrust.verifier.cli``): they load no TPM or
 GPU library, nor the agent or swtpm (tests/test_layers.py). ``devtrust simulate`` drives
 agents and software TPMs (``devtrust.swtpm.simulate``), so it is routed here, above both,
-and loads them only when it runs.
+and loads them only when it runs. ``devtrust audit`` (``devtrust.verifier.audit_command``)
+reads the verifier's database itself, not the verifier's API.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from devtrust.verifier import audit_command
 from devtrust.verifier.cli import build_parser as verifier_parser
 from devtrust.verifier.cli import run as run_operator_command
 
@@ -25,8 +27,13 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
 
 
+def _add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    _add_simulate(sub)
+    audit_command.add_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return verifier_parser(_add_simulate)
+    return verifier_parser(_add_commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,33 @@
+-- The audit trail shows tampering (issue 12, item 4; verifier/audit_chain.py). Every entry
+-- joins a hash chain: its device's (chain = its device id) or a named one for fleet-wide
+-- events (policy, roles, audit); chain_seq counts 1, 2, ... along it, prev_hash is the hash
+-- of the entry before (the genesis hash, 64 zeros, for the first), hash = sha256(prev_hash
+-- || the entry's canonical encoding). Entries written before this step have chain NULL
+-- until sealed (storage/audit_rows.seal: at the first entry of their chain, or
+-- `devtrust audit seal`): SQL has no sha256 to do it here.
+ALTER TABLE audit ADD COLUMN chain TEXT;
+ALTER TABLE audit ADD COLUMN chain_seq INTEGER;
+ALTER TABLE audit ADD COLUMN prev_hash TEXT;
+ALTER TABLE audit ADD COLUMN hash TEXT;
+CREATE UNIQUE INDEX audit_chain ON audit(chain, chain_seq);
+-- The entries still off a chain (none, once sealed): found without reading the others.
+CREATE INDEX audit_unsealed ON audit(id) WHERE chain IS NULL;
+-- The last entry of each chain, replaced in the transaction of every entry: two writers
+-- extending one chain conflict on this row; writers on different chains share nothing.
+-- A deleted tail shows against it.
+CREATE TABLE audit_heads (
+    chain TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+-- The hash of a chain at a seq: every 1000 entries (a deletion they cover shows), and where
+-- retention (`devtrust audit prune`) deleted the entries up to it (pruned = 1): the rest of
+-- the chain verifies from there.
+CREATE TABLE audit_checkpoints (
+    chain TEXT NOT NULL,
+    chain_seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    at TEXT NOT NULL,
+    pruned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (chain, chain_seq)
+);
