@@ -5,8 +5,12 @@ the evidence body (host facts and, when its device certificate is due for renewa
 public key), quotes with qualifying data binding nonce and body, and sends Evidence. A
 Result may carry a new device certificate, which is written to the runtime directory with
 the key that never left this host; the body asking for it carries a proof of possession of
-that key (``devtrust.core.binding``). A broken stream is reopened with capped exponential
-backoff, so a verifier restart costs one reconnect. A Result and the next Challenge may arrive
+that key (``devtrust.core.binding``). A broken stream is reopened with exponential backoff and
+full jitter (``backoff``), at the next of the verifier.attestation addresses
+(``addresses.AddressRing``): the agent attests to one verifier at a time and moves on when it is
+unreachable, refuses or drains; a draining verifier (C4) is left at once, after a jitter of
+at most a second, without backoff. A stream that ends cleanly is reopened at the same address.
+A Result and the next Challenge may arrive
 in one VerifierMessage: the Result is handled first. Every message is converted in
 ``devtrust.agent.wire``: this module works with ``messages`` values and builds none.
 
@@ -14,7 +18,12 @@ A Result naming the served certificate among its revoked serials, or that certif
 expiry without a renewal, loses the identity: the key and certificate files are deleted and
 ``on_identity`` (the Workload API, ``devtrust.agent.workload``) is told None; each new
 certificate is told with its key and bundle (the verifier's trust bundle, or the enrollment CA
-from a verifier that sends none).
+from a verifier that sends none). While no verifier answers, the certificate is served until it
+expires, then removed: the expiry watch runs for as long as the client, whatever the streams do.
+
+A TPM that stops answering (``errors.TpmUnavailable``) costs the challenge a TpmUnavailable
+answer, not the stream: ``tpm_retry.TpmRetry`` retries the TPM with backoff, and once it
+answers, a PostureChanged brings the next challenge at once.
 
 The client takes its parts (``interfaces``: the TPM, the host probe, the identity files) and
 constructs none. Posture notes come from the host probe's one watch (agent/watch.py), already
@@ -36,10 +45,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtrust import __version__
 from devtrust.agent import wire
-from devtrust.agent.channel import Backoff, attestation_channel, explain, final_error
+from devtrust.agent.addresses import AddressRing, Target
+from devtrust.agent.backoff import Backoff, drain_delay
+from devtrust.agent.channel import (
+    STREAM_DEADLINE_S,
+    attestation_channel,
+    drained,
+    explain,
+    final_error,
+)
 from devtrust.agent.collect import collect_body
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.errors import TpmError
+from devtrust.agent.errors import TpmError, TpmUnavailable
 from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
 from devtrust.agent.messages import (
     AttestationResult,
@@ -47,6 +64,7 @@ from devtrust.agent.messages import (
     Evidence,
     IssuedCertificate,
     LogChunk,
+    TpmUnavailableNote,
     Verdict,
 )
 from devtrust.agent.state import (
@@ -57,6 +75,7 @@ from devtrust.agent.state import (
     renewal_due,
     spki,
 )
+from devtrust.agent.tpm_retry import TPM_SIGNAL, TpmRetry
 from devtrust.core.binding import qualifying_data, sign_possession
 from devtrust.core.ids import serial_of
 from devtrust.v1 import attestation_pb2_grpc
@@ -87,6 +106,7 @@ class AttestationClient:
         enrollment: Enrollment,
         on_result: ResultCallback | None = None,
         on_identity: IdentityCallback | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self._cfg = cfg
         self._tpm = tpm
@@ -108,6 +128,20 @@ class AttestationClient:
         self._outbox_ready = asyncio.Event()
         # grpc.aio allows one write at a time on a stream: evidence and PostureChanged share it.
         self._write_lock = asyncio.Lock()
+        # Between streams (``backoff``: tests pass one with a fixed draw).
+        self._backoff = backoff or Backoff(min_s=cfg.reconnect_min_s, max_s=cfg.reconnect_max_s)
+        self._ring = AddressRing(
+            cfg.verifier.attestation_addresses, server_name=cfg.verifier.server_name
+        )
+        # The address the current stream goes to (set before each ``session``), and whether
+        # that stream delivered a result (the backoff starts again after one that did).
+        self._target: Target | None = None
+        self._delivered = False
+        self._tpm_retry = TpmRetry(
+            tpm,
+            Backoff(min_s=cfg.reconnect_min_s, max_s=cfg.reconnect_max_s),
+            on_back=lambda: self.notify_posture_changed([TPM_SIGNAL]),
+        )
 
     @property
     def certificate(self) -> x509.Certificate | None:
@@ -133,6 +167,7 @@ class AttestationClient:
         finally:
             expiry.cancel()
             await asyncio.gather(expiry, return_exceptions=True)
+            await self._tpm_retry.close()
             unsubscribe()
 
     async def _watch_expiry(self) -> None:
@@ -165,9 +200,9 @@ class AttestationClient:
             self._on_identity(None)
 
     async def _run(self, stop: asyncio.Event) -> None:
-        address, state = self._cfg.verifier.attestation, self._cfg.state_dir
-        backoff = Backoff(self._cfg.reconnect_max_s)
         while not stop.is_set():
+            self._target = target = await self._ring.current()
+            self._delivered = False
             session = asyncio.create_task(self.session())
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -176,46 +211,73 @@ class AttestationClient:
                 session.cancel()
                 await asyncio.gather(session, return_exceptions=True)
                 return
-            exc = session.exception()
-            if exc is None:
-                backoff.reset()
-                logger.info(
-                    "attestation stream to %s closed by the verifier; reconnecting", address
-                )
-            elif isinstance(exc, grpc.aio.AioRpcError):
-                failure = explain(
-                    exc,
-                    key="verifier.attestation",
-                    address=address,
-                    cfg=self._cfg,
-                    trusted_ca=(
-                        f"the CA this agent enrolled with ({state / 'verifier-ca.pem'}); if "
-                        f"the verifier's CA was replaced, empty {state} and enroll again"
-                    ),
-                )
-                if failure.tls:
-                    # The certificate does not name the address, or another CA signed it:
-                    # no retry changes that.
-                    raise await final_error(failure, address, self._cfg.rpc_timeout_s)
-                logger.warning("attestation stream to %s failed: %s", address, failure)
-            elif isinstance(exc, asyncio.InvalidStateError):
-                # The verifier ended the call (a restart) while we were writing evidence.
-                logger.warning("attestation stream to %s ended while sending: %s", address, exc)
-            elif isinstance(exc, TpmError):
-                logger.error("TPM error: %s", exc)
-            else:
-                raise exc
+            if self._delivered:
+                self._backoff.reset()
+            wait = await self._after(session.exception(), target)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff.delay())
+                await asyncio.wait_for(stop.wait(), wait)
+
+    async def _after(self, exc: BaseException | None, target: Target) -> float:
+        """What a stream's end means: the wait before the next one, and whether it goes to
+        the next address (``self._ring``). Raises what no retry can fix."""
+        state = self._cfg.state_dir
+        if exc is None:
+            logger.info("attestation stream to %s closed by the verifier; reconnecting", target)
+            return self._backoff.delay()
+        if isinstance(exc, grpc.aio.AioRpcError):
+            failure = explain(
+                exc,
+                key="verifier.attestation",
+                address=target.address,
+                cfg=self._cfg,
+                trusted_ca=(
+                    f"the CA this agent enrolled with ({state / 'verifier-ca.pem'}); if "
+                    f"the verifier's CA was replaced, empty {state} and enroll again"
+                ),
+                tls_name=target.tls_name,
+            )
+            if failure.tls:
+                # The certificate does not name the address, or another CA signed it:
+                # no retry changes that.
+                raise await final_error(failure, target.address, self._cfg.rpc_timeout_s)
+            self._ring.advance()
+            if drained(exc):
+                wait = drain_delay()
+                logger.info(
+                    "verifier at %s drains; reconnecting to %s in %.1f s",
+                    target,
+                    await self._ring.current(),
+                    wait,
+                )
+                return wait
+            wait = self._backoff.delay()
+            logger.warning(
+                "attestation stream to %s failed: %s; trying %s in %.1f s",
+                target,
+                failure,
+                await self._ring.current(),
+                wait,
+            )
+            return wait
+        if isinstance(exc, asyncio.InvalidStateError):
+            # The verifier ended the call (a restart) while we were writing evidence.
+            self._ring.advance()
+            logger.warning("attestation stream to %s ended while sending: %s", target, exc)
+            return self._backoff.delay()
+        if isinstance(exc, TpmError):
+            logger.error("TPM error: %s", exc)
+            return self._backoff.delay()
+        raise exc
 
     async def session(self) -> None:
-        """One stream, until the verifier closes it or it fails."""
+        """One stream to the current address, until the verifier closes it or it fails."""
         e = self._enrollment
+        target = self._target or await self._ring.current()
         async with attestation_channel(
-            self._cfg, ca_pem=e.ca_pem, key_pem=e.channel_key_pem, cert_pem=e.channel_cert_pem
+            target, ca_pem=e.ca_pem, key_pem=e.channel_key_pem, cert_pem=e.channel_cert_pem
         ) as channel:
             stub = attestation_pb2_grpc.AttestationStub(channel)
-            call = stub.Attest(timeout=3600.0)
+            call = stub.Attest(timeout=STREAM_DEADLINE_S)
             # The verifier challenges right after Hello, and that evidence reports the whole
             # posture: a note left from before this stream would only cost a second round.
             self._outbox.clear()
@@ -229,11 +291,17 @@ class AttestationClient:
                         return
                     result, challenge = wire.verifier_message_from_wire(msg)
                     if result is not None:
+                        self._delivered = True
                         await self._handle_result(result)
                     if challenge is not None:
-                        evidence = await self._answer(challenge)
+                        answer = await self._answer(challenge)
+                        out = (
+                            wire.evidence_to_wire(answer)
+                            if isinstance(answer, Evidence)
+                            else wire.tpm_unavailable_to_wire(answer)
+                        )
                         async with self._write_lock:
-                            await call.write(wire.evidence_to_wire(evidence))
+                            await call.write(out)
             finally:
                 watcher.cancel()
 
@@ -248,7 +316,18 @@ class AttestationClient:
             async with self._write_lock:
                 await call.write(wire.posture_changed_to_wire(signals))
 
-    async def _answer(self, challenge: Challenge) -> Evidence:
+    async def _answer(self, challenge: Challenge) -> Evidence | TpmUnavailableNote:
+        """Evidence for ``challenge``, or, when the TPM does not answer, TpmUnavailable."""
+        retry = self._tpm_retry
+        if retry.down:  # retried at the backoff's pace (tpm_retry), not at each challenge
+            return TpmUnavailableNote(challenge.nonce, retry.detail())
+        try:
+            return await self._evidence(challenge)
+        except TpmUnavailable as exc:
+            retry.failed(exc, challenge.selection)
+            return TpmUnavailableNote(challenge.nonce, retry.detail())
+
+    async def _evidence(self, challenge: Challenge) -> Evidence:
         now = utcnow()
         if self._pending is None and renewal_due(
             self._certificate, now=now, renew_at=self._cfg.renew_at

@@ -1,5 +1,5 @@
-"""gRPC channels to the verifier (TLS for enrollment, mTLS for attestation), the backoff both
-retry with, and what a failed call means to an operator.
+"""gRPC channels to the verifier (TLS for enrollment, mTLS for attestation), each to one
+address (``addresses.Target``), with keepalive, and what a failed call means to an operator.
 
 A failure is either worth retrying (the verifier is down, restarting, busy or out of reach:
 UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ...) or not: the verifier's certificate
@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import random
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
 
+from devtrust.agent.addresses import Target
 from devtrust.agent.config import AgentConfig
 from devtrust.core.errors import DevtrustError
 
-# First delay between attempts; it doubles up to ``reconnect_max_s``, each delay +-20 %.
-FIRST_DELAY_S = 0.5
-JITTER = 0.2
 # Worth another attempt: the verifier may come back, or the condition passes.
 RETRYABLE = frozenset(
     {
@@ -57,32 +54,6 @@ class VerifierError(DevtrustError):
 
 class VerifierUnreachable(VerifierError):
     """No attempt reached the verifier in the time allowed."""
-
-
-class Backoff:
-    """Capped exponential backoff with jitter, shared by enrollment and the stream:
-    ``FIRST_DELAY_S``, doubling up to ``max_s``, each delay drawn within +-``JITTER``."""
-
-    def __init__(
-        self,
-        max_s: float,
-        *,
-        first_s: float = FIRST_DELAY_S,
-        uniform: Callable[[float, float], float] = random.uniform,
-    ) -> None:
-        self._first = min(first_s, max_s)
-        self._max = max_s
-        self._next = self._first
-        self._uniform = uniform
-
-    def reset(self) -> None:
-        self._next = self._first
-
-    def delay(self) -> float:
-        """The wait before the next attempt; each call doubles the one after, up to the cap."""
-        base = self._next
-        self._next = min(self._next * 2, self._max)
-        return base * self._uniform(1 - JITTER, 1 + JITTER)
 
 
 @dataclass(frozen=True)
@@ -137,14 +108,16 @@ def explain(
     address: str,
     cfg: AgentConfig,
     trusted_ca: str = "",
+    tls_name: str = "",
 ) -> Failure:
     """What a failed call to the verifier at ``address`` (configuration ``key``) means.
     ``trusted_ca`` names the CA the call trusted and what to do when it did not sign the
-    verifier's certificate (default: verifier.ca_bundle, for enrollment)."""
+    verifier's certificate (default: verifier.ca_bundle, for enrollment); ``tls_name`` the
+    name TLS checked ("": the host in ``address``, or verifier.server_name)."""
     code, details = exc.code(), exc.details() or ""
     where, status, detail = f"{key} {address}", code.name, short_detail(details)
     if code is grpc.StatusCode.UNAVAILABLE and _NAME_MISMATCH.search(details):
-        checked = cfg.verifier.server_name or host_of(address)
+        checked = tls_name or cfg.verifier.server_name or host_of(address)
         return Failure(where, status, detail, _name_mismatch(where, checked, ()), checked, tls=True)
     untrusted = _UNTRUSTED.search(details)
     if code is grpc.StatusCode.UNAVAILABLE and untrusted:
@@ -212,26 +185,54 @@ async def certificate_names(address: str, timeout_s: float) -> list[str]:
     ]
 
 
-def _options(cfg: AgentConfig) -> list[tuple[str, str | int]]:
+# Keepalive on every channel: a ping after 30 s without traffic, the connection dropped when
+# none is answered within 10 s, so that a verifier gone without a word (a host down, a
+# partition) ends the stream in 40 s rather than at the TCP timeout. The verifier accepts a
+# ping every 10 s (verifier/server.py _options). max_pings_without_data 0: the stream may be
+# quiet for a whole challenge interval, and the pings must go on through it.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+# A stream lives at most this long, then the agent opens a new one (every call has a
+# deadline, STYLE 15); an hour costs one handshake an hour.
+STREAM_DEADLINE_S = 3600.0
+# The trailing metadata of a stream a draining verifier ended (C4): reconnect at once,
+# elsewhere.
+DRAIN_KEY, DRAIN_VALUE = "devtrust-drain", "1"
+
+
+def channel_options(target: Target) -> list[tuple[str, str | int]]:
+    """The options of every channel to the verifier: keepalive, message size, TLS name."""
     opts: list[tuple[str, str | int]] = [
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        *KEEPALIVE_OPTIONS,
         ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ]
-    if cfg.verifier.server_name:
-        opts.append(("grpc.ssl_target_name_override", cfg.verifier.server_name))
+    if target.tls_name:
+        # The name the certificate must hold, whichever of its records is dialled.
+        opts.append(("grpc.ssl_target_name_override", target.tls_name))
     return opts
 
 
-def enrollment_channel(cfg: AgentConfig, ca_pem: bytes) -> grpc.aio.Channel:
+def enrollment_channel(target: Target, ca_pem: bytes) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    return grpc.aio.secure_channel(cfg.verifier.enrollment, creds, options=_options(cfg))
+    return grpc.aio.secure_channel(target.target, creds, options=channel_options(target))
 
 
 def attestation_channel(
-    cfg: AgentConfig, *, ca_pem: bytes, key_pem: bytes, cert_pem: bytes
+    target: Target, *, ca_pem: bytes, key_pem: bytes, cert_pem: bytes
 ) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
     )
-    return grpc.aio.secure_channel(cfg.verifier.attestation, creds, options=_options(cfg))
+    return grpc.aio.secure_channel(target.target, creds, options=channel_options(target))
+
+
+def drained(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a verifier ended the call because it drains (C4): UNAVAILABLE with the
+    trailer ``devtrust-drain: 1``."""
+    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailer = exc.trailing_metadata() or ()
+    return any(key == DRAIN_KEY and value == DRAIN_VALUE for key, value in trailer)

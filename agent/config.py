@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devtrust.agent.addresses import split_address
 from devtrust.core.config import from_mapping, load_yaml
 
 # Persistent handle of the devtrust AK: the endorsement-hierarchy range of the TCG
@@ -32,8 +33,11 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 @dataclass(frozen=True)
 class VerifierEndpoint:
-    enrollment: str = "127.0.0.1:7443"
-    attestation: str = "127.0.0.1:7444"
+    # HOST:PORT of the verifier, or a list of them (replicas sharing one database): the agent
+    # uses one at a time and moves to the next when it is unreachable, refuses or drains
+    # (agent/addresses.py). A DNS name with several A/AAAA records counts as several.
+    enrollment: str | list[str] = "127.0.0.1:7443"
+    attestation: str | list[str] = "127.0.0.1:7444"
     # CA bundle that verifies the verifier's server certificate.
     ca_bundle: Path = Path("/etc/devtrust/agent/verifier-ca.pem")
     # TLS name to expect when it differs from the host in the address.
@@ -41,12 +45,29 @@ class VerifierEndpoint:
 
     def __post_init__(self) -> None:
         for name in ("enrollment", "attestation"):
-            address = getattr(self, name)
-            if not address.strip():
-                raise ValueError(f"{name} is empty: give the verifier's HOST:PORT")
-            port = re.fullmatch(r".*:(\d+)", address)
-            if port and not 1 <= int(port.group(1)) <= 65535:
-                raise ValueError(f"{name} {address}: port {port.group(1)} is not in 1-65535")
+            value = getattr(self, name)
+            entries = [value] if isinstance(value, str) else list(value)
+            if not entries:
+                raise ValueError(f"{name} is an empty list: give at least one HOST:PORT")
+            for i, address in enumerate(entries):
+                where = name if isinstance(value, str) else f"{name}[{i}]"
+                try:
+                    split_address(address)
+                except ValueError as exc:
+                    raise ValueError(f"{where} {exc}") from None
+            object.__setattr__(self, name, value if isinstance(value, str) else entries)
+
+    @property
+    def enrollment_addresses(self) -> tuple[str, ...]:
+        return _addresses(self.enrollment)
+
+    @property
+    def attestation_addresses(self) -> tuple[str, ...]:
+        return _addresses(self.attestation)
+
+
+def _addresses(value: str | list[str]) -> tuple[str, ...]:
+    return (value.strip(),) if isinstance(value, str) else tuple(a.strip() for a in value)
 
 
 @dataclass(frozen=True)
@@ -129,15 +150,18 @@ class AgentConfig:
     bootstrap_token: str = ""
     # Deadline of each call to the verifier.
     rpc_timeout_s: float = 30.0
-    # Enrollment and the attestation stream retry an unreachable verifier after 0.5 s,
-    # doubling up to this (each wait +-20 %), one log line per failed attempt.
+    # Enrollment and the attestation stream retry an unreachable verifier (the next address,
+    # when there are several) after a wait drawn from 0 to reconnect_min_s x 2**failures,
+    # capped at reconnect_max_s (full jitter, agent/backoff.py); the count starts again after
+    # a stream that delivered a result. The TPM, when it stops answering, is retried alike.
+    reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     # Ask for a new device certificate once this fraction of its lifetime has passed.
     renew_at: float = 0.5
     workload_api: WorkloadApiConfig = field(default_factory=WorkloadApiConfig)
 
     def __post_init__(self) -> None:
-        for name in ("rpc_timeout_s", "reconnect_max_s", "watch_interval_s"):
+        for name in ("rpc_timeout_s", "reconnect_min_s", "reconnect_max_s", "watch_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.renew_at < 1:

@@ -14,8 +14,9 @@ import grpc
 from cryptography import x509
 
 from devtrust.agent import wire
+from devtrust.agent.addresses import AddressRing, Target
+from devtrust.agent.backoff import Backoff
 from devtrust.agent.channel import (
-    Backoff,
     VerifierError,
     VerifierUnreachable,
     enrollment_channel,
@@ -65,19 +66,24 @@ async def enroll(
     *,
     host: HostProbe,
     ca_pem: bytes | None = None,
+    target: Target | None = None,
 ) -> Enrollment:
     """Enroll this host's TPM; return and save the attestation-channel identity. One
     attempt: a failed call raises ``grpc.aio.AioRpcError`` (``enroll_retrying`` retries).
-    ``ca_pem``: the verifier's CA bundle as ``verifier_ca`` read it (None: read it now)."""
+    ``ca_pem``: the verifier's CA bundle as ``verifier_ca`` read it (None: read it now);
+    ``target``: the verifier address to ask (None: the first of verifier.enrollment)."""
     if ca_pem is None:
         ca_pem = await verifier_ca(cfg, files)
+    if target is None:
+        ring = AddressRing(cfg.verifier.enrollment_addresses, server_name=cfg.verifier.server_name)
+        target = await ring.current()
     ek_cert = await tpm.ek_certificate()
     ek_public = await tpm.ek_public()
     ak_public = await tpm.ak_public()
     facts = await host.facts()
     channel_key = new_key()
     channel_spki = spki(channel_key)
-    async with enrollment_channel(cfg, ca_pem) as channel:
+    async with enrollment_channel(target, ca_pem) as channel:
         stub = enrollment_pb2_grpc.EnrollmentStub(channel)
         challenge = wire.credential_challenge_from_wire(
             await stub.Enroll(
@@ -130,7 +136,8 @@ async def enroll_retrying(
     clock: Callable[[], float] = time.monotonic,
 ) -> Enrollment | None:
     """Enroll, retrying while the verifier is out of reach with the stream's backoff
-    (``Backoff``), one log line per failed attempt. Returns None once ``stop`` is set.
+    (``Backoff``), one log line per failed attempt, each retry at the next of the
+    verifier.enrollment addresses. Returns None once ``stop`` is set.
 
     Raises ``VerifierError`` at once for what retrying cannot fix (a certificate that does not
     name the address, an untrusted one, a refusal such as an untrusted EK or a spent token),
@@ -138,14 +145,16 @@ async def enroll_retrying(
     ``EnrollmentPending`` when an operator must approve and ``pending_retry_s`` is None
     (otherwise it asks again after that many seconds).
     """
-    address = cfg.verifier.enrollment
+    ring = AddressRing(cfg.verifier.enrollment_addresses, server_name=cfg.verifier.server_name)
     ca_pem = await verifier_ca(cfg, files)  # once: a retry changes the call, not the file
-    backoff = Backoff(cfg.reconnect_max_s)
+    backoff = Backoff(min_s=cfg.reconnect_min_s, max_s=cfg.reconnect_max_s)
     started, attempts = clock(), 0
     while not stop.is_set():
         attempts += 1
+        target = await ring.current()
+        address = target.address
         try:
-            return await enroll(cfg, tpm, files, host=host, ca_pem=ca_pem)
+            return await enroll(cfg, tpm, files, host=host, ca_pem=ca_pem, target=target)
         except EnrollmentPending as exc:
             if pending_retry_s is None:
                 raise
@@ -153,21 +162,25 @@ async def enroll_retrying(
             backoff.reset()
             wait = pending_retry_s
         except grpc.aio.AioRpcError as exc:
-            failure = explain(exc, key="verifier.enrollment", address=address, cfg=cfg)
+            failure = explain(
+                exc, key="verifier.enrollment", address=address, cfg=cfg, tls_name=target.tls_name
+            )
             if failure.final is not None:
                 error = await final_error(failure, address, cfg.rpc_timeout_s)
                 raise _with_token_remedy(error, cfg, exc) from None
+            ring.advance()
             wait = backoff.delay()
             spent = clock() - started
             if give_up_s is not None and spent + wait > give_up_s:
+                where = ", ".join(ring.addresses)
                 raise VerifierUnreachable(
-                    f"verifier.enrollment {address}: no answer in {attempts} attempt(s) over "
+                    f"verifier.enrollment {where}: no answer in {attempts} attempt(s) over "
                     f"{spent:.0f} s (last: {failure}); check that `devtrust-verifier serve` "
                     "runs there and that this is its enrollment port (its listen.enrollment)"
                 ) from None
             logger.warning(
                 "enrollment at %s failed: %s; attempt %d, next in %.1f s",
-                address,
+                target,
                 failure,
                 attempts,
                 wait,

@@ -57,6 +57,15 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class TpmUnavailableNote:
+    """The answer to a Challenge the TPM could not quote for: it does not answer (C5).
+    ``detail`` says what failed, for the operator (bounded by ``wire``)."""
+
+    nonce: Nonce
+    detail: str
+
+
+@dataclass(frozen=True)
 class Claim:
     """One AR4SI trustworthiness claim: its name, numeric value and tier."""
 

@@ -23,6 +23,7 @@ from tpm2_pytss.constants import (
     TPM2_RC,
     TPM2_SE,
     TPMA_OBJECT,
+    TSS2_RC,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
@@ -36,7 +37,7 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
-from devtrust.agent.errors import TpmError
+from devtrust.agent.errors import TpmError, TpmUnavailable
 from devtrust.agent.interfaces import Quote, Selection
 
 T = TypeVar("T")
@@ -50,6 +51,19 @@ AK_ATTRIBUTES = (
     | TPMA_OBJECT.USERWITHAUTH
 )
 QUOTE_RETRIES = 3
+# tpm2-tss response codes that mean the TPM did not answer at all (its transport failed),
+# as opposed to a TPM that answered with an error: any code of the TCTI layer, and these
+# base codes from the layers above it (TSS 2.0 Overview and Common Structures, 6.1.2).
+_TCTI_LAYER = TSS2_RC.TCTI_RC_LAYER
+_DEAD_BASE_CODES = frozenset(
+    {
+        TSS2_RC.BASE_RC_IO_ERROR,
+        TSS2_RC.BASE_RC_NO_CONNECTION,
+        TSS2_RC.BASE_RC_MALFORMED_RESPONSE,
+        TSS2_RC.BASE_RC_INSUFFICIENT_RESPONSE,
+        TSS2_RC.BASE_RC_NO_TPM,
+    }
+)
 
 
 def ak_template() -> TPM2B_PUBLIC:
@@ -88,7 +102,7 @@ class TpmBackend:
             try:
                 self._esapi = ESAPI(self.tcti)
             except (TSS2_Exception, RuntimeError) as exc:
-                raise TpmError(f"cannot open TPM at {self.tcti!r}: {exc}") from exc
+                raise TpmUnavailable(f"cannot open TPM at {self.tcti!r}: {exc}") from exc
         return self._esapi
 
     def close(self) -> None:
@@ -109,7 +123,8 @@ class TpmBackend:
         except TSS2_Exception as exc:
             # The connection may be dead (TPM restarted): reopen on the next call.
             self.close()
-            raise TpmError(f"TPM {what} failed: {exc}") from exc
+            error = TpmUnavailable if transport_failed(exc.rc) else TpmError
+            raise error(f"TPM {what} failed: {exc}") from exc
 
     def _nv_read(self, index: int) -> bytes:
         e = self.esapi
@@ -258,6 +273,14 @@ class TpmBackend:
             if h.digest() == bytes(info.attested.quote.pcrDigest):
                 return attest_bytes, bytes(signature.marshal()), values
         raise TpmError(f"PCRs kept changing during {QUOTE_RETRIES} quotes")
+
+
+def transport_failed(rc: int) -> bool:
+    """Whether a tpm2-tss response code says the TPM did not answer (``TpmUnavailable``)."""
+    layer = rc & TSS2_RC.RC_LAYER_MASK
+    if layer == _TCTI_LAYER:
+        return True
+    return layer != 0 and (rc & 0xFFFF) in _DEAD_BASE_CODES
 
 
 def _bits(selection: Any) -> list[int]:

@@ -33,6 +33,7 @@ from devtrust.agent.messages import (
     Evidence,
     Finding,
     IssuedCertificate,
+    TpmUnavailableNote,
     Verdict,
 )
 from devtrust.core.ids import Nonce, Serial, parse_device_id, serial_of
@@ -80,6 +81,21 @@ def evidence_to_wire(evidence: Evidence) -> attestation_pb2.AgentMessage:
             )
         )
     return attestation_pb2.AgentMessage(evidence=msg)
+
+
+# The verifier refuses a TpmUnavailable.detail over 1024 bytes (verifier/wire_attest.py): a
+# TSS error text is one line well under this.
+TPM_DETAIL_MAX_CHARS = 240
+
+
+def tpm_unavailable_to_wire(note: TpmUnavailableNote) -> attestation_pb2.AgentMessage:
+    """TpmUnavailable for the challenge's nonce, its detail cut to ``TPM_DETAIL_MAX_CHARS``
+    (at most 4 bytes a character in UTF-8: under the verifier's bound)."""
+    return attestation_pb2.AgentMessage(
+        tpm_unavailable=attestation_pb2.TpmUnavailable(
+            nonce=note.nonce, detail=note.detail[:TPM_DETAIL_MAX_CHARS]
+        )
+    )
 
 
 def posture_changed_to_wire(signals: Sequence[str]) -> attestation_pb2.AgentMessage:

@@ -67,8 +67,13 @@ class Peer:
         assert msg.WhichOneof("kind") == "evidence"
         return msg.evidence
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        await self._context.abort(code, details)
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        await self._context.abort(code, details, trailing_metadata=trailing_metadata)
 
     def agent_identity(self) -> list[bytes]:
         return list(self._context.auth_context().get("x509_subject_alternative_name", []))

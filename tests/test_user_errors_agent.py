@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from devtrust.agent.attest import withheld_reason
-from devtrust.agent.channel import Backoff, explain, host_of, short_detail
+from devtrust.agent.channel import explain, host_of, short_detail
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.enroll import enroll
 from devtrust.agent.main import build_parser, make_host, make_tpm
@@ -418,15 +418,6 @@ def test_bad_give_up_value_is_a_usage_error() -> None:
 
 
 # --- pure pieces -----------------------------------------------------------------------------
-
-
-def test_backoff_doubles_to_the_cap_with_jitter() -> None:
-    low = Backoff(4.0, uniform=lambda a, b: a)
-    assert [round(low.delay(), 3) for _ in range(6)] == [0.4, 0.8, 1.6, 3.2, 3.2, 3.2]
-    high = Backoff(4.0, uniform=lambda a, b: b)
-    assert [round(high.delay(), 3) for _ in range(5)] == [0.6, 1.2, 2.4, 4.8, 4.8]
-    high.reset()
-    assert round(high.delay(), 3) == 0.6
 
 
 class _RpcError(grpc.aio.AioRpcError):

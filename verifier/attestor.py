@@ -34,6 +34,11 @@ from devtrust.verifier.settings import AttestationSettings, CertificateSettings
 from devtrust.verifier.tpm.constants import hash_name
 from devtrust.verifier.tpm.quote import AkKey
 from devtrust.verifier.tpm.structures import ak_qualified_names, parse_public
+from devtrust.verifier.tpm_unavailable import (
+    Answer,
+    TpmUnavailableReport,
+    tpm_unavailable_result,
+)
 
 logger = logging.getLogger(__name__)
 # An event-log part up to this size is replayed on the event loop (a log after the first
@@ -158,14 +163,16 @@ class Attestor:
             )
         session.record = record
 
-    def cheap(self, session: DeviceSession, evidence: Evidence) -> bool:
+    def cheap(self, session: DeviceSession, evidence: Answer) -> bool:
         """Whether deciding on ``evidence`` costs little enough to run on the event loop
         (the quote's signature, a few digests, at most ``INLINE_LOG_BYTES`` of event log):
         a stream's later evidence (not its first, nor the first after a reboot: those carry
         the whole log), and the device's cached policy outcome holds for it (its key
         computed as ``appraise`` will), or there is no policy. Otherwise (a policy to
         evaluate, a whole log) the servicer decides on a worker thread. Only where it runs
-        depends on this: every check runs either way."""
+        depends on this: every check runs either way. A TpmUnavailable costs nothing."""
+        if isinstance(evidence, TpmUnavailableReport):
+            return True
         part = evidence.event_log
         if session.full_log or (part is not None and len(part.data) > INLINE_LOG_BYTES):
             return False
@@ -178,10 +185,13 @@ class Attestor:
         )
 
     def decide(
-        self, session: DeviceSession, nonce: Nonce, evidence: Evidence, *, now: datetime.datetime
+        self, session: DeviceSession, nonce: Nonce, evidence: Answer, *, now: datetime.datetime
     ) -> Decision:
         """Appraise ``evidence`` against ``nonce``, certify when allowed, and remember in
-        ``session`` what the next appraisal needs (TPM state, policy outcome, log offset)."""
+        ``session`` what the next appraisal needs (TPM state, policy outcome, log offset).
+        A TpmUnavailable (the protocol checked its nonce) is decided by ``_tpm_unavailable``."""
+        if isinstance(evidence, TpmUnavailableReport):
+            return self._tpm_unavailable(session, evidence, now=now)
         settings = self._settings
         record, prior = session.record, session.tpm
         policy = self._policy.current
@@ -240,6 +250,35 @@ class Attestor:
             session.tpm = tpm
             if evidence.event_log is not None or appraisal.rebooted:
                 session.full_log = appraisal.rebooted
+        return decision
+
+    def _tpm_unavailable(
+        self, session: DeviceSession, report: TpmUnavailableReport, *, now: datetime.datetime
+    ) -> Decision:
+        """The decision on a TPM that does not answer: tier none (no certificate; the live
+        ones revoked below the zone's minimum, as for any result), the stored TPM state
+        untouched (``tpm`` None), the policy outcome and log offset kept for the next
+        evidence."""
+        record = session.record
+        result = tpm_unavailable_result(
+            record.device_id, report, now=now, staleness=self._settings.staleness
+        )
+        decision = Decision(
+            device_id=record.device_id,
+            zone=record.zone,
+            result=result,
+            previous_tier=session.previous_tier,
+            certificate=None,
+            withheld="withheld: the TPM does not answer",
+            tpm=None,
+            rebooted=False,
+            lease=session.lease,
+            assumed=record,
+            revoke_reason=below_minimum(
+                result.tier, self._certificates.min_tier_for(record.zone), record.zone
+            ),
+        )
+        session.previous_tier = result.tier
         return decision
 
     def _certify(

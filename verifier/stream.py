@@ -13,7 +13,11 @@ The rules:
 1. Hello comes first, within ``hello_timeout_s`` of the stream opening, and only once.
 2. One challenge is outstanding at a time; Evidence without one is refused, and the nonce
    is spent when Evidence arrives, whatever it says (used at most once). Evidence is due
-   within ``evidence_timeout_s`` of its challenge.
+   within ``evidence_timeout_s`` of its challenge. TpmUnavailable (the agent's TPM does not
+   answer, issue 12) answers the outstanding challenge like Evidence, and is appraised
+   (into finding ``tpm.unavailable``) and answered like it; it must name that challenge's
+   nonce, or the stream ends: it is the one message whose content the protocol reads, as
+   its nonce is all that ties it to a challenge (Evidence's nonce is checked by appraisal).
 3. After a result, the next challenge comes ``interval_s`` later; at once after a reboot
    (for the whole event log), in the same message as the result.
 4. The first PostureChanged note is answered with a challenge at once; later notes coalesce
@@ -24,7 +28,8 @@ The rules:
    ``stream_challenge_gap_s`` since the device's last challenge on any stream, PostureChanged
    or not.
 
-The protocol judges a message by its kind and its time only; the servicer converts its
+The protocol judges a message by its kind and its time (and a TpmUnavailable by its nonce,
+rule 2); the servicer converts its
 content (``verifier.wire``) once the protocol has accepted it, so a message that breaks the
 protocol is refused for that, before anything of it is parsed.
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import hmac
 import math
 import secrets
 import threading
@@ -82,6 +88,14 @@ class EvidenceReceived:
 
 
 @dataclass(frozen=True)
+class TpmUnavailableReceived:
+    """The agent answered the outstanding challenge with TpmUnavailable for ``nonce``."""
+
+    now: float
+    nonce: bytes
+
+
+@dataclass(frozen=True)
 class PostureChanged:
     now: float
 
@@ -119,6 +133,7 @@ Event = (
     Opened
     | HelloReceived
     | EvidenceReceived
+    | TpmUnavailableReceived
     | PostureChanged
     | EmptyMessage
     | StreamEnded
@@ -137,7 +152,8 @@ class SendChallenge:
 
 @dataclass(frozen=True)
 class Appraise:
-    """Appraise the Evidence just received against ``nonce``, publish the decision, then
+    """Appraise the Evidence (or TpmUnavailable) just received against ``nonce``, publish the
+    decision, then
     feed ``Appraised``. A servicer that reads on meanwhile may feed what arrives (a note, the
     stream's end); the protocol answers with a ``Wait`` without end: the appraisal is what
     it waits for."""
@@ -251,6 +267,8 @@ class StreamProtocol:
                 actions = self._hello(now)
             case EvidenceReceived():
                 actions = self._evidence()
+            case TpmUnavailableReceived(_, nonce):
+                actions = self._tpm_unavailable(nonce)
             case PostureChanged(now):
                 actions = self._posture(now)
             case EmptyMessage():
@@ -290,6 +308,23 @@ class StreamProtocol:
         nonce, self.nonce = self.nonce, None
         self.phase = Phase.APPRAISING
         return [Appraise(nonce)]
+
+    def _tpm_unavailable(self, nonce: bytes) -> list[Action]:
+        """TpmUnavailable answers the outstanding challenge as Evidence does, for its nonce
+        only: one for another nonce, or with none outstanding, ends the stream."""
+        if self.phase is Phase.HELLO:
+            return self._close(_not_hello())
+        if self.phase is not Phase.CHALLENGED or self.nonce is None:
+            return self._close(
+                MalformedInput("TpmUnavailable sent without an outstanding Challenge")
+            )
+        if not hmac.compare_digest(nonce, self.nonce):
+            return self._close(
+                MalformedInput(
+                    "TpmUnavailable names a nonce other than the outstanding Challenge's"
+                )
+            )
+        return self._evidence()
 
     def _posture(self, now: float) -> list[Action]:
         if self.phase is Phase.HELLO:

@@ -1,8 +1,8 @@
 """The attestation stream's messages at the gRPC edge (STYLE 4), in both directions.
 
 In: an AgentMessage becomes a protocol event (verifier/stream.py) by its kind; its content
-(the evidence, the posture signals) is converted only once the protocol has accepted it
-(``evidence_of``, ``posture_signals_of``, by the converters of verifier/wire.py).
+(the evidence or TpmUnavailable, the posture signals) is converted only once the protocol has
+accepted it (``evidence_of``, ``posture_signals_of``, by the converters of verifier/wire.py).
 Out: a challenge's nonce, a Decision and its certificate become the VerifierMessage, which
 carries a Result, the next Challenge, or both. The servicer builds no message itself.
 """
@@ -14,7 +14,6 @@ import datetime
 from devtrust.core.ids import Nonce
 from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier import wire
-from devtrust.verifier.appraisal import Evidence
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.decision import Decision
 from devtrust.verifier.records import CertificateRecord
@@ -24,8 +23,10 @@ from devtrust.verifier.stream import (
     EvidenceReceived,
     HelloReceived,
     PostureChanged,
+    TpmUnavailableReceived,
 )
 from devtrust.verifier.tpm.structures import PcrSelect
+from devtrust.verifier.tpm_unavailable import Answer, TpmUnavailableReport
 
 
 def agent_event(msg: attestation_pb2.AgentMessage, now: float) -> Event:
@@ -37,11 +38,16 @@ def agent_event(msg: attestation_pb2.AgentMessage, now: float) -> Event:
         return EvidenceReceived(now)
     if kind == "posture_changed":
         return PostureChanged(now)
+    if kind == "tpm_unavailable":
+        return TpmUnavailableReceived(now, nonce=msg.tpm_unavailable.nonce)
     return EmptyMessage(now)
 
 
-def evidence_of(msg: attestation_pb2.AgentMessage, limits: LimitsConfig) -> Evidence:
-    """The Evidence a message carries, validated (MalformedInput, LimitExceeded)."""
+def evidence_of(msg: attestation_pb2.AgentMessage, limits: LimitsConfig) -> Answer:
+    """What answers the challenge in a message the protocol accepted as its answer: the
+    Evidence, or TpmUnavailable, validated (MalformedInput, LimitExceeded)."""
+    if msg.WhichOneof("kind") == "tpm_unavailable":
+        return TpmUnavailableReport.of(msg.tpm_unavailable.detail)
     return wire.evidence_from_wire(msg.evidence, limits)
 
 

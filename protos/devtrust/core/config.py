@@ -79,6 +79,12 @@ def _convert(tp: Any, value: Any, where: str, base: Path | None) -> Any:  # noqa
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        # ``str | list[str]`` (one address or several): the member whose kind the value has;
+        # otherwise the first, as for ``X | None``.
+        for member in inner[1:]:
+            kind = typing.get_origin(member) or member
+            if isinstance(kind, type) and isinstance(value, kind):
+                return _convert(member, value, where, base)
         return _convert(inner[0], value, where, base)
     if dataclasses.is_dataclass(tp):
         return from_mapping(typing.cast(type[Any], tp), value, where=where, base=base)

@@ -31,24 +31,28 @@ class AgentMessage(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
     POSTURE_CHANGED_FIELD_NUMBER: _builtins.int
+    TPM_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
     def evidence(self) -> Global___Evidence: ...
     @_builtins.property
     def posture_changed(self) -> Global___PostureChanged: ...
+    @_builtins.property
+    def tpm_unavailable(self) -> Global___TpmUnavailable: ...
     def __init__(
         self,
         *,
         hello: Global___Hello | None = ...,
         evidence: Global___Evidence | None = ...,
         posture_changed: Global___PostureChanged | None = ...,
+        tpm_unavailable: Global___TpmUnavailable | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "hello", b"hello", "kind", b"kind", "posture_changed", b"posture_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "hello", b"hello", "kind", b"kind", "posture_changed", b"posture_changed", "tpm_unavailable", b"tpm_unavailable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "hello", b"hello", "kind", b"kind", "posture_changed", b"posture_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "hello", b"hello", "kind", b"kind", "posture_changed", b"posture_changed", "tpm_unavailable", b"tpm_unavailable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "evidence", "posture_changed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "evidence", "posture_changed", "tpm_unavailable"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -816,6 +820,37 @@ class Result(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Result: _TypeAlias = Result  # noqa: Y015
+
+@_typing.final
+class TpmUnavailable(_message.Message):
+    """The answer to a Challenge the agent could not quote for: its TPM does not answer (the
+    device or the TPM's transport is gone). The verifier stores a result with finding
+    tpm.unavailable (tier none: no certificate, live ones revoked by the zone's minimum) and
+    challenges again later; the agent retries its TPM meanwhile and, once it answers, sends
+    PostureChanged to be challenged at once. It can only lower the sender's own trust.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """The nonce of the outstanding Challenge (any other ends the stream)."""
+    detail: _builtins.str
+    """What failed, for the operator (at most 1024 bytes; the verifier refuses more)."""
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TpmUnavailable: _TypeAlias = TpmUnavailable  # noqa: Y015
 
 @_typing.final
 class PostureChanged(_message.Message):
