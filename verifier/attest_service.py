@@ -7,6 +7,13 @@ when that one is due at once (after a reboot). Otherwise the next Challenge foll
 the configured interval, or sooner when the agent sends PostureChanged. Nonces live in this
 stream only: replicas share no nonce state, and each nonce is used once.
 
+A drain (C4, issue 12: the verifier stopping on SIGTERM) ends every stream where no
+evidence is outstanding: a stream idle or waiting for Hello at once, one whose challenge is
+out once its evidence is decided, stored and answered (the Result goes without a next
+challenge). Each ends with UNAVAILABLE, ``DRAIN_DETAILS`` and the trailing metadata
+``devtrust-drain: 1``, which tells the agent to reconnect at once to another verifier; a new
+stream meanwhile is refused the same way.
+
 This module is the I/O shell around three pure parts: it reads the gRPC stream and feeds the
 protocol (verifier/stream.py), carries out the actions the protocol returns, runs the
 attestor (verifier/attestor.py) on a worker thread, publishes each Decision to the sinks
@@ -31,7 +38,6 @@ import grpc
 from devtrust.core.ids import DeviceId, Nonce
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc
 from devtrust.verifier import wire_attest
-from devtrust.verifier.appraisal import Evidence
 from devtrust.verifier.attestor import Attestor, DeviceSession, may_attest
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.decision import Decision, DecisionSink, DeviceChanged
@@ -49,6 +55,7 @@ from devtrust.verifier.stream import (
     Event,
     HelloReceived,
     Opened,
+    Phase,
     PostureChanged,
     RecentChallenges,
     SendChallenge,
@@ -58,11 +65,19 @@ from devtrust.verifier.stream import (
     Tick,
     Wait,
 )
+from devtrust.verifier.tpm_unavailable import Answer
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
 # Appraisals of one evidence when the device keeps changing under them (DeviceChanged).
 _REAPPRAISALS = 3
+# How a drain ends a stream (C4): the agent reconnects at once, to its next address.
+DRAIN_DETAILS = "verifier draining: reconnect to another verifier"
+DRAIN_METADATA = (("devtrust-drain", "1"),)
+
+
+class _Drained(Exception):
+    """The stream reached a point where a drain may end it."""
 
 
 class StreamLeases(Protocol):
@@ -83,6 +98,10 @@ class _Live:
     # The decision in the making (appraisal, then publishing): cancelling the stream does
     # not stop it, and a newer stream waits for it before reading what it stores.
     inflight: asyncio.Task[Decision] | None = None
+    # Waiting for a message with no evidence outstanding: a drain may cancel it there.
+    idle: bool = False
+    # Cancelled by a drain: it ends with the drain's status.
+    drained: bool = False
 
 
 class AttestationService(attestation_pb2_grpc.AttestationServicer):
@@ -121,12 +140,45 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         )
         # Held for the length of one appraisal (see _decision).
         self._workers = asyncio.Semaphore(settings.appraisal_workers)
+        # Set by drain: new streams are refused, open ones end at their next safe point.
+        self._draining = False
 
-    async def aclose(self) -> None:
-        """Let the decisions in flight finish (they are published to the store), then stop
-        the workers."""
+    @property
+    def open_streams(self) -> int:
+        return len(self._live)
+
+    async def drain(self, deadline: float) -> None:
+        """End every stream as a drain does (see the module's docstring): new streams are
+        refused from now on, idle ones end at once, the others after their decision; at
+        ``deadline`` (event loop time) those still open are ended where they are (a decision
+        in flight still finishes storing: ``aclose`` waits for it)."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        for live in list(self._live.values()):
+            if live.idle:
+                self._cut(live)
+        while self._live and loop.time() < deadline:
+            tasks = {live.task for live in self._live.values() if live.task is not None}
+            if not tasks:
+                break
+            await asyncio.wait(tasks, timeout=deadline - loop.time())
+        for live in list(self._live.values()):
+            self._cut(live)
+        tasks = {live.task for live in self._live.values() if live.task is not None}
+        if tasks:  # each ends at its next await: its abort is all that is left
+            await asyncio.wait(tasks, timeout=1.0)
+
+    @staticmethod
+    def _cut(live: _Live) -> None:
+        if live.task is not None and not live.task.done() and not live.drained:
+            live.drained = True
+            live.task.cancel()
+
+    async def aclose(self, within_s: float | None = None) -> None:
+        """Let the decisions in flight finish (they are published to the store), within
+        ``within_s`` when given, then stop the workers."""
         if self._inflight:
-            await asyncio.wait(set(self._inflight))
+            await asyncio.wait(set(self._inflight), timeout=within_s)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         self._attestor.close()
 
@@ -164,6 +216,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         request_iterator: AsyncIterator[attestation_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        if self._draining:
+            await _end_drained(context)
         # The peer's channel certificate names an enrolled device that is not revoked.
         device_id = peer_device_id(context, trust_domain=self._settings.trust_domain)
         record = await self._attesting(device_id)
@@ -171,15 +225,25 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         try:
             # Read with context.read (verifier/attest_service.py _Reader), not the iterator.
             await self._attest(context, record, me)
+        except _Drained:
+            pass
         except asyncio.CancelledError:
             if me.superseded:
                 raise Superseded(
                     f"device {device_id}: a newer attestation stream replaced this one"
                 ) from None
-            raise
+            if not me.drained:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        else:
+            return
         finally:
             if self._live.get(device_id) is me:
                 del self._live[device_id]
+        logger.info("stream drained device=%s: told to reconnect elsewhere", device_id)
+        await _end_drained(context)
 
     async def _attest(
         self,
@@ -211,18 +275,38 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 for action in actions:
                     match action:
                         case SendChallenge(nonce):
+                            if self._draining:  # no new work on a stream that is ending
+                                raise _Drained
                             await self._send(context, session, challenge=nonce)
                         case SendResult(next_in, nonce):
                             assert decision is not None
+                            # Draining: the Result, stored already, goes without the next
+                            # challenge, and the stream ends.
+                            drained = self._draining
                             await self._send(
-                                context, session, decision, next_in=next_in, challenge=nonce
+                                context,
+                                session,
+                                decision,
+                                next_in=next_in,
+                                challenge=None if drained else nonce,
                             )
+                            if drained:
+                                raise _Drained
                         case Appraise(nonce):
                             assert msg is not None
                             decision = await self._decide(me, session, nonce, msg)
                             upcoming = Appraised(time.monotonic(), rebooted=decision.rebooted)
                         case Wait(until):
-                            msg, upcoming = await reader.next(until, deadline=protocol.tick_closes)
+                            # Evidence outstanding: a drain waits for it and its decision.
+                            me.idle = protocol.phase is not Phase.CHALLENGED
+                            if me.idle and self._draining:
+                                raise _Drained
+                            try:
+                                msg, upcoming = await reader.next(
+                                    until, deadline=protocol.tick_closes
+                                )
+                            finally:
+                                me.idle = False
                         case Close(error):
                             if error is not None:
                                 raise error
@@ -317,7 +401,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             # still waiting gets it raised as well.
             logger.debug("decision abandoned: %s", task.exception())
 
-    async def _decision(self, session: DeviceSession, nonce: Nonce, evidence: Evidence) -> Decision:
+    async def _decision(self, session: DeviceSession, nonce: Nonce, evidence: Answer) -> Decision:
         """Appraise (on a worker thread when costly), publish (store first).
 
         The device is not read again before each appraisal: the store checks, in the
@@ -353,6 +437,13 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             f"device {session.record.device_id}: changed by operators during each of "
             f"{_REAPPRAISALS} appraisals in a row; reconnect"
         )
+
+
+async def _end_drained(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """End the stream as a drain does (raises grpc.aio.AbortError)."""
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE, DRAIN_DETAILS, trailing_metadata=DRAIN_METADATA
+    )
 
 
 class _Reader:

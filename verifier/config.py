@@ -27,8 +27,8 @@ _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
 _PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@|(password=)[^&]*", re.IGNORECASE)
 SERVER_SCHEMES = ("postgresql", "postgres")
 DATABASE_FORMS = (
-    "a file path or sqlite:///PATH (SQLite), or postgresql://USER@HOST/NAME (PostgreSQL, from "
-    "issue 12)"
+    "a file path or sqlite:///PATH (SQLite), or postgresql://USER:PASSWORD@HOST:PORT/NAME "
+    "(PostgreSQL)"
 )
 
 
@@ -356,15 +356,44 @@ class LimitsConfig:
 MAX_WORKERS = 64
 
 
+# Bounds of the server's timing keys (seconds): (key, lowest, highest).
+_SERVER_SECONDS = (
+    ("drain_s", 0.5, 600.0),
+    ("call_timeout_s", 1.0, 3600.0),
+    ("keepalive_s", 1.0, 7200.0),
+    ("keepalive_timeout_s", 1.0, 600.0),
+    ("store_probe_s", 0.1, 600.0),
+)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     # Worker processes serving the same ports (SO_REUSEPORT) and database; 1: one process,
     # as before. `devtrust-verifier serve --workers N` overrides it.
     workers: int = 1
+    # SIGTERM drains the verifier within this bound: health NOT_SERVING, each attestation
+    # stream ended after its decision in flight (agents reconnect elsewhere), unary calls
+    # finished; then the process exits.
+    drain_s: float = 10.0
+    # Every unary call (queries, enrollment) ends within this: past it DEADLINE_EXCEEDED,
+    # whatever deadline the client set (none, or a long one).
+    call_timeout_s: float = 30.0
+    # HTTP/2 keepalive: a ping after this long without traffic on a connection, and the
+    # connection dropped when the peer does not answer within keepalive_timeout_s, so that
+    # a peer gone silent (a dead host, a dropped route) does not hold a stream forever.
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # The database is asked this often whether it answers; while it does not, gRPC health
+    # says NOT_SERVING (load balancers and agents move to another replica).
+    store_probe_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers: give 1 to {MAX_WORKERS} processes, got {self.workers}")
+        for name, low, high in _SERVER_SECONDS:
+            value = getattr(self, name)
+            if not low <= value <= high:  # also false for NaN
+                raise ValueError(f"{name}: give {low:g} to {high:g} seconds, got {value}")
 
 
 @dataclass(frozen=True)
@@ -376,8 +405,10 @@ class VerifierConfig:
     # Posture and GPU policy (CEL rules, see verifier/policy.py); the shipped default for GPU
     # hosts unless set. `policy: null` in the file appraises TPM evidence only.
     policy: Path | None = DEFAULT_POLICY
-    # An SQLite file (a path, or sqlite:///PATH), or a server's URL (postgresql://...: issue
-    # 12); see database_location.
+    # An SQLite file (a path, or sqlite:///PATH), or PostgreSQL's URL, which replicas share:
+    # postgresql://USER:PASSWORD@HOST:PORT/NAME (also postgres://), libpq's parameters
+    # (?sslmode=verify-full&...) plus ?pool_size=N, the connections each verifier process
+    # holds at most (default 10; storage/postgresql.py). See database_location.
     database: Path | DatabaseUrl = Path("/var/lib/devtrust/verifier.db")
     listen: ListenConfig = field(default_factory=ListenConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

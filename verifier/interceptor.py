@@ -17,10 +17,21 @@ This is the test grpc.aio itself applies (``_is_async_handler`` and
 kinds; a coroutine function, then an async generator function, for the streaming kinds. The
 request iterator of a client-streaming handler follows the same test (async for an async
 handler), so a wrapper of the same kind also receives the right one.
+
+Two more mappings, for faults that pass (issue 12):
+- a database that does not answer (verifier/store_health.py ``is_outage``) is UNAVAILABLE,
+  not INTERNAL: the caller retries (an agent, maybe on another replica), and health is told;
+- every asynchronous unary call ends within ``call_timeout_s`` (server.call_timeout_s),
+  DEADLINE_EXCEEDED past it, whatever deadline its client set: a call stuck on a slow
+  database does not hold its resources for as long as a careless client waits. Streaming
+  calls have their own bounds (the attestation stream's Hello and evidence timeouts, the
+  watches' client deadlines) and HTTP/2 keepalive for peers gone silent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -40,6 +51,8 @@ from devtrust.verifier.errors import (
     Unauthenticated,
 )
 from devtrust.verifier.logtext import printable
+from devtrust.verifier.storage.sql import StoreUnavailable
+from devtrust.verifier.store_health import OUTAGE_DETAILS, is_outage
 
 logger = logging.getLogger(__name__)
 
@@ -76,27 +89,90 @@ def _refused(method: str, exc: DevtrustError) -> tuple[grpc.StatusCode, str]:
 AioContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Behavior = Callable[..., Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# Told of each call that met a database outage (verifier/store_health.py StoreHealth.failed).
+OutageHook = Callable[[BaseException], Awaitable[None]]
 
 
-def _coroutine(method: str, behavior: Behavior) -> Behavior:
-    """A unary handler returning its response, or a streaming one writing with
-    ``context.write``."""
+async def _outage(method: str, exc: BaseException, hook: OutageHook | None) -> tuple[Any, str]:
+    """The status of a call that met a database outage; health is told."""
+    logger.debug("%s: database unavailable: %s", method, printable(str(exc)))
+    if hook is not None:
+        await hook(exc)
+    return grpc.StatusCode.UNAVAILABLE, OUTAGE_DETAILS
+
+
+class UnaryCalls:
+    """The asynchronous unary calls in flight: a drain lets them finish before it stops the
+    servers (whose grace would otherwise wait for every long-lived stream too)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def settled(self, within_s: float) -> bool:
+        """Wait until none is in flight, at most ``within_s``; whether none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, within_s))
+        return self.count == 0
+
+
+def _coroutine(
+    method: str,
+    behavior: Behavior,
+    *,
+    limit_s: float | None = None,
+    outage: OutageHook | None = None,
+    calls: UnaryCalls | None = None,
+) -> Behavior:
+    """A unary handler returning its response (within ``limit_s`` when given, counted in
+    ``calls``), or a streaming one writing with ``context.write``."""
 
     async def wrapped(request: Any, context: AioContext) -> Any:
+        timer = asyncio.timeout(limit_s)
+        if calls is not None:
+            calls.enter()
         try:
-            return await behavior(request, context)
+            async with timer:
+                return await behavior(request, context)
+        except StoreUnavailable as exc:
+            await context.abort(*await _outage(method, exc, outage))
         except DevtrustError as exc:
             await context.abort(*_refused(method, exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
+        except TimeoutError:
+            if not timer.expired():
+                logger.exception("%s failed", method)
+                await context.abort(*_INTERNAL)
+            logger.warning("%s: not done within %g s: DEADLINE_EXCEEDED", method, limit_s)
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the verifier did not complete {method} within {limit_s:g} s "
+                "(server.call_timeout_s): try again",
+            )
+        except Exception as exc:
+            if is_outage(exc):
+                await context.abort(*await _outage(method, exc, outage))
             logger.exception("%s failed", method)
             await context.abort(*_INTERNAL)
+        finally:
+            if calls is not None:
+                calls.leave()
 
     return wrapped
 
 
-def _async_generator(method: str, behavior: Behavior) -> Behavior:
+def _async_generator(method: str, behavior: Behavior, *, outage: OutageHook | None) -> Behavior:
     """A streaming handler that yields its responses."""
 
     async def wrapped(request: Any, context: AioContext) -> AsyncIterator[Any]:
@@ -105,11 +181,15 @@ def _async_generator(method: str, behavior: Behavior) -> Behavior:
             async with aclosing(cast(AsyncGenerator[Any], behavior(request, context))) as stream:
                 async for response in stream:
                     yield response
+        except StoreUnavailable as exc:
+            await context.abort(*await _outage(method, exc, outage))
         except DevtrustError as exc:
             await context.abort(*_refused(method, exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
+        except Exception as exc:
+            if is_outage(exc):
+                await context.abort(*await _outage(method, exc, outage))
             logger.exception("%s failed", method)
             await context.abort(*_INTERNAL)
 
@@ -190,38 +270,69 @@ def _generator(method: str, behavior: Behavior) -> Behavior:
     return wrapped
 
 
-def wrap_unary(method: str, behavior: Behavior) -> Behavior:
-    """Wrap a unary_unary or stream_unary behavior as the same kind of callable."""
+def wrap_unary(
+    method: str,
+    behavior: Behavior,
+    *,
+    limit_s: float | None = None,
+    outage: OutageHook | None = None,
+    calls: UnaryCalls | None = None,
+) -> Behavior:
+    """Wrap a unary_unary or stream_unary behavior as the same kind of callable; an
+    asynchronous one ends within ``limit_s`` (a synchronous one runs on a thread, which
+    cannot be stopped: the verifier serves none)."""
     if inspect.iscoroutinefunction(behavior):
-        return _coroutine(method, behavior)
+        return _coroutine(method, behavior, limit_s=limit_s, outage=outage, calls=calls)
     return _function(method, behavior)
 
 
-def wrap_streaming(method: str, behavior: Behavior) -> Behavior:
+def wrap_streaming(
+    method: str, behavior: Behavior, *, outage: OutageHook | None = None
+) -> Behavior:
     """Wrap a unary_stream or stream_stream behavior as the same kind of callable."""
     if inspect.iscoroutinefunction(behavior):
-        return _coroutine(method, behavior)
+        return _coroutine(method, behavior, outage=outage)
     if inspect.isasyncgenfunction(behavior):
-        return _async_generator(method, behavior)
+        return _async_generator(method, behavior, outage=outage)
     return _generator(method, behavior)
 
 
-def with_error_mapping(method: str, handler: Handler) -> Handler:
+def with_error_mapping(
+    method: str,
+    handler: Handler,
+    *,
+    limit_s: float | None = None,
+    outage: OutageHook | None = None,
+    calls: UnaryCalls | None = None,
+) -> Handler:
     """The handler with its behavior, whichever of the four kinds it is, wrapped."""
     # The handlers are namedtuples (grpc._utilities.RpcMethodHandler) with one behavior set.
     replace: Callable[..., Handler] = handler._replace  # type: ignore[attr-defined]
-    if handler.unary_unary is not None:
-        return replace(unary_unary=wrap_unary(method, handler.unary_unary))
-    if handler.stream_unary is not None:
-        return replace(stream_unary=wrap_unary(method, handler.stream_unary))
+    unary = handler.unary_unary or handler.stream_unary
+    if unary is not None:
+        behavior = wrap_unary(method, unary, limit_s=limit_s, outage=outage, calls=calls)
+        if handler.unary_unary is not None:
+            return replace(unary_unary=behavior)
+        return replace(stream_unary=behavior)
     if handler.unary_stream is not None:
-        return replace(unary_stream=wrap_streaming(method, handler.unary_stream))
+        return replace(unary_stream=wrap_streaming(method, handler.unary_stream, outage=outage))
     if handler.stream_stream is not None:
-        return replace(stream_stream=wrap_streaming(method, handler.stream_stream))
+        return replace(stream_stream=wrap_streaming(method, handler.stream_stream, outage=outage))
     return handler
 
 
 class ErrorMapping(grpc.aio.ServerInterceptor):
+    """Exceptions to status codes for every call; with ``call_timeout_s``, every unary call
+    bounded; with ``outage``, each database outage a call met told to it. ``calls``: the
+    unary calls in flight."""
+
+    def __init__(
+        self, *, call_timeout_s: float | None = None, outage: OutageHook | None = None
+    ) -> None:
+        self._limit_s = call_timeout_s
+        self._outage = outage
+        self.calls = UnaryCalls()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -230,4 +341,10 @@ class ErrorMapping(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return with_error_mapping(handler_call_details.method, handler)
+        return with_error_mapping(
+            handler_call_details.method,
+            handler,
+            limit_s=self._limit_s,
+            outage=self._outage,
+            calls=self.calls,
+        )

@@ -38,6 +38,7 @@ from devtrust.core.tier import Tier
 from devtrust.verifier import ops_format as fmt
 from devtrust.verifier.inventory import DEFAULT_TOKEN_TTL_S, TOKEN_TTL_S
 from devtrust.verifier.ops_connect import (
+    CHANNEL_OPTIONS,
     DEFAULT_PROFILE,
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -406,7 +407,9 @@ async def execute(
     raise ``OpsError``. ``stop`` ends a watch."""
     conn = connection(args, environ)
     credentials = grpc.ssl_channel_credentials(conn.ca_pem, conn.key_pem, conn.cert_pem)
-    async with grpc.aio.secure_channel(conn.address, credentials) as channel:
+    async with grpc.aio.secure_channel(
+        conn.address, credentials, options=CHANNEL_OPTIONS
+    ) as channel:
         client = QueryClient(channel, timeout=args.timeout)
         session = Session(client, conn.address, args.command, out, err, clock, conn.ca_path)
         try:

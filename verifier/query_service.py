@@ -30,7 +30,7 @@ from devtrust.verifier.ca import CertificateAuthority
 from devtrust.verifier.errors import FailedPrecondition, NotFound, Unauthenticated
 from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.pki import operator_certificate
-from devtrust.verifier.policy import PolicyError, PolicyHolder
+from devtrust.verifier.policy import Policy, PolicyError, PolicyHolder
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.roles import Role
 from devtrust.verifier.settings import QuerySettings
@@ -70,12 +70,13 @@ class QueryService(query_pb2_grpc.QueryServicer):
         inventory: Inventory | None = None,
         operators: Mapping[str, Role] | None = None,
         ca: CertificateAuthority | None = None,
-        reloaded: Callable[[], Awaitable[None]] | None = None,
+        reload: Callable[..., Awaitable[Policy | None]] | None = None,
     ) -> None:
         # Signs IssueOperatorCertificate's certificates; None: that method is refused.
         self._ca = ca
-        # Told after ReloadPolicy reloaded: the verifier's other processes reload too.
-        self._reloaded = reloaded
+        # ReloadPolicy's reload (keyword ``actor``): this replica's files, published to the
+        # database for the other replicas (verifier/policy_store.py); None: the holder's.
+        self._reload = reload
         # The configuration's `operators:`: SetRole leaves these names alone.
         self._operators = dict(operators or {})
         self._policy = policy or PolicyHolder(None)
@@ -281,14 +282,15 @@ class QueryService(query_pb2_grpc.QueryServicer):
     ) -> query_pb2.ReloadPolicyResponse:
         caller = self._operator()
         try:
-            policy = self._policy.reload()
+            if self._reload is not None:
+                policy = await self._reload(actor=caller.actor)
+            else:
+                policy = self._policy.reload()
         except PolicyError as exc:
             raise FailedPrecondition(f"policy refused, the old one stays: {exc}") from exc
         if policy is None:
             raise FailedPrecondition("this verifier has no policy file configured")
         logger.info("policy %s reloaded by %s", policy.policy_id, caller.actor)
-        if self._reloaded is not None:
-            await self._reloaded()
         return wire_query.policy_reloaded_to_wire(policy)
 
     async def GetStoredEvidence(

@@ -7,6 +7,12 @@
   health and server reflection.
 Two servers, not two ports on one, so that no service is reachable on the wrong port. Who
 may call each method is one table (verifier/authz.py), enforced on both by one interceptor.
+
+Faults that pass (issue 12): ``RunningVerifier.drain`` stops the verifier gracefully (SIGTERM:
+health NOT_SERVING, streams told to reconnect elsewhere, then stop, within server.drain_s); a
+database that stops answering turns health NOT_SERVING until it answers again
+(verifier/store_health.py); every unary call is bounded (server.call_timeout_s) and every
+connection kept alive or dropped by HTTP/2 keepalive (``_options``).
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import itertools
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -26,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from devtrust.core.errors import ConfigError
+from devtrust.core.ids import DeviceId
 from devtrust.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
@@ -48,19 +56,16 @@ from devtrust.verifier.interceptor import ErrorMapping
 from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.pki import check_server_issued_by, load_ca, read_server_credentials
 from devtrust.verifier.policy import PolicyError, PolicyHolder
+from devtrust.verifier.policy_store import SharedPolicy
 from devtrust.verifier.query_service import QueryService
 from devtrust.verifier.refs import ReferenceValues
 from devtrust.verifier.revocation import RevocationSink, Revoker
 from devtrust.verifier.revocation_service import RevocationService
+from devtrust.verifier.running import RunningVerifier
 from devtrust.verifier.settings import Settings
-from devtrust.verifier.storage import (
-    Repositories,
-    SqliteRepositories,
-    StoreSink,
-    open_repositories,
-)
-from devtrust.verifier.storage.sqlite_changes import POLICY, Change, ChangeFeed, SqliteStreams
-from devtrust.verifier.storage.sqlite_changes import Handler as ChangeHandler
+from devtrust.verifier.storage import Repositories, StoreSink, open_repositories
+from devtrust.verifier.storage.changes import ChangeFeed
+from devtrust.verifier.store_health import StoreHealth
 from devtrust.verifier.watch import TrustWatch
 
 logger = logging.getLogger(__name__)
@@ -146,40 +151,6 @@ def _check_local_ca(
         )
 
 
-@dataclass
-class RunningVerifier:
-    enrollment_server: grpc.aio.Server
-    attestation_server: grpc.aio.Server
-    enrollment_port: int
-    attestation_port: int
-    repos: Repositories
-    policy: PolicyHolder
-    attestation: AttestationService
-    revoker: Revoker
-    watch: TrustWatch = field(default_factory=TrustWatch)
-    # The services each port serves (full names): every method has a row in authz's table.
-    services: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    started: list[grpc.aio.Server] = field(default_factory=list)
-    # What the other processes on the database changed (verifier/storage/sqlite_changes.py).
-    feed: ChangeFeed | None = None
-
-    async def stop(self, grace: float | None = 1.0) -> None:
-        """Stop what was started (grpc refuses to stop a server that never started), let
-        appraisals in flight finish writing, then close the store."""
-        self.watch.close()  # watchers get what is queued, then their streams end
-        for server in self.started:
-            await server.stop(grace)
-        self.started.clear()
-        await self.attestation.aclose()
-        await self.revoker.aclose()
-        if self.feed is not None:
-            await self.feed.aclose()
-        await self.repos.close()
-
-    async def wait(self) -> None:
-        await self.attestation_server.wait_for_termination()
-
-
 @dataclass(frozen=True)
 class WorkerPlace:
     """This process's place among the verifier's workers (verifier/workers.py): worker
@@ -196,12 +167,25 @@ class WorkerPlace:
 
 def _options(config: VerifierConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     limit = config.limits.max_message_bytes
+    server = config.server
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # A ping after keepalive_s without traffic; a peer that does not answer within
+        # keepalive_timeout_s is gone (a dead host, a dropped route): its connection and its
+        # streams end, rather than a stream held open until the next challenge.
+        ("grpc.keepalive_time_ms", round(server.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(server.keepalive_timeout_s * 1000)),
+        # Any ping's ack, not only keepalive's: a flow-control ping sent just before the
+        # peer went silent would otherwise hold the keepalive for gRPC's default minute.
+        ("grpc.http2.ping_timeout_ms", round(server.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Keep pinging a connection whose stream is quiet between challenges (gRPC stops
+        # after two pings without data otherwise).
+        ("grpc.http2.max_pings_without_data", 0),
+        # Clients' own pings: at most one per 10 s, or their connection is closed (too many
+        # pings); agents ping less often.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         # gRPC sets SO_REUSEPORT by default: a second verifier would bind the same port and
         # the kernel would split connections between the two (issue 8). Set only among one
         # verifier's own workers, whose parent checked that nothing else holds the port.
@@ -299,68 +283,84 @@ def _settings(config: VerifierConfig, worker: WorkerPlace | None) -> Settings:
 
 # gRPC health: the service name each worker answers SERVING for, after this prefix.
 WORKER_HEALTH = "devtrust.verifier."
+# The device the database probe asks for: a read that reaches the database, of no device.
+_PROBE_DEVICE = DeviceId("0" * 64)
 
 
-async def _serving(servicer: health.aio.HealthServicer, names: list[str]) -> None:
+def _store_probe(repos: Repositories) -> Callable[[], Awaitable[object]]:
+    async def probe() -> object:
+        return await repos.devices.get(_PROBE_DEVICE)
+
+    return probe
+
+
+async def _serving(
+    servicer: health.aio.HealthServicer, names: list[str], store_health: StoreHealth
+) -> None:
+    """SERVING for ``names``, for as long as the database answers."""
     for name in names:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    store_health.serve(servicer, names)
 
 
 async def _load_state(
-    running: RunningVerifier, enrollment: EnrollmentService, worker: WorkerPlace | None
+    running: RunningVerifier, enrollment: EnrollmentService, *, shared: bool
 ) -> None:
     """What the servers need before serving. The change feed's position is taken before
     the state it keeps current is loaded (nothing falls between), and its consumers
     subscribed: the revoker always (other processes may share the database), the trust watch
-    among several workers; it polls once they are loaded."""
+    when ``shared`` (several workers, or replicas on a database server: a decision made by
+    any of them reaches every watch), the policy (verifier/policy_store.py); it polls once
+    they are loaded."""
     feed = running.feed
     if feed is not None:
         await feed.open()
         running.revoker.follow(feed)
-        if worker is not None and worker.count > 1:
+        if shared:
             running.watch.follow(feed)
-        feed.subscribe(_policy_follower(running.policy, feed.origin))
+        if running.shared_policy is not None:
+            feed.subscribe(running.shared_policy.follow)
+    if running.shared_policy is not None:
+        await running.shared_policy.start()  # the fleet's policy (the database's), before serving
     await running.revoker.start()  # the live revocations and the first CRL, before serving
     await enrollment.start()  # the inventory, before any device enrolls
     if feed is not None:
         feed.run()
 
 
-def _announce_policy(feed: ChangeFeed | None) -> Callable[[], Awaitable[None]] | None:
-    """What ReloadPolicy calls once it reloaded: a row on the feed, so that the other
-    processes reload the policy file too."""
-    if feed is None:
-        return None
+def _local_policy(config: VerifierConfig) -> PolicyHolder:
+    """The policy of this replica's files (ConfigError when it does not load)."""
+    try:
+        policy = PolicyHolder(config.policy)
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from exc
+    if policy.current is not None:
+        logger.info(
+            "policy %s: %d rules from %s",
+            policy.current.policy_id,
+            len(policy.current.rules),
+            config.policy,
+        )
+    else:
+        logger.warning("no posture and GPU policy: only TPM evidence is appraised")
+    return policy
 
-    async def announce() -> None:
-        await feed.announce(POLICY)
 
-    return announce
+_started = itertools.count()
 
 
-def _policy_follower(policy: PolicyHolder, origin: str) -> ChangeHandler:
-    """Reload the policy when another process did (ReloadPolicy on another worker)."""
-
-    async def follow(changes: Sequence[Change]) -> None:
-        if not any(c.kind == POLICY and c.origin != origin for c in changes):
-            return
-        try:
-            loaded = policy.reload()
-        except PolicyError as exc:
-            logger.error("policy reloaded by another worker refused here: %s", exc)  # noqa: TRY400
-            return
-        if loaded is not None:
-            logger.info("policy %s reloaded (another worker reloaded it)", loaded.policy_id)
-
-    return follow
+def _origin(worker: WorkerPlace | None) -> str:
+    """This verifier's name on what it writes to the shared database: host, worker, pid, and
+    after the first a number, so that two verifiers in one process (tests of replicas) do
+    not take each other's changes for their own."""
+    name = f"{socket.gethostname()}/{worker.name if worker else 'verifier'}/{os.getpid()}"
+    n = next(_started)
+    return f"{name}/{n}" if n else name
 
 
 def _change_feed(repos: Repositories, worker: WorkerPlace | None) -> ChangeFeed | None:
-    """The reader of what other processes change in the database (an SQLite one)."""
-    if not isinstance(repos, SqliteRepositories):
-        return None
-    origin = f"{socket.gethostname()}/{worker.name if worker else 'verifier'}/{os.getpid()}"
-    return ChangeFeed(repos.path, repos.engine, origin=origin)
+    """The reader of what other processes (workers, replicas) change in the database."""
+    return repos.change_feed(_origin(worker))
 
 
 async def start_verifier(
@@ -385,21 +385,17 @@ async def start_verifier(
         logger.info(
             "reference values: %d groups from %s", len(refs.groups), config.reference_values
         )
-    try:
-        policy = PolicyHolder(config.policy)
-    except PolicyError as exc:
-        raise ConfigError(str(exc)) from exc
-    if policy.current is not None:
-        logger.info(
-            "policy %s: %d rules from %s",
-            policy.current.policy_id,
-            len(policy.current.rules),
-            config.policy,
-        )
-    else:
-        logger.warning("no posture and GPU policy: only TPM evidence is appraised")
+    policy = _local_policy(config)
     repos = await open_repositories(config.database)
     feed = _change_feed(repos, worker)
+    # The fleet's policy is the database's (verifier/policy_store.py): this one published,
+    # or replaced by it, at _load_state.
+    shared_policy = SharedPolicy(
+        policy,
+        repos.policies(),
+        origin=_origin(worker) if feed is None else feed.origin,
+        clock=clock,
+    )
     # Who may call what: one table, one interceptor for both ports (verifier/authz.py); it
     # runs inside ErrorMapping, which maps its refusals to status codes.
     authorizer = Authorizer(
@@ -408,7 +404,10 @@ async def start_verifier(
         roles=repos.roles,
         devices=repos.devices,
     )
-    interceptors = [ErrorMapping(), Authorization(authorizer)]
+    # The database's state, shown by health; told of each call that met an outage.
+    store_health = StoreHealth(_store_probe(repos), interval_s=config.server.store_probe_s)
+    errors = ErrorMapping(call_timeout_s=config.server.call_timeout_s, outage=store_health.failed)
+    interceptors = [errors, Authorization(authorizer)]
     inventory = (
         Inventory.load(settings.enrollment.inventory)
         if settings.enrollment.inventory is not None
@@ -472,7 +471,7 @@ async def start_verifier(
         limits=settings.limits,
         clock=clock,
         # Each stream claims its device's lease in the store shared by every worker.
-        leases=SqliteStreams(repos.engine) if isinstance(repos, SqliteRepositories) else None,
+        leases=repos.streams(),
         owner=f"{socket.gethostname()}/{worker.name if worker else 'verifier'}/{os.getpid()}",
     )
     attestation_pb2_grpc.add_AttestationServicer_to_server(attestation, attest)
@@ -488,7 +487,7 @@ async def start_verifier(
             inventory=inventory,
             operators=config.roles,
             ca=ca,
-            reloaded=_announce_policy(feed),
+            reload=shared_policy.reload,
         ),
         attest,
     )
@@ -508,10 +507,27 @@ async def start_verifier(
         [(server_key, server_cert)], root_certificates=pem(ca.cert), require_client_auth=True
     )
     running = RunningVerifier(
-        enroll, attest, 0, 0, repos, policy, attestation, revoker, watch, services, feed=feed
+        enroll,
+        attest,
+        0,
+        0,
+        repos,
+        policy,
+        attestation,
+        revoker,
+        watch,
+        services,
+        feed=feed,
+        health=[health_servicer, enroll_health],
+        store_health=store_health,
+        drain_s=config.server.drain_s,
+        shared_policy=shared_policy,
+        calls=errors.calls,
     )
     try:
-        await _load_state(running, enrollment, worker)
+        # Several processes: workers, or replicas on a database server (not an SQLite file).
+        shared = (worker is not None and worker.count > 1) or not isinstance(config.database, Path)
+        await _load_state(running, enrollment, shared=shared)
         probe = worker is None  # the workers' parent probed the ports (verifier/workers.py)
         running.enrollment_port = _listen(
             enroll, config.listen.enrollment, tls, "listen.enrollment", probe=probe
@@ -524,8 +540,9 @@ async def start_verifier(
         # Each worker answers for itself too: a client learns which one its connection
         # reached (tests, and an operator chasing one worker's logs).
         mine = [f"{WORKER_HEALTH}{worker.name}"] if worker is not None else []
-        await _serving(health_servicer, ["", *names[:2], *mine])
-        await _serving(enroll_health, ["", enroll_names[0], *mine])
+        await _serving(health_servicer, ["", *names[:2], *mine], store_health)
+        await _serving(enroll_health, ["", enroll_names[0], *mine], store_health)
+        store_health.start()
     except BaseException:  # a failed or interrupted start leaves nothing listening
         await running.stop(grace=None)
         raise
@@ -536,3 +553,14 @@ async def start_verifier(
         config.database,
     )
     return running
+
+
+__all__ = [
+    "WORKER_HEALTH",
+    "RunningVerifier",
+    "WorkerPlace",
+    "bind_problem",
+    "load_endorsements",
+    "start_verifier",
+    "utcnow",
+]

@@ -17,9 +17,10 @@ The parent, before any worker starts:
 Then it starts worker 0, and the others once it serves (a mistake in the configuration is
 reported once, as by the single process, exit 2). It supervises: a worker that dies is
 started again after a backoff (0.5 s doubling to 10 s, reset once a worker served a
-minute); SIGTERM and SIGINT stop every worker gracefully (each as the single process stops),
-SIGHUP is passed to each (each reloads its policy). A worker whose parent dies stops too
-(the pipe between them closes).
+minute); SIGTERM and SIGINT are passed to every worker, which drains as the single process
+does (server.drain_s), and the parent waits for them (killing one still running past the
+drain and a margin); SIGHUP is passed to each (each reloads its policy files and publishes
+them). A worker whose parent dies stops too (the pipe between them closes).
 
 What the workers share goes through the database (verifier/storage/sqlite_changes.py):
 revocations, the devices revoked or moved, the trust watch's changes, each device's stream
@@ -36,6 +37,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -46,18 +48,22 @@ from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import IsoFormatter, configure_logging
 from devtrust.verifier.config import VerifierConfig, parse_address
 from devtrust.verifier.policy import PolicyError
+from devtrust.verifier.policy_store import SIGHUP_ACTOR
 from devtrust.verifier.server import RunningVerifier, WorkerPlace, bind_problem, start_verifier
 from devtrust.verifier.storage import open_repositories
+from devtrust.verifier.store_health import is_outage
 
 logger = logging.getLogger("devtrust.verifier.workers")
 # Restart backoff: first delay, cap; a worker that served this long starts the count again.
 BACKOFF_S = (0.5, 10.0)
 HEALTHY_S = 60.0
-# A worker stops within its grace and this margin, or is killed. Streams are long-lived, so
-# the grace always runs out while any is open: it is for unary calls (enrollments, queries);
-# decisions in flight are awaited apart (AttestationService.aclose), so a restart loses none.
+# A worker drains within server.drain_s (its streams ended after their decisions in flight,
+# unary calls finished, RunningVerifier.drain), and exits within this margin after, or is
+# killed. STOP_GRACE_S bounds a worker that failed to start.
 STOP_GRACE_S = 2.0
 STOP_MARGIN_S = 10.0
+# A process still running this long after its drain's bound exits anyway (_exit_after).
+EXIT_MARGIN_S = 5.0
 _READY = "ready"
 _FAILED = "failed"
 
@@ -68,25 +74,64 @@ _FAILED = "failed"
 async def serve_until_signalled(
     running: RunningVerifier, *, stopped: asyncio.Event | None = None
 ) -> None:
-    """Serve until SIGTERM or SIGINT (or ``stopped``): SIGHUP reloads the policy."""
+    """Serve until SIGTERM or SIGINT (or ``stopped``), then drain (server.drain_s): SIGHUP
+    reloads the policy files and publishes them to the database."""
     stop = stopped or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
 
-    def reload_policy() -> None:
-        try:
-            policy = running.policy.reload()
-        except PolicyError as exc:
-            logger.error("SIGHUP: policy refused, the old one stays: %s", exc)  # noqa: TRY400
-            return
-        if policy is not None:
-            logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
+    def on_sighup() -> None:
+        task = asyncio.create_task(reload_policy(running))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, reload_policy)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
-    logger.info("stopping")
-    await running.stop(grace=STOP_GRACE_S)
+    logger.info("stopping: draining within %g s", running.drain_s)
+    watchdog = _exit_after(running.drain_s + EXIT_MARGIN_S)
+    try:
+        await running.drain()
+    finally:
+        watchdog.cancel()
+
+
+def _exit_after(limit_s: float) -> threading.Timer:
+    """A drain that hangs (a task that ignores cancellation, a thread stuck in a database
+    call) does not keep the process: a daemon timer ends it after ``limit_s``, exit status
+    1, unless cancelled first."""
+
+    def expire() -> None:
+        logger.error("did not stop within %g s of SIGTERM: exiting anyway", limit_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(limit_s, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+async def reload_policy(running: RunningVerifier) -> None:
+    """SIGHUP: this process's policy files, loaded and published (the other processes and
+    replicas follow); a policy that does not load, or a database that does not take it,
+    leaves the old one in force, said in the log."""
+    try:
+        if running.shared_policy is not None:
+            policy = await running.shared_policy.reload(actor=SIGHUP_ACTOR)
+        else:
+            policy = running.policy.reload()
+    except PolicyError as exc:
+        logger.error("SIGHUP: policy refused, the old one stays: %s", exc)  # noqa: TRY400
+        return
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        logger.error("SIGHUP: the database did not take the policy, the old one stays: %s", exc)  # noqa: TRY400
+        return
+    if policy is not None:
+        logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
 
 
 # --- the parent: ports, database, workers -----------------------------------------------------
@@ -211,9 +256,11 @@ class Supervisor:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """SIGTERM to every worker; those still running after the grace are killed."""
+        """SIGTERM to every worker (each drains); those still running after the drain and a
+        margin are killed."""
         self.signal_all(signal.SIGTERM)
-        deadline = asyncio.get_running_loop().time() + STOP_GRACE_S + STOP_MARGIN_S
+        limit = max(STOP_GRACE_S, self._config.server.drain_s) + STOP_MARGIN_S
+        deadline = asyncio.get_running_loop().time() + limit
         for worker in self._workers:
             process = worker.process
             if process is None:

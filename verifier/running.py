@@ -1,0 +1,108 @@
+"""A verifier running: its two servers and what they serve, and how it stops: ``drain``
+(SIGTERM, issue 12 C4) within server.drain_s, or ``stop`` at once. Made by
+verifier/server.py ``start_verifier``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health
+
+from devtrust.verifier.attest_service import AttestationService
+from devtrust.verifier.interceptor import UnaryCalls
+from devtrust.verifier.policy import PolicyHolder
+from devtrust.verifier.policy_store import SharedPolicy
+from devtrust.verifier.revocation import Revoker
+from devtrust.verifier.storage import Repositories
+from devtrust.verifier.storage.changes import ChangeFeed
+from devtrust.verifier.store_health import StoreHealth
+from devtrust.verifier.watch import TrustWatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningVerifier:
+    enrollment_server: grpc.aio.Server
+    attestation_server: grpc.aio.Server
+    enrollment_port: int
+    attestation_port: int
+    repos: Repositories
+    policy: PolicyHolder
+    attestation: AttestationService
+    revoker: Revoker
+    watch: TrustWatch = field(default_factory=TrustWatch)
+    # The services each port serves (full names): every method has a row in authz's table.
+    services: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    started: list[grpc.aio.Server] = field(default_factory=list)
+    # What the other processes on the database changed (verifier/storage/sqlite_changes.py).
+    feed: ChangeFeed | None = None
+    # Both ports' health servicers, and the database's state they show.
+    health: list[health.aio.HealthServicer] = field(default_factory=list)
+    store_health: StoreHealth | None = None
+    # SIGTERM's bound (server.drain_s).
+    drain_s: float = 10.0
+    # The fleet's policy, kept to the database's (ReloadPolicy and SIGHUP publish).
+    shared_policy: SharedPolicy | None = None
+    # The unary calls in flight on both ports (a drain lets them finish).
+    calls: UnaryCalls | None = None
+    stopped: bool = False
+
+    async def drain(self, limit_s: float | None = None) -> None:
+        """Stop gracefully within ``limit_s`` (default server.drain_s): health NOT_SERVING
+        on both ports for every service name, each attestation stream ended once no
+        evidence is outstanding on it (its decision stored and answered) with the drain's
+        status (verifier/attest_service.py), new streams refused the same way, the watches
+        ended, unary calls in flight finished; then ``stop``."""
+        limit = self.drain_s if limit_s is None else limit_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        logger.info(
+            "draining: health NOT_SERVING, %d attestation streams to end within %g s",
+            self.attestation.open_streams,
+            limit,
+        )
+        if self.store_health is not None:
+            await self.store_health.aclose()  # it would set SERVING again
+        for servicer in self.health:
+            await servicer.enter_graceful_shutdown()
+        # The last part of the bound is for stopping the servers and closing the store.
+        reserve = min(1.0, limit / 4)
+        await self.attestation.drain(deadline - reserve)
+        self.watch.close()  # watchers get what is queued, then their streams end
+        if self.calls is not None and not await self.calls.settled(
+            deadline - reserve - loop.time()
+        ):
+            logger.warning("draining: %d unary calls still running, cut", self.calls.count)
+        # What is left (health watches, revocation feeds, a call that came late): a short
+        # grace, then cancelled.
+        left = max(0.0, deadline - loop.time())
+        await self.stop(grace=min(left, 0.5), decisions_s=max(left, 0.1))
+        logger.info("drained in %.2f s", limit - (deadline - loop.time()))
+
+    async def stop(self, grace: float | None = 1.0, *, decisions_s: float | None = None) -> None:
+        """Stop what was started (grpc refuses to stop a server that never started), let
+        appraisals in flight finish writing (within ``decisions_s`` when given), then close
+        the store. Once: a second call does nothing."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.store_health is not None:
+            await self.store_health.aclose()
+        self.watch.close()  # watchers get what is queued, then their streams end
+        # Both at once: the grace is one bound, not one per server.
+        await asyncio.gather(*(server.stop(grace) for server in self.started))
+        self.started.clear()
+        await self.attestation.aclose(within_s=decisions_s)
+        await self.revoker.aclose()
+        if self.feed is not None:
+            await self.feed.aclose()
+        await self.repos.close()
+        if self.shared_policy is not None:
+            self.shared_policy.close()
+
+    async def wait(self) -> None:
+        await self.attestation_server.wait_for_termination()
