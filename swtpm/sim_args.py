@@ -14,7 +14,9 @@ Simulate N devices attesting to a verifier: K on real swtpm processes, the rest 
 in-process software TPM whose EK certificates chain to a simulation root (which a verifier
 trusts only when its configuration names it: endorsement.trust_simulation_root). Each device
 is the agent's own client with a recorded GPU host (H100, A100, B200, GB200 captures).
-Without --verifier, a verifier is started for the run (SQLite, in a process of its own).
+Without --verifier, a verifier is started for the run (SQLite, in a process of its own), or
+--replicas N of them sharing one PostgreSQL (--database URL, or --postgres: a throwaway one
+from this machine's binaries); each device lists every replica and moves when its one goes.
 Faults are injected at --faults' rate and timed until the verifier's results show them.
 Ends with a table (and --json FILE); exit 0 when every fault was detected and no result was
 lost or duplicated, 1 otherwise."""
@@ -50,6 +52,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _database_url(text: str) -> str:
+    scheme = text.partition("://")[0].lower()
+    if scheme not in ("postgresql", "postgres") or "://" not in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a PostgreSQL URL: give postgresql://USER:PASSWORD@HOST:PORT/DBNAME "
+            "(or --postgres for a throwaway one)"
+        )
+    return text
+
+
 def _faults(text: str) -> FaultSpec:
     try:
         return parse_faults(text)
@@ -83,6 +95,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures here as JSON")
     p.add_argument(
         "--workers", type=_positive_int, default=1, help="the embedded verifier's processes"
+    )
+    p.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="embedded verifiers (separate processes) sharing one database; more than one "
+        "needs --database or --postgres",
+    )
+    store = p.add_mutually_exclusive_group()
+    store.add_argument(
+        "--database",
+        type=_database_url,
+        metavar="URL",
+        help="an existing PostgreSQL for the embedded verifiers (its data is kept; this run's "
+        "devices are new ones)",
+    )
+    store.add_argument(
+        "--postgres",
+        action="store_true",
+        help="a throwaway PostgreSQL for the embedded verifiers, started from this machine's "
+        "binaries in the work directory (and restarted by the pgrestart fault)",
     )
     p.add_argument(
         "--concurrency", type=_positive_int, default=32, help="enrollments in flight at once"

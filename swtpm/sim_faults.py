@@ -25,11 +25,32 @@ class FaultKind(enum.Enum):
     REPLAY = "replay"  # an earlier quote sent again with fresh claims
     CLOCK = "clock"  # the TPM clock rolled back without a reset
     STORM = "storm"  # a share of the fleet disconnects at once and reconnects
-    RESTART = "restart"  # the verifier restarts (embedded verifier only)
+    RESTART = "restart"  # the verifier restarts, every replica (embedded verifier only)
+    KILL = "kill"  # one replica killed (SIGKILL), started again a few seconds later
+    DRAIN = "drain"  # one replica drains (SIGTERM) and is started again
+    PGRESTART = "pgrestart"  # the replicas' PostgreSQL restarts (a throwaway one only)
 
 
 DEVICE_FAULTS = (FaultKind.PCR, FaultKind.DRIVER, FaultKind.ECC, FaultKind.REPLAY, FaultKind.CLOCK)
-FLEET_FAULTS = (FaultKind.STORM, FaultKind.RESTART)
+FLEET_FAULTS = (
+    FaultKind.STORM,
+    FaultKind.RESTART,
+    FaultKind.KILL,
+    FaultKind.DRAIN,
+    FaultKind.PGRESTART,
+)
+# The faults whose devices must move to another replica: each device's move (from the
+# fault to its first challenge from another replica) is timed against the agent's backoff
+# bound (reconnect_max_s).
+MOVES = frozenset({FaultKind.KILL, FaultKind.DRAIN})
+# Where in the run's window each fleet fault is injected (a fraction of the window): apart,
+# so that each one's devices have settled before the next.
+FLEET_AT: Mapping[FaultKind, float] = {
+    FaultKind.KILL: 0.25,
+    FaultKind.PGRESTART: 0.45,
+    FaultKind.RESTART: 0.6,
+    FaultKind.DRAIN: 0.8,
+}
 # The agent's watch sees these (NVML events, the driver's files) and tells the verifier at
 # once, which challenges at once: detected within a second. The others wait for the next
 # challenge, up to the attestation interval.
@@ -43,8 +64,23 @@ FINDINGS: Mapping[FaultKind, str] = {
     FaultKind.CLOCK: "tpm.clock.backwards",
 }
 # A storm takes down this many devices per... the same rate as the device faults; one storm
-# per STORM_EVERY_S of the run (at least one), one verifier restart per run.
+# per STORM_EVERY_S of the run (at least one); one restart, kill, drain and database restart
+# per run, each at its FLEET_AT.
 STORM_EVERY_S = 120.0
+
+
+def fleet_faults(*, embedded: bool, replicas: int, own_database: bool) -> frozenset[FaultKind]:
+    """The fleet faults a run can inject: a storm always; a restart of verifiers it started;
+    a kill or a drain only with another replica to move to; a database restart of the
+    PostgreSQL it started itself (``--postgres``)."""
+    kinds = {FaultKind.STORM}
+    if embedded:
+        kinds.add(FaultKind.RESTART)
+        if replicas > 1:
+            kinds |= {FaultKind.KILL, FaultKind.DRAIN}
+        if own_database:
+            kinds.add(FaultKind.PGRESTART)
+    return frozenset(kinds)
 
 
 @dataclass(frozen=True)
@@ -119,14 +155,16 @@ def plan(
     start: float,
     end: float,
     rng: random.Random,
-    restart: bool = True,
+    fleet: Iterable[FaultKind] = (FaultKind.STORM, FaultKind.RESTART),
 ) -> list[Injection]:
     """Every injection of a run, in time order, within [start, end).
 
     Device faults: ``rate`` of the fleet gets each kind (at least one device per kind), each
     device at most one fault in the run, at times spread uniformly. Storms: one per
     ``STORM_EVERY_S`` of the window, each disconnecting ``rate`` of the fleet at once.
-    A restart: one, at 60% of the window, when ``restart`` (an embedded verifier)."""
+    A restart, a kill, a drain, a database restart: one each, at its ``FLEET_AT`` of the
+    window, when the run can inject it (``fleet``, from ``fleet_faults``)."""
+    possible = frozenset(fleet)
     if not spec.enabled or devices <= 0 or end <= start:
         return []
     out: list[Injection] = []
@@ -142,15 +180,16 @@ def plan(
             out.append(Injection(rng.uniform(start, end), kind, (pool[n],)))
             n += 1
     width = end - start
-    if FaultKind.STORM in spec.kinds:
+    if FaultKind.STORM in spec.kinds and FaultKind.STORM in possible:
         storms = max(1, int(width // STORM_EVERY_S))
         for i in range(storms):
             at = start + width * (i + 0.35) / storms
             out.append(
                 Injection(at, FaultKind.STORM, tuple(sorted(rng.sample(range(devices), per_kind))))
             )
-    if FaultKind.RESTART in spec.kinds and restart:
-        out.append(Injection(start + width * 0.6, FaultKind.RESTART))
+    for kind, fraction in FLEET_AT.items():
+        if kind in spec.kinds and kind in possible:
+            out.append(Injection(start + width * fraction, kind))
     out.sort(key=lambda i: i.at)
     return out
 
@@ -178,9 +217,22 @@ class KindFigures:
     # Device faults undone once detected (the device rebooted, its driver or clock put
     # back): a later result without the finding. The verifier lets the device back in.
     recovered: int = 0
+    # A kill or a drain (MOVES): each device's seconds from the fault to its first challenge
+    # from another replica, the bound it must move within (the agent's reconnect_max_s),
+    # and the devices that never moved.
+    moves: list[float] = field(default_factory=list)
+    bound_s: float | None = None
+    unmoved: int = 0
+
+    @property
+    def late(self) -> int:
+        """Devices that did not move within the bound: slower ones, and those never moved."""
+        if self.bound_s is None:
+            return 0
+        return self.unmoved + sum(1 for s in self.moves if s > self.bound_s)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "injected": self.injected,
             "detected": self.detected,
             "missed": self.injected - self.detected,
@@ -192,6 +244,16 @@ class KindFigures:
             "time_to_detect_p50_s_while_serving": _round(percentile(self.serving_seconds, 50)),
             "time_to_detect_p99_s_while_serving": _round(percentile(self.serving_seconds, 99)),
         }
+        if self.bound_s is not None:
+            doc |= {
+                "moved": len(self.moves),
+                "move_p50_s": _round(percentile(self.moves, 50)),
+                "move_p99_s": _round(percentile(self.moves, 99)),
+                "move_max_s": _round(max(self.moves) if self.moves else None),
+                "move_bound_s": self.bound_s,
+                "not_moved_within_bound": self.late,
+            }
+        return doc
 
 
 def _round(value: float | None) -> float | None:
@@ -223,6 +285,13 @@ class Figures:
     errors: dict[str, int] = field(default_factory=dict)
     reconnects: int = 0  # streams that failed and were opened again (restarts, storms)
     verifier: str = ""
+    replicas: int = 1
+    database: str = ""  # the store's kind: SQLite, PostgreSQL (throwaway or given)
+    # Replica processes found exited that the run did not stop or kill (a database restart
+    # must not take a verifier down).
+    replicas_exited: int = 0
+    # SIGTERMs a replica did not exit after within twice its drain bound (then SIGKILLed).
+    forced_stops: int = 0
 
     @property
     def rate(self) -> float:
@@ -237,6 +306,10 @@ class Figures:
             "interval_s": self.interval_s,
             "faults": self.faults,
             "verifier": self.verifier,
+            "replicas": self.replicas,
+            "database": self.database,
+            "replicas_exited_unexpectedly": self.replicas_exited,
+            "replica_stops_overran": self.forced_stops,
             "enrolled": self.enrolled,
             "enroll_seconds": round(self.enroll_seconds, 3),
             "tiers": dict(self.tiers),
@@ -256,7 +329,7 @@ class Figures:
 
     @staticmethod
     def _serving(name: str, k: dict[str, Any]) -> str:
-        if name in (FaultKind.STORM.value, FaultKind.RESTART.value):
+        if name in _FLEET_NAMES:
             return "-"
         return (
             f"{k['detected_while_serving']:,}, {_seconds(k['time_to_detect_p50_s_while_serving'])}"
@@ -265,7 +338,7 @@ class Figures:
 
     @staticmethod
     def _recovered(name: str, kind: KindFigures) -> str:
-        if name in (FaultKind.STORM.value, FaultKind.RESTART.value):
+        if name in _FLEET_NAMES:
             return "-"
         return f"{kind.recovered:,}"
 
@@ -275,7 +348,15 @@ class Figures:
             f"devices      {self.devices:,} ({self.soft_tpms:,} soft TPM, {self.swtpms:,} swtpm), "
             f"{self.enrolled:,} enrolled in {self.enroll_seconds:.1f} s",
             f"run          {self.duration_s:.0f} s at a {self.interval_s:g} s interval; faults: "
-            f"{self.faults}; verifier: {self.verifier}",
+            f"{self.faults}",
+            f"verifier     {self.replicas} replica{'s' if self.replicas != 1 else ''} on "
+            f"{self.database or '?'}: {self.verifier}"
+            + (f"; {self.replicas_exited} exited unexpectedly" if self.replicas_exited else "")
+            + (
+                f"; {self.forced_stops} did not exit after SIGTERM (killed)"
+                if self.forced_stops
+                else ""
+            ),
             "tiers        "
             + "  ".join(f"{tier} {n:,}" for tier, n in sorted(self.tiers.items(), key=_tier_order)),
         ]
@@ -292,6 +373,16 @@ class Figures:
                     f"{_seconds(k['time_to_detect_p50_s']):>10} "
                     f"{_seconds(k['time_to_detect_p99_s']):>10} {self._recovered(name, kind):>9}"
                     f"   {self._serving(name, k)}"
+                )
+            for name, kind in self.kinds.items():
+                if kind.bound_s is None:
+                    continue
+                lines.append(
+                    f"{name + ' moves':<12} {len(kind.moves):,} devices to another replica: "
+                    f"p50 {_seconds(percentile(kind.moves, 50))}, p99 "
+                    f"{_seconds(percentile(kind.moves, 99))}, max "
+                    f"{_seconds(max(kind.moves) if kind.moves else None)} (bound "
+                    f"{_seconds(kind.bound_s)}); {kind.late:,} not within it"
                 )
         silent = f"; {self.silent:,} devices got none" if self.silent else ""
         lines.append(
@@ -312,6 +403,7 @@ class Figures:
 
 
 TIER_ORDER = ("affirming", "warning", "contraindicated", "none")
+_FLEET_NAMES = frozenset(k.value for k in FLEET_FAULTS)
 
 
 def _tier_order(item: tuple[str, int]) -> int:

@@ -47,6 +47,8 @@ class SimTpm:
         self.quoted_at: float | None = None
         self.quotes = 0
         self.replayed_at: float | None = None
+        # Called at each challenge answered (the fleet times a device's move with it).
+        self.on_quote: Callable[[], None] | None = None
 
     async def ek_certificate(self) -> bytes | None:
         return await self.inner.ek_certificate()
@@ -66,6 +68,8 @@ class SimTpm:
     async def quote(self, qualifying_data: bytes, selection: Selection) -> Quote:
         self.quotes += 1
         self.quoted_at = time.monotonic()
+        if self.on_quote is not None:
+            self.on_quote()
         if self.replay_next and self.last is not None:
             self.replay_next = False
             self.replayed_at = self.quoted_at
@@ -103,6 +107,13 @@ class SimDevice:
     down: dict[FaultKind, float] = field(default_factory=dict)
     # A fault detected and undone: its kind, until a result without its finding.
     recovering: FaultKind | None = None
+    # This device's agent configuration (its own order of the replicas' addresses); None:
+    # the fleet's.
+    cfg: AgentConfig | None = None
+    client: AttestationClient | None = None
+    # A kill or drain of its replica: (the fault, when, the replica's address), until its
+    # first challenge from another replica.
+    moving: tuple[FaultKind, float, str] | None = None
 
     @property
     def name(self) -> str:
@@ -137,7 +148,11 @@ class Fleet:
         for attempt in range(ENROLL_ATTEMPTS):
             try:
                 device.enrollment = await enroll(
-                    self.cfg, device.tpm, device.files, host=device.host, ca_pem=self.ca_pem
+                    device.cfg or self.cfg,
+                    device.tpm,
+                    device.files,
+                    host=device.host,
+                    ca_pem=self.ca_pem,
                 )
             except grpc.aio.AioRpcError as exc:
                 if attempt == ENROLL_ATTEMPTS - 1:
@@ -161,8 +176,9 @@ class Fleet:
     def start(self, device: SimDevice) -> None:
         assert device.enrollment is not None
         device.stop = asyncio.Event()
-        client = AttestationClient(
-            self.cfg,
+        device.tpm.on_quote = lambda: self._on_quote(device)
+        device.client = client = AttestationClient(
+            device.cfg or self.cfg,
             tpm=device.tpm,
             host=device.host,
             files=device.files,
@@ -193,6 +209,37 @@ class Fleet:
     def mark_down(self, device: SimDevice, kind: FaultKind, now: float) -> None:
         """The device's stream is going down with the verifier: timed until its next result."""
         device.down.setdefault(kind, now)
+
+    @staticmethod
+    def address(device: SimDevice) -> str | None:
+        """The verifier address the device's current (or next) stream goes to."""
+        # The client's own record of its stream's address; the simulator only reads it.
+        target = getattr(device.client, "_target", None)
+        address = getattr(target, "address", None)
+        return address if isinstance(address, str) else None
+
+    def mark_moving(self, device: SimDevice, kind: FaultKind, now: float, address: str) -> None:
+        """The device's replica at ``address`` is going away: timed until its first
+        challenge from another replica (its move), then until its next result."""
+        if device.moving is None:
+            device.moving = (kind, now, address)
+
+    def _on_quote(self, device: SimDevice) -> None:
+        if device.moving is None:
+            return
+        kind, since, left = device.moving
+        if self.address(device) == left:
+            return  # still (or again) at the replica that went away
+        device.moving = None
+        self.kind(kind).moves.append(time.monotonic() - since)
+        # Survived once this stream's result arrives.
+        device.down.setdefault(kind, since)
+
+    def unmoved(self) -> None:
+        """At the end: devices that never moved off their replica count against its kind."""
+        for device in self.devices:
+            if device.moving is not None:
+                self.kind(device.moving[0]).unmoved += 1
 
     async def stop_all(self) -> None:
         for device in self.devices:
@@ -292,7 +339,9 @@ class Fleet:
     def awaiting(self) -> int:
         """Faults not yet seen or recovered from, and reconnections not yet attesting."""
         return sum(
-            1 for d in self.devices if d.pending is not None or d.down or d.recovering is not None
+            1
+            for d in self.devices
+            if d.pending is not None or d.down or d.recovering is not None or d.moving is not None
         )
 
 

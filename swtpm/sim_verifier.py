@@ -1,11 +1,14 @@
-"""The simulator's embedded verifier: a real ``devtrust-verifier serve`` process on SQLite.
+"""The simulator's embedded verifier: a real ``devtrust-verifier serve`` process.
 
 ``devtrust simulate`` without ``--verifier`` makes a CA and server certificate, a
 configuration that trusts the simulation EK root (and, for swtpm devices, this run's swtpm
 endorsement CA), and runs the verifier as a process of its own, so that the verifier and the
-simulated fleet each have a core: in one process they would share one interpreter lock. The
-verifier is restarted for the restart fault, and its store is read at the end to check that
-nothing the agents were told was lost or stored twice.
+simulated fleet each have a core: in one process they would share one interpreter lock. Its
+store is an SQLite file of its own, or a database URL that several of them share (replicas,
+``devtrust.swtpm.sim_replicas``, with the CA and server certificate shared too). A verifier
+is stopped (SIGTERM: it drains), killed or restarted for the faults, and the store is read
+at the end (``read_store``, through the verifier's own storage code, either backend) to
+check that nothing the agents were told was lost or stored twice.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,8 +30,21 @@ import yaml
 
 from devtrust.core.errors import DevtrustError
 from devtrust.verifier.pki import PkiFiles, init_pki
+from devtrust.verifier.storage.backends import open_repositories
+from devtrust.verifier.storage.repositories import SqlRepositories
+from devtrust.verifier.storage.sql import Connection
 
 START_TIMEOUT_S = 60.0
+
+
+def make_pki(directory: Path) -> PkiFiles:
+    """The verifier's CA and server certificate (for 127.0.0.1), shared by every replica."""
+    return init_pki(
+        directory,
+        hostnames=["localhost", "127.0.0.1"],
+        now=datetime.datetime.now(datetime.UTC),
+        force=True,
+    )
 
 
 def free_port() -> int:
@@ -60,19 +75,19 @@ class EmbeddedVerifier:
         interval_s: float,
         workers: int = 1,
         extra: dict[str, Any] | None = None,
+        database: str | None = None,
+        pki: PkiFiles | None = None,
+        name: str = "",
     ) -> None:
         self.directory = directory
-        self.database = directory / "verifier.db"
+        # An SQLite file of its own, or the URL of the database the replicas share.
+        self.database: Path | str = database or directory / "verifier.db"
+        self.name = name
         self.enrollment_port = free_port()
         self.attestation_port = free_port()
         self.workers = workers
         directory.mkdir(parents=True, exist_ok=True)
-        self.pki: PkiFiles = init_pki(
-            directory / "pki",
-            hostnames=["localhost", "127.0.0.1"],
-            now=datetime.datetime.now(datetime.UTC),
-            force=True,
-        )
+        self.pki: PkiFiles = pki or make_pki(directory / "pki")
         endorsement: dict[str, Any] = {"trust_simulation_root": str(simulation_root)}
         if swtpm_ca is not None:
             endorsement["trust_swtpm_local_ca"] = str(swtpm_ca)
@@ -108,10 +123,30 @@ class EmbeddedVerifier:
         self.log_path = directory / "verifier.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        # SIGTERMs it did not exit after (its drain overran): killed.
+        self.forced_stops = 0
 
     @property
     def ca_bundle(self) -> Path:
         return self.pki.ca_cert
+
+    @property
+    def enrollment_address(self) -> str:
+        return f"127.0.0.1:{self.enrollment_port}"
+
+    @property
+    def attestation_address(self) -> str:
+        return f"127.0.0.1:{self.attestation_port}"
+
+    @property
+    def running(self) -> bool:
+        """Started and not exited (False after ``stop`` or ``kill`` too)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exited(self) -> bool:
+        """Started, not stopped nor killed by the simulator, and gone: a crash."""
+        return self._proc is not None and self._proc.poll() is not None
 
     @property
     def pid(self) -> int | None:
@@ -119,7 +154,9 @@ class EmbeddedVerifier:
 
     def describe(self) -> str:
         workers = f", {self.workers} workers" if self.workers > 1 else ""
-        return f"embedded (pid {self.pid}{workers}, SQLite {self.database})"
+        store = f", SQLite {self.database}" if isinstance(self.database, Path) else ""
+        name = f"{self.name} " if self.name else ""
+        return f"{name}embedded (pid {self.pid}{workers}{store})"
 
     def start(self) -> None:
         """Start the verifier and wait until both ports accept connections."""
@@ -160,10 +197,21 @@ class EmbeddedVerifier:
                         ) from None
                     time.sleep(0.05)
 
-    def stop(self, *, timeout: float = 20.0) -> None:
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill: no drain, streams cut mid-call."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self, *, timeout: float = 20.0) -> bool:
+        """SIGTERM: the verifier drains (its streams told to reconnect elsewhere) and exits;
+        SIGKILL after ``timeout`` (twice its drain bound). False when it took the SIGKILL."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -172,6 +220,9 @@ class EmbeddedVerifier:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            self.forced_stops += 1
+            return False
+        return True
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -180,25 +231,38 @@ class EmbeddedVerifier:
             return "(no log)"
         return " | ".join(text[-lines:]) or "(empty log)"
 
-    def check_store(self) -> StoreCheck:
-        """Decisions stored per device and evidence stored twice, read from the SQLite file
-        (read-only) after the verifier stopped."""
-        uri = f"file:{self.database}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+
+async def read_store(database: Path | str, device_ids: set[str]) -> StoreCheck:
+    """Decisions stored per device of ``device_ids`` (this run's), and evidence stored twice,
+    read through the verifier's storage code (an SQLite file or a PostgreSQL URL alike),
+    read-only, after the verifiers stopped."""
+    repos = await open_repositories(database, create=False, read_only=True)
+    try:
+        if not isinstance(repos, SqlRepositories):
+            raise DevtrustError(f"cannot read the appraisals of {repos.location}")
+
+        def work(db: Connection) -> list[tuple[str, str]]:
             rows = db.execute(
-                "SELECT device_id, detail FROM audit WHERE event = 'appraisal'"
+                "SELECT device_id, detail FROM audit WHERE event = ?", ("appraisal",)
             ).fetchall()
-        decisions: dict[str, int] = {}
-        seen: set[tuple[str, str]] = set()
-        duplicated = 0
-        for device_id, detail in rows:
-            decisions[device_id] = decisions.get(device_id, 0) + 1
-            digest = _evidence_digest(detail)
-            if digest:
-                if (device_id, digest) in seen:
-                    duplicated += 1
-                seen.add((device_id, digest))
-        return StoreCheck(decisions, duplicated)
+            return [(str(row[0]), str(row[1])) for row in rows]
+
+        rows = await repos.engine.read(work)
+    finally:
+        await repos.close()
+    decisions: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    duplicated = 0
+    for device_id, detail in rows:
+        if device_id not in device_ids:
+            continue  # another run's, in a database given with --database
+        decisions[device_id] = decisions.get(device_id, 0) + 1
+        digest = _evidence_digest(detail)
+        if digest:
+            if (device_id, digest) in seen:
+                duplicated += 1
+            seen.add((device_id, digest))
+    return StoreCheck(decisions, duplicated)
 
 
 def _evidence_digest(detail: str | bytes | None) -> str:

@@ -1,28 +1,28 @@
-"""``devtrust simulate``: a fleet of devices on one event loop against one verifier.
+"""``devtrust simulate``: a fleet of devices on one event loop against verifier replicas.
 
 The run: make the simulation EK root (and a swtpm endorsement CA when some devices are on
-swtpm), start the embedded verifier unless one is named, build the devices (each the agent's
-own client, ``devtrust.swtpm.sim_fleet``), enroll them ``--concurrency`` at a time, let them
-attest for ``--duration`` seconds while faults are injected (``devtrust.swtpm.sim_faults``
-plans them), wait for the faults still in flight to be seen, stop, and check the verifier's
-store against what the devices were told: a result a device received and the store lacks is
-lost; evidence stored twice, or more decisions than quotes, is duplicated.
+swtpm), start the embedded verifiers unless one is named (``--replicas`` of them on one
+database, ``devtrust.swtpm.sim_replicas``; a throwaway PostgreSQL with ``--postgres``), build
+the devices (each the agent's own client, ``devtrust.swtpm.sim_fleet``), enroll them
+``--concurrency`` at a time, let them attest for ``--duration`` seconds while faults are
+injected (``devtrust.swtpm.sim_faults`` plans them), wait for the faults still in flight to be
+seen, stop, and check the store against what the devices were told: a result a device
+received and the store lacks is lost; evidence stored twice, or more decisions than quotes,
+is duplicated.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
 import os
 import random
-import resource
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -32,17 +32,21 @@ from devtrust.core.command import TOOL_ERRORS, run_command
 from devtrust.core.errors import DevtrustError
 from devtrust.core.logsetup import configure_logging
 from devtrust.swtpm import sim_args
+from devtrust.swtpm.pgserver import PgServer
+from devtrust.swtpm.sim_console import Progress, bar, counted_agent_logs, raise_fd_limit
 from devtrust.swtpm.sim_faults import (
     DEVICE_FAULTS,
     FaultKind,
     Figures,
     Injection,
     count_tiers,
+    fleet_faults,
     plan,
 )
 from devtrust.swtpm.sim_fleet import Fleet, SimDevice, SimTpm
 from devtrust.swtpm.sim_hosts import HostBase, HostModel, SimHost, collect_base, load_models
-from devtrust.swtpm.sim_verifier import EmbeddedVerifier
+from devtrust.swtpm.sim_replicas import FleetFaults, Replicas, figures_from, store_kind
+from devtrust.swtpm.sim_verifier import StoreCheck, read_store
 from devtrust.swtpm.simroot import SimulationRoot
 from devtrust.swtpm.soft import SoftTpm
 
@@ -54,96 +58,9 @@ DRAIN_MARGIN_S = 2.0
 # After the run, faults still in flight get two attestation intervals plus this to be seen
 # (a fault injected just before a challenge waits for the next; a loaded machine is slow).
 DRAIN_EXTRA_S = 30.0
-
-
-class Progress:
-    """One line on stderr: rewritten in place on a terminal, else printed every 15 s."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self._last_print = 0.0
-        self._samples: list[tuple[float, int]] = []
-
-    def show(self, text: str, *, force: bool = False) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if self.tty:
-            sys.stderr.write("\r\033[K" + text)
-            sys.stderr.flush()
-        elif force or now - self._last_print >= 15.0:
-            sys.stderr.write(text + "\n")
-            sys.stderr.flush()
-            self._last_print = now
-
-    def done(self) -> None:
-        if not self.quiet and self.tty:
-            sys.stderr.write("\n")
-
-    def rate(self, results: int) -> float:
-        """Results per second over the last five seconds."""
-        now = time.monotonic()
-        self._samples.append((now, results))
-        while len(self._samples) > 2 and now - self._samples[0][0] > 5.0:
-            self._samples.pop(0)
-        then, before = self._samples[0]
-        return (results - before) / (now - then) if now > then else 0.0
-
-
-def bar(fraction: float, width: int = 24) -> str:
-    filled = int(max(0.0, min(1.0, fraction)) * width)
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-class _Counting(logging.Handler):
-    """Counts the agents' warnings and errors by their first words (stream failures,
-    reconnects): 10,000 agents would drown a terminal in them."""
-
-    def __init__(self, figures: Figures) -> None:
-        super().__init__(logging.WARNING)
-        self.figures = figures
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if ("stream" in message and "failed" in message) or "ended while sending" in message:
-            # A restart or a storm ends streams: the agents reconnect, counted apart.
-            self.figures.reconnects += 1
-            return
-        if record.levelno >= logging.ERROR:
-            key = " ".join(message.split()[:4])
-        else:
-            # What a device is told follows from its faults (a certificate withheld or
-            # revoked): the results say so; not an error of the run.
-            return
-        self.figures.errors[key] = self.figures.errors.get(key, 0) + 1
-
-
-@contextlib.contextmanager
-def counted_agent_logs(figures: Figures, *, verbose: bool) -> Iterator[None]:
-    agent = logging.getLogger("devtrust.agent")
-    handler = _Counting(figures)
-    agent.addHandler(handler)
-    propagate = agent.propagate
-    agent.propagate = verbose
-    try:
-        yield
-    finally:
-        agent.removeHandler(handler)
-        agent.propagate = propagate
-
-
-def raise_fd_limit(devices: int) -> None:
-    """Each device holds a connection, and the verifier one per device: ask for enough."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, devices * 2 + 256))
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if want < devices + 256:
-        raise DevtrustError(
-            f"--devices {devices} needs about {devices + 256} open files; this process may "
-            f"open {hard} (ulimit -n): raise the limit or simulate fewer devices"
-        )
+# The simulated agents' longest wait between attempts (reconnect_max_s): a device whose
+# replica was killed or drained must be challenged by another within it.
+RECONNECT_MAX_S = 10.0
 
 
 def check_options(opts: argparse.Namespace) -> None:
@@ -168,6 +85,15 @@ def check_options(opts: argparse.Namespace) -> None:
         )
     if opts.verifier and opts.swtpm:
         raise DevtrustError("--swtpm needs the embedded verifier (it trusts this run's swtpm CA)")
+    if opts.verifier and (opts.replicas > 1 or opts.database or opts.postgres):
+        raise DevtrustError(
+            "--replicas, --database and --postgres are for the embedded verifiers, not --verifier"
+        )
+    if opts.replicas > 1 and not (opts.database or opts.postgres):
+        raise DevtrustError(
+            f"--replicas {opts.replicas} needs a database the replicas share: --postgres (a "
+            "throwaway PostgreSQL) or --database postgresql://..."
+        )
 
 
 async def run(opts: argparse.Namespace, work: Path) -> Figures:
@@ -190,28 +116,9 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
         if opts.swtpm:
             progress.show(f"starting {opts.swtpm} swtpm processes", force=True)
             swtpm_ca, swtpm_tpms = await asyncio.to_thread(_start_swtpms, stack, work, opts.swtpm)
-        verifier: EmbeddedVerifier | None = None
-        if opts.verifier:
-            endpoint = VerifierEndpoint(
-                enrollment=opts.enrollment, attestation=opts.verifier, ca_bundle=opts.ca_bundle
-            )
-            figures.verifier = opts.verifier
-        else:
-            verifier = EmbeddedVerifier(
-                work / "verifier",
-                simulation_root=root.cert_path,
-                swtpm_ca=swtpm_ca,
-                interval_s=opts.interval,
-                workers=opts.workers,
-            )
-            await asyncio.to_thread(verifier.start)
-            stack.callback(verifier.stop)
-            endpoint = VerifierEndpoint(
-                enrollment=f"127.0.0.1:{verifier.enrollment_port}",
-                attestation=f"127.0.0.1:{verifier.attestation_port}",
-                ca_bundle=verifier.ca_bundle,
-            )
-            figures.verifier = verifier.describe()
+        endpoint, replicas, postgres = await _start_verifiers(
+            opts, work, stack, root=root, swtpm_ca=swtpm_ca, progress=progress, figures=figures
+        )
         cfg = AgentConfig(
             verifier=endpoint,
             tpm=TpmConfig(),
@@ -219,7 +126,7 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
             runtime_dir=work / "agents",
             event_log=None,
             gpu_source="none",
-            reconnect_max_s=10.0,
+            reconnect_max_s=RECONNECT_MAX_S,
             rpc_timeout_s=60.0,
         )
         ca_pem = endpoint.ca_bundle.read_bytes()
@@ -237,10 +144,19 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
                     base=base,
                     progress=progress,
                 )
+                if replicas is not None:
+                    for device in fleet.devices:
+                        endpoint = replicas.endpoint(device.index)
+                        device.cfg = dataclasses.replace(cfg, verifier=endpoint)
                 await _enroll_all(fleet, opts, progress, figures)
-                await _attest(
-                    fleet, opts, verifier=verifier, rng=rng, progress=progress, figures=figures
-                )
+                faults = None
+                if replicas is not None:
+                    faults = FleetFaults(
+                        fleet, replicas, postgres=postgres, bound_s=cfg.reconnect_max_s
+                    )
+                await _attest(fleet, opts, faults=faults, rng=rng, progress=progress)
+                if faults is not None:
+                    await faults.wait()
             finally:
                 await fleet.stop_all()
                 progress.done()
@@ -256,14 +172,76 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
                 ", ".join(d.name for d in silent[:3]),
             )
         figures.evidence_sent = sum(d.tpm.quotes for d in fleet.devices)
+        fleet.unmoved()
         for device, pending in fleet.missed():
             logger.warning(
                 "%s: %s fault injected and not detected", device.name, pending.kind.value
             )
-        if verifier is not None:
-            await asyncio.to_thread(verifier.stop)
-            _check_store(fleet, verifier, figures)
+        if replicas is not None:
+            replicas.reap()
+            figures.replicas_exited = replicas.exited
+            await asyncio.to_thread(replicas.stop)
+            figures.forced_stops = replicas.forced_stops
+            ids = {d.enrollment.device_id for d in fleet.devices if d.enrollment is not None}
+            _check_store(fleet, await read_store(replicas.database, ids), figures)
     return figures
+
+
+async def _start_verifiers(
+    opts: argparse.Namespace,
+    work: Path,
+    stack: AsyncExitStack,
+    *,
+    root: SimulationRoot,
+    swtpm_ca: Path | None,
+    progress: Progress,
+    figures: Figures,
+) -> tuple[VerifierEndpoint, Replicas | None, PgServer | None]:
+    """The verifier the devices attest to: the one named (--verifier), or the embedded
+    replicas on their database (a throwaway PostgreSQL with --postgres), stopped by
+    ``stack``; the first device's endpoint, the replicas and the PostgreSQL."""
+    replicas: Replicas | None = None
+    postgres: PgServer | None = None
+    if opts.verifier:
+        endpoint = VerifierEndpoint(
+            enrollment=opts.enrollment, attestation=opts.verifier, ca_bundle=opts.ca_bundle
+        )
+        figures.verifier = opts.verifier
+        figures.database = "the running verifier's"
+    else:
+        database: str | None = opts.database
+        if opts.postgres:
+            progress.show("starting PostgreSQL", force=True)
+            postgres = await asyncio.to_thread(_start_postgres, work)
+            stack.callback(postgres.close)
+            database = postgres.url("devtrust")
+        replicas = Replicas(
+            work,
+            count=opts.replicas,
+            database=database,
+            database_kind=store_kind(opts.database, postgres),
+            simulation_root=root.cert_path,
+            swtpm_ca=swtpm_ca,
+            interval_s=opts.interval,
+            workers=opts.workers,
+        )
+        progress.show(f"starting {opts.replicas} verifier process(es)", force=True)
+        stack.callback(replicas.stop)
+        await asyncio.to_thread(replicas.start)
+        endpoint = replicas.endpoint(0)
+        figures_from(figures, replicas)
+    return endpoint, replicas, postgres
+
+
+def _start_postgres(work: Path) -> PgServer:
+    """The run's throwaway PostgreSQL (in the work directory), with a database for it."""
+    server = PgServer(work / "postgres").start()
+    try:
+        server.create_database("devtrust")
+    except Exception:
+        server.close()
+        raise
+    return server
 
 
 def _start_swtpms(
@@ -372,23 +350,28 @@ async def _attest(
     fleet: Fleet,
     opts: argparse.Namespace,
     *,
-    verifier: EmbeddedVerifier | None,
+    faults: FleetFaults | None,
     rng: random.Random,
     progress: Progress,
-    figures: Figures,
 ) -> None:
+    figures = fleet.figures
     duration: float = opts.duration
     soft = [d.index for d in fleet.devices if d.soft is not None]
+    possible = fleet_faults(
+        embedded=faults is not None,
+        replicas=opts.replicas,
+        own_database=faults is not None and faults.postgres is not None,
+    )
     injections = plan(
         opts.faults,
         devices=len(fleet.devices),
         start=min(WARMUP_S, duration / 4),
         end=max(duration - DRAIN_MARGIN_S, duration * 3 / 4),
         rng=rng,
-        restart=verifier is not None,
+        fleet=possible,
     )
     for kind in opts.faults.kinds if opts.faults.enabled else ():
-        if kind is not FaultKind.RESTART or verifier is not None:
+        if kind in DEVICE_FAULTS or kind in possible:
             fleet.kind(kind)
     start = time.monotonic()
     results_at_start = figures.results
@@ -399,7 +382,7 @@ async def _attest(
         now = time.monotonic()
         elapsed = now - start
         while pending and pending[0].at <= elapsed:
-            await _inject(fleet, pending.pop(0), verifier=verifier, spare=spare, now=now)
+            await _inject(fleet, pending.pop(0), faults=faults, spare=spare, now=now)
         if elapsed >= duration:
             break
         _show(progress, figures, elapsed=elapsed, duration=duration, phase="attesting")
@@ -435,7 +418,7 @@ async def _inject(
     fleet: Fleet,
     injection: Injection,
     *,
-    verifier: EmbeddedVerifier | None,
+    faults: FleetFaults | None,
     spare: list[int],
     now: float,
 ) -> None:
@@ -455,22 +438,13 @@ async def _inject(
         fleet.kind(kind).injected += len(devices)
         await asyncio.gather(*(fleet.disconnect(d, kind, now) for d in devices))
         return
-    if kind is FaultKind.RESTART and verifier is not None:
-        connected = [d for d in fleet.devices if d.task is not None and d.results > 0]
-        fleet.kind(kind).injected += len(connected)
-        # Down from when the old process is gone: results it sent while stopping count
-        # for the time before the restart, not as a recovery.
-        await asyncio.to_thread(verifier.stop)
-        stopped = time.monotonic()
-        for device in connected:
-            fleet.mark_down(device, kind, stopped)
-        fleet.restarted(stopped)
-        await asyncio.to_thread(verifier.start)
-        verifier.restarts += 1
+    if faults is not None:
+        await faults.inject(kind)
 
 
-def _check_store(fleet: Fleet, verifier: EmbeddedVerifier, figures: Figures) -> None:
-    check = verifier.check_store()
+def _check_store(fleet: Fleet, check: StoreCheck, figures: Figures) -> None:
+    """Lost: results devices received that the store lacks; duplicated: evidence stored
+    twice, or more decisions than the device sent evidence."""
     figures.stored = sum(check.decisions.values())
     duplicated = check.duplicated
     lost = 0
@@ -488,9 +462,10 @@ def _check_store(fleet: Fleet, verifier: EmbeddedVerifier, figures: Figures) -> 
 
 def succeeded(figures: Figures) -> bool:
     """Every device enrolled and attested, every fault detected, nothing lost or doubled."""
-    missed = any(k.injected != k.detected for k in figures.kinds.values())
+    missed = any(k.injected != k.detected or k.late for k in figures.kinds.values())
     return (
         not missed
+        and not figures.replicas_exited
         and not figures.lost
         and not figures.duplicated
         and figures.enrolled == figures.devices

@@ -11,15 +11,19 @@ import pytest
 from devtrust.agent.config import AgentConfig
 from devtrust.swtpm.sim_faults import (
     DEVICE_FAULTS,
+    FLEET_AT,
+    FLEET_FAULTS,
     FaultKind,
     FaultSpec,
     Figures,
     KindFigures,
+    fleet_faults,
     parse_faults,
     percentile,
     plan,
 )
 from devtrust.swtpm.sim_fleet import Fleet
+from devtrust.swtpm.simulate import succeeded
 
 
 @pytest.mark.parametrize(
@@ -78,10 +82,48 @@ def test_plan_gives_each_kind_its_share_on_distinct_devices_within_the_window() 
 
 
 def test_plan_without_an_embedded_verifier_has_no_restart() -> None:
+    fleet = fleet_faults(embedded=False, replicas=1, own_database=False)
     injections = plan(
-        parse_faults("1%"), devices=100, start=0, end=60, rng=random.Random(1), restart=False
+        parse_faults("1%"), devices=100, start=0, end=60, rng=random.Random(1), fleet=fleet
     )
-    assert FaultKind.RESTART not in {i.kind for i in injections}
+    assert {i.kind for i in injections} & set(FLEET_FAULTS) == {FaultKind.STORM}
+
+
+@pytest.mark.parametrize(
+    ("embedded", "replicas", "own_database", "kinds"),
+    [
+        (False, 1, False, {"storm"}),
+        (True, 1, False, {"storm", "restart"}),
+        # A kill or a drain needs another replica to move to.
+        (True, 2, False, {"storm", "restart", "kill", "drain"}),
+        # A database restart, the run's own PostgreSQL (--postgres), not one it was given.
+        (True, 1, True, {"storm", "restart", "pgrestart"}),
+        (True, 3, True, {"storm", "restart", "kill", "drain", "pgrestart"}),
+    ],
+)
+def test_the_fleet_faults_a_run_can_inject(
+    embedded: bool, replicas: int, own_database: bool, kinds: set[str]
+) -> None:
+    found = fleet_faults(embedded=embedded, replicas=replicas, own_database=own_database)
+    assert {k.value for k in found} == kinds
+
+
+def test_plan_puts_each_fault_of_the_verifiers_apart_once() -> None:
+    fleet = fleet_faults(embedded=True, replicas=2, own_database=True)
+    injections = plan(
+        parse_faults("1%"), devices=2000, start=10.0, end=590.0, rng=random.Random(1), fleet=fleet
+    )
+    at = {i.kind: i.at for i in injections if i.kind in FLEET_AT}
+    assert at == {kind: 10.0 + 580.0 * fraction for kind, fraction in FLEET_AT.items()}
+    # One each; a kill and a drain pick their replica when injected, no device named.
+    for kind in FLEET_AT:
+        assert [i.kind for i in injections].count(kind) == 1
+    assert all(not i.devices for i in injections if i.kind in FLEET_AT)
+    # Asked for by name only: a spec without them plans none.
+    only = plan(
+        parse_faults("1%:pcr"), devices=100, start=0, end=60, rng=random.Random(1), fleet=fleet
+    )
+    assert {i.kind for i in only} == {FaultKind.PCR}
 
 
 def test_plan_gives_a_small_fleet_one_fault_of_each_kind() -> None:
@@ -150,3 +192,48 @@ def test_faults_injected_during_a_restart_are_counted_apart() -> None:
     ]
     fleet.split_by_service(end=300.0)
     assert figures.kinds["driver"].serving_seconds == [0.02, 0.03]
+
+
+def test_a_move_is_late_past_the_bound_or_when_it_never_came() -> None:
+    kind = KindFigures(injected=4, detected=3, moves=[0.5, 2.0, 10.5], bound_s=10.0, unmoved=1)
+    assert kind.late == 2
+    doc = kind.as_dict()
+    assert doc["moved"] == 3
+    assert doc["move_p50_s"] == 2.0
+    assert doc["move_max_s"] == 10.5
+    assert doc["move_bound_s"] == 10.0
+    assert doc["not_moved_within_bound"] == 2
+    # Other kinds have no bound and no move figures.
+    assert "moved" not in KindFigures(injected=1, detected=1).as_dict()
+
+
+def test_the_table_names_replicas_the_database_and_moves() -> None:
+    figures = Figures(devices=2, enrolled=2, replicas=2, database="PostgreSQL (--database)")
+    figures.verifier = "replica 0 embedded (pid 1); replica 1 embedded (pid 2)"
+    figures.kinds["kill"] = KindFigures(
+        injected=1, detected=1, seconds=[0.8], moves=[0.4], bound_s=10.0
+    )
+    figures.stored, figures.lost, figures.duplicated = 4, 0, 0
+    table = figures.table()
+    assert "2 replicas on PostgreSQL (--database)" in table
+    assert "kill moves   1 devices to another replica: p50 400 ms" in table
+    assert "(bound 10.00 s); 0 not within it" in table
+    doc = figures.as_dict()
+    assert (doc["replicas"], doc["database"]) == (2, "PostgreSQL (--database)")
+    assert doc["replicas_exited_unexpectedly"] == 0
+
+
+@pytest.mark.parametrize(
+    ("move_s", "exited", "ok"),
+    [
+        (1.0, 0, True),
+        (11.0, 0, False),  # a device moved past its backoff bound
+        (1.0, 1, False),  # a verifier died of a database restart
+    ],
+)
+def test_a_run_fails_on_a_late_move_or_a_replica_that_died(
+    move_s: float, exited: int, ok: bool
+) -> None:
+    figures = Figures(devices=1, enrolled=1, lost=0, duplicated=0, replicas_exited=exited)
+    figures.kinds["kill"] = KindFigures(injected=1, detected=1, moves=[move_s], bound_s=10.0)
+    assert succeeded(figures) is ok

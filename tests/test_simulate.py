@@ -85,6 +85,30 @@ def test_without_faults_every_device_attests(tmp_path: Path) -> None:
         (["--devices", "2", "--swtpm", "3"], 2, "--swtpm 3 is more than --devices 2"),
         (["--verifier", "127.0.0.1:1"], 2, "--verifier, --enrollment and --ca-bundle together"),
         (["--json", "/nonexistent/dir/x.json"], 2, "--json /nonexistent/dir/x.json: no directory"),
+        (["--replicas", "0"], 2, "argument --replicas: 0 must be at least 1"),
+        (["--database", "/tmp/x.db"], 2, "'/tmp/x.db' is not a PostgreSQL URL"),
+        (["--database", "mysql://u:p@h:1/d"], 2, "is not a PostgreSQL URL"),
+        (["--replicas", "2"], 2, "--replicas 2 needs a database the replicas share"),
+        (
+            ["--postgres", "--database", "postgresql://u:p@127.0.0.1:1/d"],
+            2,
+            "argument --database: not allowed with argument --postgres",
+        ),
+        (
+            [
+                "--verifier",
+                "127.0.0.1:1",
+                "--enrollment",
+                "127.0.0.1:2",
+                "--ca-bundle",
+                "x",
+                "--simulation-root",
+                "r",
+                "--postgres",
+            ],
+            2,
+            "--replicas, --database and --postgres are for the embedded verifiers",
+        ),
     ],
 )
 def test_usage_errors_say_what_to_do(args: list[str], status: int, says: str) -> None:
@@ -116,10 +140,8 @@ def test_the_store_check_finds_lost_and_duplicated_results(
     results: int, quotes: int, stored: int, store_duplicates: int, lost: int, duplicated: int
 ) -> None:
     fleet = SimpleNamespace(devices=[_device(results, quotes, "a"), _device(2, 2, "b")])
-    verifier = SimpleNamespace(
-        check_store=lambda: StoreCheck({"a": stored, "b": 2}, store_duplicates)
-    )
+    check = StoreCheck({"a": stored, "b": 2}, store_duplicates)
     figures = Figures(devices=2, enrolled=2)
-    _check_store(fleet, verifier, figures)  # type: ignore[arg-type]
+    _check_store(fleet, check, figures)  # type: ignore[arg-type]
     assert (figures.lost, figures.duplicated) == (lost, duplicated)
     assert succeeded(figures) == (lost == duplicated == 0)
