@@ -316,7 +316,11 @@ def test_an_operators_change_reaches_a_live_stream(
                     if step == 1:
                         now = datetime.datetime.now(datetime.UTC)
                         assert await verifier.repos.devices.set_assignment(
-                            device_id, zone="quarantine", labels={}, now=now, event="assigned:operator"
+                            device_id,
+                            zone="quarantine",
+                            labels={},
+                            now=now,
+                            event="assigned:operator",
                         )
                     await call.write(
                         attestation_pb2.AgentMessage(

@@ -170,7 +170,9 @@ def test_an_operator_reads_and_changes_devices(
             running(config) as verifier,
             enrolled_agent(workdir, pki, verifier, swtpm_factory()) as agent,
         ):
-            await verifier.repos.devices.save(pending, now=_now(), event="enrolled:pending_approval")
+            await verifier.repos.devices.save(
+                pending, now=_now(), event="enrolled:pending_approval"
+            )
             [result] = await first_results(agent)
             otto = str(profile(workdir, pki, verifier, "otto"))
             dev = agent.enrollment.device_id
@@ -685,7 +687,9 @@ def test_token_labels_are_checked_and_approve_takes_an_upper_case_id(
 
     async def scenario() -> tuple[dict[str, Run], DeviceState | None]:
         async with running(config) as verifier:
-            await verifier.repos.devices.save(pending, now=_now(), event="enrolled:pending_approval")
+            await verifier.repos.devices.save(
+                pending, now=_now(), event="enrolled:pending_approval"
+            )
             otto = str(profile(workdir, pki, verifier, "otto"))
             runs = {
                 "space": await devtrust("token", "create", "--label", "k= v", "--profile", otto),

@@ -376,7 +376,11 @@ def test_the_approve_command_uses_the_lifecycle_and_names_the_operator(
     assert run.status == 0, run
     assert pending.device_id[:12] in run.out
     events = _audit(config.database, pending.device_id)
-    assert [e for e, _, _ in events] == ["enrolled:pending_approval", "assigned:approval", "approved"]
+    assert [e for e, _, _ in events] == [
+        "enrolled:pending_approval",
+        "assigned:approval",
+        "approved",
+    ]
     assert all(actor == "operator/otto" for _, actor, _ in events[1:])
 
 

@@ -208,9 +208,14 @@ def test_an_operator_revocation_is_stored_and_published_at_once(tmp_path: Path) 
             assert {e.revoked.serial for e in snapshot[:2] if e.revoked} == live
             assert snapshot[2].end_of_snapshot
             # Again: nothing more to revoke. Unknown devices and empty reasons are refused.
-            assert await b.revoker.revoke(device, reason="again", actor="operator/x", now=b.clock()) == []
+            assert (
+                await b.revoker.revoke(device, reason="again", actor="operator/x", now=b.clock())
+                == []
+            )
             with pytest.raises(NotFound):
-                await b.revoker.revoke(DeviceId("f" * 64), reason="x", actor="operator/x", now=b.clock())
+                await b.revoker.revoke(
+                    DeviceId("f" * 64), reason="x", actor="operator/x", now=b.clock()
+                )
             with pytest.raises(MalformedInput, match="needs a reason"):
                 await b.revoker.revoke(device, reason="  ", actor="operator/x", now=b.clock())
             await feed.aclose()

@@ -271,7 +271,9 @@ async def _fleet(database: str, readers: int = 4) -> Repositories:
         else open_repositories(database)
     )
     for n, (zone, labels, tier, at, minutes) in FLEET.items():
-        await repos.devices.save(device(n, zone=zone, labels=labels), now=NOW, event="enrolled:enrolled")
+        await repos.devices.save(
+            device(n, zone=zone, labels=labels), now=NOW, event="enrolled:enrolled"
+        )
         if tier is not None:
             staleness = datetime.timedelta(minutes=minutes)
             await repos.trust.record(decision(n, at=at, tier=tier, staleness=staleness))

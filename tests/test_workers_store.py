@@ -217,7 +217,9 @@ def test_a_revocation_on_one_process_reaches_the_others_feed_and_crl(database: s
             cert = await _certified(a.repos, 1)
             feed = b.revoker.subscribe()
             assert (await asyncio.wait_for(anext(feed), 5)).end_of_snapshot
-            assert await a.revoker.revoke(device_id(1), reason="stolen", actor="operator/alice", now=T0)
+            assert await a.revoker.revoke(
+                device_id(1), reason="stolen", actor="operator/alice", now=T0
+            )
             entry = await asyncio.wait_for(anext(feed), 5)
             assert entry.revoked is not None
             assert (entry.revoked.serial, entry.revoked.reason) == (cert.serial, "stolen")
@@ -273,7 +275,9 @@ def test_a_certificate_for_the_old_zone_stored_after_another_process_moved_it_is
             assert await a.repos.operations.apply(
                 device_id(1), before=before, after=after, events=[], actor="operator/alice", now=T0
             )
-            await a.revoker.zone_changed(device_id(1), was="", zone="prod", actor="operator/alice", now=T0)
+            await a.revoker.zone_changed(
+                device_id(1), was="", zone="prod", actor="operator/alice", now=T0
+            )
             made = _with_certificate(1)  # zone "": appraised before the move
             await b.repos.trust.record(made)
             out = await RevocationSink(b.revoker, CERTIFICATES).publish(made)
@@ -404,7 +408,9 @@ def test_a_writer_waits_for_another_process_holding_the_write_lock(
         try:
             holder.start()
             await asyncio.to_thread(held.wait, 30)
-            write = asyncio.ensure_future(repos.devices.save(device(1), now=T0, event="enrolled:enrolled"))
+            write = asyncio.ensure_future(
+                repos.devices.save(device(1), now=T0, event="enrolled:enrolled")
+            )
             while not any("write lock is held" in r.getMessage() for r in caplog.records):
                 await asyncio.sleep(0.01)
             assert not write.done()
