@@ -64,6 +64,7 @@ def _challenge(nonce: bytes) -> attestation_pb2.Challenge:
 def test_body_for_a_challenge_proves_possession_of_the_key_to_certify(tmp_path: Path) -> None:
     client, tpm = _client(tmp_path)
     evidence = asyncio.run(client._answer(challenge_from_wire(_challenge(NONCE))))
+    assert isinstance(evidence, Evidence)
     body = attestation_pb2.EvidenceBody.FromString(evidence.body)
     assert body.certify_key_spki
     assert body.certify_key_proof
@@ -83,9 +84,11 @@ def test_each_challenge_gets_its_own_proof(tmp_path: Path) -> None:
     second_nonce = bytes(reversed(NONCE))
 
     async def both() -> list[Evidence]:
-        return [
+        answers = [
             await client._answer(challenge_from_wire(_challenge(n))) for n in (NONCE, second_nonce)
         ]
+        assert all(isinstance(a, Evidence) for a in answers)
+        return [a for a in answers if isinstance(a, Evidence)]
 
     first, second = (attestation_pb2.EvidenceBody.FromString(e.body) for e in asyncio.run(both()))
     assert first.certify_key_spki == second.certify_key_spki

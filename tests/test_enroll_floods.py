@@ -263,6 +263,9 @@ class RacingRepositories:
         self.operations = inner.operations
         self.counts = inner.counts
         self.close = inner.close
+        self.policies = inner.policies
+        self.streams = inner.streams
+        self.change_feed = inner.change_feed
 
 
 class PeerContext:

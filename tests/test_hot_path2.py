@@ -38,7 +38,6 @@ from devtrust.verifier.records import DeviceRecord, DeviceState
 from devtrust.verifier.revocation import RevocationSink
 from devtrust.verifier.server import RunningVerifier
 from devtrust.verifier.storage.sink import StoreSink
-from devtrust.verifier.storage.sqlite_changes import SqliteStreams
 from tests.conftest import SwtpmFactory
 from tests.db import decision, device, device_id
 from tests.env import (
@@ -203,8 +202,8 @@ def test_a_tier_drop_revokes_the_live_certificates_in_the_decisions_transaction(
             reason = below_minimum(Tier.WARNING, Tier.AFFIRMING, "")
             dropped = replace(decision(1, at=T0, tier=Tier.WARNING), revoke_reason=reason)
             # Refused (its stream lost the lease): nothing stored, nothing revoked.
-            lease = await SqliteStreams(b.repos.engine).claim(d, "b/stream-1")
-            await SqliteStreams(a.repos.engine).claim(d, "a/stream-2")
+            lease = await b.repos.streams().claim(d, "b/stream-1")
+            await a.repos.streams().claim(d, "a/stream-2")
             with pytest.raises(Superseded):
                 await StoreSink(b.repos).publish(replace(dropped, lease=lease))
             assert _live(path, cert.serial)
