@@ -3,16 +3,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl python3-venv
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl python3-venv postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo-out
 
-.PHONY: all deps venv sshd-ref demo test lint typecheck protos bench clean
+.PHONY: all deps venv sshd-ref demo test lint typecheck protos bench fuzz clean
 
 all: test
 
 # System packages: swtpm and its tools for the software TPMs, the TSS2 libraries that
-# tpm2-pytss binds to, tpm2-tools for interop tests, openssl for checks on the demo's output.
+# tpm2-pytss binds to, tpm2-tools for interop tests, openssl for checks on the demo's output,
+# postgresql for the server the PostgreSQL store's tests start (tests/pg.py: initdb into a
+# temporary directory, stopped at the end).
 deps: .deps-stamp
 .deps-stamp:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -82,5 +84,14 @@ BENCH_ARGS ?=
 bench: venv
 	$(PY) -m bench.all $(BENCH_ARGS)
 
+# Coverage-guided fuzzing (atheris) of every parser of device and operator bytes, FUZZ_RUNS
+# inputs per harness, one harness after another (tests/fuzz/__main__.py). FUZZ=NAME runs one
+# (tpms_attest, tpm2b_public, tpmt_signature, eventlog, evidence_body, smi_xml, sshd_config,
+# policy). A crash leaves its input in fuzz-artifacts/ and fails the target.
+FUZZ ?= all
+FUZZ_RUNS ?= 1000000
+fuzz: venv
+	$(PY) -m tests.fuzz $(FUZZ) --runs $(FUZZ_RUNS)
+
 clean:
-	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) .cache .pytest_cache .mypy_cache .ruff_cache fuzz-artifacts
