@@ -242,6 +242,10 @@ class _SshdScan:
             raise SshdConfigError(f"{name}: Include nested deeper than {SSHD_MAX_DEPTH}")
         for number, raw in enumerate(text.split("\n"), 1):
             where = f"{name} line {number}"
+            if "\0" in raw:
+                # sshd reads lines as C strings: a NUL ends this one and joins the next to it
+                # (servconf.c load_server_config_depth); no guess at what that makes.
+                raise SshdConfigError(f"{where}: a NUL byte")
             words = sshd_words(raw, where)
             if words is None:
                 continue

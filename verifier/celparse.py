@@ -118,11 +118,10 @@ def _tokens(source: str) -> list[tuple[str, str, int]]:
 
 def _literal(kind: str, text: str, pos: int) -> Lit:
     if kind == "number":
-        if text[-1] in "uU":
-            return Lit(pos, UINT, int(text[:-1], 0))
-        if any(c in text for c in ".eE") and not text.lower().startswith("0x"):
-            return Lit(pos, DOUBLE, float(text))
-        return Lit(pos, INT, int(text, 0))
+        try:
+            return _number(text, pos)
+        except ValueError:  # "01" (Python refuses a leading zero), 5,000 digits, ...
+            raise ParseError(f"number {text[:40]!r} at column {pos + 1}") from None
     prefix = text[: len(text) - len(text.lstrip("rRbB"))].lower()
     body = text[len(prefix) :]
     quote = 3 if body[:3] in ("'''", '"""') else 1
@@ -130,6 +129,14 @@ def _literal(kind: str, text: str, pos: int) -> Lit:
     if "r" not in prefix:  # the escapes a field name or map key may hold; others stay as written
         inner = _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group()), inner)
     return Lit(pos, BYTES if "b" in prefix else STRING, inner)
+
+
+def _number(text: str, pos: int) -> Lit:
+    if text[-1] in "uU":
+        return Lit(pos, UINT, int(text[:-1], 0))
+    if any(c in text for c in ".eE") and not text.lower().startswith("0x"):
+        return Lit(pos, DOUBLE, float(text))
+    return Lit(pos, INT, int(text, 0))
 
 
 class _Parser:

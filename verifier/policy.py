@@ -58,6 +58,10 @@ from devtrust.verifier.trust import Claim, Finding, Severity, SubResult
 
 _PASS_VALUE = 2
 _FAIL_VALUE = {Severity.WARNING: 32, Severity.CONTRAINDICATED: 96}
+# Characters in one CEL expression. The runtime's parser recurses in native code and
+# overflows its stack (a crash of the whole process, not an error) somewhere past 16,000
+# nested operators; the longest rule shipped is under 200 characters.
+MAX_EXPRESSION = 4096
 _RULE_KEYS = {"id", "description", "claim", "severity", "scope", "zones", "labels", "expr", "found"}
 
 
@@ -204,6 +208,8 @@ class Policy:
         try:
             node = yaml.compose(text)
             data = yaml.safe_load(text)
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise PolicyError(f"{source}: not valid YAML: collections nested too deeply") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -215,8 +221,11 @@ class Policy:
         lines = _item_lines(node, "rules")
         unknown = set(data) - {"policy_id", "data", "rules", "required_evidence"}
         if unknown:
-            raise PolicyError(f"{source}:1: unknown key(s) {', '.join(sorted(unknown))}")
-        bulletins_file = (data.get("data") or {}).get("bulletins")
+            raise PolicyError(f"{source}:1: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+        files = data.get("data") or {}
+        bulletins_file = files.get("bulletins") if isinstance(files, dict) else None
+        if not isinstance(files, dict) or not isinstance(bulletins_file, str | None):
+            raise PolicyError(f"{source}: data is a mapping, data.bulletins a file name")
         try:
             bulletins = (
                 Bulletins.load(base / bulletins_file) if bulletins_file else Bulletins(entries=())
@@ -435,7 +444,7 @@ def _required_evidence(data: Any, source: str, lines: list[int]) -> tuple[Requir
                 f"{where}: unknown required_evidence key(s) {', '.join(sorted(map(str, unknown)))}"
             )
         evidence = item.get("evidence")
-        if evidence not in EVIDENCE_CLAIMS:
+        if not isinstance(evidence, str) or evidence not in EVIDENCE_CLAIMS:
             raise PolicyError(
                 f"{where}: required_evidence: evidence is one of "
                 f"{', '.join(EVIDENCE_CLAIMS)}, got {evidence!r}"
@@ -457,7 +466,7 @@ def _rule(data: Any, where: str) -> Rule:
         raise PolicyError(f"{where}: a rule is a mapping")
     unknown = set(data) - _RULE_KEYS
     if unknown:
-        raise PolicyError(f"{where}: unknown rule key(s) {', '.join(sorted(unknown))}")
+        raise PolicyError(f"{where}: unknown rule key(s) {', '.join(sorted(map(str, unknown)))}")
     for key in ("id", "description", "claim", "severity", "expr"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise PolicyError(f"{where}: rule {data.get('id', '?')}: {key} is required")
@@ -481,6 +490,12 @@ def _rule(data: Any, where: str) -> Rule:
             f"{where}: rule {data['id']}: found is a CEL expression (a string), "
             f"not {data['found']!r}"
         )
+    for key in ("expr", "found"):
+        if len(data.get(key) or "") > MAX_EXPRESSION:
+            raise PolicyError(
+                f"{where}: rule {data['id']}: {key} is {len(data[key])} characters, more than "
+                f"{MAX_EXPRESSION}"
+            )
     try:
         program = cel.compile(data["expr"])
         found = cel.compile(data["found"]) if data.get("found") else None
@@ -493,6 +508,8 @@ def _rule(data: Any, where: str) -> Rule:
             paths |= _checked_found(data["found"], in_scope)
     except CheckError as exc:
         raise PolicyError(f"{where}: rule {data['id']}: {exc}") from None
+    except RecursionError:  # the checker walks the tree recursively
+        raise PolicyError(f"{where}: rule {data['id']}: expression nested too deeply") from None
     zones = data.get("zones") or []
     labels = data.get("labels") or {}
     _check_selector(zones, labels, f"{where}: rule {data['id']}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -64,7 +65,7 @@ def timestamp(value: datetime.datetime) -> Timestamp:
 def load_public_key(spki: bytes, *, field: str) -> PublicKey:
     try:
         key = serialization.load_der_public_key(spki)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:  # UnsupportedAlgorithm: an unknown curve
         raise MalformedInput(f"{field}: not a DER SubjectPublicKeyInfo: {exc}") from exc
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, (ec.SECP256R1, ec.SECP384R1)):

@@ -35,6 +35,24 @@ class SmiXmlError(ValueError):
     """Not nvidia-smi -q -x output."""
 
 
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def _number(raw: str) -> int | None:
+    """A count as nvidia-smi prints it: ASCII decimal digits (str.isdigit also takes "²"),
+    at most 20 of them (a uint64); None for anything else."""
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 20 else None
+
+
+def _instance_id(mig: ET.Element, tag: str) -> int:
+    raw = (mig.findtext(tag, "0") or "0").strip()
+    value = _number(raw)
+    if value is None or value > _UINT32_MAX:
+        raise SmiXmlError(f"<mig_device> <{tag}> is {raw[:40]!r}, not a number")
+    return value
+
+
 def _reason(text: str | None) -> str | None:
     if text is None:
         return "unknown"
@@ -69,8 +87,9 @@ class _Fields:
                 continue
             raw = (node.text or "").strip()
             why = _reason(raw)
-            if raw.isdigit():
-                total, seen = total + int(raw), True
+            number = _number(raw)
+            if number is not None:
+                total, seen = min(total + number, _UINT64_MAX), True
             elif why == "not_supported":
                 continue  # a counter this GPU does not have; the others still count
             elif why is not None:
@@ -140,8 +159,8 @@ def _gpu(index: int, node: ET.Element) -> attestation_pb2.Gpu:
     for mig in node.findall("mig_devices/mig_device"):
         gpu.mig_devices.append(
             attestation_pb2.MigDevice(
-                gpu_instance_id=int(mig.findtext("gpu_instance_id", "0") or 0),
-                compute_instance_id=int(mig.findtext("compute_instance_id", "0") or 0),
+                gpu_instance_id=_instance_id(mig, "gpu_instance_id"),
+                compute_instance_id=_instance_id(mig, "compute_instance_id"),
                 profile=f"{mig.findtext('device_attributes/shared/multiprocessor_count', '?')}sm",
             )
         )
@@ -151,7 +170,9 @@ def _gpu(index: int, node: ET.Element) -> attestation_pb2.Gpu:
 def parse_smi_xml(data: bytes) -> attestation_pb2.GpuState:
     try:
         root = ET.fromstring(data)  # noqa: S314 - see import
-    except ET.ParseError as exc:
+    # LookupError: an unknown encoding="..."; ValueError: a multi-byte one (UTF-16) that
+    # expat cannot switch to inside a byte string.
+    except (ET.ParseError, LookupError, ValueError) as exc:
         raise SmiXmlError(f"not nvidia-smi XML: {exc}") from exc
     if root.tag != "nvidia_smi_log":
         raise SmiXmlError(f"not nvidia-smi -q -x output: root element <{root.tag}>")

@@ -175,7 +175,10 @@ def signature_lists(data: bytes) -> list[SignatureEntry]:
                     with warnings.catch_warnings():  # firmware certificates are often odd
                         warnings.simplefilter("ignore")
                         subject = x509.load_der_x509_certificate(payload).subject.rfc4514_string()
-                except ValueError:
+                # Device data: whatever cryptography raises for it (ValueError, InvalidVersion,
+                # a TypeError for a BitString name value under another OID than
+                # x500UniqueIdentifier, ...) the entry is listed, as unparsable.
+                except Exception:  # noqa: BLE001
                     subject = "<unparsable certificate>"
                 out.append(
                     SignatureEntry("x509", owner, hashlib.sha256(payload).hexdigest(), subject)

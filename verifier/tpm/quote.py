@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from devtrust.verifier.tpm.constants import (
+    HASH_NAMES,
     ST_ATTEST_QUOTE,
     TPM_GENERATED_VALUE,
     Alg,
@@ -189,7 +190,7 @@ def check_quote(
             "tpm.quote.pcr_values_missing",
             "evidence lacks quoted PCR values",
             "",
-            ", ".join(f"{hash_name(a)}:{i}" for a, i in missing),
+            ", ".join(f"{_bank_name(a)}:{i}" for a, i in missing),
         )
     computed = pcr_digest(sig.hash_alg, got, pcr_values)
     if not hmac.compare_digest(computed, attest.pcr_digest):
@@ -202,5 +203,11 @@ def check_quote(
     return attest
 
 
+def _bank_name(alg: int) -> str:
+    """A bank's name in a message; the TPM_ALG_ID itself for one the verifier does not know
+    (a quote's selection may name any: the message must still be made)."""
+    return HASH_NAMES.get(alg, f"0x{alg:04x}")
+
+
 def _fmt_selection(sel: Sequence[PcrSelect]) -> str:
-    return "+".join(f"{hash_name(s.hash_alg)}:{','.join(map(str, s.pcrs))}" for s in sel)
+    return "+".join(f"{_bank_name(s.hash_alg)}:{','.join(map(str, s.pcrs))}" for s in sel)

@@ -127,9 +127,12 @@ class PublicArea:
         if self.type == Alg.RSA:
             if not self.rsa_modulus:
                 raise MalformedInput("TPMT_PUBLIC: RSA key with an empty modulus")
-            return rsa.RSAPublicNumbers(
-                self.rsa_exponent or 65537, int.from_bytes(self.rsa_modulus, "big")
-            ).public_key()
+            try:
+                return rsa.RSAPublicNumbers(
+                    self.rsa_exponent or 65537, int.from_bytes(self.rsa_modulus, "big")
+                ).public_key()
+            except ValueError as exc:  # an even exponent, one above the modulus, ...
+                raise MalformedInput(f"TPMT_PUBLIC: not an RSA public key: {exc}") from exc
         if self.type == Alg.ECC:
             curve = _CURVES.get(self.curve)
             if curve is None:
