@@ -17,13 +17,15 @@ from pathlib import Path
 import pytest
 
 from devtrust.core.errors import ConfigError
+from devtrust.core.ids import DeviceId
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import query_pb2
 from devtrust.verifier.config import DEFAULT_POLICY, VerifierConfig
 from devtrust.verifier.pki import PkiFiles
-from devtrust.verifier.policy import Policy, PolicyError
-from devtrust.verifier.policy_store import MAIN, to_store, write_documents
+from devtrust.verifier.policy import Policy, PolicyError, PolicyHolder
+from devtrust.verifier.policy_store import MAIN, SharedPolicy, to_store, write_documents
 from devtrust.verifier.server import RunningVerifier
+from devtrust.verifier.storage.changes import POLICY, Change
 from devtrust.verifier.storage.interfaces import StoredPolicy
 from devtrust.verifier.workers import reload_policy
 from tests.conftest import SwtpmFactory
@@ -217,3 +219,104 @@ def test_a_policy_whose_data_file_lies_outside_its_directory_cannot_be_shared(
     with pytest.raises(ConfigError, match="cannot be shared through the database") as refused:
         asyncio.run(scenario())
     assert "\n" not in str(refused.value)
+
+
+class MemoryPolicies:
+    """The ``Policies`` repository in memory: what a database writer put there is served."""
+
+    def __init__(self, stored: StoredPolicy | None = None) -> None:
+        self.stored = stored
+        self.actors: list[str] = []
+        self.publishing = asyncio.Event()
+        self.go_on = asyncio.Event()
+        self.go_on.set()
+
+    async def current(self) -> StoredPolicy | None:
+        return self.stored
+
+    async def publish(
+        self, policy: StoredPolicy, *, actor: str, origin: str, now: datetime.datetime
+    ) -> None:
+        self.stored = policy
+        self.actors.append(actor)
+        self.publishing.set()  # committed; the caller has not heard back yet
+        await self.go_on.wait()
+
+
+def _shared(path: Path, policies: MemoryPolicies) -> SharedPolicy:
+    return SharedPolicy(PolicyHolder(path), policies, origin="here", clock=lambda: NOW)
+
+
+POLICY_ROW = Change(seq=1, kind=POLICY, device_id=DeviceId(""), ref="", origin="elsewhere")
+
+
+def test_a_stored_digest_naming_a_path_touches_no_file(tmp_path: Path) -> None:
+    """Someone who can write the database stores a policy whose digest is a path (absolute,
+    or climbing out): no replica deletes or writes anything there; the row is refused before
+    any file is written, and the policy in force stays."""
+    mine = policy_dir(tmp_path / "mine", "mine")
+    theirs = to_store(Policy.load(policy_dir(tmp_path / "theirs", "theirs")), now=NOW)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "ca.key").write_text("keep me")
+    for digest in (str(victim), "../../../../" + str(victim).lstrip("/"), "A" * 64):
+        policies = MemoryPolicies(replace(theirs, digest=digest))
+        shared = _shared(mine, policies)
+        before = shared.holder.current
+        asyncio.run(shared.start())
+        asyncio.run(shared.follow([POLICY_ROW]))
+        assert shared.holder.current is before, digest
+        assert (victim / "ca.key").read_text() == "keep me", digest
+        assert sorted(p.name for p in victim.iterdir()) == ["ca.key"], digest
+        shared.close()
+
+
+def test_a_stored_policy_reads_no_file_of_this_host(tmp_path: Path) -> None:
+    """A stored policy whose text names a data file of this host (an absolute path, not
+    among its documents), stored with the digest that policy would have here: refused
+    before it is parsed, so no file of the host is read into it. Documents that are not text
+    are refused, not a crash."""
+    mine = policy_dir(tmp_path / "mine", "mine")
+    theirs = to_store(Policy.load(policy_dir(tmp_path / "theirs", "theirs")), now=NOW)
+    (name,) = [n for n in theirs.documents if n != MAIN]
+    secret = tmp_path / "host-secret.csv"
+    shutil.copy(tmp_path / "theirs" / name, secret)
+    text = theirs.documents[MAIN].replace(name, str(secret))
+    # The digest the policy has when its data is read from the host's file.
+    digest = Policy.parse(text, source="forged", base=tmp_path / "mine").digest
+    forged = replace(theirs, digest=digest, documents={MAIN: text})
+    not_text = replace(theirs, documents={**theirs.documents, name: 7})
+    for stored in (forged, not_text):
+        shared = _shared(mine, MemoryPolicies(stored))
+        before = shared.holder.current
+        asyncio.run(shared.follow([POLICY_ROW]))
+        assert shared.holder.current is before
+        shared.close()
+
+
+def test_a_reload_and_a_followed_row_do_not_cross(tmp_path: Path) -> None:
+    """Replica A reloads (publishes P1) while B's P2 lands in the database and its row
+    reaches A: A ends with the database's policy, not the one it published first."""
+    mine = policy_dir(tmp_path / "mine", "mine")
+    theirs = to_store(Policy.load(policy_dir(tmp_path / "theirs", "theirs")), now=NOW)
+    policies = MemoryPolicies(theirs)
+
+    async def scenario() -> str:
+        shared = _shared(mine, policies)
+        policies.go_on.clear()
+        reload = asyncio.create_task(shared.reload(actor="operator/alice"))
+        await policies.publishing.wait()
+        # A's publication is committed; B's commits after it, and B's row reaches A before
+        # A's reload has heard back from the database.
+        policies.stored = theirs
+        follow = asyncio.create_task(shared.follow([POLICY_ROW]))
+        await asyncio.wait({follow}, timeout=0.5)
+        policies.go_on.set()
+        await reload
+        await follow
+        assert shared.holder.current is not None
+        digest = shared.holder.current.digest
+        shared.close()
+        return digest
+
+    assert asyncio.run(scenario()) == theirs.digest

@@ -21,8 +21,10 @@ file is written: relative, without ``..``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
 # The policy's own text among its documents.
 MAIN = "policy.yaml"
+# A stored policy's digest: hex sha256 (anything else in the row is refused before use).
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 # Actors of the audit entries of publications without an operator.
 START_ACTOR = "local/start"
 SIGHUP_ACTOR = "local/sighup"
@@ -47,8 +51,16 @@ SIGHUP_ACTOR = "local/sighup"
 
 def _data_files(policy: Policy) -> list[str]:
     """The data files the policy names (relative to its directory), as written."""
-    data: Any = yaml.safe_load(policy.text)
-    named = (data.get("data") or {}).get("bulletins") if isinstance(data, dict) else None
+    return _data_files_of(policy.text)
+
+
+def _data_files_of(text: str) -> list[str]:
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"policy text is not YAML: {exc}") from exc
+    section = data.get("data") if isinstance(data, dict) else None
+    named = section.get("bulletins") if isinstance(section, dict) else None
     return [str(named)] if named else []
 
 
@@ -86,6 +98,8 @@ def write_documents(documents: dict[str, str], directory: Path) -> Path:
     if MAIN not in documents:
         raise PolicyError(f"the stored policy has no {MAIN} among its documents")
     for name, text in documents.items():
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise PolicyError(f"the stored policy's document {name!r} is not text")
         relative = PurePosixPath(MAIN) if name == MAIN else _document_name(name, what="document")
         target = directory.joinpath(*relative.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +112,12 @@ def load_documents(documents: dict[str, str], directory: Path, *, source: str) -
     it: the policy workers read its data files from there). PolicyError when it does not
     load."""
     main = write_documents(documents, directory)
+    # The data files the text names must be among the documents, beneath the directory:
+    # a policy from the database never reads this host's own files.
+    for name in _data_files_of(documents[MAIN]):
+        _document_name(name, what=f"{source}: data file")
+        if name not in documents:
+            raise PolicyError(f"{source}: data file {name!r} is not among its documents")
     return Policy.parse(documents[MAIN], source=source, base=main.parent)
 
 
@@ -134,6 +154,10 @@ class SharedPolicy:
         self._origin = origin
         self._clock = clock
         self._root: Path | None = None
+        # reload and follow one at a time: a reload's publication and a followed row from
+        # another replica must not cross, or this replica keeps a policy the database does
+        # not hold.
+        self._lock = asyncio.Lock()
 
     @property
     def holder(self) -> PolicyHolder:
@@ -148,12 +172,15 @@ class SharedPolicy:
     def _load(self, stored: StoredPolicy) -> Policy:
         """The stored policy, loaded from its documents; PolicyError unless its digest is
         the one stored."""
+        source = f"the database's policy {stored.policy_id!r}"
+        if not isinstance(stored.digest, str) or not _DIGEST.fullmatch(stored.digest):
+            raise PolicyError(f"{source}: its digest {stored.digest!r} is not hex sha256")
+        if not isinstance(stored.documents, dict):
+            raise PolicyError(f"{source}: its documents are not a mapping of names to text")
         if self._root is None:
             self._root = Path(tempfile.mkdtemp(prefix="devtrust-policies-"))
-        directory = self._root / stored.digest[:32]
-        shutil.rmtree(directory, ignore_errors=True)  # a half-written earlier try
-        directory.mkdir()
-        source = f"the database's policy {stored.policy_id}"
+        # A directory of its own, named here: nothing from the database names a path.
+        directory = Path(tempfile.mkdtemp(prefix="policy-", dir=self._root))
         policy = load_documents(stored.documents, directory, source=source)
         if policy.digest != stored.digest:
             raise PolicyError(
@@ -212,14 +239,17 @@ class SharedPolicy:
         this replica has no policy file."""
         if self._holder.path is None:
             return None
-        policy = Policy.load(self._holder.path)
-        stored = await self._policies.current()
-        # The fleet's already (SIGHUP reaches every worker; files reloaded unchanged): no
-        # second publication, no audit entry for a change that is none.
-        if stored is None or stored.digest != policy.digest:
-            await self._publish(policy, actor=actor)
-        self._holder.current = policy
-        return policy
+        async with self._lock:
+            policy = Policy.load(self._holder.path)
+            stored = await self._policies.current()
+            # The fleet's already (SIGHUP reaches every worker; files reloaded unchanged): no
+            # second publication, no audit entry for a change that is none.
+            if stored is None or stored.digest != policy.digest:
+                await self._publish(policy, actor=actor)
+            self._holder.current = policy
+            # Another replica may have published after this one: the database's is the
+            # fleet's; its row reaches follow() next, which takes it.
+            return policy
 
     async def _publish(self, policy: Policy, *, actor: str) -> None:
         now = self._clock()
@@ -232,6 +262,10 @@ class SharedPolicy:
         documents give its digest."""
         if not any(c.kind == POLICY and c.origin != self._origin for c in changes):
             return
+        async with self._lock:
+            await self._follow()
+
+    async def _follow(self) -> None:
         stored = await self._policies.current()
         current = self._holder.current
         if stored is None or (current is not None and current.digest == stored.digest):
