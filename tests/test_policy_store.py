@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -285,7 +286,8 @@ def test_a_stored_policy_reads_no_file_of_this_host(tmp_path: Path) -> None:
     # The digest the policy has when its data is read from the host's file.
     digest = Policy.parse(text, source="forged", base=tmp_path / "mine").digest
     forged = replace(theirs, digest=digest, documents={MAIN: text})
-    not_text = replace(theirs, documents={**theirs.documents, name: 7})
+    garbage: Any = {**theirs.documents, name: 7}  # what a JSON column may hold
+    not_text = replace(theirs, documents=garbage)
     for stored in (forged, not_text):
         shared = _shared(mine, MemoryPolicies(stored))
         before = shared.holder.current
