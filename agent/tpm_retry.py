@@ -84,6 +84,12 @@ class TpmRetry:
                 # It answered, with an error of its own: the transport is back, and the next
                 # quote will say what is wrong.
                 logger.warning("TPM answers again, with an error: %s", exc)
+            except Exception as exc:  # noqa: BLE001 (an OSError of a TCTI, a bug: retried)
+                # Anything else must not end the retrying: this task alone brings the TPM
+                # back, and while it is down every challenge is answered TpmUnavailable.
+                self.reason = f"{type(exc).__name__}: {exc}"
+                logger.warning("TPM retry %d failed unexpectedly: %s", self.retries, self.reason)
+                continue
             break
         assert self._since is not None
         logger.warning(
