@@ -188,7 +188,7 @@ async def certificate_names(address: str, timeout_s: float) -> list[str]:
 # Keepalive on every channel: a ping after 30 s without traffic, the connection dropped when
 # none is answered within 10 s, so that a verifier gone without a word (a host down, a
 # partition) ends the stream in 40 s rather than at the TCP timeout. The verifier accepts a
-# ping every 10 s (verifier/server.py _options). max_pings_without_data 0: the stream may be
+# ping every 10 s (verifier/listen.py server_options). max_pings_without_data 0: the stream may be
 # quiet for a whole challenge interval, and the pings must go on through it.
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),

@@ -32,7 +32,7 @@ DEFAULT_PROFILE = Path("~/.config/devtrust/operator.yaml")
 # The operator's channel: every call has its deadline (--timeout; a watch, its stream's), and
 # a watch held open on a verifier gone silent (a dead host) ends after a keepalive ping gets
 # no answer, not at its hour's deadline. The verifier takes a client's pings at most every
-# 10 s (verifier/server.py _options).
+# 10 s (verifier/listen.py server_options).
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

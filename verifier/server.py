@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import errno
 import itertools
 import logging
 import os
@@ -46,7 +45,7 @@ from devtrust.verifier.attest_service import AttestationService
 from devtrust.verifier.attestor import Attestor
 from devtrust.verifier.authz import Authorization, Authorizer, uncovered
 from devtrust.verifier.ca import pem
-from devtrust.verifier.config import DEFAULT_ROOTS, VerifierConfig, parse_address
+from devtrust.verifier.config import DEFAULT_ROOTS, VerifierConfig
 from devtrust.verifier.decision import LogSink, Sinks
 from devtrust.verifier.device_pki import load_device_issuers
 from devtrust.verifier.endorsement import EndorsementStore, load_certificates
@@ -54,6 +53,7 @@ from devtrust.verifier.enroll_service import EnrollmentService
 from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.interceptor import ErrorMapping
 from devtrust.verifier.inventory import Inventory
+from devtrust.verifier.listen import bind_problem, listen, server_options
 from devtrust.verifier.pki import check_server_issued_by, load_ca, read_server_credentials
 from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.policy_store import SharedPolicy
@@ -163,83 +163,6 @@ class WorkerPlace:
     @property
     def name(self) -> str:
         return f"worker{self.index}"
-
-
-def _options(config: VerifierConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
-    limit = config.limits.max_message_bytes
-    server = config.server
-    return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        # A ping after keepalive_s without traffic; a peer that does not answer within
-        # keepalive_timeout_s is gone (a dead host, a dropped route): its connection and its
-        # streams end, rather than a stream held open until the next challenge.
-        ("grpc.keepalive_time_ms", round(server.keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", round(server.keepalive_timeout_s * 1000)),
-        # Any ping's ack, not only keepalive's: a flow-control ping sent just before the
-        # peer went silent would otherwise hold the keepalive for gRPC's default minute.
-        ("grpc.http2.ping_timeout_ms", round(server.keepalive_timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        # Keep pinging a connection whose stream is quiet between challenges (gRPC stops
-        # after two pings without data otherwise).
-        ("grpc.http2.max_pings_without_data", 0),
-        # Clients' own pings: at most one per 10 s, or their connection is closed (too many
-        # pings); agents ping less often.
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        # gRPC sets SO_REUSEPORT by default: a second verifier would bind the same port and
-        # the kernel would split connections between the two (issue 8). Set only among one
-        # verifier's own workers, whose parent checked that nothing else holds the port.
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
-    ]
-
-
-def bind_problem(address: str, key: str) -> str | None:
-    """Why ``address`` cannot be listened on and what to do, or None. Tried with a plain
-    socket before gRPC, whose own failure says neither why nor what to do (it stays as the
-    backstop)."""
-    host, port = parse_address(address)
-    change = f"change `{key}:` in the configuration"
-    if port == 0:
-        return None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return f"cannot resolve {host!r}: {exc.strerror}: {change}"
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return (
-                        "address already in use (is another devtrust-verifier running?): "
-                        f"stop what holds it, or {change}"
-                    )
-                if exc.errno == errno.EACCES and port < 1024:
-                    return (
-                        f"port {port} is privileged: {change} to a port above 1023, or give "
-                        "the verifier CAP_NET_BIND_SERVICE"
-                    )
-                return f"{exc.strerror or exc}: {change} to an address of this host"
-    return None
-
-
-def _listen(
-    server: grpc.aio.Server,
-    address: str,
-    creds: grpc.ServerCredentials,
-    key: str,
-    *,
-    probe: bool = True,
-) -> int:
-    problem = bind_problem(address, key) if probe else None
-    if problem is None:
-        try:
-            return server.add_secure_port(address, creds)
-        except RuntimeError:
-            problem = f"gRPC could not bind it: change `{key}:` in the configuration"
-    raise ConfigError(f"cannot listen on {address} ({key}): {problem}")
 
 
 async def _start(server: grpc.aio.Server, running: RunningVerifier) -> None:
@@ -416,7 +339,7 @@ async def start_verifier(
 
     reuse_port = worker is not None
     enroll = grpc.aio.server(
-        interceptors=interceptors, options=_options(config, reuse_port=reuse_port)
+        interceptors=interceptors, options=server_options(config, reuse_port=reuse_port)
     )
     enrollment = EnrollmentService(
         repos=repos,
@@ -439,7 +362,7 @@ async def start_verifier(
     tls = grpc.ssl_server_credentials([(server_key, server_cert)])
 
     attest = grpc.aio.server(
-        interceptors=interceptors, options=_options(config, reuse_port=reuse_port)
+        interceptors=interceptors, options=server_options(config, reuse_port=reuse_port)
     )
     attestor = Attestor(
         issuers=issuers,
@@ -529,10 +452,10 @@ async def start_verifier(
         shared = (worker is not None and worker.count > 1) or not isinstance(config.database, Path)
         await _load_state(running, enrollment, shared=shared)
         probe = worker is None  # the workers' parent probed the ports (verifier/workers.py)
-        running.enrollment_port = _listen(
+        running.enrollment_port = listen(
             enroll, config.listen.enrollment, tls, "listen.enrollment", probe=probe
         )
-        running.attestation_port = _listen(
+        running.attestation_port = listen(
             attest, config.listen.attestation, mtls, "listen.attestation", probe=probe
         )
         for server in (enroll, attest):

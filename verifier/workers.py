@@ -47,9 +47,10 @@ from devtrust.core.command import one_line
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.logsetup import IsoFormatter, configure_logging
 from devtrust.verifier.config import VerifierConfig, parse_address
+from devtrust.verifier.listen import bind_problem
 from devtrust.verifier.policy import PolicyError
 from devtrust.verifier.policy_store import SIGHUP_ACTOR
-from devtrust.verifier.server import RunningVerifier, WorkerPlace, bind_problem, start_verifier
+from devtrust.verifier.server import RunningVerifier, WorkerPlace, start_verifier
 from devtrust.verifier.storage import open_repositories
 from devtrust.verifier.store_health import is_outage
 
