@@ -101,7 +101,7 @@ def test_times_hash_the_same_whatever_form_the_database_returns() -> None:
 
 def test_every_event_has_its_type() -> None:
     assert set(ac.EVENTS) == set(Event)
-    assert {"policy", "roles", "audit"} == ac.NAMED_CHAINS
+    assert {"policy", "roles", "audit", "chains"} == ac.NAMED_CHAINS
 
 
 @pytest.mark.parametrize(
@@ -116,6 +116,7 @@ def test_every_event_has_its_type() -> None:
         ("", "policy_changed", "operator/alice", "policy", "operator/alice"),
         ("", "role_changed", "local/root", "roles", "local/root"),
         ("", "audit_pruned", "local/root", "audit", "local/root"),
+        ("", "chain_started", "", "chains", "verifier"),
     ],
 )
 def test_an_entry_is_placed_on_its_chain_with_its_actor(
@@ -274,7 +275,7 @@ def test_a_checkpoint_that_holds_another_hash_is_named() -> None:
 
 def test_a_pruned_chain_verifies_from_its_pruning_checkpoint() -> None:
     rows = chain_of(6)
-    pruned = {3: Mark(3, rows[2].hash, pruned=True)}
+    pruned = {3: Mark(3, rows[2].hash, pruned=True, vouched=True)}
     assert check(rows[3:], head=head_of(rows), checkpoints=pruned) is None
     # One more deleted after the pruning: the chain no longer starts at the checkpoint.
     found = check(rows[4:], head=head_of(rows), checkpoints=pruned)
@@ -285,7 +286,49 @@ def test_a_pruned_chain_verifies_from_its_pruning_checkpoint() -> None:
     assert found is not None
     assert (found.seq, found.kind) == (4, Broken.MISSING)
     # The first remaining entry must link to the checkpoint's hash.
-    found = check(rows[3:], head=head_of(rows), checkpoints={3: Mark(3, "33" * 32, pruned=True)})
+    forged = {3: Mark(3, "33" * 32, pruned=True, vouched=True)}
+    found = check(rows[3:], head=head_of(rows), checkpoints=forged)
     assert found is not None
     assert (found.seq, found.kind) == (4, Broken.EDITED)
     assert found.what == "its prev_hash is not the checkpoint at seq 3"
+
+
+def test_a_pruning_checkpoint_no_prune_record_names_is_named() -> None:
+    """A prefix deleted and a pruning checkpoint inserted with the first remaining entry's
+    prev_hash (review H2): no audit_pruned entry vouches for it."""
+    rows = chain_of(6)
+    faked = {3: Mark(3, rows[3].prev_hash, pruned=True)}
+    found = check(rows[3:], head=head_of(rows), checkpoints=faked)
+    assert found is not None
+    assert (found.seq, found.id, found.kind) == (4, 40, Broken.MISSING)
+    assert "the pruning checkpoint at seq 3 is named by no audit_pruned entry" in found.what
+
+
+def test_a_recorded_head_before_the_first_entry_needs_a_recorded_pruning() -> None:
+    """A head recorded earlier (--against) at seq 2, and the chain now starts at seq 4
+    behind an unvouched pruning checkpoint: the recorded head is named."""
+    rows = chain_of(6)
+    marks = {
+        2: Mark(2, rows[1].hash, recorded=True),
+        3: Mark(3, rows[2].hash, pruned=True),
+    }
+    found = check(rows[3:], head=head_of(rows), checkpoints=marks)
+    assert found is not None
+    assert (found.seq, found.kind) == (4, Broken.MISSING)
+    assert found.what.startswith("the head recorded earlier at seq 2 lies before the chain's")
+    # A pruning that an audit_pruned entry names accounts for it.
+    marks[3] = Mark(3, rows[2].hash, pruned=True, vouched=True)
+    assert check(rows[3:], head=head_of(rows), checkpoints=marks) is None
+
+
+def test_a_hash_that_is_no_hex_is_named_not_a_crash() -> None:
+    """A forged pruning checkpoint holding 'zz' and a first entry whose prev_hash is 'zz'
+    (review L1): link() cannot read it, the check names it."""
+    rows = chain_of(4)
+    bad = dataclasses.replace(rows[2], prev_hash="zz")
+    marks = {2: Mark(2, "zz", pruned=True, vouched=True)}
+    found = check([bad, rows[3]], head=head_of(rows), checkpoints=marks)
+    assert found is not None
+    assert (found.seq, found.kind, found.what) == (
+        3, Broken.EDITED, "its prev_hash or hash is not a sha256 in hex"
+    )  # fmt: skip

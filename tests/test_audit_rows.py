@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import datetime
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -119,10 +120,15 @@ def test_every_event_is_written_on_its_chain(tmp_path: Path) -> None:
             actor = "local/root" if audit_chain.Actor.LOCAL in kind.actors else ""
             dev = "" if kind.chain else device_id(1)
             audit_rows.append(db, at=NOW, device_id=dev, event=event, detail={}, actor=actor)
-        rows = db.execute("SELECT chain, event FROM audit ORDER BY id").fetchall()
-    assert [tuple(r) for r in rows] == [
-        (audit_chain.EVENTS[e].chain or device_id(1), str(e)) for e in Event
+        rows = db.execute("SELECT chain, event, detail FROM audit ORDER BY id").fetchall()
+    assert [tuple(r[:2]) for r in rows if r[1] != Event.CHAIN_STARTED] == [
+        (audit_chain.EVENTS[e].chain or device_id(1), str(e))
+        for e in Event
+        if e != Event.CHAIN_STARTED
     ]
+    # Each chain's first entry is announced on the chain "chains", in its transaction.
+    started = [json.loads(r[2]).get("chain") for r in rows if r[0] == "chains"]
+    assert started == [device_id(1), "policy", "roles", "audit", None]
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -153,9 +159,11 @@ def test_checkpoints_every_n_entries_show_a_truncation_with_its_head_rewritten(
         assert [tuple(m) for m in marks] == [(3, 0), (6, 0)]
         assert cli.main(["audit", "verify", "--database", str(path)]) == 0
         # The tail after seq 4 gone, and the head made to match what is left.
-        [(h,)] = db.execute("SELECT hash FROM audit WHERE chain_seq = 4").fetchall()
-        db.execute("DELETE FROM audit WHERE chain_seq > 4")
-        db.execute("UPDATE audit_heads SET seq = 4, hash = ?", (h,))
+        [(h,)] = db.execute(
+            "SELECT hash FROM audit WHERE chain = ? AND chain_seq = 4", (device_id(1),)
+        ).fetchall()
+        db.execute("DELETE FROM audit WHERE chain = ? AND chain_seq > 4", (device_id(1),))
+        db.execute("UPDATE audit_heads SET seq = 4, hash = ? WHERE chain = ?", (h, device_id(1)))
     capsys.readouterr()
     assert cli.main(["audit", "verify", "--database", str(path)]) == 1
     assert capsys.readouterr().out == (
@@ -170,9 +178,11 @@ def test_checkpoints_every_n_entries_show_a_truncation_with_its_head_rewritten(
 def _unseal(path: Path) -> None:
     """The database as schema step 7 leaves one made before it: every entry off a chain."""
     with closing(sqlite3.connect(path)) as db, db:
+        db.execute("DELETE FROM audit WHERE event = 'chain_started'")
         db.execute("UPDATE audit SET chain = NULL, chain_seq = NULL, prev_hash = NULL, hash = NULL")
         db.execute("DELETE FROM audit_heads")
         db.execute("DELETE FROM audit_checkpoints")
+        db.execute("UPDATE audit_legacy SET last_id = (SELECT MAX(id) FROM audit)")
 
 
 def _old_fleet(path: Path) -> None:
@@ -205,11 +215,14 @@ def test_old_entries_are_sealed_by_the_command_once(
     assert "devtrust audit seal" in out
     assert cli.main(["audit", "seal", "--database", str(path)]) == 0
     assert capsys.readouterr().out == "sealed 4 entries written before the chains\n"
-    assert _verify(path, capsys) == (0, "audit intact: 2 chains, 4 entries\n")
+    # The two device chains, and "chains" announcing them.
+    assert _verify(path, capsys) == (0, "audit intact: 3 chains, 6 entries\n")
     assert cli.main(["audit", "seal", "--database", str(path)]) == 0
     assert capsys.readouterr().out == "sealed 0 entries written before the chains\n"
     with closing(sqlite3.connect(path)) as db:
-        rows = db.execute("SELECT chain, chain_seq, event FROM audit ORDER BY id").fetchall()
+        rows = db.execute(
+            "SELECT chain, chain_seq, event FROM audit WHERE chain <> 'chains' ORDER BY id"
+        ).fetchall()
     assert rows == [
         (device_id(1), 1, "enrolled:enrolled"),
         (device_id(1), 2, "appraisal"),
@@ -231,7 +244,7 @@ def test_old_entries_are_sealed_at_their_chain_next_entry(
     assert rows == [(1,), (2,), (3,)]
     status, out = _verify(path, capsys)
     assert status == 1  # device 2 has had no entry since: its old ones wait for the seal
-    assert out.startswith(f"audit broken: chain {device_id(2)} seq 0 (id 3): not on its chain")
+    assert out.startswith(f"audit broken: chain {device_id(2)} seq 0 (id 4): not on its chain")
     assert cli.main(["audit", "seal", "--database", str(path)]) == 0
     assert _verify(path, capsys)[0] == 0
 
@@ -253,7 +266,46 @@ def test_an_entry_slipped_in_after_its_chain_began_is_never_sealed(
     run(lambda: _record(path, decision(1, at=NOW + 2 * MINUTE)))
     status, out = _verify(path, capsys)
     assert status == 1
-    assert "1 entries are on no chain (the first: event 'approved')" in out
+    assert "1 entries are on no chain (the first: event 'approved'): inserted after" in out
+
+
+def test_an_entry_slipped_in_before_its_chain_began_is_never_sealed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review M4: a row inserted off the chains for a device (or a named chain) that has
+    no chain yet is not folded into the chain its next genuine entry starts: only rows
+    from before schema step 7 are sealed."""
+    path = tmp_path / "v.db"
+    make_database(path)
+    with closing(sqlite3.connect(path)) as db, db:
+        for dev, event in ((device_id(3), "approved"), ("", "role_changed")):
+            db.execute(
+                "INSERT INTO audit (at, device_id, event, tier, detail, actor) "
+                "VALUES (?, ?, ?, '', '{}', 'operator/mallory')",
+                (NOW.isoformat(), dev, event),
+            )
+
+    async def scenario() -> None:
+        repos = await open_repositories(path)
+        try:
+            await repos.devices.save(device(3), now=NOW, event="enrolled:enrolled")
+            await repos.roles.set("bob", "viewer", now=NOW, actor="operator/alice")
+        finally:
+            await repos.close()
+
+    run(scenario)
+    assert cli.main(["audit", "seal", "--database", str(path)]) == 0
+    assert "sealed 0 entries" in capsys.readouterr().out
+    with closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT chain, actor FROM audit ORDER BY id LIMIT 2").fetchall()
+    assert rows == [(None, "operator/mallory"), (None, "operator/mallory")]
+    status, out = _verify(path, capsys)
+    assert status == 1
+    assert out.startswith(
+        f"audit broken: chain {device_id(3)} seq 0 (id 1): not on its chain: 2 entries are "
+        "on no chain (the first: event 'approved'): inserted after the chains began (id "
+        "above 0, the last entry from before them): not written by the verifier"
+    )
 
 
 async def _record(path: Path | str, *decisions: object) -> None:
@@ -298,7 +350,9 @@ def test_two_replicas_appending_to_one_chain_keep_it_intact(
 
     run(scenario)
     assert cli.main(["audit", "verify", "--database", url]) == 0
-    assert capsys.readouterr().out == f"audit intact: 1 chains, {1 + 2 * per_replica} entries\n"
+    # The device's chain and "chains" announcing it.
+    assert capsys.readouterr().out == f"audit intact: 2 chains, {2 + 2 * per_replica} entries\n"
     with audit_db.opened(url, write=False) as db:
-        seqs = [int(r[0]) for r in db.rows("SELECT chain_seq FROM audit ORDER BY id")]
+        rows = db.rows("SELECT chain_seq FROM audit WHERE chain = ? ORDER BY id", (device_id(1),))
+        seqs = [int(r[0]) for r in rows]
     assert seqs == list(range(1, 2 + 2 * per_replica))

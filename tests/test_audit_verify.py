@@ -19,7 +19,7 @@ import pytest
 
 from devtrust import cli
 from devtrust.core.tier import Tier
-from devtrust.verifier import audit_chain
+from devtrust.verifier import audit_chain, audit_db
 from devtrust.verifier.records import AuditEvent, DeviceState, Standing
 from devtrust.verifier.storage import open_repositories
 from devtrust.verifier.storage.interfaces import StoredPolicy
@@ -134,9 +134,10 @@ DEV2 = device_id(2)
 
 def test_the_untouched_database_verifies(fleet: Store, capsys: pytest.CaptureFixture[str]) -> None:
     status, out = verify(capsys, fleet)
-    # 3 devices, policy, roles: enrollment + 6 appraisals each, a zone change, a revocation.
-    entries = DEVICES * (1 + APPRAISALS) + 1 + 1 + 1 + 1
-    assert (status, out.strip()) == (0, f"audit intact: {DEVICES + 2} chains, {entries} entries")
+    # 3 devices, policy, roles: enrollment + 6 appraisals each, a zone change, a revocation;
+    # and "chains", announcing the other five.
+    entries = DEVICES * (1 + APPRAISALS) + 1 + 1 + 1 + 1 + (DEVICES + 2)
+    assert (status, out.strip()) == (0, f"audit intact: {DEVICES + 3} chains, {entries} entries")
     status, out = audit(capsys, "verify", "--database", fleet.url, "--json")
     report = json.loads(out)
     assert report["intact"] is True
@@ -306,10 +307,17 @@ def test_prune_everything_old_keeps_each_last_entry(
     cut = datetime.datetime.now(datetime.UTC).isoformat()
     assert audit(capsys, "prune", "--database", copy.url, "--before", cut)[0] == 0
     assert verify(capsys, copy)[0] == 0
-    per_chain = copy.sql("SELECT chain, COUNT(*) FROM audit GROUP BY chain")
-    # One entry left per chain, and the audit chain's own record of the pruning.
-    assert {int(str(n)) for _, n in per_chain} == {1}
+    rows = copy.sql("SELECT chain, COUNT(*) FROM audit GROUP BY chain")
+    per_chain = {str(chain): int(str(n)) for chain, n in rows}
+    # One entry left per chain, and the audit chain's own record of the pruning; "chains"
+    # (announcing the other six) is never pruned, nor is "audit".
+    assert per_chain.pop("chains") == DEVICES + 3
+    assert set(per_chain.values()) == {1}
     assert len(per_chain) == DEVICES + 3
+    [(detail,)] = copy.sql("SELECT detail FROM audit WHERE event = 'audit_pruned'")
+    pruned = json.loads(str(detail))["pruned"]
+    marks = copy.sql("SELECT chain, chain_seq, hash FROM audit_checkpoints WHERE pruned = 1")
+    assert sorted(pruned) == sorted([str(c), int(str(n)), str(h)] for c, n, h in marks)
 
 
 # --- a chain rewritten with its hashes: only heads kept elsewhere show it ------------------
@@ -358,6 +366,20 @@ def test_a_rewritten_chain_shows_only_against_heads_recorded_before(
     )
 
 
+def test_a_chain_rewritten_from_its_first_entry_shows_against_its_announcement(
+    copy: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first hash of every chain is announced on the chain "chains": a rewrite from
+    seq 1 (hashes and head) shows without heads kept elsewhere."""
+    _rewrite(copy, DEV2, seq=1, tier="hardware")
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert out.startswith(
+        f"audit broken: chain {DEV2} seq 1 (id {entry_id(copy, DEV2, 1)}): checkpoint "
+        "mismatch: the chain_started announcement at seq 1 holds another hash"
+    )
+
+
 def test_a_truncated_tail_shows_against_heads_recorded_before(
     fleet: Store, copy: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -399,3 +421,167 @@ def test_prune_refuses_a_broken_audit(copy: Store, capsys: pytest.CaptureFixture
     assert "prune refused: it would delete what shows the break" in out
     assert copy.sql("SELECT COUNT(*) FROM audit WHERE event = 'audit_pruned'") == [(0,)]
     assert verify(capsys, copy)[0] == 1
+
+
+# --- review 12: H2 (a faked pruning), M3 (a chain deleted whole), M4 (a row slipped in
+# before its chain began), L1 (garbage values), L2 (prune reads outside a write) ----------
+
+
+def _fake_pruning(store: Store, chain: str, upto: int) -> int:
+    """What someone with the database does to erase a chain's first entries: delete them,
+    and insert a pruning checkpoint holding the prev_hash of the first one left (copied,
+    no hash computed). The id of that first entry."""
+    [(first, prev)] = store.sql(
+        "SELECT id, prev_hash FROM audit WHERE chain = ? AND chain_seq = ?", chain, upto + 1
+    )
+    store.sql("DELETE FROM audit WHERE chain = ? AND chain_seq <= ?", chain, upto)
+    store.sql(
+        "INSERT INTO audit_checkpoints (chain, chain_seq, hash, at, pruned) VALUES (?,?,?,?,1)",
+        chain, upto, prev, NOW.isoformat(),
+    )  # fmt: skip
+    return int(str(first))
+
+
+def test_a_faked_pruning_is_named(
+    copy: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _fake_pruning(copy, DEV0, 3)  # its enrollment and two appraisals
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert out.startswith(
+        f"audit broken: chain {DEV0} seq 4 (id {first}): missing: entries 1..3 are gone and "
+        "the pruning checkpoint at seq 3 is named by no audit_pruned entry"
+    )
+
+
+def test_a_faked_pruning_past_a_recorded_head_is_named_against_it(
+    copy: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Heads recorded, the chain grows, then its prefix up to past the recorded head is
+    erased with a faked pruning: the recorded head lies before the chain's first entry."""
+    heads = tmp_path / "heads.json"
+    heads.write_text(audit(capsys, "verify", "--database", copy.url, "--json")[1])
+    later = NOW + 2 * APPRAISALS * MINUTE
+    run(lambda: _decisions(copy.url, *(decision(0, at=later + n * MINUTE) for n in range(3))))
+    recorded = 1 + APPRAISALS + 1  # enrollment, appraisals, the zone change
+    first = _fake_pruning(copy, DEV0, recorded + 1)
+    status, out = audit(capsys, "verify", "--database", copy.url, "--against", str(heads))
+    assert status == 1
+    assert out.startswith(
+        f"audit broken: chain {DEV0} seq {recorded + 2} (id {first}): missing: the head "
+        f"recorded earlier at seq {recorded} lies before the chain's first entry (seq "
+        f"{recorded + 2}) and no recorded pruning accounts for it"
+    )
+
+
+async def _decisions(url: str, *decisions: object) -> None:
+    repos = await open_repositories(url)
+    try:
+        for d in decisions:
+            await repos.trust.record(d)  # type: ignore[arg-type]
+    finally:
+        await repos.close()
+
+
+def test_a_chain_deleted_whole_is_named(copy: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    for table in ("audit", "audit_heads", "audit_checkpoints"):
+        copy.sql(f"DELETE FROM {table} WHERE chain = ?", DEV2)  # noqa: S608
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert out.startswith(
+        f"audit broken: chain {DEV2} seq 1: missing: the whole chain is gone (entries and "
+        "head): chain_started at seq "
+    )
+    status, out = audit(capsys, "verify", "--database", copy.url, "--chain", DEV2)
+    assert status == 1
+    assert "the whole chain is gone" in out
+    # And "chains" deleted whole too: every chain there is one no entry announces.
+    for table in ("audit", "audit_heads", "audit_checkpoints"):
+        copy.sql(f"DELETE FROM {table} WHERE chain = 'chains'")  # noqa: S608
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert f"audit broken: chain {DEV0} seq 0: not announced: no chain_started entry" in out
+
+
+def test_a_chain_that_does_not_exist_is_refused(
+    fleet: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out = audit(capsys, "verify", "--database", fleet.url, "--chain", "dev-typo")
+    assert (status, out.strip()) == (2, "devtrust: --chain dev-typo: the audit has no such chain")
+
+
+def test_a_row_slipped_in_before_its_chain_began_stays_named(
+    copy: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A forged row for a device with no chain yet: the device's first genuine entry does
+    not seal it onto the new chain (review M4)."""
+    copy.sql(
+        "INSERT INTO audit (at, device_id, event, tier, detail, actor) "
+        "VALUES (?, ?, 'approved', '', '{}', ?)",
+        NOW.isoformat(), device_id(7), OPERATOR,
+    )  # fmt: skip
+
+    async def enroll() -> None:
+        repos = await open_repositories(copy.url)
+        try:
+            await repos.devices.save(device(7), now=NOW, event="enrolled:enrolled")
+        finally:
+            await repos.close()
+
+    run(enroll)
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert f"audit broken: chain {device_id(7)} seq 0 (id " in out
+    assert "1 entries are on no chain (the first: event 'approved'): inserted after the " in out
+
+
+def test_a_hash_edited_into_garbage_is_named_not_a_crash(
+    copy: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = entry_id(copy, DEV0, 3)
+    copy.sql("DELETE FROM audit WHERE chain = ? AND chain_seq <= 2", DEV0)
+    copy.sql("UPDATE audit SET prev_hash = 'zz' WHERE id = ?", first)
+    copy.sql(
+        "INSERT INTO audit_checkpoints (chain, chain_seq, hash, at, pruned) "
+        "VALUES (?, 2, 'zz', ?, 1)",
+        DEV0, NOW.isoformat(),
+    )  # fmt: skip
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert f"audit broken: chain {DEV0} seq 3 (id {first}): " in out
+    if copy.backend == "sqlite":  # SQLite keeps text in an integer column
+        copy.sql("UPDATE audit_heads SET seq = 'seven' WHERE chain = ?", DEV2)
+        copy.sql("UPDATE audit_checkpoints SET chain_seq = 'two' WHERE chain = ?", DEV0)
+        status, out = verify(capsys, copy)
+        assert status == 1
+        assert f"audit broken: chain {DEV2} seq 7 (id {entry_id(copy, DEV2, 7)}): head" in out
+
+
+def test_a_database_that_fails_while_read_is_one_line(
+    copy: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A driver error during the read (here a column gone) is one line, exit 2."""
+    copy.sql("ALTER TABLE audit RENAME COLUMN hash TO hash_gone")
+    status, out = verify(capsys, copy)
+    assert (status, out.strip()) == (
+        2,
+        "devtrust: the audit could not be read: "
+        + ("no such column: hash" if copy.backend == "sqlite" else 'column "hash" does not exist'),
+    )
+
+
+def test_prune_reads_in_a_read_only_snapshot(fleet: Store) -> None:
+    """Review L2: the checks prune runs before it deletes (a whole verify) read in a
+    read-only transaction, not in its SERIALIZABLE read-write one."""
+    with audit_db.opened(fleet.url, write=True) as db, db.snapshot():
+        if fleet.backend == "sqlite":
+            [(mode,)] = list(db.rows("PRAGMA query_only"))
+            assert mode in (0, 1)  # one writer: nothing to contend with
+            return
+        [row] = list(
+            db.rows(
+                "SELECT current_setting('transaction_isolation'), "
+                "current_setting('transaction_read_only')"
+            )
+        )
+    assert tuple(row) == ("repeatable read", "on")

@@ -99,7 +99,8 @@ def test_quote_answering_a_different_nonce_is_rejected(
     assert "does not answer this challenge" in trust.findings[0].message
     assert not reply.result.HasField("certificate")
     assert counts["certificates"] == 1  # the channel certificate only
-    assert counts["audit"] == 2  # enrollment and the contraindicated appraisal
+    # enrollment and the contraindicated appraisal; the chain announced on "chains"
+    assert counts["audit"] == 3
 
 
 def test_evidence_body_changed_after_quoting_is_tampered(

@@ -13,7 +13,11 @@ only the head row of the one chain they extend.
 A chain's head (its last seq and hash, kept in a table of its own, updated with every entry)
 shows a deleted tail; checkpoints (the hash at a seq, written every N entries and when old
 entries are pruned) show a deletion they cover and let a pruned chain verify from the
-checkpoint at the last entry removed.
+checkpoint at the last entry removed. Two named chains vouch for the others: ``chains``
+announces each chain's first entry (chain_started: its name and first hash), so a chain
+deleted whole, or rewritten from its first entry, shows; ``audit`` records each pruning
+(audit_pruned: each chain's pruning checkpoint, seq and hash), so a pruning checkpoint
+inserted to cover a deleted prefix shows. Retention prunes neither.
 
 What a chain cannot show: someone able to write the database may rewrite a chain from the
 point they changed and every hash after it, its head and its checkpoints. Compare the heads
@@ -56,6 +60,7 @@ class Event(StrEnum):
     POLICY_CHANGED = "policy_changed"
     ROLE_CHANGED = "role_changed"
     AUDIT_PRUNED = "audit_pruned"
+    CHAIN_STARTED = "chain_started"
 
 
 class Actor(StrEnum):
@@ -94,8 +99,18 @@ EVENTS: Mapping[Event, EventType] = {
     Event.POLICY_CHANGED: EventType("policy", _OPS | {Actor.VERIFIER}),
     Event.ROLE_CHANGED: EventType("roles", _OPS | {Actor.VERIFIER}),
     Event.AUDIT_PRUNED: EventType("audit", _OPS),
+    Event.CHAIN_STARTED: EventType("chains", frozenset({Actor.VERIFIER}), "verifier"),
 }
 NAMED_CHAINS = frozenset(t.chain for t in EVENTS.values() if t.chain is not None)
+# Every other chain's first entry is announced on this one (chain_started: the chain's
+# name and first hash), in the transaction that writes it: a chain deleted whole still
+# shows. Only a chain's creation extends it, so replicas contend on its head only then.
+CHAINS = "chains"
+# Where retention records what it deleted (audit_pruned: each pruned chain's seq and
+# hash): a pruning checkpoint no entry here names is a forged one.
+AUDIT = "audit"
+# Chains retention never prunes: what they hold vouches for the others.
+UNPRUNED = frozenset({CHAINS, AUDIT})
 # The chain of an entry written before the chains (schema step 7) with no device and an
 # event this code does not know: sealed there, never appended to.
 LEGACY_CHAIN = "legacy"
@@ -144,6 +159,11 @@ def place(*, device_id: str, event: str, actor: str) -> Placed:
         where = "a device" if kind.chain is None else "no device (device_id '')"
         raise ValueError(f"audit event {event!r} is about {where}, got {device_id!r}")
     return Placed(chain=kind.chain or device_id, actor=actor)
+
+
+def device_of(chain: str) -> str:
+    """The device_id of the entries of ``chain`` ('' for a named chain)."""
+    return "" if chain in NAMED_CHAINS or chain == LEGACY_CHAIN else chain
 
 
 def chain_of(device_id: str, event: str) -> str:
@@ -215,6 +235,14 @@ def link(prev_hash: str, entry: Entry) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + encode(entry)).hexdigest()
 
 
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def is_hash(text: str) -> bool:
+    """A sha256 as stored: 64 lower-case hex digits (anything else was edited in)."""
+    return _HASH.fullmatch(text) is not None
+
+
 # --- checking a chain ----------------------------------------------------------------------
 
 
@@ -232,12 +260,17 @@ class Stored:
 class Mark:
     """A chain's head, or a checkpoint (``pruned``: written when the entries up to it were
     deleted by retention, so the chain may start after it; ``recorded``: a head recorded
-    outside the database, by an earlier ``devtrust audit verify --json``)."""
+    outside the database, by an earlier ``devtrust audit verify --json``; ``vouched``: a
+    pruning checkpoint that an audit_pruned entry on the chain ``audit`` names, seq and
+    hash: only such a one accounts for the entries before it; ``announced``: the first hash
+    a chain_started entry on the chain ``chains`` gave, at seq 1)."""
 
     seq: int
     hash: str
     pruned: bool = False
     recorded: bool = False
+    vouched: bool = False
+    announced: bool = False
 
 
 class Broken(StrEnum):
@@ -247,6 +280,7 @@ class Broken(StrEnum):
     HEAD = "head mismatch"
     CHECKPOINT = "checkpoint mismatch"
     UNCHAINED = "not on its chain"
+    UNANNOUNCED = "not announced"
 
 
 @dataclass(frozen=True)
@@ -281,8 +315,10 @@ def check_chain(
     chain its device and event name; 2. its seq follows the one before (the first: 1, or the
     seq after a pruning checkpoint); 3. its prev_hash is the hash before it; 4. its row id is
     above the one before (rows keep the order they were written in); 5. its hash is that of
-    its content; 6. a checkpoint at its seq holds its hash. Then 7. the head is the last
-    entry, and 8. no checkpoint lies past it."""
+    its content; 6. a checkpoint at its seq holds its hash. The first entry after seq 1
+    needs a pruning checkpoint an audit_pruned entry vouches for, which also accounts for a
+    head recorded earlier that lies before it. Then 7. the head is the last entry, and 8.
+    no checkpoint lies past it. A hash that is no sha256 in hex is an edit."""
     last: Stored | None = None
     for row in entries:
         found = next(_entry_breaks(chain, row, last, checkpoints), None)
@@ -304,11 +340,24 @@ def _entry_breaks(
     if chain_of(e.device_id, e.event) != chain:  # 1
         yield broken(Broken.UNCHAINED, f"its device and event ({e.device_id!r}, {e.event!r}) "
                      "belong on another chain")  # fmt: skip
+    if not (is_hash(row.prev_hash) and is_hash(row.hash)):
+        yield broken(Broken.EDITED, "its prev_hash or hash is not a sha256 in hex")
+        return
     if last is None:  # 2, 3 for the first entry
         start = checkpoints.get(e.seq - 1)
+        accounted = e.seq == 1 or (start is not None and start.pruned and start.vouched)
+        early = [m.seq for m in checkpoints.values() if m.recorded and m.seq < e.seq]
+        if early and not accounted:
+            yield broken(Broken.MISSING, f"the head recorded earlier at seq {min(early)} lies "
+                         f"before the chain's first entry (seq {e.seq}) and no recorded "
+                         "pruning accounts for it")  # fmt: skip
         if e.seq != 1 and (start is None or not start.pruned):
             yield broken(Broken.MISSING, f"entries 1..{e.seq - 1} are gone and no pruning "
                          f"checkpoint at seq {e.seq - 1} accounts for them")  # fmt: skip
+        elif not accounted:
+            yield broken(Broken.MISSING, f"entries 1..{e.seq - 1} are gone and the pruning "
+                         f"checkpoint at seq {e.seq - 1} is named by no audit_pruned entry "
+                         "(a pruning not done by devtrust audit prune)")  # fmt: skip
         expected = GENESIS if start is None or e.seq == 1 else start.hash
         if not _same(row.prev_hash, expected):
             what = "the genesis hash" if e.seq == 1 else f"the checkpoint at seq {e.seq - 1}"
@@ -330,7 +379,13 @@ def _entry_breaks(
         yield broken(Broken.EDITED, "its content does not hash to its stored hash")
     mark = checkpoints.get(e.seq)
     if mark is not None and not _same(mark.hash, row.hash):  # 6
-        what = "the head recorded earlier" if mark.recorded else "the checkpoint"
+        what = (
+            "the head recorded earlier"
+            if mark.recorded
+            else "the chain_started announcement"
+            if mark.announced
+            else "the checkpoint"
+        )
         yield broken(Broken.CHECKPOINT, f"{what} at seq {e.seq} holds another hash")
 
 

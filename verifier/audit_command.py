@@ -4,8 +4,8 @@ keeping the chains verifiable (``prune``). Run where the database is (its file, 
 the server), not through the verifier's API: what is checked is what is stored.
 
 Exit status of verify: 0 every chain intact, 1 a chain is broken (each broken chain's first
-broken record is named, the earliest first), 2 bad arguments or a database that cannot be
-read.
+broken record is named, the earliest first), 2 bad arguments (a --chain the audit does not
+hold) or a database that cannot be read.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def verify(args: argparse.Namespace) -> int:
             report = audit_db.verify(db, chain=args.chain, recorded=recorded)
     except ConfigError as exc:
         raise tools.UsageError(str(exc)) from None
+    except audit_db.driver_errors() as exc:
+        raise tools.UsageError(audit_db.unreadable(exc)) from None
     if args.json:
         print(json.dumps(_as_json(report), indent=2))
     elif report.intact:
@@ -154,26 +156,27 @@ def prune(args: argparse.Namespace) -> int:
             # Old entries first on their chains, so that retention sees every entry.
             sealed = db.write(audit_rows.seal)
             # Retention deletes entries: never those of a broken chain, whose break it
-            # would erase. The whole audit is checked first.
-            report = audit_db.verify(db)
+            # would erase. The whole audit is checked first, and what to delete read, in
+            # one read-only snapshot (no lock the verifiers' appends meet).
+            report, plan = audit_db.plan_prune(db, before=before)
             if not report.intact:
                 for found in report.broken:
                     print(f"audit broken: {found.line()}")
                 print("prune refused: it would delete what shows the break", file=sys.stderr)
                 return EXIT_BROKEN
-            done, entries = 0, 0
-            for chain in db.write(audit_rows.chains):
-                pruned = db.write(
-                    lambda c, chain=chain: audit_rows.prune_chain(c, chain, before=before, now=now)
-                )
-                done, entries = done + (pruned > 0), entries + pruned
+            # Recorded before anything is deleted: verify accepts a pruning checkpoint only
+            # where an audit_pruned entry names it.
             db.write(
-                lambda c: audit_rows.record_prune(
-                    c, before=before, chains=done, entries=entries, now=now, actor=actor
-                )
+                lambda c: audit_rows.record_prune(c, before=before, plan=plan, now=now, actor=actor)
             )
+            done, entries = 0, 0
+            for pruning in plan:
+                pruned = db.write(lambda c, p=pruning: audit_rows.prune_chain(c, p, now=now))
+                done, entries = done + (pruned > 0), entries + pruned
     except ConfigError as exc:
         raise tools.UsageError(str(exc)) from None
+    except audit_db.driver_errors() as exc:
+        raise tools.UsageError(audit_db.unreadable(exc)) from None
     if sealed:
         print(f"sealed {sealed} entries written before the chains")
     print(
@@ -189,5 +192,7 @@ def seal(args: argparse.Namespace) -> int:
             sealed = db.write(audit_rows.seal)
     except ConfigError as exc:
         raise tools.UsageError(str(exc)) from None
+    except audit_db.driver_errors() as exc:
+        raise tools.UsageError(audit_db.unreadable(exc)) from None
     print(f"sealed {sealed} entries written before the chains")
     return EXIT_INTACT

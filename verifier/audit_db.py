@@ -3,14 +3,19 @@
 written before the chains put on them (``seal``), old entries deleted keeping the chains
 verifiable (``prune``). The checks are ``audit_chain``'s, the writes ``audit_rows``'.
 
-Reading holds one entry at a time, plus the heads and checkpoints (one of each per chain
-and per thousand entries): a fleet's audit of any length verifies in bounded memory.
+Reading holds one entry at a time, plus the heads, checkpoints and announcements (one of
+each per chain, and a checkpoint per thousand entries): a fleet's audit of any length
+verifies in bounded memory. Beyond each chain's own checks: every announced chain is there,
+every chain there was announced, every pruning checkpoint is one an audit_pruned entry
+names, and no entry is off a chain.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +49,11 @@ _UNCHAINED = (
     "SELECT id, device_id, event FROM audit WHERE chain IS NULL ORDER BY id",
     "SELECT id, device_id, event FROM audit WHERE chain IS NULL AND device_id = ? ORDER BY id",
 )
-_CHAIN_TABLES = ("audit_heads", "audit_checkpoints")
+# What the chains ``audit`` and ``chains`` vouch for: each pruning checkpoint, each chain.
+_PRUNED = "SELECT detail FROM audit WHERE chain = 'audit' AND event = 'audit_pruned'"
+_STARTED = "SELECT chain_seq, detail FROM audit WHERE chain = 'chains' AND event = 'chain_started'"
+_LEGACY = "SELECT MAX(last_id) FROM audit_legacy"
+_CHAIN_TABLES = ("audit_heads", "audit_checkpoints", "audit_legacy")
 
 
 class Reader(Protocol):
@@ -56,8 +65,14 @@ class Reader(Protocol):
 
     def tables(self) -> set[str]: ...
 
+    def executes(self) -> audit_rows.Executes:
+        """The connection as ``audit_rows`` reads it (inside ``snapshot``)."""
+        ...
+
     def snapshot(self) -> AbstractContextManager[None]:
-        """Every read inside it sees one state of the database."""
+        """Every read inside it sees one state of the database, in a read-only transaction
+        (on PostgreSQL REPEATABLE READ: it takes no lock a verifier's append waits on or
+        conflicts with, however long the read)."""
         ...
 
 
@@ -88,8 +103,9 @@ class Report:
 def verify(
     db: Reader, *, chain: str | None = None, recorded: Mapping[str, Mark] | None = None
 ) -> Report:
-    """Check every chain (or only ``chain``): its entries, checkpoints and head
-    (``audit_chain.check_chain``), and that no entry is off a chain; all in one snapshot
+    """Check every chain (or only ``chain``; ConfigError for one the audit does not hold):
+    its entries, checkpoints and head (``audit_chain.check_chain``), its announcement and
+    pruning records, and that no entry is off a chain; all in one snapshot
     of the database, so that a verifier writing meanwhile breaks nothing. ``recorded``:
     heads printed by an earlier verify and kept elsewhere, checked as checkpoints: a chain
     rewritten since (hashes and all) does not hold them."""
@@ -106,30 +122,94 @@ def _verify(db: Reader, chain: str | None, recorded: Mapping[str, Mark]) -> Repo
             "chains (step 7); open it once with this devtrust's verifier, then verify"
         )
     one, params = (0, ()) if chain is None else (1, (chain,))
-    heads = {str(r[0]): Mark(int(r[1]), str(r[2])) for r in db.rows(_HEADS[one], params)}
+    heads = {str(r[0]): Mark(_number(r[1]), str(r[2])) for r in db.rows(_HEADS[one], params)}
     marks: dict[str, dict[int, Mark]] = {}
     for r in db.rows(_MARKS[one], params):
-        marks.setdefault(str(r[0]), {})[int(r[1])] = Mark(int(r[1]), str(r[2]), bool(r[3]))
+        seq = _number(r[1])
+        marks.setdefault(str(r[0]), {})[seq] = Mark(seq, str(r[2]), bool(r[3]))
+    _vouch(db, marks)
+    started = _started(db, chain)
+    known = heads.keys() | marks.keys() | started.keys()
     report = Report(heads=heads)
     for name, mark in recorded.items():
         if chain is None or name == chain:
             _record(report, marks.setdefault(name, {}), name, mark)
+
+    def check(name: str, entries: Iterator[Stored]) -> None:
+        points = marks.get(name, {})
+        if name in started:  # the announced first hash: a checkpoint at seq 1
+            points = {1: Mark(1, started[name][1], announced=True)} | points
+        _note(report, audit_chain.check_chain(
+            name, entries, head=heads.get(name), checkpoints=points))  # fmt: skip
+
     seen = set()
     rows = db.rows(_ENTRIES[one], params)
     for name, group in itertools.groupby(map(_stored, rows), key=lambda s: s.entry.chain):
         seen.add(name)
         counted = _counting(group, report)
-        _note(report, audit_chain.check_chain(
-            name, counted, head=heads.get(name), checkpoints=marks.get(name, {})))  # fmt: skip
+        check(name, counted)
         for _ in counted:  # the rest of a broken chain, counted
             pass
     for name in sorted((heads.keys() | marks.keys()) - seen):
-        _note(report, audit_chain.check_chain(
-            name, iter(()), head=heads.get(name), checkpoints=marks.get(name, {})))  # fmt: skip
+        check(name, iter(()))
+    if chain is not None and chain not in known | seen:
+        raise ConfigError(f"--chain {chain}: the audit has no such chain")
     report.chains = len(seen | heads.keys())
+    _announced(report, seen | heads.keys(), started, whole=chain is None)
     _unchained(db, report, chain)
     report.broken.sort(key=lambda b: (b.id == 0, b.id, b.chain))
     return report
+
+
+def _vouch(db: Reader, marks: dict[str, dict[int, Mark]]) -> None:
+    """Mark each pruning checkpoint that an audit_pruned entry names (chain, seq, hash) as
+    vouched for: only those account for a chain's missing first entries. The entries are
+    read as stored; the chain ``audit`` itself is checked with the others."""
+    for (text,) in db.rows(_PRUNED):
+        for item in _json(text).get("pruned", ()):
+            if not (isinstance(item, list) and len(item) == 3):
+                continue
+            name, seq, digest = item
+            mark = marks.get(str(name), {}).get(seq) if isinstance(seq, int) else None
+            if mark is not None and mark.pruned and mark.hash == digest:
+                marks[str(name)][seq] = dataclasses.replace(mark, vouched=True)
+
+
+def _started(db: Reader, chain: str | None) -> dict[str, tuple[int, str]]:
+    """Every chain announced on the chain ``chains`` (or only ``chain``): its announcement's
+    seq and the chain's first hash."""
+    found: dict[str, tuple[int, str]] = {}
+    for seq, text in db.rows(_STARTED):
+        detail = _json(text)
+        name, first = detail.get("chain"), detail.get("first")
+        if isinstance(name, str) and isinstance(first, str) and chain in (None, name):
+            found.setdefault(name, (_number(seq), first))
+    return found
+
+
+def _announced(
+    report: Report, chains: set[str], started: Mapping[str, tuple[int, str]], *, whole: bool
+) -> None:
+    """Every announced chain is there (retention never deletes a chain's last entry), and
+    (reading them all) every chain there was announced."""
+    for name in sorted(started.keys() - chains):
+        seq = started[name][0]
+        report.broken.append(Break(name, 1, 0, Broken.MISSING,
+            f"the whole chain is gone (entries and head): chain_started at seq {seq} of "
+            f"the chain {audit_chain.CHAINS} announced it"))  # fmt: skip
+    if whole:
+        for name in sorted(chains - started.keys() - {audit_chain.CHAINS}):
+            report.broken.append(Break(name, 0, 0, Broken.UNANNOUNCED,
+                f"no chain_started entry on the chain {audit_chain.CHAINS} announces it: "
+                "it was not started by the verifier"))  # fmt: skip
+
+
+def _json(text: object) -> dict[str, Any]:
+    try:
+        value = json.loads(str(text))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _record(report: Report, marks: dict[int, Mark], chain: str, mark: Mark) -> None:
@@ -140,8 +220,7 @@ def _record(report: Report, marks: dict[int, Mark], chain: str, mark: Mark) -> N
         report.broken.append(Break(chain, mark.seq, 0, Broken.CHECKPOINT,
             f"the checkpoint at seq {mark.seq} is not the head recorded earlier"))  # fmt: skip
         return
-    marks[mark.seq] = Mark(mark.seq, mark.hash, pruned=kept.pruned if kept else False,
-                           recorded=True)  # fmt: skip
+    marks[mark.seq] = dataclasses.replace(kept or mark, recorded=True)
 
 
 def _counting(entries: Iterator[Stored], report: Report) -> Iterator[Stored]:
@@ -156,22 +235,30 @@ def _note(report: Report, found: Break | None) -> None:
 
 
 def _unchained(db: Reader, report: Report, chain: str | None) -> None:
-    """Entries on no chain: not written by ``append`` (nor sealed) and so unchecked."""
-    one, params = (0, ()) if chain is None else (1, (_device_of(chain),))
-    count, first = 0, None
+    """Entries on no chain: not written by ``append`` (nor sealed) and so unchecked. Those
+    written before the chains (ids up to the one step 7 recorded) wait for ``devtrust audit
+    seal``; any later one was inserted around the verifier (append chains every entry)."""
+    one, params = (0, ()) if chain is None else (1, (audit_chain.device_of(chain),))
+    [(bound,)] = list(db.rows(_LEGACY))
+    last = _number(bound) if bound is not None else 0
+    count, first, stray = 0, None, None
     for row in db.rows(_UNCHAINED[one], params):
         if chain is None or audit_chain.chain_of(str(row[1]), str(row[2])) == chain:
             count, first = count + 1, first or row
-    if first is not None:
-        where = audit_chain.chain_of(str(first[1]), str(first[2]))
-        report.broken.append(Break(where, 0, int(first[0]), Broken.UNCHAINED,
-            f"{count} entries are on no chain (the first: event {first[2]!r}): written "
-            "before the chains and not sealed (devtrust audit seal), or inserted "
-            "since"))  # fmt: skip
-
-
-def _device_of(chain: str) -> str:
-    return "" if chain in audit_chain.NAMED_CHAINS or chain == audit_chain.LEGACY_CHAIN else chain
+            if stray is None and _number(row[0]) > last:
+                stray = row
+    if first is None:
+        return
+    shown = stray or first
+    where = audit_chain.chain_of(str(shown[1]), str(shown[2]))
+    why = (
+        f"inserted after the chains began (id above {last}, the last entry from before "
+        "them): not written by the verifier"
+        if stray is not None
+        else "written before the chains and not sealed (devtrust audit seal)"
+    )
+    report.broken.append(Break(where, 0, _number(shown[0]), Broken.UNCHAINED,
+        f"{count} entries are on no chain (the first: event {shown[2]!r}): {why}"))  # fmt: skip
 
 
 def _stored(row: Sequence[Any]) -> Stored:
@@ -208,6 +295,33 @@ def _number(value: object) -> int:
         return int(str(value))
     except ValueError:
         return -1
+
+
+def plan_prune(db: Reader, *, before: datetime.datetime) -> tuple[Report, list[audit_rows.Pruning]]:
+    """Retention's checks, in one read-only snapshot: the whole audit verified, and (when
+    intact) what each prunable chain loses at ``before``."""
+    with db.snapshot():
+        report = _verify(db, None, {})
+        if not report.intact:
+            return report, []
+        c = db.executes()
+        plan = [audit_rows.plan_prune(c, name, before=before) for name in audit_rows.chains(c)]
+    return report, [p for p in plan if p is not None]
+
+
+def driver_errors() -> tuple[type[Exception], ...]:
+    """The errors of the database drivers (a file that is no database or is corrupt, a
+    server gone or refusing a read): reported in one line, never a traceback."""
+    import sqlite3  # noqa: PLC0415
+
+    import psycopg  # noqa: PLC0415
+
+    return (sqlite3.Error, psycopg.Error)
+
+
+def unreadable(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"the audit could not be read: {first}"
 
 
 # --- opening the database ------------------------------------------------------------------
@@ -248,6 +362,9 @@ class _SqliteDb:
     def tables(self) -> set[str]:
         found = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         return {str(r[0]) for r in found}
+
+    def executes(self) -> audit_rows.Executes:
+        return self._db  # type: ignore[no-any-return]
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -323,12 +440,26 @@ class _PgDb:
         )
         return {str(r[0]) for r in found}
 
+    def executes(self) -> audit_rows.Executes:
+        from devtrust.verifier.storage.pg_engine import PgConnection  # noqa: PLC0415
+
+        return PgConnection(self._conn)
+
     @contextmanager
     def snapshot(self) -> Iterator[None]:
+        # Read-only REPEATABLE READ even on a connection opened to write: a SERIALIZABLE
+        # read-write transaction reading the whole audit would take SIREAD locks (promoted
+        # to relation locks) that fail the verifiers' appends meanwhile.
+        conn = self._conn
+        conn.rollback()
+        saved = conn.isolation_level, conn.read_only
+        conn.isolation_level = self._psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
         try:
             yield
         finally:
-            self._conn.rollback()
+            conn.rollback()
+            conn.isolation_level, conn.read_only = saved
 
     def write(self, work: Callable[[audit_rows.Executes], T]) -> T:
         from devtrust.verifier.storage.pg_engine import PgConnection  # noqa: PLC0415

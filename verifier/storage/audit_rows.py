@@ -7,7 +7,8 @@ Each entry joins its hash chain (``verifier/audit_chain.py``: the events, the en
 check): the chain's head row (``audit_heads``) is read and replaced in the same transaction,
 so two writers extending one chain conflict on that row (PostgreSQL: one of the two
 serializable transactions is retried; SQLite has one writer), and writers on different
-chains share nothing. SQL with ``?`` marks, the same on every backend.
+chains share nothing but the chain ``chains``, which only a chain's first entry extends
+(announcing it). SQL with ``?`` marks, the same on every backend.
 """
 
 from __future__ import annotations
@@ -101,6 +102,18 @@ def _write(db: Executes, entry: Entry, *, prev: _Head, stored: tuple[str, str], 
     )  # fmt: skip
     if entry.seq % every == 0:
         db.execute(_CHECKPOINT, (entry.chain, entry.seq, digest, at, 0))
+    if entry.seq == 1:
+        _announce(db, entry, digest)
+
+
+def _announce(db: Executes, first: Entry, digest: str) -> None:
+    """A new chain's first entry, announced on the chain ``chains`` in the same transaction
+    (at its time): verify checks that every announced chain is still there, from that
+    hash on, so a chain deleted whole shows."""
+    if first.chain != audit_chain.CHAINS:
+        at = datetime.datetime.fromisoformat(first.at)
+        detail = {"chain": first.chain, "first": digest}
+        append(db, at=at, device_id="", event=Event.CHAIN_STARTED, detail=detail)
 
 
 def _head(db: Executes, chain: str) -> _Head | None:
@@ -131,22 +144,27 @@ def _seal_row(db: Executes, row: Any, chain: str, prev: _Head) -> _Head:
         "UPDATE audit SET chain = ?, chain_seq = ?, prev_hash = ?, hash = ? WHERE id = ?",
         (chain, entry.seq, prev.hash, digest, row[0]),
     )
+    if entry.seq == 1:
+        _announce(db, entry, digest)
     return _Head(entry.seq, digest)
 
 
+# Only entries written before the chains (up to the id schema step 7 recorded): one off a
+# chain written since was not written by append, and sealing it would launder it.
 _UNSEALED = (
-    "SELECT id, at, device_id, event, tier, detail, actor FROM audit "
-    "WHERE chain IS NULL AND id > ? ORDER BY id LIMIT ?"
+    "SELECT id, at, device_id, event, tier, detail, actor FROM audit WHERE chain IS NULL "
+    "AND id > ? AND id <= (SELECT MAX(last_id) FROM audit_legacy) ORDER BY id LIMIT ?"
 )
 _UNSEALED_OF_DEVICE = (
-    "SELECT id, at, device_id, event, tier, detail, actor FROM audit "
-    "WHERE chain IS NULL AND id > ? AND device_id = ? ORDER BY id LIMIT ?"
+    "SELECT id, at, device_id, event, tier, detail, actor FROM audit WHERE chain IS NULL "
+    "AND id > ? AND device_id = ? AND id <= (SELECT MAX(last_id) FROM audit_legacy) "
+    "ORDER BY id LIMIT ?"
 )
 
 
 def _unsealed(db: Executes, device_id: str | None) -> Iterator[Any]:
-    """The entries not on a chain (of ``device_id``; None: of any), in id order, a page at
-    a time (they are updated as they are read)."""
+    """The entries written before the chains and not yet on one (of ``device_id``; None: of
+    any), in id order, a page at a time (they are updated as they are read)."""
     after = 0
     while True:
         params = (after, _PAGE) if device_id is None else (after, device_id, _PAGE)
@@ -159,15 +177,13 @@ def _unsealed(db: Executes, device_id: str | None) -> Iterator[Any]:
 
 
 def seal_chain(db: Executes, chain: str) -> _Head:
-    """Put the entries of ``chain`` written before the chains on it, in id order, and
-    write its head; the head (seq 0, the genesis hash, when there were none). Only for a
-    chain without a head: entries found off a chain that has one were not written by
-    ``append`` and are left for ``devtrust audit verify`` to report."""
+    """Put the entries of ``chain`` written before the chains (ids up to the one schema
+    step 7 recorded) on it, in id order, and write its head; the head (seq 0, the genesis
+    hash, when there were none). Only for a chain without a head: entries found off a
+    chain that has one, or written after step 7, were not written by ``append`` and are
+    left for ``devtrust audit verify`` to report."""
     head = _Head(0, GENESIS)
-    device_id = (
-        "" if chain in audit_chain.NAMED_CHAINS or chain == audit_chain.LEGACY_CHAIN else chain
-    )
-    for row in list(_unsealed(db, device_id)):
+    for row in list(_unsealed(db, audit_chain.device_of(chain))):
         if audit_chain.chain_of(str(row[2]), str(row[3])) == chain:
             head = _seal_row(db, row, chain, head)
     if head.seq:
@@ -199,46 +215,74 @@ def seal(db: Executes) -> int:
 # --- retention -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Pruning:
+    """What retention deletes of one chain: its entries up to ``seq`` (``hash``: that
+    entry's), ``count`` of them."""
+
+    chain: str
+    seq: int
+    hash: str
+    count: int
+
+
 def chains(db: Executes) -> list[str]:
-    """Every chain that has a head, by name."""
-    return [
-        str(r[0]) for r in db.execute("SELECT chain FROM audit_heads ORDER BY chain").fetchall()
-    ]
+    """Every chain retention may prune (that has a head; not ``chains`` nor ``audit``,
+    whose entries vouch for the others), by name."""
+    rows = db.execute("SELECT chain FROM audit_heads ORDER BY chain").fetchall()
+    return [str(r[0]) for r in rows if str(r[0]) not in audit_chain.UNPRUNED]
 
 
-def prune_chain(
-    db: Executes, chain: str, *, before: datetime.datetime, now: datetime.datetime
-) -> int:
-    """Delete the oldest entries of ``chain`` up to the first one at or after ``before``
-    (never its last entry), after writing a pruning checkpoint at the last one deleted so
-    that the rest verifies from it; how many were deleted. One chain per transaction: on
-    PostgreSQL it conflicts only with appends to that chain."""
+def plan_prune(db: Executes, chain: str, *, before: datetime.datetime) -> Pruning | None:
+    """What retention deletes of ``chain``: its oldest entries up to the first one at or
+    after ``before``, never its last entry; None when nothing. Reads only."""
     head = _head(db, chain)
     if head is None:
-        return 0
+        return None
     last = _last_before(db, chain, audit_chain.canonical_at(before), head.seq)
     if last is None:
-        return 0
+        return None
     seq, digest, first = last
-    db.execute(_CHECKPOINT, (chain, seq, digest, iso(now), 1))
-    db.execute("DELETE FROM audit WHERE chain = ? AND chain_seq <= ?", (chain, seq))
-    # Older checkpoints lie before the chain's first entry now: nothing to check them on.
-    db.execute("DELETE FROM audit_checkpoints WHERE chain = ? AND chain_seq < ?", (chain, seq))
-    return seq - first + 1
+    return Pruning(chain, seq, digest, seq - first + 1)
 
 
 def record_prune(
     db: Executes,
     *,
     before: datetime.datetime,
-    chains: int,
-    entries: int,
+    plan: Sequence[Pruning],
     now: datetime.datetime,
     actor: str,
 ) -> None:
-    """The pruning's own audit entry (audit_pruned, by ``actor``), on the chain ``audit``."""
-    detail = {"before": audit_chain.canonical_at(before), "chains": chains, "entries": entries}
+    """The pruning's own audit entry (audit_pruned, by ``actor``), on the chain ``audit``,
+    written BEFORE any entry is deleted: it names each chain's pruning checkpoint (chain,
+    seq, hash), which verify requires of every pruning checkpoint. A pruning cut short
+    leaves names of checkpoints never written, which is harmless."""
+    detail = {
+        "before": audit_chain.canonical_at(before),
+        "chains": len(plan),
+        "entries": sum(p.count for p in plan),
+        "pruned": [[p.chain, p.seq, p.hash] for p in plan],
+    }
     append(db, at=now, device_id="", event=Event.AUDIT_PRUNED, detail=detail, actor=actor)
+
+
+def prune_chain(db: Executes, pruning: Pruning, *, now: datetime.datetime) -> int:
+    """Delete the entries of ``pruning.chain`` up to its seq, after writing a pruning
+    checkpoint there so that the rest verifies from it; how many were deleted (0 when
+    the entry at that seq no longer holds the planned hash). One chain per transaction:
+    on PostgreSQL it conflicts only with appends to that chain."""
+    chain, seq = pruning.chain, pruning.seq
+    row = db.execute(
+        "SELECT hash FROM audit WHERE chain = ? AND chain_seq = ?", (chain, seq)
+    ).fetchone()
+    if row is None or str(row[0]) != pruning.hash:
+        return 0
+    db.execute(_CHECKPOINT, (chain, seq, pruning.hash, iso(now), 1))
+    db.execute("DELETE FROM audit WHERE chain = ? AND chain_seq <= ?", (chain, seq))
+    # Older checkpoints lie before the chain's first entry now: nothing to check them on.
+    db.execute("DELETE FROM audit_checkpoints WHERE chain = ? AND chain_seq < ?", (chain, seq))
+    return pruning.count
 
 
 def _last_before(db: Executes, chain: str, cut: str, head_seq: int) -> tuple[int, str, int] | None:

@@ -31,3 +31,10 @@ CREATE TABLE audit_checkpoints (
     pruned INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (chain, chain_seq)
 );
+-- The last entry written before this step: only entries up to it are ever sealed onto a
+-- chain (storage/audit_rows.seal). An entry off a chain with a higher id was not written by
+-- append (which chains every entry), so it stays off, and verify names it.
+CREATE TABLE audit_legacy (
+    last_id INTEGER NOT NULL
+);
+INSERT INTO audit_legacy (last_id) SELECT COALESCE(MAX(id), 0) FROM audit;
