@@ -21,6 +21,7 @@ import concurrent.futures
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -234,6 +235,16 @@ def test_a_tier_drop_revokes_the_live_certificates_in_the_decisions_transaction(
 # --- the device checked in the decision's transaction, not read before each appraisal -------
 
 
+async def _unrevoke(repos: Any, device_id: str) -> None:
+    """The test's shortcut back from "revoked": ``devices.save`` never undoes a revocation
+    (review H3), and nothing in the verifier does."""
+
+    def work(db: Any) -> None:
+        db.execute("UPDATE devices SET state = 'enrolled' WHERE device_id = ?", (device_id,))
+
+    await repos.engine.write(work)
+
+
 def test_a_device_changed_while_its_decision_was_made_gets_nothing_stored(
     tmp_path: Path,
 ) -> None:
@@ -257,6 +268,7 @@ def test_a_device_changed_while_its_decision_was_made_gets_nothing_stored(
                 ("new AK", replace(record, ak_public=record.ak_public + b"x")),
             ]
             for what, changed in changes:
+                await _unrevoke(a.repos, record.device_id)
                 await a.repos.devices.save(changed, now=T0, event="enrolled:enrolled")
                 with pytest.raises(DeviceChanged) as refused:
                     await StoreSink(a.repos).publish(made)
@@ -264,6 +276,7 @@ def test_a_device_changed_while_its_decision_was_made_gets_nothing_stored(
                 counts = await a.repos.counts()
                 assert counts["certificates"] == 0, what
                 assert await a.repos.trust.latest(device_id(1)) is None, what
+            await _unrevoke(a.repos, record.device_id)
             await a.repos.devices.save(record, now=T0, event="enrolled:enrolled")
             await StoreSink(a.repos).publish(made)
             assert (await a.repos.counts())["certificates"] == 1

@@ -405,7 +405,7 @@ def _postgresql(url: DatabaseUrl, *, write: bool) -> Iterator[Any]:
     info, _ = postgresql.conninfo(url)
     conn = postgresql.connect(info, url.redacted, named="--database")
     with closing(conn):
-        yield _PgDb(conn, write=write)
+        yield _PgDb(conn, write=write, where=url.redacted)
 
 
 class _PgDb:
@@ -413,12 +413,11 @@ class _PgDb:
     server-side cursor (rows arrive as they are iterated); writes SERIALIZABLE, run again
     when they lose a conflict with a verifier writing meanwhile."""
 
-    TRIES = 5
-
-    def __init__(self, conn: Any, *, write: bool) -> None:
+    def __init__(self, conn: Any, *, write: bool, where: str) -> None:
         import psycopg  # noqa: PLC0415
 
         self._conn = conn
+        self._where = where
         self._psycopg = psycopg
         self._cursors = itertools.count()
         conn.isolation_level = (
@@ -462,22 +461,11 @@ class _PgDb:
             conn.isolation_level, conn.read_only = saved
 
     def write(self, work: Callable[[audit_rows.Executes], T]) -> T:
-        from devtrust.verifier.storage.pg_engine import PgConnection  # noqa: PLC0415
+        """``work`` in one transaction, with the store's rules (storage/pg_engine.write_on):
+        run again after losing a conflict with a verifier writing meanwhile."""
+        from devtrust.verifier.storage.pg_engine import write_on  # noqa: PLC0415
 
-        for attempt in range(self.TRIES):
-            try:
-                result = work(PgConnection(self._conn))
-                self._conn.commit()
-            except self._psycopg.errors.SerializationFailure:
-                self._conn.rollback()
-                if attempt == self.TRIES - 1:
-                    raise
-            except BaseException:
-                self._conn.rollback()
-                raise
-            else:
-                return result
-        raise AssertionError("unreachable")
+        return write_on(self._conn, work, where=self._where)
 
 
 def now() -> datetime.datetime:

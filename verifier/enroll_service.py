@@ -232,36 +232,42 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             enrollment_id=pending.enrollment_id,
             channel_key_spki=pending.channel_key_spki,
         )
-        # 3. Spend the challenge atomically: of two correct answers, one wins.
-        if not await repos.enrollments.take(pending.enrollment_id):
-            raise NotFound(f"enrollment {pending.enrollment_id} was answered already")
+        # 3. One transaction (review H3): take the challenge (of two correct answers, one
+        #    wins), read the device again (a revoked one is refused, even when its
+        #    revocation commits on another replica while this runs), take the assignment
+        #    again (the device may have been enrolled or moved meanwhile), spend the token,
+        #    save the device and record its certificate, signed beforehand. On a refusal
+        #    nothing is written.
         device_id = pending.record.device_id
-        existing = await repos.devices.get(device_id)
-        if existing is not None and existing.state is DeviceState.REVOKED:
-            raise Rejected(f"device {device_id} is revoked")
-        # 4. The assignment again: the device may have been enrolled or moved meanwhile.
-        token = await repos.tokens.get(pending.token_sha256) if pending.token_sha256 else None
-        assignment = self._assignment(device_id, existing, token)
-        if pending.token_sha256 and not await repos.tokens.use(
-            pending.token_sha256, device_id=device_id, now=now
-        ):
-            raise Rejected(f"device {device_id}: bootstrap token already used")
-        state = self._state_after_proof(pending.record, existing)
-        record = replace(
-            pending.record, state=state, zone=assignment.zone, labels=dict(assignment.labels)
-        )
-        await repos.devices.save(record, now=now, event=f"enrolled:{state.value}")
-        channel_certificate = b""
-        if state is DeviceState.ENROLLED:
-            channel_certificate = await self._channel_certificate(
-                record.device_id, pending.channel_key_spki, now=now
+        certificate = self._channel_certificate(device_id, pending.channel_key_spki, now=now)
+        assignments: list[Assignment] = []
+
+        def decide(existing: DeviceRecord | None, token: BootstrapToken | None) -> DeviceRecord:
+            assignment = self._assignment(device_id, existing, token)
+            assignments.append(assignment)
+            return replace(
+                pending.record,
+                state=self._state_after_proof(pending.record, existing),
+                zone=assignment.zone,
+                labels=dict(assignment.labels),
             )
+
+        record = await repos.devices.activate(
+            pending.enrollment_id,
+            device_id=device_id,
+            token_sha256=pending.token_sha256,
+            decide=decide,
+            certificate=certificate,
+            now=now,
+        )
+        state = record.state
+        channel_certificate = certificate.der if state is DeviceState.ENROLLED else b""
         logger.info(
             "enrolled device=%s state=%s zone=%s (%s)",
             record.device_id,
             state.value,
             printable(record.zone or "(unassigned)", 64),
-            assignment.source,
+            assignments[-1].source,
         )
         return Activated(
             device_id=record.device_id,
@@ -340,10 +346,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         )
         return DeviceState.ENROLLED if approved else DeviceState.PENDING_APPROVAL
 
-    async def _channel_certificate(
+    def _channel_certificate(
         self, device_id: DeviceId, channel_key_spki: bytes, *, now: datetime.datetime
-    ) -> bytes:
-        """The agent's channel certificate (DER) for the key it enrolled with, recorded."""
+    ) -> CertificateRecord:
+        """The agent's channel certificate for the key it enrolled with, to record (and to
+        answer, DER) when the device ends up enrolled."""
         key = load_public_key(channel_key_spki, field="channel key")
         cert = self._ca.issue_client(
             kind="agent",
@@ -353,15 +360,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             now=now,
             lifetime=self._certificates.channel_lifetime,
         )
-        der = cert.public_bytes(serialization.Encoding.DER)
-        await self._repos.certificates.record(
-            CertificateRecord(
-                serial=serial_of(cert.serial_number),
-                device_id=device_id,
-                kind="channel",
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                der=der,
-            )
+        return CertificateRecord(
+            serial=serial_of(cert.serial_number),
+            device_id=device_id,
+            kind="channel",
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            der=cert.public_bytes(serialization.Encoding.DER),
         )
-        return der

@@ -26,12 +26,26 @@ logger = logging.getLogger(__name__)
 
 # What callers are told, with UNAVAILABLE, when the database did not answer their call.
 OUTAGE_DETAILS = "the verifier's database is unavailable: try again shortly"
+# SQLite's OperationalError is an outage only for these primary result codes: busy or
+# locked past busy_timeout, out of memory, read-only (the file's permissions), I/O error,
+# disk full, cannot open, lock protocol; "no such table" or a syntax error (SQLITE_ERROR)
+# is a bug, INTERNAL (review L7). An error without its code is judged by its text.
+_SQLITE_OUTAGE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+_SQLITE_OUTAGE_TEXT = (
+    "database is locked",
+    "database table is locked",
+    "disk i/o error",
+    "unable to open",
+    "database or disk is full",
+    "readonly database",
+    "out of memory",
+    "locking protocol",
+)
 # The exception classes, by module and name, of a database that cannot be reached or written
-# now: SQLite's OperationalError (locked past busy_timeout, I/O error, unable to open) and
-# psycopg's and its pool's (connection refused or lost, server shutting down, no connection
-# within the pool's timeout). Matched by name so that this module needs neither driver.
+# now: psycopg's and its pool's (connection refused or lost, server shutting down, a
+# statement or lock wait past its timeout, no connection within the pool's timeout).
+# Matched by name so that this module needs neither driver.
 _OUTAGES = {
-    ("sqlite3", "OperationalError"),
     ("psycopg", "OperationalError"),
     ("psycopg", "InterfaceError"),
     ("psycopg_pool", "PoolTimeout"),
@@ -44,12 +58,22 @@ def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` says the database cannot be reached or written now (an outage, which
     passes) rather than a mistake in the code or the data (a bug, INTERNAL). The stores' own
     ``StoreUnavailable`` (a server restarting, a commit whose outcome is unknown) is one."""
-    if isinstance(exc, (StoreUnavailable, sqlite3.OperationalError)):
+    if isinstance(exc, StoreUnavailable):
         return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return _sqlite_outage(exc)
     for cls in type(exc).__mro__:
         if (cls.__module__.split(".")[0], cls.__name__) in _OUTAGES:
             return True
     return False
+
+
+def _sqlite_outage(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _SQLITE_OUTAGE_CODES
+    text = str(exc).lower()
+    return any(marker in text for marker in _SQLITE_OUTAGE_TEXT)
 
 
 class StoreHealth:
@@ -63,6 +87,13 @@ class StoreHealth:
         self._served: list[tuple[health.aio.HealthServicer, tuple[str, ...]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The probe in flight. A probe past its timeout is not cancelled where it blocks (a
+        # thread waiting on a dead connection), so no new one starts until it ends: probes
+        # every 0.5 s while down would otherwise take every thread and connection of the
+        # pool (review M1).
+        self._probing: asyncio.Future[object] | None = None
+        # Probes started since start (tests).
+        self.probes = 0
         self.up = True
         # Outages seen since start (metrics and tests).
         self.outages = 0
@@ -80,6 +111,8 @@ class StoreHealth:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._probing is not None:
+            self._probing.cancel()  # its thread, if stuck, ends with its connection
 
     async def failed(self, exc: BaseException) -> None:
         """A call met the outage ``exc``: NOT_SERVING now, and the probe looks again soon."""
@@ -108,7 +141,7 @@ class StoreHealth:
         """Probe the database once; health follows what it says. Whether it answered."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._probe()
+                await asyncio.shield(self._next_probe())
         except Exception as exc:  # noqa: BLE001 (any failure of the probe is the database's)
             if self.up:
                 await self._set(up=False, why=str(exc) or type(exc).__name__)
@@ -116,6 +149,14 @@ class StoreHealth:
         if not self.up:
             await self._set(up=True)
         return True
+
+    def _next_probe(self) -> asyncio.Future[object]:
+        """The probe still in flight, else a new one."""
+        if self._probing is None or self._probing.done():
+            self.probes += 1
+            self._probing = asyncio.ensure_future(self._probe())
+            self._probing.add_done_callback(_retrieved)
+        return self._probing
 
     async def _run(self) -> None:
         while True:
@@ -125,3 +166,9 @@ class StoreHealth:
                 await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
             await self.check()
+
+
+def _retrieved(task: asyncio.Future[object]) -> None:
+    """A probe's failure, seen by ``check`` or not: not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -27,9 +27,10 @@ end it at once.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from devtrust.core.ids import DeviceId, Serial
 from devtrust.core.tier import Tier
@@ -38,6 +39,8 @@ from devtrust.verifier.records import RevokedCertificate
 from devtrust.verifier.storage import codec
 from devtrust.verifier.storage.sql import Connection, Engine, Row
 from devtrust.verifier.trust import TrustResult
+
+logger = logging.getLogger(__name__)
 
 # Kinds of change (migration 0005).
 TRUST = "trust"
@@ -178,18 +181,43 @@ def _change(row: Row) -> Change:
     )
 
 
-def read_after(db: Connection, seq: int) -> tuple[list[Change], bool]:
-    """The rows after ``seq`` (at most PAGE), read in ``db``'s open transaction, and whether
-    some were pruned unread. Prune deletes the oldest rows, so rows skipped between ``seq``
-    and the first row read were pruned when no older row is left (a number may also be
-    missing for a transaction that rolled back on PostgreSQL: its sequence is not rolled
-    back; that alone is no gap)."""
+class Batch(NamedTuple):
+    """What one read of the feed found: the rows decoded, whether some were missed (pruned
+    unread, or unreadable), the seq of the last row read (decoded or not) and how many."""
+
+    changes: list[Change]
+    gap: bool
+    last: int
+    read: int
+
+
+def read_after(db: Connection, seq: int) -> Batch:
+    """The rows after ``seq`` (at most PAGE), read in ``db``'s open transaction. Prune
+    deletes the oldest rows, so rows skipped between ``seq`` and the first row read were
+    pruned when no older row is left (a number may also be missing for a transaction that
+    rolled back on PostgreSQL: its sequence is not rolled back; that alone is no gap). A row
+    that cannot be decoded (a corrupt result or timestamp) is logged and passed over as a
+    gap, so that the consumers reload their state from the database instead of the feed
+    stopping at it for good (review L4)."""
     rows = db.execute(_READ, (seq, PAGE)).fetchall()
     gap = False
     if rows and int(rows[0]["seq"]) > seq + 1:
         oldest = db.execute("SELECT MIN(seq) FROM changes").fetchone()[0]
         gap = oldest is not None and int(oldest) >= int(rows[0]["seq"])
-    return [_change(row) for row in rows], gap
+    changes: list[Change] = []
+    for row in rows:
+        try:
+            changes.append(_change(row))
+        except Exception as exc:  # noqa: BLE001 (whatever is wrong with it, go on)
+            logger.warning(
+                "change feed: row %s (%s) cannot be read (%s): passed over; consumers reload",
+                row["seq"],
+                str(row["kind"])[:32],
+                " ".join(str(exc).split())[:200],
+            )
+            gap = True
+    last = int(rows[-1]["seq"]) if rows else seq
+    return Batch(changes, gap, last, len(rows))
 
 
 def newest(db: Connection) -> int:

@@ -12,11 +12,14 @@ from typing import Any
 
 from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
-from devtrust.verifier.records import DeviceRecord, DeviceState
+from devtrust.verifier.errors import NotFound, Rejected
+from devtrust.verifier.records import CertificateRecord, DeviceRecord, DeviceState
 from devtrust.verifier.storage import audit_rows, codec
 from devtrust.verifier.storage.codec import iso
-from devtrust.verifier.storage.interfaces import DeviceQuery, DeviceView
+from devtrust.verifier.storage.enroll import read_token, take_enrollment, use_token
+from devtrust.verifier.storage.interfaces import DecideEnrollment, DeviceQuery, DeviceView
 from devtrust.verifier.storage.sql import Connection, Engine, Fragments, Row
+from devtrust.verifier.storage.trust_rows import INSERT_CERTIFICATE
 
 
 def device_filters(query: DeviceQuery, sql: Fragments) -> tuple[str, list[Any]]:
@@ -48,6 +51,59 @@ def device_filters(query: DeviceQuery, sql: Fragments) -> tuple[str, list[Any]]:
             where.append("t.expires_at > ?")
             args.append(iso(query.now))
     return " AND ".join(where), args
+
+
+# A revoked device stays revoked: the upsert leaves its row alone (and says so by its row
+# count), whatever the caller read before. The condition is read again on the row the write
+# locks, so it holds against a revocation committed after the caller's check (review H3).
+UPSERT_DEVICE = (
+    "INSERT INTO devices (device_id, state, ek_certificate, ek_public, ak_public, "
+    "ak_name, host, zone, labels, enrolled_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(device_id) DO UPDATE SET state=excluded.state, "
+    "ek_certificate=excluded.ek_certificate, ek_public=excluded.ek_public, "
+    "ak_public=excluded.ak_public, ak_name=excluded.ak_name, host=excluded.host, "
+    "zone=excluded.zone, labels=excluded.labels, enrolled_at=excluded.enrolled_at "
+    "WHERE devices.state <> 'revoked'"
+)
+
+
+def save_device(db: Connection, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> bool:
+    """Insert or replace the device, audited as ``event``; False (nothing written) when the
+    database holds it revoked."""
+    if db.execute(UPSERT_DEVICE, codec.device_to_row(rec)).rowcount != 1:
+        return False
+    detail = {"ak_name": rec.ak_name, "zone": rec.zone, "labels": rec.labels}
+    audit_rows.append(db, at=now, device_id=rec.device_id, event=event, detail=detail)
+    return True
+
+
+def activate_device(
+    db: Connection,
+    enrollment_id: str,
+    *,
+    device_id: DeviceId,
+    token_sha256: str,
+    decide: DecideEnrollment,
+    certificate: CertificateRecord | None,
+    now: datetime.datetime,
+) -> DeviceRecord:
+    """An answered enrollment, in the caller's one transaction: see ``Devices.activate``."""
+    if not take_enrollment(db, enrollment_id):
+        raise NotFound(f"enrollment {enrollment_id} was answered already")
+    row = db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    existing = codec.device_from_row(row) if row else None
+    revoked = Rejected(f"device {device_id} is revoked")
+    if existing is not None and existing.state is DeviceState.REVOKED:
+        raise revoked
+    token = read_token(db, token_sha256) if token_sha256 else None
+    record = decide(existing, token)
+    if token_sha256 and not use_token(db, token_sha256, device_id=device_id, now=now):
+        raise Rejected(f"device {device_id}: bootstrap token already used")
+    if not save_device(db, record, now=now, event=f"enrolled:{record.state.value}"):
+        raise revoked
+    if certificate is not None and record.state is DeviceState.ENROLLED:
+        db.execute(INSERT_CERTIFICATE, codec.certificate_to_row(certificate))
+    return record
 
 
 class SqlDevices:
@@ -86,21 +142,34 @@ class SqlDevices:
             for row in await self._page(query)
         ]
 
-    async def save(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> None:
-        def work(db: Connection) -> None:
-            db.execute(
-                "INSERT INTO devices (device_id, state, ek_certificate, ek_public, ak_public, "
-                "ak_name, host, zone, labels, enrolled_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(device_id) DO UPDATE SET state=excluded.state, "
-                "ek_certificate=excluded.ek_certificate, ek_public=excluded.ek_public, "
-                "ak_public=excluded.ak_public, ak_name=excluded.ak_name, host=excluded.host, "
-                "zone=excluded.zone, labels=excluded.labels, enrolled_at=excluded.enrolled_at",
-                codec.device_to_row(rec),
-            )
-            detail = {"ak_name": rec.ak_name, "zone": rec.zone, "labels": rec.labels}
-            audit_rows.append(db, at=now, device_id=rec.device_id, event=event, detail=detail)
+    async def save(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> bool:
+        def work(db: Connection) -> bool:
+            return save_device(db, rec, now=now, event=event)
 
-        await self._engine.write(work)
+        return await self._engine.write(work)
+
+    async def activate(
+        self,
+        enrollment_id: str,
+        *,
+        device_id: DeviceId,
+        token_sha256: str,
+        decide: DecideEnrollment,
+        certificate: CertificateRecord | None,
+        now: datetime.datetime,
+    ) -> DeviceRecord:
+        def work(db: Connection) -> DeviceRecord:
+            return activate_device(
+                db,
+                enrollment_id,
+                device_id=device_id,
+                token_sha256=token_sha256,
+                decide=decide,
+                certificate=certificate,
+                now=now,
+            )
+
+        return await self._engine.write(work)
 
     async def set_state(
         self, device_id: DeviceId, state: DeviceState, *, now: datetime.datetime, event: str

@@ -78,8 +78,7 @@ class SqlEnrollments:
 
     async def take(self, enrollment_id: str) -> bool:
         def work(db: Connection) -> bool:
-            cur = db.execute("DELETE FROM enrollments WHERE enrollment_id = ?", (enrollment_id,))
-            return cur.rowcount == 1
+            return take_enrollment(db, enrollment_id)
 
         return await self._engine.write(work)
 
@@ -111,21 +110,41 @@ class SqlTokens:
 
     async def get(self, token_sha256: str) -> BootstrapToken | None:
         def work(db: Connection) -> BootstrapToken | None:
-            row = db.execute(
-                "SELECT * FROM bootstrap_tokens WHERE token_sha256 = ?", (token_sha256,)
-            ).fetchone()
-            return codec.token_from_row(row) if row else None
+            return read_token(db, token_sha256)
 
         return await self._engine.read(work)
 
     async def use(self, token_sha256: str, *, device_id: DeviceId, now: datetime.datetime) -> bool:
         def work(db: Connection) -> bool:
-            cur = db.execute(
-                "UPDATE bootstrap_tokens SET used_at = COALESCE(used_at, ?), device_id = ? "
-                "WHERE token_sha256 = ? AND ((used_at IS NULL AND expires_at > ?) "
-                "OR device_id = ?)",
-                (iso(now), device_id, token_sha256, iso(now), device_id),
-            )
-            return cur.rowcount == 1
+            return use_token(db, token_sha256, device_id=device_id, now=now)
 
         return await self._engine.write(work)
+
+
+def take_enrollment(db: Connection, enrollment_id: str) -> bool:
+    """Delete it; False when another answer took it first."""
+    return (
+        db.execute("DELETE FROM enrollments WHERE enrollment_id = ?", (enrollment_id,)).rowcount
+        == 1
+    )
+
+
+def read_token(db: Connection, token_sha256: str) -> BootstrapToken | None:
+    row = db.execute(
+        "SELECT * FROM bootstrap_tokens WHERE token_sha256 = ?", (token_sha256,)
+    ).fetchone()
+    return codec.token_from_row(row) if row else None
+
+
+def use_token(
+    db: Connection, token_sha256: str, *, device_id: DeviceId, now: datetime.datetime
+) -> bool:
+    """Spend it for ``device_id`` (again: the device that spent it may enroll again with it);
+    False when it is unknown, expired or spent by another device."""
+    cur = db.execute(
+        "UPDATE bootstrap_tokens SET used_at = COALESCE(used_at, ?), device_id = ? "
+        "WHERE token_sha256 = ? AND ((used_at IS NULL AND expires_at > ?) "
+        "OR device_id = ?)",
+        (iso(now), device_id, token_sha256, iso(now), device_id),
+    )
+    return cur.rowcount == 1

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from devtrust.verifier.storage.changes import (
     PAGE,
-    Change,
+    Batch,
     GapHandler,
     Handler,
     insert_change,
@@ -68,8 +68,8 @@ class FeedReader:
         (SQLite: data_version); None: unknown, read."""
         return None
 
-    async def _fetch(self) -> tuple[list[Change], bool]:
-        """The rows after ``seq``, and whether some were pruned unread."""
+    async def _fetch(self) -> Batch:
+        """The rows after ``seq`` (``changes.read_after``)."""
         raise NotImplementedError
 
     def _watch(self, wake: Callable[[], None]) -> None:
@@ -142,22 +142,24 @@ class FeedReader:
                 version = self._mark()
                 if version is not None and version == self._version:
                     return count
-                batch, gap = await self._fetch()
-                if len(batch) < PAGE:
+                found = await self._fetch()
+                if found.read < PAGE:
                     self._version = version  # all committed as of ``version`` was read
-                if gap:
+                if found.gap:
                     logger.warning(
-                        "change feed: rows after %d were pruned unread: reloading", self._seq
+                        "change feed: rows after %d were pruned or unreadable: reloading",
+                        self._seq,
                     )
                     for on_gap in self._gap_handlers:
                         await self._safely(on_gap)
-                if not batch:
+                if not found.read:
                     return count
-                self._seq = batch[-1].seq
-                count += len(batch)
-                for handler in self._handlers:
-                    await self._safely(handler, batch)
-                if len(batch) < PAGE:
+                self._seq = found.last
+                count += len(found.changes)
+                if found.changes:
+                    for handler in self._handlers:
+                        await self._safely(handler, found.changes)
+                if found.read < PAGE:
                     return count
 
     async def announce(self, kind: str, *, ref: str = "", device_id: str = "") -> None:

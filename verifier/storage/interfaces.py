@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import builtins
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,6 +77,11 @@ class DeviceView:
     result: TrustResult | None
 
 
+# What an answered enrollment makes of the device: from the device as the database holds it
+# (None: new) and the enrollment's bootstrap token as it stands (None: none or unknown).
+DecideEnrollment = Callable[[DeviceRecord | None, BootstrapToken | None], DeviceRecord]
+
+
 class Devices(Protocol):
     async def get(self, device_id: DeviceId) -> DeviceRecord | None: ...
 
@@ -86,8 +91,30 @@ class Devices(Protocol):
         """Like ``list``, each device with its latest result, in one query."""
         ...
 
-    async def save(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> None:
-        """Insert or replace the device (its last_seen is kept), audited as ``event``."""
+    async def save(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> bool:
+        """Insert or replace the device (its last_seen is kept), audited as ``event``; False
+        (nothing written) when the database holds the device revoked: a revocation is
+        undone by no save, whatever the caller read before."""
+        ...
+
+    async def activate(
+        self,
+        enrollment_id: str,
+        *,
+        device_id: DeviceId,
+        token_sha256: str,
+        decide: DecideEnrollment,
+        certificate: CertificateRecord | None,
+        now: datetime.datetime,
+    ) -> DeviceRecord:
+        """An answered enrollment, all in one transaction (review H3: a revocation committed
+        between a check and a later save could otherwise be undone): the challenge taken
+        (NotFound when another answer took it), the device read (Rejected when revoked),
+        ``decide(existing, token)`` giving the record to save, the bootstrap token spent
+        (Rejected when spent meanwhile), the device saved (audited "enrolled:<state>"), and
+        ``certificate``, signed beforehand, recorded when the record is ENROLLED. On any
+        refusal nothing is written. ``decide`` is pure: it may run again when the
+        transaction does."""
         ...
 
     async def set_state(

@@ -29,6 +29,7 @@ import logging
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -135,15 +136,139 @@ def _lost(conn: psycopg.Connection[Any]) -> bool:
     return bool(conn.closed or conn.broken)
 
 
+def secrets_of(*urls: str) -> tuple[str, ...]:
+    """The passwords ``urls`` carry (in the user part or a password= parameter), as written
+    and decoded, longest first: libpq's parse errors quote the token they failed on, and that
+    may be the password (review M7)."""
+    found: set[str] = set()
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password:
+            found |= {parts.password, urllib.parse.unquote(parts.password)}
+        for piece in parts.query.split("&"):
+            key, _, value = piece.partition("=")
+            if key == "password" and value:
+                found |= {value, urllib.parse.unquote_plus(value)}
+    return tuple(sorted((s for s in found if s), key=len, reverse=True))
+
+
+def hide(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each of ``secrets`` written as ***."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class Redacting(logging.Filter):
+    """Takes ``secrets`` out of the records of the logger it is added to (psycopg_pool's
+    reconnect warnings quote libpq's errors)."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self._secrets = tuple(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = hide(message, self._secrets)
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        if record.exc_info and record.exc_info[1] is not None:
+            shown = hide(str(record.exc_info[1]), self._secrets)
+            if shown != str(record.exc_info[1]):
+                record.exc_info = None
+                record.exc_text = None
+                record.msg = f"{record.msg} ({shown})"
+        return True
+
+
+class _Conflict(Exception):
+    """A serialization failure or deadlock: nothing was committed; run it again."""
+
+
+class _LostBeforeCommit(Exception):
+    """The connection broke before COMMIT: nothing was committed."""
+
+
+def _attempt(conn: psycopg.Connection[PgRow], work: Callable[[PgConnection], T], where: str) -> T:
+    """``work`` once, in one SERIALIZABLE transaction on ``conn``, committed. _Conflict or
+    _LostBeforeCommit (wrapping the driver's error) when it may run again; StoreUnavailable
+    when the connection broke during COMMIT (its outcome unknown, never run again)."""
+    committing = False
+    try:
+        conn.isolation_level = WRITE_ISOLATION
+        conn.read_only = False
+        value = work(PgConnection(conn))
+        committing = True
+        conn.commit()
+    except _RETRIED as exc:
+        _rollback(conn)
+        raise _Conflict(exc) from exc
+    except psycopg.OperationalError as exc:
+        if not _lost(conn):
+            _rollback(conn)
+            raise
+        if committing:
+            raise StoreUnavailable(
+                f"database {where}: the connection broke during COMMIT "
+                f"({_one_line(exc)}): whether this write was stored is unknown"
+            ) from exc
+        raise _LostBeforeCommit(exc) from exc
+    except BaseException:
+        _rollback(conn)
+        raise
+    return value
+
+
+def _conflicts(attempt: int, exc: BaseException, where: str) -> None:
+    """After a lost conflict: StoreUnavailable past MAX_ATTEMPTS, else a jittered wait."""
+    if attempt >= MAX_ATTEMPTS:
+        raise StoreUnavailable(
+            f"database {where}: a write lost {attempt} serialization conflicts in a row "
+            f"({_one_line(exc)}): try again"
+        ) from exc
+    time.sleep(random.uniform(0, min(0.002 * 2**attempt, 0.2)))  # noqa: S311
+
+
+def write_on(
+    conn: psycopg.Connection[PgRow], work: Callable[[PgConnection], T], *, where: str
+) -> T:
+    """``work`` in one SERIALIZABLE transaction on this one connection (a command's own,
+    outside any pool), with ``PgEngine.run_write``'s rules: run again after a serialization
+    failure or deadlock; StoreUnavailable when the connection is lost (it cannot be
+    regained here) or the outcome of the COMMIT is unknown."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return _attempt(conn, work, where)
+        except _Conflict as exc:
+            _conflicts(attempt, exc.__cause__ or exc, where)
+        except _LostBeforeCommit as exc:
+            raise StoreUnavailable(
+                f"database {where}: the connection to PostgreSQL was lost "
+                f"({_one_line(exc.__cause__ or exc)}): nothing was written; try again"
+            ) from exc.__cause__
+
+
 class PgEngine:
     """``sql.Engine`` over a PostgreSQL database; ``read_only``: writes refused."""
 
     sql: Fragments = POSTGRESQL
 
     def __init__(
-        self, location: str, pool: ConnectionPool[psycopg.Connection[PgRow]], *, read_only: bool
+        self,
+        location: str,
+        pool: ConnectionPool[psycopg.Connection[PgRow]],
+        *,
+        read_only: bool,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.location = location
+        # The URL's password (``secrets_of``): kept out of every message and log line,
+        # psycopg_pool's included.
+        self.secrets = tuple(secrets)
+        self._redacting = Redacting(self.secrets)
+        logging.getLogger("psycopg.pool").addFilter(self._redacting)
         self._pool = pool
         self._read_only = read_only
         self._threads = ThreadPoolExecutor(max_workers=pool.max_size, thread_name_prefix="pg-store")
@@ -164,6 +289,7 @@ class PgEngine:
         self._closed.set()
         self._threads.shutdown(wait=True)
         self._pool.close()
+        logging.getLogger("psycopg.pool").removeFilter(self._redacting)
 
     # --- in the executor's threads ---------------------------------------------------------
 
@@ -173,18 +299,20 @@ class PgEngine:
         except PoolTimeout as exc:
             raise StoreUnavailable(
                 f"database {self.location}: no connection to PostgreSQL within "
-                f"{RECONNECT_S:.0f} s ({exc}): is the server running?"
+                f"{RECONNECT_S:.0f} s ({hide(_one_line(exc), self.secrets)}): is the server "
+                "running?"
             ) from None
 
-    def _wait_for_server(self, deadline: float, exc: Exception) -> None:
+    def _wait_for_server(self, deadline: float, exc: BaseException) -> None:
         """After a lost connection: drop the pool's other dead ones, wait a moment; raise
         StoreUnavailable once the deadline passed."""
+        detail = hide(_one_line(exc), self.secrets)
         if time.monotonic() >= deadline or self._closed.is_set():
             raise StoreUnavailable(
                 f"database {self.location}: the connection to PostgreSQL was lost and not "
-                f"regained within {RECONNECT_S:.0f} s ({_one_line(exc)})"
+                f"regained within {RECONNECT_S:.0f} s ({detail})"
             ) from exc
-        logger.warning("database %s: connection lost (%s): retrying", self.location, exc)
+        logger.warning("database %s: connection lost (%s): retrying", self.location, detail)
         self._pool.check()
         time.sleep(random.uniform(0.05, 0.3))  # noqa: S311 (jitter, not a secret)
 
@@ -196,37 +324,13 @@ class PgEngine:
         while True:
             attempt += 1
             conn = self._connection(deadline)
-            committing = False
             try:
-                conn.isolation_level = WRITE_ISOLATION
-                conn.read_only = False
-                value = work(PgConnection(conn))
-                committing = True
-                conn.commit()
-            except _RETRIED as exc:
-                _rollback(conn)
+                return _attempt(conn, work, self.location)
+            except _Conflict as exc:
                 self.conflicts += 1
-                if attempt >= MAX_ATTEMPTS:
-                    raise StoreUnavailable(
-                        f"database {self.location}: a write lost {attempt} serialization "
-                        f"conflicts in a row ({_one_line(exc)}): try again"
-                    ) from exc
-                time.sleep(random.uniform(0, min(0.002 * 2**attempt, 0.2)))  # noqa: S311
-            except psycopg.OperationalError as exc:
-                if not _lost(conn):
-                    _rollback(conn)
-                    raise
-                if committing:
-                    raise StoreUnavailable(
-                        f"database {self.location}: the connection broke during COMMIT "
-                        f"({_one_line(exc)}): whether this write was stored is unknown"
-                    ) from exc
-                self._wait_for_server(deadline, exc)
-            except BaseException:
-                _rollback(conn)
-                raise
-            else:
-                return value
+                _conflicts(attempt, exc.__cause__ or exc, self.location)
+            except _LostBeforeCommit as exc:
+                self._wait_for_server(deadline, exc.__cause__ or exc)
             finally:
                 self._pool.putconn(conn)
 

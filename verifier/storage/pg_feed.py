@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import psycopg
 
-from devtrust.verifier.storage.changes import Change, newest, read_after
+from devtrust.verifier.storage.changes import Batch, newest, read_after
 from devtrust.verifier.storage.feed import KEEP, PRUNE_EVERY_S, FeedReader
-from devtrust.verifier.storage.pg_engine import PgEngine
+from devtrust.verifier.storage.pg_engine import PgEngine, hide
 
 logger = logging.getLogger(__name__)
 CHANNEL = "devtrust_changes"
@@ -52,7 +52,7 @@ class PgChangeFeed(FeedReader):
     async def _open(self) -> int:
         return await self._pg.read(newest)
 
-    async def _fetch(self) -> tuple[list[Change], bool]:
+    async def _fetch(self) -> Batch:
         seq = self._seq
         return await self._pg.read(lambda db: read_after(db, seq))
 
@@ -61,7 +61,8 @@ class PgChangeFeed(FeedReader):
             try:
                 conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
             except psycopg.Error as exc:
-                logger.warning("change feed: cannot LISTEN (%s): trying again", exc)
+                shown = hide(str(exc), self._pg.secrets)
+                logger.warning("change feed: cannot LISTEN (%s): trying again", shown)
                 self._stopping.wait(RECONNECT_WAIT_S)
                 continue
             try:
@@ -70,7 +71,8 @@ class PgChangeFeed(FeedReader):
                 self._listen(conn, wake)
             except psycopg.Error as exc:
                 if not self._stopping.is_set():
-                    logger.warning("change feed: LISTEN connection lost (%s): reconnecting", exc)
+                    shown = hide(str(exc), self._pg.secrets)
+                    logger.warning("change feed: LISTEN connection lost (%s): reconnecting", shown)
                     self._stopping.wait(RECONNECT_WAIT_S)
             except RuntimeError:
                 raise  # the loop closed: the feed is gone

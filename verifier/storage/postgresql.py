@@ -5,13 +5,24 @@ open under an advisory lock (``pg_schema``), the change feed followed by LISTEN/
 
 The URL is libpq's (postgresql://user:password@host:port/dbname?sslmode=...) plus one
 parameter of ours, ``pool_size`` (connections this process holds at most; default 10),
-taken out before libpq sees it. Messages name the URL without its password.
+taken out before libpq sees it. Messages and log lines name the URL without its password,
+and libpq's own errors (which may quote it) are shown with it written as ***.
+
+Every connection is bounded (review M1), so that a database host that dies or a network
+that black-holes its packets cannot hold the pool's threads, or a lock another replica
+waits for, for long: TCP keepalives and a TCP user timeout (TCP_SETTINGS: a dead peer is
+noticed within about 25 s, idle or not) and server-side timeouts (SESSION_SETTINGS: a
+statement, a lock wait, a transaction left idle). Each is libpq's parameter and may be set
+in the URL, which wins: ``?keepalives_idle=30&tcp_user_timeout=60000`` or
+``?options=-c%20statement_timeout%3D2min``. The migration at open waits longer
+(MIGRATION_SETTINGS): it may wait for another replica's migration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -21,7 +32,15 @@ from devtrust.core.errors import ConfigError
 from devtrust.verifier.config import DatabaseUrl
 from devtrust.verifier.storage import schema
 from devtrust.verifier.storage.changes import ChangeFeed
-from devtrust.verifier.storage.pg_engine import POOL_SIZE, RECONNECT_S, PgEngine, PgRow, pg_rows
+from devtrust.verifier.storage.pg_engine import (
+    POOL_SIZE,
+    RECONNECT_S,
+    PgEngine,
+    PgRow,
+    hide,
+    pg_rows,
+    secrets_of,
+)
 from devtrust.verifier.storage.pg_feed import PgChangeFeed
 from devtrust.verifier.storage.pg_schema import PgDialect
 from devtrust.verifier.storage.repositories import SqlRepositories
@@ -29,6 +48,25 @@ from devtrust.verifier.storage.repositories import SqlRepositories
 # Seconds a connection attempt waits for the server (libpq's connect_timeout).
 CONNECT_TIMEOUT_S = 5
 MAX_POOL = 200
+# libpq's TCP parameters, unless the URL gives them: keepalive probes after 10 s idle, every
+# 5 s, 3 unanswered ones drop the connection; data unacknowledged for 20 s drops it too.
+TCP_SETTINGS = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
+}
+# The server's limits on each session (passed as libpq's ``options``; the URL's own
+# ``options`` come after, so a -c there wins). The repositories' statements touch a few rows
+# or one bounded page; their transactions never wait on anything outside the database.
+SESSION_SETTINGS = {
+    "statement_timeout": "30s",
+    "lock_timeout": "10s",
+    "idle_in_transaction_session_timeout": "15s",
+}
+# The migration's connection: a step may be long, and waits for another replica's.
+MIGRATION_SETTINGS = {"statement_timeout": "10min", "lock_timeout": "10min"}
 
 
 class PgRepositories(SqlRepositories):
@@ -48,11 +86,15 @@ class PgRepositories(SqlRepositories):
 
 
 def conninfo(url: DatabaseUrl) -> tuple[str, int]:
-    """libpq's URL (without ``pool_size``) and the pool's size."""
+    """libpq's URL (without ``pool_size``, with the bounds of TCP_SETTINGS and
+    SESSION_SETTINGS the URL does not set itself) and the pool's size."""
     text = str.__str__(url)
     parts = urllib.parse.urlsplit(text)
-    kept, size = [], POOL_SIZE
+    kept, size, options = [], POOL_SIZE, ""
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if key == "options":
+            options = value
+            continue
         if key != "pool_size":
             kept.append((key, value))
             continue
@@ -62,7 +104,13 @@ def conninfo(url: DatabaseUrl) -> tuple[str, int]:
                 f"process may hold, 1 to {MAX_POOL}"
             )
         size = int(value)
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept))), size
+    given = {key for key, _ in kept}
+    kept += [(key, value) for key, value in TCP_SETTINGS.items() if key not in given]
+    ours = " ".join(f"-c {key}={value}" for key, value in SESSION_SETTINGS.items())
+    kept.append(("options", f"{ours} {options}".strip()))
+    # libpq decodes %XX only (a + stays a +): spaces go as %20.
+    query = urllib.parse.urlencode(kept, quote_via=urllib.parse.quote)
+    return urllib.parse.urlunsplit(parts._replace(query=query)), size
 
 
 def connect(info: str, where: str, *, named: str = "`database:`") -> psycopg.Connection[PgRow]:
@@ -70,11 +118,14 @@ def connect(info: str, where: str, *, named: str = "`database:`") -> psycopg.Con
     try:
         return psycopg.connect(info, connect_timeout=CONNECT_TIMEOUT_S, row_factory=pg_rows)
     except psycopg.Error as exc:
-        raise ConfigError(explain(exc, where, named=named)) from None
+        raise ConfigError(explain(exc, where, named=named, secrets=secrets_of(info))) from None
 
 
-def explain(exc: psycopg.Error, where: str, *, named: str = "`database:`") -> str:
-    detail = " ".join(str(exc).split())
+def explain(
+    exc: psycopg.Error, where: str, *, named: str = "`database:`", secrets: Sequence[str] = ()
+) -> str:
+    """One line: what failed (libpq's words, without ``secrets``) and what to fix."""
+    detail = hide(" ".join(str(exc).split()), secrets)
     low = detail.lower()
     if exc.sqlstate in ("28P01", "28000") or "password" in low or "authentication" in low:
         return (
@@ -98,6 +149,10 @@ def _prepare(info: str, where: str, *, create: bool, read_only: bool) -> None:
     named = "--database" if read_only else "`database:`"
     conn = connect(info, where, named=named)
     try:
+        conn.autocommit = True  # session settings, outside the steps' transactions
+        for key, value in MIGRATION_SETTINGS.items():
+            conn.execute(f"SET {key} = '{value}'")
+        conn.autocommit = False
         dialect = PgDialect(conn)
         if (read_only or not create) and schema.applied_version(dialect) is None:
             raise ConfigError(
@@ -135,7 +190,8 @@ def _open(url: DatabaseUrl, *, create: bool, read_only: bool) -> PgRepositories:
             f"database {where}: no connection within {CONNECT_TIMEOUT_S * 2} s: is the server "
             "running and accepting connections?"
         ) from None
-    return PgRepositories(PgEngine(where, pool, read_only=read_only), info)
+    engine = PgEngine(where, pool, read_only=read_only, secrets=secrets_of(str.__str__(url), info))
+    return PgRepositories(engine, info)
 
 
 async def open_postgresql(

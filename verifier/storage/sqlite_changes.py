@@ -25,6 +25,7 @@ from devtrust.verifier.storage.changes import (
     POLICY,
     REVOKED,
     TRUST,
+    Batch,
     Change,
     GapHandler,
     Handler,
@@ -126,10 +127,10 @@ class SqliteChangeFeed(FeedReader):
             raise RuntimeError("ChangeFeed.open was not awaited")
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
-    async def _fetch(self) -> tuple[list[Change], bool]:
+    async def _fetch(self) -> Batch:
         return await self._call(self._read)
 
-    def _read(self) -> tuple[list[Change], bool]:
+    def _read(self) -> Batch:
         db = self._db
         if db is None:
             raise RuntimeError("ChangeFeed.open was not awaited")

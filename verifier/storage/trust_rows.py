@@ -22,6 +22,7 @@ from devtrust.verifier.storage.revocations import (
     revoke,
 )
 from devtrust.verifier.storage.sql import Connection, Engine, Row
+from devtrust.verifier.tpm_unavailable import FINDING_ID as TPM_UNAVAILABLE
 from devtrust.verifier.trust import TrustResult
 
 INSERT_CERTIFICATE = (
@@ -43,20 +44,28 @@ def record(db: Connection, decision: Decision) -> list[RevokedCertificate]:
         _check_standing(db, decision.assumed)
     text = codec.result_to_json(result)
     at = iso(result.appraised_at)
+    # Which result is newer. A decision with a lease passed check_lease in this transaction:
+    # its stream holds the device now, so it is newer than any stored before, whatever the
+    # clocks of the replicas that appraised them say (review M2: with a replica's clock
+    # ahead, comparing appraised_at across hosts dropped the next replica's results). A
+    # decision without one (tests, tools) is never stored over a later one.
+    leased = 0 if decision.lease is None else 1
     db.execute(
-        # Never replaced by an older result (a replaced stream's late appraisal).
         "INSERT INTO trust (device_id, tier, score, result, appraised_at, expires_at) "
         "VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
         "tier=excluded.tier, score=excluded.score, result=excluded.result, "
         "appraised_at=excluded.appraised_at, expires_at=excluded.expires_at "
-        "WHERE excluded.appraised_at >= trust.appraised_at",
-        (device_id, result.tier.label, result.score, text, at, iso(result.expires_at)),
+        "WHERE ? = 1 OR excluded.appraised_at >= trust.appraised_at",
+        (device_id, result.tier.label, result.score, text, at, iso(result.expires_at), leased),
     )
-    db.execute(
-        "UPDATE devices SET last_seen = ? WHERE device_id = ? "
-        "AND (last_seen IS NULL OR last_seen < ?)",
-        (at, device_id, at),
-    )
+    if not any(f.id == TPM_UNAVAILABLE for f in result.findings):
+        # Seen: it answered with evidence. An agent that only reports its TPM dead is not
+        # (review L6): it stays in the operators' "stale devices" query.
+        db.execute(
+            "UPDATE devices SET last_seen = ? WHERE device_id = ? "
+            "AND (last_seen IS NULL OR last_seen < ?)",
+            (at, device_id, at),
+        )
     audit_rows.append(
         db,
         at=result.appraised_at,
@@ -68,16 +77,16 @@ def record(db: Connection, decision: Decision) -> list[RevokedCertificate]:
     )
     tpm = decision.tpm
     if tpm is not None:
-        # Like the trust row, the TPM state and its log only move forward in time: a
-        # replaced stream's late appraisal changes neither.
+        # Like the trust row, the TPM state and its log only move forward: a leased
+        # decision's replace it, an unleased one's never replace a later one.
         cur = db.execute(
             "INSERT INTO tpm_state (device_id, clock, log_data, log_state, pcrs, updated_at) "
             "VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE "
             "SET clock=excluded.clock, log_data=excluded.log_data, "
             "log_state=excluded.log_state, pcrs=excluded.pcrs, "
             "updated_at=excluded.updated_at "
-            "WHERE excluded.updated_at >= tpm_state.updated_at",
-            (device_id, *codec.tpm_state_to_row(tpm), at),
+            "WHERE ? = 1 OR excluded.updated_at >= tpm_state.updated_at",
+            (device_id, *codec.tpm_state_to_row(tpm), at, leased),
         )
         if cur.rowcount == 1:
             _append_log_part(db, device_id, tpm)
