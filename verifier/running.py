@@ -72,6 +72,7 @@ class RunningVerifier:
         # The last part of the bound is for stopping the servers and closing the store.
         reserve = min(1.0, limit / 4)
         await self.attestation.drain(deadline - reserve)
+        logger.debug("drain: streams done")
         self.watch.close()  # watchers get what is queued, then their streams end
         if self.calls is not None and not await self.calls.settled(
             deadline - reserve - loop.time()
@@ -79,6 +80,7 @@ class RunningVerifier:
             logger.warning("draining: %d unary calls still running, cut", self.calls.count)
         # What is left (health watches, revocation feeds, a call that came late): a short
         # grace, then cancelled.
+        logger.debug("drain: calls settled")
         left = max(0.0, deadline - loop.time())
         await self.stop(grace=min(left, 0.5), decisions_s=max(left, 0.1))
         logger.info("drained in %.2f s", limit - (deadline - loop.time()))
@@ -94,13 +96,19 @@ class RunningVerifier:
             await self.store_health.aclose()
         self.watch.close()  # watchers get what is queued, then their streams end
         # Both at once: the grace is one bound, not one per server.
+        logger.debug("stop: servers")
         await asyncio.gather(*(server.stop(grace) for server in self.started))
         self.started.clear()
+        logger.debug("stop: attestation")
         await self.attestation.aclose(within_s=decisions_s)
+        logger.debug("stop: revoker")
         await self.revoker.aclose()
+        logger.debug("stop: feed")
         if self.feed is not None:
             await self.feed.aclose()
+        logger.debug("stop: repos")
         await self.repos.close()
+        logger.debug("stop: done")
         if self.shared_policy is not None:
             self.shared_policy.close()
 

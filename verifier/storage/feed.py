@@ -23,6 +23,8 @@ from devtrust.verifier.storage.changes import (
 from devtrust.verifier.storage.sql import Connection, Engine
 
 logger = logging.getLogger(__name__)
+# How long closing waits for the reader task and the watcher thread, each.
+CLOSE_S = 2.0
 # Rows kept; older ones are pruned. Every running process reads within a poll, and one that
 # starts reads the state itself, so only a process stalled this many changes behind needs
 # more (it reloads: on_gap). A trust change's row holds its result (about 2 KB with 8 GPUs):
@@ -123,14 +125,23 @@ class FeedReader:
             return
         self._closed = True
         self._stopping.set()
-        if self._watcher is not None:
-            await asyncio.to_thread(self._watcher.join)
-            self._watcher = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # Each bounded: a stop must not hang on the feed (a drain waited here for ever, now
+        # and then, under load: which of the two never finished is not known yet).
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_S)
+            if not done:
+                logger.warning("change feed: its reader did not end within %g s", CLOSE_S)
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            await asyncio.to_thread(watcher.join, CLOSE_S)
+            if watcher.is_alive():
+                logger.warning(
+                    "change feed: its watcher thread did not stop within %g s: left to end "
+                    "with the process",
+                    CLOSE_S,
+                )
         await self._release()
 
     async def catch_up(self) -> int:
