@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from devtrust.core.errors import DevtrustError
 from devtrust.swtpm.sim_faults import FAULT_SPEC_FORMS, FaultSpec, parse_faults
 
 HELP = "simulate a fleet of devices attesting to a verifier (an embedded one by default)"
@@ -92,6 +93,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help=FAULT_SPEC_FORMS.replace("%", "%%"),
     )
+    p.add_argument(
+        "--reconnect-max",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="the simulated agents' reconnect_max_s: their longest backoff, and the bound a "
+        "device of a killed or drained replica must move within (the agent's default is 30)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures here as JSON")
     p.add_argument(
         "--workers", type=_positive_int, default=1, help="the embedded verifier's processes"
@@ -147,3 +156,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="nvidia-smi -q -x captures of the recorded hosts; none: the repository's test data",
     )
+
+
+def check_options(opts: argparse.Namespace) -> None:
+    """Options that only make sense together: a usage error (exit 2) before anything starts."""
+    if opts.swtpm > opts.devices:
+        raise DevtrustError(f"--swtpm {opts.swtpm} is more than --devices {opts.devices}")
+    if opts.json is not None and not opts.json.parent.is_dir():
+        raise DevtrustError(
+            f"--json {opts.json}: no directory {opts.json.parent} to write it in: give a file "
+            "in an existing directory"
+        )
+    remote = [opts.verifier, opts.enrollment, opts.ca_bundle]
+    if any(remote) and not all(remote):
+        raise DevtrustError(
+            "a running verifier needs --verifier, --enrollment and --ca-bundle together "
+            "(and --simulation-root, the EK root it trusts)"
+        )
+    if opts.verifier and opts.simulation_root is None:
+        raise DevtrustError(
+            "--verifier needs --simulation-root DIR: the simulation EK root that verifier "
+            "trusts (endorsement.trust_simulation_root)"
+        )
+    if opts.verifier and opts.swtpm:
+        raise DevtrustError("--swtpm needs the embedded verifier (it trusts this run's swtpm CA)")
+    if opts.verifier and (opts.replicas > 1 or opts.database or opts.postgres):
+        raise DevtrustError(
+            "--replicas, --database and --postgres are for the embedded verifiers, not --verifier"
+        )
+    if opts.replicas > 1 and not (opts.database or opts.postgres):
+        raise DevtrustError(
+            f"--replicas {opts.replicas} needs a database the replicas share: --postgres (a "
+            "throwaway PostgreSQL) or --database postgresql://..."
+        )

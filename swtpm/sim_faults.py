@@ -290,7 +290,7 @@ class Figures:
     # Replica processes found exited that the run did not stop or kill (a database restart
     # must not take a verifier down).
     replicas_exited: int = 0
-    # SIGTERMs a replica did not exit after within twice its drain bound (then SIGKILLed).
+    # SIGTERMs a replica did not exit after within its drain bound (10 s, and 2 s to exit).
     forced_stops: int = 0
 
     @property
@@ -352,11 +352,7 @@ class Figures:
             f"verifier     {self.replicas} replica{'s' if self.replicas != 1 else ''} on "
             f"{self.database or '?'}: {self.verifier}"
             + (f"; {self.replicas_exited} exited unexpectedly" if self.replicas_exited else "")
-            + (
-                f"; {self.forced_stops} did not exit after SIGTERM (killed)"
-                if self.forced_stops
-                else ""
-            ),
+            + (f"; {self.forced_stops} stops overran the drain bound" if self.forced_stops else ""),
             "tiers        "
             + "  ".join(f"{tier} {n:,}" for tier, n in sorted(self.tiers.items(), key=_tier_order)),
         ]

@@ -58,42 +58,6 @@ DRAIN_MARGIN_S = 2.0
 # After the run, faults still in flight get two attestation intervals plus this to be seen
 # (a fault injected just before a challenge waits for the next; a loaded machine is slow).
 DRAIN_EXTRA_S = 30.0
-# The simulated agents' longest wait between attempts (reconnect_max_s): a device whose
-# replica was killed or drained must be challenged by another within it.
-RECONNECT_MAX_S = 10.0
-
-
-def check_options(opts: argparse.Namespace) -> None:
-    """Options that only make sense together: a usage error (exit 2) before anything starts."""
-    if opts.swtpm > opts.devices:
-        raise DevtrustError(f"--swtpm {opts.swtpm} is more than --devices {opts.devices}")
-    if opts.json is not None and not opts.json.parent.is_dir():
-        raise DevtrustError(
-            f"--json {opts.json}: no directory {opts.json.parent} to write it in: give a file "
-            "in an existing directory"
-        )
-    remote = [opts.verifier, opts.enrollment, opts.ca_bundle]
-    if any(remote) and not all(remote):
-        raise DevtrustError(
-            "a running verifier needs --verifier, --enrollment and --ca-bundle together "
-            "(and --simulation-root, the EK root it trusts)"
-        )
-    if opts.verifier and opts.simulation_root is None:
-        raise DevtrustError(
-            "--verifier needs --simulation-root DIR: the simulation EK root that verifier "
-            "trusts (endorsement.trust_simulation_root)"
-        )
-    if opts.verifier and opts.swtpm:
-        raise DevtrustError("--swtpm needs the embedded verifier (it trusts this run's swtpm CA)")
-    if opts.verifier and (opts.replicas > 1 or opts.database or opts.postgres):
-        raise DevtrustError(
-            "--replicas, --database and --postgres are for the embedded verifiers, not --verifier"
-        )
-    if opts.replicas > 1 and not (opts.database or opts.postgres):
-        raise DevtrustError(
-            f"--replicas {opts.replicas} needs a database the replicas share: --postgres (a "
-            "throwaway PostgreSQL) or --database postgresql://..."
-        )
 
 
 async def run(opts: argparse.Namespace, work: Path) -> Figures:
@@ -126,7 +90,7 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
             runtime_dir=work / "agents",
             event_log=None,
             gpu_source="none",
-            reconnect_max_s=RECONNECT_MAX_S,
+            reconnect_max_s=opts.reconnect_max,
             rpc_timeout_s=60.0,
         )
         ca_pem = endpoint.ca_bundle.read_bytes()
@@ -504,7 +468,7 @@ def main(argv: list[str] | None = None, *, verbose: bool = False) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     try:
-        check_options(opts)
+        sim_args.check_options(opts)
     except DevtrustError as exc:
         parser.error(str(exc))
     configure_logging(logging.INFO if verbose else logging.WARNING)

@@ -237,3 +237,10 @@ def test_a_run_fails_on_a_late_move_or_a_replica_that_died(
     figures = Figures(devices=1, enrolled=1, lost=0, duplicated=0, replicas_exited=exited)
     figures.kinds["kill"] = KindFigures(injected=1, detected=1, moves=[move_s], bound_s=10.0)
     assert succeeded(figures) is ok
+
+
+def test_the_table_names_replica_stops_that_overran_the_drain_bound() -> None:
+    figures = Figures(devices=1, enrolled=1, replicas=2, database="SQLite", forced_stops=1)
+    assert "1 stops overran the drain bound" in figures.table()
+    assert figures.as_dict()["replica_stops_overran"] == 1
+    assert "overran" not in Figures(devices=1, replicas=2).table()

@@ -86,6 +86,7 @@ def test_without_faults_every_device_attests(tmp_path: Path) -> None:
         (["--verifier", "127.0.0.1:1"], 2, "--verifier, --enrollment and --ca-bundle together"),
         (["--json", "/nonexistent/dir/x.json"], 2, "--json /nonexistent/dir/x.json: no directory"),
         (["--replicas", "0"], 2, "argument --replicas: 0 must be at least 1"),
+        (["--reconnect-max", "0"], 2, "--reconnect-max: 0 must be more than 0 seconds"),
         (["--database", "/tmp/x.db"], 2, "'/tmp/x.db' is not a PostgreSQL URL"),
         (["--database", "mysql://u:p@h:1/d"], 2, "is not a PostgreSQL URL"),
         (["--replicas", "2"], 2, "--replicas 2 needs a database the replicas share"),
