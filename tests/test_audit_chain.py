@@ -101,7 +101,26 @@ def test_times_hash_the_same_whatever_form_the_database_returns() -> None:
 
 def test_every_event_has_its_type() -> None:
     assert set(ac.EVENTS) == set(Event)
-    assert {"policy", "roles", "audit", "chains"} == ac.NAMED_CHAINS
+    shards = {f"chains/{digit}" for digit in "0123456789abcdef"}
+    assert {"policy", "roles", "audit", "chains"} | shards == ac.NAMED_CHAINS
+    assert {"chains"} | shards == ac.ANNOUNCING
+    assert {"audit", "chains"} | shards == ac.UNPRUNED
+
+
+def test_a_chain_is_announced_on_the_shard_its_name_hashes_to() -> None:
+    """Sixteen announcing chains, by the first hex digit of sha256(name): a burst of new
+    chains spreads over sixteen heads; a shard is announced on the root "chains"."""
+    assert hashlib.sha256(DEVICE.encode()).hexdigest()[0] == "2"
+    assert ac.announced_on(DEVICE) == "chains/2"
+    assert ac.announced_on("policy") == f"chains/{hashlib.sha256(b'policy').hexdigest()[0]}"
+    assert ac.announced_on("chains/2") == "chains"
+    spread = {ac.announced_on(f"{n:064x}") for n in range(200)}
+    assert spread == ac.ANNOUNCING - {"chains"}
+    detail = ac.detail_text({"chain": DEVICE, "first": "ab" * 32})
+    assert ac.chain_of("", "chain_started", detail) == "chains/2"
+    assert ac.chain_of("", "chain_started", "not json") == ac.LEGACY_CHAIN
+    with pytest.raises(ValueError, match="names no chain"):
+        ac.place(device_id="", event="chain_started", actor="", detail="{}")
 
 
 @pytest.mark.parametrize(
@@ -116,13 +135,15 @@ def test_every_event_has_its_type() -> None:
         ("", "policy_changed", "operator/alice", "policy", "operator/alice"),
         ("", "role_changed", "local/root", "roles", "local/root"),
         ("", "audit_pruned", "local/root", "audit", "local/root"),
-        ("", "chain_started", "", "chains", "verifier"),
+        ("", "chain_started", "", "chains/2", "verifier"),
     ],
 )
 def test_an_entry_is_placed_on_its_chain_with_its_actor(
     device_id: str, event: str, actor: str, chain: str, named: str
 ) -> None:
-    assert ac.place(device_id=device_id, event=event, actor=actor) == ac.Placed(chain, named)
+    detail = ac.detail_text({"chain": DEVICE, "first": "ab" * 32})
+    placed = ac.place(device_id=device_id, event=event, actor=actor, detail=detail)
+    assert placed == ac.Placed(chain, named)
 
 
 @pytest.mark.parametrize(

@@ -12,17 +12,24 @@ import asyncio
 import datetime
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from devtrust import cli
+from devtrust.core.ids import Serial
 from devtrust.verifier import audit_chain, audit_db
 from devtrust.verifier.audit_chain import Event
-from devtrust.verifier.records import DeviceState
-from devtrust.verifier.storage import audit_rows, open_repositories
+from devtrust.verifier.records import (
+    CertificateRecord,
+    DeviceRecord,
+    DeviceState,
+    PendingEnrollment,
+)
+from devtrust.verifier.storage import audit_rows, open_repositories, pg_engine
+from devtrust.verifier.storage.postgresql import PgRepositories
 from devtrust.verifier.storage.sqlite_engine import open_database
 from tests import pg
 from tests.db import NOW, decision, device, device_id, make_database, run
@@ -119,6 +126,10 @@ def test_every_event_is_written_on_its_chain(tmp_path: Path) -> None:
             kind = audit_chain.EVENTS[event]
             actor = "local/root" if audit_chain.Actor.LOCAL in kind.actors else ""
             dev = "" if kind.chain else device_id(1)
+            if event == Event.CHAIN_STARTED:  # only append's own, naming the chain announced
+                with pytest.raises(ValueError, match="names no chain"):
+                    audit_rows.append(db, at=NOW, device_id=dev, event=event, detail={})
+                continue
             audit_rows.append(db, at=NOW, device_id=dev, event=event, detail={}, actor=actor)
         rows = db.execute("SELECT chain, event, detail FROM audit ORDER BY id").fetchall()
     assert [tuple(r[:2]) for r in rows if r[1] != Event.CHAIN_STARTED] == [
@@ -126,9 +137,15 @@ def test_every_event_is_written_on_its_chain(tmp_path: Path) -> None:
         for e in Event
         if e != Event.CHAIN_STARTED
     ]
-    # Each chain's first entry is announced on the chain "chains", in its transaction.
-    started = [json.loads(r[2]).get("chain") for r in rows if r[0] == "chains"]
-    assert started == [device_id(1), "policy", "roles", "audit", None]
+    # Each chain's first entry is announced on its shard of "chains", in its transaction;
+    # each shard's first entry on the root "chains".
+    started = [(json.loads(r[2]).get("chain"), r[0]) for r in rows if r[1] == Event.CHAIN_STARTED]
+    chains = [device_id(1), "policy", "roles", "audit"]
+    shards = {audit_chain.announced_on(c) for c in chains}
+    assert sorted(started) == sorted(
+        [(c, audit_chain.announced_on(c)) for c in chains] + [(s, "chains") for s in shards]
+    )
+    assert all(on in audit_chain.ANNOUNCING for _, on in started)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -215,13 +232,15 @@ def test_old_entries_are_sealed_by_the_command_once(
     assert "devtrust audit seal" in out
     assert cli.main(["audit", "seal", "--database", str(path)]) == 0
     assert capsys.readouterr().out == "sealed 4 entries written before the chains\n"
-    # The two device chains, and "chains" announcing them.
-    assert _verify(path, capsys) == (0, "audit intact: 3 chains, 6 entries\n")
+    # The two device chains, the shards announcing them, and "chains" announcing those.
+    shards = len({audit_chain.announced_on(device_id(n)) for n in (1, 2)})
+    expected = f"audit intact: {3 + shards} chains, {6 + shards} entries\n"
+    assert _verify(path, capsys) == (0, expected)
     assert cli.main(["audit", "seal", "--database", str(path)]) == 0
     assert capsys.readouterr().out == "sealed 0 entries written before the chains\n"
     with closing(sqlite3.connect(path)) as db:
         rows = db.execute(
-            "SELECT chain, chain_seq, event FROM audit WHERE chain <> 'chains' ORDER BY id"
+            "SELECT chain, chain_seq, event FROM audit WHERE event <> 'chain_started' ORDER BY id"
         ).fetchall()
     assert rows == [
         (device_id(1), 1, "enrolled:enrolled"),
@@ -244,7 +263,11 @@ def test_old_entries_are_sealed_at_their_chain_next_entry(
     assert rows == [(1,), (2,), (3,)]
     status, out = _verify(path, capsys)
     assert status == 1  # device 2 has had no entry since: its old ones wait for the seal
-    assert out.startswith(f"audit broken: chain {device_id(2)} seq 0 (id 4): not on its chain")
+    with closing(sqlite3.connect(path)) as db:
+        [(first,)] = db.execute(
+            "SELECT MIN(id) FROM audit WHERE device_id = ?", (device_id(2),)
+        ).fetchall()
+    assert out.startswith(f"audit broken: chain {device_id(2)} seq 0 (id {first}): not on its")
     assert cli.main(["audit", "seal", "--database", str(path)]) == 0
     assert _verify(path, capsys)[0] == 0
 
@@ -350,9 +373,98 @@ def test_two_replicas_appending_to_one_chain_keep_it_intact(
 
     run(scenario)
     assert cli.main(["audit", "verify", "--database", url]) == 0
-    # The device's chain and "chains" announcing it.
-    assert capsys.readouterr().out == f"audit intact: 2 chains, {2 + 2 * per_replica} entries\n"
+    # The device's chain, its shard announcing it and "chains" announcing the shard.
+    assert capsys.readouterr().out == f"audit intact: 3 chains, {3 + 2 * per_replica} entries\n"
     with audit_db.opened(url, write=False) as db:
         rows = db.rows("SELECT chain_seq FROM audit WHERE chain = ? ORDER BY id", (device_id(1),))
         seqs = [int(r[0]) for r in rows]
     assert seqs == list(range(1, 2 + 2 * per_replica))
+
+
+def _burst_of_first_enrollments(url: str, count: int) -> tuple[list[object], int, int]:
+    """``count`` devices, each with an enrollment waiting, activated all at once through two
+    replicas' repositories (each its own pool): every activation writes the device's
+    chain's first entry and its announcement. The outcomes, the conflicts lost, and the
+    most runs any one write took."""
+    most = 0
+    conflicts = pg_engine._conflicts
+
+    def counting(attempt: int, exc: BaseException, where: str) -> None:
+        nonlocal most
+        most = max(most, attempt + 1)
+        conflicts(attempt, exc, where)
+
+    def certificate(n: int) -> CertificateRecord:
+        return CertificateRecord(
+            serial=Serial(f"{n:040x}"),
+            device_id=device_id(n),
+            kind="channel",
+            not_before=NOW,
+            not_after=NOW + datetime.timedelta(days=1),
+            der=b"der",
+        )
+
+    def decide(n: int) -> Callable[[object, object], DeviceRecord]:
+        return lambda existing, token: device(n)
+
+    async def scenario() -> tuple[list[object], int]:
+        first = await open_repositories(url)
+        second = await open_repositories(url)
+        assert isinstance(first, PgRepositories)
+        assert isinstance(second, PgRepositories)
+        try:
+            for n in range(count):
+                pending = PendingEnrollment(
+                    enrollment_id=f"e{n}",
+                    record=device(n),
+                    secret=b"s",
+                    channel_key_spki=b"k",
+                    expires_at=NOW + datetime.timedelta(minutes=5),
+                )
+                await first.enrollments.put(pending, now=NOW, max_per_device=4, max_total=count)
+            outcomes = await asyncio.gather(
+                *(
+                    (first if n % 2 else second).devices.activate(
+                        f"e{n}",
+                        device_id=device_id(n),
+                        token_sha256="",
+                        decide=decide(n),
+                        certificate=certificate(n),
+                        now=NOW,
+                    )
+                    for n in range(count)
+                ),
+                return_exceptions=True,
+            )
+            return list(outcomes), first.engine.conflicts + second.engine.conflicts
+        finally:
+            await first.close()
+            await second.close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pg_engine, "_conflicts", counting)
+        outcomes, lost = run(scenario)
+    return outcomes, lost, most
+
+
+def test_a_burst_of_first_enrollments_on_two_replicas_all_succeed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A fleet enrolling at once (40 devices, two replicas): every first entry is announced,
+    on the shard of "chains" its chain's name hashes to, so the announcements spread over
+    sixteen heads and no write loses every run (the 1,000-device burst lost one, on the one
+    "chains" head, and took a replica's health down); the audit verifies."""
+    server = pg.server()
+    url = server.url(server.create_database())
+    count = 40
+    outcomes, lost, most = _burst_of_first_enrollments(url, count)
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert most < pg_engine.MAX_ATTEMPTS, (lost, most)
+    assert cli.main(["audit", "verify", "--database", url]) == 0
+    shards = {audit_chain.announced_on(device_id(n)) for n in range(count)}
+    assert len(shards) > 8  # spread, not one head
+    # Each device's chain (its enrollment), its shard, and the root announcing the shards.
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert (
+        out == f"audit intact: {count + len(shards) + 1} chains, {2 * count + len(shards)} entries"
+    )

@@ -130,14 +130,18 @@ def entry_id(store: Store, chain: str, seq: int) -> int:
 
 DEV0 = device_id(0)
 DEV2 = device_id(2)
+# The shards announcing the fleet's chains (the devices', policy, roles): each is a chain,
+# announced on the root "chains".
+SHARDS = {audit_chain.announced_on(c) for c in [*map(device_id, range(DEVICES)), "policy", "roles"]}
 
 
 def test_the_untouched_database_verifies(fleet: Store, capsys: pytest.CaptureFixture[str]) -> None:
     status, out = verify(capsys, fleet)
     # 3 devices, policy, roles: enrollment + 6 appraisals each, a zone change, a revocation;
-    # and "chains", announcing the other five.
-    entries = DEVICES * (1 + APPRAISALS) + 1 + 1 + 1 + 1 + (DEVICES + 2)
-    assert (status, out.strip()) == (0, f"audit intact: {DEVICES + 3} chains, {entries} entries")
+    # and the shards announcing the other five, and "chains" announcing the shards.
+    entries = DEVICES * (1 + APPRAISALS) + 1 + 1 + 1 + 1 + (DEVICES + 2) + len(SHARDS)
+    chains = DEVICES + 2 + len(SHARDS) + 1
+    assert (status, out.strip()) == (0, f"audit intact: {chains} chains, {entries} entries")
     status, out = audit(capsys, "verify", "--database", fleet.url, "--json")
     report = json.loads(out)
     assert report["intact"] is True
@@ -309,9 +313,10 @@ def test_prune_everything_old_keeps_each_last_entry(
     assert verify(capsys, copy)[0] == 0
     rows = copy.sql("SELECT chain, COUNT(*) FROM audit GROUP BY chain")
     per_chain = {str(chain): int(str(n)) for chain, n in rows}
-    # One entry left per chain, and the audit chain's own record of the pruning; "chains"
-    # (announcing the other six) is never pruned, nor is "audit".
-    assert per_chain.pop("chains") == DEVICES + 3
+    # One entry left per chain, and the audit chain's own record of the pruning; the
+    # announcing chains (of the other six, and of the shards) are never pruned, nor "audit".
+    announcing = {c: per_chain.pop(c) for c in list(per_chain) if c in audit_chain.ANNOUNCING}
+    assert sum(announcing.values()) == DEVICES + 3 + len(announcing) - 1
     assert set(per_chain.values()) == {1}
     assert len(per_chain) == DEVICES + 3
     [(detail,)] = copy.sql("SELECT detail FROM audit WHERE event = 'audit_pruned'")
@@ -369,7 +374,7 @@ def test_a_rewritten_chain_shows_only_against_heads_recorded_before(
 def test_a_chain_rewritten_from_its_first_entry_shows_against_its_announcement(
     copy: Store, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The first hash of every chain is announced on the chain "chains": a rewrite from
+    """The first hash of every chain is announced on its shard of "chains": a rewrite from
     seq 1 (hashes and head) shows without heads kept elsewhere."""
     _rewrite(copy, DEV2, seq=1, tier="hardware")
     status, out = verify(capsys, copy)
@@ -495,12 +500,35 @@ def test_a_chain_deleted_whole_is_named(copy: Store, capsys: pytest.CaptureFixtu
     status, out = audit(capsys, "verify", "--database", copy.url, "--chain", DEV2)
     assert status == 1
     assert "the whole chain is gone" in out
-    # And "chains" deleted whole too: every chain there is one no entry announces.
+    # DEV0's shard deleted whole: DEV0 is one no entry announces.
+    shard = audit_chain.announced_on(DEV0)
+    for table in ("audit", "audit_heads", "audit_checkpoints"):
+        copy.sql(f"DELETE FROM {table} WHERE chain = ?", shard)  # noqa: S608
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert (
+        f"audit broken: chain {DEV0} seq 0: not announced: no chain_started entry on the "
+        f"chain {shard} announces it" in out
+    )
+    # With every chain it announced: the root "chains" names the shard gone.
+    for (name,) in copy.sql("SELECT chain FROM audit_heads"):
+        if audit_chain.announced_on(str(name)) == shard:
+            for table in ("audit", "audit_heads", "audit_checkpoints"):
+                copy.sql(f"DELETE FROM {table} WHERE chain = ?", name)  # noqa: S608
+    status, out = verify(capsys, copy)
+    assert status == 1
+    assert out.startswith(
+        f"audit broken: chain {shard} seq 1: missing: the whole chain is gone (entries and "
+        "head): chain_started at seq "
+    )
+    assert "of the chain chains announced it" in out
+    # And the root deleted whole too: every shard left is one no entry announces.
     for table in ("audit", "audit_heads", "audit_checkpoints"):
         copy.sql(f"DELETE FROM {table} WHERE chain = 'chains'")  # noqa: S608
     status, out = verify(capsys, copy)
     assert status == 1
-    assert f"audit broken: chain {DEV0} seq 0: not announced: no chain_started entry" in out
+    other = min(SHARDS - {shard})
+    assert f"audit broken: chain {other} seq 0: not announced: no chain_started entry" in out
 
 
 def test_a_chain_that_does_not_exist_is_refused(

@@ -99,8 +99,9 @@ def test_quote_answering_a_different_nonce_is_rejected(
     assert "does not answer this challenge" in trust.findings[0].message
     assert not reply.result.HasField("certificate")
     assert counts["certificates"] == 1  # the channel certificate only
-    # enrollment and the contraindicated appraisal; the chain announced on "chains"
-    assert counts["audit"] == 3
+    # enrollment and the contraindicated appraisal; the chain announced on its shard of
+    # "chains", and that shard (the database's first) on the root "chains"
+    assert counts["audit"] == 4
 
 
 def test_evidence_body_changed_after_quoting_is_tampered(

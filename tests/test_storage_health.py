@@ -79,3 +79,68 @@ def test_a_real_locked_sqlite_database_is_an_outage(tmp_path: Path) -> None:
     finally:
         holder.close()
         other.close()
+
+
+def test_a_busy_write_is_told_to_retry_but_health_stays_serving() -> None:
+    """A write that lost every run to concurrent writes (StoreBusy: the database answers)
+    answers the call UNAVAILABLE, so the agent tries again, but health stays SERVING (in the
+    1,000-device burst it turned a replica NOT_SERVING as if its database were down); a
+    database that does not answer still turns it NOT_SERVING."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2
+
+    from devtrust.verifier.interceptor import wrap_unary
+    from devtrust.verifier.storage.sql import StoreBusy, StoreUnavailable
+
+    class Context:
+        code: grpc.StatusCode | None = None
+
+        async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+            self.code = code
+            raise grpc.aio.AbortError()
+
+    async def call(health_of: StoreHealth, exc: Exception) -> grpc.StatusCode | None:
+        async def behavior(request: object, context: object) -> None:
+            raise exc
+
+        context = Context()
+        handler = wrap_unary("/t.T/M", behavior, outage=health_of.failed)
+        with pytest.raises(grpc.aio.AbortError):
+            await handler(None, context)
+        return context.code
+
+    async def status(servicer: health.aio.HealthServicer) -> int:
+        request = health_pb2.HealthCheckRequest(service="")
+        answer = await servicer.Check(request, None)
+        return int(answer.status)
+
+    async def scenario() -> None:
+        async def probe() -> None:
+            return None
+
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        store = StoreHealth(probe, interval_s=60)
+        store.serve(servicer, [""])
+        busy = StoreBusy("a write lost 12 serialization conflicts in a row: try again")
+        assert is_outage(busy)  # told UNAVAILABLE, never INTERNAL
+        assert await call(store, busy) == grpc.StatusCode.UNAVAILABLE
+        assert (store.up, store.outages, store.busy) == (True, 0, 1)
+        assert await status(servicer) == health_pb2.HealthCheckResponse.SERVING
+        down = StoreUnavailable("no connection to PostgreSQL within 15 s")
+        assert await call(store, down) == grpc.StatusCode.UNAVAILABLE
+        assert (store.up, store.outages) == (False, 1)
+        assert await status(servicer) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    asyncio.run(scenario())
+
+
+def test_a_write_that_loses_every_run_raises_store_busy() -> None:
+    """PostgreSQL's retries exhausted: StoreBusy (contention), not a bare StoreUnavailable."""
+    from devtrust.verifier.storage import pg_engine
+    from devtrust.verifier.storage.sql import StoreBusy
+
+    conflict = RuntimeError("could not serialize access")
+    pg_engine._conflicts(1, conflict, "db")  # a short wait, then another run
+    with pytest.raises(StoreBusy, match=f"lost {pg_engine.MAX_ATTEMPTS} serialization"):
+        pg_engine._conflicts(pg_engine.MAX_ATTEMPTS, conflict, "db")

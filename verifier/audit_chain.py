@@ -13,9 +13,11 @@ only the head row of the one chain they extend.
 A chain's head (its last seq and hash, kept in a table of its own, updated with every entry)
 shows a deleted tail; checkpoints (the hash at a seq, written every N entries and when old
 entries are pruned) show a deletion they cover and let a pruned chain verify from the
-checkpoint at the last entry removed. Two named chains vouch for the others: ``chains``
-announces each chain's first entry (chain_started: its name and first hash), so a chain
-deleted whole, or rewritten from its first entry, shows; ``audit`` records each pruning
+checkpoint at the last entry removed. Named chains vouch for the others: the announcing
+chains (``chains/0``..``chains/f``, by the first hex digit of the sha256 of the announced
+chain's name, and the root ``chains`` announcing those) announce each chain's first entry
+(chain_started: its name and first hash), so a chain deleted whole, or rewritten from its
+first entry, shows; ``audit`` records each pruning
 (audit_pruned: each chain's pruning checkpoint, seq and hash), so a pruning checkpoint
 inserted to cover a deleted prefix shows. Retention prunes neither.
 
@@ -101,16 +103,21 @@ EVENTS: Mapping[Event, EventType] = {
     Event.AUDIT_PRUNED: EventType("audit", _OPS),
     Event.CHAIN_STARTED: EventType("chains", frozenset({Actor.VERIFIER}), "verifier"),
 }
-NAMED_CHAINS = frozenset(t.chain for t in EVENTS.values() if t.chain is not None)
-# Every other chain's first entry is announced on this one (chain_started: the chain's
-# name and first hash), in the transaction that writes it: a chain deleted whole still
-# shows. Only a chain's creation extends it, so replicas contend on its head only then.
+# Every chain's first entry is announced (chain_started: the chain's name and first hash),
+# in the transaction that writes it, so that a chain deleted whole still shows: on one of
+# SHARDS announcing chains "chains/0".."chains/f" (``announced_on``), so that a burst of
+# first enrollments rarely extends one head; each shard's own first entry is announced on
+# the root "chains" (at most SHARDS entries, ever), so that a shard deleted whole, with
+# the chains it announced, shows too. The root itself is announced nowhere.
 CHAINS = "chains"
+SHARDS = 16
+ANNOUNCING = frozenset({CHAINS} | {f"{CHAINS}/{digit:x}" for digit in range(SHARDS)})
+NAMED_CHAINS = frozenset(t.chain for t in EVENTS.values() if t.chain is not None) | ANNOUNCING
 # Where retention records what it deleted (audit_pruned: each pruned chain's seq and
 # hash): a pruning checkpoint no entry here names is a forged one.
 AUDIT = "audit"
 # Chains retention never prunes: what they hold vouches for the others.
-UNPRUNED = frozenset({CHAINS, AUDIT})
+UNPRUNED = ANNOUNCING | {AUDIT}
 # The chain of an entry written before the chains (schema step 7) with no device and an
 # event this code does not know: sealed there, never appended to.
 LEGACY_CHAIN = "legacy"
@@ -126,6 +133,26 @@ def actor_kind(actor: str) -> Actor:
     if kind in (Actor.OPERATOR, Actor.LOCAL) and _NAME.fullmatch(name):
         return Actor(kind)
     raise ValueError(f"audit actor {actor!r}: not operator/NAME, device, verifier or local/USER")
+
+
+def announced_on(chain: str) -> str:
+    """The chain whose chain_started entry announces ``chain``: the root ``chains`` for a
+    shard (and for the root, which nothing announces: callers skip it), else the shard
+    ``chains/X``, X the first hex digit of the sha256 of the chain's name (UTF-8)."""
+    if chain in ANNOUNCING:
+        return CHAINS
+    return f"{CHAINS}/{hashlib.sha256(chain.encode()).hexdigest()[0]}"
+
+
+def announced(detail: str) -> str | None:
+    """The chain a chain_started entry's detail (as stored) announces; None when it names
+    none, or the root."""
+    try:
+        value = json.loads(detail)
+    except ValueError:
+        return None
+    name = value.get("chain") if isinstance(value, dict) else None
+    return name if isinstance(name, str) and name != CHAINS else None
 
 
 def event_type(event: str) -> EventType:
@@ -144,12 +171,13 @@ class Placed:
     actor: str
 
 
-def place(*, device_id: str, event: str, actor: str) -> Placed:
+def place(*, device_id: str, event: str, actor: str, detail: str = "") -> Placed:
     """The chain and actor of a new entry; ValueError for an unknown event, an actor of a
     kind the event does not allow, a device event without its device or a fleet event with
-    one. A caller naming no actor gets the event's default; where it has none the actor
-    stays '' (unknown), as before the actors were recorded: only test code changes a
-    device's state without naming who (Devices.set_state has no actor)."""
+    one, a chain_started whose ``detail`` (as stored) names no chain. A caller naming no
+    actor gets the event's default; where it has none the actor stays '' (unknown), as
+    before the actors were recorded: only test code changes a device's state without naming
+    who (Devices.set_state has no actor)."""
     kind = event_type(event)
     actor = actor or kind.default_actor
     if actor and actor_kind(actor) not in kind.actors:
@@ -158,7 +186,10 @@ def place(*, device_id: str, event: str, actor: str) -> Placed:
     if (kind.chain is None) != bool(device_id):
         where = "a device" if kind.chain is None else "no device (device_id '')"
         raise ValueError(f"audit event {event!r} is about {where}, got {device_id!r}")
-    return Placed(chain=kind.chain or device_id, actor=actor)
+    chain = chain_of(device_id, event, detail)
+    if chain == LEGACY_CHAIN:
+        raise ValueError(f"audit event {event!r}: its detail names no chain it announces")
+    return Placed(chain=chain, actor=actor)
 
 
 def device_of(chain: str) -> str:
@@ -166,11 +197,16 @@ def device_of(chain: str) -> str:
     return "" if chain in NAMED_CHAINS or chain == LEGACY_CHAIN else chain
 
 
-def chain_of(device_id: str, event: str) -> str:
+def chain_of(device_id: str, event: str, detail: str = "") -> str:
     """The chain an entry belongs on, known event or not (entries written before the
-    events were typed are sealed too): the device's, else the event's named chain."""
+    events were typed are sealed too): the device's, else the event's named chain; for a
+    chain_started, the one that announces the chain its ``detail`` (as stored) names
+    (``announced_on``; ``LEGACY_CHAIN`` when it names none)."""
     if device_id:
         return device_id
+    if event == Event.CHAIN_STARTED:
+        name = announced(detail)
+        return LEGACY_CHAIN if name is None else announced_on(name)
     try:
         return event_type(event).chain or LEGACY_CHAIN
     except ValueError:
@@ -337,7 +373,7 @@ def _entry_breaks(
     def broken(kind: Broken, what: str, seq: int = e.seq, at_id: int = row.id) -> Break:
         return Break(chain, seq, at_id, kind, what)
 
-    if chain_of(e.device_id, e.event) != chain:  # 1
+    if chain_of(e.device_id, e.event, e.detail) != chain:  # 1
         yield broken(Broken.UNCHAINED, f"its device and event ({e.device_id!r}, {e.event!r}) "
                      "belong on another chain")  # fmt: skip
     if not (is_hash(row.prev_hash) and is_hash(row.hash)):

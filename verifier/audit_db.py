@@ -46,12 +46,17 @@ _MARKS = (
     "SELECT chain, chain_seq, hash, pruned FROM audit_checkpoints WHERE chain = ?",
 )
 _UNCHAINED = (
-    "SELECT id, device_id, event FROM audit WHERE chain IS NULL ORDER BY id",
-    "SELECT id, device_id, event FROM audit WHERE chain IS NULL AND device_id = ? ORDER BY id",
+    "SELECT id, device_id, event, detail FROM audit WHERE chain IS NULL ORDER BY id",
+    "SELECT id, device_id, event, detail FROM audit WHERE chain IS NULL AND device_id = ? "
+    "ORDER BY id",
 )
 # What the chains ``audit`` and ``chains`` vouch for: each pruning checkpoint, each chain.
 _PRUNED = "SELECT detail FROM audit WHERE chain = 'audit' AND event = 'audit_pruned'"
-_STARTED = "SELECT chain_seq, detail FROM audit WHERE chain = 'chains' AND event = 'chain_started'"
+# The announcing chains: the root "chains" and its shards "chains/0".."chains/f".
+_STARTED = (
+    "SELECT chain, chain_seq, detail FROM audit WHERE event = 'chain_started' "
+    "AND (chain = 'chains' OR chain LIKE 'chains/_')"
+)
 _LEGACY = "SELECT MAX(last_id) FROM audit_legacy"
 _CHAIN_TABLES = ("audit_heads", "audit_checkpoints", "audit_legacy")
 
@@ -138,7 +143,7 @@ def _verify(db: Reader, chain: str | None, recorded: Mapping[str, Mark]) -> Repo
     def check(name: str, entries: Iterator[Stored]) -> None:
         points = marks.get(name, {})
         if name in started:  # the announced first hash: a checkpoint at seq 1
-            points = {1: Mark(1, started[name][1], announced=True)} | points
+            points = {1: Mark(1, started[name].first, announced=True)} | points
         _note(report, audit_chain.check_chain(
             name, entries, head=heads.get(name), checkpoints=points))  # fmt: skip
 
@@ -175,33 +180,45 @@ def _vouch(db: Reader, marks: dict[str, dict[int, Mark]]) -> None:
                 marks[str(name)][seq] = dataclasses.replace(mark, vouched=True)
 
 
-def _started(db: Reader, chain: str | None) -> dict[str, tuple[int, str]]:
-    """Every chain announced on the chain ``chains`` (or only ``chain``): its announcement's
-    seq and the chain's first hash."""
-    found: dict[str, tuple[int, str]] = {}
-    for seq, text in db.rows(_STARTED):
-        detail = _json(text)
-        name, first = detail.get("chain"), detail.get("first")
-        if isinstance(name, str) and isinstance(first, str) and chain in (None, name):
-            found.setdefault(name, (_number(seq), first))
+@dataclass(frozen=True)
+class _Started:
+    """A chain's announcement: the announcing chain and seq, and the chain's first hash."""
+
+    on: str
+    seq: int
+    first: str
+
+
+def _started(db: Reader, chain: str | None) -> dict[str, _Started]:
+    """Every chain announced on the chain that announces it (``audit_chain.announced_on``;
+    one on another announcing chain counts for nothing, and breaks the chain it is on), or
+    only ``chain``'s: where, and the chain's first hash."""
+    found: dict[str, _Started] = {}
+    for on, seq, text in db.rows(_STARTED):
+        name, first = audit_chain.announced(str(text)), _json(text).get("first")
+        if name is None or not isinstance(first, str) or chain not in (None, name):
+            continue
+        if str(on) == audit_chain.announced_on(name):
+            found.setdefault(name, _Started(str(on), _number(seq), first))
     return found
 
 
 def _announced(
-    report: Report, chains: set[str], started: Mapping[str, tuple[int, str]], *, whole: bool
+    report: Report, chains: set[str], started: Mapping[str, _Started], *, whole: bool
 ) -> None:
     """Every announced chain is there (retention never deletes a chain's last entry), and
-    (reading them all) every chain there was announced."""
+    (reading them all) every chain there but the root ``chains`` was announced where
+    ``audit_chain.announced_on`` says."""
     for name in sorted(started.keys() - chains):
-        seq = started[name][0]
+        where = started[name]
         report.broken.append(Break(name, 1, 0, Broken.MISSING,
-            f"the whole chain is gone (entries and head): chain_started at seq {seq} of "
-            f"the chain {audit_chain.CHAINS} announced it"))  # fmt: skip
+            f"the whole chain is gone (entries and head): chain_started at seq {where.seq} "
+            f"of the chain {where.on} announced it"))  # fmt: skip
     if whole:
         for name in sorted(chains - started.keys() - {audit_chain.CHAINS}):
             report.broken.append(Break(name, 0, 0, Broken.UNANNOUNCED,
-                f"no chain_started entry on the chain {audit_chain.CHAINS} announces it: "
-                "it was not started by the verifier"))  # fmt: skip
+                f"no chain_started entry on the chain {audit_chain.announced_on(name)} "
+                "announces it: it was not started by the verifier"))  # fmt: skip
 
 
 def _json(text: object) -> dict[str, Any]:
@@ -243,14 +260,14 @@ def _unchained(db: Reader, report: Report, chain: str | None) -> None:
     last = _number(bound) if bound is not None else 0
     count, first, stray = 0, None, None
     for row in db.rows(_UNCHAINED[one], params):
-        if chain is None or audit_chain.chain_of(str(row[1]), str(row[2])) == chain:
+        if chain is None or audit_chain.chain_of(str(row[1]), str(row[2]), str(row[3])) == chain:
             count, first = count + 1, first or row
             if stray is None and _number(row[0]) > last:
                 stray = row
     if first is None:
         return
     shown = stray or first
-    where = audit_chain.chain_of(str(shown[1]), str(shown[2]))
+    where = audit_chain.chain_of(str(shown[1]), str(shown[2]), str(shown[3]))
     why = (
         f"inserted after the chains began (id above {last}, the last entry from before "
         "them): not written by the verifier"

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health, health_pb2
 
-from devtrust.verifier.storage.sql import StoreUnavailable
+from devtrust.verifier.storage.sql import StoreBusy, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ Probe = Callable[[], Awaitable[object]]
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` says the database cannot be reached or written now (an outage, which
     passes) rather than a mistake in the code or the data (a bug, INTERNAL). The stores' own
-    ``StoreUnavailable`` (a server restarting, a commit whose outcome is unknown) is one."""
+    ``StoreUnavailable`` (a server restarting, a commit whose outcome is unknown) is one;
+    so is its ``StoreBusy`` for the caller (UNAVAILABLE: try again), though health ignores
+    it (``StoreHealth.failed``)."""
     if isinstance(exc, StoreUnavailable):
         return True
     if isinstance(exc, sqlite3.OperationalError):
@@ -97,6 +99,8 @@ class StoreHealth:
         self.up = True
         # Outages seen since start (metrics and tests).
         self.outages = 0
+        # Writes that lost every run to concurrent writes (StoreBusy), since start.
+        self.busy = 0
 
     def serve(self, servicer: health.aio.HealthServicer, names: list[str]) -> None:
         self._served.append((servicer, tuple(names)))
@@ -115,7 +119,13 @@ class StoreHealth:
             self._probing.cancel()  # its thread, if stuck, ends with its connection
 
     async def failed(self, exc: BaseException) -> None:
-        """A call met the outage ``exc``: NOT_SERVING now, and the probe looks again soon."""
+        """A call met the outage ``exc``: NOT_SERVING now, and the probe looks again soon.
+        A write that lost every run to concurrent writes (``StoreBusy``) is no outage: the
+        database answers, and health stays as it is."""
+        if isinstance(exc, StoreBusy):
+            self.busy += 1
+            logger.warning("database busy (%s): the call is told to try again", exc)
+            return
         if self.up:
             await self._set(up=False, why=str(exc) or type(exc).__name__)
         self._wake.set()

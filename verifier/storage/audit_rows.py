@@ -7,8 +7,9 @@ Each entry joins its hash chain (``verifier/audit_chain.py``: the events, the en
 check): the chain's head row (``audit_heads``) is read and replaced in the same transaction,
 so two writers extending one chain conflict on that row (PostgreSQL: one of the two
 serializable transactions is retried; SQLite has one writer), and writers on different
-chains share nothing but the chain ``chains``, which only a chain's first entry extends
-(announcing it). SQL with ``?`` marks, the same on every backend.
+chains share nothing but an announcing chain (``chains/0``..``chains/f``, by the new chain's
+name), which only a chain's first entry extends (announcing it): a burst of first
+enrollments spreads over sixteen heads. SQL with ``?`` marks, the same on every backend.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def append(
     JSON (a str is taken as already encoded: the appraisal's result, as the trust row holds
     it). ValueError, and nothing written, for an event that is not an ``audit_chain.Event``,
     an actor the event does not allow, or a device event without its device."""
-    placed = audit_chain.place(device_id=device_id, event=event, actor=actor)
     text = detail if isinstance(detail, str) else audit_chain.detail_text(detail)
+    placed = audit_chain.place(device_id=device_id, event=event, actor=actor, detail=text)
     head = _head(db, placed.chain) or seal_chain(db, placed.chain)
     entry = Entry(
         chain=placed.chain,
@@ -107,9 +108,10 @@ def _write(db: Executes, entry: Entry, *, prev: _Head, stored: tuple[str, str], 
 
 
 def _announce(db: Executes, first: Entry, digest: str) -> None:
-    """A new chain's first entry, announced on the chain ``chains`` in the same transaction
-    (at its time): verify checks that every announced chain is still there, from that
-    hash on, so a chain deleted whole shows."""
+    """A new chain's first entry, announced in the same transaction (at its time) on the
+    chain ``audit_chain.announced_on`` names: a shard ``chains/X`` (a shard's own first
+    entry: the root ``chains``). Verify checks that every announced chain is still there,
+    from that hash on, so a chain deleted whole shows."""
     if first.chain != audit_chain.CHAINS:
         at = datetime.datetime.fromisoformat(first.at)
         detail = {"chain": first.chain, "first": digest}
@@ -184,7 +186,7 @@ def seal_chain(db: Executes, chain: str) -> _Head:
     left for ``devtrust audit verify`` to report."""
     head = _Head(0, GENESIS)
     for row in list(_unsealed(db, audit_chain.device_of(chain))):
-        if audit_chain.chain_of(str(row[2]), str(row[3])) == chain:
+        if audit_chain.chain_of(str(row[2]), str(row[3]), str(row[5])) == chain:
             head = _seal_row(db, row, chain, head)
     if head.seq:
         db.execute(_SET_HEAD, (chain, head.seq, head.hash))
@@ -198,7 +200,7 @@ def seal(db: Executes) -> int:
     heads: dict[str, _Head | None] = {}
     count = 0
     for row in _unsealed(db, None):
-        chain = audit_chain.chain_of(str(row[2]), str(row[3]))
+        chain = audit_chain.chain_of(str(row[2]), str(row[3]), str(row[5]))
         if chain not in heads:
             heads[chain] = None if _head(db, chain) else _Head(0, GENESIS)
         prev = heads[chain]
@@ -227,8 +229,8 @@ class Pruning:
 
 
 def chains(db: Executes) -> list[str]:
-    """Every chain retention may prune (that has a head; not ``chains`` nor ``audit``,
-    whose entries vouch for the others), by name."""
+    """Every chain retention may prune (that has a head; not the announcing chains nor
+    ``audit``, whose entries vouch for the others), by name."""
     rows = db.execute("SELECT chain FROM audit_heads ORDER BY chain").fetchall()
     return [str(r[0]) for r in rows if str(r[0]) not in audit_chain.UNPRUNED]
 

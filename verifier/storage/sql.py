@@ -92,3 +92,11 @@ class StoreUnavailable(DevtrustError):
     """The database cannot be reached now (a server restarting), or a commit's outcome is
     unknown (the connection broke while committing): the caller got no acknowledgement and
     must not report success; it may try again later."""
+
+
+class StoreBusy(StoreUnavailable):
+    """A write lost every one of its runs to concurrent writes (PostgreSQL's serialization
+    conflicts): nothing was committed and the database answers, so this is contention, not
+    an outage. Callers are told UNAVAILABLE as for an outage (they try again), but health
+    stays SERVING (``store_health.StoreHealth.failed``): moving to another replica would not
+    help, the database is the same."""
