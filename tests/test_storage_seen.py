@@ -29,7 +29,7 @@ def test_a_tpm_unavailable_answer_does_not_count_as_seen(database: str) -> None:
                 now=later,
                 staleness=datetime.timedelta(minutes=3),
             )
-            await repos.trust.record(replace(dead, result=result))
+            await repos.trust.record(replace(dead, result=result, seen=False))
             found = await repos.devices.get(device_id(1))
             stale = await repos.devices.list(
                 DeviceQuery(stale_before=NOW + datetime.timedelta(minutes=5))

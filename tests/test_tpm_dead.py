@@ -247,6 +247,13 @@ def _stored(database: Path, device_id: str) -> tuple[str, list[str], str | None]
     return tier, findings, row[0] if row else None
 
 
+def _last_seen(database: Path, device_id: str) -> str | None:
+    with contextlib.closing(_db(database)) as db:
+        row = db.execute("SELECT last_seen FROM devices WHERE device_id = ?", (device_id,))
+        found: str | None = row.fetchone()[0]
+    return found
+
+
 def _live_certificates(database: Path, device_id: str) -> list[str]:
     with contextlib.closing(_db(database)) as db:
         rows = db.execute(
@@ -331,6 +338,8 @@ def test_swtpm_killed_under_a_running_agent_then_restarted(
                 assert (tier, findings) == ("none", [FINDING_ID])
                 # The TPM state the verifier remembers is untouched: nothing new was proven.
                 assert tpm_state == tpm_before[0]
+                # Nor is the device seen since its last evidence (review L6).
+                assert _last_seen(database, device) == tpm_before[0]
                 # Tier none is below the zone's minimum: revoked in the store, and the agent
                 # deleted its key and certificate when the Result named the serial.
                 assert _live_certificates(database, device) == []

@@ -272,6 +272,7 @@ class Attestor:
             withheld="withheld: the TPM does not answer",
             tpm=None,
             rebooted=False,
+            seen=False,
             lease=session.lease,
             assumed=record,
             revoke_reason=below_minimum(

@@ -68,6 +68,10 @@ class Decision:
     # decision only while the device's state, AK, zone and labels are still these, checked
     # in the transaction that stores it (DeviceChanged otherwise). None: not checked.
     assumed: DeviceRecord | None = None
+    # The device answered with evidence (a quote, good or bad): the store moves its
+    # last_seen. False for an agent's word that its TPM does not answer: such a device stays
+    # in the operators' stale-devices query (review L6).
+    seen: bool = True
 
     @property
     def at(self) -> datetime.datetime:

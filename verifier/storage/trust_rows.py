@@ -22,7 +22,6 @@ from devtrust.verifier.storage.revocations import (
     revoke,
 )
 from devtrust.verifier.storage.sql import Connection, Engine, Row
-from devtrust.verifier.tpm_unavailable import FINDING_ID as TPM_UNAVAILABLE
 from devtrust.verifier.trust import TrustResult
 
 INSERT_CERTIFICATE = (
@@ -58,9 +57,7 @@ def record(db: Connection, decision: Decision) -> list[RevokedCertificate]:
         "WHERE ? = 1 OR excluded.appraised_at >= trust.appraised_at",
         (device_id, result.tier.label, result.score, text, at, iso(result.expires_at), leased),
     )
-    if not any(f.id == TPM_UNAVAILABLE for f in result.findings):
-        # Seen: it answered with evidence. An agent that only reports its TPM dead is not
-        # (review L6): it stays in the operators' "stale devices" query.
+    if decision.seen:
         db.execute(
             "UPDATE devices SET last_seen = ? WHERE device_id = ? "
             "AND (last_seen IS NULL OR last_seen < ?)",
