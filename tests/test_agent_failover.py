@@ -12,19 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-import yaml
 
 from devtrust.agent.attest import AttestationClient
 from devtrust.agent.channel import VerifierError
@@ -40,14 +35,11 @@ from devtrust.swtpm.bootlog import header_only_log
 from devtrust.verifier.pki import PkiFiles, init_pki
 from tests.conftest import SwtpmFactory
 from tests.env import running, verifier_config
+from tests.verifier_process import VerifierProcess, write_config
+from tests.verifier_process import verifier_process as shared_verifier_process
 
 pytestmark = pytest.mark.swtpm
 
-SERVE = (sys.executable, "-m", "devtrust.verifier.main", "serve")
-_LISTENING = re.compile(
-    r"verifier listening: enrollment \(TLS\) on (\d+), attestation\+query \(mTLS\) on (\d+)"
-)
-_APPRAISAL = re.compile(r"appraisal device=(\w+) tier=(\w+)")
 # The agent's backoff in these tests: the first wait after a stream that delivered a result
 # is drawn from 0 to this.
 RECONNECT_MIN_S = 0.5
@@ -61,71 +53,21 @@ def dead_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-@dataclass
-class VerifierProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    enrollment_port: int
-    attestation_port: int
-
-    def appraisals(self, device_id: str) -> list[str]:
-        """The tiers of this device's appraisals this process logged, in order."""
-        return [t for d, t in _APPRAISAL.findall(self.log.read_text()) if d == device_id]
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def terminate(self) -> None:
-        """SIGTERM: the verifier drains (C4) and exits."""
-        self.process.send_signal(signal.SIGTERM)
-
-
 @contextlib.contextmanager
 def verifier_process(
     directory: Path, database: Path, pki: PkiFiles, ek_ca: EndorsementCA, name: str
 ) -> Iterator[VerifierProcess]:
     """`devtrust-verifier serve` on ports 0 (it says which in its log), on ``database``."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "verifier.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "database": str(database),
-                "listen": {"enrollment": "127.0.0.1:0", "attestation": "127.0.0.1:0"},
-                "tls": {"server_cert": str(pki.server_cert), "server_key": str(pki.server_key)},
-                "ca": {"cert": str(pki.ca_cert), "key": str(pki.ca_key)},
-                "endorsement": {"roots": [], "trust_swtpm_local_ca": str(ek_ca.cert_path)},
-                "attestation": {"interval_s": 2, "stream_challenge_gap_s": 0},
-                "policy": None,
-                "operators": {"alice": "admin"},
-            }
-        )
+    config = write_config(
+        directory / "verifier.yaml",
+        pki,
+        ek_ca,
+        database=str(database),
+        attestation={"interval_s": 2, "stream_challenge_gap_s": 0},
     )
-    log = directory / "verifier.log"
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR")
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*SERVE, "--config", str(config)], stdout=out, stderr=out, env=env
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not _LISTENING.search(log.read_text()):
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"{name} did not start: {log.read_text()}"
-            time.sleep(0.05)
-        match = _LISTENING.search(log.read_text())
-        assert match is not None
-        yield VerifierProcess(name, process, log, int(match.group(1)), int(match.group(2)))
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with shared_verifier_process(directory, config, name=name) as proc:
+        yield proc
 
 
 def agent_config(
@@ -344,12 +286,12 @@ def test_a_verifier_drained_with_sigterm_sends_the_agent_to_the_other_at_once(
             async with attesting(cfg) as agent:
                 device = agent.device_id
                 await until(lambda: len(a.appraisals(device)) >= 1, "an appraisal at a", 30)
-                a.terminate()
+                a.signal(signal.SIGTERM)  # it drains (C4) and exits
                 measured["moved_s"] = await until(
                     lambda: bool(b.appraisals(device)), "an appraisal at b", 20
                 )
                 assert b.appraisals(device)[0] == "affirming"
-                code = await asyncio.to_thread(a.process.wait, 30)
+                code = await asyncio.to_thread(a.wait, 30)
         return code
 
     code = asyncio.run(scenario())

@@ -34,6 +34,7 @@ SERVE = (sys.executable, "-m", "devtrust.verifier.main", "serve")
 _LISTENING = re.compile(
     r"verifier listening: enrollment \(TLS\) on (\d+), attestation\+query \(mTLS\) on (\d+)"
 )
+_APPRAISAL = re.compile(r"appraisal device=(\w+) tier=(\w+)")
 
 
 def free_port() -> int:
@@ -117,6 +118,15 @@ class VerifierProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the verifier did not start:\n{self.text()}")
             time.sleep(0.05)
+
+    def appraisals(self, device_id: str) -> list[str]:
+        """The tiers of this device's appraisals this process logged, in order."""
+        return [t for d, t in _APPRAISAL.findall(self.text()) if d == device_id]
+
+    def kill(self) -> None:
+        """SIGKILL, and its end awaited."""
+        self.signal(signal.SIGKILL)
+        self.wait(10)
 
     def signal(self, sig: int) -> None:
         assert self.process is not None

@@ -82,7 +82,7 @@ class _Drained(Exception):
 
 class StreamLeases(Protocol):
     """Each device's stream lease, shared by every process serving the store
-    (verifier/storage/sqlite_changes.py SqliteStreams)."""
+    (verifier/storage/changes.py SqlStreams)."""
 
     async def claim(self, device_id: DeviceId, owner: str) -> int: ...
 

@@ -76,7 +76,7 @@ class DeviceSession:
     policy_cache: tuple[str, PolicyOutcome] | None = None
     # The first challenge of a stream, and the one after a reboot, ask for the whole log.
     full_log: bool = True
-    # The stream's lease on the device (verifier/storage/sqlite_changes.py SqliteStreams):
+    # The stream's lease on the device (verifier/storage/changes.py SqlStreams):
     # its decisions are stored only while no newer stream of the device, on any process,
     # claimed it. None: no lease (a store without leases, tests).
     lease: int | None = None

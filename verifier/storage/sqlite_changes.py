@@ -29,7 +29,6 @@ from devtrust.verifier.storage.changes import (
     Change,
     GapHandler,
     Handler,
-    SqlStreams,
     check_lease,
     lease_holds,
     newest,
@@ -51,7 +50,6 @@ __all__ = [
     "GapHandler",
     "Handler",
     "SqliteChangeFeed",
-    "SqliteStreams",
     "check_lease",
     "lease_holds",
 ]
@@ -62,8 +60,6 @@ T = TypeVar("T")
 # it within this (a certificate about to be handed out looks at once: ``catch_up``). Each
 # look wakes a thread (about 0.05% of a core here at this rate; 0.25% at 20 a second).
 POLL_S = 0.25
-# The lease repository was SQLite's before PostgreSQL came; its SQL is the same on both.
-SqliteStreams = SqlStreams
 
 
 class SqliteChangeFeed(FeedReader):
