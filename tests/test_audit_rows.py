@@ -62,8 +62,8 @@ def _writes_audit(call: ast.Call) -> bool:
 def _call_site_events() -> Iterator[tuple[str, int, str]]:
     """(file, line, event) for every event the verifier's code names where it writes an
     audit entry: an ``event=`` keyword, or an argument of ``AuditEvent(...)`` or of a
-    function whose name says audit, given a literal or a module constant; an f-string
-    names its prefix + "*"."""
+    function whose name says audit, given a literal, a module constant or ``Event.NAME``;
+    an f-string names its prefix + "*"."""
     paths = sorted((ROOT / "verifier").rglob("*.py"))
     trees = [ast.parse(path.read_text(encoding="utf-8")) for path in paths]
     constants = _constants(trees)
@@ -80,6 +80,13 @@ def _call_site_events() -> Iterator[tuple[str, int, str]]:
                     yield (*where, arg.value)
                 elif isinstance(arg, ast.Name) and arg.id.isupper() and arg.id in constants:
                     yield (*where, constants[arg.id])
+                elif (
+                    isinstance(arg, ast.Attribute)
+                    and isinstance(arg.value, ast.Name)
+                    and arg.value.id == "Event"
+                ):
+                    # Event.NAME: a member that does not exist is an AttributeError here.
+                    yield (*where, getattr(Event, arg.attr).value)
                 elif isinstance(arg, ast.JoinedStr):
                     head = arg.values[0]
                     assert isinstance(head, ast.Constant), where

@@ -17,6 +17,7 @@ import json
 from collections.abc import Sequence
 
 from devtrust.core.ids import DeviceId
+from devtrust.verifier.audit_chain import Event
 from devtrust.verifier.records import AuditEntry, AuditEvent, DeviceState, Standing
 from devtrust.verifier.storage import audit_rows, codec
 from devtrust.verifier.storage.codec import iso
@@ -24,7 +25,6 @@ from devtrust.verifier.storage.interfaces import HistoryItem
 from devtrust.verifier.storage.sql import Connection, Engine, Row
 
 APPRAISAL = "appraisal"
-ROLE_CHANGED = "role_changed"
 
 
 class SqlRoles:
@@ -55,7 +55,7 @@ class SqlRoles:
             was = str(row["role"]) if row else None
             detail = {"name": name, "role": role, "was": was}
             audit_rows.append(
-                db, at=now, device_id="", event=ROLE_CHANGED, detail=detail, actor=actor
+                db, at=now, device_id="", event=Event.ROLE_CHANGED, detail=detail, actor=actor
             )
             return was
 

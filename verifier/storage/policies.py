@@ -10,13 +10,13 @@ from __future__ import annotations
 import datetime
 import json
 
+from devtrust.verifier.audit_chain import Event
 from devtrust.verifier.storage import audit_rows
 from devtrust.verifier.storage.changes import POLICY, insert_change
 from devtrust.verifier.storage.codec import iso
 from devtrust.verifier.storage.interfaces import StoredPolicy
 from devtrust.verifier.storage.sql import Connection, Engine
 
-POLICY_CHANGED = "policy_changed"
 _CURRENT = "current"
 
 
@@ -48,7 +48,7 @@ class SqlPolicies:
             insert_change(db, POLICY, device_id="", ref=policy.digest, origin=origin)
             detail = {"policy_id": policy.policy_id, "digest": policy.digest}
             audit_rows.append(
-                db, at=now, device_id="", event=POLICY_CHANGED, detail=detail, actor=actor
+                db, at=now, device_id="", event=Event.POLICY_CHANGED, detail=detail, actor=actor
             )
 
         await self._engine.write(work)
