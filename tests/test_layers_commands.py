@@ -244,6 +244,12 @@ COMMANDS = [
         prepare=lambda t: make_database(t / "v.db"),
     ),
     Command(
+        "devtrust report",
+        lambda t: ["report", "--database", str(t / "v.db"), "--json", "-"],
+        '"version": 1',
+        prepare=lambda t: make_database(t / "v.db"),
+    ),
+    Command(
         "devtrust audit seal",
         lambda t: ["audit", "seal", "--database", str(t / "v.db")],
         "sealed 0 entries",

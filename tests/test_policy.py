@@ -57,6 +57,7 @@ def test_h100_capture_misses_two_security_bulletins(tmp_path: Path) -> None:
     assert len(gpu.gpus) == 8
     claims, findings = _evaluate(tmp_path, gpu)
     [bulletins] = [f for f in findings if f[0] == "gpu.driver.security_bulletins"]
+    assert "found driver 580.105.08, bulletin 5747" in bulletins[2]  # the running one, first
     assert "bulletin 5747" in bulletins[2]
     assert "bulletin 5821" in bulletins[2]
     assert "fixed in 580.126.09" in bulletins[2]

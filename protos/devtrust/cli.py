@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from devtrust.verifier import audit_command
+from devtrust.verifier import audit_command, report_command
 from devtrust.verifier.cli import build_parser as verifier_parser
 from devtrust.verifier.cli import run as run_operator_command
 
@@ -30,6 +30,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 def _add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_simulate(sub)
     audit_command.add_parsers(sub)
+    report_command.add_parsers(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
