@@ -38,6 +38,8 @@ import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
@@ -80,6 +82,9 @@ from devtrust.core.binding import qualifying_data, sign_possession
 from devtrust.core.ids import serial_of
 from devtrust.v1 import attestation_pb2_grpc
 
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics.listen is set
+    from devtrust.agent.metrics import AgentMetrics, AgentMetricsServer
+
 logger = logging.getLogger(__name__)
 ResultCallback = Callable[[AttestationResult], None]
 IdentityCallback = Callable[[DeviceIdentity | None], None]
@@ -107,8 +112,13 @@ class AttestationClient:
         on_result: ResultCallback | None = None,
         on_identity: IdentityCallback | None = None,
         backoff: Backoff | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self._cfg = cfg
+        # The agent's metrics (agent/metrics.py): given, or served by ``run`` on
+        # metrics.listen when that is set; None: none kept.
+        self._metrics = metrics
+        self._metrics_server: AgentMetricsServer | None = None
         self._tpm = tpm
         self._host = host
         self._files = files
@@ -148,6 +158,11 @@ class AttestationClient:
         """The current device certificate (None before the first, or before ``run``)."""
         return self._certificate
 
+    @property
+    def metrics_port(self) -> int:
+        """The port of the metrics endpoint ``run`` serves (0: none)."""
+        return self._metrics_server.port if self._metrics_server is not None else 0
+
     def notify_posture_changed(self, signals: list[str]) -> None:
         self._outbox.update(signals)
         self._outbox_ready.set()
@@ -155,11 +170,26 @@ class AttestationClient:
     async def run(self, stop: asyncio.Event) -> None:
         """Attest until ``stop`` is set, reconnecting after failures; posture notes from the
         host probe are forwarded meanwhile."""
+        if self._metrics is None and self._cfg.metrics.listen:
+            from devtrust.agent.metrics import AgentMetricsServer  # noqa: PLC0415 - see TYPE_CHECKING
+
+            self._metrics_server = AgentMetricsServer(self._cfg.metrics)
+            self._metrics = self._metrics_server.metrics
+        try:
+            await self._serve(stop)
+        finally:
+            if self._metrics_server is not None:
+                await self._metrics_server.aclose()
+                self._metrics_server = None
+                self._metrics = None
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         if not self._certificate_read:
             self._certificate = await self._files.device_certificate()
             self._certificate_read = True
             if self._on_identity is not None and self._certificate is not None:
                 self._on_identity(await self._files.device_identity())
+        self._certificate_metric()
         unsubscribe = self._host.subscribe(self.notify_posture_changed)
         expiry = asyncio.create_task(self._watch_expiry())
         try:
@@ -187,10 +217,16 @@ class AttestationClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._certificate_changed.wait(), left + 0.001)
 
+    def _certificate_metric(self) -> None:
+        if self._metrics is not None:
+            cert = self._certificate
+            self._metrics.certificate(cert.not_valid_after_utc if cert is not None else None)
+
     async def _lose_identity(self, why: str) -> None:
         await self._files.delete_device_certificate()
         self._certificate = None
         self._certificate_changed.set()
+        self._certificate_metric()
         logger.warning(
             "device certificate %s: deleted its key and certificate files; workloads get no "
             "identity until the verifier certifies this device again",
@@ -214,6 +250,8 @@ class AttestationClient:
             if self._delivered:
                 self._backoff.reset()
             wait = await self._after(session.exception(), target)
+            if self._metrics is not None:
+                self._metrics.reconnects.inc()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
 
@@ -321,11 +359,15 @@ class AttestationClient:
         retry = self._tpm_retry
         if retry.down:  # retried at the backoff's pace (tpm_retry), not at each challenge
             return TpmUnavailableNote(challenge.nonce, retry.detail())
+        started = perf_counter()
         try:
-            return await self._evidence(challenge)
+            evidence = await self._evidence(challenge)
         except TpmUnavailable as exc:
             retry.failed(exc, challenge.selection)
             return TpmUnavailableNote(challenge.nonce, retry.detail())
+        if self._metrics is not None:
+            self._metrics.collection.observe(perf_counter() - started)
+        return evidence
 
     async def _evidence(self, challenge: Challenge) -> Evidence:
         now = utcnow()
@@ -365,6 +407,8 @@ class AttestationClient:
             trust.score,
             ",".join(f.id for f in trust.findings) or "-",
         )
+        if self._metrics is not None:
+            self._metrics.result(trust.tier, utcnow())
         served = self._certificate
         if served is not None and serial_of(served.serial_number) in result.revoked_serials:
             await self._lose_identity(f"serial {serial_of(served.serial_number)} revoked")
@@ -397,6 +441,7 @@ class AttestationClient:
         await self._files.save_device_certificate(key, issued.der, pem)
         self._certificate = issued.certificate
         self._certificate_changed.set()
+        self._certificate_metric()
         if self._on_identity is not None:
             self._on_identity(DeviceIdentity(key, issued.certificate, bundle))
 

@@ -70,6 +70,35 @@ def _addresses(value: str | list[str]) -> tuple[str, ...]:
     return (value.strip(),) if isinstance(value, str) else tuple(a.strip() for a in value)
 
 
+def metrics_address(address: str) -> tuple[str, int]:
+    """(host, port) of the metrics endpoint's ``HOST:PORT`` or ``[V6]:PORT``, port 0..65535
+    (0: any free port); ValueError saying what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{address!r} is an IPv6 address without brackets: write [{host}]:{port}")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT with 0 <= PORT <= 65535, got {address!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The agent's Prometheus endpoint (agent/metrics.py): plain HTTP, no authentication."""
+
+    # HOST:PORT of /metrics (e.g. 127.0.0.1:9472); "" (the default): off, and the metrics
+    # library is not even imported (the agent stays small).
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                metrics_address(self.listen)
+            except ValueError as exc:
+                raise ValueError(f'listen: {exc} ("" turns the endpoint off)') from None
+
+
 @dataclass(frozen=True)
 class TpmConfig:
     # tpm2-tss TCTI: "device:/dev/tpmrm0" on hosts, "swtpm:host=127.0.0.1,port=2321" in tests.
@@ -159,6 +188,7 @@ class AgentConfig:
     # Ask for a new device certificate once this fraction of its lifetime has passed.
     renew_at: float = 0.5
     workload_api: WorkloadApiConfig = field(default_factory=WorkloadApiConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         for name in ("rpc_timeout_s", "reconnect_min_s", "reconnect_max_s", "watch_interval_s"):

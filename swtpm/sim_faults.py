@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from devtrust.swtpm.sim_metrics import MetricsFigures
+
 
 class FaultKind(enum.Enum):
     """What can go wrong, and what each does to a simulated device or the fleet."""
@@ -292,6 +294,9 @@ class Figures:
     replicas_exited: int = 0
     # SIGTERMs a replica did not exit after within its drain bound (10 s, and 2 s to exit).
     forced_stops: int = 0
+    # The verifiers' metrics, scraped and checked against the store (None: not scraped,
+    # a verifier named with --verifier).
+    metrics: MetricsFigures | None = None
 
     @property
     def rate(self) -> float:
@@ -325,6 +330,7 @@ class Figures:
             "duplicated_results": self.duplicated,
             "errors": dict(self.errors),
             "stream_failures_reconnected": self.reconnects,
+            "metrics": self.metrics.as_dict() if self.metrics is not None else None,
         }
 
     @staticmethod
@@ -393,6 +399,8 @@ class Figures:
                 f"store        {self.stored:,} decisions; lost {self.lost:,}, duplicated "
                 f"{self.duplicated:,}"
             )
+        if self.metrics is not None:
+            lines.append(self.metrics.line())
         errors = ", ".join(f"{k} {v:,}" for k, v in sorted(self.errors.items())) or "none"
         lines.append(f"errors       {errors}; {self.reconnects:,} stream failures reconnected")
         return "\n".join(lines)

@@ -241,6 +241,10 @@ class Fleet:
             if device.moving is not None:
                 self.kind(device.moving[0]).unmoved += 1
 
+    def attached(self) -> int:
+        """Devices whose attestation client runs (each holds, or is opening, a stream)."""
+        return sum(1 for d in self.devices if d.task is not None and not d.task.done())
+
     async def stop_all(self) -> None:
         for device in self.devices:
             if device.stop is not None:

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from devtrust.core.errors import DevtrustError
+from devtrust.swtpm.sim_metrics import REFRESH_S
 from devtrust.verifier.pki import PkiFiles, init_pki
 from devtrust.verifier.storage.backends import open_repositories
 from devtrust.verifier.storage.repositories import SqlRepositories
@@ -89,6 +90,8 @@ class EmbeddedVerifier:
         self.name = name
         self.enrollment_port = free_port()
         self.attestation_port = free_port()
+        # Its Prometheus endpoint, scraped by the run (devtrust.swtpm.sim_metrics).
+        self.metrics_port = free_port()
         self.workers = workers
         directory.mkdir(parents=True, exist_ok=True)
         self.pki: PkiFiles = pki or make_pki(directory / "pki")
@@ -117,6 +120,7 @@ class EmbeddedVerifier:
             },
             # A whole fleet enrolls from this one address, at once.
             "enrollment": {"rate_per_minute": 1e9, "burst": 1_000_000, "max_pending": 1_000_000},
+            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}", "refresh_s": REFRESH_S},
         }
         if workers > 1:
             config["server"] = {"workers": workers}

@@ -45,6 +45,7 @@ from devtrust.swtpm.sim_faults import (
 )
 from devtrust.swtpm.sim_fleet import Fleet, SimDevice, SimTpm
 from devtrust.swtpm.sim_hosts import HostBase, HostModel, SimHost, collect_base, load_models
+from devtrust.swtpm.sim_metrics import FleetMetrics, read_fleet
 from devtrust.swtpm.sim_replicas import FleetFaults, Replicas, figures_from, store_kind
 from devtrust.swtpm.sim_verifier import StoreCheck, read_store
 from devtrust.swtpm.simroot import SimulationRoot
@@ -58,6 +59,8 @@ DRAIN_MARGIN_S = 2.0
 # After the run, faults still in flight get two attestation intervals plus this to be seen
 # (a fault injected just before a challenge waits for the next; a loaded machine is slow).
 DRAIN_EXTRA_S = 30.0
+# The verifiers' metrics are scraped this often while the fleet attests.
+SCRAPE_EVERY_S = 5.0
 
 
 async def run(opts: argparse.Namespace, work: Path) -> Figures:
@@ -95,6 +98,11 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
         )
         ca_pem = endpoint.ca_bundle.read_bytes()
         fleet = Fleet(cfg, ca_pem, figures)
+        metrics = (
+            FleetMetrics([m.metrics_port for m in replicas.members])
+            if replicas is not None
+            else None
+        )
         models = load_models(opts.captures)
         base = await collect_base(work)
         with counted_agent_logs(figures, verbose=logging.getLogger().level <= logging.INFO):
@@ -118,9 +126,9 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
                     faults = FleetFaults(
                         fleet, replicas, postgres=postgres, bound_s=cfg.reconnect_max_s
                     )
-                await _attest(fleet, opts, faults=faults, rng=rng, progress=progress)
-                if faults is not None:
-                    await faults.wait()
+                await _attest_scraped(
+                    fleet, opts, faults=faults, rng=rng, progress=progress, metrics=metrics
+                )
             finally:
                 await fleet.stop_all()
                 progress.done()
@@ -142,13 +150,67 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
                 "%s: %s fault injected and not detected", device.name, pending.kind.value
             )
         if replicas is not None:
-            replicas.reap()
-            figures.replicas_exited = replicas.exited
-            await asyncio.to_thread(replicas.stop)
-            figures.forced_stops = replicas.forced_stops
-            ids = {d.enrollment.device_id for d in fleet.devices if d.enrollment is not None}
-            _check_store(fleet, await read_store(replicas.database, ids), figures)
+            assert metrics is not None
+            await _check_replicas(fleet, replicas, figures, metrics, opts)
     return figures
+
+
+async def _attest_scraped(
+    fleet: Fleet,
+    opts: argparse.Namespace,
+    *,
+    faults: FleetFaults | None,
+    rng: random.Random,
+    progress: Progress,
+    metrics: FleetMetrics | None,
+) -> None:
+    """The attesting part of the run, the verifiers' metrics scraped meanwhile, and open
+    streams against the devices attached at its end (before they stop)."""
+    scraping = asyncio.Event()
+    during = (
+        asyncio.create_task(metrics.while_running(SCRAPE_EVERY_S, scraping))
+        if metrics is not None
+        else None
+    )
+    try:
+        await _attest(fleet, opts, faults=faults, rng=rng, progress=progress)
+        if faults is not None:
+            await faults.wait()
+    finally:
+        scraping.set()
+        if during is not None:
+            await during
+    if metrics is not None:
+        await metrics.before_stop(fleet.attached())
+
+
+async def _check_replicas(
+    fleet: Fleet,
+    replicas: Replicas,
+    figures: Figures,
+    metrics: FleetMetrics,
+    opts: argparse.Namespace,
+) -> None:
+    """The devices stopped: the last scrape, the replicas stopped, the store read and
+    checked against what the devices were told and what the metrics say."""
+    scrapes, read_at = await metrics.at_end()
+    replicas.reap()
+    figures.replicas_exited = replicas.exited
+    await asyncio.to_thread(replicas.stop)
+    figures.forced_stops = replicas.forced_stops
+    ids = {d.enrollment.device_id for d in fleet.devices if d.enrollment is not None}
+    _check_store(fleet, await read_store(replicas.database, ids), figures)
+    # Counters start at 0 in each verifier process: comparable with the store when no
+    # replica restarted, each endpoint shows all its workers', and the database is this
+    # run's own.
+    counters = (
+        not any(m.restarts for m in replicas.members)
+        and not figures.replicas_exited
+        and metrics.whole
+        and opts.database is None
+    )
+    metrics.check(scrapes, await read_fleet(replicas.database, read_at), counters=counters)
+    figures.metrics = metrics.figures
 
 
 async def _start_verifiers(
@@ -434,6 +496,7 @@ def succeeded(figures: Figures) -> bool:
         and not figures.duplicated
         and figures.enrolled == figures.devices
         and figures.silent == 0
+        and not (figures.metrics is not None and figures.metrics.mismatches)
     )
 
 

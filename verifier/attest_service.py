@@ -30,8 +30,8 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -66,6 +66,9 @@ from devtrust.verifier.stream import (
     Wait,
 )
 from devtrust.verifier.tpm_unavailable import Answer
+
+if TYPE_CHECKING:  # prometheus_client is imported only where metrics are on
+    from devtrust.verifier.metrics import VerifierMetricsService
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -116,8 +119,14 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         clock: Clock,
         leases: StreamLeases | None = None,
         owner: str = "verifier",
+        metrics: VerifierMetricsService | None = None,
     ) -> None:
         self._repos = repos
+        # The verifier's metrics: this service keeps the open-streams gauge (the decisions'
+        # metrics are a sink's, verifier/metrics.py), and closes the endpoint and its fleet
+        # reader in ``aclose``, after the decisions in flight and before the store closes.
+        self.metrics_service = metrics
+        self._metrics = metrics.metrics if metrics is not None else None
         # With leases: each stream claims its device's lease, and the store refuses the
         # decisions of a stream whose device opened a newer one, here or on another process.
         self._leases = leases
@@ -181,12 +190,19 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             await asyncio.wait(set(self._inflight), timeout=within_s)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         self._attestor.close()
+        if self.metrics_service is not None:
+            await self.metrics_service.aclose()
+
+    def _count_streams(self) -> None:
+        if self._metrics is not None:
+            self._metrics.streams.set(len(self._live))
 
     async def _take_over(self, device_id: DeviceId) -> _Live:
         """Register this stream as the device's only one, ending an older stream first."""
         me = _Live(asyncio.current_task())
         old = self._live.get(device_id)
         self._live[device_id] = me
+        self._count_streams()
         if old is not None and old.task is not None and not old.task.done():
             old.superseded = True
             old.task.cancel()
@@ -242,6 +258,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         finally:
             if self._live.get(device_id) is me:
                 del self._live[device_id]
+                self._count_streams()
         logger.info("stream drained device=%s: told to reconnect elsewhere", device_id)
         await _end_drained(context)
 
@@ -292,9 +309,11 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                             )
                             if drained:
                                 raise _Drained
-                        case Appraise(nonce):
+                        case Appraise(nonce, noted):
                             assert msg is not None
-                            decision = await self._decide(me, session, nonce, msg)
+                            decision = await self._decide(
+                                me, session, nonce, msg, received=event.now, noted=noted
+                            )
                             upcoming = Appraised(time.monotonic(), rebooted=decision.rebooted)
                         case Wait(until):
                             # Evidence outstanding: a drain waits for it and its decision.
@@ -369,7 +388,14 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             self._challenged.note(session.record.device_id, time.monotonic())
 
     async def _decide(
-        self, me: _Live, session: DeviceSession, nonce: Nonce, msg: attestation_pb2.AgentMessage
+        self,
+        me: _Live,
+        session: DeviceSession,
+        nonce: Nonce,
+        msg: attestation_pb2.AgentMessage,
+        *,
+        received: float,
+        noted: float | None,
     ) -> Decision:
         """The decision on the Evidence in ``msg``, converted here: a malformed one ends the
         stream before anything is read, appraised or stored."""
@@ -382,7 +408,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         earlier = self._deciding.get(device_id)
         if earlier is not None and not earlier.done():
             await asyncio.wait({earlier})
-        task = asyncio.ensure_future(self._decision(session, nonce, evidence))
+        task = asyncio.ensure_future(
+            self._decision(session, nonce, evidence, received=received, noted=noted)
+        )
         me.inflight = task
         self._inflight.add(task)
         self._deciding[device_id] = task
@@ -401,7 +429,15 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             # still waiting gets it raised as well.
             logger.debug("decision abandoned: %s", task.exception())
 
-    async def _decision(self, session: DeviceSession, nonce: Nonce, evidence: Answer) -> Decision:
+    async def _decision(
+        self,
+        session: DeviceSession,
+        nonce: Nonce,
+        evidence: Answer,
+        *,
+        received: float | None = None,
+        noted: float | None = None,
+    ) -> Decision:
         """Appraise (on a worker thread when costly), publish (store first).
 
         The device is not read again before each appraisal: the store checks, in the
@@ -426,6 +462,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                         self._attestor.decide, session, nonce, evidence, now=now
                     )
                     decision = await asyncio.wrap_future(future)
+            if self._metrics is not None:
+                decision = replace(decision, received=received, posture_noted=noted)
             try:
                 # A sink may add to the decision (the revocation sink: serials to drop).
                 return await self._sinks.publish(decision) or decision

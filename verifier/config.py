@@ -351,6 +351,27 @@ class LimitsConfig:
             )
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (verifier/metrics.py). Plain HTTP, no authentication: keep it
+    on loopback or a management network (the shipped configuration: 127.0.0.1:9471)."""
+
+    # HOST:PORT of /metrics; "" (the default): no endpoint and no metrics kept.
+    listen: str = ""
+    # The devices-by-tier-and-zone gauges are read from the database this often (seconds),
+    # so that every replica shows the fleet as stored, not its own streams' view.
+    refresh_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                parse_address(self.listen)
+            except ValueError as exc:
+                raise ValueError(f'listen: {exc} ("" turns the endpoint off)') from None
+        if not 0.1 <= self.refresh_s <= 3600.0:  # also false for NaN
+            raise ValueError(f"refresh_s: give 0.1 to 3600 seconds, got {self.refresh_s}")
+
+
 # Worker processes of one verifier: at most this many (each a full gRPC server, sharing the
 # ports and the database; verifier/workers.py).
 MAX_WORKERS = 64
@@ -420,6 +441,7 @@ class VerifierConfig:
     revocation: RevocationConfig = field(default_factory=RevocationConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Roles of operator names on the query API (verifier/roles.py): {alice: admin, ...}. A
     # name listed here has this role whatever the database says (`devtrust-verifier operator
     # --role` records roles for the names not listed); changed at restart.
@@ -429,6 +451,7 @@ class VerifierConfig:
         problem = trust_domain_problem(self.trust_domain)
         if problem is not None:
             raise ValueError(f"trust_domain: {problem}")
+        self._check_metrics_port()
         for name, role in self.operators.items():
             problem = operator_name_problem(name)
             if problem is not None:
@@ -437,6 +460,19 @@ class VerifierConfig:
                 Role.parse(role)
             except ValueError as exc:
                 raise ValueError(f"operators.{name}: {exc}") from None
+
+    def _check_metrics_port(self) -> None:
+        """The metrics endpoint needs a port of its own (0: any free port)."""
+        if not self.metrics.listen:
+            return
+        port = parse_address(self.metrics.listen)[1]
+        for name in ("enrollment", "attestation"):
+            address = getattr(self.listen, name)
+            if port != 0 and parse_address(address)[1] == port:
+                raise ValueError(
+                    f"metrics.listen {self.metrics.listen} has the port of listen.{name} "
+                    f"({address}): give the metrics endpoint a port of its own"
+                )
 
     @property
     def roles(self) -> dict[str, Role]:

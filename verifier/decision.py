@@ -72,6 +72,12 @@ class Decision:
     # last_seen. False for an agent's word that its TPM does not answer: such a device stays
     # in the operators' stale-devices query (review L6).
     seen: bool = True
+    # When its evidence arrived (time.monotonic(), set by the attestation service): the
+    # metrics sink times evidence -> decision stored. None: not timed (tests, tools).
+    received: float | None = None
+    # When the PostureChanged note this evidence answers arrived (time.monotonic()): the
+    # metrics sink times change -> verdict stored. None: no note led to this challenge.
+    posture_noted: float | None = None
 
     @property
     def at(self) -> datetime.datetime:
@@ -134,9 +140,13 @@ class Sinks:
 
 class LogSink:
     """One log line per decision (STYLE 21): the device, its tier and score, the certificate
-    issued or why none was, and the reasons."""
+    issued or why none was, and the reasons. The same as fields for the JSON log format
+    (core/logsetup.py ``--log-format json``): device_id, zone, tier, findings (their ids),
+    certificate (its serial, or None)."""
 
     async def publish(self, decision: Decision) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
         result, cert = decision.result, decision.certificate
         logger.info(
             "appraisal device=%s tier=%s score=%d cert=%s reasons=%s",
@@ -146,4 +156,11 @@ class LogSink:
             cert.serial if cert else f"- ({decision.withheld})",
             # Finding messages quote device-supplied values: escaped (issue 7, item 9).
             printable("; ".join(f"{f.id}: {f.message}" for f in result.findings) or "-", 2048),
+            extra={
+                "device_id": decision.device_id,
+                "zone": decision.zone,
+                "tier": result.tier.label,
+                "findings": [f.id for f in result.findings],
+                "certificate": cert.serial if cert else None,
+            },
         )

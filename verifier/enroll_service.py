@@ -16,11 +16,12 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from devtrust.core.errors import DevtrustError
 from devtrust.core.ids import DeviceId, serial_of
 from devtrust.v1 import enrollment_pb2, enrollment_pb2_grpc
 from devtrust.verifier import enrollment, wire_enroll
@@ -45,8 +46,12 @@ from devtrust.verifier.records import (
 )
 from devtrust.verifier.settings import CertificateSettings, EnrollmentSettings
 from devtrust.verifier.storage import Repositories
+from devtrust.verifier.store_health import is_outage
 from devtrust.verifier.tpm.structures import parse_public
 from devtrust.verifier.wire import load_public_key
+
+if TYPE_CHECKING:  # prometheus_client is imported only where metrics are on
+    from devtrust.verifier.metrics import VerifierMetrics
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -67,8 +72,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         limits: LimitsConfig,
         clock: Clock,
         inventory: Inventory | None = None,
+        metrics: VerifierMetrics | None = None,
     ) -> None:
         self._repos = repos
+        # Enrollments by outcome, channel certificates issued (verifier/metrics.py).
+        self._metrics = metrics
         self._endorsements = endorsements
         self._ca = ca
         self._settings = settings
@@ -101,16 +109,31 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def Enroll(
         self, request: enrollment_pb2.EnrollRequest, context: Context
     ) -> enrollment_pb2.EnrollChallenge:
-        now = self._clock()
-        self._check_rate(context, now)
-        enroll = wire_enroll.enroll_request_from_wire(request, self._limits)
-        return wire_enroll.challenge_to_wire(await self.enroll(enroll, now=now))
+        try:
+            now = self._clock()
+            self._check_rate(context, now)
+            enroll = wire_enroll.enroll_request_from_wire(request, self._limits)
+            return wire_enroll.challenge_to_wire(await self.enroll(enroll, now=now))
+        except DevtrustError as exc:
+            self._refused(exc)
+            raise
 
     async def Activate(
         self, request: enrollment_pb2.ActivateRequest, context: Context
     ) -> enrollment_pb2.ActivateResponse:
-        answer = wire_enroll.activate_request_from_wire(request)
-        return wire_enroll.activated_to_wire(await self.activate(answer, now=self._clock()))
+        try:
+            answer = wire_enroll.activate_request_from_wire(request)
+            return wire_enroll.activated_to_wire(await self.activate(answer, now=self._clock()))
+        except DevtrustError as exc:
+            self._refused(exc)
+            raise
+
+    def _refused(self, exc: DevtrustError) -> None:
+        """Counted: an enrollment call refused (a transport or database failure is not a
+        refusal: it is not a DevtrustError the device caused, and is not counted)."""
+        if self._metrics is not None and not is_outage(exc):
+            limited = isinstance(exc, ResourceExhausted)
+            self._metrics.enrolled("rate_limited" if limited else "refused")
 
     # --- the flow ----------------------------------------------------------------------------
 
@@ -262,6 +285,10 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         )
         state = record.state
         channel_certificate = certificate.der if state is DeviceState.ENROLLED else b""
+        if self._metrics is not None:
+            self._metrics.enrolled(state.value)
+            if state is DeviceState.ENROLLED:  # stored with it (storage/devices.py)
+                self._metrics.certificates_issued.labels("channel").inc()
         logger.info(
             "enrolled device=%s state=%s zone=%s (%s)",
             record.device_id,

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -47,6 +47,9 @@ from devtrust.verifier.records import RevokedCertificate
 from devtrust.verifier.settings import CertificateSettings, RevocationSettings
 from devtrust.verifier.storage.changes import Change, ChangeFeed
 from devtrust.verifier.storage.interfaces import Revocations
+
+if TYPE_CHECKING:  # prometheus_client is imported only where metrics are on
+    from devtrust.verifier.metrics import VerifierMetrics
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -134,8 +137,11 @@ class Revoker:
         signer: CrlSigner,
         settings: RevocationSettings,
         clock: Clock,
+        metrics: VerifierMetrics | None = None,
     ) -> None:
         self._store = revocations
+        # Certificates this verifier revoked, by reason kind (verifier/metrics.py REVOKE_KINDS).
+        self._metrics = metrics
         self._signer = signer
         self._settings = settings
         self._clock = clock
@@ -212,8 +218,13 @@ class Revoker:
             ",".join(c.serial for c in revoked) or "-",
             printable(reason, 256),
         )
+        self._count("device_revoked", revoked)
         await self._publish(revoked)
         return [c.serial for c in revoked]
+
+    def _count(self, kind: str, revoked: Sequence[RevokedCertificate]) -> None:
+        if self._metrics is not None:
+            self._metrics.revoked(kind, len(revoked))
 
     async def revoke_certificates(
         self,
@@ -222,23 +233,30 @@ class Revoker:
         reason: str,
         now: datetime.datetime,
         actor: str = VERIFIER,
+        kind: str = "tier_below_minimum",
     ) -> list[Serial]:
         """The device's live certificates revoked (by the verifier: its tier fell; or by
         ``actor``, an operator who moved it), its enrollment kept; published before this
-        returns. The serials revoked now."""
+        returns. The serials revoked now. ``kind``: the metrics' reason kind."""
         revoked = await self._store.revoke_certificates(
             device_id, reason=reason, actor=actor, now=now
         )
-        await self.stored(device_id, revoked, reason=reason)
+        await self.stored(device_id, revoked, reason=reason, kind=kind)
         return [c.serial for c in revoked]
 
     async def stored(
-        self, device_id: DeviceId, revoked: Sequence[RevokedCertificate], *, reason: str
+        self,
+        device_id: DeviceId,
+        revoked: Sequence[RevokedCertificate],
+        *,
+        reason: str,
+        kind: str = "tier_below_minimum",
     ) -> None:
         """Certificates of the device revoked in the store just now (here, or in the
-        transaction of a decision whose tier fell: RevocationSink): logged, and published
-        before this returns."""
+        transaction of a decision whose tier fell: RevocationSink): logged, counted as
+        ``kind``, and published before this returns."""
         if revoked:
+            self._count(kind, revoked)
             logger.warning(
                 "certificates revoked device=%s serials=%s reason=%s",
                 device_id,
@@ -256,7 +274,11 @@ class Revoker:
         its enrollment; its next good attestation gets a certificate naming ``zone``."""
         self._moved[device_id] = zone
         return await self.revoke_certificates(
-            device_id, reason=zone_change_reason(was, zone), now=now, actor=actor
+            device_id,
+            reason=zone_change_reason(was, zone),
+            now=now,
+            actor=actor,
+            kind="zone_changed",
         )
 
     def moved_from(self, device_id: DeviceId, zone: str) -> bool:
@@ -440,7 +462,7 @@ class RevocationSink:
             # was stored after that change took the live ones: revoked here, never handed out.
             reason, withheld = superseded
             await self._revoker.revoke_certificates(
-                decision.device_id, reason=reason, now=decision.at
+                decision.device_id, reason=reason, now=decision.at, kind="superseded"
             )
             decision = replace(
                 decision, certificate=None, withheld=f"withheld: {withheld}", trust_bundle=()

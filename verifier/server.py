@@ -54,6 +54,7 @@ from devtrust.verifier.errors import MalformedInput
 from devtrust.verifier.interceptor import ErrorMapping
 from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.listen import bind_problem, listen, server_options
+from devtrust.verifier.metrics import MetricsSink, open_metrics
 from devtrust.verifier.pki import check_server_issued_by, load_ca, read_server_credentials
 from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.policy_store import SharedPolicy
@@ -246,6 +247,9 @@ async def _load_state(
     if running.shared_policy is not None:
         await running.shared_policy.start()  # the fleet's policy (the database's), before serving
     await running.revoker.start()  # the live revocations and the first CRL, before serving
+    metrics = running.attestation.metrics_service
+    if metrics is not None:
+        metrics.start()  # its endpoint (ConfigError when it cannot listen), the fleet read
     await enrollment.start()  # the inventory, before any device enrolls
     if feed is not None:
         feed.run()
@@ -311,6 +315,14 @@ async def start_verifier(
     policy = _local_policy(config)
     repos = await open_repositories(config.database)
     feed = _change_feed(repos, worker)
+    # Prometheus metrics (metrics.listen; none when ""): verifier/metrics.py.
+    metrics_service = open_metrics(
+        config.metrics,
+        repos.devices,
+        clock=clock,
+        worker=(worker.index, worker.count) if worker is not None else None,
+    )
+    metrics = metrics_service.metrics if metrics_service is not None else None
     # The fleet's policy is the database's (verifier/policy_store.py): this one published,
     # or replaced by it, at _load_state.
     shared_policy = SharedPolicy(
@@ -350,6 +362,7 @@ async def start_verifier(
         limits=settings.limits,
         clock=clock,
         inventory=inventory,
+        metrics=metrics,
     )
     enrollment_pb2_grpc.add_EnrollmentServicer_to_server(enrollment, enroll)
     # Health on the TLS port too, for load balancers' probes (no client certificate).
@@ -379,6 +392,7 @@ async def start_verifier(
         signer=issuers,
         settings=settings.revocation,
         clock=clock,
+        metrics=metrics,
     )
     attestation = AttestationService(
         repos=repos,
@@ -388,7 +402,15 @@ async def start_verifier(
         # before its Result (which names them) is sent.
         # The trust watch after both: what it sends is stored.
         sinks=Sinks(
-            [StoreSink(repos), RevocationSink(revoker, settings.certificates), watch, LogSink()]
+            [
+                StoreSink(repos),
+                # After the store (what it counts is stored), before revocation (which may
+                # withhold a certificate stored already: issued, and counted revoked too).
+                *([MetricsSink(metrics)] if metrics is not None else []),
+                RevocationSink(revoker, settings.certificates),
+                watch,
+                LogSink(),
+            ]
         ),
         settings=settings.attestation,
         limits=settings.limits,
@@ -396,6 +418,8 @@ async def start_verifier(
         # Each stream claims its device's lease in the store shared by every worker.
         leases=repos.streams(),
         owner=f"{socket.gethostname()}/{worker.name if worker else 'verifier'}/{os.getpid()}",
+        # Closed with it, after its decisions in flight, before the store.
+        metrics=metrics_service,
     )
     attestation_pb2_grpc.add_AttestationServicer_to_server(attestation, attest)
     query_pb2_grpc.add_RevocationsServicer_to_server(RevocationService(revoker), attest)

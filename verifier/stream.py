@@ -159,6 +159,9 @@ class Appraise:
     it waits for."""
 
     nonce: Nonce
+    # The PostureChanged this evidence answers arrived then (monotonic); None: none did. A
+    # measurement (verifier/metrics.py), not part of what the protocol asks for: not compared.
+    posture_noted: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,10 @@ class StreamProtocol:
     _pending: float | None = None  # a note arrived while a challenge was out
     _for_posture: bool = False  # the next challenge answers a note
     _notes: collections.deque[float] = field(default_factory=collections.deque)
+    # The first PostureChanged not yet answered by a challenge, and the one the challenge out
+    # answers: its Appraise carries it (the time to detection, verifier/metrics.py).
+    _noted: float | None = None
+    _answers: float | None = None
 
     @property
     def tick_closes(self) -> bool:
@@ -307,7 +314,8 @@ class StreamProtocol:
         # The nonce is spent whatever the evidence says: used at most once.
         nonce, self.nonce = self.nonce, None
         self.phase = Phase.APPRAISING
-        return [Appraise(nonce)]
+        noted, self._answers = self._answers, None
+        return [Appraise(nonce, posture_noted=noted)]
 
     def _tpm_unavailable(self, nonce: bytes) -> list[Action]:
         """TpmUnavailable answers the outstanding challenge as Evidence does, for its nonce
@@ -341,6 +349,8 @@ class StreamProtocol:
                     f"{limit} allowed (attestation.posture_notes_per_minute)"
                 )
             )
+        if self._noted is None:
+            self._noted = now
         due = max(
             now,
             self.last_challenge_for_posture + self.timing.posture_min_interval_s,
@@ -398,6 +408,8 @@ class StreamProtocol:
         if self._for_posture:
             self.last_challenge_for_posture = now
             self._for_posture = False
+        # Sent after the note: its evidence shows the change.
+        self._answers, self._noted = self._noted, None
         self.nonce = self.nonces()
         self.deadline = now + self.timing.evidence_timeout_s
         self.phase = Phase.CHALLENGED

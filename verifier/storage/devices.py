@@ -17,7 +17,12 @@ from devtrust.verifier.records import CertificateRecord, DeviceRecord, DeviceSta
 from devtrust.verifier.storage import audit_rows, codec
 from devtrust.verifier.storage.codec import iso
 from devtrust.verifier.storage.enroll import read_token, take_enrollment, use_token
-from devtrust.verifier.storage.interfaces import DecideEnrollment, DeviceQuery, DeviceView
+from devtrust.verifier.storage.interfaces import (
+    DecideEnrollment,
+    DeviceQuery,
+    DeviceView,
+    FleetCount,
+)
 from devtrust.verifier.storage.sql import Connection, Engine, Fragments, Row
 from devtrust.verifier.storage.trust_rows import INSERT_CERTIFICATE
 
@@ -106,6 +111,15 @@ def activate_device(
     return record
 
 
+# Devices by zone, state and tier read at a time (the parameter): one pass over devices
+# joined to their trust row by primary key, grouped; the same SQL on both databases.
+FLEET_COUNTS = (
+    "SELECT d.zone, d.state, CASE WHEN t.device_id IS NULL OR t.expires_at <= ? THEN 'none' "
+    "ELSE t.tier END AS tier, COUNT(*) AS n FROM devices d "
+    "LEFT JOIN trust t ON t.device_id = d.device_id GROUP BY 1, 2, 3"
+)
+
+
 class SqlDevices:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -141,6 +155,13 @@ class SqlDevices:
             )
             for row in await self._page(query)
         ]
+
+    async def fleet_counts(self, now: datetime.datetime) -> builtins.list[FleetCount]:
+        def work(db: Connection) -> builtins.list[FleetCount]:
+            rows = db.execute(FLEET_COUNTS, (iso(now),)).fetchall()
+            return [FleetCount(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+        return await self._engine.read(work)
 
     async def save(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> bool:
         def work(db: Connection) -> bool:

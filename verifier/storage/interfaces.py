@@ -77,6 +77,18 @@ class DeviceView:
     result: TrustResult | None
 
 
+@dataclass(frozen=True)
+class FleetCount:
+    """How many devices of one zone, state and tier the database holds (``fleet_counts``)."""
+
+    zone: str
+    state: str
+    # The tier of the device's latest result read at the time asked for: none when never
+    # appraised or past its expires_at (TrustResult.at(now), as the Query service shows it).
+    tier: str
+    devices: int
+
+
 # What an answered enrollment makes of the device: from the device as the database holds it
 # (None: new) and the enrollment's bootstrap token as it stands (None: none or unknown).
 DecideEnrollment = Callable[[DeviceRecord | None, BootstrapToken | None], DeviceRecord]
@@ -89,6 +101,11 @@ class Devices(Protocol):
 
     async def list_with_trust(self, query: DeviceQuery) -> builtins.list[DeviceView]:
         """Like ``list``, each device with its latest result, in one query."""
+        ...
+
+    async def fleet_counts(self, now: datetime.datetime) -> builtins.list[FleetCount]:
+        """The devices counted by zone, state and tier at ``now``, in one grouped query (the
+        metrics' devices gauge, verifier/metrics.py)."""
         ...
 
     async def save(self, rec: DeviceRecord, *, now: datetime.datetime, event: str) -> bool:
