@@ -25,6 +25,8 @@ from pathlib import Path
 # imports below. The agent's one line says what failed and what to do.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from cryptography import x509
+
 from devtrust import __version__
 from devtrust.agent.attest import AttestationClient
 from devtrust.agent.channel import VerifierError, VerifierUnreachable
@@ -41,7 +43,8 @@ from devtrust.agent.watch import PostureWatcher
 from devtrust.agent.workload import WorkloadApi, key_group_id
 from devtrust.core.command import ErrorPolicy, Failure, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
-from devtrust.core.logsetup import configure_logging
+from devtrust.core.logsetup import FORMATS, configure_logging
+from devtrust.core.sdnotify import Notifier, start_watchdog
 from devtrust.v1 import attestation_pb2
 
 logger = logging.getLogger("devtrust.agent")
@@ -52,8 +55,14 @@ ENROLL_GIVE_UP_S = 120.0
 IO_THREADS = 2  # the event loop's default executor
 MALLOC_ARENAS = 2
 M_ARENA_MAX = -8  # glibc malloc.h
-# Exit statuses (also in --help).
+# Exit statuses (also in --help). The systemd unit's RestartPreventExitStatus= lists 2 alone:
+# a mistake in the configuration or a file it names, a TPM that cannot be opened or refuses
+# (tpm.tcti, group tss), a verifier that refused this host (untrusted EK, spent token, a
+# certificate that does not name the address): a person must act, restarting cannot help.
+# 3 and 75 come from `enroll` only (`run` keeps asking); 70 is a bug: restarted.
 EXIT_ERROR, EXIT_PENDING, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 2, 3, 75, 130
+# The verifier's finding for a TPM that does not answer (verifier/tpm_unavailable.py).
+TPM_UNAVAILABLE_FINDING = "tpm.unavailable"
 EPILOG = (
     "exit status: 0 done; 2 an error, its one line says what to fix; 3 enrolled, awaiting "
     "operator approval (`devtrust approve`); 75 the verifier did not answer "
@@ -96,28 +105,43 @@ def make_xid_watcher(cfg: AgentConfig) -> XidWatcher | None:
 
 
 async def run(
-    cfg: AgentConfig, *, enroll_only: bool = False, give_up_s: float | None = None
+    cfg: AgentConfig,
+    *,
+    enroll_only: bool = False,
+    give_up_s: float | None = None,
+    notifier: Notifier | None = None,
 ) -> bool:
     """Enroll when not enrolled yet (retrying an unreachable verifier; ``enroll_only`` gives
     up after ``give_up_s``), then, for ``run``, attest until SIGTERM or SIGINT. False when
-    stopped before enrollment completed."""
+    stopped before enrollment completed.
+
+    ``notifier`` (systemd's, `run` only): READY=1 once the TPM answered (or said it cannot,
+    which the STATUS= line tells): not after enrollment, which waits for the verifier and
+    perhaps an operator, longer than any start timeout; then STATUS= as it goes (enrolling,
+    attesting, the last tier and when, the certificate's expiry), WATCHDOG=1 from this loop,
+    STOPPING=1 on SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Host reads, state files and the NVML start share two threads (each thread that
     # allocates can cost a malloc arena of resident memory); the TPM has its own.
     loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="agent-io"))
+    status = ServiceStatus(notifier or Notifier(None), cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _stopper(stop, status))
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir, key_gid=key_group_id(cfg))
     serve_workloads = cfg.workload_api.enabled and not enroll_only
     workload = WorkloadApi.from_config(cfg) if serve_workloads else None
     tpm = make_tpm(cfg)
     xids = None if enroll_only else make_xid_watcher(cfg)
     host = make_host(cfg, xids=xids)
+    ping: asyncio.Task[None] | None = None
     try:
         if workload is not None:  # PermissionDenied to workloads until there is an identity
             await workload.start()
         enrollment = await files.load_enrollment()
+        if status.enabled:
+            await status.started(tpm, enrolled=enrollment is not None)
+            ping = start_watchdog(status.notifier)
         if enrollment is None:
             enrollment = await enroll_retrying(
                 cfg,
@@ -133,8 +157,15 @@ async def run(
         if enroll_only:
             print(enrollment.device_id)
             return True
+        status.enrolled(enrollment.device_id)
         if xids is not None and await asyncio.to_thread(xids.start):
             logger.info("watching NVML Xid events")
+        release = _after_first_result(tpm)
+
+        def on_result(result: AttestationResult) -> None:
+            release(result)
+            status.result(result, client.certificate)
+
         client = AttestationClient(
             cfg,
             tpm=tpm,
@@ -142,17 +173,107 @@ async def run(
             files=files,
             enrollment=enrollment,
             on_identity=None if workload is None else workload.update,
-            on_result=_after_first_result(tpm),
+            on_result=on_result,
         )
         await client.run(stop)
         return True
     finally:
+        if ping is not None:
+            ping.cancel()
         tpm.close()
         if workload is not None:
             await workload.stop()
         if xids is not None:
             await asyncio.to_thread(xids.stop)
         await asyncio.to_thread(host.close)
+
+
+# A read of one PCR: the cheapest command that shows the TPM answers.
+_ANY_PCR: tuple[tuple[str, tuple[int, ...]], ...] = (("sha256", (0,)),)
+
+
+def _addresses(addresses: tuple[str, ...]) -> str:
+    return addresses[0] if len(addresses) == 1 else f"one of {', '.join(addresses)}"
+
+
+def result_line(
+    attesting_to: str,
+    result: AttestationResult,
+    *,
+    at: datetime.datetime,
+    certificate: x509.Certificate | None,
+) -> str:
+    """STATUS= while attesting: ``attesting to HOST:PORT: affirming (score 100) at
+    12:00:03Z, certificate valid until 2026-12-02T12:00:00+00:00`` (and ``TPM unavailable``
+    when the verifier's last finding says so)."""
+    trust = result.trust
+    parts = [
+        f"attesting to {attesting_to}: {trust.tier.label} (score {trust.score}) at "
+        f"{at.astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    ]
+    if any(f.id == TPM_UNAVAILABLE_FINDING for f in trust.findings):
+        parts.append("TPM unavailable (retrying it)")
+    if certificate is not None:
+        parts.append(f"certificate valid until {certificate.not_valid_after_utc.isoformat()}")
+    else:
+        parts.append("no device certificate")
+    return ", ".join(parts)
+
+
+class ServiceStatus:
+    """What the agent tells systemd (``notifier``; nothing when NOTIFY_SOCKET is unset)."""
+
+    def __init__(self, notifier: Notifier, cfg: AgentConfig) -> None:
+        self.notifier = notifier
+        self._attesting_to = _addresses(cfg.verifier.attestation_addresses)
+        self._enrolling_at = _addresses(cfg.verifier.enrollment_addresses)
+        self._tpm = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.notifier.enabled
+
+    async def started(self, tpm: AsyncTpm, *, enrolled: bool) -> None:
+        """READY=1 once the TPM answered a PCR read, or failed to (said in STATUS=: an
+        enrolled agent keeps running and retries it; enrollment reports it as an error)."""
+        try:
+            await tpm.pcr_read(_ANY_PCR)
+        except TpmError as exc:
+            self._tpm = f"; TPM unavailable: {exc}"
+            logger.debug("TPM probe at start failed: %s", exc)
+        if enrolled:
+            line = f"attesting to {self._attesting_to}: waiting for the first result"
+        else:
+            line = f"enrolling at {self._enrolling_at}: waiting for the verifier"
+        self.notifier.ready(line + self._tpm)
+
+    def enrolled(self, device_id: str) -> None:
+        self.notifier.status(
+            f"enrolled as device {device_id}; attesting to {self._attesting_to}: waiting for "
+            "the first result"
+        )
+
+    def result(self, result: AttestationResult, certificate: x509.Certificate | None) -> None:
+        self.notifier.status(
+            result_line(
+                self._attesting_to,
+                result,
+                at=datetime.datetime.now(datetime.UTC),
+                certificate=certificate,
+            )
+        )
+
+    def stopping(self) -> None:
+        self.notifier.stopping("stopping (SIGTERM)")
+
+
+def _stopper(stop: asyncio.Event, status: ServiceStatus) -> Callable[[], None]:
+    def on_signal() -> None:
+        if not stop.is_set():
+            status.stopping()
+        stop.set()
+
+    return on_signal
 
 
 def _after_first_result(tpm: AsyncTpm) -> Callable[[AttestationResult], None]:
@@ -247,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action=_Version, nargs=0, help="show program's version number and exit"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="log lines for people (text) or one JSON object per line for log shippers",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -284,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "collect":
         if args.verbose:  # collect's output is its stdout: no log lines unless asked
-            configure_logging(logging.DEBUG)
+            configure_logging(logging.DEBUG, args.log_format)
         return run_command("devtrust-agent", lambda: collect(args), errors(args.config))
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     return run_command("devtrust-agent", lambda: _daemon(args), errors(args.config))
 
 
@@ -319,10 +446,20 @@ def errors(config: Path | None) -> ErrorPolicy:
 
 def _daemon(args: argparse.Namespace) -> int:
     """`run` and `enroll` (their errors: ``errors``)."""
+    # systemd's $NOTIFY_SOCKET, read (and taken out of the environment) before anything can
+    # fail: `run` is the unit's command; `enroll` is one-shot and tells systemd nothing.
+    notifier = Notifier.from_environ(unset=True)
     cfg = _daemon_config(args.config)
     enroll_only = args.command == "enroll"
     limit_malloc_arenas()
-    done = asyncio.run(run(cfg, enroll_only=enroll_only, give_up_s=args.give_up_s))
+    done = asyncio.run(
+        run(
+            cfg,
+            enroll_only=enroll_only,
+            give_up_s=args.give_up_s,
+            notifier=None if enroll_only else notifier,
+        )
+    )
     return 0 if done or not enroll_only else EXIT_INTERRUPTED
 
 

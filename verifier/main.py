@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import logging
 import os
@@ -14,9 +15,10 @@ from pathlib import Path
 # one line per error is ours to write.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from devtrust.core.command import ErrorPolicy, one_line, run_command
+from devtrust.core.command import ErrorPolicy, Failure, one_line, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
-from devtrust.core.logsetup import configure_logging
+from devtrust.core.logsetup import FORMATS, configure_logging
+from devtrust.core.sdnotify import Notifier
 from devtrust.verifier.config import (
     MAX_WORKERS,
     CertificatesConfig,
@@ -30,10 +32,12 @@ from devtrust.verifier.pki import (
     check_operator_name,
     init_pki,
     issue_operator,
+    key_group,
     load_ca,
 )
 from devtrust.verifier.roles import LABELS
 from devtrust.verifier.server import start_verifier
+from devtrust.verifier.store_health import is_outage
 from devtrust.verifier.tools import HelpFormatter, version_line
 from devtrust.verifier.workers import serve_until_signalled, supervise
 
@@ -43,15 +47,27 @@ DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")
 TOKEN_TTL_S = (60, 30 * 24 * 3600)
 
 
-async def serve(config: VerifierConfig, *, workers: int | None = None) -> None:
+async def serve(
+    config: VerifierConfig, *, workers: int | None = None, log_format: str = "text"
+) -> None:
     """Serve until SIGTERM or SIGINT (SIGHUP reloads the policy): one process, or
     ``workers`` (default: server.workers) worker processes under a parent
-    (verifier/workers.py)."""
+    (verifier/workers.py). Under systemd (``$NOTIFY_SOCKET``), the process systemd started
+    tells it READY=1 once both ports serve, its STATUS=, WATCHDOG=1, reloads and stopping
+    (devtrust/core/sdnotify.py); the variables are taken out of the environment, so that
+    workers do not speak for the service."""
+    notifier = Notifier.from_environ(unset=True)
     count = workers if workers is not None else config.server.workers
     if count > 1:
-        await supervise(config, count, level=logging.getLogger().level)
+        await supervise(
+            config,
+            count,
+            level=logging.getLogger().level,
+            log_format=log_format,
+            notifier=notifier,
+        )
         return
-    await serve_until_signalled(await start_verifier(config))
+    await serve_until_signalled(await start_verifier(config), notifier=notifier)
 
 
 def _inventory_check(args: argparse.Namespace) -> int:
@@ -94,12 +110,29 @@ def _directory(value: str, flag: str) -> Path:
 
 def _init(args: argparse.Namespace, now: datetime.datetime) -> int:
     directory = _directory(args.dir, "--dir")
-    files = init_pki(directory, hostnames=args.hostname, now=now, force=args.force)
+    group = key_group(directory, args.group)
+    files = init_pki(
+        directory,
+        hostnames=args.hostname,
+        now=now,
+        force=args.force,
+        group=None if group is None else group.gid,
+    )
     if files.backups:
         kept = ", ".join(str(b) for b in files.backups)
         print(f"replaced the CA; the old files are kept as {kept}", file=sys.stderr)
     print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}")
     print(f"device issuing CA {files.device_ca_cert}\nrelying-party bundle {files.device_bundle}")
+    if group is None:
+        keys = "0600, yours (give --group GROUP for the service's group to read them)"
+    else:
+        keys = f"0640, group {group.name} ({group.why}) may read them"
+    print(
+        f"keys: {files.server_key.name} and {files.device_ca_key.name} {keys}; "
+        f"{files.ca_key.name} 0600, yours only: the service gets it through systemd's "
+        "LoadCredential= (serve --ca-key)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -182,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="log lines for people (text) or one JSON object per line for log shippers",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -198,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the ports and the database (default: server.workers "
         "in the configuration, 1: one process)",
     )
+    p.add_argument(
+        "--ca-key",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the CA key from PATH instead of ca.key in the configuration (under systemd: "
+        "%%d/ca.key, the credential LoadCredential= gives the service)",
+    )
     p = command("init", "make the CA and server certificate in a directory")
     p.add_argument("--dir", required=True, help="directory for the CA and server files")
     p.add_argument(
@@ -211,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a CA already there (every certificate it issued stops verifying); "
         "the replaced files are kept as NAME.<time>.bak",
+    )
+    p.add_argument(
+        "--group",
+        default=None,
+        help="group that may read the keys the service reads (server key, device issuing "
+        "CA key: made 0640); default: the group owning --dir when it exists and is not your "
+        "primary group (the packaged /etc/devtrust/verifier is root:devtrust); ca.key stays "
+        "0600",
     )
     p = command("ca", "rotate the device issuing CA (published ahead of signing)")
     p.add_argument("action", choices=["rotate"], help="what to do")
@@ -253,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
     if args.command == "serve":
-        asyncio.run(serve(_config(args.config), workers=args.workers))
+        config = _config(args.config)
+        if args.ca_key is not None:
+            config = dataclasses.replace(config, ca=dataclasses.replace(config.ca, key=args.ca_key))
+        asyncio.run(serve(config, workers=args.workers, log_format=args.log_format))
         return 0
     if args.command == "inventory":
         return _inventory(args)
@@ -262,14 +320,49 @@ def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
     return _init(args, now) if args.command == "init" else _operator(args, now)
 
 
-# A mistake in the command line, the configuration or a file it names exits 2; anything
-# else is a bug (exit 70). Ctrl-C before serve's own handlers are in place exits 130.
-ERRORS = ErrorPolicy(expected=(DevtrustError, OSError), status=2)
+# Exit statuses, also what the systemd unit's RestartPreventExitStatus= lists: 2 is a
+# mistake in the command line, the configuration or a file it names (restarting cannot fix
+# it: the unit does not restart on it); 75 (EX_TEMPFAIL) the database did not answer at start
+# (a PostgreSQL server restarting: a later start may work, so the unit restarts); anything
+# else is a bug (70, restarted). Ctrl-C before serve's own handlers are in place exits 130.
+EXIT_CONFIG, EXIT_TEMPFAIL = 2, 75
+
+
+def _no_server_answered(exc: Exception) -> bool:
+    """The PostgreSQL backend's ConfigError when no server answered (refused, timed out, no
+    route), which the storage raises ``from None`` over psycopg's error: a wrong host as
+    well as a server still starting at boot, and the second must not leave the verifier
+    down, so it counts as an outage. A server that answered and refused (credentials, no
+    such database) stays a configuration error: the storage's own ``explain`` tells them
+    apart."""
+    context = exc.__context__
+    if not isinstance(exc, ConfigError) or context is None or not is_outage(context):
+        return False
+    import psycopg  # noqa: PLC0415 - only after a PostgreSQL error
+
+    from devtrust.verifier.storage.postgresql import explain  # noqa: PLC0415
+
+    return isinstance(context, psycopg.Error) and ": cannot reach PostgreSQL (" in explain(
+        context, ""
+    )
+
+
+def _explain(exc: Exception) -> Failure | None:
+    """A database that does not answer is no mistake of the configuration (exit 75)."""
+    if is_outage(exc) or _no_server_answered(exc):
+        return Failure(
+            f"{one_line(exc)} (the database did not answer: try again once it does)",
+            EXIT_TEMPFAIL,
+        )
+    return None
+
+
+ERRORS = ErrorPolicy(expected=(DevtrustError, OSError), status=EXIT_CONFIG, explain=_explain)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     return run_command(
         "devtrust-verifier", lambda: _run(args, datetime.datetime.now(datetime.UTC)), ERRORS
     )

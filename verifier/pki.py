@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import grp
 import ipaddress
 import os
 import re
@@ -143,8 +144,11 @@ def keep_backup(path: Path, now: datetime.datetime) -> Path | None:
 
 
 def write_file(path: Path, data: bytes, *, mode: int, group: int | None = None) -> None:
+    """Write ``path`` whole with exactly ``mode`` (whatever the umask: a 0640 key made under
+    UMask=0077 would otherwise be 0600 and the service could not read it) and ``group``."""
     try:
         write_atomic(path, data, mode=mode, group=group)
+        os.chmod(path, mode)
     except OSError as exc:
         raise DevtrustError(
             f"cannot write {path}: {exc.strerror}: choose a directory you can write"
@@ -169,6 +173,57 @@ def writable_dir(directory: Path, flag: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class KeyGroup:
+    """The group that may read the keys the verifier service reads (the server key, the
+    device issuing CA keys), and why that one."""
+
+    gid: int
+    name: str
+    why: str
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def key_group(directory: Path, name: str | None) -> KeyGroup | None:
+    """The group for ``init``'s service keys: ``name`` (``--group``) when given; else the
+    group owning ``directory`` when it exists and is not the caller's primary group (the
+    package makes /etc/devtrust/verifier root:devtrust 0750, so that init there just
+    works); else None (the keys stay 0600, the caller's). The caller must be able to give
+    files to the group (root, or a member): a group it cannot use is refused when named,
+    and passed over, said, when only inferred."""
+    if name is not None:
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise DevtrustError(
+                f"--group {name}: no such group: give the group the verifier service runs "
+                "as (devtrust, made by the package)"
+            ) from None
+        if not _may_use(gid):
+            raise DevtrustError(
+                f"--group {name}: you are not in that group, so the keys cannot be given to "
+                "it: run init as root (or as a member of the group)"
+            )
+        return KeyGroup(gid, name, "--group")
+    try:
+        gid = directory.stat().st_gid
+    except FileNotFoundError:
+        return None
+    if gid == os.getegid() or not _may_use(gid):
+        return None
+    return KeyGroup(gid, _group_name(gid), f"the group owning {directory}")
+
+
+def _may_use(gid: int) -> bool:
+    return os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups()
+
+
 def init_pki(
     directory: Path,
     *,
@@ -176,10 +231,15 @@ def init_pki(
     now: datetime.datetime,
     server_lifetime: datetime.timedelta = datetime.timedelta(days=365),
     force: bool = False,
+    group: int | None = None,
 ) -> PkiFiles:
     """Make a CA and a server certificate in ``directory``; the result lists the backups of
     the files a forced run replaced. Refuses a directory with any of them unless ``force``:
-    a new CA key makes every certificate the old one issued stop verifying."""
+    a new CA key makes every certificate the old one issued stop verifying.
+
+    ``group`` (``key_group``): the server key and the device issuing CA key are made 0640
+    with that group, for the service user to read; ca.key stays 0600, the caller's: the
+    service gets it only through systemd's LoadCredential= (``serve --ca-key``)."""
     if not hostnames:
         raise DevtrustError("no --hostname: give the name agents use to reach the verifier")
     for name in hostnames:
@@ -204,12 +264,14 @@ def init_pki(
         hostnames=hostnames, public_key=key.public_key(), now=now, lifetime=server_lifetime
     )
     device = new_device_ca(now)
+    service_mode = 0o600 if group is None else 0o640
+    service_keys = (files.server_key, files.device_ca_key)
     new: dict[Path, tuple[bytes, int] | None] = {
         files.ca_key: (private_key_pem(ca.key), 0o600),
         files.ca_cert: (pem(ca.cert), 0o644),
-        files.server_key: (private_key_pem(key), 0o600),
+        files.server_key: (private_key_pem(key), service_mode),
         files.server_cert: (pem(cert), 0o644),
-        files.device_ca_key: (private_key_pem(device.key), 0o600),
+        files.device_ca_key: (private_key_pem(device.key), service_mode),
         files.device_ca_cert: (pem(device.cert), 0o644),
         files.device_bundle: (pem(device.cert), 0o644),
         # A rotation of the replaced device CA is void: kept as *.bak, then removed.
@@ -231,7 +293,9 @@ def init_pki(
         if content is None:
             path.unlink(missing_ok=True)
         else:
-            write_file(path, content[0], mode=content[1])
+            write_file(
+                path, content[0], mode=content[1], group=group if path in service_keys else None
+            )
     return replace(files, backups=tuple(backups))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,6 +23,46 @@ from devtrust.verifier.store_health import StoreHealth
 from devtrust.verifier.watch import TrustWatch
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What a verifier process's STATUS= line says (sd_notify, verifier/workers.py): its open
+    attestation streams, the policy in force (its policy_id; None: no policy) and whether the
+    database answers (health SERVING)."""
+
+    streams: int
+    policy: str | None
+    store_up: bool
+
+    def same_kind(self, other: ServingState | None) -> bool:
+        """Whether only the stream count differs: a change of policy or of the database's
+        state is told at once, a new count with the next periodic refresh."""
+        return other is not None and (self.policy, self.store_up) == (
+            other.policy,
+            other.store_up,
+        )
+
+
+def status_line(states: Sequence[ServingState], *, workers: int | None = None) -> str:
+    """One STATUS= line for a single process (one state) or a parent of ``workers`` (the
+    states its workers last reported): ``serving: 12 attestation streams, policy P, store
+    ok``."""
+    head = "serving" if workers is None else f"serving with {workers} workers"
+    if not states:
+        return f"{head}: waiting for the workers' state"
+    streams = sum(s.streams for s in states)
+    policies = sorted({s.policy or "none" for s in states})
+    down = sum(1 for s in states if not s.store_up)
+    if down == 0:
+        store = "store ok"
+    elif workers is None:
+        store = "store UNAVAILABLE (health NOT_SERVING)"
+    else:
+        store = f"store UNAVAILABLE in {down} of {len(states)} workers (health NOT_SERVING)"
+    noun = "stream" if streams == 1 else "streams"
+    policy = f"policy {policies[0]}" if len(policies) == 1 else f"policies {', '.join(policies)}"
+    return f"{head}: {streams} attestation {noun}, {policy}, {store}"
 
 
 @dataclass
@@ -50,6 +91,15 @@ class RunningVerifier:
     # The unary calls in flight on both ports (a drain lets them finish).
     calls: UnaryCalls | None = None
     stopped: bool = False
+
+    def state(self) -> ServingState:
+        """This process's state for STATUS= (sd_notify)."""
+        current = self.policy.current
+        return ServingState(
+            streams=self.attestation.open_streams,
+            policy=None if current is None else current.policy_id,
+            store_up=self.store_health is None or self.store_health.up,
+        )
 
     async def drain(self, limit_s: float | None = None) -> None:
         """Stop gracefully within ``limit_s`` (default server.drain_s): health NOT_SERVING

@@ -24,7 +24,14 @@ them). A worker whose parent dies stops too (the pipe between them closes).
 
 What the workers share goes through the database (verifier/storage/sqlite_changes.py):
 revocations, the devices revoked or moved, the trust watch's changes, each device's stream
-lease. Logs: every worker's lines carry ``workerN[pid]``.
+lease. Logs: every worker's lines carry ``workerN[pid]`` (in JSON, ``worker`` and ``pid``).
+
+Under systemd (``Type=notify``, ``NotifyAccess=main``) the parent is the main PID and speaks
+for all (protos/devtrust/core/sdnotify.py): READY=1 once every worker serves, STATUS= summing
+what each worker reports over its pipe (streams, policy, database state), WATCHDOG=1 from
+its own loop, RELOADING=1 on SIGHUP and READY=1 once each worker said how its reload went,
+STOPPING=1. The workers inherit no NOTIFY_SOCKET. The single process does the same itself
+(``serve_until_signalled``).
 """
 
 from __future__ import annotations
@@ -45,11 +52,14 @@ from multiprocessing.process import BaseProcess
 
 from devtrust.core.command import one_line
 from devtrust.core.errors import ConfigError, DevtrustError
-from devtrust.core.logsetup import IsoFormatter, configure_logging
+from devtrust.core.logsetup import configure_logging, formatter
+from devtrust.core.sdnotify import Notifier, start_watchdog
 from devtrust.verifier.config import VerifierConfig, parse_address
 from devtrust.verifier.listen import bind_problem
+from devtrust.verifier.metrics_workers import WorkerMetrics
 from devtrust.verifier.policy import PolicyError
 from devtrust.verifier.policy_store import SIGHUP_ACTOR
+from devtrust.verifier.running import ServingState, status_line
 from devtrust.verifier.server import RunningVerifier, WorkerPlace, start_verifier
 from devtrust.verifier.storage import open_repositories
 from devtrust.verifier.store_health import is_outage
@@ -71,31 +81,101 @@ _FAILED = "failed"
 
 # --- serving until told to stop: the single process and each worker ------------------------
 
+# How often a process looks at its state for STATUS= (a change of policy or of the database's
+# state is told within this), and how often the line is sent anyway (the stream count).
+STATUS_CHECK_S = 1.0
+STATUS_REFRESH_S = 10.0
+# After a SIGHUP, the parent says READY=1 once every worker said how its reload went, or
+# after this long (a worker that died meanwhile must not leave systemd "reloading").
+RELOAD_WAIT_S = 30.0
+
+# What a process tells about itself: its state for STATUS= (``ServingState``), or how a
+# SIGHUP's reload went (a line). The single process tells systemd (``_Systemd``); a worker,
+# its parent, over the pipe between them (``_ToParent``).
+Tell = Callable[[ServingState | str], None]
+
+
+def _to_systemd(notifier: Notifier) -> Tell:
+    """The single process: its state as STATUS=, a reload's outcome as READY=1 with it."""
+
+    def tell(what: ServingState | str) -> None:
+        if isinstance(what, str):
+            notifier.ready(what)
+        else:
+            notifier.status(status_line([what]))
+
+    return tell
+
 
 async def serve_until_signalled(
-    running: RunningVerifier, *, stopped: asyncio.Event | None = None
+    running: RunningVerifier,
+    *,
+    stopped: asyncio.Event | None = None,
+    notifier: Notifier | None = None,
+    tell: Tell | None = None,
+    refresh_s: float = STATUS_REFRESH_S,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or ``stopped``), then drain (server.drain_s): SIGHUP
-    reloads the policy files and publishes them to the database."""
+    reloads the policy files and publishes them to the database.
+
+    ``notifier``: this is the process systemd started (one process, no workers): READY=1
+    now, STATUS= with ``running``'s state (on each change of policy or database state, and
+    every STATUS_REFRESH_S), WATCHDOG=1 from this loop, RELOADING=1 and READY=1 around a
+    SIGHUP's reload, STOPPING=1 on SIGTERM. ``tell``: a worker's report to its parent, at
+    least every ``refresh_s`` (its heartbeat: the parent kills a worker that falls silent)."""
     stop = stopped or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if notifier is not None:
+        tell = _to_systemd(notifier)
+        notifier.ready(status_line([running.state()]))
+    background = [asyncio.create_task(_report_state(running, tell, refresh_s))] if tell else []
+    if notifier is not None and (ping := start_watchdog(notifier)) is not None:
+        background.append(ping)
     reloads: set[asyncio.Task[None]] = set()
 
+    async def reload() -> None:
+        outcome = await reload_policy(running)
+        if tell is not None:
+            tell(outcome)
+
     def on_sighup() -> None:
-        task = asyncio.create_task(reload_policy(running))
+        if notifier is not None:
+            notifier.reloading("reloading the policy (SIGHUP)")
+        task = asyncio.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     logger.info("stopping: draining within %g s", running.drain_s)
+    if notifier is not None:
+        notifier.stopping(
+            f"stopping: draining {running.attestation.open_streams} attestation streams "
+            f"within {running.drain_s:g} s"
+        )
     watchdog = _exit_after(running.drain_s + EXIT_MARGIN_S)
     try:
         await running.drain()
     finally:
         watchdog.cancel()
+        for task in background:
+            task.cancel()
+
+
+async def _report_state(running: RunningVerifier, tell: Tell, refresh_s: float) -> None:
+    """``running``'s state, told now, on each change of policy or database state (looked
+    at every STATUS_CHECK_S or ``refresh_s`` if sooner) and every ``refresh_s``."""
+    loop = asyncio.get_running_loop()
+    told: ServingState | None = None
+    told_at = 0.0
+    while True:
+        state = running.state()
+        if not state.same_kind(told) or loop.time() - told_at >= refresh_s:
+            tell(state)
+            told, told_at = state, loop.time()
+        await asyncio.sleep(min(STATUS_CHECK_S, refresh_s))
 
 
 def _exit_after(limit_s: float) -> threading.Timer:
@@ -114,10 +194,10 @@ def _exit_after(limit_s: float) -> threading.Timer:
     return timer
 
 
-async def reload_policy(running: RunningVerifier) -> None:
+async def reload_policy(running: RunningVerifier) -> str:
     """SIGHUP: this process's policy files, loaded and published (the other processes and
     replicas follow); a policy that does not load, or a database that does not take it,
-    leaves the old one in force, said in the log."""
+    leaves the old one in force, said in the log. What happened, in a line for STATUS=."""
     try:
         if running.shared_policy is not None:
             policy = await running.shared_policy.reload(actor=SIGHUP_ACTOR)
@@ -125,14 +205,21 @@ async def reload_policy(running: RunningVerifier) -> None:
             policy = running.policy.reload()
     except PolicyError as exc:
         logger.error("SIGHUP: policy refused, the old one stays: %s", exc)  # noqa: TRY400
-        return
+        return f"reload: policy refused, {_in_force(running)} stays: {exc}"
     except Exception as exc:
         if not is_outage(exc):
             raise
         logger.error("SIGHUP: the database did not take the policy, the old one stays: %s", exc)  # noqa: TRY400
-        return
-    if policy is not None:
-        logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
+        return f"reload: the database did not take the policy, {_in_force(running)} stays"
+    if policy is None:
+        return "reload: no policy configured (policy: in the configuration), nothing loaded"
+    logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
+    return f"reload: policy {policy.policy_id} loaded ({len(policy.rules)} rules)"
+
+
+def _in_force(running: RunningVerifier) -> str:
+    current = running.policy.current
+    return "no policy" if current is None else f"policy {current.policy_id}"
 
 
 # --- the parent: ports, database, workers -----------------------------------------------------
@@ -192,6 +279,8 @@ class _Worker:
     restarts: int = 0
     failures: int = 0
     pids: list[int] = field(default_factory=list)
+    # When the parent last heard from it (loop time; None: not serving yet, or gone).
+    heard: float | None = None
 
     async def ended(self, within_s: float | None) -> bool:
         """Wait until the process exits, at most ``within_s``; whether it did."""
@@ -214,15 +303,36 @@ class Supervisor:
         count: int,
         *,
         level: int = logging.INFO,
+        log_format: str = "text",
         backoff_s: tuple[float, float] = BACKOFF_S,
+        notifier: Notifier | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self._config = config
         self._count = count
         self._level = level
+        self._log_format = log_format
         self._backoff_s = backoff_s
+        # Told each worker pid that exited (the metrics endpoint drops its live gauges).
+        self._on_exit = on_exit
         self._context = multiprocessing.get_context("spawn")
         self._workers = [_Worker(WorkerPlace(i, count)) for i in range(count)]
         self._stop = asyncio.Event()
+        # systemd's notifications (the parent is the main PID; workers send none): the state
+        # each worker last told, and the workers a SIGHUP's reload still waits for.
+        self._notifier = notifier or Notifier(None)
+        self._states: dict[int, ServingState] = {}
+        self._reloading: dict[int, str | None] = {}
+        self._reload_timer: asyncio.TimerHandle | None = None
+        self._told_at = 0.0
+        # Under systemd's watchdog, the workers' loops are watched too: each reports at
+        # least every ``heartbeat_s``; one silent for the watchdog's interval is stuck, and
+        # is killed (then started again, as any worker that dies).
+        watchdog_s = self._notifier.watchdog_s
+        self._silent_s = watchdog_s
+        self._heartbeat_s = (
+            STATUS_REFRESH_S if watchdog_s is None else min(STATUS_REFRESH_S, watchdog_s / 2)
+        )
 
     @property
     def pids(self) -> list[int]:
@@ -230,7 +340,93 @@ class Supervisor:
         return [(w.process.pid or 0) if w.process is not None else 0 for w in self._workers]
 
     def stop(self) -> None:
+        if not self._stop.is_set():
+            self._notifier.stopping(
+                f"stopping: {self._count} workers draining within {self._config.server.drain_s:g} s"
+            )
         self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: RELOADING=1, every worker told to reload; READY=1 once each said how it
+        went (``_on_message``), or after RELOAD_WAIT_S."""
+        self._notifier.reloading("reloading the policy in every worker (SIGHUP)")
+        live = [w for w in self._workers if w.conn is not None]
+        self._reloading = {w.place.index: None for w in live}
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+        self._reload_timer = asyncio.get_running_loop().call_later(RELOAD_WAIT_S, self._reloaded)
+        self.signal_all(signal.SIGHUP)
+        if not live:
+            self._reloaded()
+
+    def _reloaded(self) -> None:
+        """READY=1 after a reload, with what the workers said (or that some said nothing)."""
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+            self._reload_timer = None
+        said = sorted({line for line in self._reloading.values() if line is not None})
+        silent = sum(1 for line in self._reloading.values() if line is None)
+        self._reloading = {}
+        if silent:
+            said.append(f"{silent} workers did not answer within {RELOAD_WAIT_S:g} s")
+        if self._stop.is_set():  # stopping: READY=1 would say otherwise
+            return
+        self._notifier.ready("; ".join(said) or "reload: no worker running")
+
+    def status(self) -> str:
+        """The STATUS= line: the workers' states summed."""
+        return status_line([self._states[i] for i in sorted(self._states)], workers=self._count)
+
+    def _on_message(self, worker: _Worker, what: object) -> None:
+        """A worker's report (``Tell``): its state, or how its reload went."""
+        worker.heard = asyncio.get_running_loop().time()
+        index = worker.place.index
+        if isinstance(what, ServingState):
+            before = self._states.get(index)
+            self._states[index] = what
+            now = asyncio.get_running_loop().time()
+            if not what.same_kind(before) or now - self._told_at >= STATUS_REFRESH_S:
+                self._told_at = now
+                self._notifier.status(self.status())
+        elif isinstance(what, str) and index in self._reloading:
+            self._reloading[index] = what
+            if all(line is not None for line in self._reloading.values()):
+                self._reloaded()
+
+    def _listen(self, worker: _Worker) -> None:
+        """Read the worker's reports as they come, until its end of the pipe closes."""
+        conn = worker.conn
+        assert conn is not None
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                what = conn.recv()
+            except (EOFError, OSError):
+                loop.remove_reader(conn.fileno())
+                self._forget(worker)
+                return
+            self._on_message(worker, what)
+
+        worker.heard = loop.time()
+        loop.add_reader(conn.fileno(), readable)
+
+    def _forget(self, worker: _Worker) -> None:
+        """A worker gone: its state no longer counts, nor its answer to a reload."""
+        worker.heard = None
+        self._states.pop(worker.place.index, None)
+        if self._reloading.pop(worker.place.index, "") is None and all(
+            line is not None for line in self._reloading.values()
+        ):
+            self._reloaded()
+
+    def _close(self, worker: _Worker) -> None:
+        if worker.conn is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+            worker.conn.close()
+            worker.conn = None
+        self._forget(worker)
 
     def signal_all(self, sig: int) -> None:
         for worker in self._workers:
@@ -252,9 +448,34 @@ class Supervisor:
     async def supervise(self) -> None:
         """Keep every worker running until ``stop``; then stop them all."""
         try:
-            await asyncio.gather(*(self._keep(w) for w in self._workers))
+            await asyncio.gather(*(self._keep(w) for w in self._workers), self._watch())
         finally:
             await self.shutdown()
+
+    async def _watch(self) -> None:
+        """Under systemd's watchdog: kill a worker whose loop fell silent (``_keep`` starts
+        it again). Its own watchdog pings say only that the parent's loop turns."""
+        if self._silent_s is None:
+            return
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._heartbeat_s)
+            if self._stop.is_set():
+                return
+            for worker in self._workers:
+                process = worker.process
+                if worker.heard is None or process is None or process.exitcode is not None:
+                    continue
+                if loop.time() - worker.heard > self._silent_s:
+                    logger.error(
+                        "%s (pid %s) sent nothing for %g s: its event loop is stuck, killed",
+                        worker.place.name,
+                        process.pid,
+                        self._silent_s,
+                    )
+                    worker.heard = None
+                    process.kill()
 
     async def shutdown(self) -> None:
         """SIGTERM to every worker (each drains); those still running after the drain and a
@@ -273,9 +494,7 @@ class Supervisor:
                 )
                 process.kill()
                 await worker.ended(5.0)
-            if worker.conn is not None:
-                worker.conn.close()
-                worker.conn = None
+            self._close(worker)
 
     async def _spawn(self, worker: _Worker) -> None:
         """Start the worker and wait until it serves; ConfigError with its message when it
@@ -284,6 +503,7 @@ class Supervisor:
         process = self._context.Process(
             target=worker_main,
             args=(self._config, worker.place, theirs, self._level),
+            kwargs={"log_format": self._log_format, "heartbeat_s": self._heartbeat_s},
             name=f"devtrust-verifier {worker.place.name}",
         )
         process.start()
@@ -296,6 +516,7 @@ class Supervisor:
             why = message[1] if message is not None else f"it exited ({process.exitcode})"
             raise ConfigError(f"{worker.place.name} did not start: {why}")
         worker.pids.append(process.pid or 0)
+        self._listen(worker)
 
     async def _keep(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -310,6 +531,8 @@ class Supervisor:
             ended.cancel()
             if self._stop.is_set():
                 return
+            if self._on_exit is not None and process.pid is not None:
+                self._on_exit(process.pid)
             worker.failures = 1 if loop.time() - started >= HEALTHY_S else worker.failures + 1
             first, cap = self._backoff_s
             delay = min(cap, first * 2 ** (worker.failures - 1))
@@ -320,9 +543,7 @@ class Supervisor:
                 _exit_text(process.exitcode),
                 delay,
             )
-            if worker.conn is not None:
-                worker.conn.close()
-                worker.conn = None
+            self._close(worker)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
             if self._stop.is_set():
@@ -367,19 +588,45 @@ def _exit_of(process: BaseProcess) -> asyncio.Future[None]:
     return exited
 
 
-async def supervise(config: VerifierConfig, count: int, *, level: int = logging.INFO) -> None:
-    """`serve` with ``count`` workers, until SIGTERM or SIGINT."""
+async def supervise(
+    config: VerifierConfig,
+    count: int,
+    *,
+    level: int = logging.INFO,
+    log_format: str = "text",
+    notifier: Notifier | None = None,
+) -> None:
+    """`serve` with ``count`` workers, until SIGTERM or SIGINT. ``notifier``: systemd's
+    (this parent is the main PID): READY=1 once every worker serves, STATUS= with their
+    summed state, WATCHDOG=1 from this loop, RELOADING=1/READY=1 around SIGHUP, STOPPING=1."""
     concrete, held = hold_ports(config)
+    ping: asyncio.Task[None] | None = None
+    metrics: WorkerMetrics | None = None
     try:
         # Checked and migrated once, here: the workers open it migrated.
         repos = await open_repositories(concrete.database)
         await repos.close()
-        supervisor = Supervisor(concrete, count, level=level)
+        # One metrics endpoint, here, over every worker's (verifier/metrics_workers.py):
+        # before the first worker starts, which inherits where to write its values.
+        metrics = WorkerMetrics.open(concrete, count)
+        supervisor = Supervisor(
+            concrete,
+            count,
+            level=level,
+            log_format=log_format,
+            notifier=notifier,
+            on_exit=None if metrics is None else metrics.worker_exited,
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.stop)
-        loop.add_signal_handler(signal.SIGHUP, supervisor.signal_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+        # Pinging while the workers start: systemd's start timeout bounds the start, the
+        # watchdog a wedged loop.
+        ping = None if notifier is None else start_watchdog(notifier)
         await supervisor.start()
+        if notifier is not None:
+            notifier.ready(supervisor.status())
         logger.info(
             "verifier listening: enrollment (TLS) on %s, attestation+query (mTLS) on %s, "
             "database %s, %d workers (pids %s)",
@@ -392,6 +639,10 @@ async def supervise(config: VerifierConfig, count: int, *, level: int = logging.
         await supervisor.supervise()
         logger.info("stopped")
     finally:
+        if ping is not None:
+            ping.cancel()
+        if metrics is not None:
+            await metrics.aclose()
         for sock in held:
             sock.close()
 
@@ -399,30 +650,47 @@ async def supervise(config: VerifierConfig, count: int, *, level: int = logging.
 # --- a worker ---------------------------------------------------------------------------------
 
 
-def worker_main(config: VerifierConfig, place: WorkerPlace, conn: Connection, level: int) -> None:
+def worker_main(
+    config: VerifierConfig,
+    place: WorkerPlace,
+    conn: Connection,
+    level: int,
+    *,
+    log_format: str = "text",
+    heartbeat_s: float = STATUS_REFRESH_S,
+) -> None:
     """A worker process's body (multiprocessing, spawn): serve until told to stop, or until
     the parent is gone."""
     configure_logging(level)
     fmt = f"%(asctime)s %(levelname)s {place.name}[%(process)d] %(name)s: %(message)s"
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(IsoFormatter(fmt))
+        handler.setFormatter(
+            formatter(log_format, text=fmt, fields={"worker": place.name, "pid": os.getpid()})
+        )
     try:
-        asyncio.run(_work(config, place, conn))
+        asyncio.run(_work(config, place, conn, heartbeat_s))
     except (DevtrustError, OSError) as exc:
         with contextlib.suppress(OSError):
             conn.send((_FAILED, one_line(exc)))
         sys.exit(2)
 
 
-async def _work(config: VerifierConfig, place: WorkerPlace, conn: Connection) -> None:
+async def _work(
+    config: VerifierConfig, place: WorkerPlace, conn: Connection, heartbeat_s: float
+) -> None:
     running = await start_verifier(config, worker=place)
     conn.send((_READY, str(os.getpid())))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # The parent's end closes when it exits (even killed): this worker stops then.
     loop.add_reader(conn.fileno(), _on_parent(conn, stop.set))
+
+    def tell(what: ServingState | str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the parent gone: stopping anyway
+            conn.send(what)
+
     try:
-        await serve_until_signalled(running, stopped=stop)
+        await serve_until_signalled(running, stopped=stop, tell=tell, refresh_s=heartbeat_s)
     finally:
         loop.remove_reader(conn.fileno())
 
