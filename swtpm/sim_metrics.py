@@ -9,8 +9,9 @@ is read (``read_fleet``) and the numbers compared:
 - devices by zone, state and tier (the gauge, the same on every replica) = the store's
   devices and their latest result at that time;
 - appraisals (summed over replicas) = decisions stored, per tier too;
-- certificates issued = certificate rows, revoked = rows revoked; enrollments (enrolled)
-  = devices enrolled;
+- certificates issued = certificate rows, revoked = rows revoked; enrollments (enrolled,
+  pending approval) = the audit's entries of enrollments stored with that outcome (the
+  counter counts calls: a device that enrolls again counts again, in both);
 - open streams before the devices stop = devices attached.
 
 Counters live in a verifier process: a replica killed or restarted by a fault starts again
@@ -34,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtrust.core.errors import DevtrustError
+from devtrust.verifier.audit_chain import Event
 from devtrust.verifier.metrics import VerifierMetrics
 from devtrust.verifier.storage.backends import open_repositories
 from devtrust.verifier.storage.codec import iso
@@ -108,7 +110,8 @@ class StoreFleet:
     decisions: dict[str, int]
     certificates: int
     revoked: int
-    enrolled: int
+    # Enrollments stored, by outcome (enrolled, pending_approval): one audit entry each.
+    enrollments: dict[str, int]
 
 
 async def read_fleet(database: Path | str, at: datetime.datetime) -> StoreFleet:
@@ -125,7 +128,6 @@ async def read_fleet(database: Path | str, at: datetime.datetime) -> StoreFleet:
                 for r in db.execute("SELECT device_id, tier, expires_at FROM trust").fetchall()
             }
             devices: dict[tuple[str, str, str], int] = {}
-            enrolled = 0
             for device_id, zone, state in db.execute(
                 "SELECT device_id, zone, state FROM devices"
             ).fetchall():
@@ -134,7 +136,6 @@ async def read_fleet(database: Path | str, at: datetime.datetime) -> StoreFleet:
                     tier = "none"
                 key = (str(zone), str(state), tier)
                 devices[key] = devices.get(key, 0) + 1
-                enrolled += str(state) != "pending_approval"
             decisions: dict[str, int] = {}
             for (tier,) in db.execute(
                 "SELECT tier FROM audit WHERE event = ?", ("appraisal",)
@@ -146,7 +147,16 @@ async def read_fleet(database: Path | str, at: datetime.datetime) -> StoreFleet:
                     "SELECT COUNT(*) FROM certificates WHERE revoked_at IS NOT NULL"
                 ).fetchone()[0]
             )
-            return StoreFleet(devices, decisions, certificates, revoked, enrolled)
+            enrollments = {
+                outcome: int(
+                    db.execute("SELECT COUNT(*) FROM audit WHERE event = ?", (event,)).fetchone()[0]
+                )
+                for outcome, event in (
+                    ("enrolled", Event.ENROLLED.value),
+                    ("pending_approval", Event.ENROLLED_PENDING.value),
+                )
+            }
+            return StoreFleet(devices, decisions, certificates, revoked, enrollments)
 
         return await repos.engine.read(work)
     finally:
@@ -361,7 +371,11 @@ class FleetMetrics:
         )
         self._compare("certificates issued", f.certificates_issued, store.certificates)
         self._compare("certificates revoked", f.certificates_revoked, store.revoked)
-        self._compare("enrollments (enrolled)", f.enrollments.get("enrolled", 0.0), store.enrolled)
+        self._compare(
+            "enrollments (enrolled, pending approval)",
+            {k: f.enrollments.get(k, 0.0) for k in store.enrollments},
+            {k: float(v) for k, v in store.enrollments.items()},
+        )
 
     def _compare(self, what: str, metric: object, store: object) -> None:
         self.figures.checked.append(what)

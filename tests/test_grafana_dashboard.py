@@ -19,7 +19,8 @@ PANELS = {
     "Compliance rate per zone",
     "Security posture score",
     "Mean time to detection",
-    "Detections over time (findings by id)",
+    "Detections over time",
+    "Findings over time (prevalence)",
     "Appraisal latency",
     "Open attestation streams",
     "Certificates issued and revoked",
@@ -41,6 +42,7 @@ def exported() -> set[str]:
     metrics = VerifierMetrics(registry)
     # One child of each labelled metric, so that their samples exist.
     metrics.devices.labels("z", "enrolled", "affirming").set(1)
+    metrics.devices_compliant.labels("z").set(1)
     metrics.appraisals.labels("z", "affirming").inc()
     metrics.findings.labels("tpm.quote.nonce_mismatch").inc()
     return {sample.name for family in registry.collect() for sample in family.samples}
@@ -96,3 +98,33 @@ def test_the_queries_are_balanced() -> None:
         for opening, closing in ("()", "{}", "[]"):
             assert expr.count(opening) == expr.count(closing), expr
         assert expr.count('"') % 2 == 0, expr
+
+
+def panel(title: str) -> dict[str, Any]:
+    [found] = [p for p in load()["panels"] if p["title"] == title]
+    assert isinstance(found, dict)
+    return found
+
+
+def test_compliance_applies_each_zones_minimum() -> None:
+    """Compliance is the report's: devices meeting their zone's minimum tier (a warning device
+    in a zone of minimum warning counts), not affirming devices (review 13a, M5)."""
+    [target] = panel("Compliance rate per zone")["targets"]
+    numerator, denominator = target["expr"].split(" / ")
+    assert "devtrust_devices_compliant" in numerator
+    assert "tier=" not in target["expr"]
+    assert 'devtrust_devices{state="enrolled"' in denominator
+    assert "zone's minimum" in panel("Compliance rate per zone")["description"]
+
+
+def test_detections_are_the_changed_verdicts_and_findings_are_prevalence() -> None:
+    """Detections count the detection histogram's observations (changed verdicts); the
+    findings panel says it shows prevalence (review 13a, L4, M1)."""
+    [detections] = panel("Detections over time")["targets"]
+    assert "devtrust_detection_seconds_count" in detections["expr"]
+    assert "devtrust_findings" not in detections["expr"]
+    assert "prevalence" in panel("Findings over time (prevalence)")["description"]
+    for title in ("Mean time to detection", "Mean time to detection over time"):
+        description = panel(title)["description"]
+        assert "changed its result" in description, title
+        assert "not counted" in description, title

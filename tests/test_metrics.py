@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtrust.agent.config import AgentConfig
@@ -25,10 +26,12 @@ from devtrust.agent.enroll import enroll
 from devtrust.agent.main import make_host
 from devtrust.core.errors import ConfigError
 from devtrust.core.ids import DeviceId, Nonce
+from devtrust.core.tier import Tier
 from devtrust.swtpm import EndorsementCA
 from devtrust.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 from devtrust.verifier.config import MetricsConfig, VerifierConfig
-from devtrust.verifier.metrics import ENROLL_OUTCOMES, REVOKE_KINDS
+from devtrust.verifier.decision import Decision, Detections, Verdict, verdict_of
+from devtrust.verifier.metrics import ENROLL_OUTCOMES, REVOKE_KINDS, loopback, serve
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.server import RunningVerifier
 from devtrust.verifier.stream import (
@@ -44,6 +47,7 @@ from devtrust.verifier.stream import (
     StreamTiming,
     Tick,
 )
+from devtrust.verifier.trust import Claim, Finding, Severity, TrustResult
 from tests.conftest import SwtpmFactory
 from tests.env import (
     enrolled_agent,
@@ -59,6 +63,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 FAMILIES = {
     "devtrust_devices",
     "devtrust_devices_refreshed_timestamp_seconds",
+    "devtrust_devices_compliant",
     "devtrust_appraisals",
     "devtrust_findings",
     "devtrust_appraisal_seconds",
@@ -172,6 +177,8 @@ def test_each_metric_moves_with_its_event(
                     assert value(samples, "devtrust_appraisal_seconds_count") == 1
                     assert value(samples, "devtrust_appraisal_seconds_sum") > 0
                     assert value(samples, "devtrust_detection_seconds_count") == 0
+                    # Compliant in zone lab (minimum affirming, the default), from the store.
+                    await until(verifier, "devtrust_devices_compliant", 1, zone="lab")
                     assert (
                         value(
                             samples,
@@ -231,6 +238,7 @@ def test_each_metric_moves_with_its_event(
                     state="enrolled",
                     tier="contraindicated",
                 )
+                assert value(samples, "devtrust_devices_compliant", zone="lab") == 0
                 # The series the device left stays, at 0.
                 assert (
                     value(samples, "devtrust_devices", zone="lab", state="enrolled", tier="none")
@@ -452,3 +460,167 @@ def test_the_evidence_a_posture_note_brought_carries_the_notes_time() -> None:
     after = protocol.feed(Appraised(66.1, rebooted=False))
     assert any(isinstance(a, SendResult) and a.challenge is not None for a in after)
     assert _appraise(protocol.feed(EvidenceReceived(66.5))).posture_noted == 65.5
+
+
+# --- only a changed verdict times a detection (review 13a, M1) ------------------------------
+
+
+def _result(tier: Tier, *finding_ids: str) -> TrustResult:
+    now = datetime.datetime.now(datetime.UTC)
+    claims = {
+        Tier.AFFIRMING: {Claim.INSTANCE_IDENTITY: 2},
+        Tier.WARNING: {Claim.INSTANCE_IDENTITY: 32},
+        Tier.CONTRAINDICATED: {Claim.INSTANCE_IDENTITY: 96},
+    }[tier]
+    findings = tuple(
+        Finding(id=f, severity=Severity.WARNING, claim=Claim.INSTANCE_IDENTITY, message=f)
+        for f in finding_ids
+    )
+    result = TrustResult(
+        device_id=DeviceId("d" * 64),
+        claims=claims,
+        findings=findings,
+        appraised_at=now,
+        expires_at=now + datetime.timedelta(hours=1),
+    )
+    assert result.tier is tier
+    return result
+
+
+def _decided(result: TrustResult, *, seen: bool = True) -> Decision:
+    return Decision(
+        device_id=result.device_id,
+        zone="lab",
+        result=result,
+        previous_tier=None,
+        certificate=None,
+        withheld="",
+        tpm=None,
+        rebooted=False,
+        seen=seen,
+    )
+
+
+def test_a_detection_is_a_changed_verdict_once_per_device_per_window() -> None:
+    detections = Detections(window_s=600.0)
+    good = _result(Tier.AFFIRMING)
+    warned = _result(Tier.WARNING, "policy.unknown")
+    other = _result(Tier.WARNING, "gpu.driver.security_bulletins")
+    before = verdict_of(good)
+
+    def detection(
+        result: TrustResult, previous: Verdict | None, now: float, **kw: bool
+    ) -> float | None:
+        return detections.detection(
+            _decided(result, **kw), noted=now - 1.0, previous=previous, now=now
+        )
+
+    # The same verdict again (tier and findings): a re-appraisal, not a detection.
+    assert detection(good, before, 10.0) is None
+    # No note, no previous verdict, or the agent's word that its TPM does not answer: none.
+    assert detections.detection(_decided(warned), noted=None, previous=before, now=10.0) is None
+    assert detection(warned, None, 10.0) is None
+    assert detection(warned, before, 10.0, seen=False) is None
+    # Another tier, or the same tier with other findings: a detection, timed from the note.
+    assert detection(warned, before, 10.0) == 9.0
+    assert detection(other, verdict_of(warned), 10.0) == 9.0
+    # Once timed, the device's next one counts only after the window.
+    detections.timed(good.device_id, 10.0)
+    assert detection(good, verdict_of(warned), 20.0) is None
+    assert detection(good, verdict_of(warned), 609.0) is None
+    assert detection(good, verdict_of(warned), 611.0) == 610.0
+    # Another device has a window of its own; entries are forgotten after it.
+    assert (
+        detections.detection(
+            dataclasses.replace(_decided(warned), device_id=DeviceId("e" * 64)),
+            noted=19.0,
+            previous=before,
+            now=20.0,
+        )
+        == 19.0
+    )
+    assert len(detections) == 0  # the window of 10.0 passed at 611.0
+
+
+def test_only_a_note_whose_answer_changed_the_verdict_is_timed(
+    workdir: Path, pki: PkiFiles, endorsement_ca: EndorsementCA, swtpm_factory: SwtpmFactory
+) -> None:
+    """On a real stream: notes answered with the verdict the device had are not timed; the
+    one that changed it is; a change back within the window is not timed again."""
+    tpm = swtpm_factory()
+    config = with_metrics(verifier_config(workdir, pki, endorsement_ca, posture_min_interval_s=0.0))
+    note = attestation_pb2.AgentMessage(
+        posture_changed=attestation_pb2.PostureChanged(signals=["kernel_modules"])
+    )
+
+    async def scenario() -> None:
+        async with (
+            running(config) as verifier,
+            enrolled_agent(workdir, pki, verifier, tpm) as agent,
+            stream_channel(pki, verifier, agent.enrollment) as channel,
+        ):
+            call = attestation_pb2_grpc.AttestationStub(channel).Attest(timeout=60)
+            await call.write(attestation_pb2.AgentMessage(hello=attestation_pb2.Hello()))
+            challenge = (await read_message(call)).challenge
+
+            async def answer(*, good: bool) -> int:
+                """Answer the challenge out, then send a note: its challenge."""
+                nonlocal challenge
+                quoted = None if good else bytes(32)
+                evidence = await quote_evidence(agent, challenge, quoted_nonce=quoted)
+                await call.write(attestation_pb2.AgentMessage(evidence=evidence))
+                reply = await read_message(call)
+                await call.write(note)
+                challenge = (await read_message(call)).challenge
+                return int(reply.result.trust.tier)
+
+            timed = "devtrust_detection_seconds_count"
+            assert await answer(good=True) == common_pb2.TIER_AFFIRMING  # no note yet
+            # The note's answer: affirming again, nothing detected.
+            assert await answer(good=True) == common_pb2.TIER_AFFIRMING
+            _, samples = await scrape(verifier)
+            assert value(samples, timed) == 0
+            assert value(samples, "devtrust_appraisal_seconds_count") == 2
+            # The next note's answer changes the verdict: one detection.
+            assert await answer(good=False) == common_pb2.TIER_CONTRAINDICATED
+            _, samples = await scrape(verifier)
+            assert value(samples, timed) == 1
+            # The same verdict again, then a change back within the window: neither.
+            assert await answer(good=False) == common_pb2.TIER_CONTRAINDICATED
+            assert await answer(good=True) == common_pb2.TIER_AFFIRMING
+            _, samples = await scrape(verifier)
+            assert value(samples, timed) == 1
+            assert value(samples, "devtrust_appraisal_seconds_count") == 5
+            call.cancel()
+
+    asyncio.run(scenario())
+
+
+# --- an endpoint off loopback is said in the log (review 13a, L5) ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.53", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),  # noqa: S104 - the check's own case
+        ("::", False),
+        ("10.1.2.3", False),
+        ("metrics.example", False),
+    ],
+)
+def test_loopback_hosts(host: str, expected: bool) -> None:
+    assert loopback(host) is expected
+
+
+def test_an_endpoint_off_loopback_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="devtrust.verifier.metrics")
+    for listen in ("127.0.0.1:0", "0.0.0.0:0"):
+        endpoint = serve(listen, CollectorRegistry())
+        asyncio.run(endpoint.aclose())
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "0.0.0.0:0" in warning.getMessage()
+    assert "no authentication" in warning.getMessage()

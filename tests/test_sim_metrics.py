@@ -36,7 +36,7 @@ def test_a_small_fleets_metrics_match_the_store(tmp_path: Path) -> None:
         "appraisals by tier",
         "certificates issued",
         "certificates revoked",
-        "enrollments (enrolled)",
+        "enrollments (enrolled, pending approval)",
     }
     # Every device attached had its stream open before the devices stopped.
     assert metrics["open_streams_before_stop"] == metrics["devices_attached_before_stop"] == 12
@@ -48,6 +48,9 @@ def test_a_small_fleets_metrics_match_the_store(tmp_path: Path) -> None:
     assert metrics["certificates_revoked"] >= 1
     assert metrics["certificates_issued"] >= 12 + 12  # a channel and a device certificate each
     assert metrics["appraisal_latency_p50_s"] is not None
+    # A fault the agent noted changed its device's verdict: detected and timed (review L12).
+    assert metrics["detections"] > 0, metrics
+    assert metrics["detection_mean_s"] is not None
     assert metrics["scrapes"] >= 3
     assert "metrics      " in run.stdout
     assert "match the store" in run.stdout

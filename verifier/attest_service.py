@@ -40,7 +40,14 @@ from devtrust.v1 import attestation_pb2, attestation_pb2_grpc
 from devtrust.verifier import wire_attest
 from devtrust.verifier.attestor import Attestor, DeviceSession, may_attest
 from devtrust.verifier.config import LimitsConfig
-from devtrust.verifier.decision import Decision, DecisionSink, DeviceChanged
+from devtrust.verifier.decision import (
+    Decision,
+    DecisionSink,
+    Detections,
+    DeviceChanged,
+    Verdict,
+    verdict_of,
+)
 from devtrust.verifier.errors import Rejected, Superseded
 from devtrust.verifier.identity import peer_device_id
 from devtrust.verifier.logtext import printable
@@ -105,6 +112,9 @@ class _Live:
     idle: bool = False
     # Cancelled by a drain: it ends with the drain's status.
     drained: bool = False
+    # The device's last stored verdict as this stream knows it (read when it opened, then
+    # each of its decisions'): a posture note's answer that differs is a detection.
+    verdict: Verdict | None = None
 
 
 class AttestationService(attestation_pb2_grpc.AttestationServicer):
@@ -144,6 +154,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         # Monotonic time of each device's last challenge, across its streams, while it
         # still delays a new stream's first challenge.
         self._challenged = RecentChallenges(settings.stream.stream_challenge_gap_s)
+        # Which answers to posture notes are timed as detections (metrics on only).
+        self._detections = Detections()
         self._pool = ThreadPoolExecutor(
             max_workers=settings.appraisal_workers, thread_name_prefix="appraise"
         )
@@ -167,7 +179,13 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             if live.idle:
                 self._cut(live)
         while self._live and loop.time() < deadline:
-            tasks = {live.task for live in self._live.values() if live.task is not None}
+            # Only tasks still running: a done one (its entry not yet removed) would make
+            # ``asyncio.wait`` return at once, and this loop spin to the deadline.
+            tasks = {
+                live.task
+                for live in self._live.values()
+                if live.task is not None and not live.task.done()
+            }
             if not tasks:
                 break
             await asyncio.wait(tasks, timeout=deadline - loop.time())
@@ -197,9 +215,11 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         if self._metrics is not None:
             self._metrics.streams.set(len(self._live))
 
-    async def _take_over(self, device_id: DeviceId) -> _Live:
-        """Register this stream as the device's only one, ending an older stream first."""
-        me = _Live(asyncio.current_task())
+    async def _take_over(self, device_id: DeviceId, me: _Live) -> None:
+        """Register ``me`` as the device's only stream, ending an older stream first. The
+        caller removes the entry in its ``finally``, whatever happens here: a client that
+        cancels while this waits (for the older stream, its decision, or the lease) must not
+        leave an entry behind (review M2: a phantom stream in the gauge and in drains)."""
         old = self._live.get(device_id)
         self._live[device_id] = me
         self._count_streams()
@@ -220,7 +240,6 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             self._streams_opened += 1
             owner = f"{self._owner} stream {self._streams_opened}"
             me.lease = await self._leases.claim(device_id, owner)
-        return me
 
     async def _attesting(self, device_id: DeviceId) -> DeviceRecord:
         return may_attest(device_id, await self._repos.devices.get(device_id))
@@ -237,8 +256,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         # The peer's channel certificate names an enrolled device that is not revoked.
         device_id = peer_device_id(context, trust_domain=self._settings.trust_domain)
         record = await self._attesting(device_id)
-        me = await self._take_over(device_id)
+        me = _Live(asyncio.current_task())
         try:
+            await self._take_over(device_id, me)
             # Read with context.read (verifier/attest_service.py _Reader), not the iterator.
             await self._attest(context, record, me)
         except _Drained:
@@ -270,6 +290,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
     ) -> None:
         device_id = record.device_id
         latest = await self._repos.trust.latest(device_id)
+        me.verdict = verdict_of(latest) if latest is not None else None
         session = self._attestor.open_session(
             record,
             # Without the stored log: the first challenge asks for the whole log anyway.
@@ -314,6 +335,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                             decision = await self._decide(
                                 me, session, nonce, msg, received=event.now, noted=noted
                             )
+                            me.verdict = verdict_of(decision.result)
                             upcoming = Appraised(time.monotonic(), rebooted=decision.rebooted)
                         case Wait(until):
                             # Evidence outstanding: a drain waits for it and its decision.
@@ -409,7 +431,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         if earlier is not None and not earlier.done():
             await asyncio.wait({earlier})
         task = asyncio.ensure_future(
-            self._decision(session, nonce, evidence, received=received, noted=noted)
+            self._decision(
+                session, nonce, evidence, received=received, noted=noted, previous=me.verdict
+            )
         )
         me.inflight = task
         self._inflight.add(task)
@@ -437,6 +461,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         *,
         received: float | None = None,
         noted: float | None = None,
+        previous: Verdict | None = None,
     ) -> Decision:
         """Appraise (on a worker thread when costly), publish (store first).
 
@@ -463,14 +488,22 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                     )
                     decision = await asyncio.wrap_future(future)
             if self._metrics is not None:
-                decision = replace(decision, received=received, posture_noted=noted)
+                # Timed as a detection only when it is one (decision.py Detections).
+                detected = self._detections.detection(
+                    decision, noted=noted, previous=previous, now=time.monotonic()
+                )
+                decision = replace(decision, received=received, posture_noted=detected)
             try:
                 # A sink may add to the decision (the revocation sink: serials to drop).
-                return await self._sinks.publish(decision) or decision
+                published = await self._sinks.publish(decision) or decision
             except DeviceChanged as changed:
                 session.rewind(mark)
                 # Rejected (the stream ends) unless the device may still attest.
                 self._attestor.refresh(session, changed.record)
+            else:
+                if decision.posture_noted is not None:  # stored and timed: its window starts
+                    self._detections.timed(decision.device_id, time.monotonic())
+                return published
         raise Rejected(
             f"device {session.record.device_id}: changed by operators during each of "
             f"{_REAPPRAISALS} appraisals in a row; reconnect"

@@ -25,6 +25,7 @@ from devtrust.verifier.records import (
     RevokedCertificate,
     TpmState,
 )
+from devtrust.verifier.stream import RecentChallenges
 from devtrust.verifier.trust import TrustResult
 
 logger = logging.getLogger(__name__)
@@ -75,13 +76,73 @@ class Decision:
     # When its evidence arrived (time.monotonic(), set by the attestation service): the
     # metrics sink times evidence -> decision stored. None: not timed (tests, tools).
     received: float | None = None
-    # When the PostureChanged note this evidence answers arrived (time.monotonic()): the
-    # metrics sink times change -> verdict stored. None: no note led to this challenge.
+    # When the PostureChanged note arrived whose answer is this decision, set only when the
+    # decision is a detection (``Detections``: its verdict differs from the device's previous
+    # one, and the device had none timed within the window): the metrics sink times note ->
+    # verdict stored (devtrust_detection_seconds). None: not a detection, or not timed.
     posture_noted: float | None = None
 
     @property
     def at(self) -> datetime.datetime:
         return self.result.appraised_at
+
+
+# What a result says of a device, for telling a detection from a re-appraisal that found
+# what was known: its tier and the set of its finding ids.
+Verdict = tuple[Tier, frozenset[str]]
+# A device's detections timed at most once per this many seconds (per verifier process).
+DETECTION_WINDOW_S = 600.0
+
+
+def verdict_of(result: TrustResult) -> Verdict:
+    return (result.tier, frozenset(f.id for f in result.findings))
+
+
+class Detections:
+    """Which answers to a PostureChanged note time a detection (devtrust_detection_seconds,
+    review 13a M1). The note is the agent's word: timing every answer to one would let a
+    device steer the histogram (notes every posture_min_interval_s answered at once give
+    near-zero times; evidence held to its deadline gives long ones), and would count
+    re-appraisals that found nothing new. So an answer counts only when
+
+    1. it is the device's evidence (not a TpmUnavailable: nothing was measured),
+    2. its verdict (tier, finding ids) differs from the device's previous stored one (a
+       device never appraised before has nothing to differ from), and
+    3. no detection of the device was timed within ``window_s`` (here: a device alternating
+       good and bad quotes after notes adds one observation per window, not six a minute).
+
+    One entry per device timed within the window, forgotten after it (as RecentChallenges):
+    bounded by the fleet, not by what a device sends. A compromised agent that hides never
+    sends a note, so this measures how fast a change an agent reports reaches the verdict,
+    not how fast compromises are found."""
+
+    def __init__(self, window_s: float = DETECTION_WINDOW_S) -> None:
+        self._timed = RecentChallenges(window_s)
+
+    def detection(
+        self,
+        decision: Decision,
+        *,
+        noted: float | None,
+        previous: Verdict | None,
+        now: float,
+    ) -> float | None:
+        """``noted`` when ``decision`` (answering the note made then) is a detection to time,
+        None otherwise. Call ``timed`` once it is stored and timed."""
+        if noted is None or previous is None or not decision.seen:
+            return None
+        if verdict_of(decision.result) == previous:
+            return None
+        if self._timed.last(decision.device_id, now) is not None:
+            return None
+        return noted
+
+    def timed(self, device_id: str, now: float) -> None:
+        """A detection of ``device_id`` was stored and timed at ``now``: its window starts."""
+        self._timed.note(device_id, now)
+
+    def __len__(self) -> int:
+        return len(self._timed)
 
 
 class DeviceChanged(Exception):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import ipaddress
 import logging
 import os
 import threading
@@ -44,7 +45,7 @@ from prometheus_client import (
 from devtrust.core.errors import ConfigError
 from devtrust.core.tier import Tier
 from devtrust.verifier.config import MetricsConfig, parse_address
-from devtrust.verifier.decision import Decision
+from devtrust.verifier.decision import DETECTION_WINDOW_S, Decision
 from devtrust.verifier.storage.interfaces import Devices, FleetCount
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,22 @@ logger = logging.getLogger(__name__)
 # (the multiprocess mode has none either: one output in both modes).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 Clock = Callable[[], datetime.datetime]
+# The lowest tier a zone's devices must meet to count as compliant (the verifier's
+# certificates.min_tier and zone_min_tier: settings.CertificateSettings.min_tier_for).
+Minimum = Callable[[str], Tier]
+# Compliance, the same definition as the fleet report's (verifier/report_figures.py).
+COMPLIANCE_DEFINITION = (
+    "compliant: an enrolled device whose current result has not expired and whose tier meets "
+    "its zone's minimum (certificates.min_tier, zone_min_tier); compliance = compliant / "
+    "enrolled devices of the zone"
+)
 
 # Appraisal latency, evidence received -> decision stored: a cached policy outcome takes a
 # few milliseconds, a whole event log or a CEL evaluation on a loaded host seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Posture change -> verdict stored: the coalescing window (attestation.posture_min_interval_s,
-# 10 s by default) and a challenge round trip; seconds to minutes.
+# A device's PostureChanged note -> the stored verdict that changed its result: the
+# coalescing window (attestation.posture_min_interval_s, 10 s by default) and a challenge
+# round trip; seconds to minutes.
 DETECTION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 TIERS = tuple(t.label for t in Tier)
 # Why certificates were revoked (devtrust_certificates_revoked_total{reason}).
@@ -83,11 +94,20 @@ class VerifierMetrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.devices_compliant = Gauge(
+            "devtrust_devices_compliant",
+            "Enrolled devices whose current result meets their zone's minimum tier, by zone, "
+            "read with devtrust_devices (" + COMPLIANCE_DEFINITION + ")",
+            ["zone"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.devices_refreshed = Gauge(
             "devtrust_devices_refreshed_timestamp_seconds",
             "When devtrust_devices was last read from the database (Unix time)",
             registry=r,
-            multiprocess_mode="max",
+            # Worker 0's (the one reader): gone with it when it dies (metrics_workers.py).
+            multiprocess_mode="mostrecent",
         )
         self.appraisals = Counter(
             "devtrust_appraisals",
@@ -109,8 +129,9 @@ class VerifierMetrics:
         )
         self.detection_seconds = Histogram(
             "devtrust_detection_seconds",
-            "An agent's PostureChanged received to the decision on the evidence it brought "
-            "stored, seconds (time to detection)",
+            "From a device's PostureChanged note to the stored verdict that changed its result "
+            "(tier or finding ids), seconds; at most one per device per "
+            f"{DETECTION_WINDOW_S:.0f} s; answers that changed nothing are not counted",
             buckets=DETECTION_BUCKETS,
             registry=r,
         )
@@ -134,7 +155,8 @@ class VerifierMetrics:
         )
         self.enrollments = Counter(
             "devtrust_enrollments",
-            "Enrollment calls by outcome: " + ", ".join(ENROLL_OUTCOMES),
+            "Enrollment calls by outcome (calls, not devices: a device enrolling again, or a "
+            "client retrying a refused call, counts each time): " + ", ".join(ENROLL_OUTCOMES),
             ["outcome"],
             registry=r,
         )
@@ -148,6 +170,7 @@ class VerifierMetrics:
         self.streams.set(0)
         # The (zone, state, tier) series set at the last refresh: those gone are set to 0.
         self._shown: set[tuple[str, str, str]] = set()
+        self._zones_shown: set[str] = set()
 
     def revoked(self, reason: str, count: int) -> None:
         if count:
@@ -156,13 +179,20 @@ class VerifierMetrics:
     def enrolled(self, outcome: str) -> None:
         self.enrollments.labels(outcome).inc()
 
-    def show_fleet(self, counts: Iterable[FleetCount], at: float) -> None:
-        """The devices gauge as ``counts`` (a fleet_counts reading) says, read at ``at``."""
+    def show_fleet(self, counts: Iterable[FleetCount], at: float, *, minimum: Minimum) -> None:
+        """The devices gauges as ``counts`` (a fleet_counts reading) says, read at ``at``:
+        by zone, state and tier, and the compliant devices of each zone with an enrolled
+        device, by ``minimum`` (the zone's lowest tier)."""
         shown: set[tuple[str, str, str]] = set()
         totals: dict[tuple[str, str, str], int] = {}
+        compliant: dict[str, int] = {}
         for count in counts:
             key = (count.zone, count.state, count.tier)
             totals[key] = totals.get(key, 0) + count.devices
+            if count.state == "enrolled":
+                compliant.setdefault(count.zone, 0)
+                if Tier.parse(count.tier).meets(minimum(count.zone)):
+                    compliant[count.zone] += count.devices
         for key, value in totals.items():
             self.devices.labels(*key).set(value)
             shown.add(key)
@@ -170,6 +200,11 @@ class VerifierMetrics:
         for key in self._shown - shown:
             self.devices.labels(*key).set(0)
         self._shown |= shown
+        for zone, devices in compliant.items():
+            self.devices_compliant.labels(zone).set(devices)
+        for zone in self._zones_shown - compliant.keys():
+            self.devices_compliant.labels(zone).set(0)
+        self._zones_shown |= compliant.keys()
         self.devices_refreshed.set(at)
 
 
@@ -212,22 +247,30 @@ class MetricsSink:
 
 
 class FleetReader:
-    """Reads the devices gauge from the database every ``interval_s`` (and once at start):
-    a database that does not answer leaves the last reading, and its timestamp, as they were."""
+    """Reads the devices gauges from the database every ``interval_s`` (and once at start):
+    a database that does not answer leaves the last reading, and its timestamp, as they were.
+    ``minimum``: each zone's lowest tier, for the compliant devices."""
 
     def __init__(
-        self, metrics: VerifierMetrics, devices: Devices, *, interval_s: float, clock: Clock
+        self,
+        metrics: VerifierMetrics,
+        devices: Devices,
+        *,
+        interval_s: float,
+        clock: Clock,
+        minimum: Minimum,
     ) -> None:
         self._metrics = metrics
         self._devices = devices
         self._interval_s = interval_s
         self._clock = clock
+        self._minimum = minimum
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
         now = self._clock()
         counts = await self._devices.fleet_counts(now)
-        self._metrics.show_fleet(counts, now.timestamp())
+        self._metrics.show_fleet(counts, now.timestamp(), minimum=self._minimum)
 
     async def _run(self) -> None:
         while True:
@@ -261,10 +304,29 @@ class Endpoint:
         self.server.server_close()
 
 
+def loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this machine's loopback only."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another name: it may resolve to anything
+        return False
+
+
 def serve(listen: str, registry: CollectorRegistry, *, key: str = "metrics.listen") -> Endpoint:
     """The endpoint on ``listen`` (HOST:PORT, port 0: any free one); ConfigError naming
-    ``key`` when it cannot listen there."""
+    ``key`` when it cannot listen there. A warning in the log when ``listen`` is not
+    loopback: the endpoint has no authentication (review 13a, L5)."""
     host, port = parse_address(listen)
+    if not loopback(host):
+        logger.warning(
+            "metrics endpoint on %s (%s) is not loopback: it has no authentication or TLS, so "
+            "anyone who reaches it reads the zones, tiers and rule ids; keep it on a "
+            "management network or put a proxy with TLS in front",
+            listen,
+            key,
+        )
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
@@ -287,7 +349,7 @@ class VerifierMetricsService:
     def __init__(
         self,
         metrics: VerifierMetrics,
-        reader: FleetReader,
+        reader: FleetReader | None,
         *,
         listen: str,
         registry: CollectorRegistry | None,
@@ -308,7 +370,8 @@ class VerifierMetricsService:
         if self._registry is not None:
             self.endpoint = serve(self._listen, self._registry)
             logger.info("metrics on http://%s/metrics", self._address)
-        self.reader.start()
+        if self.reader is not None:
+            self.reader.start()
 
     @property
     def _address(self) -> str:
@@ -316,7 +379,8 @@ class VerifierMetricsService:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def aclose(self) -> None:
-        await self.reader.aclose()
+        if self.reader is not None:
+            await self.reader.aclose()
         if self.endpoint is not None:
             await self.endpoint.aclose()
             self.endpoint = None
@@ -327,12 +391,16 @@ def open_metrics(
     devices: Devices,
     *,
     clock: Clock,
+    minimum: Minimum,
     worker: tuple[int, int] | None = None,
 ) -> VerifierMetricsService | None:
     """The metrics of a verifier (None: ``metrics.listen`` is ""). ``worker``: (index, count)
     of this process among the workers. With several workers whose parent set up the
     multiprocess directory, values go there and the parent serves them; without it (a
-    parent that does not), worker 0 serves its own values alone, said in the log."""
+    parent that does not), worker 0 serves its own values alone, said in the log. Either
+    way only worker 0 reads the fleet (the devices gauges): every worker reads the same
+    store, and one reading is all the endpoint shows (review 13a, L1). ``minimum``: each
+    zone's lowest tier (certificates.min_tier, zone_min_tier)."""
     if not config.listen:
         return None
     shared = worker is not None and worker[1] > 1
@@ -350,11 +418,16 @@ def open_metrics(
                 "the workers' shared metrics",
                 config.listen,
             )
-    reader = FleetReader(metrics, devices, interval_s=config.refresh_s, clock=clock)
+    reader = None
+    if worker is None or worker[0] == 0:
+        reader = FleetReader(
+            metrics, devices, interval_s=config.refresh_s, clock=clock, minimum=minimum
+        )
     return VerifierMetricsService(metrics, reader, listen=config.listen, registry=registry)
 
 
 __all__ = [
+    "COMPLIANCE_DEFINITION",
     "ENROLL_OUTCOMES",
     "REVOKE_KINDS",
     "MetricsSink",

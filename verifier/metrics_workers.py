@@ -9,7 +9,10 @@ worker then keeps its values in files there (verifier/metrics.py ``open_metrics`
 endpoint in a worker), and the parent's endpoint reads them all through
 ``MultiProcessCollector``: counters and histograms summed (a restarted worker's counts are
 kept: its files stay), the open-streams gauge summed over live workers (``worker_exited``
-drops a dead worker's), the devices gauges the most recent reading.
+drops a dead worker's), the devices gauges the most recent reading. Only worker 0 reads the
+fleet (``open_metrics``); when it dies its readings go with it (``worker_exited``), so a
+series it last showed cannot stay at a stale value under a worker that never showed it: the
+devices gauges are absent until the restarted worker 0 reads again (``metrics.refresh_s``).
 
 Used by verifier/workers.py ``supervise``::
 
@@ -76,8 +79,13 @@ class WorkerMetrics:
         return cls(directory, endpoint)
 
     def worker_exited(self, pid: int) -> None:
-        """A worker is gone: its share of the live gauges (open streams) goes with it."""
+        """A worker is gone: its share of the live gauges (open streams) goes with it, and
+        so do its fleet readings (the ``mostrecent`` gauges): "most recent" would otherwise
+        keep a series the dead worker showed and its successor never sets at the old value
+        (review 13a, L2)."""
         mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
+        for path in self.directory.glob(f"gauge_*mostrecent_{int(pid)}.db"):
+            path.unlink(missing_ok=True)
 
     async def aclose(self) -> None:
         await self.endpoint.aclose()

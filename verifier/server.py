@@ -320,6 +320,7 @@ async def start_verifier(
         config.metrics,
         repos.devices,
         clock=clock,
+        minimum=settings.certificates.min_tier_for,
         worker=(worker.index, worker.count) if worker is not None else None,
     )
     metrics = metrics_service.metrics if metrics_service is not None else None

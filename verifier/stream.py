@@ -160,7 +160,8 @@ class Appraise:
 
     nonce: Nonce
     # The PostureChanged this evidence answers arrived then (monotonic); None: none did. A
-    # measurement (verifier/metrics.py), not part of what the protocol asks for: not compared.
+    # measurement, not part of what the protocol asks for: not compared. Timed only when the
+    # verdict changes the device's result (verifier/decision.py Detections).
     posture_noted: float | None = field(default=None, compare=False)
 
 
@@ -250,7 +251,8 @@ class StreamProtocol:
     _for_posture: bool = False  # the next challenge answers a note
     _notes: collections.deque[float] = field(default_factory=collections.deque)
     # The first PostureChanged not yet answered by a challenge, and the one the challenge out
-    # answers: its Appraise carries it (the time to detection, verifier/metrics.py).
+    # answers: its Appraise carries it (the time to detection when the verdict changes,
+    # verifier/decision.py Detections).
     _noted: float | None = None
     _answers: float | None = None
 
