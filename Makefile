@@ -3,18 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl python3-venv postgresql
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl python3-venv postgresql \
+	dpkg-dev systemd chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo-out
 
-.PHONY: all deps venv sshd-ref demo test lint typecheck protos bench fuzz clean
+.PHONY: all deps venv sshd-ref demo deb test lint typecheck protos bench fuzz clean
 
 all: test
 
 # System packages: swtpm and its tools for the software TPMs, the TSS2 libraries that
 # tpm2-pytss binds to, tpm2-tools for interop tests, openssl for checks on the demo's output,
 # postgresql for the server the PostgreSQL store's tests start (tests/pg.py: initdb into a
-# temporary directory, stopped at the end).
+# temporary directory, stopped at the end), dpkg-dev for `make deb` (dpkg-shlibdeps), systemd
+# for systemd-analyze and the sysusers/tmpfiles the packages' tests run (present on a booted
+# Debian, not in a container image; installing it starts nothing), chromium for the fleet
+# report's test in a headless browser.
 deps: .deps-stamp
 .deps-stamp:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -41,6 +45,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/devtrust-demo --out $(DEMO_OUT)
 	openssl verify -CAfile $(DEMO_OUT)/ca-bundle.pem $(DEMO_OUT)/device-cert.pem
+
+# Debian packages in dist/: devtrust-agent, devtrust-verifier and devtrust-gate, each a Python
+# environment under /opt/devtrust made on Debian's python3 with the role's dependencies at
+# this venv's versions, with the units, system users (sysusers.d), directories (tmpfiles.d)
+# and configuration (packaging/build_deb.py). `apt install ./dist/devtrust-verifier_*.deb`.
+# tests/test_deb_install.py builds them itself, installs them and purges them.
+deb: $(VENV)/.installed
+	$(PY) packaging/build_deb.py --out dist
 
 # sshd itself for the sshd_config conformance test (tests/test_sshd_config.py compares our
 # parser with `sshd -T`): unpacked from the apt archive, never installed, so no SSH service
@@ -94,4 +106,4 @@ fuzz: venv
 	$(PY) -m tests.fuzz $(FUZZ) --runs $(FUZZ_RUNS)
 
 clean:
-	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) .cache .pytest_cache .mypy_cache .ruff_cache fuzz-artifacts
+	rm -rf $(VENV) .deps-stamp $(DEMO_OUT) dist .cache .pytest_cache .mypy_cache .ruff_cache fuzz-artifacts

@@ -42,7 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     # `devtrust [-v] simulate ...`: the first word that is not an option names the command.
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if at is not None and argv[at] == "simulate" and all(a in _VERBOSE for a in argv[:at]):
-        from devtrust.swtpm.simulate import main as simulate  # noqa: PLC0415 - the agent: only here
+        try:
+            from devtrust.swtpm.simulate import main as simulate  # noqa: PLC0415 - the agent: only here
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith(("devtrust.swtpm", "devtrust.agent")):
+                raise
+            print(
+                "devtrust: simulate is not in the devtrust-verifier package (it drives agents "
+                "and software TPMs): run it from a source checkout (make venv)",
+                file=sys.stderr,
+            )
+            return 2
 
         return simulate(argv[at + 1 :], verbose=bool(argv[:at]))
     return run_operator_command(build_parser().parse_args(argv))

@@ -6,12 +6,16 @@ the reason id first (``gate.zone: device ... zone 'x' is not allowed``), or one 
 with ``--json``. Given one of the verifier's other certificates (a channel, operator or server
 one), which never get in, a line on stderr says which and what to give instead. The time is
 now; the chain is CERT's certificates, leaf first.
+
+``devtrust-gate check ...`` is the same command for a relying party's host, where the
+devtrust-gate package installs the gate without the verifier (``main`` below).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import re
 import sys
@@ -114,7 +118,11 @@ def add_parsers(sub: Any) -> None:
     gate = sub.add_parser("gate", help="gate access on device certificates").add_subparsers(
         dest="action", required=True
     )
-    p = gate.add_parser("check", help="decide on a device certificate as a relying party would")
+    _add_check(gate)
+
+
+def _add_check(sub: Any) -> None:
+    p = sub.add_parser("check", help="decide on a device certificate as a relying party would")
     p.add_argument("cert", type=Path, metavar="CERT", help="PEM (leaf first) or DER certificate")
     p.add_argument(
         "--ca-bundle",
@@ -177,3 +185,28 @@ def _json(decision: GateDecision) -> dict[str, Any]:
         "zone": decision.zone,
         "serial": decision.serial,
     }
+
+
+def _version_line() -> str:
+    # The installed distribution's version: the gate imports nothing of devtrust outside
+    # core and itself (tests/test_layers.py), so not devtrust.__version__.
+    try:
+        return f"devtrust-gate {importlib.metadata.version('devtrust')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "devtrust-gate (version unknown: devtrust is not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``devtrust-gate``: ``check`` alone, for a relying party's host, where the devtrust-gate
+    package installs the gate without the verifier and its operator commands."""
+    parser = argparse.ArgumentParser(
+        prog="devtrust-gate",
+        description="Decide on devtrust device certificates as a relying party would.",
+    )
+    parser.add_argument("--version", action="version", version=_version_line())
+    _add_check(parser.add_subparsers(dest="action", required=True))
+    return check(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
