@@ -47,10 +47,18 @@ CHROMIUM = "/usr/bin/chromium"
 SCRIPT_HOST = "<script>window.__pwned=1;document.title='pwned'</script>"
 IMG_HOST = '"><img src=x onerror="window.__pwned=2">'
 HOSTILE_MESSAGE = "</td><script>window.__pwned=3</script><img src=x onerror=alert(1)>"
+# The shipped rule's found text for a device running 580.65.06 (policy/default.yaml): the
+# R580 bulletins of the CSV fixed above it, in the CSV's order.
+DRIVER_VERSION = "580.65.06"
 DRIVER_FOUND = (
+    f"driver {DRIVER_VERSION}, "
+    "bulletin 5703 (NVIDIA GPU Display Driver - October 2025, fixed in 580.95.05), "
     "bulletin 5747 (GPU Display Driver - January 2026, fixed in 580.126.09), "
     "bulletin 5821 (GPU Display Driver - May 2026, fixed in 580.159.03)"
 )
+# A claimed hostname with a bidi override and a zero-width space; one claimed twice.
+BIDI_HOST = "gpu-\u202enode-4\u200b"
+TWIN_HOST = "gpu-node-3"
 BULLETINS_CSV = DEFAULT_POLICY.parent / "nvidia-driver-bulletins.csv"
 # Claim values of each tier (draft-ietf-rats-ar4si): the result's tier is its worst.
 HOUR = datetime.timedelta(hours=1)
@@ -129,9 +137,9 @@ def fill(database: str, now: datetime.datetime) -> dict[str, DeviceRecord]:
 
     script = _device(1, zone="production", hostname=SCRIPT_HOST, state=DeviceState.ENROLLED)
     img = _device(2, zone="lab", hostname=IMG_HOST, state=DeviceState.ENROLLED)
-    steady = _device(3, zone="production", hostname="gpu-node-3", state=DeviceState.ENROLLED)
-    gone = _device(4, zone="lab", hostname="gpu-node-4", state=DeviceState.ENROLLED)
-    waiting = _device(5, zone="lab", hostname="gpu-node-5", state=DeviceState.PENDING_APPROVAL)
+    steady = _device(3, zone="production", hostname=TWIN_HOST, state=DeviceState.ENROLLED)
+    gone = _device(4, zone="lab", hostname=BIDI_HOST, state=DeviceState.ENROLLED)
+    waiting = _device(5, zone="lab", hostname=TWIN_HOST, state=DeviceState.PENDING_APPROVAL)
     driver = _finding(
         "gpu.driver.security_bulletins",
         f"device {script.device_id}: the GPU driver is at or above the fixed version of every "
@@ -156,7 +164,11 @@ def fill(database: str, now: datetime.datetime) -> dict[str, DeviceRecord]:
                 _decision(img, minutes(6), Tier.CONTRAINDICATED, [hostile], lasts=HOUR)
             )
             for at in (25, 15, 5):
-                await trust.record(_decision(steady, minutes(at), Tier.AFFIRMING, lasts=HOUR))
+                # A finding that leaves the tier affirming: the device shows on the page.
+                noted = [_finding("os.time_synchronized", "the clock drifts")] if at == 15 else []
+                await trust.record(
+                    _decision(steady, minutes(at), Tier.AFFIRMING, noted, lasts=HOUR)
+                )
             await trust.record(_decision(gone, minutes(28), Tier.AFFIRMING))
             await repos.certificates.record(
                 CertificateRecord(
@@ -292,7 +304,7 @@ def expected(rows: Any, doc: dict[str, Any], minimum: dict[str, str]) -> dict[st
         minimum=minimum,
     )
     devices = rows(
-        "SELECT d.device_id, d.state, d.zone, t.tier, t.expires_at FROM devices d "
+        "SELECT d.device_id, d.state, d.zone, t.tier, t.expires_at, d.enrolled_at FROM devices d "
         "LEFT JOIN trust t ON t.device_id = d.device_id"
     )
     zone_of = {r[0]: r[2] for r in devices}
@@ -303,11 +315,13 @@ def expected(rows: Any, doc: dict[str, Any], minimum: dict[str, str]) -> dict[st
             "ORDER BY at, id"
         )
     ]
+    revoked_at = {r[0]: _time(r[1]) for r in rows(
+        "SELECT device_id, at FROM audit WHERE event = 'revoked' ORDER BY at, id")}  # fmt: skip
     return (
         _now_figures(devices, period)
         | _finding_figures(appraisals, period)
         | _detection_figures(appraisals, zone_of, period)
-        | _history_figures(appraisals, zone_of, period)
+        | _history_figures(appraisals, devices, revoked_at, period)
         | _driver_figures(rows)
         | _stored_counts(rows, period)
     )
@@ -374,46 +388,81 @@ def _detection_figures(
     return out
 
 
+def bucket_ends(period: Period) -> list[datetime.datetime]:
+    """The buckets' ends as the page defines them: every whole multiple of the bucket since
+    the epoch (UTC) after the period's start, then its end."""
+    size = period.bucket.total_seconds()
+    start = math.floor(period.since.timestamp() / size) + 1
+    ends = [
+        datetime.datetime.fromtimestamp(n * size, datetime.UTC)
+        for n in range(start, math.ceil(period.until.timestamp() / size) + 1)
+    ]
+    return [e for e in ends if e < period.until] + [period.until]
+
+
 def _history_figures(
-    appraisals: list[Appraised], zone_of: dict[str, str], period: Period
+    appraisals: list[Appraised],
+    devices: list[Any],
+    revoked_at: dict[str, datetime.datetime],
+    period: Period,
 ) -> dict[str, Any]:
-    """At each bucket's end, each device's latest appraisal before it."""
+    """The definition on the page, followed word by word: at the end T of each bucket,
+    among the devices enrolled at T (enrolled now, or revoked after T; enrolled by T;
+    neither pending nor revoked at an unknown time), the share whose latest appraisal
+    before T had not expired at T and met its zone's minimum (zones as they are now)."""
     out: dict[str, Any] = {}
-    end, i = period.since, 0
-    while end < period.until:
-        end = min(end + period.bucket, period.until)
+    for i, end in enumerate(bucket_ends(period)):
         latest = {a[0]: (a[2], _time(a[3]["expires_at"])) for a in appraisals if a[1] < end}
         count: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for device_id, (tier, expires) in latest.items():
-            zone = zone_of[device_id]
+        for device_id, state, zone, _, _, enrolled_at in devices:
+            if enrolled_at is not None and _time(enrolled_at) > end:
+                continue
+            if state == "revoked":
+                if device_id not in revoked_at or revoked_at[device_id] <= end:
+                    continue
+            elif state != "enrolled":
+                continue
+            tier, expires = latest.get(device_id, ("none", end))
             count[zone][0] += expires > end and _meets(tier, period.need(zone))
             count[zone][1] += 1
-        for zone in set(zone_of.values()):
+        for zone in {r[2] for r in devices}:
             out[f"history.zones.{zone}.{i}"] = _share(*count[zone]) if zone in count else None
-        appraised = sum(c[1] for c in count.values())
-        out[f"history.fleet.{i}"] = _share(sum(c[0] for c in count.values()), appraised)
-        out[f"history.appraised.{i}"] = appraised
-        i += 1
+        enrolled = sum(c[1] for c in count.values())
+        out[f"history.fleet.{i}"] = _share(sum(c[0] for c in count.values()), enrolled)
+        out[f"history.enrolled.{i}"] = enrolled
     return out
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
 def _driver_figures(rows: Any) -> dict[str, Any]:
+    """The driver version the finding names first when it is digits and dots; the
+    bulletins of its branch (the CSV) whose fixed version is above it; none for another."""
     with BULLETINS_CSV.open(newline="") as fh:
         bulletins = list(csv.DictReader(fh))
     out: dict[str, Any] = {}
     drivers = 0
     for device_id, result in rows("SELECT device_id, result FROM trust"):
-        found = " ".join(
+        found = [
             f["found"]
             for f in json.loads(result)["findings"]
             if f["id"] == "gpu.driver.security_bulletins"
-        )
+        ]
         if not found:
             continue
         drivers += 1
-        named = set(re.findall(r"bulletin (\d+) \(", found))
-        branch = "R" + re.findall(r"fixed in (\d+)\.", found)[0]
-        match = [b for b in bulletins if b["bulletin"] in named and b["branch"] == branch]
+        version = found[0].removeprefix("driver ").split(", bulletin ")[0]
+        if not found[0].startswith("driver ") or not re.fullmatch(r"\d+(\.\d+){1,3}", version):
+            out[f"drivers.{device_id}.cves"] = out[f"drivers.{device_id}.max_cvss"] = None
+            continue
+        match = [
+            b
+            for b in bulletins
+            if b["branch"] == "R" + version.split(".")[0]
+            and _version(b["fixed_versions"]) > _version(version)
+        ]
         out[f"drivers.{device_id}.cves"] = len({c for b in match for c in b["cves"].split(";")})
         out[f"drivers.{device_id}.max_cvss"] = max(float(b["max_cvss"]) for b in match)
     out["drivers_below_bulletins.count"] = drivers
@@ -609,6 +658,30 @@ def test_the_page_in_a_browser_matches_the_store(fleet: Fleet, rendered: Any) ->
     assert not [attrs for tag, attrs in dom.tags if tag == "img"]
     scripts = [t for t, _ in dom.tags if t == "script"]
     assert len(scripts) == 2, "a script element the report did not write"
+    # Devices are named by their id first (review M6); the hostname is their claim, its
+    # bidi override and zero-width space shown escaped, a name two devices claim marked.
+    ids = {f"{0xAB00 + n:064x}" for n in range(1, 6)}
+    shown = {a.get("title") for t, a in dom.tags if t == "code" and a.get("class") == "dev"}
+    assert ids & shown, "no device shown by its id"
+    assert BIDI_HOST.encode("unicode_escape").decode() in text
+    assert "\u202e" not in dumped.stdout
+    assert "\u200b" not in dumped.stdout
+    assert "claimed by 2 devices" in text
+    # Only the page's own scripts run (review L6): one added to it is refused by its policy.
+    tampered = page.with_name("tampered.html")
+    tampered.write_text(
+        page.read_text(encoding="utf-8").replace(
+            "</body>",
+            "<script>document.getElementById('script-done').setAttribute('data-ran','2')"
+            "</script></body>",
+        ),
+        encoding="utf-8",
+    )
+    again = chromium("--dump-dom", page=tampered)
+    assert again.returncode == 0, again.stderr[-2000:]
+    checked = Dom()
+    checked.feed(again.stdout)
+    assert checked.ran, "a script the report did not write ran"
     assert "<title>Fleet attestation report</title>" in dumped.stdout
     # And a picture of it (kept where DEVTRUST_REPORT_SCREENSHOT says, for people to look).
     shot = page.with_suffix(".png")
@@ -623,7 +696,7 @@ def test_the_page_in_a_browser_matches_the_store(fleet: Fleet, rendered: Any) ->
 
 def test_the_json_holds_the_same_figures(fleet: Fleet, rendered: Any) -> None:
     _, doc = rendered
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert doc["zone_filter"] is None
     assert doc["zones"]["production"]["min_tier"] == "warning"
     assert doc["zones"]["lab"]["min_tier"] == "affirming"
@@ -634,8 +707,14 @@ def test_the_json_holds_the_same_figures(fleet: Fleet, rendered: Any) -> None:
     assert revoked["5eed0004"]["reason"] == "decommissioned <b>by ops</b>"
     (driver,) = [d for d in doc["drivers_below_bulletins"] if d["hostname"] == SCRIPT_HOST]
     assert driver["branch"] == "R580"
-    assert driver["driver_version"] is None  # the finding does not name it (the store: no)
-    assert driver["bulletins"] == ["5747", "5821"]
+    assert driver["driver_version"] == DRIVER_VERSION
+    assert driver["bulletins"] == ["5703", "5747", "5821"]
     assert driver["fixed_in"] == "580.159.03"
+    assert driver["max_cvss"] == 8.8
+    # One compliance (review M4): the history's last bucket ends now, and is the headline's.
+    assert doc["period"]["until"] == doc["generated_at"]
+    assert doc["history"]["fleet"][-1] == doc["fleet"]["compliance"]
+    for zone, z in doc["zones"].items():
+        assert doc["history"]["zones"][zone][-1] == z["compliance"], zone
     assert doc["policy"]["policy_id"] == "devtrust-default-gpu-hosts-1"
     assert len(doc["policy"]["digest"]) == 64

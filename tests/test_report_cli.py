@@ -47,7 +47,7 @@ def test_the_figures_match_the_store_on_each_backend(database: str) -> None:
     run = report("--database", database, "--since", since, "--json", "-")
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     password = urllib.parse.urlsplit(database).password
     assert not password or password not in run.stdout  # the URL is shown without it
     check_figures(flatten(doc), expected(_rows(database), doc, {}))

@@ -118,6 +118,12 @@ def verify(
         return _verify(db, chain, recorded or {})
 
 
+def verify_in_snapshot(db: Reader) -> Report:
+    """``verify`` of every chain inside a snapshot the caller holds, so that its figures
+    and the chains' status describe one state (``devtrust report``)."""
+    return _verify(db, None, {})
+
+
 def _verify(db: Reader, chain: str | None, recorded: Mapping[str, Mark]) -> Report:
     found = db.tables()
     missing = [t for t in _CHAIN_TABLES if t not in found]

@@ -9,6 +9,10 @@ devices, time to detect, certificates revoked, drivers below the NVIDIA security
 bulletins, the policy in force, the audit chains' verification). The JSON has a
 ``version`` field (1), raised when a field changes meaning or goes.
 
+The audit chains are verified (as ``devtrust audit verify`` does, in the same snapshot as
+the figures) when the audit holds at most a million entries, or always with
+--verify-chains; never with --no-verify-chains. The page says which.
+
 Exit status: 0 the report was written, 2 bad arguments or a database that cannot be read.
 """
 
@@ -19,7 +23,9 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from devtrust.core.errors import ConfigError
 from devtrust.core.tier import Tier
@@ -33,6 +39,8 @@ DATABASE_HELP = (
     "(default: the one --config names)"
 )
 BULLETINS = DEFAULT_POLICY.parent / "nvidia-driver-bulletins.csv"
+# The files written: they list devices, their hostnames and findings.
+MODE = 0o640
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,6 +75,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     p.add_argument("--until", type=_time, metavar="TIME", help="the period's end (default: now)")
     p.add_argument("--zone", metavar="ZONE", help="only the devices of this zone")
+    chains = p.add_mutually_exclusive_group()
+    chains.add_argument(
+        "--verify-chains",
+        dest="verify_chains",
+        action="store_const",
+        const=True,
+        help="verify the audit chains whatever their length (default: when the audit holds "
+        f"at most {report_data.VERIFY_LIMIT} entries; it reads and hashes all of them)",
+    )
+    chains.add_argument(
+        "--no-verify-chains",
+        dest="verify_chains",
+        action="store_const",
+        const=False,
+        help="do not verify the audit chains (the page says they were not)",
+    )
     p.set_defaults(tool=report)
 
 
@@ -93,8 +117,9 @@ def _days(text: str) -> float:
 def period_of(
     args: argparse.Namespace, now: datetime.datetime
 ) -> tuple[datetime.datetime, datetime.datetime]:
-    """(since, until) from --since/--until/--days; UsageError for an empty period."""
-    until: datetime.datetime = args.until or now
+    """(since, until) from --since/--until/--days, until no later than ``now`` (what has
+    not happened has no figures: review L9); UsageError for an empty period."""
+    until: datetime.datetime = min(args.until or now, now)
     if args.since is not None:
         since: datetime.datetime = args.since
     else:
@@ -142,26 +167,36 @@ def report(args: argparse.Namespace) -> int:
         # audit_db opens it read-only, and would say only that it cannot be opened.
         raise tools.UsageError(f"--database {location}: no such file")
     try:
-        store = report_data.read(database, since=since, until=until, zone=args.zone)
+        bulletins = Bulletins.load(BULLETINS)
+    except (OSError, ValueError) as exc:
+        raise tools.UsageError(f"the NVIDIA bulletins {BULLETINS}: {exc}") from None
+
+    def read() -> dict[str, Any]:
+        with report_data.reading(database) as db:
+            store = db.store(since=since, until=until, zone=args.zone, verify=args.verify_chains)
+            period = report_figures.Period(store, since=since, until=until, minimums=minimums)
+            db.stream(period, {d.device_id for d in store.devices}, since=since, until=until)
+            examples = db.entries(period.example.values())
+        store.notes.extend(_notes(store, args))
+        return report_figures.compute(
+            store,
+            period,
+            since=since,
+            until=until,
+            now=now,
+            minimums=minimums,
+            bulletins=bulletins,
+            examples=examples,
+            zone_filter=args.zone,
+            database=_shown(location),
+        )
+
+    try:
+        doc: dict[str, Any] = report_data.consistent(database, read)
     except ConfigError as exc:
         raise tools.UsageError(str(exc)) from None
     except audit_db.driver_errors() as exc:
         raise tools.UsageError(audit_db.unreadable(exc).replace("audit", "database")) from None
-    store.notes.extend(_notes(store, args))
-    try:
-        bulletins = Bulletins.load(BULLETINS)
-    except (OSError, ValueError) as exc:
-        raise tools.UsageError(f"the NVIDIA bulletins {BULLETINS}: {exc}") from None
-    doc = report_figures.compute(
-        store,
-        since=since,
-        until=until,
-        now=now,
-        minimums=minimums,
-        bulletins=bulletins,
-        zone_filter=args.zone,
-        database=_shown(location),
-    )
     if args.json is not None:
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
         if args.json == "-":
@@ -192,11 +227,22 @@ def _notes(store: report_data.Store, args: argparse.Namespace) -> list[str]:
 
 
 def _write(path: Path, text: str, option: str) -> None:
-    """``text`` into ``path`` whole: written beside it, then renamed over it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """``text`` into ``path`` whole: written into a new file of a name no one can guess
+    beside it (``mkstemp``: created, never a link followed), readable by its owner and group
+    only (it lists devices and their findings), then renamed over ``path`` (review L7)."""
+    temporary: str | None = None
     try:
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise tools.UsageError(f"{option} {path}: {exc.strerror}") from None
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        with os.fdopen(handle, "wb") as out:
+            os.fchmod(out.fileno(), MODE)
+            out.write(text.encode("utf-8"))
+        os.replace(temporary, path)
+        temporary = None
+    except (OSError, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise tools.UsageError(f"{option} {path}: {why}") from None
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)

@@ -1,26 +1,34 @@
-"""The figures of ``devtrust report``, computed from what was read (``report_data.Store``):
-pure, no I/O, no clock (``now`` is passed in). The result is the report's JSON document
-(schema ``VERSION``, described in ``report_command``'s help and the README); the HTML page
-is rendered from the same document, so the two never disagree.
+"""The figures of ``devtrust report``, computed from what was read (``report_data.Store``
+and the period's appraisals streamed into ``Period``): pure, no I/O, no clock (``now`` is
+passed in). The result is the report's JSON document (schema ``VERSION``, described in
+``report_command``'s help and the README); the HTML page is rendered from the same
+document, so the two never disagree.
 
-Definitions (said on the page too):
+Definitions (said on the page too; one compliance everywhere, review M4):
 
-- compliant: an enrolled device whose current result has not expired and whose tier meets
-  its zone's minimum (``Tier.meets``: NONE meets nothing); compliance = compliant / enrolled.
-- compliance over time: at the end of each bucket, among the devices appraised by then, the
-  share whose latest appraisal by then had not expired and met the zone's minimum (the
-  device's zone as it is now).
+- compliant at a time T: a device enrolled at T whose latest result by T had not expired at T
+  and whose tier meets its zone's minimum (``Tier.meets``: NONE meets nothing); compliance =
+  compliant / enrolled. Now: the current results. Over time: at each bucket's end, from the
+  audit's appraisals; "enrolled at T" as far as the store tells: enrolled now or revoked
+  after T (the audit's "revoked" entry), and enrolled (``enrolled_at``) by T; a device
+  pending approval now, or revoked at an unrecorded time, counts at no time.
 - time to detect: the verifier stores no time of the posture change itself, only its
   appraisals. A detection is an appraisal worse than affirming right after an affirming one
   of the same device; its time to detect is the time between the two, an upper bound on the
   time from the change (which happened between them) to the verdict.
+
+Memory is per device (its latest appraisal) and per finding, never per appraisal: the
+period's appraisals pass once, in time order (review H1).
 """
 
 from __future__ import annotations
 
 import datetime
+import heapq
+import itertools
 import math
 import re
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,23 +36,33 @@ from typing import Any
 
 from devtrust.core.tier import Tier
 from devtrust.verifier.document import Bulletins, version_tuple
+from devtrust.verifier.logtext import printable
 from devtrust.verifier.report_data import Appraisal, DeviceRow, Store
 
-VERSION = 1
+VERSION = 2
 TIERS = ("affirming", "warning", "contraindicated", "none")
 STATES = ("enrolled", "pending_approval", "revoked")
 DRIVER_FINDING = "gpu.driver.security_bulletins"
-# Bucket sizes for history, the smallest giving at most MAX_BUCKETS buckets.
+# Bucket sizes for history, the smallest giving at most MAX_BUCKETS buckets; each aligned
+# to UTC (a bucket of an hour ends on the hour, of a day at midnight UTC).
 BUCKETS: tuple[tuple[int, str], ...] = (
     (60, "minute"),
     (300, "5 minutes"),
     (900, "15 minutes"),
     (3600, "hour"),
+    (21600, "6 hours"),
     (86400, "day"),
+    (7 * 86400, "7 days"),
+    (30 * 86400, "30 days"),
 )
 MAX_BUCKETS = 60
+# Detections listed whole (the longest; every one is in the figures).
+LISTED = 100
 TOP_FINDINGS = 10
 DEVICES_PER_FINDING = 50
+HOSTNAME_SHOWN = 64
+# A driver version as NVML writes it (580.65.06): anything else is not taken for one.
+DRIVER_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){1,3}")
 TTD_DEFINITION = (
     "The verifier stores its appraisals, not the moment a device's posture changed. A "
     "detection is an appraisal worse than affirming that follows an affirming appraisal of the "
@@ -56,10 +74,19 @@ COMPLIANCE_DEFINITION = (
     "Compliant: an enrolled device whose current result has not expired and whose tier is at "
     "or above its zone's minimum tier. Compliance: compliant devices / enrolled devices."
 )
-_BULLETIN = re.compile(r"bulletin (\S+) \((.*?), fixed in ([0-9][0-9.]*)\)")
-# A finding that names the running driver first ("driver 580.65.06: bulletin ..."): the
-# shipped rule does not (yet); the version is then unknown to the store.
-_RUNNING = re.compile(r"^driver ([0-9][0-9.]*)")
+HISTORY_DEFINITION = (
+    "At the end of each bucket, the same definition then: among the devices enrolled at that "
+    "time, the share whose latest appraisal by then had not expired and met its zone's minimum "
+    "tier (zones as they are now). Enrolled at that time, as far as the store tells: enrolled "
+    "now, or revoked later than that (the audit's revocation entry), and enrolled by then "
+    "(the device's enrollment time); devices pending approval now, or revoked at an "
+    "unrecorded time, are counted at no time."
+)
+HOSTNAME_NOTE = (
+    "Devices are identified by their device id (the hash of their TPM's endorsement key). "
+    "The hostname is what the device claimed at enrollment: unverified, non-printable "
+    "characters shown escaped, and a name claimed by more than one device marked."
+)
 
 
 @dataclass(frozen=True)
@@ -85,61 +112,202 @@ def tier_of(label: str) -> Tier:
         return Tier.NONE
 
 
-def bucket_size(since: datetime.datetime, until: datetime.datetime) -> tuple[int, str]:
+def buckets(
+    since: datetime.datetime, until: datetime.datetime
+) -> tuple[int, str, list[datetime.datetime]]:
+    """The bucket size (seconds, name) and the buckets' ends: every multiple of the size
+    (from the epoch, UTC: whole minutes, hours, days) after ``since``, then ``until``; at
+    most MAX_BUCKETS of them, whatever the period."""
     span = max((until - since).total_seconds(), 1.0)
-    for size, name in BUCKETS:
-        if math.ceil(span / size) <= MAX_BUCKETS:
-            return size, name
-    return BUCKETS[-1]
+    size, name = BUCKETS[-1]
+    for size_s, label in BUCKETS:
+        if math.ceil(span / size_s) + 1 <= MAX_BUCKETS:
+            size, name = size_s, label
+            break
+    else:
+        days = math.ceil(span / 86400 / (MAX_BUCKETS - 1))
+        size, name = days * 86400, f"{days} days"
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    step = datetime.timedelta(seconds=size)
+    first = math.floor((since - epoch).total_seconds() / size) + 1
+    ends = []
+    at = epoch + first * step
+    while at < until:
+        ends.append(at)
+        at += step
+    ends.append(until)
+    return size, name, ends
 
 
-def _valid_at(appraisal: Appraisal | None, moment: datetime.datetime) -> str:
-    """The tier ``appraisal`` gives at ``moment``: none when there is none or it expired."""
-    if appraisal is None:
+def _valid_at(tier: str, expires_at: datetime.datetime | None, moment: datetime.datetime) -> str:
+    """The tier a result gives at ``moment``: none when it expired."""
+    if expires_at is not None and expires_at <= moment:
         return "none"
-    if appraisal.expires_at is not None and appraisal.expires_at <= moment:
-        return "none"
-    return appraisal.tier if appraisal.tier in TIERS else "none"
+    return tier if tier in TIERS else "none"
 
 
 def _share(part: int, whole: int) -> float | None:
     return None if whole == 0 else round(part / whole, 4)
 
 
+def _enrolled_window(
+    device: DeviceRow, revoked_at: datetime.datetime | None
+) -> tuple[datetime.datetime, datetime.datetime] | None:
+    """When the device was enrolled, as far as the store tells (``HISTORY_DEFINITION``)."""
+    start = device.enrolled_at or datetime.datetime.min.replace(tzinfo=datetime.UTC)
+    if device.state == "enrolled":
+        return start, datetime.datetime.max.replace(tzinfo=datetime.UTC)
+    if device.state == "revoked" and revoked_at is not None:
+        return start, revoked_at
+    return None
+
+
+_Detection = tuple[str, datetime.datetime, datetime.datetime, str, tuple[str, ...]]
+
+
+class Period:
+    """The period's figures, from its appraisals streamed in time order (``report_data
+    .Sink``): each device's latest appraisal, the history's buckets closed as time passes
+    them, the findings' counts, the detections."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        since: datetime.datetime,
+        until: datetime.datetime,
+        minimums: Minimums,
+    ) -> None:
+        self.size, self.name, self.ends = buckets(since, until)
+        self._zone = {d.device_id: d.zone for d in store.devices}
+        self._need = {d.device_id: minimums.of(d.zone) for d in store.devices}
+        self._windows = {
+            d.device_id: w
+            for d in store.devices
+            if (w := _enrolled_window(d, store.device_revoked_at.get(d.device_id))) is not None
+        }
+        self._latest: dict[str, tuple[datetime.datetime, str, datetime.datetime | None]] = {}
+        self._next = 0
+        self.series: dict[str, list[float | None]] = {
+            z: [] for z in sorted(set(self._zone.values()))
+        }
+        self.fleet: list[float | None] = []
+        self.enrolled: list[int] = []
+        self.appraisals = 0
+        self.counted: Counter[str] = Counter()
+        self.devices: dict[str, Counter[str]] = defaultdict(Counter)
+        self.last: dict[tuple[str, str], datetime.datetime] = {}
+        self.example: dict[str, int] = {}
+        # Detections: every one's time (8 bytes) per zone, the LISTED longest whole.
+        self.spans: dict[str, array[float]] = defaultdict(lambda: array("d"))
+        self.detected: Counter[str] = Counter()
+        self.longest: list[tuple[float, int, _Detection]] = []
+
+    def before(self, appraisal: Appraisal) -> None:
+        self._latest[appraisal.device_id] = (appraisal.at, appraisal.tier, appraisal.expires_at)
+
+    def add(self, appraisal: Appraisal) -> None:
+        self._close(appraisal.at)
+        device_id = appraisal.device_id
+        self.appraisals += 1
+        for finding_id in appraisal.finding_ids:
+            self.counted[finding_id] += 1
+            self.devices[finding_id][device_id] += 1
+            self.last[finding_id, device_id] = appraisal.at
+            self.example[finding_id] = appraisal.entry
+        previous = self._latest.get(device_id)
+        if previous is not None and previous[1] == "affirming" and appraisal.tier != "affirming":
+            seconds = round((appraisal.at - previous[0]).total_seconds(), 3)
+            self.spans[self._zone.get(device_id, "")].append(seconds)
+            self.detected[device_id] += 1
+            found = (device_id, previous[0], appraisal.at, appraisal.tier, appraisal.finding_ids)
+            item = (seconds, -self.appraisals, found)
+            if len(self.longest) < LISTED:
+                heapq.heappush(self.longest, item)
+            elif item > self.longest[0]:
+                heapq.heapreplace(self.longest, item)
+        self._latest[device_id] = (appraisal.at, appraisal.tier, appraisal.expires_at)
+
+    def finish(self) -> None:
+        """Close the buckets left (those after the last appraisal)."""
+        self._close(None)
+
+    def _close(self, upto: datetime.datetime | None) -> None:
+        """Every bucket ending at or before ``upto`` (None: all): its figures are those of
+        the appraisals before its end, all added by now."""
+        while self._next < len(self.ends) and (upto is None or self.ends[self._next] <= upto):
+            self._bucket(self.ends[self._next])
+            self._next += 1
+
+    def _bucket(self, end: datetime.datetime) -> None:
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for device_id, (start, stop) in self._windows.items():
+            if not start <= end < stop:
+                continue
+            latest = self._latest.get(device_id)
+            tier = "none" if latest is None else _valid_at(latest[1], latest[2], end)
+            into = counts[self._zone[device_id]]
+            into[0] += tier_of(tier).meets(self._need[device_id])
+            into[1] += 1
+        for zone, values in self.series.items():
+            values.append(_share(*counts[zone]) if zone in counts else None)
+        whole = sum(c[1] for c in counts.values())
+        self.fleet.append(_share(sum(c[0] for c in counts.values()), whole))
+        self.enrolled.append(whole)
+
+
 def compute(
     store: Store,
+    period: Period,
     *,
     since: datetime.datetime,
     until: datetime.datetime,
     now: datetime.datetime,
     minimums: Minimums,
     bulletins: Bulletins,
+    examples: Mapping[int, Appraisal] | None = None,
     zone_filter: str | None = None,
     database: str = "",
 ) -> dict[str, Any]:
-    """The report's document (schema ``VERSION``); ``database``: where it was read, as
-    shown (a server's URL without its password)."""
-    by_id = {d.device_id: d for d in store.devices}
-    size, name = bucket_size(since, until)
+    """The report's document (schema ``VERSION``); ``period``: the period's appraisals,
+    all streamed in; ``examples``: the audit entries ``period.example`` names, whole;
+    ``database``: where it was read, as shown (a server's URL without its password)."""
+    period.finish()
+    people = _People(store.devices)
     zones, fleet = _now(store, now=now, minimums=minimums)
     return {
         "version": VERSION,
         "generated_at": iso(now),
-        "period": {"since": iso(since), "until": iso(until), "bucket": name, "bucket_s": size},
+        "period": {
+            "since": iso(since),
+            "until": iso(until),
+            "bucket": period.name,
+            "bucket_s": period.size,
+        },
         "zone_filter": zone_filter,
         "database": database,
         "empty": not store.devices,
-        "definitions": {"compliance": COMPLIANCE_DEFINITION, "time_to_detect": TTD_DEFINITION},
+        "definitions": {
+            "compliance": COMPLIANCE_DEFINITION,
+            "history": HISTORY_DEFINITION,
+            "time_to_detect": TTD_DEFINITION,
+            "devices": HOSTNAME_NOTE,
+        },
         "fleet": fleet,
         "zones": zones,
-        "history": _history(store, since=since, until=until, size=size, minimums=minimums),
-        "appraisals": len(store.appraisals),
-        "findings": _findings(store, by_id),
-        "time_to_detect": _time_to_detect(store, by_id),
+        "history": {
+            "ends": [iso(e) for e in period.ends],
+            "zones": period.series,
+            "fleet": period.fleet,
+            "enrolled": period.enrolled,
+        },
+        "appraisals": period.appraisals,
+        "findings": _findings(period, people, examples or {}),
+        "time_to_detect": _time_to_detect(period, people),
         "revoked_certificates": [
             {
                 "serial": c.serial,
-                **_who(by_id, c.device_id),
+                **people.who(c.device_id),
                 "kind": c.kind,
                 "reason": c.reason,
                 "revoked_at": iso(c.revoked_at),
@@ -148,16 +316,18 @@ def compute(
         ],
         "revoked_devices": [
             {
-                **_who(by_id, d.device_id),
+                **people.who(d.device_id),
                 "revoked_at": iso(store.device_revoked_at.get(d.device_id)),
             }
             for d in store.devices
             if d.state == "revoked"
         ],
-        "drivers_below_bulletins": _drivers(store, by_id, bulletins),
+        "drivers_below_bulletins": _drivers(store, people, bulletins),
         "policy": _policy(store),
         "audit": {
+            "verified": store.audit.verified,
             "intact": store.audit.intact,
+            "why": store.audit.why or None,
             "chains": store.audit.chains,
             "entries": store.audit.entries,
             "last_id": store.audit.last_id,
@@ -168,13 +338,28 @@ def compute(
     }
 
 
-def _who(by_id: Mapping[str, DeviceRow], device_id: str) -> dict[str, str]:
-    row = by_id.get(device_id)
-    return {
-        "device_id": device_id,
-        "hostname": row.hostname if row else "",
-        "zone": row.zone if row else "",
-    }
+class _People:
+    """Who a device is, as the report shows it: its id first, then the hostname it claimed
+    (review M6)."""
+
+    def __init__(self, devices: Iterable[DeviceRow]) -> None:
+        self._by_id = {d.device_id: d for d in devices}
+        self._shared = Counter(d.hostname for d in self._by_id.values() if d.hostname)
+
+    def state(self, device_id: str) -> str:
+        row = self._by_id.get(device_id)
+        return row.state if row else ""
+
+    def who(self, device_id: str) -> dict[str, Any]:
+        row = self._by_id.get(device_id)
+        host = row.hostname if row else ""
+        return {
+            "device_id": device_id,
+            "hostname": host,
+            "hostname_shown": printable(host, HOSTNAME_SHOWN),
+            "hostname_shared": self._shared[host] if host else 0,
+            "zone": row.zone if row else "",
+        }
 
 
 def _now(
@@ -202,7 +387,8 @@ def _now(
             into["states"][device.state] = into["states"].get(device.state, 0) + 1
         if device.state != "enrolled":
             continue
-        tier = _valid_at(store.current.get(device.device_id), now)
+        current = store.current.get(device.device_id)
+        tier = "none" if current is None else _valid_at(current.tier, current.expires_at, now)
         ok = tier_of(tier).meets(minimums.of(device.zone))
         for into in (zone, fleet):
             into["enrolled"] += 1
@@ -213,65 +399,16 @@ def _now(
     return dict(sorted(zones.items())), fleet
 
 
-def _history(
-    store: Store,
-    *,
-    since: datetime.datetime,
-    until: datetime.datetime,
-    size: int,
-    minimums: Minimums,
-) -> dict[str, Any]:
-    zone_of = {d.device_id: d.zone for d in store.devices}
-    latest: dict[str, Appraisal] = dict(store.before)
-    ends: list[datetime.datetime] = []
-    at = since
-    while at < until:
-        at = min(at + datetime.timedelta(seconds=size), until)
-        ends.append(at)
-    series: dict[str, list[float | None]] = {z: [] for z in sorted(set(zone_of.values()))}
-    fleet: list[float | None] = []
-    appraised: list[int] = []
-    events = iter(store.appraisals)
-    pending = next(events, None)
-    for end in ends:
-        while pending is not None and pending.at < end:
-            latest[pending.device_id] = pending
-            pending = next(events, None)
-        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for device_id, appraisal in latest.items():
-            zone = zone_of.get(device_id)
-            if zone is None:
-                continue
-            ok = tier_of(_valid_at(appraisal, end)).meets(minimums.of(zone))
-            counts[zone][0] += ok
-            counts[zone][1] += 1
-        for zone, values in series.items():
-            values.append(_share(*counts[zone]) if zone in counts else None)
-        part, whole = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
-        fleet.append(_share(part, whole))
-        appraised.append(whole)
-    return {
-        "ends": [iso(e) for e in ends],
-        "zones": series,
-        "fleet": fleet,
-        "appraised": appraised,
-    }
-
-
-def _findings(store: Store, by_id: Mapping[str, DeviceRow]) -> list[dict[str, Any]]:
-    counted: Counter[str] = Counter()
-    devices: dict[str, Counter[str]] = defaultdict(Counter)
-    last: dict[tuple[str, str], datetime.datetime] = {}
-    for appraisal in store.appraisals:
-        for finding_id in set(appraisal.finding_ids):
-            counted[finding_id] += 1
-            devices[finding_id][appraisal.device_id] += 1
-            last[finding_id, appraisal.device_id] = appraisal.at
+def _findings(
+    period: Period, people: _People, examples: Mapping[int, Appraisal]
+) -> list[dict[str, Any]]:
+    counted, devices = period.counted, period.devices
     top = sorted(counted, key=lambda f: (-counted[f], -len(devices[f]), f))[:TOP_FINDINGS]
     out = []
     for finding_id in top:
         seen = sorted(devices[finding_id].items(), key=lambda item: (-item[1], item[0]))
-        example = store.examples.get(finding_id)
+        entry = examples.get(period.example.get(finding_id, 0))
+        example = next((f for f in entry.findings if f.id == finding_id), None) if entry else None
         out.append(
             {
                 "id": finding_id,
@@ -281,9 +418,9 @@ def _findings(store: Store, by_id: Mapping[str, DeviceRow]) -> list[dict[str, An
                 "device_count": len(seen),
                 "devices": [
                     {
-                        **_who(by_id, device_id),
+                        **people.who(device_id),
                         "appraisals": n,
-                        "last_at": iso(last[finding_id, device_id]),
+                        "last_at": iso(period.last[finding_id, device_id]),
                     }
                     for device_id, n in seen[:DEVICES_PER_FINDING]
                 ],
@@ -310,71 +447,88 @@ def _stats(seconds: Iterable[float]) -> dict[str, Any]:
     }
 
 
-def _time_to_detect(store: Store, by_id: Mapping[str, DeviceRow]) -> dict[str, Any]:
-    previous: dict[str, Appraisal] = dict(store.before)
-    detections: list[dict[str, Any]] = []
-    for appraisal in store.appraisals:
-        before = previous.get(appraisal.device_id)
-        previous[appraisal.device_id] = appraisal
-        if before is None or before.tier != "affirming" or appraisal.tier == "affirming":
-            continue
-        detections.append(
-            {
-                **_who(by_id, appraisal.device_id),
-                "last_affirming_at": iso(before.at),
-                "detected_at": iso(appraisal.at),
-                "seconds": round((appraisal.at - before.at).total_seconds(), 3),
-                "tier": appraisal.tier,
-                "findings": sorted(set(appraisal.finding_ids)),
-            }
-        )
-    per_zone: dict[str, list[float]] = defaultdict(list)
-    for d in detections:
-        per_zone[str(d["zone"])].append(float(d["seconds"]))
+def _time_to_detect(period: Period, people: _People) -> dict[str, Any]:
+    """The detections' figures (all of them), and the LISTED longest (in time order)."""
+    listed = [item[2] for item in sorted(period.longest, key=lambda item: -item[1])]
+    detections = [
+        {
+            **people.who(device_id),
+            "last_affirming_at": iso(before),
+            "detected_at": iso(at),
+            "seconds": round((at - before).total_seconds(), 3),
+            "tier": tier,
+            "findings": sorted(set(ids)),
+        }
+        for device_id, before, at, tier, ids in listed
+    ]
     return {
-        **_stats(float(d["seconds"]) for d in detections),
-        "zones": {zone: _stats(values) for zone, values in sorted(per_zone.items())},
+        **_stats(itertools.chain.from_iterable(period.spans.values())),
+        "zones": {zone: _stats(values) for zone, values in sorted(period.spans.items())},
+        "devices": len(period.detected),
+        "most_by_one_device": max(period.detected.values(), default=0),
         "detections": detections,
     }
 
 
-def _drivers(
-    store: Store, by_id: Mapping[str, DeviceRow], bulletins: Bulletins
-) -> list[dict[str, Any]]:
-    """Devices whose current result says their GPU driver is below a security bulletin's
-    fixed version (the policy rule ``gpu.driver.security_bulletins``, whose finding names
-    the running version first, then each bulletin and its fixed version; results stored
-    before the rule named the running version give none)."""
-    known = {(b.bulletin, b.branch): b for b in bulletins.entries}
+def driver_version(found: str) -> tuple[str | None, str]:
+    """The running driver version the bulletins finding names first (the shipped rule's
+    ``found``: "driver VERSION, bulletin ..."), when it is one (``DRIVER_VERSION``); else
+    None, and the text where it should be, escaped and clipped (the device sends the
+    version: it is never parsed further, review M3)."""
+    head = found.removeprefix("driver ") if found.startswith("driver ") else None
+    if head is None:
+        return None, printable(found, HOSTNAME_SHOWN)
+    text = head.split(", bulletin ", 1)[0]
+    if len(text) <= 32 and DRIVER_VERSION.fullmatch(text):
+        return text, text
+    return None, printable(text, HOSTNAME_SHOWN)
+
+
+def _rendered(version: str, missing: Sequence[Any]) -> str:
+    """The finding's ``found`` as the shipped rule writes it for ``version``."""
+    items = [f"driver {version}"]
+    items += [f"bulletin {b.bulletin} ({b.title}, fixed in {b.fixed})" for b in missing]
+    return ", ".join(items)
+
+
+def _drivers(store: Store, people: _People, bulletins: Bulletins) -> list[dict[str, Any]]:
+    """Devices whose current result has the finding ``gpu.driver.security_bulletins``:
+    the driver version it names, validated, and the bulletins computed from that version
+    and the bulletins' data as the verifier does (``Bulletins.missing``), never read from the
+    finding's text. A version that is none is "unparseable"; one whose finding is not what
+    the rule writes for it with these bulletins (another bulletins file, or text added to the
+    version) "unmatched": either way the device is listed, with no figures."""
     newest: dict[str, str] = {}
     for b in bulletins.entries:
         if version_tuple(b.fixed) > version_tuple(newest.get(b.branch, "0")):
             newest[b.branch] = b.fixed
     out = []
     for device_id, appraisal in sorted(store.current.items()):
-        texts = [f.found or f.message for f in appraisal.findings if f.id == DRIVER_FINDING]
+        texts = [f.found for f in appraisal.findings if f.id == DRIVER_FINDING]
         if not texts:
             continue
-        missing = sorted(
-            {(m[1], m[3]) for text in texts for m in _BULLETIN.finditer(text)},
-            key=lambda item: (version_tuple(item[1]), item[0]),
-        )
-        running = next((m[1] for m in map(_RUNNING.match, texts) if m), None)
-        branch = f"R{missing[-1][1].split('.', 1)[0]}" if missing else ""
-        rows = [known.get((number, branch)) for number, _ in missing]
-        cves = {cve for row in rows if row is not None for cve in row.cves if cve}
+        version, shown = driver_version(texts[0])
+        missing = bulletins.missing(version) if version else []
+        shown = shown if version else f"unparseable: {shown}"
+        if version is not None and (not missing or texts[0] != _rendered(version, missing)):
+            shown = f"unmatched: {shown} (the finding is not the bulletins' for it)"
+            version, missing = None, []
+        ordered = sorted(missing, key=lambda b: (version_tuple(b.fixed), b.bulletin))
+        branch = f"R{version.split('.', 1)[0]}" if version else ""
+        cves = {cve for b in ordered for cve in b.cves if cve}
         out.append(
             {
-                **_who(by_id, device_id),
-                "state": by_id[device_id].state if device_id in by_id else "",
+                **people.who(device_id),
+                "state": people.state(device_id),
                 "appraised_at": iso(appraisal.at),
-                "driver_version": running,
+                "driver_version": version,
+                "driver_shown": shown,
                 "branch": branch,
-                "bulletins": [number for number, _ in missing],
-                "fixed_in": missing[-1][1] if missing else None,
-                "latest_fixed_in_branch": newest.get(branch),
-                "cves": len(cves),
-                "max_cvss": max((row.max_cvss for row in rows if row is not None), default=None),
+                "bulletins": [b.bulletin for b in ordered],
+                "fixed_in": ordered[-1].fixed if ordered else None,
+                "latest_fixed_in_branch": newest.get(branch) if version else None,
+                "cves": len(cves) if version else None,
+                "max_cvss": max((b.max_cvss for b in ordered), default=None),
             }
         )
     return out

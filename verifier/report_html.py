@@ -11,17 +11,22 @@ that a test, or an auditor's tool, reads the numbers back without parsing prose.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
 from devtrust.verifier import report_svg
+from devtrust.verifier.logtext import printable
 from devtrust.verifier.report_svg import TIER_COLOURS, zone_label
 
 STATES = ("enrolled", "pending_approval", "revoked")
 # Rows of a long list shown on the page (the JSON holds them all).
 ROWS = 100
+# Characters of a finding's example message shown (device text: non-printables escaped).
+EXAMPLE = 400
 _SEVERITY_COLOUR = {
     "contraindicated": TIER_COLOURS["contraindicated"],
     "warning": TIER_COLOURS["warning"],
@@ -57,6 +62,8 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 tbody tr:nth-child(even){background:#fbfcfd}
 code,.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 .id{color:var(--muted)}
+.claim{color:var(--muted);font-size:12px}.host{color:var(--ink)}
+.dup{color:var(--bad);font-size:12px;font-weight:600}
 .tier{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;
 font-weight:600}
 .t-affirming{background:var(--ok)}.t-warning{background:var(--warn)}
@@ -106,6 +113,18 @@ document.getElementById('script-done').setAttribute('data-ran','1');
 """
 
 
+def _script_hash(script: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+
+
+# Only the page's own two scripts run (their hashes), whatever markup escaping would miss
+# (review L6); no <base>, no form posts anywhere (these do not fall back to default-src).
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+    f"form-action 'none'; script-src {_script_hash(_ERRORS_SCRIPT)} {_script_hash(_SORT_SCRIPT)}"
+)
+
+
 def _e(text: object) -> str:
     return escape(str(text), quote=True)
 
@@ -149,16 +168,29 @@ def tier_badge(tier: str) -> str:
 
 
 def device_cell(item: Mapping[str, Any]) -> str:
+    """The device: its id first (what identifies it), then the hostname it claimed,
+    neutralised (``hostname_shown``: non-printable characters escaped, clipped) and marked
+    when other devices claim it too (review M6)."""
     device_id = str(item.get("device_id", ""))
-    host = str(item.get("hostname") or "")
+    shown = str(item.get("hostname_shown") or "")
+    shared = int(item.get("hostname_shared") or 0)
+    claim = (
+        f'<span class="claim">claimed hostname <span class="host">{_e(shown)}</span></span>'
+        if shown
+        else '<span class="claim">no hostname claimed</span>'
+    )
+    if shared > 1:
+        claim += f' <span class="dup">claimed by {shared} devices</span>'
     return (
-        f'<td data-sort="{_e(host or device_id)}"><b>{_e(host or "(no hostname)")}</b><br>'
-        f'<span class="id" title="{_e(device_id)}">{_e(_short_id(device_id))}</span></td>'
+        f'<td data-sort="{_e(device_id)}"><code class="dev" title="{_e(device_id)}">'
+        f"{_e(short_id(device_id))}</code><br>{claim}</td>"
     )
 
 
-def _short_id(device_id: str) -> str:
-    return device_id if len(device_id) <= 20 else f"{device_id[:8]}\u2026{device_id[-8:]}"
+def short_id(device_id: str) -> str:
+    """A device id (64 hex) as shown: its first 12 and last 4 characters (the whole in the
+    title)."""
+    return device_id if len(device_id) <= 20 else f"{device_id[:12]}\u2026{device_id[-4:]}"
 
 
 def _when(stamp: object) -> str:
@@ -208,8 +240,7 @@ def render(doc: Mapping[str, Any]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">'
         f"<title>{_e(title)}</title><style>{_STYLE}</style>"
         f"<script>{_ERRORS_SCRIPT}</script></head><body><main>"
         '<div id="script-errors"></div>'
@@ -239,6 +270,7 @@ def _cards(doc: Mapping[str, Any]) -> str:
     median = doc["time_to_detect"]["median_s"]
     revoked, drivers = len(doc["revoked_certificates"]), len(doc["drivers_below_bulletins"])
     intact = audit["intact"]
+    chains = "not verified" if not audit["verified"] else ("intact" if intact else "BROKEN")
     items = [
         ("Devices", num("fleet.devices", fleet["devices"])),
         ("Compliance", num("fleet.compliance", fleet["compliance"], pct(fleet["compliance"]))),
@@ -251,7 +283,7 @@ def _cards(doc: Mapping[str, Any]) -> str:
         ("Drivers below bulletins", num("drivers_below_bulletins.count", drivers)),
         (
             "Audit chains",
-            num("audit.intact", intact, "intact" if intact else "BROKEN", cls=_ok(intact)),
+            num("audit.intact", intact, chains, cls=_ok(intact is not False)),
         ),
     ]
     return (
@@ -325,16 +357,15 @@ def _history(doc: Mapping[str, Any]) -> str:
         rows.append(
             f"<tr><td>{_at(end)}</td>{cells}"
             + cell(f"history.fleet.{i}", fleet, pct(fleet))
-            + cell(f"history.appraised.{i}", history["appraised"][i])
+            + cell(f"history.enrolled.{i}", history["enrolled"][i])
             + "</tr>"
         )
-    headers = ["Bucket end", *(zone_label(z) for z in history["zones"]), "Fleet", "Devices"]
+    headers = ["Bucket end", *(zone_label(z) for z in history["zones"]), "Fleet", "Enrolled"]
     n = len(headers)
     return (
         "<section><h2>Compliance over time</h2>"
-        f'<p class="note">At the end of each {_e(doc["period"]["bucket"])}: among the devices '
-        "appraised by then, the share whose latest appraisal had not expired and met its zone's "
-        "minimum tier (zones as they are now).</p>"
+        f'<p class="note">Buckets of {_e(doc["period"]["bucket"])} (UTC). '
+        f"{_e(doc['definitions']['history'])}</p>"
         + chart
         + "<details><summary>Figures</summary>"
         + _table(headers, rows, numeric=range(1, n))
@@ -369,14 +400,17 @@ def _findings(doc: Mapping[str, Any]) -> str:
             f"<h3><code>{_e(f['id'])}</code> {tier_badge(f['severity'])} in "
             f"{num(k + '.appraisals', f['appraisals'])} appraisals of "
             f"{num(k + '.device_count', f['device_count'])} devices</h3>"
-            f'<div class="msg">e.g. {_e(f["example"])}</div>'
+            f'<div class="msg">e.g. {_e(printable(f["example"], EXAMPLE))}</div>'
             + _table(["Device", "Zone", "Appraisals", "Last seen with it"], [devices], numeric=(2,))
             + (f'<p class="note">And {more} more devices, with fewer.</p>' if more > 0 else "")
         )
     return (
         "<section><h2>Most frequent findings</h2>"
         '<p class="note">Appraisals in the period that carried each finding (counted once per '
-        "appraisal), and the devices that had it.</p>" + chart + "".join(blocks) + "</section>"
+        f"appraisal), and the devices that had it. {_e(doc['definitions']['devices'])}</p>"
+        + chart
+        + "".join(blocks)
+        + "</section>"
     )
 
 
@@ -412,7 +446,7 @@ def _detect(doc: Mapping[str, Any]) -> str:
            if zone_rows else "")
         + (_table(["Device", "Zone", "Last affirming", "Detected", "Time", "Tier", "Findings"],
                   detections, numeric=(4,)) if detections else "")
-        + _more(len(ttd["detections"]) - len(detections), "detections, the shorter ones")
+        + _more(ttd["count"] - len(detections), "detections, the shorter ones")
         + "</section>"
     )  # fmt: skip
 
@@ -426,7 +460,7 @@ def _longest(detections: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]
 def _more(count: int, what: str) -> str:
     if count <= 0:
         return ""
-    return f'<p class="note">And {count} more {_e(what)}: the JSON (--json) lists them all.</p>'
+    return f'<p class="note">And {count} more {_e(what)}.</p>'
 
 
 def _revoked(doc: Mapping[str, Any]) -> str:
@@ -459,7 +493,7 @@ def _drivers(doc: Mapping[str, Any]) -> str:
     items = doc["drivers_below_bulletins"]
     rows = [
         f"<tr>{device_cell(d)}<td>{_e(zone_label(d['zone']))}</td>"
-        f"<td>{_e(d['branch'])}{_e(' ' + d['driver_version'] if d['driver_version'] else '')}</td>"
+        f"<td><code>{_e(d['driver_shown'])}</code></td>"
         f"<td>{_e(', '.join(d['bulletins']))}</td>"
         f'<td class="n">{num("drivers." + d["device_id"] + ".cves", d["cves"])}</td>'
         f'<td class="n">{num("drivers." + d["device_id"] + ".max_cvss", d["max_cvss"])}</td>'
@@ -472,9 +506,12 @@ def _drivers(doc: Mapping[str, Any]) -> str:
         "<section><h2>GPU drivers below the NVIDIA security bulletins</h2>"
         '<p class="note">Devices whose current result has the finding '
         "<code>gpu.driver.security_bulletins</code>: the bulletins whose fixed version for the "
-        "driver's branch is above the running driver (the verifier stores the bulletins the "
-        "finding names, not the driver version itself). &ldquo;Fixed in&rdquo;: the lowest "
-        "version that fixes all of them.</p>"
+        "driver's branch is above the running driver. The driver version is the one the "
+        "finding names (the device's claim): shown when it is a version (digits and dots), the "
+        "bulletins computed from it and the NVIDIA bulletins' data, as the verifier does; "
+        "otherwise &ldquo;unparseable&rdquo; (escaped), or &ldquo;unmatched&rdquo; when the "
+        "finding is not what the rule writes for that version, without figures. &ldquo;Fixed "
+        "in&rdquo;: the lowest version that fixes all of them.</p>"
         + (_table(["Device", "Zone", "Driver", "Bulletins", "CVEs", "Max CVSS", "Fixed in",
                    "Latest in branch", "Appraised"], rows, numeric=(4, 5)) if rows
            else '<p class="note">None: no device reports a driver below a bulletin.</p>')
@@ -489,7 +526,13 @@ def _row(header: str, value: str) -> str:
 def _policy_audit(doc: Mapping[str, Any]) -> str:
     policy, audit = doc["policy"], doc["audit"]
     used = ", ".join(f"{_e(k)} ({v})" for k, v in policy["in_current_results"].items())
-    if audit["intact"]:
+    if not audit["verified"]:
+        banner = (
+            f'<div class="banner info">Audit chains {_e(audit["why"] or "not verified")}; '
+            f"the audit holds entries up to {num('audit.last_id', audit['last_id'])} "
+            f"({_when(audit['last_at'])}).</div>"
+        )
+    elif audit["intact"]:
         banner = (
             f'<div class="banner ok">Audit trail verified: every chain intact, '
             f"{num('audit.entries', audit['entries'])} entries on "
@@ -516,5 +559,6 @@ def _policy_audit(doc: Mapping[str, Any]) -> str:
         + "</tbody></table>"
         "<h3>Audit chains</h3>" + banner
         + '<p class="note">As <code>devtrust audit verify</code> checks them: every hash chain, '
-        "its checkpoints and announcements, read in one snapshot.</p></section>"
+        "its checkpoints and announcements, read in the same snapshot as every figure of this "
+        "report.</p></section>"
     )  # fmt: skip

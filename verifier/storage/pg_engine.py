@@ -28,6 +28,7 @@ import asyncio
 import functools
 import logging
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -160,10 +161,18 @@ def secrets_of(*urls: str) -> tuple[str, ...]:
     return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
 
+# A password stands whole in a conninfo or URL: after "password=", a quote or the user's ":",
+# and before a space, a quote, "&" or "@" (or at either end of the text).
+_OPENS_WHOLE = r"(?<![^\s'\"=:/@&?,(])"
+_CLOSES_WHOLE = r"(?![^\s'\"@&;,)])"
+
+
 def hide(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with each of ``secrets`` written as ***."""
+    """``text`` with each of ``secrets`` written as *** where it stands whole (as a
+    conninfo's or URL's password does), never inside a word: a one-letter password must
+    neither mangle the message nor show its letters around the stars (review L11)."""
     for secret in secrets:
-        text = text.replace(secret, "***")
+        text = re.sub(_OPENS_WHOLE + re.escape(secret) + _CLOSES_WHOLE, "***", text)
     return text
 
 
