@@ -314,3 +314,18 @@ def test_a_driver_version_with_thousands_of_digits_is_only_an_old_driver() -> No
     gpu = attestation_pb2.GpuState(source="nvml", driver_version="580." + "9" * 5000)
     doc = build(plain(attestation_pb2.EvidenceBody(gpu=gpu)), bulletins=POLICY.bulletins)
     assert doc["gpu"]["missing_bulletins"] == []
+
+
+def test_a_driver_version_that_is_no_version_is_unknown_not_clean() -> None:
+    """A device-sent driver version that is not digits and dots has no branch and no
+    bulletins to compare with: the bulletin rule reads it as unknown (policy.unknown), where
+    it would otherwise find no bulletin missing and pass."""
+    for version in ("abc", "580.105.08 (patched)", "580.105.08<script>", "999.1, bulletin 1"):
+        gpu = attestation_pb2.GpuState(source="nvml", driver_version=version)
+        body = plain(attestation_pb2.EvidenceBody(gpu=gpu))
+        doc = build(body, bulletins=POLICY.bulletins)
+        assert doc["gpu"]["driver_version"] is None
+        assert doc["gpu"]["missing_bulletins"] is None
+        out = POLICY.evaluate(doc, device_id="d1")
+        unknown = [f for f in out.findings if f.id == "policy.unknown"]
+        assert any("gpu.driver.security_bulletins" in f.message for f in unknown), out.findings

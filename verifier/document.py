@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ Document = dict[str, Any]
 # What the host says of its own zone and labels: never part of the document (device.zone and
 # device.labels are the operator-assigned ones; a rule naming host.zone is refused at load).
 _CLAIMED_BY_HOST = ("zone", "labels")
+# A driver version as NVIDIA writes them (580.105.08): digits and dots only.
+_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -115,17 +118,25 @@ def build(
         if gpu.get(name) == "":
             gpu[name] = None
     driver = gpu.get("driver_version") or ""
-    gpu["branch"] = f"R{driver.split('.', 1)[0]}" if driver else ""
-    gpu["missing_bulletins"] = [
-        {
-            "bulletin": b.bulletin,
-            "title": b.title,
-            "fixed": b.fixed,
-            "cves": list(b.cves),
-            "max_cvss": b.max_cvss,
-        }
-        for b in bulletins.missing(driver)
-    ]
+    if driver and not _VERSION.fullmatch(driver):
+        # Not a version ("580.105.08 (patched)", markup): nothing to compare with the
+        # bulletins, so unknown to policy (policy.unknown), never "no bulletin missing".
+        gpu["driver_version"] = None
+        gpu["branch"] = None
+        gpu["missing_bulletins"] = None
+        driver = ""
+    else:
+        gpu["branch"] = f"R{driver.split('.', 1)[0]}" if driver else ""
+        gpu["missing_bulletins"] = [
+            {
+                "bulletin": b.bulletin,
+                "title": b.title,
+                "fixed": b.fixed,
+                "cves": list(b.cves),
+                "max_cvss": b.max_cvss,
+            }
+            for b in bulletins.missing(driver)
+        ]
     gpus = []
     for reported in gpu.get("gpus") or []:
         g = _nulled(reported)
