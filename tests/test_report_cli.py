@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sqlite3
+import stat
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtrust.cli import main
 from tests.db import make_database
 from tests.test_report import (
     IMG_HOST,
@@ -159,3 +163,19 @@ def test_a_broken_audit_chain_is_reported_with_its_first_broken_record(tmp_path:
     text = page.read_text(encoding="utf-8")
     assert 'data-key="audit.intact" data-value="false"' in text
     assert "Audit trail BROKEN" in text
+
+
+def test_a_report_to_a_device_writes_into_it_and_leaves_it_a_device(tmp_path: Path) -> None:
+    """`--html /dev/null` (or a pipe) is written to, never renamed over: replacing /dev/null
+    with a regular file would break every program on the machine."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    db = tmp_path / "v.db"
+    make_database(db)
+    assert main(["report", "--database", str(db), "--json", str(fifo)]) == 0
+    reader.join(10)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert b'"version"' in got[0]

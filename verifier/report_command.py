@@ -232,6 +232,12 @@ def _write(path: Path, text: str, option: str) -> None:
     only (it lists devices and their findings), then renamed over ``path`` (review L7)."""
     temporary: str | None = None
     try:
+        if path.exists() and not path.is_file():
+            # A device, a pipe (/dev/stdout, /dev/null): written to as it is, never replaced
+            # by a regular file (renaming over /dev/null would take it from every program).
+            with path.open("wb") as out:
+                out.write(text.encode("utf-8"))
+            return
         handle, temporary = tempfile.mkstemp(
             dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
         )
