@@ -55,10 +55,11 @@ from devtrust.agent.channel import (
     drained,
     explain,
     final_error,
+    refusal_backoff,
 )
 from devtrust.agent.collect import collect_body
 from devtrust.agent.config import AgentConfig
-from devtrust.agent.errors import TpmError, TpmUnavailable
+from devtrust.agent.errors import MalformedMessage, TpmError, TpmUnavailable
 from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
 from devtrust.agent.messages import (
     AttestationResult,
@@ -113,8 +114,17 @@ class AttestationClient:
         on_identity: IdentityCallback | None = None,
         backoff: Backoff | None = None,
         metrics: AgentMetrics | None = None,
+        retry_refused: bool = False,
+        on_trouble: Callable[[str], None] | None = None,
     ) -> None:
         self._cfg = cfg
+        # `run` (the daemon): a verifier certificate that does not verify, or an answer that
+        # does not parse, is logged at ERROR with what to fix, told to ``on_trouble``
+        # (STATUS=) and retried at the next address after ``channel.refusal_backoff``; else
+        # it ends ``run`` (an exit under systemd would be for good: channel.REFUSED_MAX_S).
+        self._retry_refused = retry_refused
+        self._on_trouble = on_trouble
+        self._refused = refusal_backoff(cfg.reconnect_max_s)
         # The agent's metrics (agent/metrics.py): given, or served by ``run`` on
         # metrics.listen when that is set; None: none kept.
         self._metrics = metrics
@@ -249,6 +259,7 @@ class AttestationClient:
                 return
             if self._delivered:
                 self._backoff.reset()
+                self._refused.reset()
             wait = await self._after(session.exception(), target)
             if self._metrics is not None:
                 self._metrics.reconnects.inc()
@@ -258,54 +269,76 @@ class AttestationClient:
     async def _after(self, exc: BaseException | None, target: Target) -> float:
         """What a stream's end means: the wait before the next one, and whether it goes to
         the next address (``self._ring``). Raises what no retry can fix."""
-        state = self._cfg.state_dir
         if exc is None:
             logger.info("attestation stream to %s closed by the verifier; reconnecting", target)
             return self._backoff.delay()
         if isinstance(exc, grpc.aio.AioRpcError):
-            failure = explain(
-                exc,
-                key="verifier.attestation",
-                address=target.address,
-                cfg=self._cfg,
-                trusted_ca=(
-                    f"the CA this agent enrolled with ({state / 'verifier-ca.pem'}); if "
-                    f"the verifier's CA was replaced, empty {state} and enroll again"
-                ),
-                tls_name=target.tls_name,
-            )
-            if failure.tls:
-                # The certificate does not name the address, or another CA signed it:
-                # no retry changes that.
-                raise await final_error(failure, target.address, self._cfg.rpc_timeout_s)
-            self._ring.advance()
-            if drained(exc):
-                wait = drain_delay()
-                logger.info(
-                    "verifier at %s drains; reconnecting to %s in %.1f s",
-                    target,
-                    await self._ring.current(),
-                    wait,
-                )
-                return wait
-            wait = self._backoff.delay()
-            logger.warning(
-                "attestation stream to %s failed: %s; trying %s in %.1f s",
-                target,
-                failure,
-                await self._ring.current(),
-                wait,
-            )
-            return wait
+            return await self._after_rpc(exc, target)
         if isinstance(exc, asyncio.InvalidStateError):
             # The verifier ended the call (a restart) while we were writing evidence.
             self._ring.advance()
             logger.warning("attestation stream to %s ended while sending: %s", target, exc)
             return self._backoff.delay()
         if isinstance(exc, TpmError):
-            logger.error("TPM error: %s", exc)
-            return self._backoff.delay()
+            wait = self._backoff.delay()
+            logger.error("TPM error: %s; retrying in %.0f s", exc, wait)
+            if self._on_trouble is not None:
+                self._on_trouble(f"TPM error: {exc}; retrying in {wait:.0f} s")
+            return wait
+        if isinstance(exc, MalformedMessage):
+            return self._refusal(exc, where=f"verifier.attestation {target}: ")
         raise exc
+
+    async def _after_rpc(self, exc: grpc.aio.AioRpcError, target: Target) -> float:
+        """``_after`` for a failed call."""
+        state = self._cfg.state_dir
+        failure = explain(
+            exc,
+            key="verifier.attestation",
+            address=target.address,
+            cfg=self._cfg,
+            trusted_ca=(
+                f"the CA this agent enrolled with ({state / 'verifier-ca.pem'}); if "
+                f"the verifier's CA was replaced, empty {state} and enroll again"
+            ),
+            tls_name=target.tls_name,
+        )
+        if failure.tls:
+            # The certificate does not name the address, or another CA signed it: a
+            # person must act (or an impostor answered), so not at the stream's pace.
+            error = await final_error(failure, target.address, self._cfg.rpc_timeout_s)
+            return self._refusal(error)
+        self._ring.advance()
+        if drained(exc):
+            wait = drain_delay()
+            logger.info(
+                "verifier at %s drains; reconnecting to %s in %.1f s",
+                target,
+                await self._ring.current(),
+                wait,
+            )
+            return wait
+        wait = self._backoff.delay()
+        logger.warning(
+            "attestation stream to %s failed: %s; trying %s in %.1f s",
+            target,
+            failure,
+            await self._ring.current(),
+            wait,
+        )
+        return wait
+
+    def _refusal(self, error: Exception, *, where: str = "") -> float:
+        """``error`` raised, or (``retry_refused``) logged, told and waited out."""
+        if not self._retry_refused:
+            raise error
+        self._ring.advance()
+        wait = self._refused.delay()
+        line = f"{where}{error}; retrying in {wait:.0f} s"
+        logger.error("%s", line)
+        if self._on_trouble is not None:
+            self._on_trouble(line)
+        return wait
 
     async def session(self) -> None:
         """One stream to the current address, until the verifier closes it or it fails."""

@@ -21,6 +21,7 @@ import grpc
 from cryptography import x509
 
 from devtrust.agent.addresses import Target
+from devtrust.agent.backoff import Backoff
 from devtrust.agent.config import AgentConfig
 from devtrust.core.errors import DevtrustError
 
@@ -39,6 +40,13 @@ RETRYABLE = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
+# `run` (the daemon) retries what `enroll` reports and exits for (a refusal, a verifier
+# certificate that does not verify, a TPM that failed a command, an answer it cannot read):
+# under systemd an exit would be for good (RestartPreventExitStatus=2), and what failed is
+# remote and may change (a certificate renewed, a rogue answer gone, a rolling upgrade done).
+# The waits start at reconnect_max_s, the longest wait for an unreachable verifier, and grow
+# to this: a fleet behind a broken verifier asks every few minutes, not in a tight loop.
+REFUSED_MAX_S = 300.0
 # gRPC core's words for the two TLS failures (grpcio 1.5x-1.8x, BoringSSL).
 _NAME_MISMATCH = re.compile(r"Hostname Verification Check failed|Peer name \S+ is not in peer")
 _UNTRUSTED = re.compile(r"CERTIFICATE_VERIFY_FAILED:?\s*([^:]*)")
@@ -54,6 +62,12 @@ class VerifierError(DevtrustError):
 
 class VerifierUnreachable(VerifierError):
     """No attempt reached the verifier in the time allowed."""
+
+
+def refusal_backoff(reconnect_max_s: float) -> Backoff:
+    """The waits of `run` between attempts that the verifier refused or failed TLS (see
+    REFUSED_MAX_S): from ``reconnect_max_s`` up to REFUSED_MAX_S, with full jitter."""
+    return Backoff(min_s=reconnect_max_s, max_s=max(REFUSED_MAX_S, reconnect_max_s))
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,16 @@ from devtrust.agent import wire
 from devtrust.agent.addresses import AddressRing, Target
 from devtrust.agent.backoff import Backoff
 from devtrust.agent.channel import (
+    Failure,
     VerifierError,
     VerifierUnreachable,
     enrollment_channel,
     explain,
     final_error,
+    refusal_backoff,
 )
 from devtrust.agent.config import AgentConfig
+from devtrust.agent.errors import MalformedMessage, TpmError
 from devtrust.agent.interfaces import HostProbe, IdentityFiles, Tpm
 from devtrust.agent.state import Enrollment, der_to_pem, key_pem, new_key, spki
 from devtrust.core.binding import proof_for
@@ -133,6 +136,8 @@ async def enroll_retrying(
     stop: asyncio.Event,
     give_up_s: float | None = None,
     pending_retry_s: float | None = None,
+    retry_refused: bool = False,
+    on_trouble: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Enrollment | None:
     """Enroll, retrying while the verifier is out of reach with the stream's backoff
@@ -144,17 +149,41 @@ async def enroll_retrying(
     ``VerifierUnreachable`` when ``give_up_s`` passed without an answer (None: never), and
     ``EnrollmentPending`` when an operator must approve and ``pending_retry_s`` is None
     (otherwise it asks again after that many seconds).
+
+    ``retry_refused`` (`run`, the daemon): what would raise at once, a refusal, a TLS
+    failure, a TPM error or an answer that does not parse, is logged at ERROR with what to
+    fix, told to ``on_trouble`` (systemd's STATUS=), and retried at the next address after
+    ``channel.refusal_backoff``: under systemd an exit would be final, and each of these
+    can change without this host being touched. Only the configuration's own mistakes (the
+    CA bundle it names, read before the first attempt) still raise.
     """
     ring = AddressRing(cfg.verifier.enrollment_addresses, server_name=cfg.verifier.server_name)
     ca_pem = await verifier_ca(cfg, files)  # once: a retry changes the call, not the file
     backoff = Backoff(min_s=cfg.reconnect_min_s, max_s=cfg.reconnect_max_s)
+    refused = refusal_backoff(cfg.reconnect_max_s)
     started, attempts = clock(), 0
+
+    def trouble(error: Exception, target: Target) -> float:
+        """``error`` retried later (``retry_refused``): the wait, the log line, STATUS=."""
+        ring.advance()
+        wait = refused.delay()
+        where = "" if isinstance(error, VerifierError) else f"verifier.enrollment {target}: "
+        line = f"{where}{error}; retrying in {wait:.0f} s"
+        logger.error("%s", line)
+        if on_trouble is not None:
+            on_trouble(line)
+        return wait
+
     while not stop.is_set():
         attempts += 1
         target = await ring.current()
         address = target.address
         try:
             return await enroll(cfg, tpm, files, host=host, ca_pem=ca_pem, target=target)
+        except (TpmError, MalformedMessage) as exc:
+            if not retry_refused:
+                raise
+            wait = trouble(exc, target)
         except EnrollmentPending as exc:
             if pending_retry_s is None:
                 raise
@@ -167,27 +196,52 @@ async def enroll_retrying(
             )
             if failure.final is not None:
                 error = await final_error(failure, address, cfg.rpc_timeout_s)
-                raise _with_token_remedy(error, cfg, exc) from None
-            ring.advance()
-            wait = backoff.delay()
-            spent = clock() - started
-            if give_up_s is not None and spent + wait > give_up_s:
-                where = ", ".join(ring.addresses)
-                raise VerifierUnreachable(
-                    f"verifier.enrollment {where}: no answer in {attempts} attempt(s) over "
-                    f"{spent:.0f} s (last: {failure}); check that `devtrust-verifier serve` "
-                    "runs there and that this is its enrollment port (its listen.enrollment)"
-                ) from None
-            logger.warning(
-                "enrollment at %s failed: %s; attempt %d, next in %.1f s",
-                target,
-                failure,
-                attempts,
-                wait,
-            )
+                error = _with_token_remedy(error, cfg, exc)
+                if not retry_refused:
+                    raise error from None
+                wait = trouble(error, target)
+            else:
+                wait = _unreachable(
+                    ring,
+                    backoff,
+                    failure,
+                    attempts=attempts,
+                    spent=clock() - started,
+                    give_up_s=give_up_s,
+                )
+                logger.warning(
+                    "enrollment at %s failed: %s; attempt %d, next in %.1f s",
+                    target,
+                    failure,
+                    attempts,
+                    wait,
+                )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait)
     return None
+
+
+def _unreachable(
+    ring: AddressRing,
+    backoff: Backoff,
+    failure: Failure,
+    *,
+    attempts: int,
+    spent: float,
+    give_up_s: float | None,
+) -> float:
+    """The wait after an attempt that did not reach the verifier, at the next address;
+    ``VerifierUnreachable`` when it would pass ``give_up_s``."""
+    ring.advance()
+    wait = backoff.delay()
+    if give_up_s is not None and spent + wait > give_up_s:
+        where = ", ".join(ring.addresses)
+        raise VerifierUnreachable(
+            f"verifier.enrollment {where}: no answer in {attempts} attempt(s) over "
+            f"{spent:.0f} s (last: {failure}); check that `devtrust-verifier serve` "
+            "runs there and that this is its enrollment port (its listen.enrollment)"
+        ) from None
+    return wait
 
 
 def _with_token_remedy(

@@ -12,8 +12,10 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
+import grp
 import logging
 import os
+import pwd
 import signal
 import sys
 from collections.abc import Callable
@@ -55,16 +57,24 @@ ENROLL_GIVE_UP_S = 120.0
 IO_THREADS = 2  # the event loop's default executor
 MALLOC_ARENAS = 2
 M_ARENA_MAX = -8  # glibc malloc.h
-# Exit statuses (also in --help). The systemd unit's RestartPreventExitStatus= lists 2 alone:
-# a mistake in the configuration or a file it names, a TPM that cannot be opened or refuses
-# (tpm.tcti, group tss), a verifier that refused this host (untrusted EK, spent token, a
-# certificate that does not name the address): a person must act, restarting cannot help.
-# 3 and 75 come from `enroll` only (`run` keeps asking); 70 is a bug: restarted.
+# Exit statuses (also in --help). The systemd unit's RestartPreventExitStatus= lists 2 alone,
+# so `run` exits 2 only for mistakes on this host that a restart repeats: the configuration
+# or a file it names (absent, unreadable, invalid), a TPM device node in tpm.tcti that is
+# not there or that this user may not open (group tss), a workload_api.key_group this user
+# is not in. What comes from elsewhere and can change without this host being touched, a
+# verifier that refuses this host or whose certificate does not verify (an expired or
+# re-issued server.pem, an impostor on the address), a TPM command that fails after start
+# (busy, lockout, a resource manager restarting), an answer that does not parse, `run`
+# logs at ERROR with what to fix, shows in STATUS= and retries at the next address, every
+# reconnect_max_s growing to 5 minutes (channel.REFUSED_MAX_S). `enroll` (one-shot, by a
+# person) exits 2 for those too. 3 and 75 come from `enroll` only; 70 is a bug: restarted.
 EXIT_ERROR, EXIT_PENDING, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 2, 3, 75, 130
 # The verifier's finding for a TPM that does not answer (verifier/tpm_unavailable.py).
 TPM_UNAVAILABLE_FINDING = "tpm.unavailable"
 EPILOG = (
-    "exit status: 0 done; 2 an error, its one line says what to fix; 3 enrolled, awaiting "
+    "exit status: 0 done; 2 an error, its one line says what to fix (`run`: only a mistake "
+    "on this host; what the verifier or the TPM refused it logs and retries); 3 enrolled, "
+    "awaiting "
     "operator approval (`devtrust approve`); 75 the verifier did not answer "
     "within --give-up-s (`enroll` only: `run` keeps trying); 130 interrupted"
 )
@@ -151,6 +161,8 @@ async def run(
                 stop=stop,
                 give_up_s=give_up_s if enroll_only else None,
                 pending_retry_s=None if enroll_only else PENDING_RETRY_S,
+                retry_refused=not enroll_only,
+                on_trouble=status.trouble,
             )
         if enrollment is None:  # stopped while enrolling
             return False
@@ -174,6 +186,8 @@ async def run(
             enrollment=enrollment,
             on_identity=None if workload is None else workload.update,
             on_result=on_result,
+            retry_refused=True,
+            on_trouble=status.trouble,
         )
         await client.run(stop)
         return True
@@ -262,6 +276,11 @@ class ServiceStatus:
                 certificate=certificate,
             )
         )
+
+    def trouble(self, line: str) -> None:
+        """What `run` retries and a person should fix (a refusal, a TLS failure, a TPM
+        error): the line it logged at ERROR, until the next result or enrollment."""
+        self.notifier.status(line)
 
     def stopping(self) -> None:
         self.notifier.stopping("stopping (SIGTERM)")
@@ -474,7 +493,65 @@ def _daemon_config(path: Path) -> AgentConfig:
         )
     cfg = load_config(path)
     check_sources(cfg, root_key=f"{path}: posture_root", xml_key=f"{path}: gpu_xml")
+    check_tpm_device(cfg.tpm.tcti, where=f"{path}: tpm.tcti")
+    check_key_group(key_group_id(cfg), where=f"{path}: workload_api.key_group")
     return cfg
+
+
+def check_tpm_device(tcti: str, *, where: str) -> None:
+    """A TPM device node (``device:PATH``) that is not there or that this user may not open:
+    a mistake on this host that a restart repeats (exit 2; the unit orders the agent after
+    tpm2.target, so a TPM the host has is there by then). Other TCTIs (swtpm, tabrmd) reach
+    another process, which may come later: `run` retries those."""
+    kind, _, arg = tcti.partition(":")
+    if kind != "device" or not arg.startswith("/"):
+        return
+    device = Path(arg.split(",", 1)[0])
+    if not device.exists():
+        raise ConfigError(
+            f"{where} {tcti}: {device} does not exist: give the TPM this host has (ls "
+            "/dev/tpm*: /dev/tpmrm0 is the kernel's resource manager), or enable the TPM in "
+            "the firmware"
+        )
+    if not os.access(device, os.R_OK | os.W_OK):
+        raise ConfigError(
+            f"{where} {tcti}: this user ({_user()}) may not open {device}: add it to the "
+            "device's group (tss on Debian: the packaged unit has SupplementaryGroups=tss)"
+        )
+
+
+def check_key_group(
+    gid: int | None,
+    *,
+    where: str,
+    euid: int | None = None,
+    groups: tuple[int, ...] | None = None,
+) -> None:
+    """workload_api.key_group must be a group this user is in: the agent gives device.key to
+    it (fchown) and the kernel refuses a group the owner is not in, at the first renewal,
+    after start. Refused at start instead (exit 2). ``euid``/``groups``: this process's."""
+    if gid is None:
+        return
+    euid = os.geteuid() if euid is None else euid
+    groups = (os.getegid(), *os.getgroups()) if groups is None else groups
+    if euid == 0 or gid in groups:
+        return
+    try:
+        name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        name = str(gid)
+    raise ConfigError(
+        f"{where}: this user ({_user()}) is not in group {name} (gid {gid}), so it cannot "
+        f"let that group read device.key: add the agent to it (`systemctl edit "
+        f"devtrust-agent`: [Service] SupplementaryGroups={name}), or empty key_group"
+    )
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:

@@ -352,6 +352,27 @@ def _modules(r: _Reader, p: attestation_pb2.OsPosture) -> None:
         p.kernel_taint = int(tainted.strip())
 
 
+def _firewall(r: _Reader, p: attestation_pb2.OsPosture) -> None:
+    """``firewall_active``: iptables tables (legacy x_tables) or nf_tables loaded (nft, and
+    iptables-nft). /proc/net/ip_tables_names is 0440 root: the agent as devtrust-agent may
+    not read it, and then nf_tables alone answers (active when loaded, else unknown: legacy
+    tables may be there unseen). A file that is absent stays unknown, as before."""
+    nf_tables = any(m.name == "nf_tables" for m in p.modules)
+    rel = "proc/net/ip_tables_names"
+    try:
+        tables = (r.root / rel).read_text(errors="replace")
+    except PermissionError as exc:
+        if nf_tables:
+            p.firewall_active = True
+        else:
+            r.unknown("firewall_active", f"/{rel}: {exc.strerror}, and nf_tables not loaded")
+        return
+    except OSError as exc:
+        r.unknown("firewall_active", f"/{rel}: {exc.strerror or exc}")
+        return
+    p.firewall_active = bool(tables.strip()) or nf_tables
+
+
 def _encryption(r: _Reader, p: attestation_pb2.OsPosture, mounts: list[str]) -> None:
     text = r.read("proc/mounts", "mounts")
     if text is None:
@@ -424,9 +445,7 @@ def collect_posture(
         p.apparmor_mode = "enabled" if apparmor.strip().upper() == "Y" else "disabled"
     _modules(r, p)
     _encryption(r, p, mounts or ["/"])
-    tables = r.read("proc/net/ip_tables_names", "firewall_active")
-    if tables is not None:
-        p.firewall_active = bool(tables.strip()) or any(m.name == "nf_tables" for m in p.modules)
+    _firewall(r, p)
     _listening(r, p)
     _sshd(r, p)
     if (r.root / "run").is_dir():

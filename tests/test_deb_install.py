@@ -66,10 +66,9 @@ DSH_STATE = (
 )
 ETC = Path("/etc/devtrust")
 PKI = ETC / "verifier"
-SECURITYFS = (
-    Path("/sys/kernel/security/tpm0/binary_bios_measurements"),
-    Path("/sys/kernel/security/ima/runtime_measurements_count"),
-)
+# What tmpfiles.d/devtrust-agent.conf opens to group tss (the boot event log is copied by
+# the unit at each start instead).
+SECURITYFS = (Path("/sys/kernel/security/ima/runtime_measurements_count"),)
 APT = ("apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300")
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 KEEP_EDITS = ("-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold")
@@ -326,7 +325,7 @@ def machine_restored() -> Iterator[None]:
         )
     if ETC.exists():
         pytest.fail(f"{ETC} exists on this machine (an admin's CA?): this test makes its own")
-    # tmpfiles.d/devtrust-agent.conf gives group tss the boot event log: put back after.
+    # tmpfiles.d/devtrust-agent.conf gives group tss IMA's count: put back after.
     modes = {p: p.stat() for p in SECURITYFS if p.exists()}
     users_before = {u for u in USERS if _exists(pwd.getpwnam, u)}
     groups_before = {g for g in USERS if _exists(grp.getgrnam, g)}
@@ -557,7 +556,7 @@ def test_install_run_and_purge(built: Built, tmp_path: Path) -> None:
             ("/var/lib/devtrust-agent", "devtrust-agent"),
         ):
             assert Path(state).owner() == owner
-        # The boot event log readable by group tss, where this host has one (a TPM).
+        # IMA's count readable by group tss, where this host has one.
         tss = grp.getgrnam("tss").gr_gid
         for path in SECURITYFS:
             if path.exists():

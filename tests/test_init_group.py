@@ -1,8 +1,9 @@
 """`devtrust-verifier init` and the service's group (brief 13's contract): the keys the
 service reads (server key, device issuing CA key) are 0640 with the group that runs it, given
-by --group or taken from the directory it is made in (the package makes
-/etc/devtrust/verifier root:devtrust 0750); ca.key stays 0600 and the caller's, for systemd's
-LoadCredential= alone. Modes are exact whatever the umask."""
+by --group or taken from the directory it is made in when that is the service's group
+(the package makes /etc/devtrust/verifier root:devtrust 0750; no other group is inferred);
+ca.key stays 0600 and the caller's, for systemd's LoadCredential= alone. Modes are exact
+whatever the umask."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from devtrust.verifier import pki
 from devtrust.verifier.main import main
 
 SERVICE_KEYS = ("server.key", "device-ca.key")
@@ -42,7 +44,14 @@ def _init(directory: Path, *extra: str) -> int:
     return main(["init", "--dir", str(directory), "--hostname", "localhost", *extra])
 
 
-@pytest.mark.usefixtures("strict_umask")
+@pytest.fixture
+def service_group(other_group: grp.struct_group, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``other_group`` plays the service's group (devtrust, made by the package: CI has no
+    package installed)."""
+    monkeypatch.setattr(pki, "SERVICE_GROUP", other_group.gr_name)
+
+
+@pytest.mark.usefixtures("strict_umask", "service_group")
 def test_group_of_the_directory(
     tmp_path: Path, other_group: grp.struct_group, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -57,6 +66,22 @@ def test_group_of_the_directory(
     err = capsys.readouterr().err
     assert f"group {other_group.gr_name} (the group owning {directory}) may read them" in err
     assert "ca.key 0600, yours only" in err
+
+
+@pytest.mark.usefixtures("strict_umask")
+def test_another_group_of_the_directory_is_not_inferred(
+    tmp_path: Path, other_group: grp.struct_group, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory whose group is not the service's (a setgid /srv of group staff, one made
+    by hand): the keys stay the caller's; that group needs --group, said in the output."""
+    assert other_group.gr_name != pki.SERVICE_GROUP
+    directory = tmp_path / "srv-pki"
+    directory.mkdir(mode=0o750)
+    os.chown(directory, -1, other_group.gr_gid)
+    assert _init(directory) == 0
+    for name in (*SERVICE_KEYS, "ca.key"):
+        assert _access(directory / name) == (0o600, os.getegid()), name
+    assert "give --group GROUP" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("strict_umask")
@@ -90,3 +115,27 @@ def test_rotation_keeps_the_group(tmp_path: Path, other_group: grp.struct_group)
     assert _init(directory, "--group", other_group.gr_name) == 0
     assert main(["ca", "rotate", "--dir", str(directory)]) == 0
     assert _access(directory / "device-ca-next.key") == (0o640, other_group.gr_gid)
+
+
+@pytest.mark.usefixtures("strict_umask")
+def test_backup_copy_is_never_more_open_than_the_key(tmp_path: Path) -> None:
+    """Without hard links, the backup is a copy: made 0600 and then given the key's mode,
+    never the umask's 0644 (review 13b L2)."""
+    os.umask(0o022)
+    key = tmp_path / "ca.key"
+    key.write_bytes(b"secret")
+    key.chmod(0o600)
+    backup = tmp_path / "ca.key.bak"
+    seen: list[int] = []
+    real_fchmod = os.fchmod
+
+    def spy(fd: int, mode: int) -> None:  # the copy's mode once its bytes are in
+        seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        real_fchmod(fd, mode)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fchmod", spy)
+        pki._copy_private(key, backup)
+    assert backup.read_bytes() == b"secret"
+    assert _access(backup)[0] == 0o600
+    assert seen == [0o600]

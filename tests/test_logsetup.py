@@ -82,6 +82,29 @@ def test_json_exception_and_lone_surrogate(capsys: pytest.CaptureFixture[str]) -
     assert "Traceback" in doc["exception"]
 
 
+def _strict(text: str) -> object:
+    """JSON as strict parsers read it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_never_nan_nor_a_text_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN or Infinity in an extra, a dict with tuple keys: still one strict JSON object
+    per record (review 13b L6), the values made strings where JSON has none."""
+    configure_logging(logging.INFO, "json")
+    log = logging.getLogger("t")
+    log.info("ratio", extra={"ratio": float("nan"), "top": float("-inf")})
+    log.info("by tier", extra={"counts": {("zone", 1): 2, "x": [float("inf")]}})
+    first, second = (_strict(line) for line in _lines(capsys))
+    assert isinstance(first, dict)
+    assert (first["ratio"], first["top"]) == ("nan", "-inf")
+    assert isinstance(second, dict)
+    assert second["counts"] == {"('zone', 1)": 2, "x": ["inf"]}
+
+
 def test_text_stays_the_default(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(logging.INFO)
     logging.getLogger("devtrust.x").info("hello", extra={"device_id": "3f2a"})

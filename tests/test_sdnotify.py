@@ -34,6 +34,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ from devtrust.verifier.main import EXIT_CONFIG, EXIT_TEMPFAIL
 from devtrust.verifier.pki import PkiFiles
 from devtrust.verifier.policy import Policy
 from devtrust.verifier.running import ServingState, status_line
+from devtrust.verifier.service_state import SILENT_FLOOR_S
 from tests.verifier_process import verifier_process, write_config
 
 pytest_plugins = ["tests.pg"]
@@ -581,7 +583,8 @@ def test_verifier_workers_parent_speaks_once(
     argv = sandboxed(serve_argv(config, pki, "--workers", "2"), VERIFIER_UNIT, watchdog_pid=True)
     with (
         NotifySocket.bound() as notify,  # an abstract socket this time
-        # 2 s: the workers report every second, one silent for 2 s is stuck.
+        # 2 s: the workers report every second; one silent for 10 s (SILENT_FLOOR_S, the
+        # least however short the watchdog) is stuck.
         started(argv, {**_env(notify), "WATCHDOG_USEC": "2000000"}, log) as proc,
     ):
         notify.wait_for(_has("READY"), proc, log, "READY=1")
@@ -604,14 +607,15 @@ def test_verifier_workers_parent_speaks_once(
             "reload: policy devtrust-default-gpu-hosts-3 loaded"
         )
         # A worker whose loop stops (SIGSTOP) falls silent: the parent, whose own pings say
-        # only that its loop turns, kills it within the watchdog's interval and starts it
-        # again.
+        # only that its loop turns, kills it after max(watchdog, SILENT_FLOOR_S) and starts
+        # it again.
         stuck = _worker_pid(log, "worker1")
         os.kill(stuck, signal.SIGSTOP)
         try:
             _wait_for_line(
                 log,
-                f"worker1 (pid {stuck}) sent nothing for 2 s: its event loop is stuck, killed",
+                f"worker1 (pid {stuck}) sent nothing for {SILENT_FLOOR_S:g} s: its event loop is "
+                "stuck, killed",
                 proc,
             )
         finally:  # never left stopped (it ends once its parent is gone)
@@ -826,6 +830,23 @@ def test_failed_send_never_raises_and_is_logged_once(
     lines = [r for r in caplog.records if r.name == sdnotify.__name__]
     assert len(lines) == 1
     assert "nobody-listens" in lines[0].getMessage()
+
+
+def test_a_full_socket_does_not_block(tmp_path: Path) -> None:
+    """systemd not reading (its queue full): the send fails at once, it does not wait."""
+    with NotifySocket.bound(tmp_path / "full") as notify:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with filler, contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):
+                filler.sendto(b"X" * 1024, socket.MSG_DONTWAIT, notify.name)
+        sent: list[bool] = []
+        sender = threading.Thread(
+            target=lambda: sent.append(Notifier(notify.name).watchdog()), daemon=True
+        )
+        sender.start()
+        sender.join(LIMIT_S)
+        assert not sender.is_alive(), "Notifier.send blocked on a full socket"
+        assert sent == [False]
 
 
 def test_status_is_cut_to_one_short_line() -> None:

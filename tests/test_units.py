@@ -136,3 +136,38 @@ def test_restart_prevented_exactly_for_configuration_errors() -> None:
     assert _directives(VERIFIER)["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
     assert _directives(AGENT)["RestartPreventExitStatus"] == [str(EXIT_ERROR)]
     assert EXIT_TEMPFAIL != EXIT_CONFIG
+
+
+def test_crl_directory_is_writable_and_readable_by_all() -> None:
+    """revocation.crl_path's documented place, /var/lib/devtrust-crl, is the one writable
+    path outside the state directory (ProtectSystem=strict makes the rest read-only), made
+    0755 for the devtrust user before the service starts (review 13b M1)."""
+    verifier = _directives(VERIFIER)
+    assert verifier["ReadWritePaths"] == ["/var/lib/devtrust-crl"]
+    assert (
+        "+/usr/bin/install -d -m 0755 -o devtrust -g devtrust /var/lib/devtrust-crl"
+        in verifier["ExecStartPre"]
+    )
+    assert verifier["StateDirectoryMode"] == ["0700"]  # the database stays private
+
+
+def test_verifier_is_never_left_failed_by_a_start_limit() -> None:
+    """Exit 75 (a database not answering at boot) restarts for as long as it takes."""
+    text = VERIFIER.read_text()
+    unit_section = text.split("[Service]", 1)[0]
+    assert "\nStartLimitIntervalSec=0\n" in unit_section
+
+
+def test_agent_may_give_the_key_to_its_group() -> None:
+    """workload_api.key_group: fchown is in @privileged, which the filter removes; @chown is
+    allowed again after it (the sandbox test in test_agent_files_modes.py runs it)."""
+    filters = _directives(AGENT)["SystemCallFilter"]
+    assert filters.index("@chown") > filters.index("~@privileged @resources")
+
+
+def test_no_claim_that_nvml_was_checked() -> None:
+    """Nothing checked NVML under MemoryDenyWriteExecute= on an NVIDIA host: the unit says
+    so instead of claiming it (review 13b M3)."""
+    text = AGENT.read_text()
+    assert "checked on an NVIDIA host" not in text
+    assert "NOT VERIFIED: libnvidia-ml" in text

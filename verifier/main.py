@@ -36,10 +36,11 @@ from devtrust.verifier.pki import (
     load_ca,
 )
 from devtrust.verifier.roles import LABELS
+from devtrust.verifier.running import unavailable_at_start
 from devtrust.verifier.server import start_verifier
-from devtrust.verifier.store_health import is_outage
+from devtrust.verifier.serving import serve_until_signalled
 from devtrust.verifier.tools import HelpFormatter, version_line
-from devtrust.verifier.workers import serve_until_signalled, supervise
+from devtrust.verifier.workers import WorkerUnavailable, supervise
 
 logger = logging.getLogger("devtrust.verifier")
 DEFAULT_CONFIG = Path("/etc/devtrust/verifier.yaml")
@@ -263,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--group",
         default=None,
         help="group that may read the keys the service reads (server key, device issuing "
-        "CA key: made 0640); default: the group owning --dir when it exists and is not your "
-        "primary group (the packaged /etc/devtrust/verifier is root:devtrust); ca.key stays "
-        "0600",
+        "CA key: made 0640); default: the group owning --dir when that is the service's "
+        "group, devtrust (the packaged /etc/devtrust/verifier is root:devtrust; any other "
+        "group must be named here); ca.key stays 0600",
     )
     p = command("ca", "rotate the device issuing CA (published ahead of signing)")
     p.add_argument("action", choices=["rotate"], help="what to do")
@@ -328,28 +329,10 @@ def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
 EXIT_CONFIG, EXIT_TEMPFAIL = 2, 75
 
 
-def _no_server_answered(exc: Exception) -> bool:
-    """The PostgreSQL backend's ConfigError when no server answered (refused, timed out, no
-    route), which the storage raises ``from None`` over psycopg's error: a wrong host as
-    well as a server still starting at boot, and the second must not leave the verifier
-    down, so it counts as an outage. A server that answered and refused (credentials, no
-    such database) stays a configuration error: the storage's own ``explain`` tells them
-    apart."""
-    context = exc.__context__
-    if not isinstance(exc, ConfigError) or context is None or not is_outage(context):
-        return False
-    import psycopg  # noqa: PLC0415 - only after a PostgreSQL error
-
-    from devtrust.verifier.storage.postgresql import explain  # noqa: PLC0415
-
-    return isinstance(context, psycopg.Error) and ": cannot reach PostgreSQL (" in explain(
-        context, ""
-    )
-
-
 def _explain(exc: Exception) -> Failure | None:
-    """A database that does not answer is no mistake of the configuration (exit 75)."""
-    if is_outage(exc) or _no_server_answered(exc):
+    """A database that does not answer is no mistake of the configuration (exit 75), nor is
+    a worker that it did not answer (or that hung in its start: verifier/workers.py)."""
+    if isinstance(exc, WorkerUnavailable) or unavailable_at_start(exc):
         return Failure(
             f"{one_line(exc)} (the database did not answer: try again once it does)",
             EXIT_TEMPFAIL,

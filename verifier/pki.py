@@ -23,7 +23,7 @@ import grp
 import ipaddress
 import os
 import re
-import shutil
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -139,16 +139,27 @@ def keep_backup(path: Path, now: datetime.datetime) -> Path | None:
     try:
         os.link(path, backup)
     except OSError:  # a file system without hard links
-        shutil.copy2(path, backup)
+        _copy_private(path, backup)
     return backup
+
+
+def _copy_private(path: Path, backup: Path) -> None:
+    """A copy of ``path`` at ``backup`` with its mode, never more open than 0600 meanwhile
+    (shutil.copy2 creates the copy with the umask's mode first: a key readable for a moment)."""
+    fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "wb") as fh:
+        fh.write(path.read_bytes())
+        os.fchmod(fh.fileno(), stat.S_IMODE(path.stat().st_mode))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_file(path: Path, data: bytes, *, mode: int, group: int | None = None) -> None:
     """Write ``path`` whole with exactly ``mode`` (whatever the umask: a 0640 key made under
-    UMask=0077 would otherwise be 0600 and the service could not read it) and ``group``."""
+    UMask=0077 would otherwise be 0600 and the service could not read it; write_atomic sets
+    it on the open file, never through the path) and ``group``."""
     try:
         write_atomic(path, data, mode=mode, group=group)
-        os.chmod(path, mode)
     except OSError as exc:
         raise DevtrustError(
             f"cannot write {path}: {exc.strerror}: choose a directory you can write"
@@ -190,13 +201,19 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+# The group the packaged verifier service runs as (sysusers.d, the unit's User=devtrust).
+SERVICE_GROUP = "devtrust"
+
+
 def key_group(directory: Path, name: str | None) -> KeyGroup | None:
     """The group for ``init``'s service keys: ``name`` (``--group``) when given; else the
-    group owning ``directory`` when it exists and is not the caller's primary group (the
-    package makes /etc/devtrust/verifier root:devtrust 0750, so that init there just
-    works); else None (the keys stay 0600, the caller's). The caller must be able to give
-    files to the group (root, or a member): a group it cannot use is refused when named,
-    and passed over, said, when only inferred."""
+    group owning ``directory`` when it exists and is the service's group, SERVICE_GROUP
+    (the package makes /etc/devtrust/verifier root:devtrust 0750, so that init there just
+    works); else None (the keys stay 0600, the caller's). Only that one group is inferred: a
+    directory under a setgid /srv (staff, users, adm) or made by hand with another group
+    would otherwise hand the key that mints device certificates to everyone in it. The
+    caller must be able to give files to the group (root, or a member): a group it cannot
+    use is refused when named, and passed over when only inferred."""
     if name is not None:
         try:
             gid = grp.getgrnam(name).gr_gid
@@ -215,9 +232,10 @@ def key_group(directory: Path, name: str | None) -> KeyGroup | None:
         gid = directory.stat().st_gid
     except FileNotFoundError:
         return None
-    if gid == os.getegid() or not _may_use(gid):
+    name = _group_name(gid)
+    if name != SERVICE_GROUP or gid == os.getegid() or not _may_use(gid):
         return None
-    return KeyGroup(gid, _group_name(gid), f"the group owning {directory}")
+    return KeyGroup(gid, name, f"the group owning {directory}")
 
 
 def _may_use(gid: int) -> bool:

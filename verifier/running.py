@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health
 
+from devtrust.core.errors import ConfigError
 from devtrust.verifier.attest_service import AttestationService
 from devtrust.verifier.interceptor import UnaryCalls
 from devtrust.verifier.policy import PolicyHolder
@@ -19,7 +20,7 @@ from devtrust.verifier.policy_store import SharedPolicy
 from devtrust.verifier.revocation import Revoker
 from devtrust.verifier.storage import Repositories
 from devtrust.verifier.storage.changes import ChangeFeed
-from devtrust.verifier.store_health import StoreHealth
+from devtrust.verifier.store_health import StoreHealth, is_outage
 from devtrust.verifier.watch import TrustWatch
 
 logger = logging.getLogger(__name__)
@@ -164,3 +165,25 @@ class RunningVerifier:
 
     async def wait(self) -> None:
         await self.attestation_server.wait_for_termination()
+
+
+def unavailable_at_start(exc: BaseException) -> bool:
+    """Whether a verifier (or a worker) did not start because the database did not answer,
+    which passes (exit 75, restarted), rather than for a mistake (exit 2): an outage
+    (``store_health.is_outage``), or the PostgreSQL backend's ConfigError when no server
+    answered (refused, timed out, no route), which the storage raises ``from None`` over
+    psycopg's error: a wrong host as well as a server still starting at boot, and the second
+    must not leave the verifier down. A server that answered and refused (credentials, no
+    such database) stays a mistake: the storage's own ``explain`` tells them apart."""
+    if is_outage(exc):
+        return True
+    context = exc.__context__
+    if not isinstance(exc, ConfigError) or context is None or not is_outage(context):
+        return False
+    import psycopg  # noqa: PLC0415 - only after a PostgreSQL error
+
+    from devtrust.verifier.storage.postgresql import explain  # noqa: PLC0415
+
+    return isinstance(context, psycopg.Error) and ": cannot reach PostgreSQL (" in explain(
+        context, ""
+    )

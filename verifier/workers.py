@@ -30,8 +30,9 @@ Under systemd (``Type=notify``, ``NotifyAccess=main``) the parent is the main PI
 for all (protos/devtrust/core/sdnotify.py): READY=1 once every worker serves, STATUS= summing
 what each worker reports over its pipe (streams, policy, database state), WATCHDOG=1 from
 its own loop, RELOADING=1 on SIGHUP and READY=1 once each worker said how its reload went,
-STOPPING=1. The workers inherit no NOTIFY_SOCKET. The single process does the same itself
-(``serve_until_signalled``).
+STOPPING=1 (that bookkeeping: verifier/service_state.py). The workers inherit no
+NOTIFY_SOCKET. The single process does the same itself; the loop that serves until told to
+stop, shared by the single process and each worker, is verifier/serving.py.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -57,13 +57,22 @@ from devtrust.core.sdnotify import Notifier, start_watchdog
 from devtrust.verifier.config import VerifierConfig, parse_address
 from devtrust.verifier.listen import bind_problem
 from devtrust.verifier.metrics_workers import WorkerMetrics
-from devtrust.verifier.policy import PolicyError
-from devtrust.verifier.policy_store import SIGHUP_ACTOR
-from devtrust.verifier.running import ServingState, status_line
-from devtrust.verifier.server import RunningVerifier, WorkerPlace, start_verifier
+from devtrust.verifier.running import ServingState, unavailable_at_start
+from devtrust.verifier.server import WorkerPlace, start_verifier
+from devtrust.verifier.service_state import ServiceState, watch_intervals
+from devtrust.verifier.serving import STATUS_REFRESH_S, reload_policy, serve_until_signalled
 from devtrust.verifier.storage import open_repositories
-from devtrust.verifier.store_health import is_outage
 
+__all__ = [
+    "Supervisor",
+    "WorkerUnavailable",
+    "hold_ports",
+    # Moved to verifier/serving.py, still imported from here (tests/test_policy_store.py).
+    "reload_policy",
+    "serve_until_signalled",
+    "supervise",
+    "worker_main",
+]
 logger = logging.getLogger("devtrust.verifier.workers")
 # Restart backoff: first delay, cap; a worker that served this long starts the count again.
 BACKOFF_S = (0.5, 10.0)
@@ -73,153 +82,23 @@ HEALTHY_S = 60.0
 # killed. STOP_GRACE_S bounds a worker that failed to start.
 STOP_GRACE_S = 2.0
 STOP_MARGIN_S = 10.0
-# A process still running this long after its drain's bound exits anyway (_exit_after).
-EXIT_MARGIN_S = 5.0
+# A worker not serving this long after it was started is killed (then started again, as
+# any worker that dies): one that hangs in its start (a database that accepts the connection
+# and answers nothing) would otherwise leave the service on N-1 workers for good, with
+# STATUS= and the watchdog content. The unit's TimeoutStartSec= (120 s) bounds the first
+# start anyway; this bounds every restart.
+START_TIMEOUT_S = 90.0
 _READY = "ready"
 _FAILED = "failed"
+# Why a worker did not start, sent with _FAILED: a mistake (exit 2) or a database that did
+# not answer (exit 75, restarted by the unit).
+_CONFIG = "config"
+_OUTAGE = "outage"
 
 
-# --- serving until told to stop: the single process and each worker ------------------------
-
-# How often a process looks at its state for STATUS= (a change of policy or of the database's
-# state is told within this), and how often the line is sent anyway (the stream count).
-STATUS_CHECK_S = 1.0
-STATUS_REFRESH_S = 10.0
-# After a SIGHUP, the parent says READY=1 once every worker said how its reload went, or
-# after this long (a worker that died meanwhile must not leave systemd "reloading").
-RELOAD_WAIT_S = 30.0
-
-# What a process tells about itself: its state for STATUS= (``ServingState``), or how a
-# SIGHUP's reload went (a line). The single process tells systemd (``_Systemd``); a worker,
-# its parent, over the pipe between them (``_ToParent``).
-Tell = Callable[[ServingState | str], None]
-
-
-def _to_systemd(notifier: Notifier) -> Tell:
-    """The single process: its state as STATUS=, a reload's outcome as READY=1 with it."""
-
-    def tell(what: ServingState | str) -> None:
-        if isinstance(what, str):
-            notifier.ready(what)
-        else:
-            notifier.status(status_line([what]))
-
-    return tell
-
-
-async def serve_until_signalled(
-    running: RunningVerifier,
-    *,
-    stopped: asyncio.Event | None = None,
-    notifier: Notifier | None = None,
-    tell: Tell | None = None,
-    refresh_s: float = STATUS_REFRESH_S,
-) -> None:
-    """Serve until SIGTERM or SIGINT (or ``stopped``), then drain (server.drain_s): SIGHUP
-    reloads the policy files and publishes them to the database.
-
-    ``notifier``: this is the process systemd started (one process, no workers): READY=1
-    now, STATUS= with ``running``'s state (on each change of policy or database state, and
-    every STATUS_REFRESH_S), WATCHDOG=1 from this loop, RELOADING=1 and READY=1 around a
-    SIGHUP's reload, STOPPING=1 on SIGTERM. ``tell``: a worker's report to its parent, at
-    least every ``refresh_s`` (its heartbeat: the parent kills a worker that falls silent)."""
-    stop = stopped or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if notifier is not None:
-        tell = _to_systemd(notifier)
-        notifier.ready(status_line([running.state()]))
-    background = [asyncio.create_task(_report_state(running, tell, refresh_s))] if tell else []
-    if notifier is not None and (ping := start_watchdog(notifier)) is not None:
-        background.append(ping)
-    reloads: set[asyncio.Task[None]] = set()
-
-    async def reload() -> None:
-        outcome = await reload_policy(running)
-        if tell is not None:
-            tell(outcome)
-
-    def on_sighup() -> None:
-        if notifier is not None:
-            notifier.reloading("reloading the policy (SIGHUP)")
-        task = asyncio.create_task(reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    await stop.wait()
-    logger.info("stopping: draining within %g s", running.drain_s)
-    if notifier is not None:
-        notifier.stopping(
-            f"stopping: draining {running.attestation.open_streams} attestation streams "
-            f"within {running.drain_s:g} s"
-        )
-    watchdog = _exit_after(running.drain_s + EXIT_MARGIN_S)
-    try:
-        await running.drain()
-    finally:
-        watchdog.cancel()
-        for task in background:
-            task.cancel()
-
-
-async def _report_state(running: RunningVerifier, tell: Tell, refresh_s: float) -> None:
-    """``running``'s state, told now, on each change of policy or database state (looked
-    at every STATUS_CHECK_S or ``refresh_s`` if sooner) and every ``refresh_s``."""
-    loop = asyncio.get_running_loop()
-    told: ServingState | None = None
-    told_at = 0.0
-    while True:
-        state = running.state()
-        if not state.same_kind(told) or loop.time() - told_at >= refresh_s:
-            tell(state)
-            told, told_at = state, loop.time()
-        await asyncio.sleep(min(STATUS_CHECK_S, refresh_s))
-
-
-def _exit_after(limit_s: float) -> threading.Timer:
-    """A drain that hangs (a task that ignores cancellation, a thread stuck in a database
-    call) does not keep the process: a daemon timer ends it after ``limit_s``, exit status
-    1, unless cancelled first."""
-
-    def expire() -> None:
-        logger.error("did not stop within %g s of SIGTERM: exiting anyway", limit_s)
-        logging.shutdown()
-        os._exit(1)
-
-    timer = threading.Timer(limit_s, expire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
-async def reload_policy(running: RunningVerifier) -> str:
-    """SIGHUP: this process's policy files, loaded and published (the other processes and
-    replicas follow); a policy that does not load, or a database that does not take it,
-    leaves the old one in force, said in the log. What happened, in a line for STATUS=."""
-    try:
-        if running.shared_policy is not None:
-            policy = await running.shared_policy.reload(actor=SIGHUP_ACTOR)
-        else:
-            policy = running.policy.reload()
-    except PolicyError as exc:
-        logger.error("SIGHUP: policy refused, the old one stays: %s", exc)  # noqa: TRY400
-        return f"reload: policy refused, {_in_force(running)} stays: {exc}"
-    except Exception as exc:
-        if not is_outage(exc):
-            raise
-        logger.error("SIGHUP: the database did not take the policy, the old one stays: %s", exc)  # noqa: TRY400
-        return f"reload: the database did not take the policy, {_in_force(running)} stays"
-    if policy is None:
-        return "reload: no policy configured (policy: in the configuration), nothing loaded"
-    logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
-    return f"reload: policy {policy.policy_id} loaded ({len(policy.rules)} rules)"
-
-
-def _in_force(running: RunningVerifier) -> str:
-    current = running.policy.current
-    return "no policy" if current is None else f"policy {current.policy_id}"
+class WorkerUnavailable(DevtrustError):
+    """A worker did not start because the database did not answer it (or it did not start
+    in START_TIMEOUT_S): the verifier exits 75 (EX_TEMPFAIL), which the unit restarts."""
 
 
 # --- the parent: ports, database, workers -----------------------------------------------------
@@ -307,32 +186,31 @@ class Supervisor:
         backoff_s: tuple[float, float] = BACKOFF_S,
         notifier: Notifier | None = None,
         on_exit: Callable[[int], None] | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
+        target: Callable[..., None] | None = None,
     ) -> None:
         self._config = config
         self._count = count
         self._level = level
         self._log_format = log_format
         self._backoff_s = backoff_s
+        self._start_timeout_s = start_timeout_s
+        # The worker's body: worker_main (tests give one of their own, same signature).
+        self._target = target or worker_main
         # Told each worker pid that exited (the metrics endpoint drops its live gauges).
         self._on_exit = on_exit
         self._context = multiprocessing.get_context("spawn")
         self._workers = [_Worker(WorkerPlace(i, count)) for i in range(count)]
         self._stop = asyncio.Event()
-        # systemd's notifications (the parent is the main PID; workers send none): the state
-        # each worker last told, and the workers a SIGHUP's reload still waits for.
+        # systemd's notifications (the parent is the main PID; workers send none): the
+        # workers' states and the reload in progress (verifier/service_state.py).
         self._notifier = notifier or Notifier(None)
-        self._states: dict[int, ServingState] = {}
-        self._reloading: dict[int, str | None] = {}
-        self._reload_timer: asyncio.TimerHandle | None = None
-        self._told_at = 0.0
+        self._service = ServiceState(self._notifier, count)
         # Under systemd's watchdog, the workers' loops are watched too: each reports at
-        # least every ``heartbeat_s``; one silent for the watchdog's interval is stuck, and
-        # is killed (then started again, as any worker that dies).
-        watchdog_s = self._notifier.watchdog_s
-        self._silent_s = watchdog_s
-        self._heartbeat_s = (
-            STATUS_REFRESH_S if watchdog_s is None else min(STATUS_REFRESH_S, watchdog_s / 2)
-        )
+        # least every ``heartbeat_s``; one silent for the watchdog's interval (at least
+        # SILENT_FLOOR_S) is stuck, and is killed (then started again, as any worker that
+        # dies).
+        self._silent_s, self._heartbeat_s = watch_intervals(self._notifier.watchdog_s)
 
     @property
     def pids(self) -> list[int]:
@@ -340,58 +218,29 @@ class Supervisor:
         return [(w.process.pid or 0) if w.process is not None else 0 for w in self._workers]
 
     def stop(self) -> None:
-        if not self._stop.is_set():
-            self._notifier.stopping(
-                f"stopping: {self._count} workers draining within {self._config.server.drain_s:g} s"
-            )
+        self._service.stopping(
+            f"stopping: {self._count} workers draining within {self._config.server.drain_s:g} s"
+        )
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: RELOADING=1, every worker told to reload; READY=1 once each said how it
-        went (``_on_message``), or after RELOAD_WAIT_S."""
-        self._notifier.reloading("reloading the policy in every worker (SIGHUP)")
-        live = [w for w in self._workers if w.conn is not None]
-        self._reloading = {w.place.index: None for w in live}
-        if self._reload_timer is not None:
-            self._reload_timer.cancel()
-        self._reload_timer = asyncio.get_running_loop().call_later(RELOAD_WAIT_S, self._reloaded)
-        self.signal_all(signal.SIGHUP)
-        if not live:
-            self._reloaded()
-
-    def _reloaded(self) -> None:
-        """READY=1 after a reload, with what the workers said (or that some said nothing)."""
-        if self._reload_timer is not None:
-            self._reload_timer.cancel()
-            self._reload_timer = None
-        said = sorted({line for line in self._reloading.values() if line is not None})
-        silent = sum(1 for line in self._reloading.values() if line is None)
-        self._reloading = {}
-        if silent:
-            said.append(f"{silent} workers did not answer within {RELOAD_WAIT_S:g} s")
-        if self._stop.is_set():  # stopping: READY=1 would say otherwise
-            return
-        self._notifier.ready("; ".join(said) or "reload: no worker running")
+        """SIGHUP: RELOADING=1, every serving worker told to reload; READY=1 once each said
+        how it went (``_on_message``), or after RELOAD_WAIT_S. Only workers that serve
+        (heard from since READY): SIGHUP's default action ends a process, and one still
+        starting has no handler yet. It loads the policy files as they are now anyway."""
+        live = [w for w in self._workers if w.conn is not None and w.heard is not None]
+        self._service.reload(w.place.index for w in live)
+        for worker in live:
+            _signal(worker, signal.SIGHUP)
 
     def status(self) -> str:
         """The STATUS= line: the workers' states summed."""
-        return status_line([self._states[i] for i in sorted(self._states)], workers=self._count)
+        return self._service.status()
 
     def _on_message(self, worker: _Worker, what: object) -> None:
-        """A worker's report (``Tell``): its state, or how its reload went."""
-        worker.heard = asyncio.get_running_loop().time()
-        index = worker.place.index
-        if isinstance(what, ServingState):
-            before = self._states.get(index)
-            self._states[index] = what
-            now = asyncio.get_running_loop().time()
-            if not what.same_kind(before) or now - self._told_at >= STATUS_REFRESH_S:
-                self._told_at = now
-                self._notifier.status(self.status())
-        elif isinstance(what, str) and index in self._reloading:
-            self._reloading[index] = what
-            if all(line is not None for line in self._reloading.values()):
-                self._reloaded()
+        """A worker's report (``serving.Tell``): its state, or how its reload went."""
+        worker.heard = now = asyncio.get_running_loop().time()
+        self._service.reported(worker.place.index, what, now)
 
     def _listen(self, worker: _Worker) -> None:
         """Read the worker's reports as they come, until its end of the pipe closes."""
@@ -414,11 +263,7 @@ class Supervisor:
     def _forget(self, worker: _Worker) -> None:
         """A worker gone: its state no longer counts, nor its answer to a reload."""
         worker.heard = None
-        self._states.pop(worker.place.index, None)
-        if self._reloading.pop(worker.place.index, "") is None and all(
-            line is not None for line in self._reloading.values()
-        ):
-            self._reloaded()
+        self._service.gone(worker.place.index)
 
     def _close(self, worker: _Worker) -> None:
         if worker.conn is not None:
@@ -430,10 +275,7 @@ class Supervisor:
 
     def signal_all(self, sig: int) -> None:
         for worker in self._workers:
-            process = worker.process
-            if process is not None and process.pid is not None and process.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, sig)
+            _signal(worker, sig)
 
     async def start(self) -> None:
         """Worker 0 serving, then the others: a mistake every worker would make is
@@ -497,11 +339,12 @@ class Supervisor:
             self._close(worker)
 
     async def _spawn(self, worker: _Worker) -> None:
-        """Start the worker and wait until it serves; ConfigError with its message when it
-        could not start."""
+        """Start the worker and wait until it serves, at most ``start_timeout_s`` (then it
+        is killed); ConfigError with its message when it could not start for a mistake,
+        WorkerUnavailable when the database did not answer it or it did not start in time."""
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
-            target=worker_main,
+            target=self._target,
             args=(self._config, worker.place, theirs, self._level),
             kwargs={"log_format": self._log_format, "heartbeat_s": self._heartbeat_s},
             name=f"devtrust-verifier {worker.place.name}",
@@ -510,11 +353,25 @@ class Supervisor:
         theirs.close()  # the worker's end: its exit closes the pipe
         worker.process, worker.conn = process, ours
         worker.exited = _exit_of(process)
-        message = await asyncio.get_running_loop().run_in_executor(None, _receive, ours)
+        received = asyncio.get_running_loop().run_in_executor(None, _receive, ours)
+        try:
+            # Shielded: the thread reading the pipe ends once the killed worker closes it.
+            message = await asyncio.wait_for(asyncio.shield(received), self._start_timeout_s)
+        except TimeoutError:
+            process.kill()
+            await worker.ended(STOP_GRACE_S + STOP_MARGIN_S)
+            await received
+            raise WorkerUnavailable(
+                f"{worker.place.name} did not start within {self._start_timeout_s:g} s "
+                "(killed): is the database answering?"
+            ) from None
         if message is None or message[0] != _READY:
             await worker.ended(STOP_GRACE_S + STOP_MARGIN_S)
             why = message[1] if message is not None else f"it exited ({process.exitcode})"
-            raise ConfigError(f"{worker.place.name} did not start: {why}")
+            error = f"{worker.place.name} did not start: {why}"
+            if message is not None and message[2] == _OUTAGE:
+                raise WorkerUnavailable(error)
+            raise ConfigError(error)
         worker.pids.append(process.pid or 0)
         self._listen(worker)
 
@@ -550,7 +407,7 @@ class Supervisor:
                 return
             try:
                 await self._spawn(worker)
-            except ConfigError as exc:
+            except (ConfigError, WorkerUnavailable) as exc:
                 logger.error("%s", exc)  # noqa: TRY400 (its message says it all)
                 continue
             worker.restarts += 1
@@ -565,12 +422,21 @@ def _exit_text(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def _receive(conn: Connection) -> tuple[str, str] | None:
+def _signal(worker: _Worker, sig: int) -> None:
+    process = worker.process
+    if process is not None and process.pid is not None and process.exitcode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, sig)
+
+
+def _receive(conn: Connection) -> tuple[str, str, str] | None:
+    """A starting worker's first message: (_READY, pid, "") or (_FAILED, why, kind)."""
     try:
         message = conn.recv()
     except (EOFError, OSError):
         return None
-    return (str(message[0]), str(message[1]))
+    kind = str(message[2]) if len(message) > 2 else ""
+    return (str(message[0]), str(message[1]), kind)
 
 
 def _exit_of(process: BaseProcess) -> asyncio.Future[None]:
@@ -667,12 +533,18 @@ def worker_main(
         handler.setFormatter(
             formatter(log_format, text=fmt, fields={"worker": place.name, "pid": os.getpid()})
         )
+    # Until serve_until_signalled handles it: a SIGHUP meant for the others must not end a
+    # worker still starting (SIGHUP's default action); it loads the policy files anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         asyncio.run(_work(config, place, conn, heartbeat_s))
-    except (DevtrustError, OSError) as exc:
+    except Exception as exc:
+        outage = unavailable_at_start(exc)
+        if not outage and not isinstance(exc, (DevtrustError, OSError)):
+            raise  # a bug: its traceback (the parent says the worker exited)
         with contextlib.suppress(OSError):
-            conn.send((_FAILED, one_line(exc)))
-        sys.exit(2)
+            conn.send((_FAILED, one_line(exc), _OUTAGE if outage else _CONFIG))
+        sys.exit(75 if outage else 2)
 
 
 async def _work(

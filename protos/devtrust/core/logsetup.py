@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import sys
 from typing import TextIO
 
@@ -67,7 +68,23 @@ class JsonFormatter(logging.Formatter):
             doc["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, default=str, ensure_ascii=True)
+        try:
+            return json.dumps(doc, default=str, ensure_ascii=True, allow_nan=False)
+        except (ValueError, TypeError):
+            # NaN or Infinity (not JSON: strict parsers reject the line), or a dict with keys
+            # that are not strings: the values made plain, never a text traceback instead.
+            return json.dumps(_plain(doc), default=str, ensure_ascii=True, allow_nan=False)
+
+
+def _plain(value: object) -> object:
+    """``value`` with every float that is not finite as a string, every key a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def formatter(

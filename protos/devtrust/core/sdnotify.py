@@ -121,7 +121,9 @@ class Notifier:
         data = message(*assignments)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(data, self.address)
+                # Never blocks the event loop it is called from: a full queue (systemd busy)
+                # is a failed send (EAGAIN), as any other.
+                sock.sendto(data, socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             if not self._failed:
                 self._failed = True
