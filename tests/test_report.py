@@ -317,13 +317,23 @@ def expected(rows: Any, doc: dict[str, Any], minimum: dict[str, str]) -> dict[st
     ]
     revoked_at = {r[0]: _time(r[1]) for r in rows(
         "SELECT device_id, at FROM audit WHERE event = 'revoked' ORDER BY at, id")}  # fmt: skip
+    if doc["fleet_at"]["now"]:
+        # The period ends now: the fleet is the stored one, today's (the trust rows).
+        assert doc["period"]["until"] == doc["generated_at"]
+        fleet = _now_figures(devices, period)
+        results = [(r[0], json.loads(r[1])) for r in rows("SELECT device_id, result FROM trust")]
+        revoked = sum(r[1] == "revoked" for r in devices)
+    else:
+        # A period that ended earlier: the fleet then, from the audit's appraisals.
+        fleet, results, revoked = _fleet_then(appraisals, devices, revoked_at, period)
     return (
-        _now_figures(devices, period)
+        fleet
         | _finding_figures(appraisals, period)
         | _detection_figures(appraisals, zone_of, period)
         | _history_figures(appraisals, devices, revoked_at, period)
-        | _driver_figures(rows)
+        | _driver_figures(results)
         | _stored_counts(rows, period)
+        | {"revoked_devices.count": revoked}
     )
 
 
@@ -346,6 +356,51 @@ def _now_figures(devices: list[Any], period: Period) -> dict[str, Any]:
             out[f"{prefix}.states.{state}"] = sum(r[1] == state for r in members)
         out[f"{prefix}.compliance"] = _share(compliant, len(enrolled))
     return out
+
+
+def _fleet_then(
+    appraisals: list[Appraised],
+    devices: list[Any],
+    revoked_at: dict[str, datetime.datetime],
+    period: Period,
+) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], int]:
+    """The fleet at the period's end T, by the page's words: the devices enrolled (or asking
+    to) by T; their state at T (a device revoked now was enrolled at T when the audit
+    records its revocation after T); each enrolled one's latest appraisal before T, none
+    or expired at T counting as no result. Also those latest results (for the drivers) and
+    the devices revoked at T."""
+    until = period.until
+    latest: dict[str, Appraised] = {}
+    for appraisal in appraisals:  # in time order
+        if appraisal[1] < until:
+            latest[appraisal[0]] = appraisal
+    out: dict[str, Any] = {}
+    groups: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    for device_id, now_state, zone, _, _, enrolled_at in devices:
+        if _time(enrolled_at) > until:
+            continue
+        later = now_state == "revoked" and revoked_at.get(device_id, until) > until
+        then = "enrolled" if later else now_state
+        groups[f"zones.{zone}"].append((device_id, then, zone))
+        groups["fleet"].append((device_id, then, zone))
+    for prefix, members in groups.items():
+        tiers, compliant = [], 0
+        for device_id, state, zone in members:
+            if state != "enrolled":
+                continue
+            found = latest.get(device_id)
+            live = found is not None and _time(found[3]["expires_at"]) > until
+            tier = found[2] if found is not None and live else "none"
+            tiers.append(tier)
+            compliant += _meets(tier, period.need(zone))
+        out[f"{prefix}.devices"] = len(members)
+        for tier in ("affirming", "warning", "contraindicated", "none"):
+            out[f"{prefix}.tiers.{tier}"] = tiers.count(tier)
+        for state in ("enrolled", "pending_approval", "revoked"):
+            out[f"{prefix}.states.{state}"] = sum(m[1] == state for m in members)
+        out[f"{prefix}.compliance"] = _share(compliant, len(tiers))
+    results = [(device_id, a[3]) for device_id, a in latest.items()]
+    return out, results, sum(m[1] == "revoked" for m in groups["fleet"])
 
 
 def _finding_figures(appraisals: list[Appraised], period: Period) -> dict[str, Any]:
@@ -437,18 +492,17 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("."))
 
 
-def _driver_figures(rows: Any) -> dict[str, Any]:
-    """The driver version the finding names first when it is digits and dots; the
-    bulletins of its branch (the CSV) whose fixed version is above it; none for another."""
+def _driver_figures(results: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Of the fleet's latest results: the driver version the finding names first when it
+    is digits and dots; the bulletins of its branch (the CSV) whose fixed version is above
+    it; none for another."""
     with BULLETINS_CSV.open(newline="") as fh:
         bulletins = list(csv.DictReader(fh))
     out: dict[str, Any] = {}
     drivers = 0
-    for device_id, result in rows("SELECT device_id, result FROM trust"):
+    for device_id, result in results:
         found = [
-            f["found"]
-            for f in json.loads(result)["findings"]
-            if f["id"] == "gpu.driver.security_bulletins"
+            f["found"] for f in result["findings"] if f["id"] == "gpu.driver.security_bulletins"
         ]
         if not found:
             continue
@@ -475,7 +529,6 @@ def _stored_counts(rows: Any, period: Period) -> dict[str, Any]:
         "revoked_certificates.count": sum(
             period.since <= _time(r[0]) < period.until for r in revoked
         ),
-        "revoked_devices.count": len(rows("SELECT 1 FROM devices WHERE state = 'revoked'")),
         "audit.intact": True,
         "audit.entries": rows("SELECT COUNT(*) FROM audit WHERE chain IS NOT NULL")[0][0],
         "audit.chains": rows("SELECT COUNT(*) FROM audit_heads")[0][0],
@@ -696,7 +749,7 @@ def test_the_page_in_a_browser_matches_the_store(fleet: Fleet, rendered: Any) ->
 
 def test_the_json_holds_the_same_figures(fleet: Fleet, rendered: Any) -> None:
     _, doc = rendered
-    assert doc["version"] == 2
+    assert doc["version"] == 3
     assert doc["zone_filter"] is None
     assert doc["zones"]["production"]["min_tier"] == "warning"
     assert doc["zones"]["lab"]["min_tier"] == "affirming"

@@ -51,7 +51,10 @@ def test_the_figures_match_the_store_on_each_backend(database: str) -> None:
     run = report("--database", database, "--since", since, "--json", "-")
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
-    assert doc["version"] == 2
+    assert doc["version"] == 3
+    # The period ends now: the fleet is today's, the stored current results (``expected``
+    # reads them from the trust rows).
+    assert doc["fleet_at"] == {"at": doc["generated_at"], "now": True, "devices_later": 0}
     password = urllib.parse.urlsplit(database).password
     assert not password or password not in run.stdout  # the URL is shown without it
     check_figures(flatten(doc), expected(_rows(database), doc, {}))
@@ -65,6 +68,45 @@ def test_the_figures_match_the_store_on_each_backend(database: str) -> None:
     assert [d["hostname"] for d in doc["drivers_below_bulletins"]] == [SCRIPT_HOST]
     hosts = {d["hostname"] for f in doc["findings"] for d in f["devices"]}
     assert {SCRIPT_HOST, IMG_HOST} <= hosts
+
+
+def test_a_period_that_ended_earlier_shows_the_fleet_as_it_was_then(
+    database: str, tmp_path: Path
+) -> None:
+    """--until 18.5 minutes ago: the fleet then, from the audit (each device's latest
+    appraisal before then, judged then; the device revoked 12 minutes ago still enrolled),
+    not today's results judged now beside a history of then. ``expected`` computes it from
+    the audit rows with plain SQL; the figures fill wrote make it differ from now's."""
+    now = datetime.datetime.now(datetime.UTC)
+    fill(database, now)
+    since, until = now - datetime.timedelta(minutes=40), now - datetime.timedelta(minutes=18.5)
+    page = tmp_path / "r.html"
+    run = report(
+        "--database", database, "--since", since.isoformat(), "--until", until.isoformat(),
+        "--json", "-", "--html", str(page),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["fleet_at"] == {"at": until.isoformat(), "now": False, "devices_later": 0}
+    check_figures(flatten(doc), expected(_rows(database), doc, {}))
+    # Then: script affirming (its 3-minute result of -20 min), steady affirming, img's and
+    # gone's results expired, gone not yet revoked, no driver finding yet. Now it is 1/3.
+    fleet = doc["fleet"]
+    assert fleet["states"] == {"enrolled": 4, "pending_approval": 1, "revoked": 0}
+    assert fleet["tiers"] == {"affirming": 2, "warning": 0, "contraindicated": 0, "none": 2}
+    assert fleet["compliance"] == 0.5
+    assert doc["drivers_below_bulletins"] == []
+    assert doc["revoked_devices"] == []
+    # One compliance: the history's last bucket (ending at --until) is the headline's.
+    assert doc["history"]["ends"][-1] == until.isoformat()
+    assert doc["history"]["fleet"][-1] == fleet["compliance"]
+    for zone, z in doc["zones"].items():
+        assert doc["history"]["zones"][zone][-1] == z["compliance"], zone
+    text = page.read_text(encoding="utf-8")
+    shown = until.isoformat()[:19].replace("T", " ")
+    assert f"<h2>The fleet at {shown} UTC</h2>" in text
+    assert "The fleet now" not in text
+    assert 'data-key="fleet.compliance" data-value="0.5"' in text
 
 
 def test_a_zone_filter_reports_that_zone_only(tmp_path: Path) -> None:

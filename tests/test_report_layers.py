@@ -17,5 +17,5 @@ def test_report_runs_without_tpm_or_gpu_libraries(tmp_path: Path) -> None:
     run = guarded_run(PROGRAMS["devtrust"], argv, tmp_path)
     assert "BLOCKED IMPORT" not in run.stderr, run.stderr
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["version"] == 2
+    assert json.loads(run.stdout)["version"] == 3
     assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")

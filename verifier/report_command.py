@@ -3,11 +3,12 @@ one self-contained HTML page (``--html``) and/or a JSON document (``--json``), r
 the verifier's database directly (its file, or a URL of the server), as ``devtrust audit``
 reads it: what is reported is what is stored.
 
-The page and the document hold the same figures (``report_figures``: compliance per zone,
-tiers, enrollment states, compliance over time, the most frequent findings and their
-devices, time to detect, certificates revoked, drivers below the NVIDIA security
-bulletins, the policy in force, the audit chains' verification). The JSON has a
-``version`` field (1), raised when a field changes meaning or goes.
+The page and the document hold the same figures (``report_figures``: the fleet at the
+period's end, now by default: compliance per zone, tiers, enrollment states; compliance
+over time, the most frequent findings and their devices, time to detect, certificates
+revoked, drivers below the NVIDIA security bulletins, the policy in force, the audit
+chains' verification). The JSON has a ``version`` field (3), raised when a field changes
+meaning or goes.
 
 The audit chains are verified (as ``devtrust audit verify`` does, in the same snapshot as
 the figures) when the audit holds at most a million entries, or always with
@@ -35,12 +36,16 @@ from devtrust.verifier.document import Bulletins
 
 DEFAULT_DAYS = 7
 DATABASE_HELP = (
-    "the verifier's database: its file (or sqlite:///PATH) or postgresql://... "
-    "(default: the one --config names)"
+    "the verifier's database: its file (or sqlite:///PATH) or postgresql://...; none: the "
+    "one --config names"
 )
 BULLETINS = DEFAULT_POLICY.parent / "nvidia-driver-bulletins.csv"
 # The files written: they list devices, their hostnames and findings.
 MODE = 0o640
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, tools.HelpFormatter):
+    """The description as written, every option's default shown (as every command's)."""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -48,7 +53,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "report",
         help="the fleet's compliance and history as an HTML page and/or JSON, for auditors",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument("--database", help=DATABASE_HELP)
     p.add_argument(
@@ -73,7 +78,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         metavar="TIME",
         help="the period's start (YYYY-MM-DD or an ISO time; UTC if no zone)",
     )
-    p.add_argument("--until", type=_time, metavar="TIME", help="the period's end (default: now)")
+    p.add_argument(
+        "--until",
+        type=_time,
+        metavar="TIME",
+        help="the period's end (default: now); the fleet's state is shown as it was then",
+    )
     p.add_argument("--zone", metavar="ZONE", help="only the devices of this zone")
     chains = p.add_mutually_exclusive_group()
     chains.add_argument(
@@ -176,7 +186,9 @@ def report(args: argparse.Namespace) -> int:
             store = db.store(since=since, until=until, zone=args.zone, verify=args.verify_chains)
             period = report_figures.Period(store, since=since, until=until, minimums=minimums)
             db.stream(period, {d.device_id for d in store.devices}, since=since, until=until)
-            examples = db.entries(period.example.values())
+            # The fleet at the period's end: the latest appraisals, whole (their findings).
+            latest = period.settle(store.current, now=now)
+            examples = db.entries([*period.example.values(), *latest])
         store.notes.extend(_notes(store, args))
         return report_figures.compute(
             store,

@@ -8,10 +8,15 @@ Definitions (said on the page too; one compliance everywhere, review M4):
 
 - compliant at a time T: a device enrolled at T whose latest result by T had not expired at T
   and whose tier meets its zone's minimum (``Tier.meets``: NONE meets nothing); compliance =
-  compliant / enrolled. Now: the current results. Over time: at each bucket's end, from the
-  audit's appraisals; "enrolled at T" as far as the store tells: enrolled now or revoked
+  compliant / enrolled. "enrolled at T" as far as the store tells: enrolled now or revoked
   after T (the audit's "revoked" entry), and enrolled (``enrolled_at``) by T; a device
   pending approval now, or revoked at an unrecorded time, counts at no time.
+- the fleet (devices, states, tiers, compliance, drivers, policies in results): at the
+  period's end ``until`` (now by default), by the definition above: each device's latest
+  appraisal before ``until`` (the stored current result where it is one: always when
+  ``until`` is now, so that the figures are today's), expiry judged at ``until``; the
+  history's last bucket is the same figure. Over time: at each bucket's end, from the
+  audit's appraisals.
 - time to detect: the verifier stores no time of the posture change itself, only its
   appraisals. A detection is an appraisal worse than affirming right after an affirming one
   of the same device; its time to detect is the time between the two, an upper bound on the
@@ -39,7 +44,7 @@ from devtrust.verifier.document import Bulletins, version_tuple
 from devtrust.verifier.logtext import printable
 from devtrust.verifier.report_data import Appraisal, DeviceRow, Store
 
-VERSION = 2
+VERSION = 3
 TIERS = ("affirming", "warning", "contraindicated", "none")
 STATES = ("enrolled", "pending_approval", "revoked")
 DRIVER_FINDING = "gpu.driver.security_bulletins"
@@ -61,6 +66,8 @@ LISTED = 100
 TOP_FINDINGS = 10
 DEVICES_PER_FINDING = 50
 HOSTNAME_SHOWN = 64
+# A period's end this close to the generation time is "now": the fleet is today's.
+NOW_SLACK = datetime.timedelta(seconds=5)
 # A driver version as NVML writes it (580.65.06): anything else is not taken for one.
 DRIVER_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){1,3}")
 TTD_DEFINITION = (
@@ -71,8 +78,15 @@ TTD_DEFINITION = (
     "verifier's metrics measure the change-to-verdict time of changes the agent reports)."
 )
 COMPLIANCE_DEFINITION = (
-    "Compliant: an enrolled device whose current result has not expired and whose tier is at "
+    "Compliant: an enrolled device whose latest result has not expired and whose tier is at "
     "or above its zone's minimum tier. Compliance: compliant devices / enrolled devices."
+)
+FLEET_DEFINITION = (
+    "The fleet at the period's end: each device's latest appraisal before then (the stored "
+    "current result when the period ends now), an expired one counting as no result; device "
+    "states then as far as the store tells (as in the history below: revoked then if revoked "
+    "by then, per the audit's revocation entry; devices enrolled later are not counted); zones "
+    "and claimed hostnames as they are now."
 )
 HISTORY_DEFINITION = (
     "At the end of each bucket, the same definition then: among the devices enrolled at that "
@@ -150,6 +164,19 @@ def _share(part: int, whole: int) -> float | None:
     return None if whole == 0 else round(part / whole, 4)
 
 
+def state_at(
+    device: DeviceRow, revoked_at: datetime.datetime | None, moment: datetime.datetime
+) -> str | None:
+    """The device's state at ``moment`` as far as the store tells (``HISTORY_DEFINITION``,
+    which ``_enrolled_window`` follows: enrolled then exactly when its window holds
+    ``moment``); None when it enrolled (or asked to) later."""
+    if device.enrolled_at is not None and device.enrolled_at > moment:
+        return None
+    if device.state == "revoked" and revoked_at is not None and revoked_at > moment:
+        return "enrolled"
+    return device.state
+
+
 def _enrolled_window(
     device: DeviceRow, revoked_at: datetime.datetime | None
 ) -> tuple[datetime.datetime, datetime.datetime] | None:
@@ -179,6 +206,9 @@ class Period:
         minimums: Minimums,
     ) -> None:
         self.size, self.name, self.ends = buckets(since, until)
+        self.until = until
+        self.settled = False
+        self.is_now = False
         self._zone = {d.device_id: d.zone for d in store.devices}
         self._need = {d.device_id: minimums.of(d.zone) for d in store.devices}
         self._windows = {
@@ -186,7 +216,9 @@ class Period:
             for d in store.devices
             if (w := _enrolled_window(d, store.device_revoked_at.get(d.device_id))) is not None
         }
-        self._latest: dict[str, tuple[datetime.datetime, str, datetime.datetime | None]] = {}
+        # Each device's latest appraisal so far: the one before the period whole, the
+        # period's with their entry ids only (read whole at the end, ``wanted``).
+        self._latest: dict[str, Appraisal] = {}
         self._next = 0
         self.series: dict[str, list[float | None]] = {
             z: [] for z in sorted(set(self._zone.values()))
@@ -204,7 +236,7 @@ class Period:
         self.longest: list[tuple[float, int, _Detection]] = []
 
     def before(self, appraisal: Appraisal) -> None:
-        self._latest[appraisal.device_id] = (appraisal.at, appraisal.tier, appraisal.expires_at)
+        self._latest[appraisal.device_id] = appraisal
 
     def add(self, appraisal: Appraisal) -> None:
         self._close(appraisal.at)
@@ -216,21 +248,42 @@ class Period:
             self.last[finding_id, device_id] = appraisal.at
             self.example[finding_id] = appraisal.entry
         previous = self._latest.get(device_id)
-        if previous is not None and previous[1] == "affirming" and appraisal.tier != "affirming":
-            seconds = round((appraisal.at - previous[0]).total_seconds(), 3)
+        if previous is not None and previous.tier == "affirming" and appraisal.tier != "affirming":
+            seconds = round((appraisal.at - previous.at).total_seconds(), 3)
             self.spans[self._zone.get(device_id, "")].append(seconds)
             self.detected[device_id] += 1
-            found = (device_id, previous[0], appraisal.at, appraisal.tier, appraisal.finding_ids)
+            found = (device_id, previous.at, appraisal.at, appraisal.tier, appraisal.finding_ids)
             item = (seconds, -self.appraisals, found)
             if len(self.longest) < LISTED:
                 heapq.heappush(self.longest, item)
             elif item > self.longest[0]:
                 heapq.heapreplace(self.longest, item)
-        self._latest[device_id] = (appraisal.at, appraisal.tier, appraisal.expires_at)
+        self._latest[device_id] = appraisal
 
-    def finish(self) -> None:
-        """Close the buckets left (those after the last appraisal)."""
+    def settle(self, current: Mapping[str, Appraisal], *, now: datetime.datetime) -> list[int]:
+        """After the last appraisal: close the buckets left, the last (the period's end)
+        with each device's latest appraisal before ``until``, the stored current result
+        (``current``) where it is one (appraised before ``until``, or whenever when
+        ``until`` is now: today's fleet is the stored one); the audit entries of the
+        latest appraisals to read whole (their findings and policy: ``fleet_at``)."""
+        if self.settled:
+            return []
+        self.settled = True
+        self.is_now = now - self.until <= NOW_SLACK
+        self._close(self.until - datetime.timedelta.resolution)
+        for device_id, stored in current.items():
+            if device_id in self._zone and (self.is_now or stored.at < self.until):
+                self._latest[device_id] = stored
         self._close(None)
+        return sorted({a.entry for a in self._latest.values() if a.entry})
+
+    def fleet_at(self, whole: Mapping[int, Appraisal]) -> dict[str, Appraisal]:
+        """Each device's latest appraisal at the period's end (``settle``), whole where
+        ``whole`` (the entries read) has it."""
+        return {
+            device_id: whole.get(a.entry, a) if a.entry else a
+            for device_id, a in self._latest.items()
+        }
 
     def _close(self, upto: datetime.datetime | None) -> None:
         """Every bucket ending at or before ``upto`` (None: all): its figures are those of
@@ -245,7 +298,7 @@ class Period:
             if not start <= end < stop:
                 continue
             latest = self._latest.get(device_id)
-            tier = "none" if latest is None else _valid_at(latest[1], latest[2], end)
+            tier = "none" if latest is None else _valid_at(latest.tier, latest.expires_at, end)
             into = counts[self._zone[device_id]]
             into[0] += tier_of(tier).meets(self._need[device_id])
             into[1] += 1
@@ -272,12 +325,24 @@ def compute(
     """The report's document (schema ``VERSION``); ``period``: the period's appraisals,
     all streamed in; ``examples``: the audit entries ``period.example`` names, whole;
     ``database``: where it was read, as shown (a server's URL without its password)."""
-    period.finish()
-    people = _People(store.devices)
-    zones, fleet = _now(store, now=now, minimums=minimums)
+    period.settle(store.current, now=now)
+    whole = examples or {}
+    latest = period.fleet_at(whole)
+    states = {
+        d.device_id: s
+        for d in store.devices
+        if (s := state_at(d, store.device_revoked_at.get(d.device_id), until)) is not None
+    }
+    people = _People(store.devices, states)
+    zones, fleet = _fleet(store, latest, states, until=until, minimums=minimums)
     return {
         "version": VERSION,
         "generated_at": iso(now),
+        "fleet_at": {
+            "at": iso(until),
+            "now": period.is_now,
+            "devices_later": len(store.devices) - len(states),
+        },
         "period": {
             "since": iso(since),
             "until": iso(until),
@@ -289,6 +354,7 @@ def compute(
         "empty": not store.devices,
         "definitions": {
             "compliance": COMPLIANCE_DEFINITION,
+            "fleet": FLEET_DEFINITION,
             "history": HISTORY_DEFINITION,
             "time_to_detect": TTD_DEFINITION,
             "devices": HOSTNAME_NOTE,
@@ -302,7 +368,7 @@ def compute(
             "enrolled": period.enrolled,
         },
         "appraisals": period.appraisals,
-        "findings": _findings(period, people, examples or {}),
+        "findings": _findings(period, people, whole),
         "time_to_detect": _time_to_detect(period, people),
         "revoked_certificates": [
             {
@@ -320,10 +386,10 @@ def compute(
                 "revoked_at": iso(store.device_revoked_at.get(d.device_id)),
             }
             for d in store.devices
-            if d.state == "revoked"
+            if states.get(d.device_id) == "revoked"
         ],
-        "drivers_below_bulletins": _drivers(store, people, bulletins),
-        "policy": _policy(store),
+        "drivers_below_bulletins": _drivers(latest, people, bulletins),
+        "policy": _policy(store, latest),
         "audit": {
             "verified": store.audit.verified,
             "intact": store.audit.intact,
@@ -342,13 +408,14 @@ class _People:
     """Who a device is, as the report shows it: its id first, then the hostname it claimed
     (review M6)."""
 
-    def __init__(self, devices: Iterable[DeviceRow]) -> None:
+    def __init__(self, devices: Iterable[DeviceRow], states: Mapping[str, str]) -> None:
         self._by_id = {d.device_id: d for d in devices}
         self._shared = Counter(d.hostname for d in self._by_id.values() if d.hostname)
+        self._states = states
 
     def state(self, device_id: str) -> str:
-        row = self._by_id.get(device_id)
-        return row.state if row else ""
+        """Its state at the period's end (``state_at``)."""
+        return self._states.get(device_id, "")
 
     def who(self, device_id: str) -> dict[str, Any]:
         row = self._by_id.get(device_id)
@@ -362,9 +429,16 @@ class _People:
         }
 
 
-def _now(
-    store: Store, *, now: datetime.datetime, minimums: Minimums
+def _fleet(
+    store: Store,
+    latest: Mapping[str, Appraisal],
+    states: Mapping[str, str],
+    *,
+    until: datetime.datetime,
+    minimums: Minimums,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fleet at ``until``: the devices known by then, their states then (``states``),
+    and the enrolled ones' tiers by their latest appraisal (``latest``), judged then."""
     zones: dict[str, dict[str, Any]] = {}
 
     def blank(min_tier: str) -> dict[str, Any]:
@@ -381,14 +455,17 @@ def _now(
     fleet = blank("")
     del fleet["min_tier"]
     for device in store.devices:
+        state = states.get(device.device_id)
+        if state is None:
+            continue
         zone = zones.setdefault(device.zone, blank(minimums.of(device.zone).label))
         for into in (zone, fleet):
             into["devices"] += 1
-            into["states"][device.state] = into["states"].get(device.state, 0) + 1
-        if device.state != "enrolled":
+            into["states"][state] = into["states"].get(state, 0) + 1
+        if state != "enrolled":
             continue
-        current = store.current.get(device.device_id)
-        tier = "none" if current is None else _valid_at(current.tier, current.expires_at, now)
+        found = latest.get(device.device_id)
+        tier = "none" if found is None else _valid_at(found.tier, found.expires_at, until)
         ok = tier_of(tier).meets(minimums.of(device.zone))
         for into in (zone, fleet):
             into["enrolled"] += 1
@@ -491,8 +568,11 @@ def _rendered(version: str, missing: Sequence[Any]) -> str:
     return ", ".join(items)
 
 
-def _drivers(store: Store, people: _People, bulletins: Bulletins) -> list[dict[str, Any]]:
-    """Devices whose current result has the finding ``gpu.driver.security_bulletins``:
+def _drivers(
+    latest: Mapping[str, Appraisal], people: _People, bulletins: Bulletins
+) -> list[dict[str, Any]]:
+    """Devices whose latest result at the period's end (``latest``) has the finding
+    ``gpu.driver.security_bulletins``:
     the driver version it names, validated, and the bulletins computed from that version
     and the bulletins' data as the verifier does (``Bulletins.missing``), never read from the
     finding's text. A version that is none is "unparseable"; one whose finding is not what
@@ -503,7 +583,7 @@ def _drivers(store: Store, people: _People, bulletins: Bulletins) -> list[dict[s
         if version_tuple(b.fixed) > version_tuple(newest.get(b.branch, "0")):
             newest[b.branch] = b.fixed
     out = []
-    for device_id, appraisal in sorted(store.current.items()):
+    for device_id, appraisal in sorted(latest.items()):
         texts = [f.found for f in appraisal.findings if f.id == DRIVER_FINDING]
         if not texts:
             continue
@@ -534,13 +614,13 @@ def _drivers(store: Store, people: _People, bulletins: Bulletins) -> list[dict[s
     return out
 
 
-def _policy(store: Store) -> dict[str, Any]:
-    in_results = Counter(a.policy_id for a in store.current.values() if a.policy_id)
+def _policy(store: Store, latest: Mapping[str, Appraisal]) -> dict[str, Any]:
+    in_results = Counter(a.policy_id for a in latest.values() if a.policy_id)
     row = store.policy
     return {
         "policy_id": row.policy_id if row else None,
         "digest": row.digest if row else None,
         "published_at": row.published_at if row else None,
         "published_by": row.published_by if row else None,
-        "in_current_results": dict(sorted(in_results.items())),
+        "in_latest_results": dict(sorted(in_results.items())),
     }

@@ -263,6 +263,12 @@ def _header(doc: Mapping[str, Any], title: str) -> str:
     )
 
 
+def fleet_at(doc: Mapping[str, Any]) -> str:
+    """When the fleet's figures are of: "now", or "at" the period's end."""
+    at = doc["fleet_at"]
+    return "now" if at["now"] else f"at {_when(at['at'])}"
+
+
 def _cards(doc: Mapping[str, Any]) -> str:
     fleet = doc["fleet"]
     tiers = fleet["tiers"]
@@ -287,6 +293,9 @@ def _cards(doc: Mapping[str, Any]) -> str:
         ),
     ]
     return (
+        f'<p class="note">Devices, compliance, tiers and drivers: the fleet {fleet_at(doc)}'
+        + ("" if doc["fleet_at"]["now"] else " (the period's end)")
+        + "; appraisals, certificates revoked and time to detect: over the period.</p>"
         '<div class="cards">'
         + "".join(
             f'<div class="card"><span class="label">{_e(label)}</span>'
@@ -304,9 +313,10 @@ def _ok(good: bool) -> str:
 def _fleet(doc: Mapping[str, Any]) -> str:
     zones: Mapping[str, Any] = doc["zones"]
     fleet = doc["fleet"]
+    title = f"<h2>The fleet {fleet_at(doc)}</h2>"
     if not zones:
         return (
-            "<section><h2>The fleet now</h2>"
+            f"<section>{title}"
             '<p class="banner info">No devices: the database holds no enrolled device'
             + (" in this zone" if doc.get("zone_filter") is not None else "")
             + ".</p></section>"
@@ -329,10 +339,18 @@ def _fleet(doc: Mapping[str, Any]) -> str:
         chart_rows.append(("whole fleet", fleet["tiers"]))
     headers = ["Zone", "Minimum", "Devices", "Enrolled", "Pending", "Revoked",
                "Affirming", "Warning", "Contraind.", "No result", "Compliance"]  # fmt: skip
+    later = int(doc["fleet_at"].get("devices_later") or 0)
     return (
-        "<section><h2>The fleet now</h2>"
-        f'<p class="note">{_e(doc["definitions"]["compliance"])} Tiers count enrolled devices; '
+        f"<section>{title}"
+        f'<p class="note">{_e(doc["definitions"]["compliance"])} '
+        f"{_e(doc['definitions']['fleet'])} Tiers count enrolled devices; "
         "&ldquo;no result&rdquo;: none yet, or expired.</p>"
+        + (
+            f'<p class="note">{num("fleet_at.devices_later", later)} devices enrolled after '
+            "then are not counted.</p>"
+            if later
+            else ""
+        )
         + report_svg.tier_mix(chart_rows)
         + _table(headers, rows, numeric=range(2, 11))
         + "</section>"
@@ -482,7 +500,8 @@ def _revoked(doc: Mapping[str, Any]) -> str:
         + (_table(["Serial", "Device", "Zone", "Kind", "Reason", "Revoked"], certs) if certs
            else '<p class="note">None.</p>')
         + _more(len(doc["revoked_certificates"]) - len(certs), "certificates, revoked earlier")
-        + f"<h3>Devices revoked (now): {num('revoked_devices.count', len(devices))}</h3>"
+        + f"<h3>Devices revoked ({fleet_at(doc)}): "
+        f"{num('revoked_devices.count', len(devices))}</h3>"
         + (_table(["Device", "Zone", "Revoked"], devices) if devices
            else '<p class="note">None.</p>')
         + "</section>"
@@ -504,7 +523,7 @@ def _drivers(doc: Mapping[str, Any]) -> str:
     ]
     return (
         "<section><h2>GPU drivers below the NVIDIA security bulletins</h2>"
-        '<p class="note">Devices whose current result has the finding '
+        f'<p class="note">Devices whose latest result {fleet_at(doc)} has the finding '
         "<code>gpu.driver.security_bulletins</code>: the bulletins whose fixed version for the "
         "driver's branch is above the running driver. The driver version is the one the "
         "finding names (the device's claim): shown when it is a version (digits and dots), the "
@@ -525,7 +544,7 @@ def _row(header: str, value: str) -> str:
 
 def _policy_audit(doc: Mapping[str, Any]) -> str:
     policy, audit = doc["policy"], doc["audit"]
-    used = ", ".join(f"{_e(k)} ({v})" for k, v in policy["in_current_results"].items())
+    used = ", ".join(f"{_e(k)} ({v})" for k, v in policy["in_latest_results"].items())
     if not audit["verified"]:
         banner = (
             f'<div class="banner info">Audit chains {_e(audit["why"] or "not verified")}; '
@@ -549,13 +568,13 @@ def _policy_audit(doc: Mapping[str, Any]) -> str:
     return (
         "<section><h2>Policy and audit trail</h2>"
         "<table><tbody>"
-        + _row("Policy in force", f"<code>{_e(policy['policy_id'] or 'none published')}</code>")
+        + _row("Policy in force now", f"<code>{_e(policy['policy_id'] or 'none published')}</code>")
         + _row("Digest (sha256)", f"<code>{_e(policy['digest'] or 'n/a')}</code>")
         + _row(
             "Published",
             f"{_when(policy['published_at'])} by {_e(policy['published_by'] or 'n/a')}",
         )
-        + _row("Policies in current results", used or "none")
+        + _row(f"Policies in the results {fleet_at(doc)}", used or "none")
         + "</tbody></table>"
         "<h3>Audit chains</h3>" + banner
         + '<p class="note">As <code>devtrust audit verify</code> checks them: every hash chain, '
