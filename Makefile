@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl python3-venv postgresql \
-	dpkg-dev systemd chromium
+	dpkg-dev systemd chromium systemd-container debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo-out
 
@@ -18,7 +18,9 @@ all: test
 # temporary directory, stopped at the end), dpkg-dev for `make deb` (dpkg-shlibdeps), systemd
 # for systemd-analyze and the sysusers/tmpfiles the packages' tests run (present on a booted
 # Debian, not in a container image; installing it starts nothing), chromium for the fleet
-# report's test in a headless browser.
+# report's test in a headless browser, systemd-container and debootstrap for the test that
+# boots a Debian 12 container with systemd and runs the installed packages' services
+# (tests/test_systemd_boot.py).
 deps: .deps-stamp
 .deps-stamp:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
