@@ -246,7 +246,7 @@ COMMANDS = [
     Command(
         "devtrust report",
         lambda t: ["report", "--database", str(t / "v.db"), "--json", "-"],
-        '"version": 1',
+        '"version": 3',
         prepare=lambda t: make_database(t / "v.db"),
     ),
     Command(
