@@ -12,10 +12,8 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
-import grp
 import logging
 import os
-import pwd
 import signal
 import sys
 from collections.abc import Callable
@@ -27,7 +25,6 @@ from pathlib import Path
 # imports below. The agent's one line says what failed and what to do.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from cryptography import x509
 
 from devtrust import __version__
 from devtrust.agent.attest import AttestationClient
@@ -39,6 +36,8 @@ from devtrust.agent.errors import TpmError
 from devtrust.agent.gpu.nvml import XidWatcher
 from devtrust.agent.memory import release_startup_memory
 from devtrust.agent.messages import AttestationResult
+from devtrust.agent.preflight import check_key_group, check_tpm_device
+from devtrust.agent.service_status import ServiceStatus, stopper
 from devtrust.agent.state import AgentFiles
 from devtrust.agent.tpm import AsyncTpm, TpmBackend
 from devtrust.agent.watch import PostureWatcher
@@ -69,8 +68,6 @@ M_ARENA_MAX = -8  # glibc malloc.h
 # reconnect_max_s growing to 5 minutes (channel.REFUSED_MAX_S). `enroll` (one-shot, by a
 # person) exits 2 for those too. 3 and 75 come from `enroll` only; 70 is a bug: restarted.
 EXIT_ERROR, EXIT_PENDING, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 2, 3, 75, 130
-# The verifier's finding for a TPM that does not answer (verifier/tpm_unavailable.py).
-TPM_UNAVAILABLE_FINDING = "tpm.unavailable"
 EPILOG = (
     "exit status: 0 done; 2 an error, its one line says what to fix (`run`: only a mistake "
     "on this host; what the verifier or the TPM refused it logs and retries); 3 enrolled, "
@@ -137,7 +134,7 @@ async def run(
     loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="agent-io"))
     status = ServiceStatus(notifier or Notifier(None), cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _stopper(stop, status))
+        loop.add_signal_handler(sig, stopper(stop, status))
     files = AgentFiles(cfg.state_dir, cfg.runtime_dir, key_gid=key_group_id(cfg))
     serve_workloads = cfg.workload_api.enabled and not enroll_only
     workload = WorkloadApi.from_config(cfg) if serve_workloads else None
@@ -200,99 +197,6 @@ async def run(
         if xids is not None:
             await asyncio.to_thread(xids.stop)
         await asyncio.to_thread(host.close)
-
-
-# A read of one PCR: the cheapest command that shows the TPM answers.
-_ANY_PCR: tuple[tuple[str, tuple[int, ...]], ...] = (("sha256", (0,)),)
-
-
-def _addresses(addresses: tuple[str, ...]) -> str:
-    return addresses[0] if len(addresses) == 1 else f"one of {', '.join(addresses)}"
-
-
-def result_line(
-    attesting_to: str,
-    result: AttestationResult,
-    *,
-    at: datetime.datetime,
-    certificate: x509.Certificate | None,
-) -> str:
-    """STATUS= while attesting: ``attesting to HOST:PORT: affirming (score 100) at
-    12:00:03Z, certificate valid until 2026-12-02T12:00:00+00:00`` (and ``TPM unavailable``
-    when the verifier's last finding says so)."""
-    trust = result.trust
-    parts = [
-        f"attesting to {attesting_to}: {trust.tier.label} (score {trust.score}) at "
-        f"{at.astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
-    ]
-    if any(f.id == TPM_UNAVAILABLE_FINDING for f in trust.findings):
-        parts.append("TPM unavailable (retrying it)")
-    if certificate is not None:
-        parts.append(f"certificate valid until {certificate.not_valid_after_utc.isoformat()}")
-    else:
-        parts.append("no device certificate")
-    return ", ".join(parts)
-
-
-class ServiceStatus:
-    """What the agent tells systemd (``notifier``; nothing when NOTIFY_SOCKET is unset)."""
-
-    def __init__(self, notifier: Notifier, cfg: AgentConfig) -> None:
-        self.notifier = notifier
-        self._attesting_to = _addresses(cfg.verifier.attestation_addresses)
-        self._enrolling_at = _addresses(cfg.verifier.enrollment_addresses)
-        self._tpm = ""
-
-    @property
-    def enabled(self) -> bool:
-        return self.notifier.enabled
-
-    async def started(self, tpm: AsyncTpm, *, enrolled: bool) -> None:
-        """READY=1 once the TPM answered a PCR read, or failed to (said in STATUS=: an
-        enrolled agent keeps running and retries it; enrollment reports it as an error)."""
-        try:
-            await tpm.pcr_read(_ANY_PCR)
-        except TpmError as exc:
-            self._tpm = f"; TPM unavailable: {exc}"
-            logger.debug("TPM probe at start failed: %s", exc)
-        if enrolled:
-            line = f"attesting to {self._attesting_to}: waiting for the first result"
-        else:
-            line = f"enrolling at {self._enrolling_at}: waiting for the verifier"
-        self.notifier.ready(line + self._tpm)
-
-    def enrolled(self, device_id: str) -> None:
-        self.notifier.status(
-            f"enrolled as device {device_id}; attesting to {self._attesting_to}: waiting for "
-            "the first result"
-        )
-
-    def result(self, result: AttestationResult, certificate: x509.Certificate | None) -> None:
-        self.notifier.status(
-            result_line(
-                self._attesting_to,
-                result,
-                at=datetime.datetime.now(datetime.UTC),
-                certificate=certificate,
-            )
-        )
-
-    def trouble(self, line: str) -> None:
-        """What `run` retries and a person should fix (a refusal, a TLS failure, a TPM
-        error): the line it logged at ERROR, until the next result or enrollment."""
-        self.notifier.status(line)
-
-    def stopping(self) -> None:
-        self.notifier.stopping("stopping (SIGTERM)")
-
-
-def _stopper(stop: asyncio.Event, status: ServiceStatus) -> Callable[[], None]:
-    def on_signal() -> None:
-        if not stop.is_set():
-            status.stopping()
-        stop.set()
-
-    return on_signal
 
 
 def _after_first_result(tpm: AsyncTpm) -> Callable[[AttestationResult], None]:
@@ -496,62 +400,6 @@ def _daemon_config(path: Path) -> AgentConfig:
     check_tpm_device(cfg.tpm.tcti, where=f"{path}: tpm.tcti")
     check_key_group(key_group_id(cfg), where=f"{path}: workload_api.key_group")
     return cfg
-
-
-def check_tpm_device(tcti: str, *, where: str) -> None:
-    """A TPM device node (``device:PATH``) that is not there or that this user may not open:
-    a mistake on this host that a restart repeats (exit 2; the unit orders the agent after
-    tpm2.target, so a TPM the host has is there by then). Other TCTIs (swtpm, tabrmd) reach
-    another process, which may come later: `run` retries those."""
-    kind, _, arg = tcti.partition(":")
-    if kind != "device" or not arg.startswith("/"):
-        return
-    device = Path(arg.split(",", 1)[0])
-    if not device.exists():
-        raise ConfigError(
-            f"{where} {tcti}: {device} does not exist: give the TPM this host has (ls "
-            "/dev/tpm*: /dev/tpmrm0 is the kernel's resource manager), or enable the TPM in "
-            "the firmware"
-        )
-    if not os.access(device, os.R_OK | os.W_OK):
-        raise ConfigError(
-            f"{where} {tcti}: this user ({_user()}) may not open {device}: add it to the "
-            "device's group (tss on Debian: the packaged unit has SupplementaryGroups=tss)"
-        )
-
-
-def check_key_group(
-    gid: int | None,
-    *,
-    where: str,
-    euid: int | None = None,
-    groups: tuple[int, ...] | None = None,
-) -> None:
-    """workload_api.key_group must be a group this user is in: the agent gives device.key to
-    it (fchown) and the kernel refuses a group the owner is not in, at the first renewal,
-    after start. Refused at start instead (exit 2). ``euid``/``groups``: this process's."""
-    if gid is None:
-        return
-    euid = os.geteuid() if euid is None else euid
-    groups = (os.getegid(), *os.getgroups()) if groups is None else groups
-    if euid == 0 or gid in groups:
-        return
-    try:
-        name = grp.getgrgid(gid).gr_name
-    except KeyError:
-        name = str(gid)
-    raise ConfigError(
-        f"{where}: this user ({_user()}) is not in group {name} (gid {gid}), so it cannot "
-        f"let that group read device.key: add the agent to it (`systemctl edit "
-        f"devtrust-agent`: [Service] SupplementaryGroups={name}), or empty key_group"
-    )
-
-
-def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:

@@ -24,7 +24,8 @@ import pytest
 
 from devtrust.agent.channel import REFUSED_MAX_S, refusal_backoff
 from devtrust.agent.enroll import enroll
-from devtrust.agent.main import check_key_group, check_tpm_device, make_host, make_tpm
+from devtrust.agent.main import make_host, make_tpm
+from devtrust.agent.preflight import check_key_group, check_tpm_device
 from devtrust.agent.state import AgentFiles
 from devtrust.core.errors import ConfigError
 from devtrust.swtpm import EndorsementCA

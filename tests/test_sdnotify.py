@@ -45,8 +45,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from devtrust.agent.main import result_line
 from devtrust.agent.messages import AttestationResult, Finding, Verdict
+from devtrust.agent.service_status import result_line
 from devtrust.core import sdnotify
 from devtrust.core.sdnotify import Notifier, socket_address, watchdog_interval
 from devtrust.core.tier import Tier
