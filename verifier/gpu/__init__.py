@@ -1,0 +1,1 @@
+"""GPU attestation for the verifier: NVIDIA SPDM reports, parsed and verified offline."""
