@@ -57,7 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument(
         "--before",
         required=True,
-        type=_date,
+        type=parse_time,
         help="delete entries older than this (YYYY-MM-DD or an ISO time; UTC if no zone)",
     )
     p.set_defaults(tool=prune)
@@ -68,12 +68,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(tool=seal)
 
 
-def _date(text: str) -> datetime.datetime:
+def parse_time(text: str) -> datetime.datetime:
+    """A time on the command line (`audit prune --before`, `report --since/--until`): ISO
+    8601, a date alone at midnight, UTC when no offset is given."""
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a date: write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS+00:00"
+            f"{text!r} is not a time: write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS+00:00"
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)
 

@@ -177,7 +177,7 @@ def _vouch(db: Reader, marks: dict[str, dict[int, Mark]]) -> None:
     vouched for: only those account for a chain's missing first entries. The entries are
     read as stored; the chain ``audit`` itself is checked with the others."""
     for (text,) in db.rows(_PRUNED):
-        for item in _json(text).get("pruned", ()):
+        for item in json_object(text).get("pruned", ()):
             if not (isinstance(item, list) and len(item) == 3):
                 continue
             name, seq, digest = item
@@ -201,7 +201,7 @@ def _started(db: Reader, chain: str | None) -> dict[str, _Started]:
     only ``chain``'s: where, and the chain's first hash."""
     found: dict[str, _Started] = {}
     for on, seq, text in db.rows(_STARTED):
-        name, first = audit_chain.announced(str(text)), _json(text).get("first")
+        name, first = audit_chain.announced(str(text)), json_object(text).get("first")
         if name is None or not isinstance(first, str) or chain not in (None, name):
             continue
         if str(on) == audit_chain.announced_on(name):
@@ -227,7 +227,8 @@ def _announced(
                 "announces it: it was not started by the verifier"))  # fmt: skip
 
 
-def _json(text: object) -> dict[str, Any]:
+def json_object(text: object) -> dict[str, Any]:
+    """A stored JSON detail as an object; {} for text that is not one (a tampered row)."""
     try:
         value = json.loads(str(text))
     except ValueError:

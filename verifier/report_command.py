@@ -30,7 +30,14 @@ from typing import Any
 
 from devtrust.core.errors import ConfigError
 from devtrust.core.tier import Tier
-from devtrust.verifier import audit_db, report_data, report_figures, report_html, tools
+from devtrust.verifier import (
+    audit_command,
+    audit_db,
+    report_data,
+    report_figures,
+    report_html,
+    tools,
+)
 from devtrust.verifier.config import DEFAULT_POLICY, DatabaseUrl, VerifierConfig, database_location
 from devtrust.verifier.document import Bulletins
 
@@ -74,13 +81,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     period.add_argument(
         "--since",
-        type=_time,
+        type=audit_command.parse_time,
         metavar="TIME",
         help="the period's start (YYYY-MM-DD or an ISO time; UTC if no zone)",
     )
     p.add_argument(
         "--until",
-        type=_time,
+        type=audit_command.parse_time,
         metavar="TIME",
         help="the period's end (default: now); the fleet's state is shown as it was then",
     )
@@ -102,16 +109,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="do not verify the audit chains (the page says they were not)",
     )
     p.set_defaults(tool=report)
-
-
-def _time(text: str) -> datetime.datetime:
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time: write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS+00:00"
-        ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)
 
 
 def _days(text: str) -> float:

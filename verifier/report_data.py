@@ -15,7 +15,6 @@ examples shown.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -172,14 +171,6 @@ def when(value: object) -> datetime.datetime | None:
     return found if found.tzinfo is not None else found.replace(tzinfo=datetime.UTC)
 
 
-def _json(text: object) -> dict[str, Any]:
-    try:
-        value = json.loads(str(text))
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _findings(items: object) -> tuple[FindingRow, ...]:
     if not isinstance(items, list):
         return ()
@@ -198,7 +189,7 @@ def _findings(items: object) -> tuple[FindingRow, ...]:
 def appraisal_of(device_id: str, tier: str, detail: object, at: object) -> Appraisal | None:
     """A whole appraisal from its stored result (JSON, ``codec.result_to_json``); None for
     a row whose time cannot be read."""
-    doc = _json(detail)
+    doc = audit_db.json_object(detail)
     stamp = when(at) or when(doc.get("appraised_at"))
     if stamp is None:
         return None
@@ -215,7 +206,7 @@ def appraisal_of(device_id: str, tier: str, detail: object, at: object) -> Appra
 
 
 def _hostname(text: object) -> str:
-    name = _json(text).get("hostname")
+    name = audit_db.json_object(text).get("hostname")
     return name if isinstance(name, str) else ""
 
 
