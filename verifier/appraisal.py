@@ -22,6 +22,7 @@ from devtrust.core.binding import PublicKey, possession_proven, qualifying_data
 from devtrust.core.ids import DeviceId, Nonce
 from devtrust.verifier import document, measured_boot
 from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.gpu.types import GpuEvidence
 from devtrust.verifier.policy import PolicyEvaluator, PolicyOutcome
 from devtrust.verifier.refs import RefGroup, appraise_refs
 from devtrust.verifier.tpm.bootfacts import BootFacts
@@ -87,6 +88,8 @@ class Evidence:
     event_log: EventLogPart | None = None
     # A signature by the certify key over the nonce and the device id (core.binding).
     certify_key_proof: bytes = b""
+    # Each GPU's own attestation (EvidenceBody.gpu_reports), within its limits.
+    gpu_reports: tuple[GpuEvidence, ...] = ()
 
     @property
     def body_digest(self) -> str:

@@ -17,6 +17,9 @@ from devtrust.verifier.tpm.structures import PcrSelect
 
 DEFAULT_ROOTS = Path(__file__).resolve().parent / "data" / "ek-roots"
 DEFAULT_POLICY = Path(__file__).resolve().parent / "data" / "policy" / "default.yaml"
+GPU_ROOTS = Path(__file__).resolve().parent / "data" / "gpu-roots"
+DEFAULT_GPU_DEVICE_ROOT = GPU_ROOTS / "nvidia-device-identity-ca.pem"
+DEFAULT_RIM_ROOT = GPU_ROOTS / "nvidia-corim-signing-root-ca.pem"
 # SPIFFE trust domain names: lowercase letters, digits, dots, hyphens, underscores.
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -388,6 +391,42 @@ _SERVER_SECONDS = (
 
 
 @dataclass(frozen=True)
+class GpuConfig:
+    """GPU attestation (verifier/gpu/): NVIDIA GPUs' own signed measurement reports."""
+
+    # Roots of GPU identity certificates (PEM files or directories): NVIDIA's Device
+    # Identity CA, shipped with devtrust. A simulation's test root is listed here only by
+    # the simulator's own configuration.
+    device_roots: list[Path] = field(default_factory=lambda: [DEFAULT_GPU_DEVICE_ROOT])
+    # Roots the signatures of reference integrity manifests (RIMs) must chain to: NVIDIA's
+    # CoRIM signing Root CA, shipped with devtrust.
+    rim_roots: list[Path] = field(default_factory=lambda: [DEFAULT_RIM_ROOT])
+    # The RIM store: driver and VBIOS RIMs verified when added (`devtrust gpu rim add`),
+    # read at start and on reload; never fetched while appraising.
+    rim_store: Path = Path("/var/lib/devtrust/rims")
+    # CRLs and OCSP responses for GPU and RIM certificates, as the operator fetched them
+    # (files in this directory, PEM or DER); none: revocation is unknown (a finding).
+    revocation: Path | None = None
+    # A CRL or OCSP response older than this (from its thisUpdate / producedAt) is stale:
+    # a warning finding that names its age.
+    revocation_max_age_s: float = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        if not self.revocation_max_age_s > 0:
+            raise ValueError("revocation_max_age_s must be positive (seconds)")
+
+
+@dataclass(frozen=True)
+class EarConfig:
+    """Attestation results as EAR (draft-ietf-rats-ear), verifier/ear.py."""
+
+    # The key that signs EARs as JWTs (ES256, P-256 PEM), written by `devtrust-verifier
+    # init`; relying parties verify with its certificate (signing_cert).
+    signing_key: Path = Path("/etc/devtrust/verifier/ear.key")
+    signing_cert: Path = Path("/etc/devtrust/verifier/ear.pem")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     # Worker processes serving the same ports (SO_REUSEPORT) and database; 1: one process,
     # as before. `devtrust-verifier serve --workers N` overrides it.
@@ -442,6 +481,8 @@ class VerifierConfig:
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    ear: EarConfig = field(default_factory=EarConfig)
     # Roles of operator names on the query API (verifier/roles.py): {alice: admin, ...}. A
     # name listed here has this role whatever the database says (`devtrust-verifier operator
     # --role` records roles for the names not listed); changed at restart.

@@ -14,6 +14,10 @@ makes each) and the verifier (which checks each). Three bindings:
    verifier's own TLS key, and get it certified under its device id. So the body also
    carries a signature by that key over a context string, the challenge's nonce and the
    device id. A proof made for one challenge or one device is worth nothing for another.
+4. Each GPU's attestation report (NVIDIA SPDM GET_MEASUREMENTS) answers a nonce derived from
+   the challenge's nonce and the GPU's index, so one challenge binds the quote and every GPU
+   report: a report made for another challenge, or for another GPU index of this one, names
+   another nonce. The reports travel in the quoted body as well.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ POSSESSION_CONTEXT = b"devtrust-certify-key-v1\x00"
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+GPU_NONCE_CONTEXT = b"devtrust-gpu-nonce-v1\x00"
+
+
+def gpu_nonce(nonce: bytes, index: int) -> bytes:
+    """The 32-byte nonce GPU ``index`` is asked to sign for the challenge ``nonce``:
+    sha256(context || nonce || index as 4 bytes big-endian)."""
+    if not 0 <= index < 2**32:
+        raise ValueError(f"GPU index {index} is outside 0..2**32-1")
+    return hashlib.sha256(GPU_NONCE_CONTEXT + nonce + index.to_bytes(4, "big")).digest()
 
 
 def qualifying_data(nonce: bytes, body: bytes) -> bytes:

@@ -238,6 +238,7 @@ class EvidenceBody(_message.Message):
     OS_FIELD_NUMBER: _builtins.int
     GPU_FIELD_NUMBER: _builtins.int
     CERTIFY_KEY_PROOF_FIELD_NUMBER: _builtins.int
+    GPU_REPORTS_FIELD_NUMBER: _builtins.int
     certify_key_spki: _builtins.bytes
     """SubjectPublicKeyInfo (DER) of a fresh key the agent wants certified; empty when it
     needs no new certificate.
@@ -256,6 +257,13 @@ class EvidenceBody(_message.Message):
     def os(self) -> Global___OsPosture: ...
     @_builtins.property
     def gpu(self) -> Global___GpuState: ...
+    @_builtins.property
+    def gpu_reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuReport]:
+        """Each GPU's own attestation (NVIDIA Hopper and later), one per Gpu in gpu.gpus, asked with
+        the nonce devtrust.core.binding.gpu_nonce(challenge nonce, Gpu.index): one challenge
+        binds the quote and every GPU report. A GPU that cannot attest has one too, saying so.
+        """
+
     def __init__(
         self,
         *,
@@ -265,14 +273,59 @@ class EvidenceBody(_message.Message):
         os: Global___OsPosture | None = ...,
         gpu: Global___GpuState | None = ...,
         certify_key_proof: _builtins.bytes = ...,
+        gpu_reports: _abc.Iterable[Global___GpuReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["collected_at", b"collected_at", "gpu", b"gpu", "host", b"host", "os", b"os"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certify_key_proof", b"certify_key_proof", "certify_key_spki", b"certify_key_spki", "collected_at", b"collected_at", "gpu", b"gpu", "host", b"host", "os", b"os"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certify_key_proof", b"certify_key_proof", "certify_key_spki", b"certify_key_spki", "collected_at", b"collected_at", "gpu", b"gpu", "gpu_reports", b"gpu_reports", "host", b"host", "os", b"os"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvidenceBody: _TypeAlias = EvidenceBody  # noqa: Y015
+
+@_typing.final
+class GpuReport(_message.Message):
+    """What one GPU answered when asked to attest (verifier/gpu/ verifies it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Gpu.index of the GPU asked."""
+    status: _builtins.str
+    """"report": report and certificates are set; "unsupported": this GPU or driver cannot
+    attest (before Hopper, or no Confidential Computing support); "error": asked and failed.
+    """
+    detail: _builtins.str
+    """Why not, for "unsupported" and "error" (the driver's words)."""
+    report: _builtins.bytes
+    """The SPDM GET_MEASUREMENTS request followed by the GPU's signed MEASUREMENTS response,
+    as NVML returns them (nvtrust's "attestation report").
+    """
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The GPU's certificate chain, DER, the attestation key's certificate first."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        status: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        report: _builtins.bytes = ...,
+        certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "detail", b"detail", "index", b"index", "report", b"report", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuReport: _TypeAlias = GpuReport  # noqa: Y015
 
 @_typing.final
 class Unavailable(_message.Message):

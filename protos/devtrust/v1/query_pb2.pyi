@@ -142,6 +142,53 @@ class GetTrustScoreRequest(_message.Message):
 Global___GetTrustScoreRequest: _TypeAlias = GetTrustScoreRequest  # noqa: Y015
 
 @_typing.final
+class GetEarRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SIGNED_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    signed: _builtins.bool
+    """Also sign it: Ear.jwt set (ES256 with the verifier's EAR signing key)."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        signed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "signed", b"signed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEarRequest: _TypeAlias = GetEarRequest  # noqa: Y015
+
+@_typing.final
+class Ear(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JSON_FIELD_NUMBER: _builtins.int
+    JWT_FIELD_NUMBER: _builtins.int
+    json: _builtins.str
+    """The EAR claims set as JSON (UTF-8)."""
+    jwt: _builtins.str
+    """The same claims as a compact JWS (JWT) when GetEarRequest.signed; else empty."""
+    def __init__(
+        self,
+        *,
+        json: _builtins.str = ...,
+        jwt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "jwt", b"jwt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Ear: _TypeAlias = Ear  # noqa: Y015
+
+@_typing.final
 class ReloadPolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

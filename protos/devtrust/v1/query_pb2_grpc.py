@@ -50,6 +50,11 @@ class QueryStub:
                 request_serializer=devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
                 response_deserializer=devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
                 _registered_method=True)
+        self.GetEar = channel.unary_unary(
+                '/devtrust.v1.Query/GetEar',
+                request_serializer=devtrust_dot_v1_dot_query__pb2.GetEarRequest.SerializeToString,
+                response_deserializer=devtrust_dot_v1_dot_query__pb2.Ear.FromString,
+                _registered_method=True)
         self.WatchTrust = channel.unary_stream(
                 '/devtrust.v1.Query/WatchTrust',
                 request_serializer=devtrust_dot_v1_dot_query__pb2.WatchTrustRequest.SerializeToString,
@@ -120,6 +125,14 @@ class QueryServicer:
 
     def GetTrustScore(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEar(self, request, context):
+        """The same result as an EAR (draft-ietf-rats-ear): JSON, and on request a JWT signed by
+        the verifier; the host's claims on top, each GPU a submod.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -219,6 +232,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.GetTrustScore,
                     request_deserializer=devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.FromString,
                     response_serializer=devtrust_dot_v1_dot_common__pb2.TrustResult.SerializeToString,
+            ),
+            'GetEar': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEar,
+                    request_deserializer=devtrust_dot_v1_dot_query__pb2.GetEarRequest.FromString,
+                    response_serializer=devtrust_dot_v1_dot_query__pb2.Ear.SerializeToString,
             ),
             'WatchTrust': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchTrust,
@@ -352,6 +370,33 @@ class Query:
             '/devtrust.v1.Query/GetTrustScore',
             devtrust_dot_v1_dot_query__pb2.GetTrustScoreRequest.SerializeToString,
             devtrust_dot_v1_dot_common__pb2.TrustResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devtrust.v1.Query/GetEar',
+            devtrust_dot_v1_dot_query__pb2.GetEarRequest.SerializeToString,
+            devtrust_dot_v1_dot_query__pb2.Ear.FromString,
             options,
             channel_credentials,
             insecure,

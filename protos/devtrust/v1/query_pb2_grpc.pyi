@@ -40,6 +40,10 @@ class QueryStub:
     """viewer"""
     ListDevices: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListDevicesRequest, _query_pb2.ListDevicesResponse]
     GetTrustScore: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetTrustScoreRequest, _common_pb2.TrustResult]
+    GetEar: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetEarRequest, _query_pb2.Ear]
+    """The same result as an EAR (draft-ietf-rats-ear): JSON, and on request a JWT signed by
+    the verifier; the host's claims on top, each GPU a submod.
+    """
     WatchTrust: _grpc.UnaryStreamMultiCallable[_query_pb2.WatchTrustRequest, _query_pb2.TrustChange]
     """Every stored result that changes a device's tier or score from now on (and, first, the
     current one of each device matching the filter when initial is set).
@@ -83,6 +87,10 @@ class QueryAsyncStub(QueryStub):
     """viewer"""
     ListDevices: _aio.UnaryUnaryMultiCallable[_query_pb2.ListDevicesRequest, _query_pb2.ListDevicesResponse]  # type: ignore[assignment]
     GetTrustScore: _aio.UnaryUnaryMultiCallable[_query_pb2.GetTrustScoreRequest, _common_pb2.TrustResult]  # type: ignore[assignment]
+    GetEar: _aio.UnaryUnaryMultiCallable[_query_pb2.GetEarRequest, _query_pb2.Ear]  # type: ignore[assignment]
+    """The same result as an EAR (draft-ietf-rats-ear): JSON, and on request a JWT signed by
+    the verifier; the host's claims on top, each GPU a submod.
+    """
     WatchTrust: _aio.UnaryStreamMultiCallable[_query_pb2.WatchTrustRequest, _query_pb2.TrustChange]  # type: ignore[assignment]
     """Every stored result that changes a device's tier or score from now on (and, first, the
     current one of each device matching the filter when initial is set).
@@ -141,6 +149,16 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
         request: _query_pb2.GetTrustScoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.TrustResult, _abc.Awaitable[_common_pb2.TrustResult]]: ...
+
+    @_abc_1.abstractmethod
+    def GetEar(
+        self,
+        request: _query_pb2.GetEarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.Ear, _abc.Awaitable[_query_pb2.Ear]]:
+        """The same result as an EAR (draft-ietf-rats-ear): JSON, and on request a JWT signed by
+        the verifier; the host's claims on top, each GPU a submod.
+        """
 
     @_abc_1.abstractmethod
     def WatchTrust(
