@@ -145,6 +145,7 @@ LEAST_ROLE = {
     "GetDevice": Role.VIEWER,
     "ListDevices": Role.VIEWER,
     "GetTrustScore": Role.VIEWER,
+    "GetEar": Role.VIEWER,
     "WatchTrust": Role.VIEWER,
     "History": Role.VIEWER,
     "Approve": Role.OPERATOR,
@@ -188,6 +189,7 @@ def calls(channel: grpc.aio.Channel) -> dict[str, Callable[[], Awaitable[Any]]]:
         "GetTrustScore": lambda: q.GetTrustScore(
             query_pb2.GetTrustScoreRequest(device_id=dev), timeout=t
         ),
+        "GetEar": lambda: q.GetEar(query_pb2.GetEarRequest(device_id=dev), timeout=t),
         "WatchTrust": lambda: _first(
             q.WatchTrust(query_pb2.WatchTrustRequest(initial=True), timeout=t)
         ),

@@ -18,7 +18,7 @@ import pytest
 from devtrust.verifier import pki
 from devtrust.verifier.main import main
 
-SERVICE_KEYS = ("server.key", "device-ca.key")
+SERVICE_KEYS = ("server.key", "device-ca.key", "ear.key")
 
 
 @pytest.fixture

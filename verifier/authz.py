@@ -108,6 +108,7 @@ REQUIREMENTS: Mapping[str, Requirement] = {
     _QUERY + "GetDevice": role(Role.VIEWER),
     _QUERY + "ListDevices": role(Role.VIEWER),
     _QUERY + "GetTrustScore": role(Role.VIEWER),
+    _QUERY + "GetEar": role(Role.VIEWER),
     _QUERY + "WatchTrust": role(Role.VIEWER),
     _QUERY + "History": role(Role.VIEWER),
     _QUERY + "GetStoredEvidence": role(Role.VIEWER),

@@ -31,6 +31,7 @@ from devtrust.verifier.pki import (
     PkiFiles,
     check_operator_name,
     init_pki,
+    issue_ear_signer,
     issue_operator,
     key_group,
     load_ca,
@@ -124,12 +125,14 @@ def _init(args: argparse.Namespace, now: datetime.datetime) -> int:
         print(f"replaced the CA; the old files are kept as {kept}", file=sys.stderr)
     print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}")
     print(f"device issuing CA {files.device_ca_cert}\nrelying-party bundle {files.device_bundle}")
+    print(f"EAR signing certificate {files.ear_cert}")
     if group is None:
         keys = "0600, yours (give --group GROUP for the service's group to read them)"
     else:
         keys = f"0640, group {group.name} ({group.why}) may read them"
     print(
-        f"keys: {files.server_key.name} and {files.device_ca_key.name} {keys}; "
+        f"keys: {files.server_key.name}, {files.device_ca_key.name} and {files.ear_key.name} "
+        f"{keys}; "
         f"{files.ca_key.name} 0600, yours only: the service gets it through systemd's "
         "LoadCredential= (serve --ca-key)",
         file=sys.stderr,
@@ -163,6 +166,20 @@ def _ca(args: argparse.Namespace, now: datetime.datetime) -> int:
             f"{rotation.next.activate_after.isoformat()}; restart the verifier before then"
         )
     print(f"relying-party bundle {files.device_bundle}")
+    return 0
+
+
+def _ear_key(args: argparse.Namespace, now: datetime.datetime) -> int:
+    """`ear-key`: a new EAR signing key and certificate from the CA in --dir."""
+    directory = _directory(args.dir, "--dir")
+    group = key_group(directory, args.group)
+    files = issue_ear_signer(
+        directory, now=now, force=args.force, group=None if group is None else group.gid
+    )
+    if files.backups:
+        kept = ", ".join(str(b) for b in files.backups)
+        print(f"replaced the EAR signing key; the old files are kept as {kept}", file=sys.stderr)
+    print(f"EAR signing certificate {files.ear_cert}\nkey {files.ear_key}")
     return 0
 
 
@@ -264,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--group",
         default=None,
         help="group that may read the keys the service reads (server key, device issuing "
-        "CA key: made 0640); default: the group owning --dir when that is the service's "
-        "group, devtrust (the packaged /etc/devtrust/verifier is root:devtrust; any other "
-        "group must be named here); ca.key stays 0600",
+        "CA key, EAR signing key: made 0640); default: the group owning --dir when that is "
+        "the service's group, devtrust (the packaged /etc/devtrust/verifier is "
+        "root:devtrust; any other group must be named here); ca.key stays 0600",
     )
     p = command("ca", "rotate the device issuing CA (published ahead of signing)")
     p.add_argument("action", choices=["rotate"], help="what to do")
@@ -285,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds from now until the new CA signs; default: the device certificate "
         "lifetime, so that relying parties hold it before any certificate it signed",
+    )
+    p = command(
+        "ear-key",
+        "issue the EAR signing key and certificate (ear.key, ear.pem) with the CA in a "
+        "directory init made (init makes them too)",
+    )
+    p.add_argument("--dir", required=True, help="directory made by init")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an EAR signing key already there; the replaced files are kept as "
+        "NAME.<time>.bak",
+    )
+    p.add_argument(
+        "--group",
+        default=None,
+        help="group that may read ear.key (made 0640), as for init; default: the group "
+        "owning --dir when that is the service's group, devtrust",
     )
     p = command("inventory", "enrollment inventory (device id -> zone, labels)")
     p.add_argument("action", choices=["check"], help="what to do")
@@ -318,6 +353,8 @@ def _run(args: argparse.Namespace, now: datetime.datetime) -> int:
         return _inventory(args)
     if args.command == "ca":
         return _ca(args, now)
+    if args.command == "ear-key":
+        return _ear_key(args, now)
     return _init(args, now) if args.command == "init" else _operator(args, now)
 
 

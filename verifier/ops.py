@@ -151,6 +151,12 @@ async def show(session: Session, args: argparse.Namespace) -> int:
 
 
 async def score(session: Session, args: argparse.Namespace) -> int:
+    if args.signed and not args.ear:
+        raise usage("score: --signed signs the EAR: give --ear --signed")
+    if args.ear:
+        made = await session.client.ear(await resolve(session, args.device), signed=args.signed)
+        session.print(*fmt.ear_lines(made, signed=args.signed))
+        return EXIT_OK
     trust = await session.client.trust_score(await resolve(session, args.device))
     if args.json:
         session.json(fmt.trust_json(trust))
@@ -556,7 +562,19 @@ def add_parsers(sub: Any, refs: Any = None) -> None:
         help="only devices never appraised, or whose latest result is past its staleness bound",
     )
     device(command("show", "a device: state, zone, host, its latest result", show))
-    device(command("score", "a device's trust tier, score and findings", score))
+    p = command("score", "a device's trust tier, score and findings", score)
+    device(p)
+    p.add_argument(
+        "--ear",
+        action="store_true",
+        help="print the result as an EAR (draft-ietf-rats-ear claims set, JSON) instead",
+    )
+    p.add_argument(
+        "--signed",
+        action="store_true",
+        help="with --ear: print it as a JWT signed by the verifier's EAR key (ES256; verify "
+        "with its ear.pem)",
+    )
     p = command("watch", "print each change of tier or score, until Ctrl-C", watch)
     p.add_argument("--zone", default="", help="only devices of this zone")
     p.add_argument(

@@ -15,12 +15,14 @@ back as long as it names one device.
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from devtrust.verifier.wire_ops import (
     ChangeView,
     DeviceView,
+    EarView,
     FindingView,
     HistoryView,
     RevokedView,
@@ -363,3 +365,11 @@ def role_line(done: RoleView) -> str:
 def role_json(done: RoleView) -> dict[str, Any]:
     was = done.previous_role or None
     return {"name": done.name, "role": done.role or None, "previous_role": was}
+
+
+def ear_lines(made: EarView, *, signed: bool) -> list[str]:
+    """`score --ear`: the claims set, indented JSON (keys as the verifier sent them);
+    with ``signed``, the JWT alone on one line (for a relying party or a file)."""
+    if signed:
+        return [made.jwt]
+    return json.dumps(made.claims, indent=2, ensure_ascii=True).splitlines()

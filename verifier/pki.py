@@ -7,7 +7,8 @@ The device issuing CAs live beside the CA (``verifier/ca.py`` says why they are 
 ``device-ca-next.pem``/``.key`` with ``device-ca-next.json`` (its activation time) is
 published ahead of signing; ``device-ca-retired.json`` holds retired CA certificates (no keys)
 and when each stopped signing; ``device-bundle.pem`` is the relying-party bundle as of the
-last init or rotation, to hand out.
+last init or rotation, to hand out. ``ear.key``/``ear.pem`` sign the EARs the Query API
+returns (verifier/ear.py); the CA issues ear.pem (``ear_certificate`` says its profile).
 
 Every problem is one ``DevtrustError`` line naming the file and the remedy (issue 8). Nothing
 is lost: ``init`` refuses a directory that already holds a CA unless forced, and a forced
@@ -29,13 +30,21 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import NameOID
 
 from devtrust.core.errors import ConfigError, DevtrustError
 from devtrust.core.files import write_atomic
-from devtrust.verifier.ca import CertificateAuthority, new_device_ca, pem, private_key_pem
+from devtrust.verifier.ca import (
+    CLOCK_SKEW,
+    CertificateAuthority,
+    new_device_ca,
+    pem,
+    private_key_pem,
+)
+from devtrust.verifier.ear import EAR_SIGNING_EKU, EarSigner
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or ending with one.
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -86,6 +95,16 @@ class PkiFiles:
     @property
     def retired(self) -> Path:
         return self.directory / "device-ca-retired.json"
+
+    @property
+    def ear_key(self) -> Path:
+        """The key that signs EARs (verifier/ear.py), ``ear.signing_key``."""
+        return self.directory / "ear.key"
+
+    @property
+    def ear_cert(self) -> Path:
+        """Its certificate, issued by the verifier's CA: ``ear.signing_cert``."""
+        return self.directory / "ear.pem"
 
     def all(self) -> tuple[Path, ...]:
         return (self.ca_cert, self.ca_key, self.server_cert, self.server_key)
@@ -282,8 +301,12 @@ def init_pki(
         hostnames=hostnames, public_key=key.public_key(), now=now, lifetime=server_lifetime
     )
     device = new_device_ca(now)
+    ear_key = ec.generate_private_key(ec.SECP256R1())
+    ear_cert = ear_certificate(
+        ca, public_key=ear_key.public_key(), now=now, lifetime=server_lifetime
+    )
     service_mode = 0o600 if group is None else 0o640
-    service_keys = (files.server_key, files.device_ca_key)
+    service_keys = (files.server_key, files.device_ca_key, files.ear_key)
     new: dict[Path, tuple[bytes, int] | None] = {
         files.ca_key: (private_key_pem(ca.key), 0o600),
         files.ca_cert: (pem(ca.cert), 0o644),
@@ -292,6 +315,8 @@ def init_pki(
         files.device_ca_key: (private_key_pem(device.key), service_mode),
         files.device_ca_cert: (pem(device.cert), 0o644),
         files.device_bundle: (pem(device.cert), 0o644),
+        files.ear_key: (private_key_pem(ear_key), service_mode),
+        files.ear_cert: (pem(ear_cert), 0o644),
         # A rotation of the replaced device CA is void: kept as *.bak, then removed.
         files.next_cert: None,
         files.next_key: None,
@@ -314,6 +339,96 @@ def init_pki(
             write_file(
                 path, content[0], mode=content[1], group=group if path in service_keys else None
             )
+    return replace(files, backups=tuple(backups))
+
+
+def ear_certificate(
+    ca: CertificateAuthority,
+    *,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    lifetime: datetime.timedelta = datetime.timedelta(days=365),
+) -> x509.Certificate:
+    """The certificate of the EAR signing key, issued by the verifier's CA: subject
+    O=devtrust, OU=ear, CN=devtrust EAR signer; not a CA (critical); key usage
+    digitalSignature only (critical); EKU ``EAR_SIGNING_EKU`` only (verifier/ear.py says
+    why); SKI and AKI. A relying
+    party verifies it to ca.pem, checks that EKU, then the JWT with its key (verifier/ear.py
+    ``verify_ear``; the JWT's kid is its SHA-256)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devtrust"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "ear"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "devtrust EAR signer"),
+        ]
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([EAR_SIGNING_EKU]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+
+
+def issue_ear_signer(
+    directory: Path,
+    *,
+    now: datetime.datetime,
+    force: bool = False,
+    group: int | None = None,
+    lifetime: datetime.timedelta = datetime.timedelta(days=365),
+) -> PkiFiles:
+    """A new EAR signing key and certificate (``ear.key``, ``ear.pem``) from the CA in
+    ``directory``, for a directory init made before EARs existed, or to replace the pair
+    (``force``; the old files kept as *.bak, listed in the result's backups). ``group``:
+    as init's, ear.key 0640 with it (the service reads it), else 0600."""
+    files = PkiFiles.in_dir(directory)
+    ca = load_ca(files.ca_cert, files.ca_key, configured=False)
+    present = [p.name for p in (files.ear_key, files.ear_cert) if p.exists()]
+    if present and not force:
+        raise DevtrustError(
+            f"{directory} already holds an EAR signing key ({', '.join(present)}): keep it, "
+            "or run again with --force (the old files are kept as *.bak; relying parties "
+            "need the new ear.pem)"
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ear_certificate(ca, public_key=key.public_key(), now=now, lifetime=lifetime)
+    backups = []
+    for path, data, mode, owner in (
+        (files.ear_key, private_key_pem(key), 0o600 if group is None else 0o640, group),
+        (files.ear_cert, pem(cert), 0o644, None),
+    ):
+        try:
+            backup = keep_backup(path, now)
+        except OSError as exc:
+            raise DevtrustError(f"cannot keep a backup of {path}: {exc.strerror}") from exc
+        if backup is not None:
+            backups.append(backup)
+        write_file(path, data, mode=mode, group=owner)
     return replace(files, backups=tuple(backups))
 
 
@@ -467,6 +582,47 @@ def read_server_credentials(cert_path: Path, key_path: Path) -> tuple[bytes, byt
             "the pair that init made together"
         )
     return cert_pem, key_pem
+
+
+def load_ear_signer(
+    key_path: Path, cert_path: Path, *, ca: x509.Certificate | None = None
+) -> EarSigner:
+    """The EAR signing key and its certificate (``ear.signing_key``, ``ear.signing_cert``),
+    checked to be a P-256 pair, and with ``ca`` issued by it (relying parties verify the
+    certificate to the verifier's CA). One ``ConfigError`` line naming the file otherwise."""
+    missing = (
+        f"run `devtrust-verifier ear-key --dir {key_path.parent}` to issue ear.key and ear.pem "
+        "with the CA there (`devtrust-verifier init` makes them with a new CA)"
+    )
+    key = parse_key(
+        read_file(key_path, "EAR signing key", missing=missing, key="ear.signing_key"),
+        key_path,
+        "EAR signing key",
+    )
+    cert = parse_cert(
+        read_file(cert_path, "EAR signing certificate", missing=missing, key="ear.signing_cert"),
+        cert_path,
+        "EAR signing certificate",
+    )
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(
+            f"EAR signing key {key_path} is not an ECDSA P-256 key (ES256): give the key init made"
+        )
+    if key.public_key() != cert.public_key():
+        raise ConfigError(
+            f"EAR signing key {key_path} is not the key of certificate {cert_path}: give the "
+            "pair that init made together (`ear.signing_key`, `ear.signing_cert`)"
+        )
+    if ca is not None:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise ConfigError(
+                f"EAR signing certificate {cert_path} is not issued by the verifier's CA: "
+                "relying parties would refuse its EARs; configure the ear.pem that the same "
+                "`init` made (`ear.signing_cert`)"
+            ) from exc
+    return EarSigner(key=key, cert=cert)
 
 
 def check_server_issued_by(

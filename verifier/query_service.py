@@ -8,7 +8,10 @@ it in the audit, and refuses when there is none. Messages are converted at the e
 SetZone are verifier/lifecycle.py's transitions, written as a compare-and-set naming the
 operator (a change of zone then revokes the device's live certificates through the revoker,
 as their claims name the old zone); Revoke is the revoker's (verifier/revocation.py): the
-device's state, its live certificates and the feed at once.
+device's state, its live certificates and the feed at once. GetEar is the latest result as
+an EAR (verifier/ear.py), signed on request with the key of ``ear.signing_key``, read when
+first needed (a verifier set up before EARs existed serves everything else) and again when
+its files change.
 """
 
 from __future__ import annotations
@@ -16,20 +19,23 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
 
+from devtrust.core.errors import ConfigError
 from devtrust.core.ids import DeviceId, Serial
 from devtrust.v1 import common_pb2, query_pb2, query_pb2_grpc
-from devtrust.verifier import lifecycle, wire, wire_query
+from devtrust.verifier import ear, lifecycle, wire, wire_query
 from devtrust.verifier.authz import Caller, Who, current_caller
 from devtrust.verifier.ca import CertificateAuthority
+from devtrust.verifier.config import EarConfig
 from devtrust.verifier.errors import FailedPrecondition, NotFound, Unauthenticated
 from devtrust.verifier.inventory import Inventory
-from devtrust.verifier.pki import operator_certificate
+from devtrust.verifier.pki import load_ear_signer, operator_certificate
 from devtrust.verifier.policy import Policy, PolicyError, PolicyHolder
 from devtrust.verifier.records import DeviceRecord
 from devtrust.verifier.roles import Role
@@ -71,7 +77,11 @@ class QueryService(query_pb2_grpc.QueryServicer):
         operators: Mapping[str, Role] | None = None,
         ca: CertificateAuthority | None = None,
         reload: Callable[..., Awaitable[Policy | None]] | None = None,
+        ear_keys: EarConfig | None = None,
     ) -> None:
+        # GetEar's signing key and certificate (`ear:`); None: signed EARs are refused.
+        self._ear_keys = ear_keys
+        self._ear_signer: tuple[tuple[int, ...], ear.EarSigner] | None = None
         # Signs IssueOperatorCertificate's certificates; None: that method is refused.
         self._ca = ca
         # ReloadPolicy's reload (keyword ``actor``): this replica's files, published to the
@@ -122,6 +132,51 @@ class QueryService(query_pb2_grpc.QueryServicer):
         return wire_query.trust_score_to_wire(
             device_id, result.at(self._clock()) if result else None
         )
+
+    async def GetEar(self, request: query_pb2.GetEarRequest, context: Context) -> query_pb2.Ear:
+        self._operator()
+        device_id, signed = wire_query.ear_request_from_wire(request)
+        await self._device(device_id)
+        result = await self._repos.trust.latest(device_id)
+        now = self._clock()
+        verifier_id = ear.VerifierId()
+        if result is None:
+            claims = ear.unappraised_claims(device_id, verifier_id=verifier_id, now=now)
+        else:
+            claims = ear.ear_claims(result.at(now), verifier_id=verifier_id, now=now)
+        token = ear.sign_ear(claims, self._signer()) if signed else ""
+        return wire_query.ear_to_wire(ear.ear_json(claims), token)
+
+    def _signer(self) -> ear.EarSigner:
+        """The EAR signing key, read again when either file changed (a key made by a later
+        `init`, or replaced); FAILED_PRECONDITION naming the file while it cannot be read."""
+        keys = self._ear_keys
+        if keys is None:
+            raise FailedPrecondition(
+                "this verifier has no EAR signing key configured (ear.signing_key, "
+                "ear.signing_cert): ask for the EAR unsigned"
+            )
+        try:
+            stamp: tuple[int, ...] | None = tuple(
+                n for p in (keys.signing_key, keys.signing_cert) for n in _stamp(p.stat())
+            )
+        except OSError:
+            stamp = None  # load_ear_signer words it
+        if stamp is not None and self._ear_signer is not None and self._ear_signer[0] == stamp:
+            return self._ear_signer[1]
+        try:
+            signer = load_ear_signer(
+                keys.signing_key, keys.signing_cert, ca=self._ca.cert if self._ca else None
+            )
+        except ConfigError as exc:
+            logger.warning("signed EAR refused: %s", exc)
+            raise FailedPrecondition(
+                f"cannot sign the EAR with ear.signing_key ({keys.signing_key}) and "
+                f"ear.signing_cert ({keys.signing_cert}): {exc}"
+            ) from None
+        if stamp is not None:
+            self._ear_signer = (stamp, signer)
+        return signer
 
     async def ListDevices(
         self, request: query_pb2.ListDevicesRequest, context: Context
@@ -385,3 +440,7 @@ class QueryService(query_pb2_grpc.QueryServicer):
             caller.actor,
         )
         return wire_query.operator_certificate_to_wire(wanted, cert, was)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns

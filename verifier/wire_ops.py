@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ _SEVERITIES = {
     common_pb2.SEVERITY_WARNING: "warning",
     common_pb2.SEVERITY_CONTRAINDICATED: "contraindicated",
 }
+_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 HOST_FACTS = ("hostname", "os_release", "kernel", "machine_id", "agent_version")
 
 
@@ -266,6 +268,30 @@ class RoleView:
 
 
 @dataclass(frozen=True)
+class EarView:
+    """GetEar's answer: the claims set (parsed from its JSON) and the JWT ("" unsigned)."""
+
+    claims: Mapping[str, Any]
+    jwt: str
+
+
+def ear_from_wire(msg: query_pb2.Ear, *, signed: bool) -> EarView:
+    """The EAR as the verifier sent it; JSON that is not an object, or no JWT when one was
+    asked for, is refused with what was found."""
+    try:
+        claims = json.loads(msg.json)
+    except json.JSONDecodeError as exc:
+        raise MalformedInput(f"Ear.json: not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(claims, dict):
+        raise MalformedInput(f"Ear.json: expected a JSON object, found {type(claims).__name__}")
+    if signed and not msg.jwt:
+        raise MalformedInput("Ear.jwt: a signed EAR was asked for, the verifier sent none")
+    if msg.jwt and not _JWS.fullmatch(msg.jwt):
+        raise MalformedInput("Ear.jwt: not a compact JWS (three base64url parts)")
+    return EarView(claims, msg.jwt)
+
+
+@dataclass(frozen=True)
 class StoredEvidenceView:
     """What the verifier stored of a device's last appraised evidence."""
 
@@ -327,6 +353,12 @@ class QueryClient:
             query_pb2.GetTrustScoreRequest(device_id=device_id), timeout=self._timeout
         )
         return trust_from_wire(msg)
+
+    async def ear(self, device_id: str, *, signed: bool) -> EarView:
+        msg = await self._stub.GetEar(
+            query_pb2.GetEarRequest(device_id=device_id, signed=signed), timeout=self._timeout
+        )
+        return ear_from_wire(msg, signed=signed)
 
     async def watch(
         self, *, zone: str, device_id: str, initial: bool, deadline_s: float

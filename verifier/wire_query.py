@@ -63,6 +63,7 @@ NamesDevice = (
     | query_pb2.SetZoneRequest
     | query_pb2.RevokeRequest
     | query_pb2.GetStoredEvidenceRequest
+    | query_pb2.GetEarRequest
 )
 # Audit entries per History page at most, whatever the request asks.
 MAX_HISTORY_PAGE = 500
@@ -119,6 +120,17 @@ def trust_score_to_wire(device_id: DeviceId, result: TrustResult | None) -> comm
     if result is None:
         return common_pb2.TrustResult(device_id=device_id, tier=tier_to_wire(Tier.NONE))
     return result_to_wire(result)
+
+
+def ear_request_from_wire(msg: query_pb2.GetEarRequest) -> tuple[DeviceId, bool]:
+    """The device whose EAR is asked for, and whether it is to be signed too."""
+    return device_id_from_wire(msg), msg.signed
+
+
+def ear_to_wire(claims_json: str, jwt: str) -> query_pb2.Ear:
+    """The EAR claims set as JSON (verifier/ear.py ``ear_json``) and, when signed, the same
+    claims as a compact JWS ("" otherwise)."""
+    return query_pb2.Ear(json=claims_json, jwt=jwt)
 
 
 def policy_reloaded_to_wire(policy: Policy) -> query_pb2.ReloadPolicyResponse:
