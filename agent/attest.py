@@ -414,9 +414,12 @@ class AttestationClient:
             # Without it the verifier certifies nothing: we show we hold the key, for this
             # challenge and this device only.
             proof = sign_possession(self._pending.key, challenge.nonce, self._enrollment.device_id)
+        # Each GPU is asked to attest with a nonce derived from this challenge's and its
+        # index (core.binding.gpu_nonce): the quote below binds their reports too.
         body = await collect_body(
             self._host,
             now=now,
+            nonce=challenge.nonce,
             certify_key_spki=self._pending.spki if self._pending else b"",
             certify_key_proof=proof,
         )

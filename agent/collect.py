@@ -3,8 +3,14 @@ log), and the host probes that report it (``interfaces.HostProbe``):
 
 - ``RootProbe``, the real host: posture read under a root directory (``/`` on hosts, a
   prepared tree in tests), GPU state from the one source chosen at start (``gpu_source``),
-  the event log from its file, posture changes from one ``PostureWatcher``;
-- ``RecordedHost``: recorded captures, for simulated devices and tests.
+  each GPU's own attestation from the attester chosen at start (``gpu_attester``), the event
+  log from its file, posture changes from one ``PostureWatcher``;
+- ``RecordedHost``: recorded captures, for simulated devices and tests; the attester it is
+  given (``attester=``: ``gpu.attest.RecordedAttester``, the simulator's) answers for its GPUs.
+
+GPU attestation is per challenge: ``collect_body`` given the challenge's nonce asks the host
+for one GpuReport per GPU of the snapshot it just took (``gpu_reports``), each GPU with
+``devtrust.core.binding.gpu_nonce(nonce, index)``, and puts them in the body the quote binds.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import asyncio
 import datetime
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.evidence import evidence_body, host_facts
+from devtrust.agent.gpu.attest import DisabledAttester, GpuAttester, NvmlAttester, collect_reports
 from devtrust.agent.gpu.cache import CaptureCache
 from devtrust.agent.gpu.nvml import NvmlSource
 from devtrust.agent.gpu.procfs import collect_procfs
@@ -122,6 +129,24 @@ def gpu_source(cfg: AgentConfig, *, xids: XidWatcher | None = None) -> GpuSource
             return _NvmlElseProcfs(root, NvmlSource(xids))
 
 
+def gpu_attester(cfg: AgentConfig) -> GpuAttester | None:
+    """The attester ``cfg.gpu_attestation`` names: for auto, NVML (loaded at the first
+    attestation: where it cannot be, every GPU is reported "unsupported", saying why); for
+    off, every GPU "unsupported" ("disabled in agent.yaml"). GPUs listed from a capture or
+    from /proc/driver/nvidia are not NVML's to ask: "unsupported", saying so. None where
+    the GPU source is none (no GPU is listed, none is asked)."""
+    if cfg.gpu_source == "none":
+        return None
+    if cfg.gpu_attestation == "off":
+        return DisabledAttester()
+    if cfg.gpu_source in ("nvidia-smi-xml", "procfs"):
+        return DisabledAttester(
+            f"GPU state read with gpu_source {cfg.gpu_source}, not NVML: GPU attestation "
+            "asks the GPUs through NVML (gpu_source auto or nvml)"
+        )
+    return NvmlAttester()
+
+
 # --- host probes ---------------------------------------------------------------------------
 
 
@@ -136,12 +161,16 @@ class RootProbe:
         gpu: GpuSource,
         event_log: Path | None,
         watcher: PostureWatcher,
+        attester: GpuAttester | None = None,
     ) -> None:
+        """``attester``: asks the GPUs for their own attestation (``gpu_attester``); None:
+        the bodies carry no GPU report (as from an agent before GPU attestation)."""
         self._root = root
         self._mounts = list(mounts)
         self._gpu = gpu
         self._event_log = event_log
         self._watcher = watcher
+        self._attester = attester
 
     async def facts(self) -> common_pb2.HostFacts:
         return await asyncio.to_thread(host_facts, root=self._root)
@@ -151,6 +180,14 @@ class RootProbe:
 
     async def gpu(self) -> attestation_pb2.GpuState:
         return await asyncio.to_thread(self._gpu)
+
+    async def gpu_reports(
+        self, indices: Sequence[int], nonce: bytes
+    ) -> list[attestation_pb2.GpuReport]:
+        """One report per GPU index, asked for the challenge ``nonce`` (on worker threads)."""
+        if self._attester is None:
+            return []
+        return await collect_reports(self._attester, indices, nonce)
 
     async def event_log(self) -> bytes | None:
         path = self._event_log
@@ -166,15 +203,22 @@ class RootProbe:
         return self._watcher.subscribe(listener)
 
     def close(self) -> None:
-        """Let go of what the GPU source holds (NVML, kept initialised between snapshots)."""
+        """Let go of what the GPU source and the attester hold (NVML, kept initialised
+        between snapshots and between challenges)."""
         close = getattr(self._gpu, "close", None)
         if close is not None:
             close()
+        if self._attester is not None:
+            self._attester.close()
 
 
 class RecordedHost:
     """A host as recorded: what it reports is given, and ``change`` makes it report something
-    else and tells the listeners, as the real watch would after its debounce."""
+    else and tells the listeners, as the real watch would after its debounce.
+
+    ``attester`` answers for its GPUs at each challenge (``gpu.attest.RecordedAttester``, a
+    simulated GPU's attester); None: its bodies carry no GPU report (as from an agent before
+    GPU attestation)."""
 
     def __init__(
         self,
@@ -183,11 +227,13 @@ class RecordedHost:
         posture: attestation_pb2.OsPosture,
         gpu: attestation_pb2.GpuState | None = None,
         event_log: bytes | None = None,
+        attester: GpuAttester | None = None,
     ) -> None:
         self._facts = facts
         self._posture = posture
         self._gpu = gpu or attestation_pb2.GpuState(source="none")
         self._event_log = event_log
+        self.attester = attester
         self._listeners: dict[int, PostureListener] = {}
         self._next_id = 0
 
@@ -203,6 +249,13 @@ class RecordedHost:
 
     async def gpu(self) -> attestation_pb2.GpuState:
         return self._gpu
+
+    async def gpu_reports(
+        self, indices: Sequence[int], nonce: bytes
+    ) -> list[attestation_pb2.GpuReport]:
+        if self.attester is None:
+            return []
+        return await collect_reports(self.attester, indices, nonce)
 
     async def event_log(self) -> bytes | None:
         return self._event_log
@@ -235,12 +288,18 @@ async def collect_body(
     host: HostProbe,
     *,
     now: datetime.datetime,
+    nonce: bytes | None = None,
     certify_key_spki: bytes = b"",
     certify_key_proof: bytes = b"",
 ) -> bytes:
     """Collect facts, posture and GPU state now (concurrently) and return the serialized
-    evidence body."""
+    evidence body. Given the challenge's ``nonce``, each GPU of the snapshot is then asked
+    to attest (``HostProbe.gpu_reports``): every GPU listed gets exactly one GpuReport, in
+    the body the quote binds; without one (no challenge), none is asked."""
     facts, posture, gpu = await asyncio.gather(host.facts(), host.posture(), host.gpu())
+    reports: list[attestation_pb2.GpuReport] = []
+    if nonce is not None and gpu.gpus:
+        reports = await host.gpu_reports([g.index for g in gpu.gpus], nonce)
     return evidence_body(
         host=facts,
         certify_key_spki=certify_key_spki,
@@ -248,4 +307,5 @@ async def collect_body(
         now=now,
         os=posture,
         gpu=gpu,
+        gpu_reports=reports,
     )

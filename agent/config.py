@@ -13,6 +13,7 @@ from devtrust.core.config import from_mapping, load_yaml
 # "Provisioning Guidance" (0x81010000-0x8101FFFF), next to the RSA EK at 0x81010001.
 DEFAULT_AK_HANDLE = 0x81010002
 GPU_SOURCES = ("auto", "nvml", "nvidia-smi-xml", "procfs", "none")
+GPU_ATTESTATION = ("auto", "off")
 # EK templates (TCG EK Credential Profile 2.0) as tpm2-pytss's create_ek_template names them,
 # with its short aliases; agent/tpm.py hands the name to it. Not EK-HIGH-ECCSM2P256 (H-5):
 # the verifier reads no SM2 key.
@@ -166,6 +167,12 @@ class AgentConfig:
     # none. gpu_xml is the nvidia-smi -q -x file for nvidia-smi-xml.
     gpu_source: str = "auto"
     gpu_xml: Path | None = None
+    # Each GPU's own attestation (agent/gpu/attest.py), asked at every challenge: auto (the
+    # Hopper and later GPUs NVML reports Confidential Computing capable; the others are
+    # reported unable to, with the reason) or off (every GPU reported "unsupported",
+    # "disabled in agent.yaml"). YAML reads an unquoted off as false: both mean off (and
+    # true auto); stored as "auto" or "off".
+    gpu_attestation: str | bool = "auto"
     # How often the posture signals read from /proc and /sys are polled for PostureChanged
     # (the others are watched with inotify, agent/watch.py). Each poll wakes the agent: 0.5 s
     # keeps it under 0.1% of a core and a change still reaches the verifier within a second.
@@ -212,7 +219,19 @@ class AgentConfig:
                 f"gpu_xml {self.gpu_xml} is set but gpu_source is {self.gpu_source!r}, which "
                 "does not read it: set gpu_source to nvidia-smi-xml, or remove gpu_xml"
             )
+        self._check_gpu_attestation()
         self._check_token()
+
+    def _check_gpu_attestation(self) -> None:
+        value = self.gpu_attestation
+        if isinstance(value, bool):
+            value = "auto" if value else "off"
+        if value not in GPU_ATTESTATION:
+            raise ValueError(
+                f"gpu_attestation {self.gpu_attestation!r}: auto (each GPU that can attests) "
+                "or off (none is asked)"
+            )
+        object.__setattr__(self, "gpu_attestation", value)
 
     def _check_token(self) -> None:
         """A token pasted with the line's end or a space around it is the same token."""

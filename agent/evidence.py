@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import platform
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -46,9 +47,11 @@ def evidence_body(
     os: attestation_pb2.OsPosture | None = None,
     gpu: attestation_pb2.GpuState | None = None,
     certify_key_proof: bytes = b"",
+    gpu_reports: Sequence[attestation_pb2.GpuReport] = (),
 ) -> bytes:
     """The serialized EvidenceBody: these bytes are what the quote binds, the proof of
-    possession of the key to certify (``devtrust.core.binding``) included."""
+    possession of the key to certify (``devtrust.core.binding``) and each GPU's own report
+    (asked with the challenge's nonce) included."""
     collected = Timestamp()
     collected.FromDatetime(now)
     body = attestation_pb2.EvidenceBody(
@@ -58,5 +61,6 @@ def evidence_body(
         host=host,
         os=os,
         gpu=gpu,
+        gpu_reports=gpu_reports,
     )
     return body.SerializeToString(deterministic=True)

@@ -91,6 +91,14 @@ class HostProbe(Protocol):
 
     async def gpu(self) -> attestation_pb2.GpuState: ...
 
+    async def gpu_reports(
+        self, indices: Sequence[int], nonce: bytes
+    ) -> list[attestation_pb2.GpuReport]:
+        """Each GPU of ``indices`` asked to attest with ``gpu_nonce(nonce, index)`` (the
+        challenge's nonce), one report per GPU, status "unsupported" or "error" for those
+        that cannot; no reports at all from a host without an attester."""
+        ...
+
     async def event_log(self) -> bytes | None:
         """The TCG event log of the host's TPM as it is now; None when there is none."""
         ...

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable
@@ -29,7 +30,13 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from devtrust import __version__
 from devtrust.agent.attest import AttestationClient
 from devtrust.agent.channel import VerifierError, VerifierUnreachable
-from devtrust.agent.collect import RootProbe, check_sources, collect_body, gpu_source
+from devtrust.agent.collect import (
+    RootProbe,
+    check_sources,
+    collect_body,
+    gpu_attester,
+    gpu_source,
+)
 from devtrust.agent.config import AgentConfig
 from devtrust.agent.enroll import EnrollmentPending, enroll_retrying
 from devtrust.agent.errors import TpmError
@@ -44,6 +51,7 @@ from devtrust.agent.watch import PostureWatcher
 from devtrust.agent.workload import WorkloadApi, key_group_id
 from devtrust.core.command import ErrorPolicy, Failure, run_command
 from devtrust.core.errors import ConfigError, DevtrustError
+from devtrust.core.ids import NONCE_SIZE
 from devtrust.core.logsetup import FORMATS, configure_logging
 from devtrust.core.sdnotify import Notifier, start_watchdog
 from devtrust.v1 import attestation_pb2
@@ -93,7 +101,8 @@ def make_tpm(cfg: AgentConfig) -> AsyncTpm:
 
 def make_host(cfg: AgentConfig, *, xids: XidWatcher | None = None) -> RootProbe:
     """This host: posture under ``posture_root``, GPU state from ``gpu_source`` (NVML
-    snapshots carry the Xid events ``xids`` gathers), one posture watch for every client."""
+    snapshots carry the Xid events ``xids`` gathers), each GPU's own attestation as
+    ``gpu_attestation`` says, one posture watch for every client."""
     watcher = PostureWatcher(
         cfg.posture_root, interval_s=cfg.watch_interval_s, debounce_s=cfg.posture_debounce_s
     )
@@ -103,6 +112,7 @@ def make_host(cfg: AgentConfig, *, xids: XidWatcher | None = None) -> RootProbe:
         gpu=gpu_source(cfg, xids=xids),
         event_log=cfg.event_log,
         watcher=watcher,
+        attester=gpu_attester(cfg),
     )
 
 
@@ -238,9 +248,13 @@ def collect(args: argparse.Namespace) -> int:
         root_key="--root" if args.root else f"{where}posture_root",
         xml_key="--gpu-xml" if args.gpu_xml else f"{where}gpu_xml",
     )
-    body = attestation_pb2.EvidenceBody.FromString(
-        asyncio.run(collect_body(make_host(cfg), now=datetime.datetime.now(datetime.UTC)))
-    )
+    nonce = args.gpu_nonce if args.gpu_nonce is not None else secrets.token_bytes(NONCE_SIZE)
+    host = make_host(cfg)
+    try:
+        data = asyncio.run(collect_body(host, now=datetime.datetime.now(datetime.UTC), nonce=nonce))
+    finally:
+        host.close()
+    body = attestation_pb2.EvidenceBody.FromString(data)
     if args.json:
         from google.protobuf import json_format  # noqa: PLC0415 - `collect --json` only
 
@@ -257,9 +271,30 @@ def collect(args: argparse.Namespace) -> int:
         f"listening={len(os_.listening)} modules={len(os_.modules)}"
     )
     print(f"gpu       {gpu.source}: driver {gpu.driver_version or '?'}, {len(gpu.gpus)} GPUs")
+    for r in body.gpu_reports:
+        what = r.detail
+        if r.report:
+            what = f"{len(r.report)} bytes, {len(r.certificates)} certificates"
+        print(f"gpu {r.index:<5} attestation {r.status}: {what}")
+    if body.gpu_reports:
+        print(f"gpu nonce challenge {nonce.hex()} (each GPU's: gpu_nonce(challenge, index))")
     unknown = [u.field for u in (*os_.unavailable, *gpu.unavailable)]
     print(f"unknown   {', '.join(unknown) or 'none'}")
     return 0
+
+
+def _nonce(text: str) -> bytes:
+    """--gpu-nonce: a challenge nonce, NONCE_SIZE bytes in hex."""
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != NONCE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"expected {NONCE_SIZE * 2} hex digits (a {NONCE_SIZE}-byte challenge nonce), "
+            f"got {text!r}"
+        )
+    return value
 
 
 def _opt(msg: attestation_pb2.OsPosture, name: str) -> str:
@@ -326,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", type=Path, help="read posture from this root instead of posture_root (/)"
     )
     p.add_argument("--gpu-xml", type=Path, help="take GPU state from nvidia-smi -q -x output")
+    p.add_argument(
+        "--gpu-nonce",
+        type=_nonce,
+        metavar="HEX",
+        help="ask each GPU to attest as for a challenge with this nonce (64 hex digits; "
+        "each GPU signs gpu_nonce(nonce, its index)); unset: a random one",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     return parser
 

@@ -122,6 +122,8 @@ def evidence_from_wire(msg: attestation_pb2.Evidence, limits: LimitsConfig) -> E
                 )
             pcrs[(alg, index)] = value
     body = wire_body.body_from_wire(msg.body, limits)
+    gpu_reports = wire_body.gpu_evidence(body)
+    body.ClearField("gpu_reports")  # converted: policy never reads them (WireBody.plain)
     certify_key = (
         load_public_key(body.certify_key_spki, field="EvidenceBody.certify_key_spki")
         if body.certify_key_spki
@@ -140,6 +142,7 @@ def evidence_from_wire(msg: attestation_pb2.Evidence, limits: LimitsConfig) -> E
         certify_key=certify_key,
         certify_key_proof=body.certify_key_proof,
         event_log=event_log,
+        gpu_reports=gpu_reports,
     )
 
 

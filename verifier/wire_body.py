@@ -11,7 +11,7 @@ policy and the device's zone and labels unchanged) never converts it: ~0.3 ms sa
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format
@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError, Message
 from devtrust.v1 import attestation_pb2, common_pb2
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.gpu.types import REPORT, STATUSES, GpuEvidence
 
 _INT64_MAX = 2**63 - 1
 _UNSIGNED_64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
@@ -137,13 +138,22 @@ class WireBody:
         return b"".join(out)
 
     def plain(self) -> Mapping[str, Any]:
-        """host, os and gpu (and the rest of the body) as plain values; a part the body did
-        not carry is None. Read-only: every appraisal of this evidence shares them."""
+        """host, os and gpu (and the rest of the body but gpu_reports) as plain values; a
+        part the body did not carry is None. Read-only: every appraisal of this evidence
+        shares them. The GPU reports are left out: policy reads what their verification
+        found (verifier/gpu/appraise.py), never the unverified reports, whose nonce changes
+        at every challenge (``gpu_evidence`` converts them; ``evidence_from_wire`` then
+        drops them from the message, so that they cost nothing here)."""
         if self._plain is None:
-            self._plain = plain(self._msg)
+            values = plain(self._msg)
+            for name in _NOT_PLAIN:
+                values.pop(name, None)
+            self._plain = values
         return self._plain
 
 
+# EvidenceBody's fields that WireBody.plain() leaves out.
+_NOT_PLAIN = frozenset({"gpu_reports"})
 # EvidenceBody's fields policy reads (protos/devtrust/v1/attestation.proto): host, os, gpu.
 _FIELD_NUMBERS = {
     name: attestation_pb2.EvidenceBody.DESCRIPTOR.fields_by_name[name].number
@@ -304,3 +314,82 @@ def check_body_limits(body: attestation_pb2.EvidenceBody, limits: LimitsConfig) 
             count = len(getattr(g, name))
             if count > limit:  # the field's name is made only for the error
                 bounded(count, limit, f"EvidenceBody.gpu.gpus[{i}].{name}", key)
+    check_gpu_reports(body.gpu_reports, seen, limits)
+
+
+# What one GpuReport may hold (agent/gpu/attest.py keeps its reports within the same).
+MAX_GPU_DETAIL = 1024  # characters
+MAX_GPU_REPORT = 64 * 1024  # bytes: NVML's buffer is 8 KiB
+MAX_GPU_CERTIFICATES = 8  # NVIDIA's device chains hold 5
+MAX_GPU_CERTIFICATE = 16 * 1024  # bytes, DER
+
+
+def check_gpu_reports(
+    reports: Sequence[attestation_pb2.GpuReport], gpus: set[int], limits: LimitsConfig
+) -> None:
+    """EvidenceBody.gpu_reports within their limits: at most limits.max_gpus, each for a
+    GPU index of gpu.gpus (``gpus``) and at most once, a known status, a bounded detail,
+    report and chain; a "report" has both, the others neither. Raises ``LimitExceeded`` (a
+    size) or ``MalformedInput`` (a shape), naming the entry."""
+    bounded(len(reports), limits.max_gpus, "EvidenceBody.gpu_reports", "max_gpus")
+    seen: set[int] = set()
+    for i, r in enumerate(reports):
+        where = f"EvidenceBody.gpu_reports[{i}]"
+        if r.index not in gpus:
+            listed = ", ".join(map(str, sorted(gpus))) or "none"
+            raise MalformedInput(
+                f"{where}: GPU index {r.index} is not a GPU of EvidenceBody.gpu.gpus "
+                f"(indices listed: {listed})"
+            )
+        if r.index in seen:
+            raise MalformedInput(f"{where}: GPU index {r.index} has a report already")
+        seen.add(r.index)
+        if r.status not in STATUSES:
+            raise MalformedInput(
+                f"{where}.status: expected one of {', '.join(STATUSES)}, got {r.status[:64]!r}"
+            )
+        _check_gpu_sizes(r, where)
+        if r.status == REPORT and (not r.report or not r.certificates):
+            missing = "report" if not r.report else "certificates"
+            raise MalformedInput(
+                f"{where}: status report without {missing}: a report needs the report "
+                "and at least one certificate"
+            )
+        if r.status != REPORT and (r.report or r.certificates):
+            raise MalformedInput(
+                f"{where}: status {r.status} with a report or certificates: only status "
+                "report carries them"
+            )
+
+
+def _check_gpu_sizes(r: attestation_pb2.GpuReport, where: str) -> None:
+    if len(r.detail) > MAX_GPU_DETAIL:
+        raise LimitExceeded(
+            f"{where}.detail: {len(r.detail)} characters, more than {MAX_GPU_DETAIL}"
+        )
+    if len(r.report) > MAX_GPU_REPORT:
+        raise LimitExceeded(f"{where}.report: {len(r.report)} bytes, more than {MAX_GPU_REPORT}")
+    if len(r.certificates) > MAX_GPU_CERTIFICATES:
+        raise LimitExceeded(
+            f"{where}.certificates: {len(r.certificates)} certificates, more than "
+            f"{MAX_GPU_CERTIFICATES}"
+        )
+    for j, der in enumerate(r.certificates):
+        if len(der) > MAX_GPU_CERTIFICATE:
+            raise LimitExceeded(
+                f"{where}.certificates[{j}]: {len(der)} bytes, more than {MAX_GPU_CERTIFICATE}"
+            )
+
+
+def gpu_evidence(body: attestation_pb2.EvidenceBody) -> tuple[GpuEvidence, ...]:
+    """The GPU reports of a body ``check_body_limits`` passed, as domain values."""
+    return tuple(
+        GpuEvidence(
+            index=r.index,
+            status=r.status,
+            detail=r.detail,
+            report=r.report,
+            certificates=tuple(r.certificates),
+        )
+        for r in body.gpu_reports
+    )
