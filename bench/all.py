@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         verifier = [py, "-m", "bench.verifier_cpu"]  # 3 runs, medians, even with --quick
         figures += _run("verifier_cpu", verifier, t / "v.json", 1800)
         figures += _run("appraisal", [py, "-m", "bench.appraisal"], t / "a.json", 900)
+        figures += _run("gpu_verify", [py, "-m", "bench.gpu_verify"], t / "gpu.json", 900)
         # The agent beside the agent before issue 11 (the baseline of the same run).
         agent = [py, "-m", "bench.agent_footprint", "--baseline-rev", AGENT_BASELINE, *quick]
         figures += _run("agent_footprint", agent, t / "g.json", 1800)

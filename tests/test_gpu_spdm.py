@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from devtrust.verifier.errors import MalformedInput, Rejected
 from devtrust.verifier.gpu import spdm
@@ -216,3 +219,142 @@ def test_repeated_opaque_field_is_named() -> None:
     with pytest.raises(spdm.SpdmFormatError, match="field 6 once, found a repeat") as caught:
         spdm.parse_report(broken)
     assert caught.value.offset == at
+
+
+# --- the FWID the attestation key's certificate declares (TCG DICE / RIoT) -----------------
+
+SHA384 = bytes.fromhex("0609608648016503040202")  # OID 2.16.840.1.101.3.4.2.2
+SHA256 = bytes.fromhex("0609608648016503040201")
+_KEY = ec.generate_private_key(ec.SECP256R1())  # certificate_fwid reads; nothing verifies
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    return bytes([tag, 0x82]) + size.to_bytes(2, "big") + content
+
+
+def _fwid(digest: bytes, oid: bytes = SHA384) -> bytes:
+    return _der(0x30, oid + _der(0x04, digest))
+
+
+def _tcb(*fwids: bytes) -> bytes:
+    return _der(0x30, _der(0x80, b"vendor") + _der(0x83, b"\x05") + _der(0xA6, b"".join(fwids)))
+
+
+def _leaf(*extensions: tuple[str, bytes]) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "devtrust test FMC LF")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(_KEY.public_key())
+        .serial_number(1)
+        .not_valid_before(WHEN)
+        .not_valid_after(WHEN + timedelta(days=1))
+    )
+    for oid, value in extensions:
+        extension = x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value)
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(_KEY, hashes.SHA256())
+
+
+def test_recorded_leaf_declares_the_reports_fwid_in_riot_form() -> None:
+    # NVIDIA's Hopper leaf: RIoT's CompositeDeviceID {version 1, deviceID (the issuing GSP
+    # BROM's key), fwid} under 2.23.133.5.4.1; its FWID is the report's opaque field 20.
+    declared = spdm.certificate_fwid(CHAIN[0])
+    assert declared is not None
+    assert declared.digest == spdm.parse_report(REPORT).response.opaque["fwid"]
+    assert (declared.hash_alg, declared.hash_name) == ("2.16.840.1.101.3.4.2.2", "SHA-384")
+    assert declared.source == "RIoT CompositeDeviceID (2.23.133.5.4.1)"
+    assert all(spdm.certificate_fwid(cert) is None for cert in CHAIN[1:])
+
+
+def test_dice_tcb_info_first_fwid_and_hash_names() -> None:
+    first, second = bytes(range(32)), bytes(48)
+    declared = spdm.certificate_fwid(
+        _leaf(("2.23.133.5.4.1", _tcb(_fwid(first, SHA256), _fwid(second))))
+    )
+    assert declared == spdm.CertificateFwid(
+        "2.16.840.1.101.3.4.2.1", first, "TCG DICE TcbInfo (2.23.133.5.4.1)"
+    )
+    assert declared.hash_name == "SHA-256"
+    # An algorithm it does not know is named by its OID (1.3.6.1.4.1.99999.1), any size.
+    unknown = bytes.fromhex("06092b06010401868d1f01")
+    odd = spdm.certificate_fwid(_leaf(("2.23.133.5.4.1", _tcb(_fwid(b"\x01\x02", unknown)))))
+    assert odd is not None
+    assert (odd.hash_name, odd.digest) == ("1.3.6.1.4.1.99999.1", b"\x01\x02")
+
+
+def test_tcb_info_is_read_before_multi_tcb_info() -> None:
+    one, two = bytes([1]) * 48, bytes([2]) * 48
+    multi = ("2.23.133.5.4.5", _der(0x30, _der(0x30, b"") + _tcb(_fwid(two))))
+    declared = spdm.certificate_fwid(_leaf(multi))
+    assert declared is not None
+    assert declared.digest == two  # the first entry has no fwids: the next one's
+    assert declared.source == "TCG DICE MultiTcbInfo (2.23.133.5.4.5) entry 1"
+    both = spdm.certificate_fwid(_leaf(("2.23.133.5.4.1", _tcb(_fwid(one))), multi))
+    assert both is not None
+    assert both.digest == one
+
+
+def test_no_dice_extension_is_none() -> None:
+    assert spdm.certificate_fwid(_leaf()) is None
+    assert spdm.certificate_fwid(_leaf(("2.23.133.5.4.2", _tcb(_fwid(bytes(48)))))) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param(
+            _der(0x30, _der(0xA6, _fwid(bytes(48)) * 17)), "at most 16 FWIDs", id="too-many-fwids"
+        ),
+        pytest.param(_der(0x30, _der(0x04, bytes(5000))), "at most 4096 bytes", id="too-large"),
+        pytest.param(b"\x30\x83\x00\x00\x01\x00", "at most 2 bytes", id="long-length"),
+        pytest.param(b"\x3f\x01\x00", "below 31", id="high-tag"),
+        pytest.param(
+            _der(0x30, _der(0xA6, _der(0x30, b"\x06\x02\x80\x01" + _der(0x04, bytes(48))))),
+            "minimal subidentifiers",
+            id="oid-padding",
+        ),
+    ],
+)
+def test_malformed_dice_extension_names_why(value: bytes, message: str) -> None:
+    with pytest.raises(spdm.TcbInfoError, match=message) as caught:
+        spdm.certificate_fwid(_leaf(("2.23.133.5.4.1", value)))
+    assert "certificate CN=devtrust test FMC LF extension 2.23.133.5.4.1" in str(caught.value)
+    assert isinstance(caught.value, MalformedInput)
+
+
+def test_mutated_dice_extensions_raise_only_tcb_info_error() -> None:
+    # Bounded and total: every truncation and random byte change of each form either reads
+    # or is a TcbInfoError naming the spot; nothing else escapes.
+    recorded = CHAIN[0].extensions.get_extension_for_oid(spdm.TCG_DICE_TCB_INFO).value
+    seeds = [
+        recorded.public_bytes(),
+        _tcb(_fwid(bytes(48)), _fwid(bytes(32), SHA256)),
+        _der(0x30, _tcb(_fwid(bytes(48)))),
+    ]
+    rng = random.Random(14)  # noqa: S311 - a reproducible mutation sequence, not a secret
+    outcomes = {"read": 0, "refused": 0}
+    messages: list[str] = []
+    for seed in seeds:
+        variants = [seed[:n] for n in range(len(seed))]
+        for _ in range(400):
+            data = bytearray(seed)
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            variants.append(bytes(data))
+        for variant in variants:
+            for oid in (spdm.TCG_DICE_TCB_INFO, spdm.TCG_DICE_MULTI_TCB_INFO):
+                try:
+                    spdm.extension_fwid(oid, variant)
+                except spdm.TcbInfoError as exc:
+                    messages.append(str(exc))
+                    outcomes["refused"] += 1
+                else:
+                    outcomes["read"] += 1
+    assert outcomes["refused"] > 1000
+    assert outcomes["read"] > 100
+    assert all(" at offset " in message for message in messages)
