@@ -32,6 +32,7 @@ from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
     EndorsementConfig,
+    GpuConfig,
     ListenConfig,
     TlsConfig,
     VerifierConfig,
@@ -54,6 +55,8 @@ def verifier_config(
             **{"interval_s": 30.0, "stream_challenge_gap_s": 0.0, **attestation}
         ),
         policy=None,  # tests of TPM evidence; policy tests name theirs
+        # NVIDIA's roots as shipped; a RIM store of the test's own (empty until a test adds).
+        gpu=GpuConfig(rim_store=workdir / "rims"),
         # operator_stub's operator: every Query method (tests/test_authz.py tests the roles).
         operators={"alice": "admin"},
     )

@@ -225,7 +225,7 @@ _RULE = "  - id: r\n    description: d\n    claim: hardware\n    severity: warni
         ("rules:\n" + _RULE + "    expr: 'true'\n    1: x\n    zz: y", "rule key(s) 1, zz"),
         (
             "rules:\n" + _RULE + "    expr: 'true'\nrequired_evidence: [{evidence: [os]}]",
-            "evidence is one of os, gpu, got ['os']",  # TypeError: unhashable list
+            "evidence is one of os, gpu, gpu_attestation, got ['os']",  # TypeError: unhashable list
         ),
         ("rules: " + "[" * 2000 + "]" * 2000, "collections nested too deeply"),  # RecursionError
         (

@@ -167,6 +167,28 @@ def test_required_evidence_selects_by_labels(posture: attestation_pb2.OsPosture)
     assert (finding.id, finding.subject) == ("policy.evidence_missing", "gpu")
 
 
+def test_gpu_attestation_is_required_per_zone_and_checked_by_the_gpu_appraisal(
+    posture: attestation_pb2.OsPosture,
+) -> None:
+    """``gpu_attestation`` selects zones and labels like any required evidence; whether each
+    GPU's report verified is the GPU appraisal's to say (verifier/gpu/appraise.py), so the
+    document's `sent` is not asked and the policy reports nothing missing for it."""
+    policy = Policy.parse(
+        "required_evidence:\n  - evidence: gpu_attestation\n    zones: [production-inference]\n"
+        "    labels: {cc: 'on'}\n"
+        "rules:\n  - {id: a, description: d, claim: hardware, severity: warning, expr: 'true'}\n",
+        source="p.yaml",
+        base=Path(),
+    )
+    assert policy.requires("gpu_attestation", "production-inference", {"cc": "on"})
+    assert not policy.requires("gpu_attestation", "production-inference", {"cc": "off"})
+    assert not policy.requires("gpu_attestation", "batch", {"cc": "on"})
+    assert not policy.requires("gpu", "production-inference", {"cc": "on"})
+    doc = build(plain(attestation_pb2.EvidenceBody(os=posture)), bulletins=policy.bulletins)
+    outcome = policy.evaluate(doc, device_id="d1", zone="production-inference", labels={"cc": "on"})
+    assert outcome.findings == ()
+
+
 _RULES = "rules:\n  - {id: a, description: d, claim: hardware, severity: warning, expr: 'true'}\n"
 
 
@@ -176,12 +198,12 @@ _RULES = "rules:\n  - {id: a, description: d, claim: hardware, severity: warning
         (
             "unknown evidence",
             "required_evidence:\n  - evidence: os\n  - evidence: tpm\n",
-            r"p\.yaml:3: required_evidence: evidence is one of os, gpu, got 'tpm'",
+            r"p\.yaml:3: required_evidence: evidence is one of os, gpu, gpu_attestation, got 'tpm'",
         ),
         (
             "missing evidence",
             "required_evidence:\n  - zones: [management]\n",
-            r"p\.yaml:2: required_evidence: evidence is one of os, gpu, got None",
+            r"p\.yaml:2: required_evidence: evidence is one of os, gpu, gpu_attestation, got None",
         ),
         (
             "unknown key",

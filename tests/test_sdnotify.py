@@ -442,7 +442,9 @@ def test_verifier_notifies(tmp_path: Path, pki: PkiFiles, endorsement_ca: Endors
         assert int(reloading.get("MONOTONIC_USEC") or 0) > 0
         again = notify.wait_for(_has("READY"), proc, log, "READY=1 after the reload")
         assert again.get("STATUS") == (
-            "reload: policy devtrust-default-gpu-hosts-2 loaded (" + _rules(policy) + " rules)"
+            "reload: policy devtrust-default-gpu-hosts-2 loaded ("
+            + _rules(policy)
+            + " rules); GPU attestation data reloaded"
         )
         notify.wait_for(
             lambda m: (m.get("STATUS") or "").endswith(

@@ -22,8 +22,9 @@ from devtrust.core.binding import PublicKey, possession_proven, qualifying_data
 from devtrust.core.ids import DeviceId, Nonce
 from devtrust.verifier import document, measured_boot
 from devtrust.verifier.errors import LimitExceeded, MalformedInput
+from devtrust.verifier.gpu.appraise import GpuAnchors, GpuVerdict, HostGpu, appraise_gpus
 from devtrust.verifier.gpu.types import GpuEvidence
-from devtrust.verifier.policy import PolicyEvaluator, PolicyOutcome
+from devtrust.verifier.policy import PolicyEvaluator, PolicyOutcome, gpu_name
 from devtrust.verifier.refs import RefGroup, appraise_refs
 from devtrust.verifier.tpm.bootfacts import BootFacts
 from devtrust.verifier.tpm.clock import ClockState, check_clock
@@ -37,6 +38,7 @@ from devtrust.verifier.trust import (
     Claim,
     Finding,
     Severity,
+    SubResult,
     TrustResult,
 )
 
@@ -117,6 +119,11 @@ class Expectation:
     # The last policy outcome for this device and its key: re-evaluated only when the
     # posture, the policy or the device's zone and labels change (DESIGN.md "Costs").
     policy_cache: tuple[str, PolicyOutcome] | None = None
+    # What GPU reports are checked against (roots, RIMs, revocation); None: GPU reports are
+    # not appraised (a verifier without GPU attestation, unit tests of other steps).
+    gpu: GpuAnchors | None = None
+    # The policy requires every listed GPU's own verified report in this zone.
+    gpu_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
         claims: dict[Claim, int],
         findings: Iterable[Finding],
         policy: PolicyOutcome | None = None,
+        submods: tuple[SubResult, ...] = (),
     ) -> TrustResult:
         return TrustResult(
             device_id=expect.device_id,
@@ -163,7 +171,7 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
             expires_at=now + expect.staleness,
             evidence_digest=evidence.body_digest,
             policy_id=policy.policy_id if policy else "",
-            submods=policy.submods if policy else (),
+            submods=submods,
         )
 
     def hard_failure(finding_id: str, message: str, expected: str, found: str) -> Appraisal:
@@ -272,13 +280,25 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
         findings.extend(ref_findings)
     # 11. Posture and GPU policy (CEL rules over the evidence document).
     outcome, cache = _policy(evidence, expect)
+    submods: tuple[SubResult, ...] = ()
     if outcome is not None:
         for claim, value in outcome.claims.items():
             if abs(value) > abs(claims.get(claim, 0)):
                 claims[claim] = value
         findings.extend(outcome.findings)
+        submods = outcome.submods
+    # 12. Each GPU's own signed report (verifier/gpu/appraise.py), bound to this challenge:
+    #     per-GPU claims into the GPU's submod, the host as trustworthy as its worst GPU.
+    if expect.gpu is not None and (evidence.gpu_reports or expect.gpu_required):
+        verdicts = _gpus(evidence, expect, now)
+        submods = _with_gpu_verdicts(submods, verdicts)
+        for verdict in verdicts:
+            for claim, value in verdict.claims.items():
+                if abs(value) > abs(claims.get(claim, 0)):
+                    claims[claim] = value
+            findings.extend(verdict.findings)
     return Appraisal(
-        result(with_findings(claims, findings), findings, outcome),
+        result(with_findings(claims, findings), findings, outcome, submods),
         attest,
         ClockState.of(attest),
         log,
@@ -333,6 +353,47 @@ def _policy(
         # appraisal evaluates again.
         return outcome, None
     return outcome, (key, outcome)
+
+
+def _gpus(evidence: Evidence, expect: Expectation, now: datetime.datetime) -> tuple[GpuVerdict, ...]:
+    """The GPU reports appraised against NVML's view of the same GPUs in the same body."""
+    assert expect.gpu is not None
+    state = evidence.body_doc.plain().get("gpu") or {}
+    gpus = [
+        HostGpu(
+            index=int(g["index"]),
+            name=gpu_name(g),
+            vbios_version=str(g.get("vbios_version") or "") or None,
+        )
+        for g in state.get("gpus") or ()
+    ]
+    return appraise_gpus(
+        evidence.gpu_reports,
+        gpus,
+        driver_version=str(state.get("driver_version") or "") or None,
+        challenge_nonce=expect.nonce,
+        anchors=expect.gpu,
+        now=now,
+        device_id=expect.device_id,
+        required=expect.gpu_required,
+    )
+
+
+def _with_gpu_verdicts(
+    submods: tuple[SubResult, ...], verdicts: Iterable[GpuVerdict]
+) -> tuple[SubResult, ...]:
+    """Each GPU's attestation claims and findings joined to its policy submod (same name),
+    claim by claim the less favourable; a GPU the policy had no submod for gets one."""
+    out = {s.name: s for s in submods}
+    for verdict in verdicts:
+        sub = out.get(verdict.name)
+        claims = dict(sub.claims) if sub else {}
+        for claim, value in verdict.claims.items():
+            if abs(value) > abs(claims.get(claim, 0)):
+                claims[claim] = value
+        found = (*(sub.findings if sub else ()), *verdict.findings)
+        out[verdict.name] = SubResult(verdict.name, claims, found)
+    return tuple(out.values())
 
 
 # Findings that say the policy was not evaluated, not what it found: never cached.

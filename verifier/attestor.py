@@ -26,7 +26,8 @@ from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.decision import Decision, below_minimum
 from devtrust.verifier.errors import FailedPrecondition, Rejected
 from devtrust.verifier.logtext import printable
-from devtrust.verifier.policy import PolicyHolder, PolicyOutcome
+from devtrust.verifier.gpu.anchors import GpuAnchorsHolder
+from devtrust.verifier.policy import GPU_ATTESTATION, PolicyHolder, PolicyOutcome
 from devtrust.verifier.policy_pool import PolicyRunner, PooledPolicy
 from devtrust.verifier.records import CertificateRecord, DeviceRecord, DeviceState, TpmState
 from devtrust.verifier.refs import ReferenceValues, RefGroup
@@ -106,6 +107,7 @@ class Attestor:
         limits: LimitsConfig,
         refs: ReferenceValues | None = None,
         policy: PolicyHolder | None = None,
+        gpu: GpuAnchorsHolder | None = None,
     ) -> None:
         self._issuers = issuers
         self._settings = attestation
@@ -113,6 +115,8 @@ class Attestor:
         self._limits = limits
         self._refs = refs
         self._policy = policy or PolicyHolder(None)
+        # None: GPU reports are not appraised (tests of other parts; the server passes one).
+        self._gpu = gpu
         self._policy_runner = PolicyRunner(
             workers=attestation.policy_workers, budget_s=attestation.policy_budget_s
         )
@@ -173,6 +177,8 @@ class Attestor:
         depends on this: every check runs either way. A TpmUnavailable costs nothing."""
         if isinstance(evidence, TpmUnavailableReport):
             return True
+        if self._gpu is not None and any(r.report for r in evidence.gpu_reports):
+            return False  # a chain and a P-384 signature per GPU, RIMs compared
         part = evidence.event_log
         if session.full_log or (part is not None and len(part.data) > INLINE_LOG_BYTES):
             return False
@@ -211,6 +217,9 @@ class Attestor:
             refs=session.refs,
             max_log_bytes=self._limits.max_event_log_bytes,
             max_log_events=self._limits.max_event_log_events,
+            gpu=self._gpu.current if self._gpu is not None else None,
+            gpu_required=policy is not None
+            and policy.requires(GPU_ATTESTATION, record.zone, record.labels),
         )
         appraisal = appraise(evidence, expect, now=now)
         tpm = None

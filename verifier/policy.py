@@ -18,6 +18,8 @@ common-expression-language runtime. Pure apart from loading.
       - evidence: os                    # OS posture (the body's os message)
       - evidence: gpu                   # GPU state listing at least one GPU
         zones: [model-development, production-inference]   # labels: {k: v} too
+      - evidence: gpu_attestation       # each listed GPU's own report, verified
+        zones: [production-inference]
 
 A rule holds when its expression is true. False is a finding of the rule's severity; an
 expression that cannot be evaluated (a value the host could not read), or a false one whose
@@ -97,15 +99,23 @@ class Rule:
         return _selects(self.zones, self.labels, zone, labels)
 
 
-EVIDENCE_CLAIMS = {"os": Claim.CONFIGURATION, "gpu": Claim.HARDWARE}
+EVIDENCE_CLAIMS = {
+    "os": Claim.CONFIGURATION,
+    "gpu": Claim.HARDWARE,
+    "gpu_attestation": Claim.HARDWARE,
+}
 _EVIDENCE_WHAT = {"os": "OS posture", "gpu": "GPU state listing at least one GPU"}
+# Required evidence the appraisal of GPU reports checks (verifier/gpu/appraise.py: every GPU
+# listed must have sent a report that verified), not the document's `sent`.
+GPU_ATTESTATION = "gpu_attestation"
 _REQUIRED_KEYS = {"evidence", "zones", "labels"}
 
 
 @dataclass(frozen=True)
 class RequiredEvidence:
     """Evidence that must have been sent, in the zones (and with the labels) it selects:
-    ``os``, the OS posture; ``gpu``, GPU state listing at least one GPU."""
+    ``os``, the OS posture; ``gpu``, GPU state listing at least one GPU; ``gpu_attestation``,
+    each listed GPU's own signed report (verifier/gpu/appraise.py checks it)."""
 
     evidence: str
     zones: tuple[str, ...] = ()
@@ -287,7 +297,7 @@ class Policy:
                 findings.append(finding)
         submods: dict[int, _Sub] = {}
         for gpu in contexts.gpus if gpu_rules else ():
-            sub = submods.setdefault(gpu["index"], _Sub(name=_gpu_name(gpu)))
+            sub = submods.setdefault(gpu["index"], _Sub(name=gpu_name(gpu)))
             subject = (
                 f"GPU {gpu['index']} ({gpu.get('name') or '?'}, "
                 f"{gpu.get('pci_bus_id') or '?'}) of device {device_id}"
@@ -313,6 +323,11 @@ class Policy:
             submods=tuple(SubResult(s.name, s.claims, tuple(s.findings)) for s in submods.values()),
         )
 
+    def requires(self, evidence: str, zone: str, labels: Mapping[str, str]) -> bool:
+        """Whether a required_evidence entry for ``evidence`` selects this zone and labels."""
+        wanted = dict(labels)
+        return any(r.evidence == evidence and r.applies(zone, wanted) for r in self.required)
+
     def _missing_evidence(
         self, doc: Document, device_id: str, zone: str, labels: dict[str, str]
     ) -> list[Finding]:
@@ -322,7 +337,9 @@ class Policy:
         gpus = len(doc.get("gpu", {}).get("gpus") or [])
         missing: dict[str, str] = {}
         for req in self.required:
-            if req.evidence in missing or not req.applies(zone, labels):
+            if req.evidence in missing or req.evidence == GPU_ATTESTATION:
+                continue
+            if not req.applies(zone, labels):
                 continue
             if sent.get(req.evidence) is not True:
                 missing[req.evidence] = (
@@ -345,7 +362,8 @@ class Policy:
         ]
 
 
-def _gpu_name(gpu: dict[str, Any]) -> str:
+def gpu_name(gpu: Mapping[str, Any]) -> str:
+    """A GPU's submod name: its index and UUID (else PCI bus id), ``gpu0:GPU-...``."""
     return f"gpu{gpu['index']}:{gpu.get('uuid') or gpu.get('pci_bus_id') or '?'}"
 
 

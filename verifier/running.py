@@ -14,6 +14,7 @@ from grpc_health.v1 import health
 
 from devtrust.core.errors import ConfigError
 from devtrust.verifier.attest_service import AttestationService
+from devtrust.verifier.gpu.anchors import GpuAnchorsHolder
 from devtrust.verifier.interceptor import UnaryCalls
 from devtrust.verifier.policy import PolicyHolder
 from devtrust.verifier.policy_store import SharedPolicy
@@ -91,6 +92,8 @@ class RunningVerifier:
     shared_policy: SharedPolicy | None = None
     # The unary calls in flight on both ports (a drain lets them finish).
     calls: UnaryCalls | None = None
+    # What GPU reports are checked against (roots, RIM store, revocation): reloaded on SIGHUP.
+    gpu: GpuAnchorsHolder | None = None
     stopped: bool = False
 
     def state(self) -> ServingState:

@@ -56,6 +56,7 @@ from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.listen import bind_problem, listen, server_options
 from devtrust.verifier.metrics import MetricsSink, open_metrics
 from devtrust.verifier.pki import check_server_issued_by, load_ca, read_server_credentials
+from devtrust.verifier.gpu.anchors import GpuAnchorsHolder
 from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.policy_store import SharedPolicy
 from devtrust.verifier.query_service import QueryService
@@ -313,6 +314,7 @@ async def start_verifier(
             "reference values: %d groups from %s", len(refs.groups), config.reference_values
         )
     policy = _local_policy(config)
+    gpu = GpuAnchorsHolder(config.gpu)  # ConfigError: a root file missing or not PEM
     repos = await open_repositories(config.database)
     feed = _change_feed(repos, worker)
     # Prometheus metrics (metrics.listen; none when ""): verifier/metrics.py.
@@ -385,6 +387,7 @@ async def start_verifier(
         limits=settings.limits,
         refs=refs,
         policy=policy,
+        gpu=gpu,
     )
     watch = TrustWatch()
     revoker = Revoker(
@@ -436,6 +439,7 @@ async def start_verifier(
             operators=config.roles,
             ca=ca,
             reload=shared_policy.reload,
+            ear_keys=config.ear,
         ),
         attest,
     )
@@ -471,6 +475,7 @@ async def start_verifier(
         drain_s=config.server.drain_s,
         shared_policy=shared_policy,
         calls=errors.calls,
+        gpu=gpu,
     )
     try:
         # Several processes: workers, or replicas on a database server (not an SQLite file).

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 from devtrust.core.command import one_line
+from devtrust.core.errors import ConfigError
 from devtrust.core.sdnotify import Notifier, start_watchdog
 from devtrust.verifier.policy import PolicyError
 from devtrust.verifier.policy_store import SIGHUP_ACTOR
@@ -113,6 +114,7 @@ async def reload_and_tell(running: RunningVerifier, tell: Tell | None) -> None:
     except Exception as exc:
         logger.exception("SIGHUP: the reload failed; the old policy stays")
         outcome = f"reload failed, {_in_force(running)} stays: {one_line(exc)}"
+    outcome += reload_gpu(running)
     if tell is not None:
         tell(outcome)
 
@@ -177,6 +179,19 @@ async def reload_policy(running: RunningVerifier) -> str:
         return "reload: no policy configured (policy: in the configuration), nothing loaded"
     logger.info("SIGHUP: policy %s loaded (%d rules)", policy.policy_id, len(policy.rules))
     return f"reload: policy {policy.policy_id} loaded ({len(policy.rules)} rules)"
+
+
+def reload_gpu(running: RunningVerifier) -> str:
+    """SIGHUP: the GPU roots, RIM store and revocation data read again (an operator added
+    RIMs or fetched CRLs); when they do not load, the old stay. What happened, for STATUS=."""
+    if running.gpu is None:
+        return ""
+    try:
+        running.gpu.reload()
+    except ConfigError as exc:
+        logger.error("SIGHUP: GPU attestation data refused, the old stay: %s", exc)  # noqa: TRY400
+        return f"; GPU attestation data refused, the old stay: {exc}"
+    return "; GPU attestation data reloaded"
 
 
 def _in_force(running: RunningVerifier) -> str:
