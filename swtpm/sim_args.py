@@ -7,7 +7,14 @@ import argparse
 from pathlib import Path
 
 from devtrust.core.errors import DevtrustError
-from devtrust.swtpm.sim_faults import FAULT_SPEC_FORMS, FaultSpec, parse_faults
+from devtrust.swtpm.sim_faults import (
+    FAULT_SPEC_FORMS,
+    GPU_FAULTS,
+    FaultKind,
+    FaultSpec,
+    parse_faults,
+    without_gpu_faults,
+)
 
 HELP = "simulate a fleet of devices attesting to a verifier (an embedded one by default)"
 DESCRIPTION = """\
@@ -15,6 +22,10 @@ Simulate N devices attesting to a verifier: K on real swtpm processes, the rest 
 in-process software TPM whose EK certificates chain to a simulation root (which a verifier
 trusts only when its configuration names it: endorsement.trust_simulation_root). Each device
 is the agent's own client with a recorded GPU host (H100, A100, B200, GB200 captures).
+With --gpu-attest, each Hopper or later GPU of those hosts also attests itself: a simulated
+GPU signs SPDM measurement reports with its own key, certified by a test root standing in
+for NVIDIA's, and the embedded verifier checks them against driver and VBIOS RIMs signed
+by a test RIM root (the gpu-* faults need it).
 Without --verifier, a verifier is started for the run (SQLite, in a process of its own), or
 --replicas N of them sharing one PostgreSQL (--database URL, or --postgres: a throwaway one
 from this machine's binaries); each device lists every replica and moves when its one goes.
@@ -151,6 +162,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the simulation EK root to use (made there when missing)",
     )
     p.add_argument(
+        "--gpu-attest",
+        action="store_true",
+        help="simulated GPU attestation: the Hopper and later GPUs send signed SPDM reports "
+        "(test roots, not NVIDIA's; RIMs and CRLs of this run in the embedded verifier's "
+        "configuration); enables the gpu-measurement, gpu-replay and gpu-revoked faults",
+    )
+    p.add_argument(
         "--captures",
         type=Path,
         metavar="DIR",
@@ -184,8 +202,31 @@ def check_options(opts: argparse.Namespace) -> None:
         raise DevtrustError(
             "--replicas, --database and --postgres are for the embedded verifiers, not --verifier"
         )
+    _check_gpu_attest(opts)
     if opts.replicas > 1 and not (opts.database or opts.postgres):
         raise DevtrustError(
             f"--replicas {opts.replicas} needs a database the replicas share: --postgres (a "
             "throwaway PostgreSQL) or --database postgresql://..."
         )
+
+
+def _check_gpu_attest(opts: argparse.Namespace) -> None:
+    """GPU faults need --gpu-attest; --gpu-attest needs the embedded verifier (its
+    configuration lists this run's GPU test roots, RIM store and CRLs). Without it, a spec
+    of every kind ("1%", "1%:all") means every kind but the GPU ones."""
+    spec: FaultSpec = opts.faults
+    gpu_attest: bool = opts.gpu_attest
+    if gpu_attest and opts.verifier:
+        raise DevtrustError(
+            "--gpu-attest needs the embedded verifier: its configuration lists this run's "
+            "GPU test roots, RIMs and CRLs (a running verifier trusts NVIDIA's only)"
+        )
+    if gpu_attest:
+        return
+    named = [k.value for k in spec.kinds if k in GPU_FAULTS]
+    if named and spec.kinds != tuple(FaultKind):
+        raise DevtrustError(
+            f"--faults {', '.join(named)}: GPU attestation faults need --gpu-attest "
+            "(simulated GPUs that attest themselves)"
+        )
+    opts.faults = without_gpu_faults(spec)

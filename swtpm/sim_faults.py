@@ -31,9 +31,16 @@ class FaultKind(enum.Enum):
     KILL = "kill"  # one replica killed (SIGKILL), started again a few seconds later
     DRAIN = "drain"  # one replica drains (SIGTERM) and is started again
     PGRESTART = "pgrestart"  # the replicas' PostgreSQL restarts (a throwaway one only)
+    # A simulated GPU's own attestation (--gpu-attest; swtpm/gpu_sim.py GpuFault):
+    GPU_MEASUREMENT = "gpu-measurement"  # one measurement block differs from its RIM
+    GPU_REPLAY = "gpu-replay"  # a GPU report made for an earlier challenge sent again
+    GPU_REVOKED = "gpu-revoked"  # a GPU whose attestation certificate the CRL revokes
 
 
 DEVICE_FAULTS = (FaultKind.PCR, FaultKind.DRIVER, FaultKind.ECC, FaultKind.REPLAY, FaultKind.CLOCK)
+# Device faults of the simulated GPUs' own attestation: planned only with --gpu-attest
+# (``plan(..., gpu=True)``), on devices whose GPUs attest (Hopper and later).
+GPU_FAULTS = (FaultKind.GPU_MEASUREMENT, FaultKind.GPU_REPLAY, FaultKind.GPU_REVOKED)
 FLEET_FAULTS = (
     FaultKind.STORM,
     FaultKind.RESTART,
@@ -64,6 +71,9 @@ FINDINGS: Mapping[FaultKind, str] = {
     FaultKind.ECC: "gpu.ecc_uncorrected",
     FaultKind.REPLAY: "tpm.quote.qualifying_data_mismatch",
     FaultKind.CLOCK: "tpm.clock.backwards",
+    FaultKind.GPU_MEASUREMENT: "gpu.measurement.mismatch",
+    FaultKind.GPU_REPLAY: "gpu.report.nonce_mismatch",
+    FaultKind.GPU_REVOKED: "gpu.certificate.revoked",
 }
 # A storm takes down this many devices per... the same rate as the device faults; one storm
 # per STORM_EVERY_S of the run (at least one); one restart, kill, drain and database restart
@@ -158,11 +168,13 @@ def plan(
     end: float,
     rng: random.Random,
     fleet: Iterable[FaultKind] = (FaultKind.STORM, FaultKind.RESTART),
+    gpu: bool = False,
 ) -> list[Injection]:
     """Every injection of a run, in time order, within [start, end).
 
     Device faults: ``rate`` of the fleet gets each kind (at least one device per kind), each
-    device at most one fault in the run, at times spread uniformly. Storms: one per
+    device at most one fault in the run, at times spread uniformly; the GPU attestation
+    faults too when the run's GPUs attest (``gpu``). Storms: one per
     ``STORM_EVERY_S`` of the window, each disconnecting ``rate`` of the fleet at once.
     A restart, a kill, a drain, a database restart: one each, at its ``FLEET_AT`` of the
     window, when the run can inject it (``fleet``, from ``fleet_faults``)."""
@@ -170,8 +182,8 @@ def plan(
     if not spec.enabled or devices <= 0 or end <= start:
         return []
     out: list[Injection] = []
-    per_kind = max(1, math.ceil(spec.rate * devices))
-    device_kinds = [k for k in spec.kinds if k in DEVICE_FAULTS]
+    per_kind = faults_per_kind(spec, devices)
+    device_kinds = [k for k in spec.kinds if k in DEVICE_FAULTS or (gpu and k in GPU_FAULTS)]
     pool = list(range(devices))
     rng.shuffle(pool)
     n = 0
@@ -194,6 +206,17 @@ def plan(
             out.append(Injection(start + width * fraction, kind))
     out.sort(key=lambda i: i.at)
     return out
+
+
+def faults_per_kind(spec: FaultSpec, devices: int) -> int:
+    """How many devices ``plan`` gives each device fault kind (the revoked GPUs a run makes
+    before its verifier starts, whose certificates its CRL lists)."""
+    return max(1, math.ceil(spec.rate * devices))
+
+
+def without_gpu_faults(spec: FaultSpec) -> FaultSpec:
+    """``spec`` for a run whose GPUs do not attest: every kind but the GPU ones."""
+    return FaultSpec(spec.rate, tuple(k for k in spec.kinds if k not in GPU_FAULTS))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -363,15 +386,16 @@ class Figures:
             + "  ".join(f"{tier} {n:,}" for tier, n in sorted(self.tiers.items(), key=_tier_order)),
         ]
         if self.kinds:
+            w = max(12, *(len(name) for name in self.kinds))  # gpu-measurement: 15
             lines.append(
-                f"{'fault':<12} {'injected':>8} {'detected':>8} {'missed':>6} "
+                f"{'fault':<{w}} {'injected':>8} {'detected':>8} {'missed':>6} "
                 f"{'detect p50':>10} {'detect p99':>10} {'recovered':>9}   "
                 "while the verifier served: n, p50, p99"
             )
             for name, kind in self.kinds.items():
                 k = kind.as_dict()
                 lines.append(
-                    f"{name:<12} {k['injected']:>8,} {k['detected']:>8,} {k['missed']:>6,} "
+                    f"{name:<{w}} {k['injected']:>8,} {k['detected']:>8,} {k['missed']:>6,} "
                     f"{_seconds(k['time_to_detect_p50_s']):>10} "
                     f"{_seconds(k['time_to_detect_p99_s']):>10} {self._recovered(name, kind):>9}"
                     f"   {self._serving(name, k)}"

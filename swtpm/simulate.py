@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from devtrust.agent.config import AgentConfig, TpmConfig, VerifierEndpoint
 from devtrust.agent.interfaces import Tpm
@@ -32,18 +35,21 @@ from devtrust.core.command import TOOL_ERRORS, run_command
 from devtrust.core.errors import DevtrustError
 from devtrust.core.logsetup import configure_logging
 from devtrust.swtpm import sim_args
+from devtrust.swtpm.gpu_sim import GpuFault, SimAttester, SimGpuFleet, attests
 from devtrust.swtpm.pgserver import PgServer
 from devtrust.swtpm.sim_console import Progress, bar, counted_agent_logs, raise_fd_limit
 from devtrust.swtpm.sim_faults import (
     DEVICE_FAULTS,
+    GPU_FAULTS,
     FaultKind,
     Figures,
     Injection,
     count_tiers,
+    faults_per_kind,
     fleet_faults,
     plan,
 )
-from devtrust.swtpm.sim_fleet import Fleet, SimDevice, SimTpm
+from devtrust.swtpm.sim_fleet import Fleet, Pending, SimDevice, SimTpm
 from devtrust.swtpm.sim_hosts import HostBase, HostModel, SimHost, collect_base, load_models
 from devtrust.swtpm.sim_metrics import FleetMetrics, read_fleet
 from devtrust.swtpm.sim_replicas import FleetFaults, Replicas, figures_from, store_kind
@@ -83,8 +89,20 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
         if opts.swtpm:
             progress.show(f"starting {opts.swtpm} swtpm processes", force=True)
             swtpm_ca, swtpm_tpms = await asyncio.to_thread(_start_swtpms, stack, work, opts.swtpm)
+        models = load_models(opts.captures)
+        gpus = None
+        if opts.gpu_attest:
+            progress.show("making the simulated GPUs' roots, RIMs and CRLs", force=True)
+            gpus = await asyncio.to_thread(_prepare_gpus, opts, work, models)
         endpoint, replicas, postgres = await _start_verifiers(
-            opts, work, stack, root=root, swtpm_ca=swtpm_ca, progress=progress, figures=figures
+            opts,
+            work,
+            stack,
+            root=root,
+            swtpm_ca=swtpm_ca,
+            progress=progress,
+            figures=figures,
+            gpus=gpus,
         )
         cfg = AgentConfig(
             verifier=endpoint,
@@ -103,7 +121,6 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
             if replicas is not None
             else None
         )
-        models = load_models(opts.captures)
         base = await collect_base(work)
         with counted_agent_logs(figures, verbose=logging.getLogger().level <= logging.INFO):
             try:
@@ -115,6 +132,7 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
                     models=models,
                     base=base,
                     progress=progress,
+                    gpus=gpus,
                 )
                 if replicas is not None:
                     for device in fleet.devices:
@@ -127,7 +145,13 @@ async def run(opts: argparse.Namespace, work: Path) -> Figures:
                         fleet, replicas, postgres=postgres, bound_s=cfg.reconnect_max_s
                     )
                 await _attest_scraped(
-                    fleet, opts, faults=faults, rng=rng, progress=progress, metrics=metrics
+                    fleet,
+                    opts,
+                    faults=faults,
+                    rng=rng,
+                    progress=progress,
+                    metrics=metrics,
+                    gpus=gpus,
                 )
             finally:
                 await fleet.stop_all()
@@ -163,6 +187,7 @@ async def _attest_scraped(
     rng: random.Random,
     progress: Progress,
     metrics: FleetMetrics | None,
+    gpus: SimGpuFleet | None = None,
 ) -> None:
     """The attesting part of the run, the verifiers' metrics scraped meanwhile, and open
     streams against the devices attached at its end (before they stop)."""
@@ -173,7 +198,7 @@ async def _attest_scraped(
         else None
     )
     try:
-        await _attest(fleet, opts, faults=faults, rng=rng, progress=progress)
+        await _attest(fleet, opts, faults=faults, rng=rng, progress=progress, gpus=gpus)
         if faults is not None:
             await faults.wait()
     finally:
@@ -222,6 +247,7 @@ async def _start_verifiers(
     swtpm_ca: Path | None,
     progress: Progress,
     figures: Figures,
+    gpus: SimGpuFleet | None = None,
 ) -> tuple[VerifierEndpoint, Replicas | None, PgServer | None]:
     """The verifier the devices attest to: the one named (--verifier), or the embedded
     replicas on their database (a throwaway PostgreSQL with --postgres), stopped by
@@ -251,12 +277,42 @@ async def _start_verifiers(
             interval_s=opts.interval,
             workers=opts.workers,
         )
+        if gpus is not None:
+            _add_config(replicas, {"gpu": gpus.verifier_config()})
         progress.show(f"starting {opts.replicas} verifier process(es)", force=True)
         stack.callback(replicas.stop)
         await asyncio.to_thread(replicas.start)
         endpoint = replicas.endpoint(0)
         figures_from(figures, replicas)
     return endpoint, replicas, postgres
+
+
+def _prepare_gpus(opts: argparse.Namespace, work: Path, models: list[HostModel]) -> SimGpuFleet:
+    """--gpu-attest: the GPU test roots, a RIM store with the driver and VBIOS RIMs of every
+    attesting GPU of the recorded hosts, and CRLs revoking as many spare identities as the
+    gpu-revoked fault may give out (``plan`` gives each kind ``faults_per_kind`` devices)."""
+    versions = {
+        (model.gpu.driver_version, gpu.vbios_version)
+        for model in models
+        for gpu in model.gpu.gpus
+        if attests(gpu.name)
+    }
+    spec = opts.faults
+    revoked = (
+        faults_per_kind(spec, opts.devices)
+        if spec.enabled and FaultKind.GPU_REVOKED in spec.kinds
+        else 0
+    )
+    return SimGpuFleet.prepare(work / "gpu", versions=sorted(versions), revoked=revoked)
+
+
+def _add_config(replicas: Replicas, sections: dict[str, dict[str, Any]]) -> None:
+    """Add ``sections`` to each replica's verifier.yaml before it starts."""
+    for member in replicas.members:
+        config = yaml.safe_load(member.config_path.read_text())
+        for section, values in sections.items():
+            config.setdefault(section, {}).update(values)
+        member.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _start_postgres(work: Path) -> PgServer:
@@ -303,6 +359,7 @@ async def _build(
     models: list[HostModel],
     base: HostBase,
     progress: Progress,
+    gpus: SimGpuFleet | None = None,
 ) -> None:
     soft_count = opts.devices - opts.swtpm
     source: Callable[[], bytes | None]
@@ -319,6 +376,11 @@ async def _build(
             tpm = SimTpm(real)
             source = _file_reader(log_path)
         host = SimHost(base, model, hostname=name, event_log_source=source)
+        if gpus is not None:
+            host.attester = gpus.attester(
+                ((g.index, g.name, g.vbios_version) for g in model.gpu.gpus),
+                driver_version=model.gpu.driver_version,
+            )
         fleet.devices.append(SimDevice(index=index, tpm=tpm, soft=soft, host=host))
         if index % 200 == 199:
             progress.show(
@@ -379,6 +441,7 @@ async def _attest(
     faults: FleetFaults | None,
     rng: random.Random,
     progress: Progress,
+    gpus: SimGpuFleet | None = None,
 ) -> None:
     figures = fleet.figures
     duration: float = opts.duration
@@ -395,9 +458,10 @@ async def _attest(
         end=max(duration - DRAIN_MARGIN_S, duration * 3 / 4),
         rng=rng,
         fleet=possible,
+        gpu=gpus is not None,
     )
     for kind in opts.faults.kinds if opts.faults.enabled else ():
-        if kind in DEVICE_FAULTS or kind in possible:
+        if kind in DEVICE_FAULTS or kind in possible or (gpus is not None and kind in GPU_FAULTS):
             fleet.kind(kind)
     start = time.monotonic()
     results_at_start = figures.results
@@ -408,7 +472,7 @@ async def _attest(
         now = time.monotonic()
         elapsed = now - start
         while pending and pending[0].at <= elapsed:
-            await _inject(fleet, pending.pop(0), faults=faults, spare=spare, now=now)
+            await _inject(fleet, pending.pop(0), faults=faults, spare=spare, now=now, gpus=gpus)
         if elapsed >= duration:
             break
         _show(progress, figures, elapsed=elapsed, duration=duration, phase="attesting")
@@ -447,15 +511,20 @@ async def _inject(
     faults: FleetFaults | None,
     spare: list[int],
     now: float,
+    gpus: SimGpuFleet | None = None,
 ) -> None:
     kind = injection.kind
-    if kind in DEVICE_FAULTS:
+    if kind in DEVICE_FAULTS or kind in GPU_FAULTS:
         candidates = list(injection.devices) + spare
         while candidates:
             index = candidates.pop(0)
             if index in spare:
                 spare.remove(index)
-            if fleet.inject(fleet.devices[index], kind, now):
+            device = fleet.devices[index]
+            if kind in GPU_FAULTS:
+                if _inject_gpu(fleet, device, kind, now, gpus):
+                    return
+            elif fleet.inject(device, kind, now):
                 return
         logger.warning("no device could take a %s fault", kind.value)
         return
@@ -466,6 +535,34 @@ async def _inject(
         return
     if faults is not None:
         await faults.inject(kind)
+
+
+def _inject_gpu(
+    fleet: Fleet, device: SimDevice, kind: FaultKind, now: float, gpus: SimGpuFleet | None
+) -> bool:
+    """A GPU attestation fault on the device's first attesting GPU, undone once the
+    verifier names it (the GPU replaced, its reports fresh again); False when the device
+    cannot take it (a fault pending, not enrolled, no attesting GPU, no revoked identity
+    left)."""
+    attester = device.host.attester
+    if (
+        device.pending is not None
+        or device.enrollment is None
+        or not isinstance(attester, SimAttester)
+        or not attester.indices
+    ):
+        return False
+    fault = GpuFault(kind.value)
+    revoked = None
+    if fault is GpuFault.REVOKED:
+        revoked = gpus.take_revoked() if gpus is not None else None
+        if revoked is None:
+            return False
+    index = attester.indices[0]
+    attester.inject(fault, index, revoked=revoked)
+    device.pending = Pending(kind, now, lambda: attester.heal(index))
+    fleet.kind(kind).injected += 1
+    return True
 
 
 def _check_store(fleet: Fleet, check: StoreCheck, figures: Figures) -> None:
