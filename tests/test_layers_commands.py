@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from devtrust.swtpm.hosttree import write_host_tree
 from devtrust.verifier import ops_connect
 from devtrust.verifier.ca import CertificateAuthority, pem
-from devtrust.verifier.config import DEFAULT_POLICY
+from devtrust.verifier.config import DEFAULT_POLICY, DEFAULT_RIM_ROOT
+from devtrust.verifier.gpu.rim_store import RimStore
 from devtrust.verifier.pki import init_pki, issue_operator
 from tests.corpus import corpus_root
 from tests.db import make_database
@@ -124,6 +126,32 @@ def _device_certificate(tmp: Path) -> None:
     (tmp / "device.pem").write_bytes(pem(device_cert(ca)))
 
 
+def _gpu_corpus() -> Path:
+    """nvtrust's recorded Hopper report, chain and the RIMs it matches (their signers
+    expired in 2025: checked at a time before)."""
+    return corpus_root() / "gpu" / "nvidia_nvtrust_attestation"
+
+
+def _gpu_check() -> list[str]:
+    gpu = _gpu_corpus()
+    return [
+        *("--report", str(gpu / "attestationReport-545.00.txt")),
+        *("--chain", str(gpu / "gpuAkCertChain-545.00.txt")),
+        *("--rim", str(gpu / "Driver_RIM_test_no_gpu.swidtag")),
+        *("--rim", str(gpu / "1010_0200_882_96005E0001_test_no_gpu.swidtag")),
+        *("--at", "2024-06-01"),
+    ]
+
+
+def _rim_store(tmp: Path) -> None:
+    """A RIM store holding the recorded driver RIM."""
+    RimStore.open(tmp / "rims").add(
+        (_gpu_corpus() / "Driver_RIM_test_no_gpu.swidtag").read_bytes(),
+        roots=x509.load_pem_x509_certificates(DEFAULT_RIM_ROOT.read_bytes()),
+        at=datetime.datetime(2024, 6, 1, tzinfo=datetime.UTC),
+    )
+
+
 # Operator commands given their connection by a profile file; the others by options.
 PROFILED = ("devices", "watch", "revoke")
 
@@ -214,6 +242,27 @@ COMMANDS = [
         "gate.allowed: device",
         prepare=_device_certificate,
     ),
+    Command("devtrust gpu check", lambda t: ["gpu", "check", *_gpu_check()], "valid: the GPU"),
+    Command(
+        "devtrust gpu rim add",
+        lambda t: [
+            *("gpu", "rim", "add", str(_gpu_corpus() / "Driver_RIM_test_no_gpu.swidtag")),
+            *("--store", str(t / "rims"), "--at", "2024-06-01"),
+        ],
+        "added driver RIM 545.00",
+    ),
+    Command(
+        "devtrust gpu rim list",
+        lambda t: ["gpu", "rim", "list", "--store", str(t / "rims")],
+        "driver 545.00",
+        prepare=_rim_store,
+    ),
+    Command(
+        "devtrust gpu rim remove",
+        lambda t: ["gpu", "rim", "remove", "driver", "545.00", "--store", str(t / "rims")],
+        "removed the driver RIM 545.00",
+        prepare=_rim_store,
+    ),
     *(
         _query_client(argv)
         for argv in (
@@ -272,6 +321,14 @@ COMMANDS = [
         "devtrust-verifier ca",
         lambda t: ["ca", "rotate", "--dir", str(t / "pki"), "--device-lifetime-s", "60"],
         "next device issuing CA",
+        prepare=lambda t: init_pki(
+            t / "pki", hostnames=["localhost"], now=datetime.datetime.now(datetime.UTC)
+        ),
+    ),
+    Command(
+        "devtrust-verifier ear-key",
+        lambda t: ["ear-key", "--dir", str(t / "pki"), "--force"],
+        "EAR signing certificate",
         prepare=lambda t: init_pki(
             t / "pki", hostnames=["localhost"], now=datetime.datetime.now(datetime.UTC)
         ),

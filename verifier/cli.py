@@ -20,6 +20,7 @@ from devtrust.core.command import run_command
 from devtrust.core.logsetup import configure_logging
 from devtrust.gate import command as gate_command
 from devtrust.verifier import ops, ops_connect, tools
+from devtrust.verifier.gpu import command as gpu_command
 from devtrust.verifier.tools import version_line
 
 
@@ -50,6 +51,7 @@ def build_parser(
     )
     refs = tools.add_parsers(sub)
     gate_command.add_parsers(sub)
+    gpu_command.add_parsers(sub)
     ops.add_parsers(sub, refs)
     if more is not None:
         more(sub)
