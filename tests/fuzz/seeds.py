@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -192,3 +193,30 @@ def policy() -> tuple[bytes, ...]:
         for i, rule in enumerate(default["rules"])
     ]
     return tuple(t.encode() for t in (_POLICY, *singles))
+
+
+@functools.cache
+def gpu_report() -> tuple[bytes, ...]:
+    """NVIDIA's recorded Hopper attestation reports (nvtrust's samples), binary."""
+    return tuple(
+        bytes.fromhex(data.decode().strip())
+        for data in _files("gpu/nvidia_nvtrust_attestation/*ttestationReport*.txt")
+    )
+
+
+@functools.cache
+def rim() -> tuple[bytes, ...]:
+    """NVIDIA's driver and VBIOS RIMs (signed SWID tags)."""
+    return tuple(_files("gpu/*/*.swidtag"))
+
+
+@functools.cache
+def gpu_leaf_fwid() -> tuple[bytes, ...]:
+    """The DICE extension (2.23.133.5.4.1) of NVIDIA's recorded GPU attestation keys'
+    certificates (RIoT's CompositeDeviceID on Hopper)."""
+    return tuple(
+        x509.load_pem_x509_certificates(data)[0]
+        .extensions.get_extension_for_oid(x509.ObjectIdentifier("2.23.133.5.4.1"))
+        .value.public_bytes()
+        for data in _files("gpu/nvidia_nvtrust_attestation/*CertChain*.txt")
+    )

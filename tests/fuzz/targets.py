@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -33,6 +35,8 @@ from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.document import Bulletins, build
 from devtrust.verifier.enrollment import check_ak, check_ek_attributes, parse_ak
 from devtrust.verifier.errors import MalformedInput, Rejected
+from devtrust.verifier.gpu import spdm
+from devtrust.verifier.gpu.rim import RimFormatError, RimSignatureError, load_rim
 from devtrust.verifier.policy import Policy, PolicyError
 from devtrust.verifier.tpm import bootfacts
 from devtrust.verifier.tpm import eventlog as ev
@@ -47,7 +51,15 @@ from devtrust.verifier.tpm.structures import (
     public_key_matches,
 )
 from devtrust.verifier.wire import load_public_key
+from tests.corpus import corpus_root
 from tests.fuzz import seeds
+
+_NVTRUST = corpus_root() / "gpu" / "nvidia_nvtrust_attestation"
+_GPU_CHAIN = (_NVTRUST / "gpuAkCertChain-545.00.txt").read_bytes()
+_GPU_LEAF = x509.load_pem_x509_certificates(_GPU_CHAIN)[0]
+_RIM_ROOT = x509.load_pem_x509_certificate((_NVTRUST / "verifier_RIM_root.pem").read_bytes())
+# The RIMs' signers were valid then (they expire in 2025).
+_RIM_TIME = datetime.datetime(2024, 6, 1, tzinfo=datetime.UTC)
 
 # --- TPM structures (verifier/tpm/structures.py, quote.py, clock.py) ------------------------
 
@@ -259,6 +271,32 @@ def check_policy(data: bytes) -> None:
         Policy.parse(text, source="fuzz.yaml", base=seeds.POLICY_DIR)
 
 
+def check_gpu_report(data: bytes) -> None:
+    """A GPU's attestation report as the verifier reads it from a device (SPDM request and
+    signed MEASUREMENTS response): parsed, and its signature checked with the recorded
+    chain's leaf (what the parser accepted is what the signature covers)."""
+    try:
+        report = spdm.parse_report(data)
+    except spdm.SpdmFormatError:
+        return
+    with contextlib.suppress(spdm.SpdmSignatureError):
+        spdm.verify_signature(report, _GPU_LEAF)
+
+
+def check_gpu_leaf_fwid(data: bytes) -> None:
+    """The DICE extension of a GPU attestation key's certificate (TcbInfo, RIoT's
+    CompositeDeviceID, MultiTcbInfo) as the verifier reads its FWID."""
+    for oid in (spdm.TCG_DICE_TCB_INFO, spdm.TCG_DICE_MULTI_TCB_INFO):
+        with contextlib.suppress(spdm.TcbInfoError):
+            spdm.extension_fwid(oid, data)
+
+
+def check_rim(data: bytes) -> None:
+    """A RIM file as `devtrust gpu rim add` and `gpu check --rim` read it."""
+    with contextlib.suppress(RimFormatError, RimSignatureError):
+        load_rim(data, roots=[_RIM_ROOT], at=_RIM_TIME)
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -279,5 +317,8 @@ TARGETS: dict[str, Target] = {
         Target("smi_xml", check_smi_xml, seeds.smi_xml, seeds.SMI_XML_SEED_BYTES),
         Target("sshd_config", check_sshd_config, seeds.sshd_config, 2048),
         Target("policy", check_policy, seeds.policy, POLICY_MAX_BYTES),
+        Target("gpu_report", check_gpu_report, seeds.gpu_report, 8192),
+        Target("rim", check_rim, seeds.rim, 32768),
+        Target("gpu_leaf_fwid", check_gpu_leaf_fwid, seeds.gpu_leaf_fwid, 4096),
     )
 }
