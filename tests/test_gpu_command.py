@@ -409,10 +409,21 @@ def test_simulated_gpu_with_corims(capsys: pytest.CaptureFixture[str], tmp_path:
     assert status == 1
     assert lines[0].startswith("gpu.rim.invalid: "), lines
     assert "driver.corim" in lines[0]
-    # The RIM store takes SWID tags only.
-    status, lines, err = _rim(capsys, "add", str(vbios), "--store", str(tmp_path / "rims"))
-    assert status == 2
-    assert "a CoRIM: the RIM store holds SWID-tag RIMs (XML) only" in err
+    # The RIM store takes CoRIMs too; one that carries no certificate needs --signer.
+    store = ["--store", str(tmp_path / "rims"), "--root", str(roots.rim_root_path)]
+    status, lines, _ = _rim(capsys, "add", str(vbios), *store)
+    assert status == 0, lines
+    assert lines[0].startswith(f"added vbios RIM {gpu.vbios_version} (GH100, 12 active"), lines
+    driver.write_bytes(corim_sim.corim(roots, "driver", gpu.driver_version, x5chain=False))
+    status, lines, _ = _rim(capsys, "add", str(driver), *store)
+    assert status == 1
+    assert lines[0].startswith("gpu.rim.invalid: "), lines
+    assert "--signer" in lines[0]
+    status, lines, _ = _rim(capsys, "add", str(driver), *store, "--signer", str(signer))
+    assert status == 0, lines
+    status, lines, _ = _rim(capsys, "list", *store[:2])
+    assert status == 0
+    assert len(lines) == 2, lines
 
 
 # --- usage: exit 2, one line -------------------------------------------------------------------
@@ -607,7 +618,10 @@ def test_rim_add_refuses_expired_and_tampered(
     assert "--at" in lines[0]
     status, lines, err = _rim(capsys, "add", str(CHAIN), *store)
     assert status == 2
-    assert err.startswith(f"devtrust: RIM file {CHAIN}: expected a RIM, a SWID tag (XML), found")
+    assert err.startswith(
+        f"devtrust: RIM file {CHAIN}: expected a RIM, a SWID tag (XML) or a signed CoRIM "
+        "(CBOR tag 502), found"
+    )
     status, lines, _ = _rim(capsys, "list", *store)
     assert (status, lines) == (0, [f"no RIMs in {tmp_path / 'rims'}: add them with "
                                    "`devtrust gpu rim add FILE`"])  # fmt: skip

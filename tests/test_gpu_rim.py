@@ -5,6 +5,7 @@ by a test PKI (cryptography + signxml), standing in for NVIDIA's."""
 
 from __future__ import annotations
 
+import base64
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -287,6 +288,20 @@ def test_one_changed_digest_in_a_signed_resource_is_refused() -> None:
     with pytest.raises(
         RimSignatureError, match=r"HCC RIM L4 Signer.*expected a valid XML signature"
     ):
+        load_rim(etree.tostring(doc), roots=[RIM_ROOT], at=WHEN)
+
+
+def test_a_keyinfo_certificate_with_a_bad_x509_version_is_a_format_error() -> None:
+    """cryptography raises InvalidVersion (not a ValueError) for a certificate whose version
+    field is not v1-v3: named as the KeyInfo certificate, never a traceback, and before any
+    signature is looked at."""
+    doc = etree.fromstring(DRIVER.read_bytes())
+    first = doc.find(".//" + element("X509Certificate", "http://www.w3.org/2000/09/xmldsig#"))
+    der = bytearray(base64.b64decode("".join((first.text or "").split())))
+    at = der.index(b"\xa0\x03\x02\x01\x02")  # version [0] EXPLICIT INTEGER 2 (v3)
+    der[at + 4] = 7
+    first.text = base64.b64encode(bytes(der)).decode()
+    with pytest.raises(RimFormatError, match="KeyInfo X509Certificate 0"):
         load_rim(etree.tostring(doc), roots=[RIM_ROOT], at=WHEN)
 
 

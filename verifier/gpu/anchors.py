@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from devtrust.verifier.config import GpuConfig
 from devtrust.core.errors import ConfigError
+from devtrust.verifier.config import GpuConfig
 from devtrust.verifier.gpu.appraise import GpuAnchors
 from devtrust.verifier.gpu.revocation import Revocations
 from devtrust.verifier.gpu.rim_store import RimStore

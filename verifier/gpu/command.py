@@ -171,11 +171,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ).add_subparsers(dest="rim_action", required=True, metavar="ACTION")
     p = rim.add_parser(
         "add",
-        help="verify RIMs (SWID tags, from NVIDIA's RIM service or a mirror) and add them to "
-        "the store",
+        help="verify RIMs (SWID tags or signed CoRIMs, from NVIDIA's RIM service or a mirror) "
+        "and add them to the store",
     )
-    p.add_argument("files", type=Path, nargs="+", metavar="FILE", help="RIM files (SWID tags)")
+    p.add_argument(
+        "files", type=Path, nargs="+", metavar="FILE", help="RIM files (SWID tags or CoRIMs)"
+    )
     _store_options(p)
+    p.add_argument(
+        "--signer",
+        type=Path,
+        metavar="FILE",
+        help="the certificate (PEM, leaf first) that signed the CoRIMs given, for CoRIMs that "
+        "carry none (NVIDIA names its CoRIM signer by a link); it must chain to the RIM roots "
+        "and is kept with each CoRIM in the store",
+    )
     p.add_argument("--at", type=parse_time, metavar="TIME", help=_AT_HELP)
     p.add_argument(
         "--root",
@@ -620,12 +630,13 @@ def rim_add(args: argparse.Namespace) -> int:
     settings = _settings(args)
     roots = load_roots(args.root or settings.rim_roots, "--root")
     at: datetime.datetime = args.at or datetime.datetime.now(datetime.UTC)
-    blobs = [(path, _rim_data(path, "RIM file", corim=False)) for path in args.files]
+    signer = tuple(load_chain(args.signer, "--signer")) if args.signer else ()
+    blobs = [(path, _rim_data(path, "RIM file")) for path in args.files]
     store = _open_store(settings.store)
     status = EXIT_VALID
     for path, data in blobs:
         try:
-            rim = store.add(data, roots=roots, at=at, source=str(path))
+            rim = store.add(data, roots=roots, at=at, source=str(path), signer=signer)
         except (RimFormatError, RimSignatureError) as exc:
             print(f"gpu.rim.invalid: {one_line(exc)}")  # names the file
             status = EXIT_INVALID

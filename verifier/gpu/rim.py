@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.verification import (
     Criticality,
     ExtensionPolicy,
@@ -210,8 +210,15 @@ def _certificates(root: Any, source: str) -> list[x509.Certificate]:
     for n, element in enumerate(texts):
         try:
             der = base64.b64decode("".join((element.text or "").split()), validate=True)
-            certs.append(x509.load_der_x509_certificate(der))
-        except (binascii.Error, ValueError) as exc:
+            cert = x509.load_der_x509_certificate(der)
+            # cryptography parses some fields on first use: the chain check and its
+            # messages read these, so a malformed one is named here, not raised there.
+            cert.subject.rfc4514_string()
+            cert.issuer.rfc4514_string()
+            _ = cert.not_valid_before_utc, cert.not_valid_after_utc, len(cert.extensions)
+            cert.public_key()
+            certs.append(cert)
+        except (binascii.Error, ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
             raise RimFormatError(
                 f"{what}: KeyInfo X509Certificate {n}: expected a base64 DER certificate, "
                 f"found: {exc}"

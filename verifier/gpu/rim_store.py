@@ -4,9 +4,11 @@
 
 Layout: ``index.json`` ({"format": 1, "rims": [entry, ...]}: kind, version, product,
 tag_id, measurements (hex), signer, source, sha256, verified_at) and each RIM's original
-bytes as ``<sha256>.swidtag`` beside it (the name is derived from the digest, never read
-from the index). Writes go through a temporary file and a rename, under a lock file, so a
-reader sees the old index or the new one.
+bytes as ``<sha256>.swidtag`` (a SWID tag) or ``<sha256>.corim`` (a signed CoRIM) beside
+it (the name is derived from the digest and format, never read from the index); a CoRIM
+added with its signer's certificate given (NVIDIA does not embed it) keeps that chain in its
+entry ("signer_chain", PEM) for re-verification. Writes go through a temporary file and a
+rename, under a lock file, so a reader sees the old index or the new one.
 
 Opening the store does not verify signatures again (they were verified when added, and
 NVIDIA's signers expire) but checks each file against the sha256 in the index: a file
@@ -31,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from devtrust.core.errors import ConfigError
 from devtrust.core.files import write_atomic
 from devtrust.verifier.errors import NotFound
-from devtrust.verifier.gpu.rim import MAX_RIM_BYTES, RimFormatError, RimSignatureError, load_rim
+from devtrust.verifier.gpu.corim import load_any_rim
+from devtrust.verifier.gpu.rim import MAX_RIM_BYTES, RimFormatError, RimSignatureError
 from devtrust.verifier.gpu.types import ReferenceMeasurement, Rim, RimKind, same_version
 
 __all__ = ["MAX_ENTRIES", "MAX_INDEX_BYTES", "RimStore", "RimStoreError", "StoredRim"]
@@ -46,6 +50,7 @@ INDEX = "index.json"
 LOCK = ".lock"
 FORMAT = 1
 SUFFIX = ".swidtag"
+SUFFIXES = {"swid": SUFFIX, "corim": ".corim"}
 MAX_ENTRIES = 1024  # a driver RIM per driver version, a VBIOS RIM per VBIOS: years of them
 MAX_INDEX_BYTES = 16 * 1024 * 1024  # ~6 KiB an entry (21 active measurements in hex)
 FILE_MODE = 0o644  # RIMs are public documents; the directory's owner decides who writes
@@ -64,10 +69,17 @@ class StoredRim:
     rim: Rim
     sha256: str
     verified_at: datetime
+    # PEM of the signer chain given at ``add`` (a CoRIM without x5chain); "" when none.
+    signer_chain: str = ""
 
     @property
     def file(self) -> str:
-        return f"{self.sha256}{SUFFIX}"
+        return f"{self.sha256}{SUFFIXES.get(self.rim.format, SUFFIX)}"
+
+    def signer(self) -> list[x509.Certificate]:
+        return (
+            x509.load_pem_x509_certificates(self.signer_chain.encode()) if self.signer_chain else []
+        )
 
 
 def _utc(at: datetime) -> str:
@@ -86,6 +98,7 @@ def _entry(stored: StoredRim) -> dict[str, Any]:
         "source": rim.source,
         "sha256": stored.sha256,
         "verified_at": _utc(stored.verified_at),
+        "signer_chain": stored.signer_chain,
         "measurements": [
             {
                 "index": m.index,
@@ -140,7 +153,12 @@ def _from_entry(entry: Any) -> StoredRim:
         source=_text(entry, "source"),
         format=_text(entry, "format"),
     )
-    return StoredRim(rim, sha256, verified_at)
+    if rim.format not in SUFFIXES:
+        raise ValueError(f"format: expected one of {sorted(SUFFIXES)}, found {rim.format[:32]!r}")
+    chain = entry.get("signer_chain", "")  # absent in entries written before CoRIMs
+    if not isinstance(chain, str):
+        raise TypeError(f"signer_chain: expected a string, found {type(chain).__name__}")
+    return StoredRim(rim, sha256, verified_at, chain)
 
 
 class RimStore:
@@ -182,12 +200,23 @@ class RimStore:
         return None
 
     def add(
-        self, data: bytes, *, roots: Sequence[x509.Certificate], at: datetime, source: str = ""
+        self,
+        data: bytes,
+        *,
+        roots: Sequence[x509.Certificate],
+        at: datetime,
+        source: str = "",
+        signer: Sequence[x509.Certificate] = (),
     ) -> Rim:
-        """Verify ``data`` (``load_rim`` at ``at``; its errors pass through) and keep it: the
-        original bytes, then the index entry, replacing a RIM of the same kind and version."""
-        rim = load_rim(data, roots=roots, at=at, source=source)
-        stored = StoredRim(rim, hashlib.sha256(data).hexdigest(), at)
+        """Verify ``data`` (a SWID tag or a signed CoRIM: ``corim.load_any_rim`` at ``at``,
+        ``signer`` the CoRIM signer's chain when the CoRIM does not carry it; its errors pass
+        through) and keep it: the original bytes, then the index entry, replacing a RIM of
+        the same kind and version."""
+        rim = load_any_rim(data, roots=roots, at=at, signer=signer, source=source)
+        chain = "".join(c.public_bytes(Encoding.PEM).decode() for c in signer)
+        stored = StoredRim(
+            rim, hashlib.sha256(data).hexdigest(), at, chain if rim.format == "corim" else ""
+        )
         with self._locked():
             entries, problems = _load(self.path, self._roots)
             kept = [
@@ -302,9 +331,14 @@ def _load(
         problem = _check_file(path, stored)
         if not problem and roots is not None:  # the values the signature covers, not the index's
             try:
-                rim = load_rim(_read_file(path, stored), roots=roots, at=stored.verified_at)
+                rim = load_any_rim(
+                    _read_file(path, stored),
+                    roots=roots,
+                    at=stored.verified_at,
+                    signer=stored.signer(),
+                )
                 stored = replace(stored, rim=replace(rim, source=stored.rim.source))
-            except (RimFormatError, RimSignatureError) as exc:
+            except (RimFormatError, RimSignatureError, ValueError) as exc:  # ValueError: PEM
                 problem = f"{_name(stored)}: does not verify at {_utc(stored.verified_at)}: {exc}"
         if problem:
             problems.append(f"{problem}; left out")
