@@ -116,10 +116,11 @@ def _body(
     collected = datetime.datetime.now(datetime.UTC)
     body = attestation_pb2.EvidenceBody(
         host=common_pb2.HostFacts(hostname="gpu-e2e"),
-        gpu=_gpu_state(gpu),
+        # No report at all stands for a host that hides its GPUs: it lists none.
+        gpu=_gpu_state(gpu) if reports is not None else attestation_pb2.GpuState(source="nvml"),
         certify_key_spki=spki(key),
         certify_key_proof=sign_possession(key, challenge.nonce, agent.enrollment.device_id),
-        gpu_reports=reports,
+        gpu_reports=reports or [],
     )
     body.collected_at.FromDatetime(collected)
     return body.SerializeToString(deterministic=True)
@@ -210,6 +211,7 @@ def test_an_attesting_gpu_that_matches_its_rims_is_certified(
         ("no report", "gpu.attestation.required"),
         ("unsupported", "gpu.attestation.required"),
         ("another gpu's index", "gpu.report.nonce_mismatch"),
+        ("no gpu listed", "gpu.attestation.required"),
     ],
 )
 def test_a_gpu_that_does_not_attest_as_it_should_gets_no_certificate(
@@ -228,19 +230,20 @@ def test_a_gpu_that_does_not_attest_as_it_should_gets_no_certificate(
     _, good, revoked = sim
     stale = b"\x07" * 32
 
-    def reports(nonce: bytes) -> list[attestation_pb2.GpuReport]:
+    def reports(nonce: bytes) -> list[attestation_pb2.GpuReport] | None:
         fresh = gpu_nonce(nonce, good.index)
-        if fault == "measurement":
-            return [_report(good.tampered(block=2), fresh)]
-        if fault == "replayed":
-            return [_report(good, gpu_nonce(stale, good.index))]
-        if fault == "revoked":
-            return [_report(revoked, fresh)]
-        if fault == "unsupported":
-            return [attestation_pb2.GpuReport(index=0, status="unsupported", detail="no CC")]
-        if fault == "another gpu's index":
-            return [_report(good, gpu_nonce(nonce, good.index + 1))]
-        return []
+        made = {
+            "measurement": lambda: [_report(good.tampered(block=2), fresh)],
+            "replayed": lambda: [_report(good, gpu_nonce(stale, good.index))],
+            "revoked": lambda: [_report(revoked, fresh)],
+            "unsupported": lambda: [
+                attestation_pb2.GpuReport(index=0, status="unsupported", detail="no CC")
+            ],
+            "another gpu's index": lambda: [_report(good, gpu_nonce(nonce, good.index + 1))],
+            "no report": lambda: [],
+            "no gpu listed": lambda: None,
+        }
+        return made[fault]()
 
     reply = _run(workdir, pki, endorsement_ca, swtpm_factory, sim, good, reports)
     assert not reply.result.HasField("certificate"), _ids(reply)

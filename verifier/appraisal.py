@@ -292,11 +292,10 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
     if expect.gpu is not None and (evidence.gpu_reports or expect.gpu_required):
         verdicts = _gpus(evidence, expect, now)
         submods = _with_gpu_verdicts(submods, verdicts)
-        for verdict in verdicts:
-            for claim, value in verdict.claims.items():
-                if abs(value) > abs(claims.get(claim, 0)):
-                    claims[claim] = value
-            findings.extend(verdict.findings)
+        for claim, value in _worst_of(verdicts).items():
+            if abs(value) > abs(claims.get(claim, 0)):
+                claims[claim] = value
+        findings.extend(_gpu_findings(verdicts, expect))
     return Appraisal(
         result(with_findings(claims, findings), findings, outcome, submods),
         attest,
@@ -355,7 +354,9 @@ def _policy(
     return outcome, (key, outcome)
 
 
-def _gpus(evidence: Evidence, expect: Expectation, now: datetime.datetime) -> tuple[GpuVerdict, ...]:
+def _gpus(
+    evidence: Evidence, expect: Expectation, now: datetime.datetime
+) -> tuple[GpuVerdict, ...]:
     """The GPU reports appraised against NVML's view of the same GPUs in the same body."""
     assert expect.gpu is not None
     state = evidence.body_doc.plain().get("gpu") or {}
@@ -377,6 +378,35 @@ def _gpus(evidence: Evidence, expect: Expectation, now: datetime.datetime) -> tu
         device_id=expect.device_id,
         required=expect.gpu_required,
     )
+
+
+def _worst_of(verdicts: Iterable[GpuVerdict]) -> dict[Claim, int]:
+    """Claim by claim, the least favourable value among the GPUs."""
+    worst: dict[Claim, int] = {}
+    for verdict in verdicts:
+        for claim, value in verdict.claims.items():
+            if abs(value) > abs(worst.get(claim, 0)):
+                worst[claim] = value
+    return worst
+
+
+def _gpu_findings(verdicts: tuple[GpuVerdict, ...], expect: Expectation) -> list[Finding]:
+    """Every GPU's findings; and, where the zone requires GPU attestation, one for a host
+    that lists no GPU at all: hiding the GPUs must not skip their attestation."""
+    found = [f for verdict in verdicts for f in verdict.findings]
+    if expect.gpu_required and not verdicts:
+        found.append(
+            Finding(
+                "gpu.attestation.required",
+                Severity.CONTRAINDICATED,
+                Claim.HARDWARE,
+                f"device {expect.device_id} in zone {expect.zone or '(none)'!r}: the policy "
+                "requires each GPU's own verified attestation report; the evidence lists no GPU",
+                "at least one GPU with a verified report",
+                "no GPU listed",
+            )
+        )
+    return found
 
 
 def _with_gpu_verdicts(
