@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from devtrust.core.binding import gpu_nonce, sign_possession
 from devtrust.swtpm import EndorsementCA
 from devtrust.swtpm.gpu_sim import SimGpu, SimGpuRoots, fill_rim_store
 from devtrust.v1 import attestation_pb2, common_pb2, query_pb2
-from devtrust.verifier.config import GpuConfig
+from devtrust.verifier.config import GpuConfig, VerifierConfig
 from devtrust.verifier.pki import PkiFiles
 from tests.conftest import SwtpmFactory
 from tests.env import (
@@ -45,6 +46,8 @@ from tests.env import (
 pytestmark = pytest.mark.swtpm
 
 ZONE = "production-inference"
+# What a test sends as GpuReports for a challenge's nonce; None: the body lists no GPU at all.
+MakeReports = Callable[[bytes], list[attestation_pb2.GpuReport] | None]
 POLICY = """\
 policy_id: gpu-attestation-e2e
 required_evidence:
@@ -71,7 +74,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimGpuRoots, SimGpu, 
 
 def _config(
     workdir: Path, pki: PkiFiles, ca: EndorsementCA, sim: tuple[SimGpuRoots, SimGpu, SimGpu]
-):  # type: ignore[no-untyped-def]
+) -> VerifierConfig:
     roots, good, revoked = sim
     store = workdir / "rims"
     fill_rim_store(roots, store, [(good.driver_version, good.vbios_version)])
@@ -110,7 +113,7 @@ def _body(
     agent: Agent,
     challenge: attestation_pb2.Challenge,
     gpu: SimGpu,
-    reports: list[attestation_pb2.GpuReport],
+    reports: list[attestation_pb2.GpuReport] | None,
 ) -> bytes:
     key = new_key()
     collected = datetime.datetime.now(datetime.UTC)
@@ -135,9 +138,9 @@ def _report(gpu: SimGpu, nonce: bytes) -> attestation_pb2.GpuReport:
 async def _attest(
     pki: PkiFiles,
     workdir: Path,
-    config,  # type: ignore[no-untyped-def]
+    config: VerifierConfig,
     tpm_factory: SwtpmFactory,
-    make_reports,  # type: ignore[no-untyped-def]
+    make_reports: MakeReports,
     gpu: SimGpu,
     *,
     zone: str = ZONE,
@@ -169,7 +172,7 @@ def _run(
     swtpm_factory: SwtpmFactory,
     sim: tuple[SimGpuRoots, SimGpu, SimGpu],
     gpu: SimGpu,
-    make_reports,  # type: ignore[no-untyped-def]
+    make_reports: MakeReports,
     *,
     zone: str = ZONE,
 ) -> attestation_pb2.VerifierMessage:
@@ -232,7 +235,7 @@ def test_a_gpu_that_does_not_attest_as_it_should_gets_no_certificate(
 
     def reports(nonce: bytes) -> list[attestation_pb2.GpuReport] | None:
         fresh = gpu_nonce(nonce, good.index)
-        made = {
+        made: dict[str, Callable[[], list[attestation_pb2.GpuReport] | None]] = {
             "measurement": lambda: [_report(good.tampered(block=2), fresh)],
             "replayed": lambda: [_report(good, gpu_nonce(stale, good.index))],
             "revoked": lambda: [_report(revoked, fresh)],
