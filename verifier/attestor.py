@@ -25,8 +25,8 @@ from devtrust.verifier.ca import DeviceIssuers
 from devtrust.verifier.config import LimitsConfig
 from devtrust.verifier.decision import Decision, below_minimum
 from devtrust.verifier.errors import FailedPrecondition, Rejected
-from devtrust.verifier.logtext import printable
 from devtrust.verifier.gpu.anchors import GpuAnchorsHolder
+from devtrust.verifier.logtext import printable
 from devtrust.verifier.policy import GPU_ATTESTATION, PolicyHolder, PolicyOutcome
 from devtrust.verifier.policy_pool import PolicyRunner, PooledPolicy
 from devtrust.verifier.records import CertificateRecord, DeviceRecord, DeviceState, TpmState

@@ -51,12 +51,12 @@ from devtrust.verifier.device_pki import load_device_issuers
 from devtrust.verifier.endorsement import EndorsementStore, load_certificates
 from devtrust.verifier.enroll_service import EnrollmentService
 from devtrust.verifier.errors import MalformedInput
+from devtrust.verifier.gpu.anchors import GpuAnchorsHolder
 from devtrust.verifier.interceptor import ErrorMapping
 from devtrust.verifier.inventory import Inventory
 from devtrust.verifier.listen import bind_problem, listen, server_options
 from devtrust.verifier.metrics import MetricsSink, open_metrics
 from devtrust.verifier.pki import check_server_issued_by, load_ca, read_server_credentials
-from devtrust.verifier.gpu.anchors import GpuAnchorsHolder
 from devtrust.verifier.policy import PolicyError, PolicyHolder
 from devtrust.verifier.policy_store import SharedPolicy
 from devtrust.verifier.query_service import QueryService
@@ -256,6 +256,15 @@ async def _load_state(
         feed.run()
 
 
+def _reference_values(config: VerifierConfig) -> ReferenceValues | None:
+    refs = ReferenceValues.load(config.reference_values) if config.reference_values else None
+    if refs is not None:
+        logger.info(
+            "reference values: %d groups from %s", len(refs.groups), config.reference_values
+        )
+    return refs
+
+
 def _local_policy(config: VerifierConfig) -> PolicyHolder:
     """The policy of this replica's files (ConfigError when it does not load)."""
     try:
@@ -308,11 +317,7 @@ async def start_verifier(
         device_lifetime=settings.certificates.device_lifetime,
         clock=clock,
     )
-    refs = ReferenceValues.load(config.reference_values) if config.reference_values else None
-    if refs is not None:
-        logger.info(
-            "reference values: %d groups from %s", len(refs.groups), config.reference_values
-        )
+    refs = _reference_values(config)
     policy = _local_policy(config)
     gpu = GpuAnchorsHolder(config.gpu)  # ConfigError: a root file missing or not PEM
     repos = await open_repositories(config.database)
