@@ -7,6 +7,7 @@ nonces per challenge and GPU index, duplicates, revocation."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -253,7 +254,9 @@ def test_recorded_report_with_both_test_rims_is_affirming() -> None:
     assert ids(verdict) == []
     # Nothing is revoked-checked without data: said, as INFO.
     assert [f.id for f in verdict.findings] == ["gpu.revocation.unknown"]
-    assert verdict.identity == __import__("hashlib").sha256(CHAIN_545[0]).hexdigest()
+    leaf = x509.load_der_x509_certificate(CHAIN_545[0])
+    spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    assert verdict.identity == hashlib.sha256(spki).hexdigest()
     assert verdict.report is not None
     assert verdict.report.driver_version == DRIVER
     assert all(f.subject == GPU0.name for f in verdict.findings)
@@ -565,6 +568,29 @@ def test_two_gpus_with_one_attestation_key() -> None:
     assert "GPU 1 (gpu1:b)" in first.message
     assert first.subject == "gpu0:a"
     assert all(v.claims[Claim.INSTANCE_IDENTITY] == 96 for v in verdicts)
+
+
+def test_one_key_under_two_certificates_is_still_one_gpu() -> None:
+    """The identity is the attestation key, not the certificate's bytes: a host can present
+    one GPU's key under another certificate (a second one for the same key, or the same one
+    with its ECDSA signature's s replaced by n - s, which verifies too) for a second index."""
+    again = _cert("devtrust test GPU attestation key", PKI.leaf_key, PKI.ica, PKI.ica_key, ca=False)
+    assert again.public_bytes(Encoding.DER) != PKI.leaf.public_bytes(Encoding.DER)
+    other_chain = (again.public_bytes(Encoding.DER), *PKI.chain[1:])
+    second = GpuEvidence(
+        1, REPORT, "", edited(nonce=gpu_nonce(CHALLENGE, 1), sign=PKI.leaf_key), other_chain
+    )
+    gpus = [HostGpu(0, "gpu0:a", VBIOS), HostGpu(1, "gpu1:b", VBIOS)]
+    verdicts = gpus_verdicts([_resigned(0), second], gpus)
+    assert [ids(v) for v in verdicts] == [["gpu.identity.duplicate"]] * 2
+
+
+def test_a_duplicate_finding_names_a_few_others_and_counts_the_rest() -> None:
+    """Its text grows with the GPU count, not with its square."""
+    gpus = [HostGpu(i, f"gpu{i}:x", VBIOS) for i in range(8)]
+    verdicts = gpus_verdicts([_resigned(i) for i in range(8)], gpus)
+    first = next(f for f in verdicts[0].findings if f.id == "gpu.identity.duplicate")
+    assert first.found == "shared with GPU 1 (gpu1:x), GPU 2 (gpu2:x), GPU 3 (gpu3:x) and 4 more"
 
 
 def test_report_for_an_unlisted_index() -> None:

@@ -112,7 +112,7 @@ def _gpu_state(gpu: SimGpu) -> attestation_pb2.GpuState:
 def _body(
     agent: Agent,
     challenge: attestation_pb2.Challenge,
-    gpu: SimGpu,
+    state: attestation_pb2.GpuState,
     reports: list[attestation_pb2.GpuReport] | None,
 ) -> bytes:
     key = new_key()
@@ -120,7 +120,7 @@ def _body(
     body = attestation_pb2.EvidenceBody(
         host=common_pb2.HostFacts(hostname="gpu-e2e"),
         # No report at all stands for a host that hides its GPUs: it lists none.
-        gpu=_gpu_state(gpu) if reports is not None else attestation_pb2.GpuState(source="nvml"),
+        gpu=state if reports is not None else attestation_pb2.GpuState(source="nvml"),
         certify_key_spki=spki(key),
         certify_key_proof=sign_possession(key, challenge.nonce, agent.enrollment.device_id),
         gpu_reports=reports or [],
@@ -141,7 +141,7 @@ async def _attest(
     config: VerifierConfig,
     tpm_factory: SwtpmFactory,
     make_reports: MakeReports,
-    gpu: SimGpu,
+    state: attestation_pb2.GpuState,
     *,
     zone: str = ZONE,
 ) -> attestation_pb2.VerifierMessage:
@@ -155,7 +155,7 @@ async def _attest(
             )
 
         async def build(challenge: attestation_pb2.Challenge) -> attestation_pb2.Evidence:
-            body = _body(agent, challenge, gpu, make_reports(challenge.nonce))
+            body = _body(agent, challenge, state, make_reports(challenge.nonce))
             return await quote_evidence(agent, challenge, body=body)
 
         return await manual_stream(pki, verifier, agent, build)
@@ -175,9 +175,11 @@ def _run(
     make_reports: MakeReports,
     *,
     zone: str = ZONE,
+    state: attestation_pb2.GpuState | None = None,
 ) -> attestation_pb2.VerifierMessage:
     config = _config(workdir, pki, endorsement_ca, sim)
-    return asyncio.run(_attest(pki, workdir, config, swtpm_factory, make_reports, gpu, zone=zone))
+    state = state or _gpu_state(gpu)
+    return asyncio.run(_attest(pki, workdir, config, swtpm_factory, make_reports, state, zone=zone))
 
 
 def test_an_attesting_gpu_that_matches_its_rims_is_certified(
@@ -203,6 +205,9 @@ def test_an_attesting_gpu_that_matches_its_rims_is_certified(
     [submod] = [s for s in trust.submods if s.name == "gpu0:GPU-e2e-0"]
     claims = {c.name: c.value for c in submod.claims}
     assert claims == {"hardware": 2, "executables": 2, "configuration": 2}, claims
+    # A GPU's approved firmware is its own claim, not its host's (no reference values here:
+    # the host's executables are not asserted).
+    assert "executables" not in {c.name for c in trust.claims}, list(trust.claims)
 
 
 @pytest.mark.parametrize(
@@ -215,6 +220,8 @@ def test_an_attesting_gpu_that_matches_its_rims_is_certified(
         ("unsupported", "gpu.attestation.required"),
         ("another gpu's index", "gpu.report.nonce_mismatch"),
         ("no gpu listed", "gpu.attestation.required"),
+        ("vbios not reported", "gpu.version.mismatch"),
+        ("driver not reported", "gpu.version.mismatch"),
     ],
 )
 def test_a_gpu_that_does_not_attest_as_it_should_gets_no_certificate(
@@ -245,10 +252,17 @@ def test_a_gpu_that_does_not_attest_as_it_should_gets_no_certificate(
             "another gpu's index": lambda: [_report(good, gpu_nonce(nonce, good.index + 1))],
             "no report": lambda: [],
             "no gpu listed": lambda: None,
+            "vbios not reported": lambda: [_report(good, fresh)],
+            "driver not reported": lambda: [_report(good, fresh)],
         }
         return made[fault]()
 
-    reply = _run(workdir, pki, endorsement_ca, swtpm_factory, sim, good, reports)
+    state = _gpu_state(good)
+    if fault == "vbios not reported":
+        state.gpus[0].vbios_version = ""
+    if fault == "driver not reported":
+        state.driver_version = ""
+    reply = _run(workdir, pki, endorsement_ca, swtpm_factory, sim, good, reports, state=state)
     assert not reply.result.HasField("certificate"), _ids(reply)
     assert finding in _ids(reply), _ids(reply)
     assert reply.result.trust.tier == common_pb2.TIER_CONTRAINDICATED

@@ -79,8 +79,11 @@ def test_recorded_report_with_both_rims_is_valid(capsys: pytest.CaptureFixture[s
         "GPU: driver 545.00, VBIOS 96.00.5E.00.01, project 1010 SKU 0200, chip SKU 882"
     )
     leaf = x509.load_pem_x509_certificates(CHAIN.read_bytes())[0]
-    identity = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
-    assert lines[-1] == f"identity: sha256 {identity} (the attestation key's certificate)"
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    identity = hashlib.sha256(spki).hexdigest()
+    assert lines[-1] == f"identity: sha256 {identity} (the attestation key, SPKI)"
 
 
 def test_json_shape(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,12 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devtrust.core.errors import ConfigError
-from devtrust.verifier.gpu.revocation import Revocations, RevocationState, RevocationStatus
+from devtrust.verifier.gpu.revocation import (
+    MAX_FILE_BYTES,
+    Revocations,
+    RevocationState,
+    RevocationStatus,
+)
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -375,6 +380,33 @@ def test_bad_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_bytes(b"fetched from nvidia on monday")
     with pytest.raises(ConfigError, match=r"notes\.txt.*CRL \(PEM or DER\) or an OCSP"):
         Revocations.load(tmp_path)
+
+
+def test_the_verifier_leaves_a_bad_file_out_and_keeps_the_others(tmp_path: Path) -> None:
+    """Not strict (the verifier, at start and on SIGHUP): a stray file must not keep a new
+    CRL's revocations out (review M4: the whole directory refused on reload, the old data
+    stayed in force and a newly revoked GPU passed)."""
+    (tmp_path / "ica.crl").write_bytes(crl([LEAF.serial_number]))
+    (tmp_path / "notes.txt").write_bytes(b"fetched from nvidia on monday")
+    (tmp_path / "huge.crl").write_bytes(bytes(MAX_FILE_BYTES + 1))
+    revocations = Revocations.load(tmp_path, strict=False)
+    assert revocations.status(LEAF, CA, NOW, MAX_AGE).state is RevocationState.REVOKED
+    assert len(revocations.problems) == 2
+    assert "huge.crl" in revocations.problems[0]
+    assert "notes.txt" in revocations.problems[1]
+
+
+def test_crls_of_many_issuers_are_looked_up_by_issuer() -> None:
+    """Fifty other issuers' CRLs (review M5: every CRL was compared with every
+    certificate) and the issuer's own one among them still decides."""
+    others = [
+        crl([LEAF.serial_number], issuer=_name(f"another ICA {n}"), key=_key()) for n in range(50)
+    ]
+    revocations = Revocations.from_files(
+        [*((f"other-{n}.crl", data) for n, data in enumerate(others)), ("ica.crl", crl([]))]
+    )
+    assert revocations.status(LEAF, CA, NOW, MAX_AGE).state is RevocationState.GOOD
+    assert revocations.status(LEAF, CA, NOW, MAX_AGE).source == "ica.crl"
 
 
 def test_bad_pem_is_named(tmp_path: Path) -> None:

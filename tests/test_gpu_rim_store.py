@@ -107,10 +107,24 @@ def test_add_refuses_what_does_not_verify_and_writes_nothing(tmp_path: Path) -> 
     assert RimStore.open(path).list() == ()
 
 
-def test_adding_the_same_kind_and_version_replaces_it(tmp_path: Path) -> None:
+def test_another_rim_of_the_same_kind_and_version_is_refused_unless_replace(
+    tmp_path: Path,
+) -> None:
+    """NVIDIA's PROD and test VBIOS RIMs for 96.00.5E.00.01 both verify under its root, share
+    tag id, product and signer, and differ at 4 indices: which one is compared is the
+    operator's choice (review M2), never the last file added; the same file again is no
+    change."""
     path = tmp_path / "rims"
     store = filled(path)
-    store.add(VBIOS_PROD.read_bytes(), roots=[RIM_ROOT], at=WHEN, source=VBIOS_PROD.name)
+    with pytest.raises(RimStoreError, match=r"another vbios RIM for 96.00.5E.00.01.*--replace"):
+        store.add(VBIOS_PROD.read_bytes(), roots=[RIM_ROOT], at=WHEN, source=VBIOS_PROD.name)
+    kept = RimStore.open(path).find(RimKind.VBIOS, "96.00.5E.00.01")
+    assert kept is not None
+    assert kept.source != VBIOS_PROD.name
+    store.add(VBIOS.read_bytes(), roots=[RIM_ROOT], at=WHEN, source=VBIOS.name)  # the same
+    store.add(
+        VBIOS_PROD.read_bytes(), roots=[RIM_ROOT], at=WHEN, source=VBIOS_PROD.name, replace=True
+    )
     reopened = RimStore.open(path)
     assert len(reopened.list()) == 2
     found = reopened.find(RimKind.VBIOS, "96.00.5E.00.01")

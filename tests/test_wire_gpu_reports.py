@@ -29,6 +29,7 @@ from devtrust.verifier.wire_body import (
     MAX_GPU_CERTIFICATES,
     MAX_GPU_DETAIL,
     MAX_GPU_REPORT,
+    MAX_GPU_TEXT,
     WireBody,
     body_from_json,
     body_from_wire,
@@ -199,6 +200,30 @@ def test_the_limits_are_inclusive() -> None:
     )
     body = body_from_wire(body_bytes([at_limits, unsupported(1)]), LimitsConfig(max_gpus=2))
     assert len(body.gpu_reports) == 2
+
+
+@pytest.mark.parametrize("field", ["uuid", "name", "pci_bus_id", "vbios_version"])
+def test_a_gpu_text_past_its_limit_is_refused_naming_it(field: str) -> None:
+    """A GPU's strings name it in every finding about it (issue 14 review H2: a 3.8 MB body
+    made 492 MB of finding text through long UUIDs): bounded, exactly the limit accepted."""
+
+    def body(length: int) -> bytes:
+        gpu = attestation_pb2.Gpu(index=0, **{field: "x" * length})
+        return attestation_pb2.EvidenceBody(
+            gpu=attestation_pb2.GpuState(gpus=[gpu])
+        ).SerializeToString()
+
+    body_from_wire(body(MAX_GPU_TEXT), LimitsConfig())
+    with pytest.raises(LimitExceeded, match=rf"EvidenceBody.gpu.gpus\[0\].{field}: 257 characters"):
+        body_from_wire(body(MAX_GPU_TEXT + 1), LimitsConfig())
+
+
+def test_a_gpu_state_text_past_its_limit_is_refused_naming_it() -> None:
+    data = attestation_pb2.EvidenceBody(
+        gpu=attestation_pb2.GpuState(driver_version="5" * (MAX_GPU_TEXT + 1))
+    ).SerializeToString()
+    with pytest.raises(LimitExceeded, match=r"EvidenceBody.gpu.driver_version: 257 characters"):
+        body_from_wire(data, LimitsConfig())
 
 
 def test_a_report_for_a_body_without_gpus_is_refused() -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from devtrust.core.binding import PublicKey, possession_proven, qualifying_data
 from devtrust.core.ids import DeviceId, Nonce
+from devtrust.core.tier import Tier
 from devtrust.verifier import document, measured_boot
 from devtrust.verifier.errors import LimitExceeded, MalformedInput
 from devtrust.verifier.gpu.appraise import GpuAnchors, GpuVerdict, HostGpu, appraise_gpus
@@ -40,6 +41,7 @@ from devtrust.verifier.trust import (
     Severity,
     SubResult,
     TrustResult,
+    tier_of,
 )
 
 _SEVERITY_VALUE = {Severity.WARNING: 32, Severity.CONTRAINDICATED: 96}
@@ -360,18 +362,20 @@ def _gpus(
     """The GPU reports appraised against NVML's view of the same GPUs in the same body."""
     assert expect.gpu is not None
     state = evidence.body_doc.plain().get("gpu") or {}
+    # A version NVML did not report is "" (compared, so a mismatch): a host must not skip
+    # the check that its GPUs' signed versions are the ones it reports by leaving them out.
     gpus = [
         HostGpu(
             index=int(g["index"]),
             name=gpu_name(g),
-            vbios_version=str(g.get("vbios_version") or "") or None,
+            vbios_version=str(g.get("vbios_version") or ""),
         )
         for g in state.get("gpus") or ()
     ]
     return appraise_gpus(
         evidence.gpu_reports,
         gpus,
-        driver_version=str(state.get("driver_version") or "") or None,
+        driver_version=str(state.get("driver_version") or ""),
         challenge_nonce=expect.nonce,
         anchors=expect.gpu,
         now=now,
@@ -381,11 +385,14 @@ def _gpus(
 
 
 def _worst_of(verdicts: Iterable[GpuVerdict]) -> dict[Claim, int]:
-    """Claim by claim, the least favourable value among the GPUs."""
+    """Claim by claim, the least favourable value among the GPUs, where it is worse than
+    affirming: a GPU can make its host's claim worse, never assert one the host did not
+    earn (a GPU's approved firmware says nothing of the host's executables; it stays in the
+    GPU's submod)."""
     worst: dict[Claim, int] = {}
     for verdict in verdicts:
         for claim, value in verdict.claims.items():
-            if abs(value) > abs(worst.get(claim, 0)):
+            if tier_of(value) > Tier.AFFIRMING and abs(value) > abs(worst.get(claim, 0)):
                 worst[claim] = value
     return worst
 

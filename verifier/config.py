@@ -404,8 +404,10 @@ class GpuConfig:
     # The RIM store: driver and VBIOS RIMs verified when added (`devtrust gpu rim add`),
     # read at start and on reload; never fetched while appraising.
     rim_store: Path = Path("/var/lib/devtrust/rims")
-    # CRLs and OCSP responses for GPU and RIM certificates, as the operator fetched them
-    # (files in this directory, PEM or DER); none: revocation is unknown (a finding).
+    # CRLs and OCSP responses for the GPUs' identity certificates, as the operator fetched
+    # them (files in this directory, PEM or DER); none: revocation is unknown (a finding).
+    # A file that is neither is logged and left out; the others count. (RIM signers are
+    # checked when a RIM is added, not against revocation data.)
     revocation: Path | None = None
     # A CRL or OCSP response older than this (from its thisUpdate / producedAt) is stale:
     # a warning finding that names its age.

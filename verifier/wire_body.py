@@ -314,7 +314,34 @@ def check_body_limits(body: attestation_pb2.EvidenceBody, limits: LimitsConfig) 
             count = len(getattr(g, name))
             if count > limit:  # the field's name is made only for the error
                 bounded(count, limit, f"EvidenceBody.gpu.gpus[{i}].{name}", key)
+        for name in _GPU_TEXTS:
+            if len(getattr(g, name)) > MAX_GPU_TEXT:
+                raise LimitExceeded(
+                    f"EvidenceBody.gpu.gpus[{i}].{name}: {len(getattr(g, name))} characters, "
+                    f"more than {MAX_GPU_TEXT}"
+                )
+    for name in _STATE_TEXTS:
+        if len(getattr(gpu, name)) > MAX_GPU_TEXT:
+            raise LimitExceeded(
+                f"EvidenceBody.gpu.{name}: {len(getattr(gpu, name))} characters, "
+                f"more than {MAX_GPU_TEXT}"
+            )
     check_gpu_reports(body.gpu_reports, seen, limits)
+
+
+# A GPU's identity and version strings name it in every finding, result and log line about
+# it (policy submods, GPU attestation): bounded, so that no GPU can make them large.
+MAX_GPU_TEXT = 256
+_GPU_TEXTS = tuple(
+    f.name
+    for f in attestation_pb2.Gpu.DESCRIPTOR.fields
+    if f.type == f.TYPE_STRING and not f.is_repeated
+)
+_STATE_TEXTS = tuple(
+    f.name
+    for f in attestation_pb2.GpuState.DESCRIPTOR.fields
+    if f.type == f.TYPE_STRING and not f.is_repeated
+)
 
 
 # What one GpuReport may hold (agent/gpu/attest.py keeps its reports within the same).

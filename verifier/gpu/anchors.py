@@ -76,7 +76,9 @@ class GpuAnchorsHolder:
         store = RimStore.open(config.rim_store, roots=rim_roots)
         revocation = None
         if config.revocation is not None:
-            revocation = Revocations.load(config.revocation)
+            # A file that is not a CRL or OCSP response is logged and left out; the others
+            # count (strict, one bad file would keep every new revocation out on reload).
+            revocation = Revocations.load(config.revocation, strict=False)
         anchors = GpuAnchors(
             device_roots=roots,
             rims=store,

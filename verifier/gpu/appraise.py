@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from devtrust.core.binding import gpu_nonce
 from devtrust.verifier.gpu import spdm
@@ -310,7 +311,7 @@ def appraise_report(
         return _without_report(gpu, evidence, device_id, required=False)
     verdict = _Verdict(gpu, device_id)
     if evidence.certificates:
-        verdict.identity = hashlib.sha256(evidence.certificates[0]).hexdigest()
+        verdict.identity = key_identity(evidence.certificates[0])
     # 1. Parse (each field bounded, named on error).
     try:
         report = spdm.parse_report(evidence.report)
@@ -581,8 +582,8 @@ def _versions(
                 Claim.CONFIGURATION,
                 CONFIGURATION_UNSAFE,
                 f"the GPU's signed report says {what} {signed or '(none)'}, the host's NVML "
-                f"said {nvml} in the same evidence",
-                expected=f"{what} {nvml} (NVML)",
+                f"said {nvml or 'nothing'} in the same evidence",
+                expected=f"{what} {nvml or '(not reported)'} (NVML)",
                 found=f"{what} {signed or '(none)'} (GPU report)",
             )
 
@@ -680,6 +681,24 @@ def _rim_name(rim: Rim) -> str:
     return name
 
 
+def key_identity(leaf_der: bytes) -> str:
+    """A GPU's identity: hex SHA-256 of its attestation key (the leaf's SubjectPublicKeyInfo),
+    not of the certificate's bytes, which a host can vary without the key (an ECDSA
+    signature's s and n - s both verify); "" when the certificate does not parse (its chain
+    check then fails anyway)."""
+    try:
+        key = x509.load_der_x509_certificate(leaf_der).public_key()
+        spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+        return ""
+    return hashlib.sha256(spki).hexdigest()
+
+
+# A duplicate finding names at most this many of the other GPUs (then a count): its text
+# stays linear in the GPU count whatever a host sends.
+_NAMED_DUPLICATES = 3
+
+
 def _duplicates(verdicts: list[GpuVerdict], device_id: str) -> tuple[GpuVerdict, ...]:
     """GPUs that showed one attestation certificate: each contraindicated, naming the
     others (a host that copies one GPU's report and chain for another)."""
@@ -693,13 +712,16 @@ def _duplicates(verdicts: list[GpuVerdict], device_id: str) -> tuple[GpuVerdict,
         if len(same) < 2:
             out.append(verdict)
             continue
-        others = ", ".join(f"GPU {v.index} ({v.name})" for v in same if v is not verdict)
+        rest = [v for v in same if v is not verdict]
+        others = ", ".join(f"GPU {v.index} ({v.name})" for v in rest[:_NAMED_DUPLICATES])
+        if len(rest) > _NAMED_DUPLICATES:
+            others += f" and {len(rest) - _NAMED_DUPLICATES} more"
         finding = Finding(
             id="gpu.identity.duplicate",
             severity=Severity.CONTRAINDICATED,
             claim=Claim.INSTANCE_IDENTITY,
             message=f"GPU {verdict.index} ({verdict.name}) of device {device_id}: its "
-            f"attestation certificate (sha256 {verdict.identity}) is also {others}'s",
+            f"attestation key (SPKI sha256 {verdict.identity}) is also {others}'s",
             expected="one attestation key per GPU",
             found=f"shared with {others}",
             subject=verdict.name,

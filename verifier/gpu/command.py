@@ -197,6 +197,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="roots the RIMs' signers must reach (PEM files or directories); none: --config's "
         "gpu.rim_roots, else NVIDIA's RIM signing root shipped with devtrust",
     )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a stored RIM of the same kind and version that has other content "
+        "(NVIDIA signs more than one for some versions: a production and a test VBIOS RIM); "
+        "without it such a RIM is refused, naming both",
+    )
     p.set_defaults(tool=rim_add)
     p = rim.add_parser("list", help="the RIMs in the store")
     _store_options(p)
@@ -360,19 +367,16 @@ def _is_xml(data: bytes) -> bool:
     return data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
 
 
-def _rim_data(path: Path, what: str = "--rim", *, corim: bool = True) -> bytes:
-    """A RIM file's bytes: a SWID tag (XML) or, where ``corim``, a signed CoRIM (CBOR tag
-    502). Anything else (a certificate, a report) is a usage error."""
+def _rim_data(path: Path, what: str = "--rim") -> bytes:
+    """A RIM file's bytes: a SWID tag (XML) or a signed CoRIM (CBOR tag 502). Anything else
+    (a certificate, a report) is a usage error."""
     data = _read(path, what, MAX_RIM_FILE)
-    if _is_xml(data) or (corim and data.startswith(CORIM_START)):
+    if _is_xml(data) or data.startswith(CORIM_START):
         return data
-    if data.startswith(CORIM_START):
-        raise tools.UsageError(
-            f"{what} {path}: a CoRIM: the RIM store holds SWID-tag RIMs (XML) only; "
-            "`gpu check --rim` takes CoRIMs"
-        )
-    kinds = "a SWID tag (XML) or a signed CoRIM (CBOR tag 502)" if corim else "a SWID tag (XML)"
-    raise tools.UsageError(f"{what} {path}: expected a RIM, {kinds}, found {data[:16]!r}...")
+    raise tools.UsageError(
+        f"{what} {path}: expected a RIM, a SWID tag (XML) or a signed CoRIM (CBOR tag 502), "
+        f"found {data[:16]!r}..."
+    )
 
 
 @dataclass(frozen=True)
@@ -586,7 +590,7 @@ def _verdict(
             f"{facts['chip_sku'] or '?'}"
         )
     if facts.get("identity"):
-        lines.append(f"identity: sha256 {facts['identity']} (the attestation key's certificate)")
+        lines.append(f"identity: sha256 {facts['identity']} (the attestation key, SPKI)")
     print("\n".join(lines))
     return EXIT_VALID if valid else EXIT_INVALID
 
@@ -626,6 +630,7 @@ def rim_add(args: argparse.Namespace) -> int:
         RimFormatError,
         RimSignatureError,
     )
+    from devtrust.verifier.gpu.rim_store import RimStoreError  # noqa: PLC0415 - as rim.py
 
     settings = _settings(args)
     roots = load_roots(args.root or settings.rim_roots, "--root")
@@ -636,9 +641,15 @@ def rim_add(args: argparse.Namespace) -> int:
     status = EXIT_VALID
     for path, data in blobs:
         try:
-            rim = store.add(data, roots=roots, at=at, source=str(path), signer=signer)
+            rim = store.add(
+                data, roots=roots, at=at, source=str(path), signer=signer, replace=args.replace
+            )
         except (RimFormatError, RimSignatureError) as exc:
             print(f"gpu.rim.invalid: {one_line(exc)}")  # names the file
+            status = EXIT_INVALID
+            continue
+        except RimStoreError as exc:  # another RIM of this kind and version is stored
+            print(f"not added: {one_line(exc)}")
             status = EXIT_INVALID
             continue
         print(

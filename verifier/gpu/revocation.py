@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +36,8 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from devtrust.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_FILES",
@@ -146,33 +149,61 @@ class Revocations:
     """The operator's CRLs and OCSP responses, parsed (not yet verified: each one's issuer is
     known only when a certificate is checked)."""
 
-    def __init__(self, crls: Sequence[_Crl] = (), responses: Sequence[_Ocsp] = ()) -> None:
+    def __init__(
+        self,
+        crls: Sequence[_Crl] = (),
+        responses: Sequence[_Ocsp] = (),
+        problems: Sequence[str] = (),
+    ) -> None:
         self._crls = tuple(crls)
         self._responses = tuple(responses)
         self._memo = _Memo()
+        # Files left out when loaded (each a sentence naming it): logged and shown.
+        self.problems = tuple(problems)
+        # Looked up by the certificate's issuer name and serial, not scanned: a directory of
+        # thousands of CRLs must not cost each GPU certificate thousands of comparisons.
+        self._crls_by_issuer: dict[bytes, list[tuple[int, _Crl]]] = {}
+        for n, entry in enumerate(self._crls):
+            key = entry.crl.issuer.public_bytes()
+            self._crls_by_issuer.setdefault(key, []).append((n, entry))
+        self._ocsp_by_serial: dict[int, list[tuple[int, _Ocsp]]] = {}
+        for n, item in enumerate(self._responses):
+            for serial in {single.serial_number for single in item.response.responses}:
+                self._ocsp_by_serial.setdefault(serial, []).append((n, item))
 
     @property
     def sources(self) -> tuple[str, ...]:
         return tuple(c.source for c in self._crls) + tuple(r.source for r in self._responses)
 
     @classmethod
-    def from_files(cls, files: Iterable[tuple[str, bytes]]) -> Revocations:
+    def from_files(cls, files: Iterable[tuple[str, bytes]], *, strict: bool = True) -> Revocations:
         """Parse ``(name, bytes)`` pairs: a PEM or DER CRL, or a DER OCSP response each;
-        ConfigError naming the one that is neither."""
+        ConfigError naming the one that is neither. Not ``strict`` (the verifier): such a
+        file is left out, named in ``problems`` and logged, and the others count: one bad
+        file must not keep a new CRL's revocations from taking effect."""
         crls: list[_Crl] = []
         responses: list[_Ocsp] = []
+        problems: list[str] = []
         for name, data in files:
-            parsed = _parse(name, data)
+            try:
+                parsed = _parse(name, data)
+            except ConfigError as exc:
+                if strict:
+                    raise
+                problems.append(str(exc))
+                logger.error("%s; left out, the other files count", exc)  # noqa: TRY400
+                continue
             if isinstance(parsed, _Crl):
                 crls.append(parsed)
             else:
                 responses.append(parsed)
-        return cls(crls, responses)
+        return cls(crls, responses, problems)
 
     @classmethod
-    def load(cls, directory: Path) -> Revocations:
+    def load(cls, directory: Path, *, strict: bool = True) -> Revocations:
         """Every regular file of ``directory`` (dot files skipped), each a CRL or an OCSP
-        response: ConfigError naming the directory or the file that cannot be used."""
+        response: ConfigError naming the directory or the file that cannot be used (not
+        ``strict``: a file that is neither is left out, see ``from_files``)."""
         try:
             entries = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
         except OSError as exc:
@@ -185,20 +216,22 @@ class Revocations:
                 "give the directory of CRLs and OCSP responses only"
             )
         files: list[tuple[str, bytes]] = []
+        skipped: list[str] = []
         for path in entries:
             if not path.is_file():
                 continue
-            try:
-                size = path.stat().st_size
-                if size > MAX_FILE_BYTES:
-                    raise ConfigError(
-                        f"gpu.revocation: {path} is {size} bytes, more than {MAX_FILE_BYTES}: "
-                        "expected a CRL or an OCSP response"
-                    )
-                files.append((str(path), path.read_bytes()))
-            except OSError as exc:
-                raise ConfigError(f"gpu.revocation: cannot read {path}: {exc.strerror}") from None
-        return cls.from_files(files)
+            read = _read_file(path)
+            if isinstance(read, bytes):
+                files.append((str(path), read))
+                continue
+            if strict:
+                raise read
+            skipped.append(str(read))
+            logger.error("%s; left out, the other files count", read)
+        loaded = cls.from_files(files, strict=strict)
+        if not skipped:
+            return loaded
+        return cls(loaded._crls, loaded._responses, (*skipped, *loaded.problems))
 
     def status(
         self,
@@ -212,13 +245,13 @@ class Revocations:
         covers it; else unknown. ``detail`` names data that was ignored and why."""
         ignored: list[str] = []
         answers: list[tuple[RevocationState, str, datetime, datetime | None, str]] = []
-        for n, entry in enumerate(self._crls):
+        for n, entry in self._crls_by_issuer.get(cert.issuer.public_bytes(), ()):
             answer = _crl_answer(
                 entry, cert, issuer, now, ignored, memo=self._memo, token=("crl", n)
             )
             if answer is not None:
                 answers.append(answer)
-        for n, item in enumerate(self._responses):
+        for n, item in self._ocsp_by_serial.get(cert.serial_number, ()):
             answer = _ocsp_answer(
                 item, cert, issuer, now, ignored, memo=self._memo, token=("ocsp", n)
             )
@@ -238,6 +271,20 @@ class Revocations:
         return RevocationStatus(
             state, source, age, stale, "; ".join(x for x in (detail, note) if x)
         )
+
+
+def _read_file(path: Path) -> bytes | ConfigError:
+    """A revocation file's bytes, or the error naming why it cannot be used."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return ConfigError(
+                f"gpu.revocation: {path} is {size} bytes, more than {MAX_FILE_BYTES}: "
+                "expected a CRL or an OCSP response"
+            )
+        return path.read_bytes()
+    except OSError as exc:
+        return ConfigError(f"gpu.revocation: cannot read {path}: {exc.strerror}")
 
 
 def _parse(name: str, data: bytes) -> _Crl | _Ocsp:

@@ -207,11 +207,15 @@ class RimStore:
         at: datetime,
         source: str = "",
         signer: Sequence[x509.Certificate] = (),
+        replace: bool = False,
     ) -> Rim:
         """Verify ``data`` (a SWID tag or a signed CoRIM: ``corim.load_any_rim`` at ``at``,
         ``signer`` the CoRIM signer's chain when the CoRIM does not carry it; its errors pass
-        through) and keep it: the original bytes, then the index entry, replacing a RIM of
-        the same kind and version."""
+        through) and keep it: the original bytes, then the index entry. A RIM of the same kind
+        and version with other content is replaced only with ``replace``: NVIDIA signs more
+        than one RIM for a version (a production and a test VBIOS RIM, both valid, with other
+        golden values), and which one is compared must be the operator's choice, never the
+        last file added (RimStoreError names both). The same file again changes nothing."""
         rim = load_any_rim(data, roots=roots, at=at, signer=signer, source=source)
         chain = "".join(c.public_bytes(Encoding.PEM).decode() for c in signer)
         stored = StoredRim(
@@ -224,6 +228,14 @@ class RimStore:
                 for s in entries
                 if not (s.rim.kind is rim.kind and same_version(s.rim.version, rim.version))
             ]
+            held = [s for s in entries if s not in kept and s.sha256 != stored.sha256]
+            if held and not replace:
+                raise RimStoreError(
+                    f"RIM store {self.path}: it holds another {rim.kind.value} RIM for "
+                    f"{rim.version} (sha256 {held[0].sha256}, tag {held[0].rim.tag_id}, from "
+                    f"{held[0].rim.source or '?'}) than this one (sha256 {stored.sha256}, "
+                    f"from {source or '?'}): give --replace to compare with this one instead"
+                )
             if len(kept) >= MAX_ENTRIES:
                 raise RimStoreError(
                     f"RIM store {self.path}: expected at most {MAX_ENTRIES} RIMs, found "
