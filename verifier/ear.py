@@ -53,7 +53,14 @@ from devtrust import __version__
 from devtrust.core.ids import DeviceId
 from devtrust.core.tier import Tier
 from devtrust.verifier.errors import MalformedInput, Rejected
-from devtrust.verifier.trust import Claim, Finding, SubResult, TrustResult, overall_tier
+from devtrust.verifier.trust import (
+    Claim,
+    Finding,
+    SubResult,
+    TrustResult,
+    finding_json,
+    overall_tier,
+)
 
 EAT_PROFILE = "tag:ietf.org,2026:rats/ear#03"
 HOST = "host"
@@ -136,18 +143,6 @@ def _epoch(when: datetime.datetime) -> int:
     return int(when.timestamp())
 
 
-def _finding(f: Finding) -> dict[str, str]:
-    return {
-        "id": f.id,
-        "severity": f.severity.name.lower(),
-        "claim": f.claim.value,
-        "message": f.message,
-        "expected": f.expected,
-        "found": f.found,
-        "subject": f.subject,
-    }
-
-
 def _vector(claims: dict[Claim, int]) -> dict[str, int]:
     """The trustworthiness vector (draft-ietf-rats-ar4si 2.3), in the order of its claims."""
     return {c.value: claims[c] for c in Claim if c in claims}
@@ -159,7 +154,7 @@ def _appraisal(
     out: dict[str, Any] = {STATUS: overall_tier(claims).label, VECTOR: _vector(claims)}
     if policy_id:
         out[POLICY_IDS] = [policy_id]
-    out[FINDINGS] = [_finding(f) for f in findings]
+    out[FINDINGS] = [finding_json(f) for f in findings]
     return out
 
 

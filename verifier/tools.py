@@ -29,7 +29,7 @@ from devtrust.verifier.tpm import eventlog as ev
 from devtrust.verifier.tpm.constants import hash_alg
 from devtrust.verifier.tpm.quote import AkKey, QuoteRejected, check_quote
 from devtrust.verifier.tpm.structures import parse_attest, parse_public
-from devtrust.verifier.trust import overall_tier, trust_score
+from devtrust.verifier.trust import finding_json, overall_tier, trust_score
 from devtrust.verifier.wire_body import body_from_json
 from devtrust.verifier.wire_ops import StoredEvidenceView
 
@@ -280,18 +280,7 @@ def policy_eval(args: argparse.Namespace) -> int:
                     "tier": tier.label,
                     "score": score,
                     "claims": {c.value: v for c, v in claims.items()},
-                    "findings": [
-                        {
-                            "id": f.id,
-                            "severity": f.severity.name.lower(),
-                            "claim": f.claim.value,
-                            "subject": f.subject,
-                            "message": f.message,
-                            "expected": f.expected,
-                            "found": f.found,
-                        }
-                        for f in outcome.findings
-                    ],
+                    "findings": [finding_json(f) for f in outcome.findings],
                     "submods": [
                         {
                             "name": s.name,

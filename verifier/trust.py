@@ -73,6 +73,19 @@ class Finding:
     subject: str = ""
 
 
+def finding_json(f: Finding) -> dict[str, str]:
+    """A finding as JSON: the one shape of stored results, EARs and every ``--json``."""
+    return {
+        "id": f.id,
+        "severity": f.severity.name.lower(),
+        "claim": f.claim.value,
+        "message": f.message,
+        "expected": f.expected,
+        "found": f.found,
+        "subject": f.subject,
+    }
+
+
 @dataclass(frozen=True)
 class SubResult:
     """One component's own result under the host's (EAR submods): a GPU."""

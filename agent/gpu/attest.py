@@ -35,6 +35,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any, Protocol
 
+from devtrust.agent.gpu.nvml import nvml_reason
 from devtrust.core.binding import gpu_nonce
 from devtrust.v1 import attestation_pb2
 
@@ -185,7 +186,7 @@ class NvmlAttester:
         try:
             return self._ask(nv, index, nonce, call)
         except nv.NVMLError as exc:
-            reason = _reason(exc)
+            reason = nvml_reason(exc)
             if reason in ("error", "gpu_lost"):  # NVML's state may be stale: start afresh
                 self.close()
             text = f"NVML {call[0]}: {type(exc).__name__}: {exc}"
@@ -242,16 +243,6 @@ class NvmlAttester:
                 with contextlib.suppress(Exception):
                     self._nv.nvmlShutdown()
             self._nv, self._chains = None, {}
-
-
-def _reason(exc: Exception) -> str:
-    """NVML's error class, as agent/gpu/nvml.py names it for GpuState."""
-    name = type(exc).__name__
-    if "NotSupported" in name or "FunctionNotFound" in name:
-        return "not_supported"
-    if "GpuIsLost" in name:
-        return "gpu_lost"
-    return "error"
 
 
 def _text(value: Any) -> str:

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _reason(exc: Exception) -> str:
+def nvml_reason(exc: Exception) -> str:
+    """An NVML error's class as Unavailable.reason names it (also the attester's)."""
     name = type(exc).__name__
     if "NotSupported" in name or "FunctionNotFound" in name:
         return "not_supported"
@@ -112,7 +113,9 @@ class NvmlSource:
                 self._shutdown()
                 state = attestation_pb2.GpuState(source="nvml")
                 state.unavailable.append(
-                    attestation_pb2.Unavailable(field="nvml", reason=_reason(exc), detail=str(exc))
+                    attestation_pb2.Unavailable(
+                        field="nvml", reason=nvml_reason(exc), detail=str(exc)
+                    )
                 )
                 return state
 
@@ -135,7 +138,7 @@ def _system(nv: Any, state: attestation_pb2.GpuState) -> Any:
             return fn()
         except nv.NVMLError as exc:
             state.unavailable.append(
-                attestation_pb2.Unavailable(field=field, reason=_reason(exc), detail=str(exc))
+                attestation_pb2.Unavailable(field=field, reason=nvml_reason(exc), detail=str(exc))
             )
             return None
 
@@ -179,7 +182,7 @@ def _reader(nv: Any, gpu: attestation_pb2.Gpu) -> Callable[..., Any]:
             return fn(*args)
         except nv.NVMLError as exc:
             gpu.unavailable.append(
-                attestation_pb2.Unavailable(field=field, reason=_reason(exc), detail=str(exc))
+                attestation_pb2.Unavailable(field=field, reason=nvml_reason(exc), detail=str(exc))
             )
             return None
 

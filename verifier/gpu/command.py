@@ -43,7 +43,7 @@ from devtrust.verifier.gpu import appraise
 from devtrust.verifier.gpu.appraise import GpuVerdict
 from devtrust.verifier.gpu.revocation import Revocations
 from devtrust.verifier.gpu.types import REPORT, GpuEvidence, Rim, RimKind
-from devtrust.verifier.trust import Claim, Finding, Severity
+from devtrust.verifier.trust import Claim, Finding, Severity, finding_json
 
 # rim.py and rim_store.py load signxml and lxml (over 0.1 s): imported where a RIM is read,
 # not by every `devtrust` command (each builds this parser).
@@ -540,18 +540,6 @@ def check_report(
 def _ordered(findings: Sequence[Finding]) -> tuple[Finding, ...]:
     """Worst first; among equals, in the order found."""
     return tuple(sorted(findings, key=lambda f: -f.severity))
-
-
-def finding_json(f: Finding) -> dict[str, str]:
-    return {
-        "id": f.id,
-        "severity": f.severity.name.lower(),
-        "claim": f.claim.value,
-        "subject": f.subject,
-        "message": f.message,
-        "expected": f.expected,
-        "found": f.found,
-    }
 
 
 def _verdict(

@@ -23,7 +23,14 @@ from devtrust.verifier.records import (
     iso,
 )
 from devtrust.verifier.tpm.clock import ClockState
-from devtrust.verifier.trust import Claim, Finding, Severity, SubResult, TrustResult
+from devtrust.verifier.trust import (
+    Claim,
+    Finding,
+    Severity,
+    SubResult,
+    TrustResult,
+    finding_json,
+)
 
 __all__ = [
     "Row",
@@ -63,18 +70,6 @@ def _when(value: str) -> datetime.datetime:
 # --- trust results ------------------------------------------------------------------------
 
 
-def _finding_json(f: Finding) -> dict[str, str]:
-    return {
-        "id": f.id,
-        "severity": f.severity.name.lower(),
-        "claim": f.claim.value,
-        "message": f.message,
-        "expected": f.expected,
-        "found": f.found,
-        "subject": f.subject,
-    }
-
-
 def _finding_from(f: dict[str, str]) -> Finding:
     return Finding(
         id=f["id"],
@@ -94,7 +89,7 @@ def result_to_json(result: TrustResult) -> str:
         {
             "device_id": result.device_id,
             "claims": {c.value: v for c, v in result.claims.items()},
-            "findings": [_finding_json(f) for f in result.findings],
+            "findings": [finding_json(f) for f in result.findings],
             "appraised_at": iso(result.appraised_at),
             "expires_at": iso(result.expires_at),
             "evidence_digest": result.evidence_digest,
@@ -122,7 +117,7 @@ def _submods_json(submods: tuple[SubResult, ...]) -> str:
             {
                 "name": s.name,
                 "claims": {c.value: v for c, v in s.claims.items()},
-                "findings": [_finding_json(f) for f in s.findings],
+                "findings": [finding_json(f) for f in s.findings],
             }
             for s in submods
         ],
