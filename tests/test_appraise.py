@@ -224,3 +224,13 @@ def test_the_policy_runs_again_only_when_the_posture_changes() -> None:
     )
     assert policy.calls == 3  # the device's zone is part of the key
     assert rezoned.result.policy_id == "counting"
+
+
+def test_gpu_attestation_required_without_gpu_anchors_is_contraindicated() -> None:
+    """A verifier built without GPU anchors cannot check GPU reports; where the policy
+    requires them it passes none (the zone's requirement is never met vacuously)."""
+    case = CASES[0]
+    required = appraise(_evidence(case), _expect(case, gpu_required=True), now=NOW).result
+    assert [f.id for f in required.findings] == ["gpu.attestation.required"]
+    assert required.tier is Tier.CONTRAINDICATED
+    assert appraise(_evidence(case), _expect(case), now=NOW).result.findings == ()

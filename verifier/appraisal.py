@@ -291,13 +291,12 @@ def appraise(evidence: Evidence, expect: Expectation, *, now: datetime.datetime)
         submods = outcome.submods
     # 12. Each GPU's own signed report (verifier/gpu/appraise.py), bound to this challenge:
     #     per-GPU claims into the GPU's submod, the host as trustworthy as its worst GPU.
-    if expect.gpu is not None and (evidence.gpu_reports or expect.gpu_required):
-        verdicts = _gpus(evidence, expect, now)
-        submods = _with_gpu_verdicts(submods, verdicts)
-        for claim, value in _worst_of(verdicts).items():
-            if abs(value) > abs(claims.get(claim, 0)):
-                claims[claim] = value
-        findings.extend(_gpu_findings(verdicts, expect))
+    verdicts, gpu_findings = _gpu_step(evidence, expect, now)
+    submods = _with_gpu_verdicts(submods, verdicts)
+    for claim, value in _worst_of(verdicts).items():
+        if abs(value) > abs(claims.get(claim, 0)):
+            claims[claim] = value
+    findings.extend(gpu_findings)
     return Appraisal(
         result(with_findings(claims, findings), findings, outcome, submods),
         attest,
@@ -354,6 +353,30 @@ def _policy(
         # appraisal evaluates again.
         return outcome, None
     return outcome, (key, outcome)
+
+
+def _gpu_step(
+    evidence: Evidence, expect: Expectation, now: datetime.datetime
+) -> tuple[tuple[GpuVerdict, ...], list[Finding]]:
+    """Step 12: the GPUs' verdicts and findings (none when the body has no GPU reports and
+    the zone requires none)."""
+    if expect.gpu is not None and (evidence.gpu_reports or expect.gpu_required):
+        verdicts = _gpus(evidence, expect, now)
+        return verdicts, _gpu_findings(verdicts, expect)
+    if not expect.gpu_required:
+        return (), []
+    # A verifier that cannot check GPU reports passes none where they are required.
+    required = Finding(
+        "gpu.attestation.required",
+        Severity.CONTRAINDICATED,
+        Claim.HARDWARE,
+        f"device {expect.device_id} in zone {expect.zone or '(none)'!r}: the policy requires "
+        "each GPU's own verified attestation report, and this verifier has no GPU anchors to "
+        "verify one with",
+        "GPU reports verified",
+        "no GPU anchors",
+    )
+    return (), [required]
 
 
 def _gpus(
