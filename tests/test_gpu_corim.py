@@ -39,18 +39,18 @@ VBIOS = "96.00.9F.00.01"
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory: pytest.TempPathFactory) -> SimGpuRoots:
-    return SimGpuRoots.create(tmp_path_factory.mktemp("gpu-roots"))
+    return SimGpuRoots.create(tmp_path_factory.mktemp("gpu-roots"), now=NOW)
 
 
 @pytest.fixture(scope="module")
 def other(tmp_path_factory: pytest.TempPathFactory) -> SimGpuRoots:
     """Another simulation: its RIM root is not the verifier's."""
-    return SimGpuRoots.create(tmp_path_factory.mktemp("other-roots"))
+    return SimGpuRoots.create(tmp_path_factory.mktemp("other-roots"), now=NOW)
 
 
 @pytest.fixture(scope="module")
 def gpu(roots: SimGpuRoots) -> SimGpu:
-    return SimGpu.create(roots, 0, driver_version=DRIVER, vbios_version=VBIOS)
+    return SimGpu.create(roots, 0, driver_version=DRIVER, vbios_version=VBIOS, now=NOW)
 
 
 def _load(roots: SimGpuRoots, data: bytes, **kwargs: Any) -> Rim:

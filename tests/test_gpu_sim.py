@@ -47,18 +47,20 @@ CORPUS = corpus_root() / "gpu" / "nvidia_nvtrust_attestation"
 SHIPPED_ROOTS = Path(spdm.__file__).resolve().parents[1] / "data" / "gpu-roots"
 SWID = "{http://standards.iso.org/iso/19770/-2/2015/schema.xsd}"
 SHA384_NS = "{http://www.w3.org/2001/04/xmlenc#sha384}"
+# One time for the module: fixtures made minutes after collection (a whole suite) must not
+# issue CRLs "from the future" of the time the tests appraise at.
 NOW = datetime.now(UTC)
 NONCE = bytes(range(32))
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory: pytest.TempPathFactory) -> SimGpuRoots:
-    return SimGpuRoots.create(tmp_path_factory.mktemp("gpu-roots"))
+    return SimGpuRoots.create(tmp_path_factory.mktemp("gpu-roots"), now=NOW)
 
 
 @pytest.fixture(scope="module")
 def gpu(roots: SimGpuRoots) -> SimGpu:
-    return SimGpu.create(roots, 0)
+    return SimGpu.create(roots, 0, now=NOW)
 
 
 def _chain(gpu: SimGpu) -> list[x509.Certificate]:
@@ -417,8 +419,8 @@ def test_replay_before_any_report_sends_one_for_another_nonce(gpu: SimGpu) -> No
 def crls(
     roots: SimGpuRoots, gpu: SimGpu
 ) -> tuple[SimGpu, x509.CertificateRevocationList, x509.CertificateRevocationList]:
-    twin = gpu.twin(roots)
-    paths = roots.write_revocation(roots.directory / "revocation", [twin.leaf])
+    twin = gpu.twin(roots, now=NOW)
+    paths = roots.write_revocation(roots.directory / "revocation", [twin.leaf], now=NOW)
     root_crl, ca_crl = (x509.load_pem_x509_crl(p.read_bytes()) for p in paths)
     return twin, root_crl, ca_crl
 

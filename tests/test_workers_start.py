@@ -29,6 +29,8 @@ import pytest
 
 from devtrust.core.errors import ConfigError
 from devtrust.core.sdnotify import Notifier
+from devtrust.verifier.config import GpuConfig
+from devtrust.verifier.gpu.anchors import GpuAnchorsHolder
 from devtrust.verifier.main import _explain
 from devtrust.verifier.running import ServingState
 from devtrust.verifier.server import WorkerPlace
@@ -204,12 +206,42 @@ def test_a_reload_that_raises_is_told(caplog: pytest.LogCaptureFixture) -> None:
         def reload(self) -> None:
             raise RuntimeError("boom")
 
-    running: Any = SimpleNamespace(shared_policy=None, policy=Broken())
+    running: Any = SimpleNamespace(shared_policy=None, policy=Broken(), gpu=None)
     told: list[object] = []
     with caplog.at_level(logging.ERROR):
         asyncio.run(reload_and_tell(running, told.append))
     assert told == ["reload failed, policy p1 stays: boom"]
     assert "SIGHUP: the reload failed" in caplog.text
+
+
+def test_sighup_reads_the_gpu_anchors_again_and_keeps_them_when_they_fail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGHUP reads the GPU roots, RIM store and revocation data again (an operator added
+    RIMs); roots that no longer load leave the old anchors in force, said in STATUS."""
+
+    class Loaded:
+        current = SimpleNamespace(policy_id="p1", rules=(1,))
+
+        def reload(self) -> object:
+            return self.current
+
+    holder = GpuAnchorsHolder(GpuConfig(rim_store=tmp_path / "rims"))
+    before = holder.current
+    running: Any = SimpleNamespace(shared_policy=None, policy=Loaded(), gpu=holder)
+    told: list[object] = []
+    asyncio.run(reload_and_tell(running, told.append))
+    assert told == ["reload: policy p1 loaded (1 rules); GPU attestation data reloaded"]
+    assert holder.current is not before
+    kept = holder.current
+    holder.config = GpuConfig(device_roots=[tmp_path / "absent.pem"], rim_store=tmp_path)
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(reload_and_tell(running, told.append))
+    assert str(told[-1]).startswith(
+        "reload: policy p1 loaded (1 rules); GPU attestation data refused, the old stay: "
+        "gpu.device_roots: cannot read"
+    )
+    assert holder.current is kept
 
 
 def test_the_heartbeat_survives_an_error(caplog: pytest.LogCaptureFixture) -> None:
