@@ -208,7 +208,8 @@ def test_a_gpu_text_past_its_limit_is_refused_naming_it(field: str) -> None:
     made 492 MB of finding text through long UUIDs): bounded, exactly the limit accepted."""
 
     def body(length: int) -> bytes:
-        gpu = attestation_pb2.Gpu(index=0, **{field: "x" * length})
+        gpu = attestation_pb2.Gpu(index=0)
+        setattr(gpu, field, "x" * length)
         return attestation_pb2.EvidenceBody(
             gpu=attestation_pb2.GpuState(gpus=[gpu])
         ).SerializeToString()
