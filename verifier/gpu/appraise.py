@@ -511,7 +511,7 @@ def _revocation(
             Claim.HARDWARE,
             None,
             "the revocation of its certificates is not checked: no CRLs or OCSP responses "
-            "are configured (gpu.revocation)",
+            "are given (gpu.revocation in verifier.yaml; --revocation of gpu check)",
             expected="revocation data for the GPU's certificates",
             found="none configured",
         )
@@ -603,7 +603,8 @@ def _measurements(verdict: _Verdict, report: spdm.SpdmReport, rims: RimSource) -
                 Claim.EXECUTABLES,
                 EXECUTABLES_UNRECOGNIZED,
                 f"no {what} RIM for {what} {version or '(the report names none)'}: its "
-                "measurements are not compared (add NVIDIA's RIM: devtrust gpu rim add)",
+                "measurements are not compared (add NVIDIA's RIM to the verifier's store with "
+                "`gpu rim add`, or give it to gpu check with --rim)",
                 expected=f"a {what} RIM for {version or '?'}",
                 found="none",
             )
