@@ -252,6 +252,17 @@ COMMANDS = [
         "added driver RIM 545.00",
     ),
     Command(
+        "devtrust gpu rim fetch",
+        lambda t: [
+            *("gpu", "rim", "fetch"),
+            *("--report", str(_gpu_corpus() / "attestationReport-545.00.txt")),
+            *("--chain", str(_gpu_corpus() / "gpuAkCertChain-545.00.txt")),
+            *("--service", "http://127.0.0.1:1/v1/rim/", "--store", str(t / "rims")),
+        ],
+        "not fetched: NV_GPU_DRIVER_GH100_545.00: cannot reach 127.0.0.1:1",
+        status=1,
+    ),
+    Command(
         "devtrust gpu rim list",
         lambda t: ["gpu", "rim", "list", "--store", str(t / "rims")],
         "driver 545.00",

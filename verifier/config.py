@@ -404,6 +404,9 @@ class GpuConfig:
     # The RIM store: driver and VBIOS RIMs verified when added (`devtrust gpu rim add`),
     # read at start and on reload; never fetched while appraising.
     rim_store: Path = Path("/var/lib/devtrust/rims")
+    # Where `devtrust gpu rim fetch` asks for RIMs by ID: NVIDIA's RIM service, or a mirror
+    # that answers the same way (https://; http:// only for a mirror on a trusted network).
+    rim_service: str = "https://rim.attestation.nvidia.com/v1/rim/"
     # CRLs and OCSP responses for the GPUs' identity certificates, as the operator fetched
     # them (files in this directory, PEM or DER); none: revocation is unknown (a finding).
     # A file that is neither is logged and left out; the others count. (RIM signers are
@@ -416,6 +419,11 @@ class GpuConfig:
     def __post_init__(self) -> None:
         if not self.revocation_max_age_s > 0:
             raise ValueError("revocation_max_age_s must be positive (seconds)")
+        if not self.rim_service.startswith(("https://", "http://")):
+            raise ValueError(
+                f"rim_service: expected an https:// URL (NVIDIA's RIM service or a mirror), "
+                f"got {clip(self.rim_service)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import datetime
 import json
 import re
 import string
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,59 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "without it such a RIM is refused, naming both",
     )
     p.set_defaults(tool=rim_add)
+    p = rim.add_parser(
+        "fetch",
+        help="fetch driver and VBIOS RIMs by ID from NVIDIA's RIM service or a mirror, verify "
+        "them and add them to the store (exit 1 when one is missing or does not verify)",
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        metavar="ID",
+        help="RIM IDs as NVIDIA names them: NV_GPU_DRIVER_GH100_545.00, "
+        "NV_GPU_CC_DRIVER_<chip>_<driver> (Blackwell), NV_GPU_VBIOS_1010_0200_882_96005E0001",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="an attestation report (as `gpu check` reads it): fetch the driver and VBIOS RIMs "
+        "it names (with --chain, whose leaf certificate names the chip)",
+    )
+    p.add_argument(
+        "--chain", type=Path, metavar="FILE", help="the report's certificate chain (PEM)"
+    )
+    p.add_argument(
+        "--service",
+        metavar="URL",
+        help="the RIM service's base URL, each ID appended; none: --config's "
+        f"gpu.rim_service, else {GpuConfig().rim_service}",
+    )
+    _store_options(p)
+    p.add_argument("--at", type=parse_time, metavar="TIME", help=_AT_HELP)
+    p.add_argument(
+        "--root",
+        type=Path,
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="roots the RIMs' signers must reach (PEM files or directories); none: --config's "
+        "gpu.rim_roots, else NVIDIA's RIM signing root shipped with devtrust",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a stored RIM of the same kind and version that has other content",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds each RIM's request may take in all",
+    )
+    p.set_defaults(tool=rim_fetch)
     p = rim.add_parser("list", help="the RIMs in the store")
     _store_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -590,6 +644,7 @@ def _verdict(
 class _StoreSettings:
     store: Path
     rim_roots: list[Path]
+    rim_service: str = GpuConfig().rim_service
 
 
 def _settings(args: argparse.Namespace) -> _StoreSettings:
@@ -599,7 +654,11 @@ def _settings(args: argparse.Namespace) -> _StoreSettings:
             gpu = VerifierConfig.load(args.config).gpu
         except (ConfigError, OSError, ValueError) as exc:
             raise tools.UsageError(f"--config {args.config}: {one_line(exc)}") from None
-    return _StoreSettings(store=args.store or gpu.rim_store, rim_roots=list(gpu.rim_roots))
+    return _StoreSettings(
+        store=args.store or gpu.rim_store,
+        rim_roots=list(gpu.rim_roots),
+        rim_service=gpu.rim_service,
+    )
 
 
 def _open_store(path: Path) -> RimStore:
@@ -643,6 +702,92 @@ def rim_add(args: argparse.Namespace) -> int:
         print(
             f"added {rim.kind} RIM {rim.version} ({rim.product}, {len(rim.measurements)} "
             f"active measurements, signed by {rim.signer}) from {path}"
+        )
+    return status
+
+
+def _fetch_ids(args: argparse.Namespace) -> list[str]:
+    """The IDs given, then those the report names (each once)."""
+    from devtrust.verifier.gpu import rim_fetch  # noqa: PLC0415 - urllib: this command only
+
+    ids = [rim_fetch.check_id(rim_id) for rim_id in args.ids]
+    if (args.report is None) != (args.chain is None):
+        raise tools.UsageError("--report and --chain go together: give both, or IDs")
+    if args.report is not None:
+        data = report_bytes(_read(args.report, "--report", MAX_REPORT_FILE), args.report)
+        derived = rim_fetch.report_ids(data, load_chain(args.chain), name=str(args.report))
+        ids += [derived.driver, derived.vbios]
+    if not ids:
+        raise tools.UsageError(
+            "give RIM IDs (such as NV_GPU_DRIVER_GH100_545.00), or --report and --chain"
+        )
+    return list(dict.fromkeys(ids))
+
+
+def rim_fetch(args: argparse.Namespace) -> int:
+    """Each ID fetched, verified and added; one line each. Exit 1 when any was not added
+    (after trying the others), 2 for usage."""
+    from devtrust.verifier.gpu import rim_fetch  # noqa: PLC0415 - urllib: this command only
+    from devtrust.verifier.gpu.corim import load_any_rim  # noqa: PLC0415 - as rim.py
+    from devtrust.verifier.gpu.rim import (  # noqa: PLC0415 - signxml, lxml: see above
+        RimFormatError,
+        RimSignatureError,
+    )
+    from devtrust.verifier.gpu.rim_store import RimStoreError  # noqa: PLC0415 - as rim.py
+
+    if not 0 < args.timeout <= 3600:
+        raise tools.UsageError(f"--timeout: expected 0 < S <= 3600 seconds, found {args.timeout}")
+    settings = _settings(args)
+    try:
+        ids = _fetch_ids(args)
+        service, plain = rim_fetch.service_url(args.service or settings.rim_service)
+    except rim_fetch.IdError as exc:
+        raise tools.UsageError(str(exc)) from None
+    if plain:
+        print(
+            f"devtrust: fetching over plain http from {service}: a mirror on a network you "
+            "trust (each RIM's signature is still verified)",
+            file=sys.stderr,
+        )
+    roots = load_roots(args.root or settings.rim_roots, "--root")
+    at: datetime.datetime = args.at or datetime.datetime.now(datetime.UTC)
+    store = _open_store(settings.store)
+    status = EXIT_VALID
+    for rim_id in ids:
+        try:
+            fetched = rim_fetch.fetch(service, rim_id, timeout=args.timeout)
+        except rim_fetch.FetchError as exc:
+            print(f"not fetched: {one_line(exc)}")
+            status = EXIT_INVALID
+            continue
+        try:
+            # Verified first, so that a RIM for another version than its ID is never kept.
+            rim = load_any_rim(fetched.data, roots=roots, at=at, source=fetched.url)
+            expected = rim_fetch.expected_rim(rim_id)
+            if expected is not None and (
+                rim.kind is not expected[0]
+                or rim_fetch.id_version(rim.kind, rim.version) != expected[1]
+            ):
+                print(
+                    f"not added: {rim_id}: {fetched.url} sent a {rim.kind.value} RIM for "
+                    f"{rim.version}, not the {expected[0].value} RIM {expected[1]} its ID names"
+                )
+                status = EXIT_INVALID
+                continue
+            rim = store.add(
+                fetched.data, roots=roots, at=at, source=fetched.url, replace=args.replace
+            )
+        except (RimFormatError, RimSignatureError) as exc:
+            print(f"gpu.rim.invalid: {rim_id}: {one_line(exc)}; not added")  # names the URL
+            status = EXIT_INVALID
+            continue
+        except RimStoreError as exc:  # another RIM of this kind and version is stored
+            print(f"not added: {rim_id}: {one_line(exc)}")
+            status = EXIT_INVALID
+            continue
+        print(
+            f"added {rim.kind} RIM {rim.version} ({rim.product}, {len(rim.measurements)} "
+            f"active measurements, signed by {rim.signer}) from {fetched.url}"
         )
     return status
 
