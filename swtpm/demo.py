@@ -58,6 +58,7 @@ from devtrust.verifier.config import (
     AttestationConfig,
     CaConfig,
     EndorsementConfig,
+    GpuConfig,
     ListenConfig,
     TlsConfig,
     VerifierConfig,
@@ -123,6 +124,8 @@ async def run_demo(out: Path, work: Path) -> dict[str, Any]:
             attestation=AttestationConfig(interval_s=30.0),
             # The operator who reads the result back below only reads.
             operators={"demo": "viewer"},
+            # No GPU here: an empty RIM store of the demo's own, not the machine's.
+            gpu=GpuConfig(rim_store=work / "rims"),
         )
         verifier = await start_verifier(vcfg)
         stack.push_async_callback(verifier.stop)
@@ -279,8 +282,12 @@ def demo(out: Path, *, keep_work: bool = False) -> int:
     (out / MARKER).write_text(
         "written by `devtrust-demo`: a later demo may replace this directory\n"
     )
-    # SIGTERM unwinds like Ctrl-C, so the swtpm process and the servers are stopped too.
+    # SIGTERM and Ctrl-C unwind alike, so the swtpm process and the servers are stopped too:
+    # both raise KeyboardInterrupt. (asyncio.run's own Ctrl-C handling only cancels the main
+    # task, and a cancellation that lands while the demo is already stopping what it started
+    # is consumed there: the demo then finished as if never interrupted.)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="devtrust-demo-"))
     try:
         summary = asyncio.run(run_demo(out, work))
