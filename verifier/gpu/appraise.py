@@ -644,8 +644,12 @@ def _measurements(verdict: _Verdict, report: spdm.SpdmReport, rims: RimSource) -
         for reference in sorted(rim.measurements, key=lambda m: m.index):
             if reference.index in conflict:
                 continue
-            where = f"block {reference.index} (RIM index {reference.index - 1})"
             block = blocks.get(reference.index)
+            if block is not None and (
+                len(block.value) == reference.size and block.value in reference.alternatives
+            ):
+                continue  # the usual case: nothing to name, nothing formatted
+            where = f"block {reference.index} (RIM index {reference.index - 1})"
             allowed = " or ".join(a.hex() for a in reference.alternatives)
             if block is None:
                 verdict.add(
@@ -659,18 +663,16 @@ def _measurements(verdict: _Verdict, report: spdm.SpdmReport, rims: RimSource) -
                     found="absent",
                 )
                 continue
-            value = block.value
-            if not (len(value) == reference.size and value in reference.alternatives):
-                verdict.add(
-                    "gpu.measurement.mismatch",
-                    Severity.CONTRAINDICATED,
-                    Claim.EXECUTABLES,
-                    EXECUTABLES_CONTRAINDICATED,
-                    f"measurement {where} is {value.hex()}; the {_RIM_NAME[rim.kind]} RIM "
-                    f"({_rim_name(rim)}) allows {allowed}",
-                    expected=allowed,
-                    found=value.hex(),
-                )
+            verdict.add(
+                "gpu.measurement.mismatch",
+                Severity.CONTRAINDICATED,
+                Claim.EXECUTABLES,
+                EXECUTABLES_CONTRAINDICATED,
+                f"measurement {where} is {block.value.hex()}; the {_RIM_NAME[rim.kind]} RIM "
+                f"({_rim_name(rim)}) allows {allowed}",
+                expected=allowed,
+                found=block.value.hex(),
+            )
 
 
 def _rim_name(rim: Rim) -> str:
