@@ -187,24 +187,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "carry none (NVIDIA names its CoRIM signer by a link); it must chain to the RIM roots "
         "and is kept with each CoRIM in the store",
     )
-    p.add_argument("--at", type=parse_time, metavar="TIME", help=_AT_HELP)
-    p.add_argument(
-        "--root",
-        type=Path,
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="roots the RIMs' signers must reach (PEM files or directories); none: --config's "
-        "gpu.rim_roots, else NVIDIA's RIM signing root shipped with devtrust",
-    )
-    p.add_argument(
-        "--replace",
-        action="store_true",
-        help="replace a stored RIM of the same kind and version that has other content "
-        "(NVIDIA signs more than one for some versions: a production and a test VBIOS RIM); "
-        "without it such a RIM is refused, naming both",
-    )
+    _verify_options(p)
     p.set_defaults(tool=rim_add)
     p = rim.add_parser(
         "fetch",
@@ -235,22 +218,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         f"gpu.rim_service, else {GpuConfig().rim_service}",
     )
     _store_options(p)
-    p.add_argument("--at", type=parse_time, metavar="TIME", help=_AT_HELP)
-    p.add_argument(
-        "--root",
-        type=Path,
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="roots the RIMs' signers must reach (PEM files or directories); none: --config's "
-        "gpu.rim_roots, else NVIDIA's RIM signing root shipped with devtrust",
-    )
-    p.add_argument(
-        "--replace",
-        action="store_true",
-        help="replace a stored RIM of the same kind and version that has other content",
-    )
+    _verify_options(p)
     p.add_argument(
         "--timeout",
         type=float,
@@ -268,6 +236,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("version", help="its version: 545.00 (driver), 96.00.5E.00.01 (VBIOS)")
     _store_options(p)
     p.set_defaults(tool=rim_remove)
+
+
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    """How `rim add` and `rim fetch` verify and keep a RIM: --at, --root, --replace."""
+    p.add_argument("--at", type=parse_time, metavar="TIME", help=_AT_HELP)
+    p.add_argument(
+        "--root",
+        type=Path,
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="roots the RIMs' signers must reach (PEM files or directories); none: --config's "
+        "gpu.rim_roots, else NVIDIA's RIM signing root shipped with devtrust",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a stored RIM of the same kind and version that has other content "
+        "(NVIDIA signs more than one for some versions: a production and a test VBIOS RIM); "
+        "without it such a RIM is refused, naming both",
+    )
 
 
 def _store_options(p: argparse.ArgumentParser) -> None:
@@ -673,12 +663,6 @@ def _open_store(path: Path) -> RimStore:
 
 
 def rim_add(args: argparse.Namespace) -> int:
-    from devtrust.verifier.gpu.rim import (  # noqa: PLC0415 - signxml, lxml: see above
-        RimFormatError,
-        RimSignatureError,
-    )
-    from devtrust.verifier.gpu.rim_store import RimStoreError  # noqa: PLC0415 - as rim.py
-
     settings = _settings(args)
     roots = load_roots(args.root or settings.rim_roots, "--root")
     at: datetime.datetime = args.at or datetime.datetime.now(datetime.UTC)
@@ -687,23 +671,46 @@ def rim_add(args: argparse.Namespace) -> int:
     store = _open_store(settings.store)
     status = EXIT_VALID
     for path, data in blobs:
-        try:
-            rim = store.add(
-                data, roots=roots, at=at, source=str(path), signer=signer, replace=args.replace
-            )
-        except (RimFormatError, RimSignatureError) as exc:
-            print(f"gpu.rim.invalid: {one_line(exc)}")  # names the file
-            status = EXIT_INVALID
-            continue
-        except RimStoreError as exc:  # another RIM of this kind and version is stored
-            print(f"not added: {one_line(exc)}")
-            status = EXIT_INVALID
-            continue
-        print(
-            f"added {rim.kind} RIM {rim.version} ({rim.product}, {len(rim.measurements)} "
-            f"active measurements, signed by {rim.signer}) from {path}"
-        )
+        added = _keep(store, data, roots=roots, at=at, source=str(path), signer=signer, args=args)
+        status = status if added else EXIT_INVALID
     return status
+
+
+def _keep(
+    store: RimStore,
+    data: bytes,
+    *,
+    roots: Sequence[x509.Certificate],
+    at: datetime.datetime,
+    source: str,
+    args: argparse.Namespace,
+    signer: Sequence[x509.Certificate] = (),
+    rim_id: str = "",
+) -> bool:
+    """``data`` verified and added to the store (`rim add`, `rim fetch`); one line says what
+    happened (``rim_id``: the RIM service's ID it was fetched as). False when not added."""
+    from devtrust.verifier.gpu.rim import (  # noqa: PLC0415 - signxml, lxml: see above
+        RimFormatError,
+        RimSignatureError,
+    )
+    from devtrust.verifier.gpu.rim_store import RimStoreError  # noqa: PLC0415 - as rim.py
+
+    named = f"{rim_id}: " if rim_id else ""
+    try:
+        rim = store.add(
+            data, roots=roots, at=at, source=source, signer=signer, replace=args.replace
+        )
+    except (RimFormatError, RimSignatureError) as exc:  # the message names the file or URL
+        print(f"gpu.rim.invalid: {named}{one_line(exc)}" + ("; not added" if rim_id else ""))
+        return False
+    except RimStoreError as exc:  # another RIM of this kind and version is stored
+        print(f"not added: {named}{one_line(exc)}")
+        return False
+    print(
+        f"added {rim.kind} RIM {rim.version} ({rim.product}, {len(rim.measurements)} "
+        f"active measurements, signed by {rim.signer}) from {source}"
+    )
+    return True
 
 
 def _fetch_ids(args: argparse.Namespace) -> list[str]:
@@ -733,7 +740,6 @@ def rim_fetch(args: argparse.Namespace) -> int:
         RimFormatError,
         RimSignatureError,
     )
-    from devtrust.verifier.gpu.rim_store import RimStoreError  # noqa: PLC0415 - as rim.py
 
     if not 0 < args.timeout <= 3600:
         raise tools.UsageError(f"--timeout: expected 0 < S <= 3600 seconds, found {args.timeout}")
@@ -764,31 +770,24 @@ def rim_fetch(args: argparse.Namespace) -> int:
             # Verified first, so that a RIM for another version than its ID is never kept.
             rim = load_any_rim(fetched.data, roots=roots, at=at, source=fetched.url)
             expected = rim_fetch.expected_rim(rim_id)
-            if expected is not None and (
-                rim.kind is not expected[0]
-                or rim_fetch.id_version(rim.kind, rim.version) != expected[1]
-            ):
-                print(
-                    f"not added: {rim_id}: {fetched.url} sent a {rim.kind.value} RIM for "
-                    f"{rim.version}, not the {expected[0].value} RIM {expected[1]} its ID names"
-                )
-                status = EXIT_INVALID
-                continue
-            rim = store.add(
-                fetched.data, roots=roots, at=at, source=fetched.url, replace=args.replace
-            )
         except (RimFormatError, RimSignatureError) as exc:
             print(f"gpu.rim.invalid: {rim_id}: {one_line(exc)}; not added")  # names the URL
             status = EXIT_INVALID
             continue
-        except RimStoreError as exc:  # another RIM of this kind and version is stored
-            print(f"not added: {rim_id}: {one_line(exc)}")
+        if expected is not None and (
+            rim.kind is not expected[0]
+            or rim_fetch.id_version(rim.kind, rim.version) != expected[1]
+        ):
+            print(
+                f"not added: {rim_id}: {fetched.url} sent a {rim.kind.value} RIM for "
+                f"{rim.version}, not the {expected[0].value} RIM {expected[1]} its ID names"
+            )
             status = EXIT_INVALID
             continue
-        print(
-            f"added {rim.kind} RIM {rim.version} ({rim.product}, {len(rim.measurements)} "
-            f"active measurements, signed by {rim.signer}) from {fetched.url}"
+        added = _keep(
+            store, fetched.data, roots=roots, at=at, source=fetched.url, args=args, rim_id=rim_id
         )
+        status = status if added else EXIT_INVALID
     return status
 
 
